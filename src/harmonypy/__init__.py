@@ -1,0 +1,23 @@
+"""Harmony single-cell data integration on PyTorch.
+
+The public entry points are :func:`run_harmony` (returns a :class:`Harmony`
+object whose attributes follow the R package's orientation), the integration
+scores :func:`compute_lisi` and :func:`evaluate`, and the AnnData helper
+:func:`integrate`.
+"""
+
+from __future__ import annotations
+
+__version__ = "1.0.0.dev0"
+
+from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
+
+__all__ = ["Harmony", "run_harmony", "__version__"]
+
+try:  # integration scores (issue 2)
+    from harmonypy._lisi import compute_lisi  # noqa: E402,F401
+    from harmonypy._evaluate import evaluate  # noqa: E402,F401
+
+    __all__ += ["compute_lisi", "evaluate"]
+except ImportError:  # pragma: no cover - during development only
+    pass

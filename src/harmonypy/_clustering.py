@@ -1,0 +1,212 @@
+"""Soft k-means with a diversity penalty: the clustering step of Harmony.
+
+Layout: the engine keeps cells in rows. ``assignments`` is R transposed
+(N x K), ``observed`` is O transposed (B x K); the public attributes turn them
+back into the R package's orientation.
+
+Two facts keep the memory at one N x K matrix:
+
+* R's ``_scale_dist`` (softmax of -dist / sigma) depends on one cell only, so it
+  is computed block by block, inside the online update, from the centroids.
+* The objective's distance and entropy terms are sums over the cells of a block
+  and are accumulated while that block is in hand; the cross-entropy term only
+  needs O and E (sum_i R_ki Phi_bi = O_kb), never an N-wide pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class ClusterStats:
+    """Running batch-by-cluster counts, kept in float64 (float32 on MPS).
+
+    observed : (B, K) tensor, ``O`` transposed: sum of R over the cells of each level.
+    cluster_sizes : (K,) tensor, sum of R over all cells; ``E = Pr_b x cluster_sizes``.
+    """
+
+    observed: torch.Tensor
+    cluster_sizes: torch.Tensor
+
+    def expected(self, proportions: torch.Tensor) -> torch.Tensor:
+        """``E`` transposed, (B, K)."""
+        return proportions[:, None] * self.cluster_sizes[None, :]
+
+
+# Diversity terms: (O, E) -> ratio whose power theta scales a cell's assignment.
+def diversity_harmony1(observed: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``E / (O + E)`` (R harmony 1.x)."""
+    # An empty cluster has O = E = 0; its ratio is set to 0 so it stays empty
+    # instead of turning into 0/0.
+    return expected / (observed + expected).clamp_min(torch.finfo(expected.dtype).tiny)
+
+
+def diversity_harmony2(observed: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """``(2E + 1) / (O + E + 1)`` (R harmony 2.x)."""
+    return (2 * expected + 1) / (observed + expected + 1)
+
+
+def cross_entropy_harmony1(observed, expected):
+    """Per (level, cluster) factor of the objective's cross term, harmony 1.x."""
+    tiny = torch.finfo(expected.dtype).tiny
+    return torch.xlogy(observed, (observed + expected) / expected.clamp_min(tiny))
+
+
+def cross_entropy_harmony2(observed, expected):
+    return torch.xlogy(observed, (observed + expected + 1) / (2 * expected + 1))
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Scale each row to unit L2 norm (a zero row stays zero)."""
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / norms.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def compute_centroids(assignments: torch.Tensor, z_cos: torch.Tensor) -> torch.Tensor:
+    """``Y`` transposed (K x d): R-weighted means of the cells, unit length."""
+    return normalize_rows(assignments.T @ z_cos)
+
+
+def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """Sum the rows of ``values`` (n x K) per level; ``codes`` is (n, V)."""
+    out = torch.zeros((n_levels, values.shape[1]), dtype=values.dtype, device=values.device)
+    for v in range(codes.shape[1]):
+        out.index_add_(0, codes[:, v], values)
+    return out
+
+
+def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
+                chunk: int = 65536) -> torch.Tensor:
+    """Initial R transposed (N x K): softmax over clusters of ``-dist / sigma``."""
+    out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
+                      device=z_cos.device)
+    inv_sigma = (1.0 / sigma).to(z_cos.dtype)
+    for start in range(0, z_cos.shape[0], chunk):
+        dist = distances(z_cos[start:start + chunk], centroids)
+        torch.softmax(dist.mul_(-inv_sigma), dim=1, out=out[start:start + chunk])
+    return out
+
+
+def distances(z_cos: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``dist = 2 (1 - Y^T Z_cos)``, transposed: (n x K)."""
+    return (z_cos @ centroids.T).mul_(-2.0).add_(2.0)
+
+
+def block_bounds(n_cells: int, block_size: float) -> list[tuple[int, int]]:
+    """R's blocks: ceil(1 / block_size) blocks of floor(N * block_size) cells.
+
+    The last block takes the remaining cells; with very small N a block holds at
+    least one cell and empty blocks are dropped.
+    """
+    # The small tolerance keeps 1 / 0.05 at 20 blocks despite rounding.
+    n_blocks = max(1, math.ceil(1.0 / block_size - 1e-9))
+    per_block = max(1, int(n_cells * block_size))
+    bounds = []
+    for i in range(n_blocks):
+        start = i * per_block
+        end = n_cells if i == n_blocks - 1 else min(n_cells, (i + 1) * per_block)
+        if start < end:
+            bounds.append((start, end))
+    return bounds
+
+
+@dataclass
+class ObjectiveTerms:
+    """The three parts of the clustering objective, before the 2000 / N scaling."""
+
+    dist: float
+    entropy: float
+    cross: float
+
+    @property
+    def total(self) -> float:
+        return self.dist + self.entropy + self.cross
+
+
+def cross_term(stats: ClusterStats, proportions, theta, sigma,
+               cross_fn: Callable) -> float:
+    """``sum_k sigma_k sum_b theta_b O_kb log(...)`` from the counts alone."""
+    per_cell = cross_fn(stats.observed, stats.expected(proportions))
+    return float((per_cell * theta[:, None] * sigma[None, :]).sum())
+
+
+def online_update(
+    assignments: torch.Tensor,
+    z_cos: torch.Tensor,
+    centroids: torch.Tensor,
+    codes: torch.Tensor,
+    stats: ClusterStats,
+    proportions: torch.Tensor,
+    theta: torch.Tensor,
+    sigma: torch.Tensor,
+    order: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    diversity_fn: Callable,
+) -> tuple[float, float]:
+    """Update R in place, block by block, as R harmony's ``update_R`` does.
+
+    For each block of cells (in the shuffled ``order``): take the block out of O
+    and E, recompute its assignments as
+    ``softmax_k(-dist / sigma_k + sum_b theta_b log(ratio_kb) Phi_bi)``, which
+    equals R's ``scale_dist * (ratio^theta Phi)`` followed by an L1 normalisation
+    when there is one batch variable, then put the block back.
+
+    Parameters
+    ----------
+    assignments : (N, K) tensor, updated in place.
+    z_cos : (N, d) tensor, unit-length cells.
+    centroids : (K, d) tensor, unit-length centroids ``Y``.
+    codes : (N, V) int64 tensor of global level indices.
+    stats : ClusterStats, updated in place.
+    proportions, theta : (B,) tensors (statistics dtype).
+    sigma : (K,) tensor (statistics dtype).
+    order : (N,) int64 permutation of the cells.
+    bounds : list of (start, end) positions in ``order``.
+    diversity_fn : callable (O, E) -> ratio, both (B, K).
+
+    Returns
+    -------
+    dist_term, entropy_term : float
+        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` over all cells
+        with the new assignments (the objective's first two parts).
+    """
+    dtype = assignments.dtype
+    n_levels = stats.observed.shape[0]
+    inv_sigma = (1.0 / sigma).to(dtype)
+    sigma_c = sigma.to(dtype)
+    single_variable = codes.shape[1] == 1
+    dist_acc = torch.zeros((), dtype=torch.float64 if stats.observed.dtype == torch.float64
+                           else dtype, device=assignments.device)
+    entropy_acc = torch.zeros_like(dist_acc)
+    for start, end in bounds:
+        cells = order[start:end]
+        block_codes = codes.index_select(0, cells)
+        old = assignments.index_select(0, cells)
+        removed = level_sums(old, block_codes, n_levels).to(stats.observed.dtype)
+        stats.observed -= removed
+        stats.cluster_sizes -= old.sum(0).to(stats.cluster_sizes.dtype)
+        ratio = diversity_fn(stats.observed, stats.expected(proportions))
+        log_penalty = torch.xlogy(theta[:, None], ratio)  # theta = 0 gives 0, not nan
+        if single_variable:
+            penalty = log_penalty.to(dtype).index_select(0, block_codes[:, 0])
+        else:
+            # Several variables: R multiplies by (ratio^theta) Phi, a sum over the
+            # cell's levels, so the logs are combined with logsumexp.
+            per_var = torch.stack([log_penalty.to(dtype).index_select(0, block_codes[:, v])
+                                   for v in range(block_codes.shape[1])])
+            penalty = torch.logsumexp(per_var, dim=0)
+        dist = distances(z_cos.index_select(0, cells), centroids)
+        logits = torch.addcmul(penalty, dist, inv_sigma, value=-1.0)
+        new = torch.softmax(logits, dim=1)
+        dist_acc += dist.mul_(new).sum().to(dist_acc.dtype)
+        torch.xlogy(new, new, out=logits)
+        entropy_acc += (logits.sum(0) * sigma_c).sum().to(entropy_acc.dtype)
+        stats.observed += level_sums(new, block_codes, n_levels).to(stats.observed.dtype)
+        stats.cluster_sizes += new.sum(0).to(stats.cluster_sizes.dtype)
+        assignments.index_copy_(0, cells, new)
+    return float(dist_acc), float(entropy_acc)

@@ -1,0 +1,195 @@
+"""Correction step: a mixture of ridge regressions, one per cluster.
+
+For cluster k, R harmony solves ``W_k = (Phi_moe diag(R_k) Phi_moe^T + diag(lambda))^-1
+Phi_moe diag(R_k) Z^T`` and subtracts ``W_k^T Phi_moe diag(R_k)`` (intercept row
+zeroed) from Z. Written per cluster, that is K passes with N-wide temporaries.
+Here every quantity is grouped by batch level instead:
+
+* ``Phi_Rk Z^T`` row b+1 is ``sum over cells of level b of R_ik z_i``: one
+  (K x n_b) by (n_b x d) product per level, for all clusters at once;
+* the (B+1) x (B+1) systems are solved batched over clusters, in float64 — in
+  closed form when there is one batch variable (the matrix is then an arrowhead:
+  a dense first row/column plus a diagonal);
+* the correction of a cell of level b is ``sum_k R_ik W_k[b+1]``: one
+  (n_b x K) by (K x d) product per level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LevelIndex:
+    """Cells of every batch level, gathered once per run.
+
+    cells : list of 1-D int64 tensors (device), one per global level.
+    variable : list of int, the variable each level belongs to.
+    """
+
+    cells: list
+    variable: list
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, offsets) -> "LevelIndex":
+        cells, variable = [], []
+        for v in range(codes.shape[1]):
+            order = torch.argsort(codes[:, v], stable=True)
+            counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
+            counts = counts[int(offsets[v]):int(offsets[v + 1])].tolist()
+            for piece in torch.split(order, counts):
+                cells.append(piece)
+                variable.append(v)
+        return cls(cells, variable)
+
+
+def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
+                    rhs0: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batch coefficients of the one-variable ridge system, in closed form.
+
+    The system for cluster k is ``[[a, o^T], [o, diag(o + l)]] [w0; w] = [r0; r]``
+    with ``a = sum_b o_b`` (no penalty on the intercept). Eliminating ``w``
+    gives ``w0 = (r0 - sum_b o_b r_b / (o_b + l_b)) / sum_b o_b l_b / (o_b + l_b)``
+    — the denominator written without the cancellation of ``a - sum o^2/(o+l)``.
+
+    Parameters
+    ----------
+    total : (K,) ``a``; observed, penalty : (K, B); rhs0 : (K, d); rhs : (K, B, d).
+
+    Returns
+    -------
+    (K, B, d) tensor: the batch rows of W (the intercept row is not returned).
+    """
+    diag = observed + penalty
+    tiny = torch.finfo(diag.dtype).tiny
+    weight = observed / diag.clamp_min(tiny)
+    schur = (weight * penalty).sum(1)
+    # For one variable sum_b o_b equals a; the difference only carries rounding.
+    schur = schur + (total - observed.sum(1))
+    w0 = (rhs0 - torch.einsum("kb,kbd->kd", weight, rhs)) / schur.clamp_min(tiny)[:, None]
+    return (rhs - observed[:, :, None] * w0[:, None, :]) / diag.clamp_min(tiny)[:, :, None]
+
+
+def solve_dense(cov: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Batched solve of the (B+1) x (B+1) systems; returns the batch rows of W."""
+    solution = torch.linalg.solve(cov, rhs)
+    return solution[:, 1:, :]
+
+
+def ridge_correct(
+    z_orig: torch.Tensor,
+    assignments: torch.Tensor,
+    codes: torch.Tensor,
+    levels: LevelIndex,
+    n_levels: int,
+    lamb: torch.Tensor | None,
+    alpha: float,
+    proportions: torch.Tensor,
+    stat_dtype: torch.dtype,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Corrected embedding ``Z_corr`` (N x d) from ``Z_orig`` and R.
+
+    Parameters
+    ----------
+    z_orig : (N, d) tensor.
+    assignments : (N, K) tensor, R transposed.
+    codes : (N, V) int64 tensor of global level indices.
+    levels : LevelIndex of the same codes.
+    lamb : (B,) tensor of ridge penalties per level, or None to estimate them
+        per cluster as ``alpha * E[k, b]``.
+    proportions : (B,) tensor ``Pr_b``.
+    keep : optional (K, B) bool tensor (Harmony2 batch filtering): levels that
+        take part in each cluster's regression. Dropped levels get no
+        coefficient, and their cells are not corrected for that cluster.
+    """
+    solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
+    n_clusters, d = assignments.shape[1], z_orig.shape[1]
+    rhs0 = (assignments.T @ z_orig).to(solve_device, stat_dtype)
+    rhs = torch.empty((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
+    observed = torch.empty((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
+    for b, cells in enumerate(levels.cells):
+        block = assignments.index_select(0, cells)
+        rhs[:, b, :] = (block.T @ z_orig.index_select(0, cells)).to(solve_device, stat_dtype)
+        observed[:, b] = block.sum(0).to(solve_device, stat_dtype)
+    total = assignments.sum(0).to(solve_device, stat_dtype)
+    if lamb is None:
+        penalty = alpha * total[:, None] * proportions.to(solve_device, stat_dtype)[None, :]
+    else:
+        penalty = lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters, n_levels)
+
+    n_variables = codes.shape[1]
+    if keep is not None:
+        coef = _solve_filtered(total, observed, penalty, rhs0, rhs, codes, levels,
+                               assignments, keep.to(solve_device), solve_device, stat_dtype)
+    elif n_variables == 1:
+        coef = solve_arrowhead(total, observed, penalty, rhs0, rhs)
+    else:
+        cov = _dense_system(total, observed, penalty, codes, assignments, levels,
+                            solve_device, stat_dtype)
+        coef = solve_dense(cov, torch.cat([rhs0[:, None, :], rhs], dim=1))
+    coef = coef.to(z_orig.device, z_orig.dtype)
+
+    z_corr = z_orig.clone()
+    for b, cells in enumerate(levels.cells):
+        block = assignments.index_select(0, cells)
+        z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
+    return z_corr
+
+
+def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):
+    """``Phi_moe diag(R_k) Phi_moe^T + diag(lambda)`` for all clusters: (K, B+1, B+1)."""
+    n_clusters, n_levels = observed.shape
+    cov = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
+    cov[:, 0, 0] = total
+    cov[:, 0, 1:] = observed
+    cov[:, 1:, 0] = observed
+    idx = torch.arange(n_levels, device=device)
+    cov[:, idx + 1, idx + 1] = observed + penalty
+    # Levels of two different variables overlap in the cells they share.
+    n_variables = codes.shape[1]
+    bounds = _variable_bounds(levels)
+    for v in range(n_variables):
+        for w in range(v + 1, n_variables):
+            (v0, v1), (w0, w1) = bounds[v], bounds[w]
+            width = w1 - w0
+            pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
+            sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
+                               device=assignments.device)
+            sums.index_add_(0, pair, assignments)
+            block = sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
+            cov[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
+            cov[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
+    return cov
+
+
+def _variable_bounds(levels: LevelIndex) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for v in sorted(set(levels.variable)):
+        count = levels.variable.count(v)
+        bounds.append((start, start + count))
+        start += count
+    return bounds
+
+
+def _solve_filtered(total, observed, penalty, rhs0, rhs, codes, levels, assignments,
+                    keep, device, dtype):
+    """Harmony2: per-cluster systems restricted to the kept levels.
+
+    A dropped level's row and column are replaced by the identity and its
+    right-hand side by zero, which pins its coefficient at 0 without changing
+    the other unknowns: the same as deleting it from the system.
+    """
+    cov = _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype)
+    n_levels = observed.shape[1]
+    drop = ~keep  # (K, B)
+    full_rhs = torch.cat([rhs0[:, None, :], rhs], dim=1)
+    drop_full = torch.cat([torch.zeros_like(drop[:, :1]), drop], dim=1)  # (K, B+1)
+    cov = cov.masked_fill(drop_full[:, :, None] | drop_full[:, None, :], 0.0)
+    idx = torch.arange(n_levels + 1, device=device)
+    cov[:, idx, idx] = torch.where(drop_full, torch.ones_like(cov[:, idx, idx]),
+                                   cov[:, idx, idx])
+    full_rhs = full_rhs.masked_fill(drop_full[:, :, None], 0.0)
+    return solve_dense(cov, full_rhs)

@@ -1,0 +1,562 @@
+"""The Harmony object and :func:`run_harmony`.
+
+:class:`Harmony` follows the R package's C++ object: its methods are the steps
+of the algorithm (``init_cluster``, ``cluster``, ``update_R``,
+``compute_objective``, ``moe_correct_ridge``, ``check_convergence``,
+``harmonize``), and the numerical kernels they call live in
+``_clustering.py`` (soft k-means with the diversity penalty) and
+``_correction.py`` (mixture of ridge regressions).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harmonypy import _clustering as clu
+from harmonypy import _validation as val
+from harmonypy._correction import LevelIndex, ridge_correct
+from harmonypy._design import BatchDesign, build_design
+from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy._kmeans import kmeans_centroids
+from harmonypy._progress import Progress
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("harmony1", "harmony2")
+WINDOW_SIZE = 3  # clustering rounds compared by the convergence check
+
+
+class _DefaultInt(int):
+    """An int default that remembers the caller did not pass it."""
+
+
+class _DefaultFloat(float):
+    """A float default that remembers the caller did not pass it."""
+
+
+# Defaults that Harmony2 replaces with its own when the caller leaves them.
+_HARMONY2_DEFAULTS = {
+    "max_iter_kmeans": 4,
+    "epsilon_cluster": 1e-3,
+    "epsilon_harmony": 1e-2,
+}
+
+
+class Harmony:
+    """State and steps of one Harmony run.
+
+    Build it with :func:`run_harmony`. After the run, the attributes below are
+    NumPy arrays in the R package's orientation (features or clusters in rows,
+    cells in columns), so ``ho.Z_corr.T`` is the corrected cells x PCs matrix.
+
+    Attributes
+    ----------
+    Z_corr : ndarray (d, N)
+        Corrected embedding.
+    Z_orig : ndarray (d, N)
+        Input embedding.
+    Z_cos : ndarray (d, N)
+        Corrected embedding with each cell scaled to unit length (what is clustered).
+    R : ndarray (K, N)
+        Soft cluster assignments; every column sums to 1.
+    Y : ndarray (d, K)
+        Cluster centroids (unit length).
+    O, E : ndarray (K, B)
+        Observed and expected batch-by-cluster counts.
+    Phi : ndarray (B, N)
+        One-hot batch membership, all batch variables stacked.
+    Phi_moe : ndarray (B + 1, N)
+        ``Phi`` with a first row of ones (the intercept).
+    Pr_b : ndarray (B,)
+        Fraction of cells in each batch level.
+    theta : ndarray (B,)
+        Diversity penalty per level (after ``tau`` shrinkage).
+    sigma : ndarray (K,)
+        Soft-clustering bandwidth per cluster.
+    lamb : ndarray (B + 1,)
+        Ridge penalty; ``lamb[0] == 0`` (the intercept is not penalised). With
+        ``lamb=-1`` (estimated per cluster) the batch entries are -1 and the
+        values used are in ``lamb_estimated``.
+    objective_harmony : list of float
+        Objective after initialisation and after each Harmony iteration.
+    objective_kmeans, objective_kmeans_dist, objective_kmeans_entropy, objective_kmeans_cross : list of float
+        Objective and its three parts after every clustering round (scaled by 2000 / N).
+    kmeans_rounds : list of int
+        Clustering rounds run in each Harmony iteration.
+    n_iter : int
+        Harmony iterations run.
+    converged : bool
+        Whether the run stopped because the objective converged.
+    K, N, B, d : int
+        Clusters, cells, batch levels, features.
+    """
+
+    def __init__(
+        self,
+        z: np.ndarray,
+        design: BatchDesign,
+        *,
+        theta: np.ndarray,
+        lamb: np.ndarray | None,
+        sigma: np.ndarray,
+        n_clusters: int,
+        block_size: float,
+        max_iter_kmeans: int,
+        epsilon_cluster: float,
+        epsilon_harmony: float,
+        alpha: float,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        algorithm: str = "harmony1",
+        batch_prop_cutoff: float = 1e-5,
+        progress: Progress | None = None,
+    ):
+        self.algorithm = algorithm
+        self.device = device
+        self.dtype = dtype
+        self.random_state = seed
+        self.design = design
+        self.N, self.d = z.shape
+        self.K = n_clusters
+        self.B = design.n_levels
+        self.block_size = block_size
+        self.max_iter_kmeans = max_iter_kmeans
+        self.epsilon_cluster = epsilon_cluster
+        self.epsilon_harmony = epsilon_harmony
+        self.alpha = alpha
+        self.batch_prop_cutoff = batch_prop_cutoff
+        self.window_size = WINDOW_SIZE
+        self._progress = progress
+
+        # Counts and small per-level vectors stay in float64 (MPS has none).
+        self._stat_dtype = torch.float32 if device.type == "mps" else torch.float64
+        stat = dict(dtype=self._stat_dtype, device=device)
+        self._z_orig = torch.from_numpy(np.array(z, dtype=np.float64 if dtype == torch.float64
+                                                 else np.float32, order="C")).to(device)
+        self._z_corr = self._z_orig.clone()
+        self._z_cos = clu.normalize_rows(self._z_orig)
+        self._codes = torch.from_numpy(design.codes).to(device)
+        self._levels = LevelIndex.from_codes(self._codes, design.offsets)
+        self._proportions = torch.as_tensor(design.proportions, **stat)
+        self._theta = torch.as_tensor(theta, **stat)
+        self._sigma = torch.as_tensor(sigma, **stat)
+        self._lamb = None if lamb is None else torch.as_tensor(lamb, **stat)
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._bounds = clu.block_bounds(self.N, block_size)
+        if algorithm == "harmony2":
+            self._diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
+        else:
+            self._diversity, self._cross = clu.diversity_harmony1, clu.cross_entropy_harmony1
+
+        self._assignments: torch.Tensor | None = None
+        self._centroids: torch.Tensor | None = None
+        self._stats: clu.ClusterStats | None = None
+        self._lamb_estimated: torch.Tensor | None = None
+        self.objective_harmony: list[float] = []
+        self.objective_kmeans: list[float] = []
+        self.objective_kmeans_dist: list[float] = []
+        self.objective_kmeans_entropy: list[float] = []
+        self.objective_kmeans_cross: list[float] = []
+        self.kmeans_rounds: list[int] = []
+        self.n_iter = 0
+        self.converged = False
+        self._iteration = 0  # for error messages
+
+    # ------------------------------------------------------------------ steps
+    def init_cluster(self) -> None:
+        """Initial centroids by k-means, then R, O, E and the first objective."""
+        centers = kmeans_centroids(self._z_cos, self.K, self._generator)
+        self._centroids = clu.normalize_rows(centers)
+        self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
+        self._recount()
+        dist_term, entropy_term = self._objective_terms_full()
+        self.compute_objective(dist_term, entropy_term, step="initialisation")
+        self.objective_harmony.append(self.objective_kmeans[-1])
+
+    def cluster(self) -> int:
+        """One clustering step: rounds of centroid and assignment updates.
+
+        Returns the number of rounds run (also appended to ``kmeans_rounds``).
+        """
+        rounds = self.max_iter_kmeans
+        for i in range(self.max_iter_kmeans):
+            self._centroids = clu.compute_centroids(self._assignments, self._z_cos)
+            dist_term, entropy_term = self.update_R()
+            self.compute_objective(dist_term, entropy_term, step="clustering")
+            if i > self.window_size and self.check_convergence(0):
+                rounds = i + 1
+                break
+        self.kmeans_rounds.append(rounds)
+        self.objective_harmony.append(self.objective_kmeans[-1])
+        return rounds
+
+    def update_R(self) -> tuple[float, float]:
+        """Online update of R in shuffled blocks; returns the distance and entropy terms."""
+        order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        return clu.online_update(
+            self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
+            self._proportions, self._theta, self._sigma, order, self._bounds,
+            self._diversity)
+
+    def compute_objective(self, dist_term: float, entropy_term: float,
+                          step: str = "clustering") -> None:
+        """Append the objective (scaled by 2000 / N) and its parts."""
+        cross = clu.cross_term(self._stats, self._proportions, self._theta, self._sigma,
+                               self._cross)
+        scale = 2000.0 / self.N
+        parts = (dist_term * scale, entropy_term * scale, cross * scale)
+        if not all(math.isfinite(p) for p in parts):
+            self._numerical_failure(step, "the objective")
+        self.objective_kmeans_dist.append(parts[0])
+        self.objective_kmeans_entropy.append(parts[1])
+        self.objective_kmeans_cross.append(parts[2])
+        self.objective_kmeans.append(sum(parts))
+
+    def moe_correct_ridge(self) -> None:
+        """Correction: subtract the batch part of per-cluster ridge regressions."""
+        self._z_corr = ridge_correct(
+            self._z_orig, self._assignments, self._codes, self._levels, self.B,
+            self._lamb, self.alpha, self._proportions, self._stat_dtype)
+        if not bool(torch.isfinite(self._z_corr).all()):
+            self._numerical_failure("correction", "Z_corr")
+        self._z_cos = clu.normalize_rows(self._z_corr)
+
+    def check_convergence(self, kind: int) -> bool:
+        """0: clustering rounds (windows of 3 objectives); 1: Harmony iterations."""
+        if kind == 0:
+            objectives = self.objective_kmeans
+            w = self.window_size
+            old = sum(objectives[-2 - i] for i in range(w))
+            new = sum(objectives[-1 - i] for i in range(w))
+            return (old - new) / abs(old) < self.epsilon_cluster
+        old, new = self.objective_harmony[-2], self.objective_harmony[-1]
+        return (old - new) / abs(old) < self.epsilon_harmony
+
+    def harmonize(self, max_iter_harmony: int = 10) -> "Harmony":
+        """Alternate clustering and correction until the objective converges."""
+        progress = self._progress or Progress(False, max_iter_harmony)
+        for i in range(1, max_iter_harmony + 1):
+            self._iteration = i
+            rounds = self.cluster()
+            self.moe_correct_ridge()
+            self.n_iter = i
+            progress.iteration(i, self.objective_harmony[-1], rounds)
+            if self.check_convergence(1):
+                self.converged = True
+                break
+        return self
+
+    # -------------------------------------------------------------- internals
+    def _recount(self) -> None:
+        """O and the cluster sizes recomputed from R (no running-sum drift)."""
+        observed = clu.level_sums(self._assignments, self._codes, self.B)
+        self._stats = clu.ClusterStats(
+            observed=observed.to(self._stat_dtype),
+            cluster_sizes=self._assignments.sum(0).to(self._stat_dtype))
+
+    def _objective_terms_full(self, chunk: int = 65536) -> tuple[float, float]:
+        """Distance and entropy terms over all cells, chunk by chunk."""
+        dist_sum, entropy_sum = 0.0, 0.0
+        sigma = self._sigma.to(self.dtype)
+        for start in range(0, self.N, chunk):
+            r = self._assignments[start:start + chunk]
+            dist = clu.distances(self._z_cos[start:start + chunk], self._centroids)
+            dist_sum += float(dist.mul_(r).sum())
+            entropy_sum += float((torch.xlogy(r, r).sum(0) * sigma).sum())
+        return dist_sum, entropy_sum
+
+    def _numerical_failure(self, step: str, what: str) -> None:
+        raise FloatingPointError(
+            f"Harmony produced non-finite values in {what} during the {step} step "
+            f"(iteration {self._iteration}). Usual causes: PCs on an extreme scale, "
+            f"duplicated or near-identical cells dominating a cluster, sigma far too "
+            f"small, or theta/lamb values far outside the usual range (theta ~ 0-4, "
+            f"lamb ~ 0.1-10). Try dtype='float64' or check the input embedding."
+        )
+
+    # ------------------------------------------------------------ attributes
+    @staticmethod
+    def _np(t: torch.Tensor | None) -> np.ndarray | None:
+        return None if t is None else t.detach().cpu().numpy()
+
+    @property
+    def Z_corr(self) -> np.ndarray:
+        """Corrected embedding, (d, N)."""
+        return self._np(self._z_corr).T
+
+    @property
+    def Z_orig(self) -> np.ndarray:
+        """Input embedding, (d, N)."""
+        return self._np(self._z_orig).T
+
+    @property
+    def Z_cos(self) -> np.ndarray:
+        """Unit-length corrected cells, (d, N)."""
+        return self._np(self._z_cos).T
+
+    @property
+    def R(self) -> np.ndarray:
+        """Soft cluster assignments, (K, N); columns sum to 1."""
+        return self._np(self._assignments).T
+
+    @property
+    def Y(self) -> np.ndarray:
+        """Cluster centroids, (d, K)."""
+        return self._np(self._centroids).T
+
+    @property
+    def O(self) -> np.ndarray:  # noqa: E743 - the R package's name
+        """Observed batch-by-cluster counts, (K, B)."""
+        return self._np(self._stats.observed).T
+
+    @property
+    def E(self) -> np.ndarray:
+        """Expected batch-by-cluster counts, (K, B)."""
+        return self._np(self._stats.expected(self._proportions)).T
+
+    @property
+    def Phi(self) -> np.ndarray:
+        """One-hot batch membership, (B, N); built on request."""
+        return self.design.one_hot(dtype=np.float64 if self.dtype == torch.float64 else np.float32)
+
+    @property
+    def Phi_moe(self) -> np.ndarray:
+        """``Phi`` with a leading row of ones, (B + 1, N)."""
+        phi = self.Phi
+        return np.vstack([np.ones((1, self.N), dtype=phi.dtype), phi])
+
+    @property
+    def Pr_b(self) -> np.ndarray:
+        """Batch-level proportions, (B,)."""
+        return self._np(self._proportions)
+
+    @property
+    def theta(self) -> np.ndarray:
+        """Diversity penalty per level, (B,)."""
+        return self._np(self._theta)
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """Bandwidth per cluster, (K,)."""
+        return self._np(self._sigma)
+
+    @property
+    def lamb(self) -> np.ndarray:
+        """Ridge penalty, (B + 1,); batch entries are -1 when estimated."""
+        batch = np.full(self.B, -1.0) if self._lamb is None else self._np(self._lamb)
+        return np.concatenate([[0.0], batch])
+
+    @property
+    def lamb_estimated(self) -> np.ndarray | None:
+        """Per-cluster penalties ``alpha * E`` used with ``lamb=-1``, (K, B + 1)."""
+        if self._lamb is not None or self._stats is None:
+            return None
+        expected = self.E
+        return np.hstack([np.zeros((self.K, 1)), self.alpha * expected])
+
+    @property
+    def batch_levels(self) -> list[str]:
+        """Names of the B levels, ``variable=level``, in row order of ``Phi``."""
+        return self.design.level_names
+
+    def result(self) -> np.ndarray:
+        """Corrected embedding as cells x features (same as ``Z_corr.T``)."""
+        return self._np(self._z_corr)
+
+    def __repr__(self) -> str:
+        state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
+        return (f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
+                f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
+
+
+def _default_clusters(n_cells: int) -> int:
+    return max(1, min(round(n_cells / 30), 100))
+
+
+def _resolve_lamb(lamb, design, default_estimate: bool) -> np.ndarray | None:
+    """Per-level ridge penalties, or None when they are estimated (``lamb=-1``)."""
+    if lamb is None:
+        return None if default_estimate else np.ones(design.n_levels)
+    if np.isscalar(lamb) and not isinstance(lamb, (str, bool)) and lamb == -1:
+        return None
+    try:
+        return val.per_level("lamb", lamb, design, 1.0, minimum=0.0, strict=True)
+    except ValueError as err:
+        raise ValueError(f"{err} (lamb=-1, a scalar, estimates it per cluster)") from None
+
+
+def _threads(ncores):
+    if ncores is None:
+        return None
+    n = val.check_int("ncores", ncores, 0)
+    if n == 0:
+        n = max(1, (os.cpu_count() or 2) // 2)
+    return n
+
+
+def run_harmony(
+    data_mat,
+    meta_data,
+    vars_use: str | Sequence[str] | None = None,
+    theta=None,
+    lamb=None,
+    sigma=0.1,
+    nclust: int | None = None,
+    tau: float = 0,
+    block_size: float = 0.05,
+    max_iter_harmony: int = 10,
+    max_iter_kmeans: int = _DefaultInt(20),
+    epsilon_cluster: float = _DefaultFloat(1e-5),
+    epsilon_harmony: float = _DefaultFloat(1e-4),
+    alpha: float = 0.2,
+    verbose: bool = True,
+    random_state=0,
+    device=None,
+    *,
+    dtype=None,
+    algorithm: str = "harmony1",
+    batch_prop_cutoff: float = 1e-5,
+    ncores: int | None = None,
+    plot_convergence: bool = False,
+) -> Harmony:
+    """Integrate an embedding across batches with Harmony.
+
+    Parameters
+    ----------
+    data_mat : array-like or DataFrame, (N, d) or (d, N)
+        The embedding, usually PCs. The orientation is taken from
+        ``len(meta_data)``: cells x PCs when the first dimension equals the
+        number of cells (also when both do), PCs x cells otherwise.
+    meta_data : DataFrame with N rows, or a Series/array of N batch labels
+    vars_use : str or list of str, optional
+        Batch columns of ``meta_data`` to integrate over (required when it has
+        several columns).
+    theta : float, or one per variable, or one per batch level; default 2
+        Diversity penalty: higher values push harder towards mixed clusters.
+    lamb : float, or one per variable, or one per batch level; default 1
+        Ridge penalty (> 0). ``-1`` estimates it per cluster as ``alpha * E``.
+        Harmony2 estimates it unless given.
+    sigma : float or array of length K, default 0.1
+        Bandwidth of the soft clustering (> 0).
+    nclust : int, optional
+        Number of clusters K; default ``min(round(N / 30), 100)``.
+    tau : float, default 0
+        Protection of small batches: ``theta_b *= 1 - exp(-(N_b / (K tau))^2)``.
+    block_size : float in (0, 1], default 0.05
+        Fraction of cells updated at once in the online assignment update (0.2
+        when there are fewer than 40 cells).
+    max_iter_harmony : int, default 10
+        Maximum Harmony iterations (clustering + correction).
+    max_iter_kmeans : int, default 20 (Harmony2: 4)
+        Maximum clustering rounds per iteration.
+    epsilon_cluster, epsilon_harmony : float, default 1e-5 and 1e-4 (Harmony2: 1e-3, 1e-2)
+        Relative objective changes below which the clustering rounds and the
+        Harmony iterations stop; ``-inf`` never stops early.
+    alpha : float, default 0.2
+        Scale of the estimated ridge penalty (``lamb=-1``).
+    verbose : bool, default True
+        Report progress on stderr (tqdm bar on a terminal when installed) unless
+        logging already shows INFO records of ``harmonypy``; always logs at INFO.
+    random_state : int, numpy Generator or None, default 0
+        Seed of the k-means initialisation and the cell shuffles. The caller's
+        global NumPy and torch random states are not touched.
+    device : None, 'cpu', 'cuda', 'cuda:N', 'mps' or torch.device
+        Where to compute; None picks CUDA, then Apple MPS, then the CPU.
+    dtype : 'float32' (default) or 'float64'
+    algorithm : 'harmony1' (default) or 'harmony2'
+        'harmony1' uses the formulas of R harmony 1.2.4; 'harmony2' those of R
+        harmony 2.0 (see the documentation), with its defaults for any of
+        ``lamb``, ``max_iter_kmeans``, ``epsilon_cluster``, ``epsilon_harmony``
+        not passed.
+    batch_prop_cutoff : float, default 1e-5
+        Harmony2 only: a level takes part in a cluster's correction only if
+        ``O[k, b] / N_b`` exceeds this.
+    ncores : int, optional
+        Threads for the computation (0: one per physical core); the previous
+        torch thread setting is restored afterwards.
+    plot_convergence : bool, default False
+        Draw the objective after the run (needs matplotlib).
+
+    Returns
+    -------
+    Harmony
+        ``ho.Z_corr.T`` is the corrected (N, d) embedding.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    harmony2 = algorithm == "harmony2"
+    if harmony2:
+        if isinstance(max_iter_kmeans, _DefaultInt):
+            max_iter_kmeans = _HARMONY2_DEFAULTS["max_iter_kmeans"]
+        if isinstance(epsilon_cluster, _DefaultFloat):
+            epsilon_cluster = _HARMONY2_DEFAULTS["epsilon_cluster"]
+        if isinstance(epsilon_harmony, _DefaultFloat):
+            epsilon_harmony = _HARMONY2_DEFAULTS["epsilon_harmony"]
+
+    # ---- validation, all of it before any heavy work
+    frame, names = val.as_metadata(meta_data, vars_use)
+    cells = val.as_cells_by_features(data_mat, len(frame))
+    design = build_design(frame, names)
+    n_cells = cells.shape[0]
+    n_clusters = (_default_clusters(n_cells) if nclust is None
+                  else val.check_int("nclust", nclust, 1, n_cells))
+    theta_levels = val.per_level("theta", theta, design, 2.0, minimum=0.0)
+    tau = val._real("tau", tau)
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    if tau > 0:
+        theta_levels = theta_levels * (1 - np.exp(-(design.counts / (n_clusters * tau)) ** 2))
+    lamb_levels = _resolve_lamb(lamb, design, default_estimate=harmony2)
+    sigma_clusters = val.check_sigma(sigma, n_clusters)
+    block_size = val.check_block_size(block_size)
+    if n_cells < 40:
+        block_size = 0.2
+    max_iter_harmony = val.check_int("max_iter_harmony", max_iter_harmony, 1)
+    max_iter_kmeans = val.check_int("max_iter_kmeans", max_iter_kmeans, 1)
+    epsilon_cluster = val.check_epsilon("epsilon_cluster", epsilon_cluster)
+    epsilon_harmony = val.check_epsilon("epsilon_harmony", epsilon_harmony)
+    alpha = val.check_positive("alpha", alpha)
+    batch_prop_cutoff = val._real("batch_prop_cutoff", batch_prop_cutoff)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    seed = val.resolve_seed(random_state)
+    threads = _threads(ncores)
+
+    previous_threads = torch.get_num_threads()
+    progress = Progress(verbose, max_iter_harmony)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with progress, torch.no_grad():
+            progress.message(
+                f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
+                f"levels in {', '.join(map(str, names))}; K={n_clusters} clusters; "
+                f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})")
+            ho = Harmony(
+                cells, design, theta=theta_levels, lamb=lamb_levels, sigma=sigma_clusters,
+                n_clusters=n_clusters, block_size=block_size,
+                max_iter_kmeans=max_iter_kmeans, epsilon_cluster=epsilon_cluster,
+                epsilon_harmony=epsilon_harmony, alpha=alpha, seed=seed,
+                device=torch_device, dtype=torch_dtype, algorithm=algorithm,
+                batch_prop_cutoff=batch_prop_cutoff, progress=progress)
+            ho.init_cluster()
+            ho.harmonize(max_iter_harmony)
+            outcome = (f"converged after {ho.n_iter} iteration(s)" if ho.converged else
+                       f"reached max_iter_harmony={max_iter_harmony} without converging")
+            progress.message(f"{outcome} in {progress.elapsed():.1f} s")
+    finally:
+        if threads is not None:
+            torch.set_num_threads(previous_threads)
+    ho._progress = None
+    if plot_convergence:
+        ho.plot_convergence()
+    return ho

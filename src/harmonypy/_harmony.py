@@ -368,6 +368,12 @@ class Harmony:
         """Names of the B levels, ``variable=level``, in row order of ``Phi``."""
         return self.design.level_names
 
+    def plot_convergence(self, ax=None):
+        """Objective per clustering round, coloured by Harmony iteration (needs matplotlib)."""
+        from harmonypy.plotting import plot_convergence
+
+        return plot_convergence(self, ax=ax)
+
     def result(self) -> np.ndarray:
         """Corrected embedding as cells x features (same as ``Z_corr.T``)."""
         return self._np(self._z_corr)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -178,35 +179,48 @@ def online_update(
     dtype = assignments.dtype
     n_levels = stats.observed.shape[0]
     inv_sigma = (1.0 / sigma).to(dtype)
+    uniform_sigma = bool((sigma == sigma[0]).all())
     sigma_c = sigma.to(dtype)
-    single_variable = codes.shape[1] == 1
-    dist_acc = torch.zeros((), dtype=torch.float64 if stats.observed.dtype == torch.float64
-                           else dtype, device=assignments.device)
-    entropy_acc = torch.zeros_like(dist_acc)
+    n_variables = codes.shape[1]
+    # The levels of the first variable partition the cells, so their level
+    # sums also give the block's cluster sizes.
+    first_levels = int((codes[:, 0].max() + 1).item()) if n_variables > 1 else n_levels
+    acc_dtype = stats.observed.dtype
+    dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
+    entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     for start, end in bounds:
         cells = order[start:end]
         block_codes = codes.index_select(0, cells)
         old = assignments.index_select(0, cells)
-        removed = level_sums(old, block_codes, n_levels).to(stats.observed.dtype)
+        removed = level_sums(old, block_codes, n_levels).to(acc_dtype)
         stats.observed -= removed
-        stats.cluster_sizes -= old.sum(0).to(stats.cluster_sizes.dtype)
+        stats.cluster_sizes -= removed[:first_levels].sum(0)
         ratio = diversity_fn(stats.observed, stats.expected(proportions))
-        log_penalty = torch.xlogy(theta[:, None], ratio)  # theta = 0 gives 0, not nan
-        if single_variable:
-            penalty = log_penalty.to(dtype).index_select(0, block_codes[:, 0])
+        log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
+        if n_variables == 1:
+            # embedding() is a much faster row gather than index_select here.
+            penalty = F.embedding(block_codes[:, 0], log_penalty)
         else:
             # Several variables: R multiplies by (ratio^theta) Phi, a sum over the
-            # cell's levels, so the logs are combined with logsumexp.
-            per_var = torch.stack([log_penalty.to(dtype).index_select(0, block_codes[:, v])
-                                   for v in range(block_codes.shape[1])])
-            penalty = torch.logsumexp(per_var, dim=0)
+            # cell's levels, so their logs combine with logsumexp.
+            penalty = torch.logsumexp(torch.stack(
+                [F.embedding(block_codes[:, v], log_penalty) for v in range(n_variables)]),
+                dim=0)
         dist = distances(z_cos.index_select(0, cells), centroids)
         logits = torch.addcmul(penalty, dist, inv_sigma, value=-1.0)
         new = torch.softmax(logits, dim=1)
-        dist_acc += dist.mul_(new).sum().to(dist_acc.dtype)
-        torch.xlogy(new, new, out=logits)
-        entropy_acc += (logits.sum(0) * sigma_c).sum().to(entropy_acc.dtype)
-        stats.observed += level_sums(new, block_codes, n_levels).to(stats.observed.dtype)
-        stats.cluster_sizes += new.sum(0).to(stats.cluster_sizes.dtype)
+        # Entropy without a log over the block: log R = logits - lse, and the
+        # row's largest R sits at its largest logit, so lse = max - log(max R).
+        lse = logits.amax(1) - new.amax(1).log()
+        if uniform_sigma:
+            rlogr = torch.dot(new.view(-1), logits.view(-1)) - lse.sum()
+            entropy_acc += sigma_c[0].to(acc_dtype) * rlogr.to(acc_dtype)
+        else:
+            weighted = new @ sigma_c
+            entropy_acc += ((new * logits) @ sigma_c - lse * weighted).sum().to(acc_dtype)
+        dist_acc += torch.dot(dist.view(-1), new.view(-1)).to(acc_dtype)
+        added = level_sums(new, block_codes, n_levels).to(acc_dtype)
+        stats.observed += added
+        stats.cluster_sizes += added[:first_levels].sum(0)
         assignments.index_copy_(0, cells, new)
     return float(dist_acc), float(entropy_acc)

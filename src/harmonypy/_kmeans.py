@@ -22,12 +22,16 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     sq_norms = (x * x).sum(1)
     closest = (sq_norms - 2 * x @ centers[0] + sq_norms[first]).clamp_min_(0)
     for j in range(1, k):
-        weights = closest.double().cpu()
-        total = float(weights.sum())
+        # D^2 sampling by inverting the cumulative weights: far cheaper than
+        # torch.multinomial on a long vector.
+        cumulative = torch.cumsum(closest.double(), 0)
+        total = float(cumulative[-1])
         if total <= 0:  # fewer distinct points than clusters: take any point
             pick = int(torch.randint(n, (1,), generator=generator))
         else:
-            pick = int(torch.multinomial(weights / total, 1, generator=generator))
+            target = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
+            target_t = torch.tensor([target], dtype=torch.float64, device=cumulative.device)
+            pick = min(int(torch.searchsorted(cumulative, target_t, right=True)), n - 1)
         centers[j] = x[pick]
         dist = (sq_norms - 2 * x @ centers[j] + sq_norms[pick]).clamp_min_(0)
         torch.minimum(closest, dist, out=closest)
@@ -37,7 +41,6 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
 def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, float]:
     """Lloyd iterations from ``centers``; returns the centroids and their inertia."""
     k = centers.shape[0]
-    sq_norms = (x * x).sum(1)
     labels = None
     for _ in range(max_iter):
         # argmin ||x - c||^2 == argmax (x.c - |c|^2 / 2)
@@ -51,9 +54,12 @@ def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> tuple[torch
         filled = counts > 0
         # An empty cluster keeps its previous centroid instead of becoming NaN.
         centers = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centers)
+    return centers, _inertia(x, centers)
+
+
+def _inertia(x: torch.Tensor, centers: torch.Tensor) -> float:
     score = x @ centers.T - 0.5 * (centers * centers).sum(1)
-    inertia = float((sq_norms - 2 * score.max(1).values).sum())
-    return centers, inertia
+    return float(((x * x).sum(1) - 2 * score.max(1).values).sum())
 
 
 def kmeans_centroids(
@@ -62,9 +68,9 @@ def kmeans_centroids(
     generator: torch.Generator,
     n_init: int = 10,
     max_iter: int = 25,
-    sample_size: int = 50_000,
+    sample_size: int = 20_000,
 ) -> torch.Tensor:
-    """Best of ``n_init`` k-means runs on the rows of ``x``.
+    """k-means on the rows of ``x``: best of ``n_init`` k-means++ seedings, then Lloyd.
 
     Parameters
     ----------
@@ -83,10 +89,14 @@ def kmeans_centroids(
     if n > sample_size:
         rows = torch.randperm(n, generator=generator)[:sample_size].to(x.device)
         x = x.index_select(0, rows)
+    # Restarts compete on the k-means++ seeding's own inertia; Lloyd then runs
+    # once, from the best seeding. Harmony refines the centroids anyway, and
+    # this keeps the initialisation a small part of the run at any size.
     best, best_inertia = None, float("inf")
     for _ in range(n_init):
         centers = _kmeans_plusplus(x, k, generator)
-        centers, inertia = _lloyd(x, centers, max_iter)
+        inertia = _inertia(x, centers)
         if inertia < best_inertia:
             best, best_inertia = centers, inertia
-    return best
+    centers, _ = _lloyd(x, best, max_iter)
+    return centers

@@ -46,36 +46,88 @@ class LevelIndex:
 
 
 def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
-                    rhs0: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batch coefficients of the one-variable ridge system, in closed form.
+                    rhs0: torch.Tensor, rhs: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge coefficients of the one-variable systems, in closed form.
 
     The system for cluster k is ``[[a, o^T], [o, diag(o + l)]] [w0; w] = [r0; r]``
-    with ``a = sum_b o_b`` (no penalty on the intercept). Eliminating ``w``
-    gives ``w0 = (r0 - sum_b o_b r_b / (o_b + l_b)) / sum_b o_b l_b / (o_b + l_b)``
-    — the denominator written without the cancellation of ``a - sum o^2/(o+l)``.
+    with ``a = sum_i R_ki`` (the intercept is not penalised). Eliminating ``w``
+    gives ``w0 = (r0 - sum_b o_b r_b / (o_b + l_b)) / (a - sum_b o_b^2 / (o_b + l_b))``
+    and ``w_b = (r_b - o_b w0) / (o_b + l_b)``. With ``a = sum_b o_b`` the
+    denominator is written as ``sum_b o_b l_b / (o_b + l_b)``, free of cancellation.
+    Levels with ``keep == False`` are left out of the system (coefficient 0).
 
     Parameters
     ----------
-    total : (K,) ``a``; observed, penalty : (K, B); rhs0 : (K, d); rhs : (K, B, d).
+    total : (K,) ``a``; observed, penalty : (K, B); rhs0 : (K, d); rhs : (K, B, d);
+    keep : optional (K, B) bool.
 
     Returns
     -------
-    (K, B, d) tensor: the batch rows of W (the intercept row is not returned).
+    intercept : (K, d) tensor, ``W[0]``.
+    coef : (K, B, d) tensor, the batch rows ``W[1:]``.
     """
-    diag = observed + penalty
-    tiny = torch.finfo(diag.dtype).tiny
-    weight = observed / diag.clamp_min(tiny)
-    schur = (weight * penalty).sum(1)
-    # For one variable sum_b o_b equals a; the difference only carries rounding.
-    schur = schur + (total - observed.sum(1))
-    w0 = (rhs0 - torch.einsum("kb,kbd->kd", weight, rhs)) / schur.clamp_min(tiny)[:, None]
-    return (rhs - observed[:, :, None] * w0[:, None, :]) / diag.clamp_min(tiny)[:, :, None]
+    if keep is not None:
+        observed = observed * keep
+    diag = (observed + penalty).clamp_min(torch.finfo(observed.dtype).tiny)
+    weight = observed / diag
+    schur = (weight * penalty).sum(1) + (total - observed.sum(1))
+    # An empty cluster (a = 0) gets zero coefficients instead of 0 / 0.
+    schur = schur.clamp_min(torch.finfo(observed.dtype).tiny)
+    intercept = (rhs0 - torch.einsum("kb,kbd->kd", weight, rhs)) / schur[:, None]
+    coef = (rhs - observed[:, :, None] * intercept[:, None, :]) / diag[:, :, None]
+    if keep is not None:
+        coef = coef * keep[:, :, None]
+    return intercept, coef
 
 
-def solve_dense(cov: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched solve of the (B+1) x (B+1) systems; returns the batch rows of W."""
-    solution = torch.linalg.solve(cov, rhs)
-    return solution[:, 1:, :]
+def solve_dense(cov: torch.Tensor, rhs0: torch.Tensor, rhs: torch.Tensor,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched solve of the (B+1) x (B+1) systems ``cov [w0; w] = [r0; r]``.
+
+    A level with ``keep == False`` has its row and column replaced by the
+    identity and its right-hand side by zero: that pins its coefficient at 0
+    and leaves the other unknowns as if it had been deleted from the system.
+    """
+    full_rhs = torch.cat([rhs0[:, None, :], rhs], dim=1)
+    if keep is not None:
+        drop = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], dim=1)  # (K, B+1)
+        cov = cov.masked_fill(drop[:, :, None] | drop[:, None, :], 0.0)
+        idx = torch.arange(cov.shape[1], device=cov.device)
+        cov[:, idx, idx] = torch.where(drop, torch.ones_like(cov[:, idx, idx]),
+                                       cov[:, idx, idx])
+        full_rhs = full_rhs.masked_fill(drop[:, :, None], 0.0)
+    solution = torch.linalg.solve(cov, full_rhs)
+    return solution[:, 0, :], solution[:, 1:, :]
+
+
+def batch_filter(observed: torch.Tensor, counts: torch.Tensor, level_variable: torch.Tensor,
+                 cutoff: float) -> torch.Tensor:
+    """Harmony2's choice of levels per cluster, (K, B) bool.
+
+    Level b takes part in cluster k's regression when ``O[k, b] / N_b > cutoff``
+    and its variable keeps at least two such levels in that cluster.
+    """
+    keep = observed / counts[None, :] > cutoff
+    n_variables = int(level_variable.max()) + 1
+    per_variable = torch.zeros((observed.shape[0], n_variables), dtype=torch.int64,
+                               device=observed.device)
+    per_variable.index_add_(1, level_variable, keep.to(torch.int64))
+    return keep & (per_variable[:, level_variable] >= 2)
+
+
+@dataclass
+class Correction:
+    """Result of the correction step.
+
+    z_corr : (N, d) corrected embedding.
+    intercept : (K, d) ridge intercepts ``W[0]`` (Harmony2 takes centroids from them).
+    keep : (K, B) bool levels used per cluster, or None when all were used.
+    """
+
+    z_corr: torch.Tensor
+    intercept: torch.Tensor
+    keep: torch.Tensor | None
 
 
 def ridge_correct(
@@ -88,9 +140,10 @@ def ridge_correct(
     alpha: float,
     proportions: torch.Tensor,
     stat_dtype: torch.dtype,
-    keep: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Corrected embedding ``Z_corr`` (N x d) from ``Z_orig`` and R.
+    batch_prop_cutoff: float | None = None,
+    counts: torch.Tensor | None = None,
+) -> Correction:
+    """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
     Parameters
     ----------
@@ -101,9 +154,8 @@ def ridge_correct(
     lamb : (B,) tensor of ridge penalties per level, or None to estimate them
         per cluster as ``alpha * E[k, b]``.
     proportions : (B,) tensor ``Pr_b``.
-    keep : optional (K, B) bool tensor (Harmony2 batch filtering): levels that
-        take part in each cluster's regression. Dropped levels get no
-        coefficient, and their cells are not corrected for that cluster.
+    batch_prop_cutoff, counts : Harmony2 batch filtering (see :func:`batch_filter`);
+        ``counts`` is ``N_b``, (B,). None turns filtering off (Harmony 1).
     """
     solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
     n_clusters, d = assignments.shape[1], z_orig.shape[1]
@@ -120,30 +172,32 @@ def ridge_correct(
     else:
         penalty = lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters, n_levels)
 
-    n_variables = codes.shape[1]
-    if keep is not None:
-        coef = _solve_filtered(total, observed, penalty, rhs0, rhs, codes, levels,
-                               assignments, keep.to(solve_device), solve_device, stat_dtype)
-    elif n_variables == 1:
-        coef = solve_arrowhead(total, observed, penalty, rhs0, rhs)
+    keep = None
+    if batch_prop_cutoff is not None:
+        level_variable = torch.as_tensor(levels.variable, device=solve_device)
+        keep = batch_filter(observed, counts.to(solve_device, stat_dtype), level_variable,
+                            batch_prop_cutoff)
+    if codes.shape[1] == 1:
+        intercept, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
     else:
         cov = _dense_system(total, observed, penalty, codes, assignments, levels,
                             solve_device, stat_dtype)
-        coef = solve_dense(cov, torch.cat([rhs0[:, None, :], rhs], dim=1))
+        intercept, coef = solve_dense(cov, rhs0, rhs, keep)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
     z_corr = z_orig.clone()
     for b, cells in enumerate(levels.cells):
         block = assignments.index_select(0, cells)
         z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
-    return z_corr
+    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 
 def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):
     """``Phi_moe diag(R_k) Phi_moe^T + diag(lambda)`` for all clusters: (K, B+1, B+1)."""
     n_clusters, n_levels = observed.shape
     cov = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
-    cov[:, 0, 0] = total
+    # An empty cluster would make the system singular; it gets zero coefficients.
+    cov[:, 0, 0] = total.clamp_min(torch.finfo(dtype).tiny)
     cov[:, 0, 1:] = observed
     cov[:, 1:, 0] = observed
     idx = torch.arange(n_levels, device=device)
@@ -172,24 +226,3 @@ def _variable_bounds(levels: LevelIndex) -> list[tuple[int, int]]:
         bounds.append((start, start + count))
         start += count
     return bounds
-
-
-def _solve_filtered(total, observed, penalty, rhs0, rhs, codes, levels, assignments,
-                    keep, device, dtype):
-    """Harmony2: per-cluster systems restricted to the kept levels.
-
-    A dropped level's row and column are replaced by the identity and its
-    right-hand side by zero, which pins its coefficient at 0 without changing
-    the other unknowns: the same as deleting it from the system.
-    """
-    cov = _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype)
-    n_levels = observed.shape[1]
-    drop = ~keep  # (K, B)
-    full_rhs = torch.cat([rhs0[:, None, :], rhs], dim=1)
-    drop_full = torch.cat([torch.zeros_like(drop[:, :1]), drop], dim=1)  # (K, B+1)
-    cov = cov.masked_fill(drop_full[:, :, None] | drop_full[:, None, :], 0.0)
-    idx = torch.arange(n_levels + 1, device=device)
-    cov[:, idx, idx] = torch.where(drop_full, torch.ones_like(cov[:, idx, idx]),
-                                   cov[:, idx, idx])
-    full_rhs = full_rhs.masked_fill(drop_full[:, :, None], 0.0)
-    return solve_dense(cov, full_rhs)

@@ -150,6 +150,7 @@ class Harmony:
         self._theta = torch.as_tensor(theta, **stat)
         self._sigma = torch.as_tensor(sigma, **stat)
         self._lamb = None if lamb is None else torch.as_tensor(lamb, **stat)
+        self._counts = torch.as_tensor(design.counts, **stat)
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
         self._bounds = clu.block_bounds(self.N, block_size)
         if algorithm == "harmony2":
@@ -160,7 +161,8 @@ class Harmony:
         self._assignments: torch.Tensor | None = None
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
-        self._lamb_estimated: torch.Tensor | None = None
+        self._intercept: torch.Tensor | None = None
+        self._kept_levels: torch.Tensor | None = None
         self.objective_harmony: list[float] = []
         self.objective_kmeans: list[float] = []
         self.objective_kmeans_dist: list[float] = []
@@ -174,10 +176,13 @@ class Harmony:
     # ------------------------------------------------------------------ steps
     def init_cluster(self) -> None:
         """Initial centroids by k-means, then R, O, E and the first objective."""
-        centers = kmeans_centroids(self._z_cos, self.K, self._generator)
+        if self.algorithm == "harmony2":  # k-means++ seeding, then 10 Lloyd iterations
+            centers = kmeans_centroids(self._z_cos, self.K, self._generator, n_init=1,
+                                       max_iter=10)
+        else:  # as R's kmeans(nstart = 10, iter.max = 25)
+            centers = kmeans_centroids(self._z_cos, self.K, self._generator)
         self._centroids = clu.normalize_rows(centers)
-        self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
-        self._recount()
+        self._reassign()
         dist_term, entropy_term = self._objective_terms_full()
         self.compute_objective(dist_term, entropy_term, step="initialisation")
         self.objective_harmony.append(self.objective_kmeans[-1])
@@ -187,9 +192,15 @@ class Harmony:
 
         Returns the number of rounds run (also appended to ``kmeans_rounds``).
         """
+        harmony2 = self.algorithm == "harmony2"
+        if harmony2 and self.n_iter > 0:
+            # Harmony2 keeps the centroids from the correction and starts the
+            # step from a fresh softmax assignment of the corrected cells.
+            self._reassign()
         rounds = self.max_iter_kmeans
         for i in range(self.max_iter_kmeans):
-            self._centroids = clu.compute_centroids(self._assignments, self._z_cos)
+            if not harmony2:
+                self._centroids = clu.compute_centroids(self._assignments, self._z_cos)
             dist_term, entropy_term = self.update_R()
             self.compute_objective(dist_term, entropy_term, step="clustering")
             if i > self.window_size and self.check_convergence(0):
@@ -223,12 +234,21 @@ class Harmony:
 
     def moe_correct_ridge(self) -> None:
         """Correction: subtract the batch part of per-cluster ridge regressions."""
-        self._z_corr = ridge_correct(
+        harmony2 = self.algorithm == "harmony2"
+        result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
-            self._lamb, self.alpha, self._proportions, self._stat_dtype)
-        if not bool(torch.isfinite(self._z_corr).all()):
+            self._lamb, self.alpha, self._proportions, self._stat_dtype,
+            batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
+            counts=self._counts)
+        if not bool(torch.isfinite(result.z_corr).all()):
             self._numerical_failure("correction", "Z_corr")
+        self._z_corr = result.z_corr
         self._z_cos = clu.normalize_rows(self._z_corr)
+        self._intercept = result.intercept
+        self._kept_levels = result.keep
+        if harmony2:
+            # Harmony2's centroids are the regressions' intercepts, unit length.
+            self._centroids = clu.normalize_rows(result.intercept)
 
     def check_convergence(self, kind: int) -> bool:
         """0: clustering rounds (windows of 3 objectives); 1: Harmony iterations."""
@@ -237,7 +257,10 @@ class Harmony:
             w = self.window_size
             old = sum(objectives[-2 - i] for i in range(w))
             new = sum(objectives[-1 - i] for i in range(w))
-            return (old - new) / abs(old) < self.epsilon_cluster
+            change = old - new
+            if self.algorithm == "harmony2":  # Harmony2 stops on any small change
+                change = abs(change)
+            return change / abs(old) < self.epsilon_cluster
         old, new = self.objective_harmony[-2], self.objective_harmony[-1]
         return (old - new) / abs(old) < self.epsilon_harmony
 
@@ -256,6 +279,11 @@ class Harmony:
         return self
 
     # -------------------------------------------------------------- internals
+    def _reassign(self) -> None:
+        """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
+        self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
+        self._recount()
+
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
         observed = clu.level_sums(self._assignments, self._codes, self.B)
@@ -364,6 +392,16 @@ class Harmony:
         return np.hstack([np.zeros((self.K, 1)), self.alpha * expected])
 
     @property
+    def W_intercept(self) -> np.ndarray | None:
+        """Ridge intercepts of the last correction, (d, K) (Harmony2's centroids before normalising)."""
+        return None if self._intercept is None else self._np(self._intercept).T
+
+    @property
+    def kept_levels(self) -> np.ndarray | None:
+        """Harmony2: levels used in each cluster's last correction, (K, B) bool."""
+        return self._np(self._kept_levels)
+
+    @property
     def batch_levels(self) -> list[str]:
         """Names of the B levels, ``variable=level``, in row order of ``Phi``."""
         return self.design.level_names
@@ -385,14 +423,21 @@ class Harmony:
 
 
 def _default_clusters(n_cells: int) -> int:
+    """R's default ``K = min(round(N / 30), 100)``, at least 1 (R would give 0 below 15 cells)."""
     return max(1, min(round(n_cells / 30), 100))
 
 
 def _resolve_lamb(lamb, design, default_estimate: bool) -> np.ndarray | None:
-    """Per-level ridge penalties, or None when they are estimated (``lamb=-1``)."""
+    """Per-level ridge penalties (> 0), or None when they are estimated (``lamb=-1``).
+
+    ``lamb=0`` is refused: with an intercept and every level of a variable in
+    the regression the unpenalised system is singular.
+    """
     if lamb is None:
         return None if default_estimate else np.ones(design.n_levels)
-    if np.isscalar(lamb) and not isinstance(lamb, (str, bool)) and lamb == -1:
+    if isinstance(lamb, np.ndarray) and lamb.ndim == 0:
+        lamb = lamb.item()
+    if np.isscalar(lamb) and not isinstance(lamb, (str, bytes, bool, np.bool_)) and lamb == -1:
         return None
     try:
         return val.per_level("lamb", lamb, design, 1.0, minimum=0.0, strict=True)
@@ -400,7 +445,8 @@ def _resolve_lamb(lamb, design, default_estimate: bool) -> np.ndarray | None:
         raise ValueError(f"{err} (lamb=-1, a scalar, estimates it per cluster)") from None
 
 
-def _threads(ncores):
+def _threads(ncores) -> int | None:
+    """Torch threads for the run: None leaves the setting alone; 0 means half the CPUs."""
     if ncores is None:
         return None
     n = val.check_int("ncores", ncores, 0)
@@ -509,33 +555,39 @@ def run_harmony(
             epsilon_harmony = _HARMONY2_DEFAULTS["epsilon_harmony"]
 
     # ---- validation, all of it before any heavy work
-    frame, names = val.as_metadata(meta_data, vars_use)
-    cells = val.as_cells_by_features(data_mat, len(frame))
-    design = build_design(frame, names)
-    n_cells = cells.shape[0]
-    n_clusters = (_default_clusters(n_cells) if nclust is None
-                  else val.check_int("nclust", nclust, 1, n_cells))
-    theta_levels = val.per_level("theta", theta, design, 2.0, minimum=0.0)
-    tau = val._real("tau", tau)
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
-    if tau > 0:
-        theta_levels = theta_levels * (1 - np.exp(-(design.counts / (n_clusters * tau)) ** 2))
-    lamb_levels = _resolve_lamb(lamb, design, default_estimate=harmony2)
-    sigma_clusters = val.check_sigma(sigma, n_clusters)
+    # Scalars first (cheap), then the tables, then what depends on both. The
+    # caller's Generator is drawn from last, so a refused call leaves it as it was.
     block_size = val.check_block_size(block_size)
-    if n_cells < 40:
-        block_size = 0.2
     max_iter_harmony = val.check_int("max_iter_harmony", max_iter_harmony, 1)
     max_iter_kmeans = val.check_int("max_iter_kmeans", max_iter_kmeans, 1)
     epsilon_cluster = val.check_epsilon("epsilon_cluster", epsilon_cluster)
     epsilon_harmony = val.check_epsilon("epsilon_harmony", epsilon_harmony)
     alpha = val.check_positive("alpha", alpha)
-    batch_prop_cutoff = val._real("batch_prop_cutoff", batch_prop_cutoff)
+    tau = val.check_nonnegative("tau", tau)
+    batch_prop_cutoff = val.check_fraction("batch_prop_cutoff", batch_prop_cutoff)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    seed = val.resolve_seed(random_state)
+    val.check_random_state(random_state)
     threads = _threads(ncores)
+
+    frame, names = val.as_metadata(meta_data, vars_use)
+    cells = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
+    design = build_design(frame, names)
+    n_cells = cells.shape[0]
+    val.check_cell_lengths(cells, torch_dtype)
+    n_clusters = (_default_clusters(n_cells) if nclust is None
+                  else val.check_int("nclust", nclust, 1, n_cells,
+                                     maximum_is="the number of cells"))
+    theta_levels = val.per_level("theta", theta, design, 2.0, minimum=0.0)
+    if tau > 0:
+        with np.errstate(over="ignore"):  # huge ratios give exp(-inf) = 0: no shrinkage
+            theta_levels = theta_levels * (
+                1 - np.exp(-(design.counts / (n_clusters * tau)) ** 2))
+    lamb_levels = _resolve_lamb(lamb, design, default_estimate=harmony2)
+    sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)
+    if n_cells < 40:
+        block_size = 0.2
+    seed = val.resolve_seed(random_state)
 
     previous_threads = torch.get_num_threads()
     progress = Progress(verbose, max_iter_harmony)

@@ -20,7 +20,8 @@ class ReferenceHarmony:
     """State in the R package's orientation: Z (d x N), R (K x N), Phi (B x N)."""
 
     def __init__(self, z, phi, theta, lamb, sigma, block_size, alpha=0.2,
-                 lambda_estimation=False, harmony2=False):
+                 lambda_estimation=False, harmony2=False, level_variable=None,
+                 batch_prop_cutoff=1e-5):
         self.Z_orig = np.asarray(z, dtype=np.float64)
         self.Z_corr = self.Z_orig.copy()
         self.Z_cos = normalise_columns(self.Z_orig)
@@ -37,15 +38,32 @@ class ReferenceHarmony:
         self.lambda_estimation = lambda_estimation
         self.objective_kmeans = []
         self.parts = []
+        self.harmony2 = harmony2
+        self.level_variable = (np.zeros(self.B, dtype=int) if level_variable is None
+                               else np.asarray(level_variable))
+        self.batch_prop_cutoff = batch_prop_cutoff
+
+    def diversity(self):
+        if self.harmony2:
+            return (2 * self.E + 1) / (self.O + self.E + 1)
+        return self.E / (self.O + self.E)
+
+    def cross_log(self):
+        if self.harmony2:
+            return np.log((self.O + self.E + 1) / (2 * self.E + 1))
+        return np.log((self.O + self.E) / self.E)
 
     def init_cluster(self, y):
         self.Y = normalise_columns(np.asarray(y, dtype=np.float64))
+        self.soft_assign()
+        self.compute_objective()
+
+    def soft_assign(self):
         self.dist_mat = 2 * (1 - self.Y.T @ self.Z_cos)
         r = np.exp(-self.dist_mat / self.sigma[:, None])
         self.R = r / r.sum(0)
         self.E = np.outer(self.R.sum(1), self.Pr_b)
         self.O = self.R @ self.Phi.T
-        self.compute_objective()
 
     def compute_objective(self):
         norm = 2000.0 / self.N
@@ -54,7 +72,7 @@ class ReferenceHarmony:
             rlogr = np.where(self.R > 0, self.R * np.log(self.R), 0.0)
         entropy = np.sum(rlogr * self.sigma[:, None])
         cross = np.sum((self.R * self.sigma[:, None])
-                       * ((np.tile(self.theta, (self.K, 1)) * np.log((self.O + self.E) / self.E))
+                       * ((np.tile(self.theta, (self.K, 1)) * self.cross_log())
                           @ self.Phi))
         self.parts.append((kmeans_error * norm, entropy * norm, cross * norm))
         self.objective_kmeans.append((kmeans_error + entropy + cross) * norm)
@@ -72,28 +90,47 @@ class ReferenceHarmony:
             cells = order[lo:hi]
             self.E -= np.outer(self.R[:, cells].sum(1), self.Pr_b)
             self.O -= self.R[:, cells] @ self.Phi[:, cells].T
-            penalty = (self.E / (self.O + self.E)) ** self.theta[None, :]
+            penalty = self.diversity() ** self.theta[None, :]
             r = scale[:, cells] * (penalty @ self.Phi[:, cells])
             self.R[:, cells] = r / r.sum(0)
             self.E += np.outer(self.R[:, cells].sum(1), self.Pr_b)
             self.O += self.R[:, cells] @ self.Phi[:, cells].T
 
     def cluster_round(self, order):
-        self.Y = normalise_columns(self.Z_cos @ self.R.T)
+        if not self.harmony2:  # Harmony2 keeps the centroids from the correction
+            self.Y = normalise_columns(self.Z_cos @ self.R.T)
         self.dist_mat = 2 * (1 - self.Y.T @ self.Z_cos)
         self.update_R(order)
         self.compute_objective()
 
     def moe_correct_ridge(self):
         self.Z_corr = self.Z_orig.copy()
+        intercepts = []
         for k in range(self.K):
             if self.lambda_estimation:
                 lam = np.concatenate([[0.0], self.alpha * self.E[k]])
             else:
                 lam = self.lamb
-            phi_rk = self.Phi_moe * self.R[k][None, :]
-            inv_cov = np.linalg.inv(phi_rk @ self.Phi_moe.T + np.diag(lam))
+            rows = np.arange(self.B + 1)
+            if self.harmony2:
+                rows = np.concatenate([[0], 1 + np.flatnonzero(self.kept_levels(k))])
+            phi_moe = self.Phi_moe[rows]
+            phi_rk = phi_moe * self.R[k][None, :]
+            inv_cov = np.linalg.inv(phi_rk @ phi_moe.T + np.diag(lam[rows]))
             w = inv_cov @ phi_rk @ self.Z_orig.T
+            intercepts.append(w[0].copy())
             w[0, :] = 0
             self.Z_corr -= w.T @ phi_rk
         self.Z_cos = normalise_columns(self.Z_corr)
+        if self.harmony2:
+            self.Y = normalise_columns(np.array(intercepts).T)
+
+    def kept_levels(self, k):
+        """Harmony2: levels with O_kb / N_b above the cutoff, in variables keeping >= 2."""
+        observed = self.R[k] @ self.Phi.T
+        keep = observed / self.Phi.sum(1) > self.batch_prop_cutoff
+        for v in np.unique(self.level_variable):
+            in_v = self.level_variable == v
+            if keep[in_v].sum() < 2:
+                keep[in_v] = False
+        return keep

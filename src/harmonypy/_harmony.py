@@ -193,7 +193,7 @@ class Harmony:
         Returns the number of rounds run (also appended to ``kmeans_rounds``).
         """
         harmony2 = self.algorithm == "harmony2"
-        if harmony2 and self.n_iter > 0:
+        if harmony2 and self._intercept is not None:
             # Harmony2 keeps the centroids from the correction and starts the
             # step from a fresh softmax assignment of the corrected cells.
             self._reassign()

@@ -136,6 +136,20 @@ def cross_term(stats: ClusterStats, proportions, theta, sigma,
     return float((per_cell * theta[:, None] * sigma[None, :]).sum())
 
 
+def _block_level_sums(assignments, codes, order, bounds, n_levels) -> torch.Tensor:
+    """Sum of R per (block, level) for the blocks of this update: (n_blocks, B, K)."""
+    n_blocks = len(bounds)
+    sizes = torch.tensor([end - start for start, end in bounds], device=order.device)
+    block_of = torch.empty_like(order)
+    block_of[order[:int(sizes.sum())]] = torch.repeat_interleave(
+        torch.arange(n_blocks, device=order.device), sizes)
+    sums = torch.zeros((n_blocks * n_levels, assignments.shape[1]), dtype=assignments.dtype,
+                       device=assignments.device)
+    for v in range(codes.shape[1]):
+        sums.index_add_(0, block_of * n_levels + codes[:, v], assignments)
+    return sums.view(n_blocks, n_levels, -1)
+
+
 def online_update(
     assignments: torch.Tensor,
     z_cos: torch.Tensor,
@@ -148,6 +162,7 @@ def online_update(
     order: torch.Tensor,
     bounds: list[tuple[int, int]],
     diversity_fn: Callable,
+    first_levels: int,
 ) -> tuple[float, float]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
@@ -169,6 +184,9 @@ def online_update(
     order : (N,) int64 permutation of the cells.
     bounds : list of (start, end) positions in ``order``.
     diversity_fn : callable (O, E) -> ratio, both (B, K).
+    first_levels : int
+        Number of levels of the first batch variable; they partition the cells,
+        so their level sums also give the cluster sizes.
 
     Returns
     -------
@@ -182,19 +200,18 @@ def online_update(
     uniform_sigma = bool((sigma == sigma[0]).all())
     sigma_c = sigma.to(dtype)
     n_variables = codes.shape[1]
-    # The levels of the first variable partition the cells, so their level
-    # sums also give the block's cluster sizes.
-    first_levels = int((codes[:, 0].max() + 1).item()) if n_variables > 1 else n_levels
     acc_dtype = stats.observed.dtype
     dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
-    for start, end in bounds:
+    # A block's cells keep their old assignments until the block's turn, so
+    # what each block takes out of O can be summed up front in one sequential
+    # pass over R, instead of gathering the old rows block by block.
+    removals = _block_level_sums(assignments, codes, order, bounds, n_levels).to(acc_dtype)
+    for j, (start, end) in enumerate(bounds):
         cells = order[start:end]
         block_codes = codes.index_select(0, cells)
-        old = assignments.index_select(0, cells)
-        removed = level_sums(old, block_codes, n_levels).to(acc_dtype)
-        stats.observed -= removed
-        stats.cluster_sizes -= removed[:first_levels].sum(0)
+        stats.observed -= removals[j]
+        stats.cluster_sizes -= removals[j, :first_levels].sum(0)
         ratio = diversity_fn(stats.observed, stats.expected(proportions))
         log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
         if n_variables == 1:

@@ -216,7 +216,7 @@ class Harmony:
         return clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
-            self._diversity)
+            self._diversity, int(self.design.offsets[1]))
 
     def compute_objective(self, dist_term: float, entropy_term: float,
                           step: str = "clustering") -> None:

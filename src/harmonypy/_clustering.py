@@ -196,7 +196,8 @@ def online_update(
     """
     dtype = assignments.dtype
     n_levels = stats.observed.shape[0]
-    inv_sigma = (1.0 / sigma).to(dtype)
+    two_over_sigma = (2.0 / sigma).to(dtype)
+    scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
     uniform_sigma = bool((sigma == sigma[0]).all())
     sigma_c = sigma.to(dtype)
     n_variables = codes.shape[1]
@@ -223,19 +224,24 @@ def online_update(
             penalty = torch.logsumexp(torch.stack(
                 [F.embedding(block_codes[:, v], log_penalty) for v in range(n_variables)]),
                 dim=0)
-        dist = distances(z_cos.index_select(0, cells), centroids)
-        logits = torch.addcmul(penalty, dist, inv_sigma, value=-1.0)
+        # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
+        # scaled centroids, the penalty and the constant added by the product.
+        logits = torch.addmm(penalty - two_over_sigma, z_cos.index_select(0, cells),
+                             scaled_centroids_t)
         new = torch.softmax(logits, dim=1)
-        # Entropy without a log over the block: log R = logits - lse, and the
-        # row's largest R sits at its largest logit, so lse = max - log(max R).
+        # Objective terms without a pass of logs: log R = logits - lse, and the
+        # row's largest R sits at its largest logit, so lse = max - log(max R);
+        # dist = sigma * (penalty - logits) with the penalty before the constant.
         lse = logits.amax(1) - new.amax(1).log()
         if uniform_sigma:
-            rlogr = torch.dot(new.view(-1), logits.view(-1)) - lse.sum()
-            entropy_acc += sigma_c[0].to(acc_dtype) * rlogr.to(acc_dtype)
+            r_logits = torch.dot(new.view(-1), logits.view(-1))
+            r_penalty = torch.dot(new.view(-1), penalty.view(-1))
+            entropy_acc += sigma_c[0].to(acc_dtype) * (r_logits - lse.sum()).to(acc_dtype)
+            dist_acc += sigma_c[0].to(acc_dtype) * (r_penalty - r_logits).to(acc_dtype)
         else:
-            weighted = new @ sigma_c
-            entropy_acc += ((new * logits) @ sigma_c - lse * weighted).sum().to(acc_dtype)
-        dist_acc += torch.dot(dist.view(-1), new.view(-1)).to(acc_dtype)
+            r_logits = (new * logits).sum(0)
+            entropy_acc += (r_logits @ sigma_c - lse @ (new @ sigma_c)).to(acc_dtype)
+            dist_acc += (((new * penalty).sum(0) - r_logits) @ sigma_c).to(acc_dtype)
         added = level_sums(new, block_codes, n_levels).to(acc_dtype)
         stats.observed += added
         stats.cluster_sizes += added[:first_levels].sum(0)

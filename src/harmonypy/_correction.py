@@ -23,9 +23,13 @@ import torch
 
 @dataclass
 class LevelIndex:
-    """Cells of every batch level, gathered once per run.
+    """Cells of every batch level.
 
-    cells : list of 1-D int64 tensors (device), one per global level.
+    The engine stores cells sorted by the level of the first batch variable, so
+    those levels are contiguous row ranges (``slice`` objects: views, no
+    copies); levels of further variables are index tensors.
+
+    cells : list of ``slice`` or 1-D int64 tensor, one per global level.
     variable : list of int, the variable each level belongs to.
     """
 
@@ -36,13 +40,25 @@ class LevelIndex:
     def from_codes(cls, codes: torch.Tensor, offsets) -> "LevelIndex":
         cells, variable = [], []
         for v in range(codes.shape[1]):
-            order = torch.argsort(codes[:, v], stable=True)
             counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
             counts = counts[int(offsets[v]):int(offsets[v + 1])].tolist()
-            for piece in torch.split(order, counts):
+            first = codes[:, v]
+            if v == 0 and bool((first[1:] >= first[:-1]).all()):
+                starts = [0]
+                for c in counts:
+                    starts.append(starts[-1] + c)
+                pieces = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+            else:
+                pieces = torch.split(torch.argsort(first, stable=True), counts)
+            for piece in pieces:
                 cells.append(piece)
                 variable.append(v)
         return cls(cells, variable)
+
+
+def _rows(x: torch.Tensor, cells) -> torch.Tensor:
+    """Rows of ``x`` for a level: a view for a slice, a gathered copy otherwise."""
+    return x[cells] if isinstance(cells, slice) else x.index_select(0, cells)
 
 
 def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
@@ -163,8 +179,8 @@ def ridge_correct(
     rhs = torch.empty((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
     observed = torch.empty((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
     for b, cells in enumerate(levels.cells):
-        block = assignments.index_select(0, cells)
-        rhs[:, b, :] = (block.T @ z_orig.index_select(0, cells)).to(solve_device, stat_dtype)
+        block = _rows(assignments, cells)
+        rhs[:, b, :] = (block.T @ _rows(z_orig, cells)).to(solve_device, stat_dtype)
         observed[:, b] = block.sum(0).to(solve_device, stat_dtype)
     total = assignments.sum(0).to(solve_device, stat_dtype)
     if lamb is None:
@@ -187,8 +203,11 @@ def ridge_correct(
 
     z_corr = z_orig.clone()
     for b, cells in enumerate(levels.cells):
-        block = assignments.index_select(0, cells)
-        z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
+        if isinstance(cells, slice):
+            z_corr[cells].addmm_(assignments[cells], coef[:, b, :], alpha=-1.0)
+        else:
+            block = assignments.index_select(0, cells)
+            z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 

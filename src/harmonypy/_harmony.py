@@ -140,11 +140,18 @@ class Harmony:
         # Counts and small per-level vectors stay in float64 (MPS has none).
         self._stat_dtype = torch.float32 if device.type == "mps" else torch.float64
         stat = dict(dtype=self._stat_dtype, device=device)
-        self._z_orig = torch.from_numpy(np.array(z, dtype=np.float64 if dtype == torch.float64
-                                                 else np.float32, order="C")).to(device)
+        # Cells are stored sorted by their level of the first batch variable, so
+        # that each level is a contiguous block of rows in the correction. The
+        # attributes put them back in the caller's order.
+        self._storage_order = np.argsort(design.codes[:, 0], kind="stable")
+        self._caller_order = np.empty_like(self._storage_order)
+        self._caller_order[self._storage_order] = np.arange(self.N)
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self._z_orig = torch.from_numpy(
+            np.ascontiguousarray(z[self._storage_order], dtype=np_dtype)).to(device)
         self._z_corr = self._z_orig.clone()
         self._z_cos = clu.normalize_rows(self._z_orig)
-        self._codes = torch.from_numpy(design.codes).to(device)
+        self._codes = torch.from_numpy(design.codes[self._storage_order]).to(device)
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
         self._proportions = torch.as_tensor(design.proportions, **stat)
         self._theta = torch.as_tensor(theta, **stat)
@@ -316,25 +323,32 @@ class Harmony:
     def _np(t: torch.Tensor | None) -> np.ndarray | None:
         return None if t is None else t.detach().cpu().numpy()
 
+    def _cells(self, t: torch.Tensor | None) -> np.ndarray | None:
+        """A per-cell tensor (N, ...) as NumPy, rows back in the caller's order."""
+        if t is None:
+            return None
+        order = torch.from_numpy(self._caller_order).to(t.device)
+        return t.index_select(0, order).detach().cpu().numpy()
+
     @property
     def Z_corr(self) -> np.ndarray:
         """Corrected embedding, (d, N)."""
-        return self._np(self._z_corr).T
+        return self._cells(self._z_corr).T
 
     @property
     def Z_orig(self) -> np.ndarray:
         """Input embedding, (d, N)."""
-        return self._np(self._z_orig).T
+        return self._cells(self._z_orig).T
 
     @property
     def Z_cos(self) -> np.ndarray:
         """Unit-length corrected cells, (d, N)."""
-        return self._np(self._z_cos).T
+        return self._cells(self._z_cos).T
 
     @property
     def R(self) -> np.ndarray:
         """Soft cluster assignments, (K, N); columns sum to 1."""
-        return self._np(self._assignments).T
+        return self._cells(self._assignments).T
 
     @property
     def Y(self) -> np.ndarray:
@@ -414,7 +428,7 @@ class Harmony:
 
     def result(self) -> np.ndarray:
         """Corrected embedding as cells x features (same as ``Z_corr.T``)."""
-        return self._np(self._z_corr)
+        return self._cells(self._z_corr)
 
     def __repr__(self) -> str:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"

@@ -11,9 +11,10 @@ from __future__ import annotations
 __version__ = "1.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
+from harmonypy._anndata import integrate  # noqa: E402
 from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 
-__all__ = ["Harmony", "run_harmony", "datasets", "__version__"]
+__all__ = ["Harmony", "run_harmony", "integrate", "datasets", "__version__"]
 
 try:  # integration scores (issue 2)
     from harmonypy._lisi import compute_lisi  # noqa: E402,F401

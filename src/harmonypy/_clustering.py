@@ -40,11 +40,20 @@ class ClusterStats:
 
 
 # Diversity terms: (O, E) -> ratio whose power theta scales a cell's assignment.
-def diversity_harmony1(observed: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """``E / (O + E)`` (R harmony 1.x)."""
-    # An empty cluster has O = E = 0; its ratio is set to 0 so it stays empty
-    # instead of turning into 0/0.
-    return expected / (observed + expected).clamp_min(torch.finfo(expected.dtype).tiny)
+def diversity_harmony1(observed: torch.Tensor, expected: torch.Tensor,
+                       delta: float = 0.0) -> torch.Tensor:
+    """``E / (O + E)`` (R harmony 1.x).
+
+    The running sums O and E of a cluster whose cells are all in the block being
+    updated come back as rounding noise around 0 (exactly 0 with
+    ``block_size=1``), where the ratio is 0/0. They are clamped at 0 and a
+    ``delta`` far below any real count (a few ulps of N) is added to both
+    sides, so such a cluster gets no penalty instead of NaN; elsewhere the
+    ratio changes by about 1e-13.
+    """
+    observed = observed.clamp_min(0)
+    expected = expected.clamp_min(0)
+    return (expected + delta) / (observed + expected + delta)
 
 
 def diversity_harmony2(observed: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
@@ -54,8 +63,9 @@ def diversity_harmony2(observed: torch.Tensor, expected: torch.Tensor) -> torch.
 
 def cross_entropy_harmony1(observed, expected):
     """Per (level, cluster) factor of the objective's cross term, harmony 1.x."""
-    tiny = torch.finfo(expected.dtype).tiny
-    return torch.xlogy(observed, (observed + expected) / expected.clamp_min(tiny))
+    observed = observed.clamp_min(0)
+    expected = expected.clamp_min(torch.finfo(expected.dtype).tiny)
+    return torch.xlogy(observed, (observed + expected) / expected)
 
 
 def cross_entropy_harmony2(observed, expected):

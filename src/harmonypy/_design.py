@@ -7,6 +7,8 @@ same work in gathers and scatter-adds, at a fraction of the memory.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,18 +76,48 @@ class BatchDesign:
 
 
 def _sort_key(value):
-    # Levels of mixed types ("1" and 1) must stay distinct and sortable.
+    # Levels of mixed types ("1" and 1) stay distinct and sort by type, then value.
     return (type(value).__name__, value)
 
 
-def _encode_column(name: str, column: pd.Series) -> tuple[list, np.ndarray]:
-    """Level list (observed levels only) and integer codes for one column."""
-    missing = int(column.isna().sum())
+def _sorted_levels(uniques: list) -> list[int]:
+    """Positions of ``uniques`` in level order: ascending, by type first if mixed."""
+    positions = range(len(uniques))
+    for key in (lambda i: uniques[i],
+                lambda i: _sort_key(uniques[i]),
+                lambda i: (type(uniques[i]).__name__, str(uniques[i]))):
+        try:
+            return sorted(positions, key=key)
+        except TypeError:
+            continue
+    return list(positions)  # pragma: no cover - str() always sorts
+
+
+def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
+    """Level list (observed levels only) and integer codes for one column.
+
+    Level order: a categorical column keeps its categories' order (unused
+    categories dropped); any other column is sorted ascending (numbers
+    numerically, strings lexicographically, False before True). Labels of
+    mixed types are grouped by type name, then sorted. Labels are compared as
+    pandas does (by value), so ``1``, ``1.0`` and ``True`` in one object
+    column are the same level.
+
+    Raises
+    ------
+    ValueError
+        Missing labels (None, NaN, pd.NA, NaT).
+    TypeError
+        Labels that cannot be compared for equality (lists, dicts, ...).
+    """
+    missing_mask = column.isna().to_numpy()
+    missing = int(missing_mask.sum())
     if missing:
-        examples = list(column.index[column.isna().to_numpy()][:5])
+        examples = list(column.index[missing_mask][:5])
         raise ValueError(
-            f"batch column {name!r} has {missing} missing value(s) (None/NaN/NA), "
-            f"e.g. at rows {examples}; fill or drop those cells before running Harmony"
+            f"batch column {name!r} has {missing} missing value(s) (None/NaN/NA) out of "
+            f"{len(column)}, e.g. at rows {examples}; expected a label for every cell: "
+            f"fill or drop those cells before running Harmony"
         )
     if isinstance(column.dtype, pd.CategoricalDtype):
         # Keep the categorical's own order but drop categories no cell uses:
@@ -94,45 +126,71 @@ def _encode_column(name: str, column: pd.Series) -> tuple[list, np.ndarray]:
         levels = list(used.cat.categories)
         codes = used.cat.codes.to_numpy().astype(np.int64)
         return levels, codes
-    values = column.to_numpy()
-    uniques = pd.unique(values)
     try:
-        levels = sorted(uniques)
-    except TypeError:
-        levels = sorted(uniques, key=_sort_key)
-    lookup = {level: i for i, level in enumerate(levels)}
-    if len(lookup) != len(levels):  # values equal under == but distinct objects
-        levels = list(uniques)
-        lookup = {level: i for i, level in enumerate(levels)}
-    codes = np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+        raw_codes, uniques = pd.factorize(column, sort=False)
+    except TypeError as err:
+        bad = next((v for v in column if not isinstance(v, Hashable)), None)
+        raise TypeError(
+            f"batch column {name!r} holds labels that cannot be compared "
+            f"({type(bad).__name__ if bad is not None else err}); expected strings, "
+            f"numbers, booleans or categories"
+        ) from None
+    uniques = list(uniques)
+    order = _sorted_levels(uniques)
+    rank = np.empty(len(uniques), dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(uniques), dtype=np.int64)
+    levels = [uniques[i] for i in order]
+    codes = rank[np.asarray(raw_codes, dtype=np.int64)]
     return levels, codes
 
 
 def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
     """Encode the batch columns of ``meta_data`` named in ``vars_use``.
 
+    Parameters
+    ----------
+    meta_data : DataFrame
+        One row per cell; only the columns in ``vars_use`` are read, so the
+        order of the other columns (and of these) in the frame does not matter.
+    vars_use : list
+        Batch column names, in the order their levels are stacked in ``Phi``.
+
     Raises
     ------
     ValueError
         For a missing column, missing labels, or a variable with a single level.
+    TypeError
+        For labels that cannot be compared (lists, dicts, ...).
     """
     missing = [v for v in vars_use if v not in meta_data.columns]
     if missing:
+        available = list(meta_data.columns)
+        hints = []
+        for v in missing:
+            same_text = [c for c in available if str(c) == str(v)]
+            close = same_text or difflib.get_close_matches(
+                str(v), [str(c) for c in available], n=1)
+            if close:
+                hints.append(f"{v!r} -> {close[0]!r}?")
+        hint = f" (did you mean: {', '.join(hints)})" if hints else ""
         raise ValueError(
-            f"vars_use names column(s) {missing} not found in meta_data; "
-            f"available columns: {list(map(str, meta_data.columns))}"
+            f"vars_use names column(s) {missing} not found in meta_data{hint}; "
+            f"available columns: {list(map(str, available))}"
         )
     all_levels, all_codes, offsets = [], [], [0]
     for name in vars_use:
         column = meta_data[name]
         if isinstance(column, pd.DataFrame):
-            raise ValueError(f"meta_data has more than one column named {name!r}")
+            raise ValueError(
+                f"meta_data has {column.shape[1]} columns named {name!r}; expected "
+                f"column names to be unique"
+            )
         levels, codes = _encode_column(name, column)
         if len(levels) < 2:
             raise ValueError(
                 f"batch column {name!r} has a single level ({levels[0]!r}) across all "
-                f"{len(codes)} cells: there is no batch effect to remove for it; "
-                f"drop it from vars_use"
+                f"{len(codes)} cells; expected at least 2 levels: there is no batch "
+                f"effect to remove for it, drop it from vars_use"
             )
         all_codes.append(codes + offsets[-1])
         all_levels.append(levels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _DTYPES = {
@@ -37,7 +38,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = device
     elif isinstance(device, str):
         try:
-            dev = torch.device(device)
+            dev = torch.device(device.strip().lower())
         except (RuntimeError, ValueError):
             raise ValueError(
                 f"device={device!r} is not a device name; expected None, 'cpu', "
@@ -46,7 +47,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             ) from None
     else:
         raise TypeError(
-            f"device must be None, a string or a torch.device, not {type(device).__name__}"
+            f"device must be None, a string ('cpu', 'cuda', 'cuda:N', 'mps') or a "
+            f"torch.device, not {type(device).__name__} ({device!r}); available here: "
+            f"{', '.join(available)}"
         )
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(
@@ -67,21 +70,38 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """Floating-point type of the computation: float32 unless float64 is asked for."""
+    """Floating-point type of the computation: float32 unless float64 is asked for.
+
+    Parameters
+    ----------
+    dtype : None, str, torch.dtype or NumPy dtype-like
+        ``None``/'float32'/'single'/``torch.float32``/``np.float32``, or
+        'float64'/'double'/``torch.float64``/``np.float64``/``float``.
+    device : torch.device
+        float64 is refused on Apple MPS, which has none.
+    """
+    expected = "expected None, 'float32' or 'float64' (or the torch/numpy float types)"
     if dtype is None:
         resolved = torch.float32
     elif isinstance(dtype, torch.dtype):
         resolved = dtype
+    elif isinstance(dtype, str) and dtype.strip().lower().replace("torch.", "") in _DTYPES:
+        resolved = _DTYPES[dtype.strip().lower().replace("torch.", "")]
     else:
-        name = getattr(dtype, "__name__", None) or str(dtype)
-        name = name.replace("numpy.", "").replace("torch.", "")
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            if isinstance(dtype, str):
+                raise ValueError(f"dtype={dtype!r} is not supported; {expected}") from None
+            raise TypeError(f"dtype={dtype!r} is not a type; {expected}") from None
         if name not in _DTYPES:
-            raise ValueError(
-                f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'"
-            )
+            raise ValueError(f"dtype={dtype!r} is not supported; {expected}")
         resolved = _DTYPES[name]
     if resolved not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype={dtype!r} is not supported; expected 'float32' or 'float64'")
+        raise ValueError(f"dtype={dtype!r} is not supported; {expected}")
     if resolved == torch.float64 and device.type == "mps":
-        raise ValueError("dtype='float64' is not supported on Apple MPS devices; use float32")
+        raise ValueError(
+            "dtype='float64' is not supported on Apple MPS devices; use dtype='float32' "
+            "or device='cpu'"
+        )
     return resolved

@@ -10,6 +10,7 @@ of the algorithm (``init_cluster``, ``cluster``, ``update_R``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -163,7 +164,9 @@ class Harmony:
         if algorithm == "harmony2":
             self._diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
         else:
-            self._diversity, self._cross = clu.diversity_harmony1, clu.cross_entropy_harmony1
+            delta = 64 * torch.finfo(self._stat_dtype).eps * self.N
+            self._diversity = functools.partial(clu.diversity_harmony1, delta=delta)
+            self._cross = clu.cross_entropy_harmony1
 
         self._assignments: torch.Tensor | None = None
         self._centroids: torch.Tensor | None = None
@@ -267,9 +270,9 @@ class Harmony:
             change = old - new
             if self.algorithm == "harmony2":  # Harmony2 stops on any small change
                 change = abs(change)
-            return change / abs(old) < self.epsilon_cluster
+            return _relative_change_below(change, old, self.epsilon_cluster)
         old, new = self.objective_harmony[-2], self.objective_harmony[-1]
-        return (old - new) / abs(old) < self.epsilon_harmony
+        return _relative_change_below(old - new, old, self.epsilon_harmony)
 
     def harmonize(self, max_iter_harmony: int = 10) -> "Harmony":
         """Alternate clustering and correction until the objective converges."""
@@ -434,6 +437,14 @@ class Harmony:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
         return (f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
                 f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
+
+
+def _relative_change_below(change: float, old: float, epsilon: float) -> bool:
+    """``change / |old| < epsilon``, where an objective of exactly 0 (identical
+    cells, one cluster, theta = 0) counts as converged unless it rose."""
+    if old == 0:
+        return change <= 0 and epsilon > -math.inf
+    return change / abs(old) < epsilon
 
 
 def _default_clusters(n_cells: int) -> int:

@@ -1,128 +1,293 @@
 """Checks on everything a caller passes to :func:`run_harmony`.
 
-Every check runs before any heavy work and names the argument, the offending
-value and what was expected. Nothing the caller passed is modified.
+Every check runs before any heavy work and raises :class:`TypeError` (wrong
+kind of object) or :class:`ValueError` (right kind, wrong value) with a
+message that names the argument, the offending value, column or count, and
+what was expected. Nothing the caller passed is modified: arrays are read,
+and copied by the engine before any arithmetic.
+
+See ``docs/input-validation.md`` for the table of rejected inputs.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import pandas as pd
 
 MIN_CELLS = 6
 
+#: Rows examined at once by the O(N d) checks, to bound temporary memory.
+_CHUNK_ROWS = 65536
 
+#: Float types the engine computes in, by name.
+_FINFO = {"float32": np.finfo(np.float32), "float64": np.finfo(np.float64)}
+
+
+# ---------------------------------------------------------------- helpers
 def _is_sparse(x) -> bool:
-    return hasattr(x, "tocsr") or type(x).__module__.startswith("scipy.sparse")
+    """True for SciPy sparse matrices/arrays and sparse torch tensors."""
+    if type(x).__module__.startswith("scipy.sparse") or hasattr(x, "tocsr"):
+        return True
+    layout = getattr(x, "layout", None)
+    return layout is not None and "strided" not in str(layout)
 
 
-def _describe_cells(mask: np.ndarray, limit: int = 5) -> str:
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _describe_rows(mask: np.ndarray, limit: int = 5, what: str = "cell") -> str:
+    """``"cell(s) 3, 7, ... (12 in all)"`` for the True entries of ``mask``."""
     idx = np.flatnonzero(mask)
     shown = ", ".join(str(i) for i in idx[:limit])
     more = f", ... ({idx.size} in all)" if idx.size > limit else ""
-    return f"cell(s) {shown}{more}"
+    return f"{what}(s) {shown}{more}"
 
 
-def as_cells_by_features(data_mat, n_cells: int) -> np.ndarray:
-    """Return the embedding as a (cells x features) float array.
+def _shape_of(obj) -> str:
+    shape = getattr(obj, "shape", None)
+    return str(tuple(shape)) if shape is not None else f"({len(obj)},)"
 
-    The orientation is taken from ``n_cells = len(meta_data)``: cells x PCs when
-    the first dimension matches (also when both do), else PCs x cells.
-    """
+
+# -------------------------------------------------------------- data_mat
+def _to_array(data_mat) -> np.ndarray:
+    """A NumPy view or copy of ``data_mat``, refusing what is not a dense real matrix."""
     if data_mat is None:
         raise TypeError("data_mat is None; expected a cells x PCs array or DataFrame")
     if _is_sparse(data_mat):
         raise TypeError(
-            "data_mat is a sparse matrix; Harmony works on a dense embedding such as "
-            "PCs. Pass data_mat.toarray() if you really mean to use these values."
+            f"data_mat is a sparse matrix ({type(data_mat).__name__}); Harmony works on "
+            f"a dense embedding such as PCs, not on a sparse expression matrix. If these "
+            f"values really are the embedding, pass data_mat.toarray() (SciPy) or "
+            f"data_mat.to_dense() (torch)"
         )
     if isinstance(data_mat, pd.DataFrame):
-        bad = [c for c in data_mat.columns if not pd.api.types.is_numeric_dtype(data_mat[c])
+        bad = [c for c in data_mat.columns
+               if not pd.api.types.is_numeric_dtype(data_mat[c])
                or pd.api.types.is_bool_dtype(data_mat[c])]
         if bad:
+            kinds = sorted({str(data_mat[c].dtype) for c in bad})
             raise TypeError(
-                f"data_mat has non-numeric column(s) {list(map(str, bad[:5]))}; "
-                f"expected only numeric PC columns"
+                f"data_mat has {len(bad)} non-numeric column(s) {list(map(str, bad[:5]))} "
+                f"(dtype {', '.join(kinds)}); expected only numeric PC columns"
             )
-        array = data_mat.to_numpy()
-    elif hasattr(data_mat, "detach") and hasattr(data_mat, "cpu"):  # a torch tensor
-        array = data_mat.detach().cpu().numpy()
-    else:
-        array = np.asarray(data_mat)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.floating)
-                                     or np.issubdtype(array.dtype, np.integer)):
+        if all(isinstance(t, np.dtype) for t in data_mat.dtypes):
+            return data_mat.to_numpy()  # keeps float32 as float32 (no doubled memory)
+        # Nullable (Float64/Int64) columns: pd.NA becomes NaN and is reported below.
+        return data_mat.to_numpy(dtype=np.float64, na_value=np.nan)
+    if isinstance(data_mat, pd.Series):
         raise TypeError(
-            f"data_mat must hold real numbers, got dtype {array.dtype}"
+            "data_mat is a pandas Series (1-D); expected a 2-D cells x PCs "
+            "array or DataFrame"
+        )
+    if _is_tensor(data_mat):
+        return data_mat.detach().cpu().numpy()
+    if isinstance(data_mat, (str, bytes)):
+        raise TypeError(f"data_mat must be a numeric matrix, not {type(data_mat).__name__}")
+    array = np.asarray(data_mat)
+    if array.dtype == object:
+        try:  # lists or object arrays of plain numbers
+            array = np.asarray(data_mat, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(
+                "data_mat holds non-numeric objects (dtype object); expected a "
+                "matrix of real numbers"
+            ) from None
+    return array
+
+
+def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None) -> np.ndarray:
+    """Return the embedding as a (cells x features) real array, checked.
+
+    The orientation is taken from ``n_cells = len(meta_data)``: cells x PCs when
+    the first dimension matches (also when both do), else PCs x cells. The
+    result may be a view of the caller's array; it is never written to.
+
+    Parameters
+    ----------
+    data_mat : array-like, DataFrame or torch.Tensor
+    n_cells : int
+        Number of rows of ``meta_data``.
+    meta_shape : tuple, optional
+        Shape of ``meta_data``, for the error message when no dimension matches.
+
+    Raises
+    ------
+    TypeError
+        Sparse, non-numeric or ``None`` input.
+    ValueError
+        Not 2-D, empty, no dimension equal to ``n_cells``, fewer than 6 cells,
+        NaN or infinite values, or cells whose vector is all zeros.
+    """
+    array = _to_array(data_mat)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(
+            f"data_mat must hold real numbers, got dtype {array.dtype}; expected a float "
+            f"or integer matrix"
         )
     if array.ndim != 2:
         raise ValueError(
-            f"data_mat must be 2-D (cells x PCs), got an array with shape {array.shape}"
+            f"data_mat must be 2-D (cells x PCs), got an array with {array.ndim} "
+            f"dimension(s) and shape {array.shape}"
         )
     if array.size == 0:
-        raise ValueError(f"data_mat is empty (shape {array.shape})")
+        raise ValueError(
+            f"data_mat is empty (shape {array.shape}); expected at least {MIN_CELLS} "
+            f"cells and 1 PC"
+        )
     if array.shape[0] == n_cells:
         cells = array
     elif array.shape[1] == n_cells:
         cells = array.T
     else:
+        meta = f"shape {tuple(meta_shape)}" if meta_shape is not None else f"{n_cells} rows"
         raise ValueError(
-            f"data_mat has shape {array.shape} but meta_data has {n_cells} rows; one "
-            f"dimension of data_mat must equal the number of cells"
+            f"data_mat has shape {array.shape} but meta_data has {meta}: one dimension "
+            f"of data_mat must equal the number of cells ({n_cells}), as cells x PCs or "
+            f"PCs x cells"
         )
     if cells.shape[0] < MIN_CELLS:
-        raise ValueError(
-            f"Harmony needs at least {MIN_CELLS} cells, got {cells.shape[0]}"
-        )
-    finite = np.isfinite(cells)
-    if not finite.all():
-        bad_cells = ~finite.all(axis=1)
-        raise ValueError(
-            f"data_mat has {int((~finite).sum())} NaN or infinite value(s) in "
-            f"{int(bad_cells.sum())} {_describe_cells(bad_cells)}; remove or impute them"
-        )
-    norms = np.linalg.norm(cells.astype(np.float64, copy=False), axis=1)
-    zero = norms == 0
-    if zero.any():
-        raise ValueError(
-            f"data_mat has {int(zero.sum())} all-zero {_describe_cells(zero)}; a cell "
-            f"with zero length cannot be cosine-normalised. Remove those cells"
-        )
+        raise ValueError(f"Harmony needs at least {MIN_CELLS} cells, data_mat has {cells.shape[0]}")
+    if np.issubdtype(cells.dtype, np.floating):
+        _check_finite(cells)
+    _check_nonzero_cells(cells)
     return cells
 
 
-def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list[str]]:
+def _check_finite(cells: np.ndarray) -> None:
+    n_bad = n_nan = 0
+    bad_rows = np.zeros(cells.shape[0], dtype=bool)
+    bad_cols = np.zeros(cells.shape[1], dtype=bool)
+    for start in range(0, cells.shape[0], _CHUNK_ROWS):
+        chunk = cells[start:start + _CHUNK_ROWS]
+        block = ~np.isfinite(chunk)
+        if block.any():
+            n_bad += int(block.sum())
+            n_nan += int(np.isnan(chunk).sum())
+            bad_rows[start:start + chunk.shape[0]] = block.any(axis=1)
+            bad_cols |= block.any(axis=0)
+    if n_bad:
+        raise ValueError(
+            f"data_mat has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} "
+            f"infinite) in {int(bad_rows.sum())} {_describe_rows(bad_rows)} and "
+            f"{_describe_rows(bad_cols, what='column')}; expected finite numbers: "
+            f"remove or impute those cells"
+        )
+
+
+def _squared_norms(cells: np.ndarray) -> np.ndarray:
+    """Squared L2 length of every cell, in float64, chunk by chunk."""
+    out = np.empty(cells.shape[0], dtype=np.float64)
+    for start in range(0, cells.shape[0], _CHUNK_ROWS):
+        block = cells[start:start + _CHUNK_ROWS].astype(np.float64)
+        # Rescale by the largest entry so squaring cannot overflow float64.
+        peak = np.abs(block).max(axis=1)
+        safe = np.where(peak > 0, peak, 1.0)
+        scaled = block / safe[:, None]
+        out[start:start + block.shape[0]] = np.einsum("ij,ij->i", scaled, scaled) * safe**2
+    return out
+
+
+def _check_nonzero_cells(cells: np.ndarray) -> None:
+    zero = np.zeros(cells.shape[0], dtype=bool)
+    for start in range(0, cells.shape[0], _CHUNK_ROWS):
+        zero[start:start + _CHUNK_ROWS] = ~cells[start:start + _CHUNK_ROWS].any(axis=1)
+    if zero.any():
+        raise ValueError(
+            f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero)}; a cell with "
+            f"zero length cannot be cosine-normalised. Expected every cell to have a "
+            f"non-zero vector: remove those cells"
+        )
+
+
+def check_cell_lengths(cells: np.ndarray, dtype) -> None:
+    """Refuse cells whose length cannot be computed in the working float type.
+
+    The engine normalises every cell to unit length; in float32 the squared
+    length of a cell overflows above about 1.8e19 and loses all precision below
+    about 1e-19, which would silently give wrong clusters.
+
+    Parameters
+    ----------
+    cells : (N, d) array
+    dtype : torch.dtype, numpy dtype or str
+        ``float32`` or ``float64``.
+    """
+    name = str(dtype).replace("torch.", "")
+    info = _FINFO.get(name, _FINFO["float32"])
+    sq = _squared_norms(cells)
+    low, high = float(info.tiny), float(info.max) / max(1, cells.shape[1])
+    bad = (sq < low) | (sq > high) | ~np.isfinite(sq)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        hint = " or pass dtype='float64'" if name == "float32" else ""
+        raise ValueError(
+            f"data_mat has {int(bad.sum())} {_describe_rows(bad)} whose length (e.g. "
+            f"{math.sqrt(sq[first]):.3g} for cell {first}) is outside what {name} can "
+            f"normalise (about {math.sqrt(low):.0e} to {math.sqrt(high):.0e}); expected "
+            f"an embedding on a usual scale: rescale data_mat (e.g. divide it by its "
+            f"standard deviation){hint}"
+        )
+
+
+# ------------------------------------------------------ meta_data, vars_use
+def _labels_frame(meta_data, vars_use) -> pd.DataFrame:
+    """A one-column DataFrame from a Series or 1-D array of labels."""
+    if isinstance(vars_use, str):
+        name = vars_use
+    elif vars_use is not None and not isinstance(vars_use, str) \
+            and isinstance(vars_use, (Sequence, np.ndarray, pd.Index)) and len(vars_use) == 1:
+        name = list(vars_use)[0]
+    elif isinstance(meta_data, pd.Series) and meta_data.name is not None:
+        name = meta_data.name
+    else:
+        name = "batch"
+    if isinstance(meta_data, pd.Series):
+        series = meta_data.reset_index(drop=True)
+    else:
+        if isinstance(meta_data, (np.ndarray, pd.Index)) or hasattr(meta_data, "dtype"):
+            ndim = getattr(meta_data, "ndim", 1)
+        else:
+            ndim = np.asarray(meta_data, dtype=object).ndim
+        if ndim != 1:
+            raise TypeError(
+                f"meta_data given as an array must be 1-D (one batch label per cell), got "
+                f"shape {_shape_of(np.asarray(meta_data, dtype=object))}; pass a DataFrame "
+                f"for several batch variables"
+            )
+        series = pd.Series(meta_data if hasattr(meta_data, "dtype") else list(meta_data))
+    return series.to_frame(name=name)
+
+
+def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list]:
     """Normalise ``meta_data``/``vars_use`` to a DataFrame and a list of names.
 
-    A Series, list or 1-D array of labels is accepted as a single batch variable
-    (as the R package accepts a vector); ``vars_use`` may then be omitted.
+    A Series, list, tuple, 1-D array, Index or Categorical of labels is accepted
+    as a single batch variable (as the R package accepts a vector); ``vars_use``
+    may then be omitted, or give the variable's name. The caller's object is
+    never modified.
+
+    Raises
+    ------
+    TypeError
+        ``meta_data`` or ``vars_use`` of an unsupported type.
+    ValueError
+        ``vars_use`` empty, missing while several columns exist, or naming a
+        column twice; fewer than 6 rows.
     """
     if isinstance(meta_data, pd.DataFrame):
         frame = meta_data
-    elif isinstance(meta_data, pd.Series):
-        name = meta_data.name if meta_data.name is not None else "batch"
-        if vars_use is not None and not isinstance(vars_use, str) and len(vars_use) == 1:
-            name = vars_use[0]
-        elif isinstance(vars_use, str):
-            name = vars_use
-        frame = meta_data.to_frame(name=name)
-    elif isinstance(meta_data, (list, tuple, np.ndarray)):
-        values = np.asarray(meta_data, dtype=object)
-        if values.ndim != 1:
-            raise TypeError(
-                f"meta_data as an array must be 1-D labels (one per cell), got shape "
-                f"{values.shape}; pass a DataFrame for several variables"
-            )
-        name = vars_use if isinstance(vars_use, str) else (
-            vars_use[0] if vars_use is not None and len(vars_use) == 1 else "batch")
-        frame = pd.DataFrame({name: pd.Series(list(meta_data))})
+    elif isinstance(meta_data, (pd.Series, pd.Index, pd.Categorical, list, tuple, np.ndarray)) \
+            or isinstance(meta_data, pd.api.extensions.ExtensionArray):
+        frame = _labels_frame(meta_data, vars_use)
     else:
         raise TypeError(
-            f"meta_data must be a pandas DataFrame (or a Series/array of batch labels), "
-            f"not {type(meta_data).__name__}"
+            f"meta_data must be a pandas DataFrame (or a Series/1-D array of batch labels, "
+            f"one per cell), not {type(meta_data).__name__}"
         )
     if vars_use is None:
         if frame.shape[1] != 1:
@@ -133,26 +298,39 @@ def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list[str]]:
         names = [frame.columns[0]]
     elif isinstance(vars_use, str):
         names = [vars_use]
-    elif isinstance(vars_use, Sequence) or isinstance(vars_use, (np.ndarray, pd.Index)):
+    elif isinstance(vars_use, (Sequence, np.ndarray, pd.Index)) and not isinstance(vars_use, bytes):
         names = list(vars_use)
     else:
         raise TypeError(
             f"vars_use must be a column name or a list of column names, "
-            f"not {type(vars_use).__name__}"
+            f"not {type(vars_use).__name__} ({vars_use!r})"
         )
     if not names:
-        raise ValueError("vars_use is empty; name at least one batch column of meta_data")
+        raise ValueError(
+            f"vars_use is empty; expected at least one batch column of meta_data "
+            f"(available: {list(map(str, frame.columns))})"
+        )
+    unhashable = [n for n in names if not isinstance(n, Hashable)]
+    if unhashable:
+        raise TypeError(f"vars_use must hold column names, got {unhashable[0]!r}")
     duplicates = sorted({str(n) for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"vars_use names column(s) {duplicates} more than once")
+        raise ValueError(
+            f"vars_use names column(s) {duplicates} more than once ({names}); "
+            f"expected each batch variable once"
+        )
     if len(frame) < MIN_CELLS:
         raise ValueError(f"Harmony needs at least {MIN_CELLS} cells, meta_data has {len(frame)}")
     return frame, names
 
 
+# ------------------------------------------------------------ parameters
 def _real(name: str, value, *, allow_neg_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+    """``value`` as a float; refuses bools, non-numbers, NaN and infinities."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            return _real(name, value.item(), allow_neg_inf=allow_neg_inf)
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not (allow_neg_inf and value < 0)):
         allowed = " (or -inf to never stop early)" if allow_neg_inf else ""
@@ -160,35 +338,81 @@ def _real(name: str, value, *, allow_neg_inf: bool = False) -> float:
     return value
 
 
-def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and value.is_integer():
+def check_int(name: str, value, minimum: int, maximum: int | None = None,
+              *, maximum_is: str | None = None) -> int:
+    """``value`` as an int in ``[minimum, maximum]``; integral floats are accepted.
+
+    Parameters
+    ----------
+    maximum_is : str, optional
+        What the maximum stands for, for the message (e.g. "the number of cells").
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if isinstance(value, (float, np.floating)) and math.isfinite(value) \
+                and float(value).is_integer():
             value = int(value)
         else:
-            raise TypeError(f"{name} must be an integer, got {value!r}")
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and at most {maximum}" if maximum is not None else ""
+        upper = ""
+        if maximum is not None:
+            upper = f" and at most {maximum}" + (f" ({maximum_is})" if maximum_is else "")
         raise ValueError(f"{name} must be at least {minimum}{upper}, got {value}")
     return value
 
 
 def check_positive(name: str, value) -> float:
+    """A finite real number > 0."""
     value = _real(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
+def check_nonnegative(name: str, value) -> float:
+    """A finite real number >= 0."""
+    value = _real(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_fraction(name: str, value) -> float:
+    """A real number in [0, 1)."""
+    value = _real(name, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
 def check_epsilon(name: str, value) -> float:
+    """A finite real number, or ``-inf`` (never stop early)."""
     return _real(name, value, allow_neg_inf=True)
 
 
 def check_block_size(value) -> float:
+    """``block_size`` in (0, 1]."""
     value = _real("block_size", value)
     if not 0 < value <= 1:
-        raise ValueError(f"block_size must be in (0, 1], got {value}")
+        raise ValueError(
+            f"block_size must be in (0, 1] (the fraction of cells updated at once), got {value}"
+        )
     return value
+
+
+def _values(name: str, value) -> np.ndarray | None:
+    """Floats of a list-like parameter, or None for a scalar."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number or a list of numbers, got {value!r}")
+    if np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return None
+    if isinstance(value, dict) or not hasattr(value, "__len__"):
+        raise TypeError(
+            f"{name} must be a number or a list of numbers, got {type(value).__name__}"
+        )
+    raw = np.asarray(value, dtype=object).ravel()
+    return np.array([_real(f"{name}[{i}]", v) for i, v in enumerate(raw)], dtype=np.float64)
 
 
 def per_level(name: str, value, design, default: float, *, minimum: float,
@@ -197,73 +421,117 @@ def per_level(name: str, value, design, default: float, *, minimum: float,
 
     Parameters
     ----------
+    name : str
+        Argument name, for messages.
+    value : None, number or sequence of numbers
+        One value (all levels), one per batch variable (in ``vars_use`` order)
+        or one per batch level (in ``Phi`` row order).
+    design : BatchDesign
+    default : float
+        Used when ``value`` is None.
     minimum, strict
         Values must be ``>= minimum`` (``> minimum`` when ``strict``).
+
+    Returns
+    -------
+    ndarray of shape (B,), float64
     """
     n_vars, n_levels = design.n_variables, design.n_levels
     if value is None:
         values = np.full(n_levels, default, dtype=np.float64)
     else:
-        raw = np.asarray(value, dtype=object).ravel() if not np.isscalar(value) else None
-        if raw is None:
+        floats = _values(name, value)
+        if floats is None:
             values = np.full(n_levels, _real(name, value), dtype=np.float64)
+        elif floats.size == 1:
+            values = np.full(n_levels, floats[0])
+        elif floats.size == n_vars:
+            values = np.repeat(floats, np.diff(design.offsets))
+        elif floats.size == n_levels:
+            values = floats
         else:
-            floats = np.array([_real(f"{name}[{i}]", v) for i, v in enumerate(raw)],
-                              dtype=np.float64)
-            if floats.size == 1:
-                values = np.full(n_levels, floats[0])
-            elif floats.size == n_vars:
-                values = np.repeat(floats, np.diff(design.offsets))
-            elif floats.size == n_levels:
-                values = floats
-            else:
-                raise ValueError(
-                    f"{name} has {floats.size} values; expected 1 (all levels), "
-                    f"{n_vars} (one per batch variable: {design.variables}) or "
-                    f"{n_levels} (one per batch level: {design.level_names})"
-                )
+            raise ValueError(
+                f"{name} has {floats.size} values; expected 1 (all levels), "
+                f"{n_vars} (one per batch variable: {list(map(str, design.variables))}) or "
+                f"{n_levels} (one per batch level: {design.level_names[:10]}"
+                f"{' ...' if n_levels > 10 else ''})"
+            )
     bad = values <= minimum if strict else values < minimum
     if bad.any():
         relation = ">" if strict else ">="
         which = [design.level_names[i] for i in np.flatnonzero(bad)[:5]]
         raise ValueError(
-            f"{name} must be {relation} {minimum} for every level; got "
+            f"{name} must be {relation} {minimum:g} for every level; got "
             f"{values[bad][:5].tolist()} for {which}"
         )
     return values
 
 
-def check_sigma(sigma, n_clusters: int) -> np.ndarray:
-    """``sigma`` as one positive bandwidth per cluster."""
-    if np.isscalar(sigma):
+def check_sigma(sigma, n_clusters: int, dtype=None) -> np.ndarray:
+    """``sigma`` as one positive bandwidth per cluster.
+
+    Parameters
+    ----------
+    sigma : number or sequence of numbers
+        One value, or one per cluster.
+    n_clusters : int
+    dtype : optional
+        Working float type; ``sigma`` and ``1 / sigma`` must be representable
+        in it.
+    """
+    floats = _values("sigma", sigma)
+    if floats is None:
         values = np.full(n_clusters, check_positive("sigma", sigma))
+    elif floats.size == 1:
+        values = np.full(n_clusters, floats[0])
+    elif floats.size == n_clusters:
+        values = floats
     else:
-        values = np.array([_real(f"sigma[{i}]", v) for i, v in
-                           enumerate(np.asarray(sigma, dtype=object).ravel())], dtype=np.float64)
-        if values.size == 1:
-            values = np.full(n_clusters, values[0])
-        elif values.size != n_clusters:
-            raise ValueError(
-                f"sigma has {values.size} values; expected 1 or one per cluster "
-                f"(nclust = {n_clusters})"
-            )
+        raise ValueError(
+            f"sigma has {floats.size} values; expected 1 or one per cluster "
+            f"(nclust = {n_clusters})"
+        )
     if (values <= 0).any():
         raise ValueError(f"sigma must be > 0, got {values[values <= 0][:5].tolist()}")
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        info = _FINFO.get(name, _FINFO["float32"])
+        limit = 1.0 / float(info.tiny)
+        out = (values > limit) | (values < 1.0 / limit)
+        if out.any():
+            raise ValueError(
+                f"sigma must be between {1 / limit:.0e} and {limit:.0e} in {name}, got "
+                f"{values[out][:5].tolist()}; usual values are 0.05 to 1"
+            )
     return values
 
 
+def check_random_state(random_state) -> None:
+    """Refuse a ``random_state`` that is not None, an int >= 0 or a NumPy generator."""
+    if random_state is None or isinstance(random_state,
+                                          (np.random.Generator, np.random.RandomState)):
+        return
+    if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, numbers.Integral):
+        raise TypeError(
+            f"random_state must be an int, None or a numpy Generator, got {random_state!r} "
+            f"({type(random_state).__name__})"
+        )
+    if random_state < 0:
+        raise ValueError(f"random_state must be >= 0, got {random_state}")
+
+
 def resolve_seed(random_state) -> int:
-    """A 63-bit integer seed, drawn without touching any global RNG."""
+    """A 63-bit integer seed, drawn without touching any global RNG.
+
+    An int is used as is (modulo 2**63 - 1); a ``Generator`` or ``RandomState``
+    the caller passed is advanced by one draw (that is the point of passing
+    one); ``None`` draws fresh entropy from the operating system.
+    """
+    check_random_state(random_state)
     if random_state is None:
         return int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(0, 2**63 - 1))
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1))
-    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
-        raise TypeError(
-            f"random_state must be an int, None or a numpy Generator, got {random_state!r}"
-        )
-    if random_state < 0:
-        raise ValueError(f"random_state must be >= 0, got {random_state}")
     return int(random_state) % (2**63 - 1)

@@ -2,7 +2,9 @@
 
 ``load_pbmc_3500()`` returns the 3,500-cell PBMC example of the R package
 (30 PCs, three donors) together with the R package's own corrected PCs, the
-reference every Harmony implementation is compared with.
+reference every Harmony implementation is compared with;
+``load_pbmc_3500_harmony2_reference()`` the same corrected by R harmony 2.0.4;
+``load_pbmcs_small()`` 1,200 PBMCs with cell-type labels.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-__all__ = ["load_pbmc_3500", "simulate"]
+__all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
+           "simulate"]
 
 
 def _read(name: str) -> pd.DataFrame:
@@ -34,6 +37,24 @@ def load_pbmc_3500() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """
     return (_read("pbmc_3500_pcs.tsv.gz"), _read("pbmc_3500_meta.tsv.gz"),
             _read("pbmc_3500_pcs_harmonized.tsv.gz"))
+
+
+def load_pbmc_3500_harmony2_reference() -> pd.DataFrame:
+    """The PBMC example's PCs corrected by R harmony 2.0.4 with its defaults, (3500, 30)."""
+    return _read("pbmc_3500_pcs_harmonized_harmony2.tsv.gz")
+
+
+def load_pbmcs_small() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """1,200 PBMCs from three 10x chemistries, with cell types.
+
+    Returns
+    -------
+    pcs : DataFrame, (1200, 20)
+    meta : DataFrame, (1200, 7)
+        Columns include ``donor`` (the chemistry: 3pv1, 3pv2, 5p), ``cell_type``
+        (9 types) and ``cell_type_broad``.
+    """
+    return _read("pbmcs_small_pcs.tsv.gz"), _read("pbmcs_small_meta.tsv.gz")
 
 
 def simulate(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:

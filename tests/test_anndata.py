@@ -1,0 +1,153 @@
+"""harmonypy.integrate on AnnData (and AnnData look-alikes), and scanpy's wrapper."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import harmonypy as hm
+from harmonypy._anndata import integrate, require_anndata
+
+from conftest import read_tsv
+
+# A short run is enough to compare two code paths with the same seed.
+FAST = dict(max_iter_harmony=3, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def pbmcs_small(shared_data):
+    """(pcs (1200, 20) float32, meta with cell_id as index, donor, cell_type, ...)."""
+    pcs = read_tsv(shared_data / "pbmcs_small_pcs.tsv.gz").to_numpy(np.float32)
+    meta = read_tsv(shared_data / "pbmcs_small_meta.tsv.gz").set_index("cell_id")
+    return pcs, meta
+
+
+def _duck(pcs: np.ndarray, meta: pd.DataFrame) -> SimpleNamespace:
+    """The three attributes integrate() uses, without anndata."""
+    return SimpleNamespace(obsm={"X_pca": pcs.copy()}, obs=meta.copy(), uns={})
+
+
+def _adata(pcs: np.ndarray, meta: pd.DataFrame):
+    anndata = pytest.importorskip("anndata", reason="anndata not installed")
+    return anndata.AnnData(obs=meta.copy(), obsm={"X_pca": pcs.copy()})
+
+
+def test_public_name():
+    assert hm.integrate is integrate
+
+
+def test_integrate_matches_run_harmony(pbmcs_small):
+    pcs, meta = pbmcs_small
+    adata = _duck(pcs, meta)
+    ho = integrate(adata, "donor", random_state=3, **FAST)
+    expected = hm.run_harmony(pcs, meta, ["donor"], random_state=3, **FAST).Z_corr.T
+
+    out = adata.obsm["X_pca_harmony"]
+    assert out.shape == (1200, 20)
+    assert out.dtype == np.float32
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out, ho.Z_corr.T)
+    # The input embedding is left alone.
+    np.testing.assert_array_equal(adata.obsm["X_pca"], pcs)
+
+
+def test_uns_record(pbmcs_small):
+    pcs, meta = pbmcs_small
+    adata = _duck(pcs, meta)
+    ho = integrate(adata, ["donor"], adjusted_basis="X_h", theta=1.5, nclust=20, **FAST)
+    rec = adata.uns["harmony"]
+    assert rec["key"] == ["donor"]
+    assert (rec["basis"], rec["adjusted_basis"]) == ("X_pca", "X_h")
+    assert rec["params"]["theta"] == 1.5 and rec["params"]["nclust"] == 20
+    assert rec["params"]["max_iter_harmony"] == 3
+    assert rec["algorithm"] == "harmony1"
+    assert rec["n_iter"] == ho.n_iter and rec["converged"] == ho.converged
+    np.testing.assert_allclose(rec["objective_harmony"], ho.objective_harmony)
+    assert list(rec["kmeans_rounds"]) == list(ho.kmeans_rounds)
+    assert rec["n_clusters"] == 20
+    assert rec["version"] == hm.__version__
+    assert "X_h" in adata.obsm
+
+
+def test_dataframe_basis(pbmcs_small):
+    # obsm may hold a DataFrame indexed by cell names.
+    pcs, meta = pbmcs_small
+    adata = _duck(pcs, meta)
+    adata.obsm["X_pca"] = pd.DataFrame(pcs, index=meta.index)
+    integrate(adata, "donor", **FAST)
+    assert adata.obsm["X_pca_harmony"].shape == (1200, 20)
+
+
+def test_missing_basis_lists_keys(pbmcs_small):
+    pcs, meta = pbmcs_small
+    adata = _duck(pcs, meta)
+    adata.obsm["X_umap"] = pcs[:, :2]
+    with pytest.raises(KeyError, match=r"'X_scvi'.*available obsm keys: 'X_pca', 'X_umap'"):
+        integrate(adata, "donor", basis="X_scvi")
+
+
+def test_missing_obs_column_lists_columns(pbmcs_small):
+    pcs, meta = pbmcs_small
+    with pytest.raises(KeyError, match=r"'batch' not found in adata.obs.*'donor'.*'cell_type'"):
+        integrate(_duck(pcs, meta), ["donor", "batch"])
+
+
+def test_not_an_anndata():
+    with pytest.raises(TypeError, match="needs an AnnData object"):
+        integrate(np.zeros((10, 2)), "donor")
+
+
+def test_bad_key_type(pbmcs_small):
+    pcs, meta = pbmcs_small
+    with pytest.raises(TypeError, match="obs column name"):
+        integrate(_duck(pcs, meta), 3)
+
+
+def test_require_anndata_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "anndata", None)  # makes `import anndata` fail
+    with pytest.raises(ImportError, match=r"pip install harmonypy\[anndata\]"):
+        require_anndata()
+
+
+def test_real_anndata_and_h5ad_roundtrip(pbmcs_small, tmp_path):
+    pcs, meta = pbmcs_small
+    adata = _adata(pcs, meta)
+    integrate(adata, "donor", **FAST)
+    path = tmp_path / "a.h5ad"
+    adata.write_h5ad(path)  # the uns record must be storable
+    back = require_anndata().read_h5ad(path)
+    np.testing.assert_array_equal(back.obsm["X_pca_harmony"], adata.obsm["X_pca_harmony"])
+    assert back.uns["harmony"]["n_iter"] == adata.uns["harmony"]["n_iter"]
+    assert back.uns["harmony"]["params"]["max_iter_harmony"] == 3
+
+
+def test_scanpy_wrapper_matches_integrate(pbmcs_small):
+    try:
+        import scanpy.external as sce
+    except Exception as err:  # scanpy missing, or broken against this numpy/pandas
+        pytest.skip(f"scanpy cannot be imported: {err}")
+    pcs, meta = pbmcs_small
+    ours = _adata(pcs, meta)
+    theirs = _adata(pcs, meta)
+    integrate(ours, "donor", random_state=7, **FAST)
+    # scanpy casts X_pca to float64 and calls harmonypy.run_harmony(x, obs, key, **kwargs).
+    sce.pp.harmony_integrate(theirs, "donor", random_state=7, **FAST)
+    np.testing.assert_array_equal(np.asarray(theirs.obsm["X_pca_harmony"], dtype=np.float32),
+                                  ours.obsm["X_pca_harmony"])
+
+
+def test_scanpy_wrapper_defaults(pbmcs_small):
+    """scanpy's call with no extra kwargs (verbose=True by default) works too."""
+    try:
+        import scanpy.external as sce
+    except Exception as err:
+        pytest.skip(f"scanpy cannot be imported: {err}")
+    pcs, meta = pbmcs_small
+    adata = _adata(pcs, meta)
+    sce.pp.harmony_integrate(adata, ["donor"], max_iter_harmony=2)
+    assert adata.obsm["X_pca_harmony"].shape == (1200, 20)

@@ -1,0 +1,291 @@
+"""Tests of compute_lisi: agreement with R's lisi, properties, validation."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import harmonypy as hm
+from harmonypy import _lisi
+
+HAVE_PYNNDESCENT = importlib.util.find_spec("pynndescent") is not None
+
+
+def _shared_data_dir() -> Path | None:
+    env = os.environ.get("HARMONYPY_SHARED_DATA")
+    for path in ([Path(env)] if env else []) + [
+        Path(__file__).resolve().parents[2] / "shared" / "data"
+    ]:
+        if (path / "lisi_x.tsv.gz").is_file():
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def r_lisi():
+    path = _shared_data_dir()
+    if path is None:
+        pytest.skip("R reference data lisi_*.tsv.gz not found (../shared/data or $HARMONYPY_SHARED_DATA)")
+    X = pd.read_csv(path / "lisi_x.tsv.gz", sep="\t")
+    meta = pd.read_csv(path / "lisi_metadata.tsv.gz", sep="\t")
+    expected = pd.read_csv(path / "lisi_lisi.tsv.gz", sep="\t", index_col=0)
+    return X, meta, expected
+
+
+def _blobs(n_per, n_clusters, dims=5, sep=100.0, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dims)) * sep
+    lab = np.repeat(np.arange(n_clusters), n_per)
+    X = centres[lab] + rng.normal(size=(lab.size, dims))
+    return X, lab
+
+
+# --------------------------------------------------------------------------- #
+# Agreement with the R package
+# --------------------------------------------------------------------------- #
+def test_matches_r_lisi(r_lisi):
+    X, meta, expected = r_lisi
+    got = hm.compute_lisi(X, meta, ["label1", "label2"])
+    assert got.shape == expected.shape
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected.to_numpy(), rtol=0, atol=1e-5)
+
+
+def test_matches_r_lisi_numpy_and_single_label(r_lisi):
+    X, meta, expected = r_lisi
+    got = hm.compute_lisi(X.to_numpy(), meta, "label2", perplexity=30, neighbors="exact")
+    assert got.shape == (len(X), 1)
+    np.testing.assert_allclose(got[:, 0], expected["label2"].to_numpy(), rtol=0, atol=1e-5)
+
+
+def test_pruned_exact_search_equals_brute_force(monkeypatch):
+    """The k-means-pruned search (used on large inputs) is exact."""
+    X, _ = _blobs(400, 6, dims=8, sep=3.0)
+    X = np.vstack([X, X[:50]])  # duplicates make ties at distance 0
+    Xc = X - X.mean(0)
+    with torch.no_grad():
+        d_b, i_b = _lisi._knn_brute(Xc, 29)
+    monkeypatch.setattr(_lisi, "_CLUSTER_SIZE", 100)
+    monkeypatch.setattr(_lisi, "_QUERY_ROWS", 64)
+    with torch.no_grad():
+        d_p, i_p = _lisi._knn_pruned(Xc, 29)
+    np.testing.assert_allclose(d_p, d_b, rtol=0, atol=1e-12)
+    assert not np.any(i_p == np.arange(len(X))[:, None]), "a cell is its own neighbour"
+
+
+def test_float32_brute_force_matches_float64():
+    X, _ = _blobs(300, 4, dims=10, sep=5.0)
+    X = X + 1e3  # large offset: centring must keep float32 accurate
+    Xc = X - X.mean(0)
+    with torch.no_grad():
+        d64, _ = _lisi._knn_brute(Xc, 20)
+        d32, _ = _lisi._knn_brute(Xc, 20, torch.float32)
+    np.testing.assert_allclose(d32, d64, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- #
+# Properties
+# --------------------------------------------------------------------------- #
+def test_pure_neighbourhoods_give_one():
+    X, lab = _blobs(60, 3)
+    meta = pd.DataFrame({"cluster": lab, "name": np.array(["a", "b", "c"])[lab]})
+    got = hm.compute_lisi(X, meta, ["cluster", "name"], perplexity=10)
+    # 1 / (sum of normalised weights)^2: equal to 1 up to the last bit
+    np.testing.assert_allclose(got, 1.0, rtol=0, atol=1e-12)
+
+
+def test_interleaved_labels_approach_two():
+    # two copies of a grid, one per label: every neighbourhood holds both
+    # labels in equal numbers except for the cell's own twin (excluded self)
+    grid = np.stack(np.meshgrid(np.arange(40.0), np.arange(40.0)), -1).reshape(-1, 2)
+    X = np.vstack([grid, grid + 1e-3])
+    meta = pd.DataFrame({"lab": np.repeat(["a", "b"], len(grid))})
+    medians = []
+    for perplexity in (5, 10, 30):
+        got = hm.compute_lisi(X, meta, "lab", perplexity=perplexity)[:, 0]
+        assert np.all(got > 1.0) and np.all(got <= 2.0 + 1e-12)
+        medians.append(np.median(got))
+    assert medians[0] < medians[1] < medians[2]
+    assert medians[2] > 1.9
+    # random labels on a dense cloud: median close to 2
+    rng = np.random.default_rng(0)
+    got = hm.compute_lisi(rng.random((3000, 2)), pd.DataFrame({"l": rng.integers(0, 2, 3000)}), "l")
+    assert 1.9 < np.median(got) <= 2.0
+
+
+def test_many_categories_path_matches_table_path():
+    rng = np.random.default_rng(3)
+    P = rng.random((50, 40))
+    P /= P.sum(1, keepdims=True)
+    codes = rng.integers(0, 100, size=(50, 40))
+    table = _lisi._simpson(P, codes, 100)  # > 64 categories: run-length path
+    expected = np.array([sum(P[i, codes[i] == c].sum() ** 2 for c in range(100)) for i in range(50)])
+    np.testing.assert_allclose(table, expected, rtol=1e-12)
+    small = codes % 5
+    expected5 = np.array([sum(P[i, small[i] == c].sum() ** 2 for c in range(5)) for i in range(50)])
+    np.testing.assert_allclose(_lisi._simpson(P, small, 5), expected5, rtol=1e-12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_cells=st.integers(30, 120),
+    n_categories=st.integers(1, 5),
+    perplexity=st.sampled_from([3, 5, 8.5, 10]),
+)
+def test_lisi_bounds_and_label_invariance(seed, n_cells, n_categories, perplexity):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_cells, 3))
+    codes = rng.integers(0, n_categories, size=n_cells)
+    names = np.array([f"cat{i}" for i in range(n_categories)])
+    meta = pd.DataFrame({"codes": codes, "names": names[codes]})
+    # relabel: permute category names, and make it categorical
+    perm = rng.permutation(n_categories)
+    meta["renamed"] = pd.Categorical(np.array([f"z{p}" for p in perm])[codes])
+    got = hm.compute_lisi(X, meta, ["codes", "names", "renamed"], perplexity=perplexity)
+    n_present = len(np.unique(codes))
+    assert np.all(got >= 1.0 - 1e-12)
+    assert np.all(got <= n_present + 1e-12)
+    np.testing.assert_array_equal(got[:, 0], got[:, 1])
+    np.testing.assert_allclose(got[:, 0], got[:, 2], rtol=0, atol=1e-12)
+
+    # permuting the cells permutes the result
+    order = rng.permutation(n_cells)
+    got_perm = hm.compute_lisi(X[order], meta.iloc[order].reset_index(drop=True), ["names"],
+                               perplexity=perplexity)
+    np.testing.assert_allclose(got_perm[:, 0], got[order, 1], rtol=0, atol=1e-9)
+
+
+def test_degenerate_weights_give_minus_one_like_r(caplog):
+    # distances so large that exp(-beta * d) underflows even after 50 halvings
+    X, lab = _blobs(20, 2, dims=2, sep=1.0)
+    X = X * 1e30
+    meta = pd.DataFrame({"lab": lab})
+    with caplog.at_level(logging.WARNING, logger="harmonypy._lisi"):
+        got = hm.compute_lisi(X, meta, "lab", perplexity=5)
+    assert np.all(got == -1.0)
+    assert "-1" in caplog.text
+
+
+def test_does_not_touch_global_state():
+    threads = torch.get_num_threads()
+    state = np.random.get_state()[1].copy()
+    X, lab = _blobs(40, 2)
+    hm.compute_lisi(X, pd.DataFrame({"l": lab}), "l", perplexity=5)
+    assert torch.get_num_threads() == threads
+    np.testing.assert_array_equal(np.random.get_state()[1], state)
+
+
+# --------------------------------------------------------------------------- #
+# Validation
+# --------------------------------------------------------------------------- #
+@pytest.fixture
+def small():
+    X, lab = _blobs(30, 2)
+    return X, pd.DataFrame({"batch": np.array(["a", "b"])[lab], "num": lab})
+
+
+def test_shape_mismatch_names_both_shapes(small):
+    X, meta = small
+    with pytest.raises(ValueError, match=r"\(60, 5\).*\(59, 2\)"):
+        hm.compute_lisi(X, meta.iloc[:-1], "batch", perplexity=5)
+
+
+def test_missing_column_lists_available(small):
+    X, meta = small
+    with pytest.raises(ValueError, match=r"nope.*available columns.*batch.*num"):
+        hm.compute_lisi(X, meta, ["batch", "nope"], perplexity=5)
+
+
+def test_missing_labels_named_with_count(small):
+    X, meta = small
+    meta = meta.copy()
+    meta.loc[[0, 3, 7], "batch"] = None
+    with pytest.raises(ValueError, match=r"'batch' has 3 missing"):
+        hm.compute_lisi(X, meta, "batch", perplexity=5)
+
+
+def test_non_finite_x_counted(small):
+    X, meta = small
+    X = X.copy()
+    X[0, 0] = np.nan
+    X[1, 1] = np.inf
+    with pytest.raises(ValueError, match="2 non-finite"):
+        hm.compute_lisi(X, meta, "batch", perplexity=5)
+
+
+def test_perplexity_too_large_names_both_numbers(small):
+    X, meta = small
+    with pytest.raises(ValueError, match=r"3 \* perplexity = 90 cells.*got 60"):
+        hm.compute_lisi(X, meta, "batch")
+    # exactly 3 * perplexity cells is enough
+    assert hm.compute_lisi(X, meta, "batch", perplexity=20).shape == (60, 1)
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), 0.5])
+def test_bad_perplexity(small, bad):
+    X, meta = small
+    with pytest.raises(ValueError, match="perplexity"):
+        hm.compute_lisi(X, meta, "batch", perplexity=bad)
+
+
+def test_type_errors(small):
+    X, meta = small
+    with pytest.raises(TypeError, match="DataFrame"):
+        hm.compute_lisi(X, meta.to_dict(), "batch", perplexity=5)
+    with pytest.raises(TypeError, match="numeric"):
+        hm.compute_lisi(np.full((60, 2), "x"), meta, "batch", perplexity=5)
+    with pytest.raises(TypeError, match="perplexity"):
+        hm.compute_lisi(X, meta, "batch", perplexity="30")
+    with pytest.raises(ValueError, match="2-dimensional"):
+        hm.compute_lisi(X[:, 0], meta, "batch", perplexity=5)
+    with pytest.raises(ValueError, match="empty"):
+        hm.compute_lisi(X, meta, [], perplexity=5)
+
+
+def test_unknown_neighbors_option(small):
+    X, meta = small
+    with pytest.raises(ValueError, match="neighbors must be one of"):
+        hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="kdtree")
+
+
+@pytest.mark.skipif(HAVE_PYNNDESCENT, reason="pynndescent is installed")
+def test_approx_without_backend_says_how_to_install(small):
+    X, meta = small
+    with pytest.raises(ImportError, match=r"harmonypy\[ann\]"):
+        hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="approx")
+
+
+def test_auto_falls_back_to_exact_with_info(monkeypatch, caplog, small):
+    X, meta = small
+    monkeypatch.setattr(_lisi, "EXACT_MAX_CELLS", 10)
+    monkeypatch.setattr(_lisi.importlib.util, "find_spec", lambda name: None)
+    with caplog.at_level(logging.INFO, logger="harmonypy._lisi"):
+        got = hm.compute_lisi(X, meta, "batch", perplexity=5)
+    assert "pynndescent is not installed" in caplog.text
+    exact = hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="exact")
+    np.testing.assert_array_equal(got, exact)
+
+
+# --------------------------------------------------------------------------- #
+# Approximate backend
+# --------------------------------------------------------------------------- #
+@pytest.mark.slow  # pynndescent's numba compilation takes ~30 s or more on first use
+@pytest.mark.skipif(not HAVE_PYNNDESCENT, reason="pynndescent not installed (pip install harmonypy[ann])")
+def test_approx_agrees_with_exact():
+    rng = np.random.default_rng(5)
+    X, lab = _blobs(500, 4, dims=10, sep=4.0)
+    meta = pd.DataFrame({"type": lab, "batch": rng.integers(0, 3, size=lab.size)})
+    exact = hm.compute_lisi(X, meta, ["type", "batch"], perplexity=20, neighbors="exact")
+    approx = hm.compute_lisi(X, meta, ["type", "batch"], perplexity=20, neighbors="approx")
+    assert np.abs(approx - exact).max() < 0.05
+    assert np.median(np.abs(approx - exact)) < 1e-6

@@ -12,14 +12,17 @@ __version__ = "1.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
 from harmonypy._anndata import integrate  # noqa: E402
+from harmonypy._evaluate import IntegrationScores, evaluate  # noqa: E402
 from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
+from harmonypy._lisi import compute_lisi  # noqa: E402
 
-__all__ = ["Harmony", "run_harmony", "integrate", "datasets", "__version__"]
-
-try:  # integration scores (issue 2)
-    from harmonypy._lisi import compute_lisi  # noqa: E402,F401
-    from harmonypy._evaluate import evaluate  # noqa: E402,F401
-
-    __all__ += ["compute_lisi", "evaluate"]
-except ImportError:  # pragma: no cover - during development only
-    pass
+__all__ = [
+    "Harmony",
+    "IntegrationScores",
+    "compute_lisi",
+    "datasets",
+    "evaluate",
+    "integrate",
+    "run_harmony",
+    "__version__",
+]

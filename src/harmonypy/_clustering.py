@@ -173,6 +173,7 @@ def online_update(
     bounds: list[tuple[int, int]],
     diversity_fn: Callable,
     first_levels: int,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
@@ -197,6 +198,10 @@ def online_update(
     first_levels : int
         Number of levels of the first batch variable; they partition the cells,
         so their level sums also give the cluster sizes.
+    buffer : optional (N, K) tensor
+        Scratch space: new rows are written there in block order and moved into
+        ``assignments`` with one gather at the end (faster than a scatter per
+        block, at the cost of a second N x K matrix).
 
     Returns
     -------
@@ -255,5 +260,14 @@ def online_update(
         added = level_sums(new, block_codes, n_levels).to(acc_dtype)
         stats.observed += added
         stats.cluster_sizes += added[:first_levels].sum(0)
-        assignments.index_copy_(0, cells, new)
+        if buffer is None:
+            assignments.index_copy_(0, cells, new)
+        else:
+            buffer[start:end].copy_(new)
+    if buffer is not None:
+        # One gather puts the round's rows back in place: scattering each block
+        # with index_copy_ is several times slower than a contiguous copy.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        torch.index_select(buffer, 0, inverse, out=assignments)
     return float(dist_acc), float(entropy_acc)

@@ -169,6 +169,7 @@ class Harmony:
             self._cross = clu.cross_entropy_harmony1
 
         self._assignments: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None  # second N x K matrix for update_R
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._intercept: torch.Tensor | None = None
@@ -226,7 +227,7 @@ class Harmony:
         return clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
-            self._diversity, int(self.design.offsets[1]))
+            self._diversity, int(self.design.offsets[1]), buffer=self._round_buffer())
 
     def compute_objective(self, dist_term: float, entropy_term: float,
                           step: str = "clustering") -> None:
@@ -289,6 +290,11 @@ class Harmony:
         return self
 
     # -------------------------------------------------------------- internals
+    def _round_buffer(self) -> torch.Tensor:
+        if self._scratch is None or self._scratch.shape != self._assignments.shape:
+            self._scratch = torch.empty_like(self._assignments)
+        return self._scratch
+
     def _reassign(self) -> None:
         """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
         self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)

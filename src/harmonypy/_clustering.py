@@ -15,6 +15,7 @@ Two facts keep the memory at one N x K matrix:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -214,8 +215,6 @@ def online_update(
     two_over_sigma = (2.0 / sigma).to(dtype)
     scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
     uniform_sigma = bool((sigma == sigma[0]).all())
-    sigma_c = sigma.to(dtype)
-    n_variables = codes.shape[1]
     acc_dtype = stats.observed.dtype
     dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
@@ -223,6 +222,30 @@ def online_update(
     # what each block takes out of O can be summed up front in one sequential
     # pass over R, instead of gathering the old rows block by block.
     removals = _block_level_sums(assignments, codes, order, bounds, n_levels).to(acc_dtype)
+    largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
+    with serial_if_small(largest_block, assignments.device):
+        dist_term, entropy_term = _update_blocks(
+            assignments, z_cos, codes, stats, proportions, theta, sigma, order, bounds,
+            diversity_fn, first_levels, buffer, removals, scaled_centroids_t,
+            two_over_sigma, uniform_sigma, dist_acc, entropy_acc)
+    if buffer is not None:
+        # One gather puts the round's rows back in place: scattering each block
+        # with index_copy_ is several times slower than a contiguous copy.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        torch.index_select(buffer, 0, inverse, out=assignments)
+    return dist_term, entropy_term
+
+
+def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, order, bounds,
+                   diversity_fn, first_levels, buffer, removals, scaled_centroids_t,
+                   two_over_sigma, uniform_sigma, dist_acc, entropy_acc):
+    """The per-block loop of :func:`online_update`."""
+    dtype = assignments.dtype
+    acc_dtype = stats.observed.dtype
+    n_levels = stats.observed.shape[0]
+    n_variables = codes.shape[1]
+    sigma_c = sigma.to(dtype)
     for j, (start, end) in enumerate(bounds):
         cells = order[start:end]
         block_codes = codes.index_select(0, cells)
@@ -264,10 +287,29 @@ def online_update(
             assignments.index_copy_(0, cells, new)
         else:
             buffer[start:end].copy_(new)
-    if buffer is not None:
-        # One gather puts the round's rows back in place: scattering each block
-        # with index_copy_ is several times slower than a contiguous copy.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        torch.index_select(buffer, 0, inverse, out=assignments)
     return float(dist_acc), float(entropy_acc)
+
+
+# Blocks below this many elements (cells x clusters) are updated on one thread.
+SERIAL_BLOCK_ELEMENTS = 2**21
+
+
+@contextlib.contextmanager
+def serial_if_small(n_elements: int, device: torch.device):
+    """Run small per-block work on one CPU thread, restoring the setting after.
+
+    A block update is some twenty short operations; split over threads, each
+    one ends in a barrier, and when another process holds one of the cores
+    every barrier waits for the scheduler — runs were seen to slow down 25x.
+    Small blocks gain little from threads anyway. The choice depends only on
+    the problem size, so results stay reproducible.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or n_elements > SERIAL_BLOCK_ELEMENTS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

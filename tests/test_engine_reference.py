@@ -32,6 +32,19 @@ def _data(n_cells=240, n_dims=8, n_vars=1, seed=0):
     return z, meta
 
 
+def replayed_blocks(generator, rows, n_rounds, n_cells):
+    """The cells, in block order, of each online update the engine ran.
+
+    The engine draws a permutation of R's rows per round; after a round, row p
+    holds the p-th cell of that round's block order.
+    """
+    for _ in range(n_rounds):
+        order = torch.randperm(n_cells, generator=generator)
+        cells = order if rows is None else rows[order]
+        rows = cells
+        yield cells.numpy()
+
+
 def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, theta=2.0):
     design = build_design(meta, variables)
     theta_levels = np.full(design.n_levels, theta)
@@ -59,9 +72,10 @@ def test_engine_replays_reference(dtype, tol, n_vars, lamb):
 
     for _ in range(2):  # two Harmony iterations
         replay = torch.Generator().set_state(ho._generator.get_state())
+        rows = ho._rows
         ho.cluster()
-        for _ in range(ho.kmeans_rounds[-1]):
-            ref.cluster_round(ho._storage_order[torch.randperm(ref.N, generator=replay).numpy()])
+        for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N):
+            ref.cluster_round(ho._storage_order[cells])
         np.testing.assert_allclose(ho.R, ref.R, atol=tol)
         np.testing.assert_allclose(ho.O, ref.O, rtol=tol, atol=tol * ref.N)
         np.testing.assert_allclose(ho.E, ref.E, rtol=tol, atol=tol * ref.N)

@@ -79,9 +79,21 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return x / norms.clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def compute_centroids(assignments: torch.Tensor, z_cos: torch.Tensor) -> torch.Tensor:
-    """``Y`` transposed (K x d): R-weighted means of the cells, unit length."""
-    return normalize_rows(assignments.T @ z_cos)
+def compute_centroids(assignments: torch.Tensor, z_cos: torch.Tensor,
+                      rows: torch.Tensor | None = None, chunk: int = 131072) -> torch.Tensor:
+    """``Y`` transposed (K x d): R-weighted means of the cells, unit length.
+
+    ``rows`` (N,) gives the cell (row of ``z_cos``) held by each row of
+    ``assignments`` when they are not in the same order.
+    """
+    if rows is None:
+        return normalize_rows(assignments.T @ z_cos)
+    sums = torch.zeros((assignments.shape[1], z_cos.shape[1]), dtype=z_cos.dtype,
+                       device=z_cos.device)
+    for start in range(0, assignments.shape[0], chunk):
+        part = slice(start, start + chunk)
+        sums.addmm_(assignments[part].T, z_cos.index_select(0, rows[part]))
+    return normalize_rows(sums)
 
 
 def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torch.Tensor:
@@ -174,8 +186,8 @@ def online_update(
     bounds: list[tuple[int, int]],
     diversity_fn: Callable,
     first_levels: int,
-    buffer: torch.Tensor | None = None,
-) -> tuple[float, float]:
+    rows: torch.Tensor | None = None,
+) -> tuple[float, float, torch.Tensor]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
     For each block of cells (in the shuffled ``order``): take the block out of O
@@ -184,31 +196,36 @@ def online_update(
     equals R's ``scale_dist * (ratio^theta Phi)`` followed by an L1 normalisation
     when there is one batch variable, then put the block back.
 
+    The new rows are written contiguously in block order — row p of
+    ``assignments`` then holds the cell ``rows[order[p]]`` — because a scatter
+    back to each cell's old row is several times slower, and the old rows are
+    not needed once every block's outgoing sums are known.
+
     Parameters
     ----------
     assignments : (N, K) tensor, updated in place.
-    z_cos : (N, d) tensor, unit-length cells.
+    z_cos : (N, d) tensor, unit-length cells (storage order).
     centroids : (K, d) tensor, unit-length centroids ``Y``.
-    codes : (N, V) int64 tensor of global level indices.
+    codes : (N, V) int64 tensor of global level indices (storage order).
     stats : ClusterStats, updated in place.
     proportions, theta : (B,) tensors (statistics dtype).
     sigma : (K,) tensor (statistics dtype).
-    order : (N,) int64 permutation of the cells.
+    order : (N,) int64 permutation of the rows of ``assignments``.
     bounds : list of (start, end) positions in ``order``.
     diversity_fn : callable (O, E) -> ratio, both (B, K).
     first_levels : int
         Number of levels of the first batch variable; they partition the cells,
         so their level sums also give the cluster sizes.
-    buffer : optional (N, K) tensor
-        Scratch space: new rows are written there in block order and moved into
-        ``assignments`` with one gather at the end (faster than a scatter per
-        block, at the cost of a second N x K matrix).
+    rows : optional (N,) int64 tensor
+        The cell held by each row of ``assignments`` (None: row i is cell i).
 
     Returns
     -------
     dist_term, entropy_term : float
         ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` over all cells
         with the new assignments (the objective's first two parts).
+    rows : (N,) int64 tensor
+        The cell held by each row of ``assignments`` after the update.
     """
     dtype = assignments.dtype
     n_levels = stats.observed.shape[0]
@@ -218,27 +235,23 @@ def online_update(
     acc_dtype = stats.observed.dtype
     dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
+    row_codes = codes if rows is None else codes.index_select(0, rows)
     # A block's cells keep their old assignments until the block's turn, so
     # what each block takes out of O can be summed up front in one sequential
     # pass over R, instead of gathering the old rows block by block.
-    removals = _block_level_sums(assignments, codes, order, bounds, n_levels).to(acc_dtype)
+    removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels).to(acc_dtype)
+    cells_in_order = order if rows is None else rows.index_select(0, order)
     largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
-            assignments, z_cos, codes, stats, proportions, theta, sigma, order, bounds,
-            diversity_fn, first_levels, buffer, removals, scaled_centroids_t,
+            assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
+            bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
             two_over_sigma, uniform_sigma, dist_acc, entropy_acc)
-    if buffer is not None:
-        # One gather puts the round's rows back in place: scattering each block
-        # with index_copy_ is several times slower than a contiguous copy.
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        torch.index_select(buffer, 0, inverse, out=assignments)
-    return dist_term, entropy_term
+    return dist_term, entropy_term, cells_in_order
 
 
-def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, order, bounds,
-                   diversity_fn, first_levels, buffer, removals, scaled_centroids_t,
+def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
+                   bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
                    two_over_sigma, uniform_sigma, dist_acc, entropy_acc):
     """The per-block loop of :func:`online_update`."""
     dtype = assignments.dtype
@@ -247,7 +260,7 @@ def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, 
     n_variables = codes.shape[1]
     sigma_c = sigma.to(dtype)
     for j, (start, end) in enumerate(bounds):
-        cells = order[start:end]
+        cells = cells_in_order[start:end]
         block_codes = codes.index_select(0, cells)
         stats.observed -= removals[j]
         stats.cluster_sizes -= removals[j, :first_levels].sum(0)
@@ -283,10 +296,7 @@ def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, 
         added = level_sums(new, block_codes, n_levels).to(acc_dtype)
         stats.observed += added
         stats.cluster_sizes += added[:first_levels].sum(0)
-        if buffer is None:
-            assignments.index_copy_(0, cells, new)
-        else:
-            buffer[start:end].copy_(new)
+        assignments[start:end].copy_(new)
     return float(dist_acc), float(entropy_acc)
 
 

@@ -61,6 +61,13 @@ def _rows(x: torch.Tensor, cells) -> torch.Tensor:
     return x[cells] if isinstance(cells, slice) else x.index_select(0, cells)
 
 
+def _assignment_rows(assignments: torch.Tensor, cells, position: torch.Tensor | None):
+    """R's rows for a level's cells, wherever the online update left them."""
+    if position is None:
+        return _rows(assignments, cells)
+    return assignments.index_select(0, _rows(position, cells))
+
+
 def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
                     rhs0: torch.Tensor, rhs: torch.Tensor,
                     keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +165,7 @@ def ridge_correct(
     stat_dtype: torch.dtype,
     batch_prop_cutoff: float | None = None,
     counts: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
@@ -172,17 +180,26 @@ def ridge_correct(
     proportions : (B,) tensor ``Pr_b``.
     batch_prop_cutoff, counts : Harmony2 batch filtering (see :func:`batch_filter`);
         ``counts`` is ``N_b``, (B,). None turns filtering off (Harmony 1).
+    rows : optional (N,) int64 tensor, the cell held by each row of
+        ``assignments`` (None: row i is cell i).
     """
     solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
     n_clusters, d = assignments.shape[1], z_orig.shape[1]
-    rhs0 = (assignments.T @ z_orig).to(solve_device, stat_dtype)
+    position = None
+    if rows is not None:  # row p of assignments holds cell rows[p]
+        position = torch.empty_like(rows)
+        position[rows] = torch.arange(rows.numel(), device=rows.device)
     rhs = torch.empty((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
     observed = torch.empty((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
     for b, cells in enumerate(levels.cells):
-        block = _rows(assignments, cells)
+        block = _assignment_rows(assignments, cells, position)
         rhs[:, b, :] = (block.T @ _rows(z_orig, cells)).to(solve_device, stat_dtype)
         observed[:, b] = block.sum(0).to(solve_device, stat_dtype)
-    total = assignments.sum(0).to(solve_device, stat_dtype)
+    # The first variable's levels partition the cells: their sums are the
+    # intercept's row of the system.
+    first = levels.variable.count(0)
+    rhs0 = rhs[:, :first, :].sum(1)
+    total = observed[:, :first].sum(1)
     if lamb is None:
         penalty = alpha * total[:, None] * proportions.to(solve_device, stat_dtype)[None, :]
     else:
@@ -196,23 +213,27 @@ def ridge_correct(
     if codes.shape[1] == 1:
         intercept, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
     else:
-        cov = _dense_system(total, observed, penalty, codes, assignments, levels,
+        row_codes = codes if rows is None else codes.index_select(0, rows)
+        cov = _dense_system(total, observed, penalty, row_codes, assignments, levels,
                             solve_device, stat_dtype)
         intercept, coef = solve_dense(cov, rhs0, rhs, keep)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
     z_corr = z_orig.clone()
     for b, cells in enumerate(levels.cells):
+        block = _assignment_rows(assignments, cells, position)
         if isinstance(cells, slice):
-            z_corr[cells].addmm_(assignments[cells], coef[:, b, :], alpha=-1.0)
+            z_corr[cells].addmm_(block, coef[:, b, :], alpha=-1.0)
         else:
-            block = assignments.index_select(0, cells)
             z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 
 def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):
-    """``Phi_moe diag(R_k) Phi_moe^T + diag(lambda)`` for all clusters: (K, B+1, B+1)."""
+    """``Phi_moe diag(R_k) Phi_moe^T + diag(lambda)`` for all clusters: (K, B+1, B+1).
+
+    ``codes`` are the level codes of the rows of ``assignments``, in their order.
+    """
     n_clusters, n_levels = observed.shape
     cov = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
     # An empty cluster would make the system singular; it gets zero coefficients.

@@ -169,7 +169,9 @@ class Harmony:
             self._cross = clu.cross_entropy_harmony1
 
         self._assignments: torch.Tensor | None = None
-        self._scratch: torch.Tensor | None = None  # second N x K matrix for update_R
+        # The online update leaves R's rows in its last block order: row p holds
+        # cell _rows[p] (None: row i is cell i).
+        self._rows: torch.Tensor | None = None
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._intercept: torch.Tensor | None = None
@@ -211,7 +213,8 @@ class Harmony:
         rounds = self.max_iter_kmeans
         for i in range(self.max_iter_kmeans):
             if not harmony2:
-                self._centroids = clu.compute_centroids(self._assignments, self._z_cos)
+                self._centroids = clu.compute_centroids(self._assignments, self._z_cos,
+                                                        self._rows)
             dist_term, entropy_term = self.update_R()
             self.compute_objective(dist_term, entropy_term, step="clustering")
             if i > self.window_size and self.check_convergence(0):
@@ -224,10 +227,11 @@ class Harmony:
     def update_R(self) -> tuple[float, float]:
         """Online update of R in shuffled blocks; returns the distance and entropy terms."""
         order = torch.randperm(self.N, generator=self._generator).to(self.device)
-        return clu.online_update(
+        dist_term, entropy_term, self._rows = clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
-            self._diversity, int(self.design.offsets[1]), buffer=self._round_buffer())
+            self._diversity, int(self.design.offsets[1]), rows=self._rows)
+        return dist_term, entropy_term
 
     def compute_objective(self, dist_term: float, entropy_term: float,
                           step: str = "clustering") -> None:
@@ -250,7 +254,7 @@ class Harmony:
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
-            counts=self._counts)
+            counts=self._counts, rows=self._rows)
         if not bool(torch.isfinite(result.z_corr).all()):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
@@ -290,19 +294,16 @@ class Harmony:
         return self
 
     # -------------------------------------------------------------- internals
-    def _round_buffer(self) -> torch.Tensor:
-        if self._scratch is None or self._scratch.shape != self._assignments.shape:
-            self._scratch = torch.empty_like(self._assignments)
-        return self._scratch
-
     def _reassign(self) -> None:
         """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
         self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
+        self._rows = None
         self._recount()
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
-        observed = clu.level_sums(self._assignments, self._codes, self.B)
+        codes = self._codes if self._rows is None else self._codes.index_select(0, self._rows)
+        observed = clu.level_sums(self._assignments, codes, self.B)
         self._stats = clu.ClusterStats(
             observed=observed.to(self._stat_dtype),
             cluster_sizes=self._assignments.sum(0).to(self._stat_dtype))
@@ -332,11 +333,20 @@ class Harmony:
     def _np(t: torch.Tensor | None) -> np.ndarray | None:
         return None if t is None else t.detach().cpu().numpy()
 
-    def _cells(self, t: torch.Tensor | None) -> np.ndarray | None:
-        """A per-cell tensor (N, ...) as NumPy, rows back in the caller's order."""
+    def _cells(self, t: torch.Tensor | None, rows: torch.Tensor | None = None
+               ) -> np.ndarray | None:
+        """A per-cell tensor (N, ...) as NumPy, rows back in the caller's order.
+
+        ``rows`` (N,) names the stored cell in each row of ``t`` when the rows
+        are not in storage order (R after an online update).
+        """
         if t is None:
             return None
         order = torch.from_numpy(self._caller_order).to(t.device)
+        if rows is not None:
+            position = torch.empty_like(rows)
+            position[rows] = torch.arange(rows.numel(), device=rows.device)
+            order = position.index_select(0, order)
         return t.index_select(0, order).detach().cpu().numpy()
 
     @property
@@ -357,7 +367,7 @@ class Harmony:
     @property
     def R(self) -> np.ndarray:
         """Soft cluster assignments, (K, N); columns sum to 1."""
-        return self._cells(self._assignments).T
+        return self._cells(self._assignments, self._rows).T
 
     @property
     def Y(self) -> np.ndarray:

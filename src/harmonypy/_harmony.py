@@ -148,8 +148,11 @@ class Harmony:
         self._caller_order = np.empty_like(self._storage_order)
         self._caller_order[self._storage_order] = np.arange(self.N)
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        self._z_orig = torch.from_numpy(
-            np.ascontiguousarray(z[self._storage_order], dtype=np_dtype)).to(device)
+        stored = np.empty(z.shape, dtype=np_dtype)
+        for start in range(0, self.N, 65536):  # chunks: no full float64 copy
+            rows = self._storage_order[start:start + 65536]
+            stored[start:start + rows.size] = z[rows]
+        self._z_orig = torch.from_numpy(stored).to(device)
         self._z_corr = self._z_orig.clone()
         self._z_cos = clu.normalize_rows(self._z_orig)
         self._codes = torch.from_numpy(design.codes[self._storage_order]).to(device)
@@ -250,6 +253,9 @@ class Harmony:
     def moe_correct_ridge(self) -> None:
         """Correction: subtract the batch part of per-cluster ridge regressions."""
         harmony2 = self.algorithm == "harmony2"
+        # The correction starts again from Z_orig: release the previous Z_corr
+        # and Z_cos first so that only one copy of each is alive at a time.
+        self._z_corr = self._z_cos = None
         result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,

@@ -74,3 +74,13 @@ def test_bad_keys():
         hm.evaluate(X, meta, "donor", perplexity=10)
     with pytest.raises(TypeError, match="batch_key"):
         hm.evaluate(X, meta, ["batch"], perplexity=10)
+
+
+def test_neighbors_option_passes_through():
+    X, meta = _data(mixed=True, seed=4)
+    exact = hm.evaluate(X, meta, "batch", "cell_type", perplexity=10, neighbors="exact")
+    ivf = hm.evaluate(X, meta, "batch", "cell_type", perplexity=10, neighbors="ivf")
+    # 200 cells: the IVF search probes enough lists to be exhaustive here
+    assert ivf.ilisi_median == pytest.approx(exact.ilisi_median, abs=1e-12)
+    with pytest.raises(ValueError, match="neighbors must be one of"):
+        hm.evaluate(X, meta, "batch", perplexity=10, neighbors="kdtree")

@@ -259,21 +259,27 @@ def test_unknown_neighbors_option(small):
 
 
 @pytest.mark.skipif(HAVE_PYNNDESCENT, reason="pynndescent is installed")
-def test_approx_without_backend_says_how_to_install(small):
+def test_pynndescent_without_backend_says_how_to_install(small):
     X, meta = small
-    with pytest.raises(ImportError, match=r"harmonypy\[ann\]"):
-        hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="approx")
+    with pytest.raises(ImportError, match=r"harmonypy\[ann\].*ivf"):
+        hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="pynndescent")
 
 
-def test_auto_falls_back_to_exact_with_info(monkeypatch, caplog, small):
+def test_auto_switches_to_ivf_above_threshold(monkeypatch, small):
     X, meta = small
-    monkeypatch.setattr(_lisi, "EXACT_MAX_CELLS", 10)
-    monkeypatch.setattr(_lisi.importlib.util, "find_spec", lambda name: None)
-    with caplog.at_level(logging.INFO, logger="harmonypy._lisi"):
-        got = hm.compute_lisi(X, meta, "batch", perplexity=5)
-    assert "pynndescent is not installed" in caplog.text
-    exact = hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="exact")
-    np.testing.assert_array_equal(got, exact)
+    used = []
+    real = _lisi._knn_ivf
+    monkeypatch.setattr(_lisi, "_knn_ivf", lambda *a, **k: used.append(1) or real(*a, **k))
+    hm.compute_lisi(X, meta, "batch", perplexity=5)
+    assert not used, "auto must stay exact at or below EXACT_MAX_CELLS"
+    monkeypatch.setattr(_lisi, "EXACT_MAX_CELLS", len(X) - 1)
+    got = hm.compute_lisi(X, meta, "batch", perplexity=5)
+    assert used == [1]
+    # "approx" is the IVF search too
+    np.testing.assert_array_equal(
+        got, hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="approx")
+    )
+    assert _lisi._resolve_backend("auto", _lisi.EXACT_MAX_CELLS + 1) == "ivf"
 
 
 # --------------------------------------------------------------------------- #
@@ -289,3 +295,83 @@ def test_approx_agrees_with_exact():
     approx = hm.compute_lisi(X, meta, ["type", "batch"], perplexity=20, neighbors="approx")
     assert np.abs(approx - exact).max() < 0.05
     assert np.median(np.abs(approx - exact)) < 1e-6
+
+
+# --------------------------------------------------------------------------- #
+# IVF backend
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def clustered_20k():
+    from harmonypy._simulate import simulate
+
+    X, meta = simulate(20_000, 30, 4, 10, seed=3)
+    X = X.astype(np.float64)
+    k = _lisi._neighbourhood_size(30, len(X))
+    with torch.no_grad():
+        d_ex, i_ex = _lisi._knn_exact(X, k)
+    d_iv, i_iv = _lisi._knn_ivf(X, k)
+    return X, meta, k, (d_ex, i_ex), (d_iv, i_iv)
+
+
+def _recall(i_approx, i_exact):
+    return np.mean((i_approx[:, :, None] == i_exact[:, None, :]).any(axis=2))
+
+
+def test_ivf_recall_and_scores_close_to_exact(clustered_20k):
+    X, meta, k, (d_ex, i_ex), (d_iv, i_iv) = clustered_20k
+    assert _recall(i_iv, i_ex) >= 0.97
+    assert not np.any(i_iv == np.arange(len(X))[:, None]), "a cell is its own neighbour"
+    # distances are exact float64 for the neighbours found, sorted ascending
+    diff = X[i_iv[:100]] - X[:100, None, :]
+    np.testing.assert_allclose(d_iv[:100], np.sqrt((diff**2).sum(-1)), rtol=1e-12, atol=1e-12)
+    assert np.all(np.diff(d_iv, axis=1) >= 0)
+    assert np.all(d_iv >= d_ex - 1e-12)  # approximate k-th distances can only be larger
+    codes = [_lisi._encode_labels(meta[c], c) for c in ("batch", "cell_type")]
+    ex = _lisi._lisi_from_knn(d_ex, i_ex, codes, 30.0)
+    iv = _lisi._lisi_from_knn(d_iv, i_iv, codes, 30.0)
+    err = np.abs(iv - ex)
+    assert np.median(err) < 1e-3
+    assert np.quantile(err, 0.99) < 0.1
+    np.testing.assert_allclose(np.median(iv, axis=0), np.median(ex, axis=0), rtol=1e-3)
+
+
+def test_ivf_is_deterministic_and_leaves_rng_alone(clustered_20k):
+    X, _, k, _, (d_iv, i_iv) = clustered_20k
+    state = np.random.get_state()[1].copy()
+    torch_state = torch.get_rng_state()
+    d2, i2 = _lisi._knn_ivf(X, k)
+    np.testing.assert_array_equal(i2, i_iv)
+    np.testing.assert_array_equal(d2, d_iv)
+    np.testing.assert_array_equal(np.random.get_state()[1], state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_ivf_probing_every_list_is_exact():
+    X, _ = _blobs(150, 4, dims=6, sep=3.0)
+    X = np.vstack([X, X[:20]])  # duplicates: ties at distance 0
+    with torch.no_grad():
+        d_b, _ = _lisi._knn_brute(X - X.mean(0), 29)
+    d_i, i_i = _lisi._knn_ivf(X, 29, n_lists=12, n_probe=12)
+    np.testing.assert_allclose(d_i, d_b, rtol=0, atol=1e-12)
+    assert not np.any(i_i == np.arange(len(X))[:, None])
+
+
+def test_ivf_raises_probes_when_lists_are_too_small():
+    # 100 cells, 89 neighbours: whatever the partition, every list must see
+    # at least 90 cells, so the search ends up (nearly) exhaustive
+    X, _ = _blobs(25, 4, dims=3, sep=2.0)
+    d_i, i_i = _lisi._knn_ivf(X, 89, n_lists=10, n_probe=1)
+    with torch.no_grad():
+        d_b, _ = _lisi._knn_brute(X - X.mean(0), 89)
+    assert np.all(np.isfinite(d_i))
+    for row in i_i:
+        assert len(np.unique(row)) == 89
+    np.testing.assert_allclose(d_i, d_b, rtol=0, atol=1e-12)
+
+
+def test_ragged_positions():
+    starts = torch.tensor([[10, 0, 5], [3, 7, 0]])
+    lengths = torch.tensor([[2, 0, 3], [1, 1, 0]])
+    pos, valid = _lisi._ragged_positions(starts, lengths, pad=-1)
+    assert pos.tolist() == [[10, 11, 5, 6, 7], [3, 7, -1, -1, -1]]
+    assert valid.sum(1).tolist() == [5, 2]

@@ -1,0 +1,284 @@
+"""Benchmark harmonypy's LISI (exact and IVF neighbour search) against harmonypy 0.2.0.
+
+Usage::
+
+    python benchmarks/bench_lisi.py [--cells 100000] [--dims 30] [--million]
+                                    [--data mixture|simulate] [--probes 16,32,64,96]
+                                    [--old-cells N] [--old-timeout S] [--skip-old]
+
+Generates an embedding with two label columns (``batch``, ``cell_type``),
+times the neighbour search and the scores separately for the exact search and
+the inverted-file (IVF) search, measures the IVF recall of the exact
+neighbours (also for other ``n_probe`` values), runs ``harmonypy==0.2.0``'s
+``compute_lisi`` on the same input in its own virtualenv
+(``benchmarks/.venvs/harmonypy-0.2.0``, created on first use) and writes a
+table to ``benchmarks/results/lisi.md``.  ``--million`` also scores 1,000,000
+cells with the IVF search and measures its recall against exact neighbours of
+2,000 sampled cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from harmonypy import _lisi  # noqa: E402
+
+OLD_VERSION = "0.2.0"
+OLD_VENV = HERE / ".venvs" / f"harmonypy-{OLD_VERSION}"
+RESULTS = HERE / "results" / "lisi.md"
+PERPLEXITY = 30
+
+
+def make_data(n_cells: int, n_dims: int = 30, n_types: int = 20, n_batches: int = 4, seed: int = 0):
+    """Gaussian mixture: cell-type centres, a per-batch shift, PCA-like scales."""
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(3.0, 0.5, n_dims)  # decreasing variance, like PCs
+    centres = rng.normal(size=(n_types, n_dims)) * scale * 2.0
+    shifts = rng.normal(size=(n_batches, n_dims)) * scale * 0.2
+    cell_type = rng.integers(n_types, size=n_cells)
+    batch = rng.integers(n_batches, size=n_cells)
+    X = centres[cell_type] + shifts[batch] + rng.normal(size=(n_cells, n_dims)) * scale * 0.7
+    meta = pd.DataFrame(
+        {
+            "batch": pd.Categorical([f"b{i}" for i in batch]),
+            "cell_type": pd.Categorical([f"t{i}" for i in cell_type]),
+        }
+    )
+    return X, meta
+
+
+def make_input(kind: str, n_cells: int, n_dims: int, seed: int = 0):
+    """The benchmark's Gaussian mixture, or harmonypy's simulator (PC-like scales)."""
+    if kind == "mixture":
+        return make_data(n_cells, n_dims, seed=seed)
+    from harmonypy._simulate import simulate
+
+    X, meta = simulate(n_cells, n_dims, 8, 10, seed=seed)
+    return X.astype(np.float64), meta[["batch", "cell_type"]]
+
+
+def time_ours(X, meta, neighbors: str, **knn_kwargs):
+    """Neighbours and scores timed separately; returns (lisi, idx, knn s, score s)."""
+    labels = ["batch", "cell_type"]
+    codes = [_lisi._encode_labels(meta[c], c) for c in labels]
+    k = _lisi._neighbourhood_size(PERPLEXITY, X.shape[0])
+    Xf = np.ascontiguousarray(X, dtype=np.float64)
+    t0 = time.perf_counter()
+    if knn_kwargs:  # only the IVF search takes options
+        dist, idx = _lisi._knn_ivf(Xf, k, **knn_kwargs)
+    else:
+        dist, idx = _lisi._knn(Xf, k, neighbors=neighbors)
+    t1 = time.perf_counter()
+    lisi = _lisi._lisi_from_knn(dist, idx, codes, float(PERPLEXITY))
+    t2 = time.perf_counter()
+    return lisi, idx, t1 - t0, t2 - t1
+
+
+def ensure_old_venv() -> Path:
+    py = OLD_VENV / "bin" / "python"
+    if py.exists():
+        check = subprocess.run(
+            [str(py), "-c", "import harmonypy.lisi"], capture_output=True, text=True
+        )
+        if check.returncode == 0:
+            return py
+    print(f"creating {OLD_VENV} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(OLD_VENV)], check=True)
+    pip = [str(py), "-m", "pip", "install", "--quiet"]
+    # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + [f"harmonypy=={OLD_VERSION}"], check=True)
+    return py
+
+
+OLD_DRIVER = r"""
+import sys, time, json
+import numpy as np, pandas as pd
+from harmonypy.lisi import compute_lisi
+X = np.load(sys.argv[1]); meta = pd.read_pickle(sys.argv[2])
+t0 = time.perf_counter()
+res = compute_lisi(X, meta, ["batch", "cell_type"], perplexity=30)
+t = time.perf_counter() - t0
+np.save(sys.argv[3], res)
+print(json.dumps({"seconds": t}))
+"""
+
+
+def time_old(X, meta, timeout: float):
+    """Run harmonypy 0.2.0 in its own venv; returns (lisi, seconds) or (None, msg)."""
+    py = ensure_old_venv()
+    with tempfile.TemporaryDirectory() as tmp:
+        xp, mp, rp = (os.path.join(tmp, n) for n in ("x.npy", "meta.pkl", "res.npy"))
+        np.save(xp, X)
+        meta.to_pickle(mp)
+        try:
+            out = subprocess.run(
+                [str(py), "-c", OLD_DRIVER, xp, mp, rp],
+                capture_output=True, text=True, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return None, f"> {timeout:.0f} s (timed out)"
+        if out.returncode != 0:
+            return None, "failed: " + out.stderr.strip().splitlines()[-1]
+        seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        return np.load(rp), seconds
+
+
+def recall(idx_approx: np.ndarray, idx_exact: np.ndarray) -> float:
+    """Fraction of the exact neighbours that the approximate search found."""
+    hits = 0
+    for s in range(0, len(idx_exact), 10_000):
+        a, e = idx_approx[s:s + 10_000], idx_exact[s:s + 10_000]
+        hits += int((a[:, :, None] == e[:, None, :]).any(axis=2).sum())
+    return hits / idx_exact.size
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cells", type=int, default=100_000)
+    ap.add_argument("--dims", type=int, default=30)
+    ap.add_argument("--data", choices=["mixture", "simulate"], default="mixture")
+    ap.add_argument("--probes", default="16,32,64,96",
+                    help="comma-separated n_probe values for the IVF recall sweep ('' to skip)")
+    ap.add_argument("--old-cells", type=int, default=None,
+                    help="cells for harmonypy 0.2.0 (default: same as --cells)")
+    ap.add_argument("--old-timeout", type=float, default=3600.0)
+    ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--million", action="store_true",
+                    help="also score 1,000,000 cells with the IVF search")
+    args = ap.parse_args(argv)
+
+    import torch
+    env = (f"{os.cpu_count()} CPU cores, torch {torch.__version__} "
+           f"({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(env, flush=True)
+    rows = []  # (cells, implementation, knn s, scores s, total s, note)
+    sweep = []  # (n_probe, knn s, recall)
+
+    X, meta = make_input(args.data, args.cells, args.dims)
+    lisi_exact, idx_exact, t_knn, t_sc = time_ours(X, meta, "exact")
+    rows.append((args.cells, "harmonypy, exact", t_knn, t_sc, t_knn + t_sc, "matches R to ~1e-15"))
+    print(rows[-1], flush=True)
+
+    lisi_ivf, idx_ivf, a_knn, a_sc = time_ours(X, meta, "ivf")
+    err = np.abs(lisi_ivf - lisi_exact)
+    rows.append((args.cells, f"harmonypy, IVF (n_probe={_lisi.IVF_PROBES})", a_knn, a_sc,
+                 a_knn + a_sc,
+                 f"recall {recall(idx_ivf, idx_exact):.4f}; |LISI - exact| median "
+                 f"{np.median(err):.1e}, 99th pct {np.quantile(err, 0.99):.2g}, max {err.max():.2g}"))
+    print(rows[-1], flush=True)
+    for n_probe in [int(p) for p in args.probes.split(",") if p.strip()]:
+        _, idx_p, p_knn, _ = time_ours(X, meta, "ivf", n_probe=n_probe)
+        sweep.append((n_probe, p_knn, recall(idx_p, idx_exact)))
+        print("sweep", sweep[-1], flush=True)
+
+    old_line = None
+    if not args.skip_old:
+        n_old = args.old_cells or args.cells
+        if n_old == args.cells:
+            Xo, mo, ours = X, meta, {"exact": rows[0][4], "IVF": rows[1][4]}
+            ours_lisi = lisi_exact
+        else:
+            Xo, mo = make_input(args.data, n_old, args.dims)
+            ours_lisi, _, k2, s2 = time_ours(Xo, mo, "exact")
+            _, _, k3, s3 = time_ours(Xo, mo, "ivf")
+            ours = {"exact": k2 + s2, "IVF": k3 + s3}
+            rows.append((n_old, "harmonypy, exact", k2, s2, k2 + s2, ""))
+            rows.append((n_old, "harmonypy, IVF", k3, s3, k3 + s3, ""))
+        old_lisi, old_t = time_old(Xo, mo, args.old_timeout)
+        if old_lisi is None:
+            rows.append((n_old, f"harmonypy {OLD_VERSION}", None, None, None, old_t))
+        else:
+            diff = np.abs(old_lisi - ours_lisi).max()
+            rows.append((n_old, f"harmonypy {OLD_VERSION}", None, None, old_t,
+                         f"max |LISI - ours exact| {diff:.3g}"))
+            old_line = (n_old, old_t, ours)
+        print(rows[-1], flush=True)
+
+    if args.million:
+        n = 1_000_000
+        Xm, mm = make_input(args.data, n, args.dims, seed=1)
+        _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "ivf")
+        sample = np.random.default_rng(2).choice(n, 2000, replace=False)
+        ex = _exact_for_queries(Xm, sample, idx_m.shape[1])
+        rows.append((n, f"harmonypy, IVF (n_probe={_lisi.IVF_PROBES})", m_knn, m_sc,
+                     m_knn + m_sc,
+                     f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells)"))
+        print(rows[-1], flush=True)
+
+    write_report(rows, sweep, old_line, env, args)
+    return 0
+
+
+def _exact_for_queries(X: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact neighbours (self excluded) of a few query cells, by brute force."""
+    import torch
+    T = torch.from_numpy(X)
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), 100):
+        q = queries[s:s + 100]
+        d = torch.cdist(T[q], T)
+        d[torch.arange(len(q)), torch.from_numpy(q)] = float("inf")
+        out[s:s + 100] = torch.topk(d, k, largest=False).indices.numpy()
+    return out
+
+
+def _fmt(x):
+    return "" if x is None else f"{x:.2f}"
+
+
+def write_report(rows, sweep, old_line, env, args):
+    data = ("Gaussian mixture (20 cell types, 4 batches, PC-like decreasing scales)"
+            if args.data == "mixture" else
+            "harmonypy._simulate.simulate (10 cell types, 8 batches)")
+    cmd = " ".join(["python benchmarks/bench_lisi.py", f"--cells {args.cells}"]
+                   + ([f"--data {args.data}"] if args.data != "mixture" else [])
+                   + (["--million"] if args.million else [])
+                   + ([f"--old-cells {args.old_cells}"] if args.old_cells else [])
+                   + (["--skip-old"] if args.skip_old else []))
+    lines = [
+        "# LISI benchmark", "", f"`{cmd}`", "",
+        f"Machine: {env}; shared with other jobs, so compare timings within this table. "
+        f"Data: {data}, {args.dims} dims; labels `batch` and `cell_type` scored in one "
+        f"call, perplexity {PERPLEXITY}.",
+        "",
+        "| cells | implementation | neighbours (s) | scores (s) | total (s) | notes |",
+        "| ---: | --- | ---: | ---: | ---: | --- |",
+    ]
+    for n, name, a, b, c, note in rows:
+        lines.append(f"| {n:,} | {name} | {_fmt(a)} | {_fmt(b)} | {_fmt(c)} | {note} |")
+    if old_line:
+        n, old_t, ours = old_line
+        lines += [""] + [
+            f"Speed-up at {n:,} cells, harmonypy {OLD_VERSION} / ours ({name}): "
+            f"**{old_t / t:.1f}x** ({old_t:.1f} s vs {t:.1f} s)."
+            for name, t in ours.items()
+        ]
+    if sweep:
+        lines += ["", f"IVF recall of the exact neighbours at {args.cells:,} cells by `n_probe` "
+                  f"({_lisi._ivf_n_lists(args.cells)} lists):", "",
+                  "| n_probe | neighbours (s) | recall |", "| ---: | ---: | ---: |"]
+        lines += [f"| {p} | {t:.2f} | {r:.4f} |" for p, t, r in sweep]
+    text = "\n".join(lines) + "\n"
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out = RESULTS if args.data == "mixture" else RESULTS.with_name(f"lisi-{args.data}.md")
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

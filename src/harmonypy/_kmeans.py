@@ -10,30 +10,42 @@ on every cell straight away.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of ``x`` (n x d)."""
-    n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator))
-    centers = torch.empty((k, x.shape[1]), dtype=x.dtype, device=x.device)
-    centers[0] = x[first]
+def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator,
+                     n_seedings: int = 1) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of ``x`` (n x d).
+
+    ``n_seedings`` independent seedings advance together, so each of the k
+    steps costs a handful of batched operations instead of a Python loop per
+    seeding. Returns a (n_seedings, k, d) tensor.
+    """
+    n, d = x.shape
+    runs = torch.arange(n_seedings)
+    # All random numbers up front, from the caller's generator only.
+    first = torch.randint(n, (n_seedings,), generator=generator)
+    uniform = torch.rand((n_seedings, k), generator=generator, dtype=torch.float64)
+    fallback = torch.randint(n, (n_seedings, k), generator=generator)
+    centers = torch.empty((n_seedings, k, d), dtype=x.dtype, device=x.device)
     sq_norms = (x * x).sum(1)
-    closest = (sq_norms - 2 * x @ centers[0] + sq_norms[first]).clamp_min_(0)
+    picks = first.to(x.device)
+    centers[:, 0] = x[picks]
+    closest = (sq_norms[None, :] - 2 * centers[:, 0] @ x.T
+               + sq_norms[picks][:, None]).clamp_min_(0)
     for j in range(1, k):
         # D^2 sampling by inverting the cumulative weights: far cheaper than
-        # torch.multinomial on a long vector.
-        cumulative = torch.cumsum(closest.double(), 0)
-        total = float(cumulative[-1])
-        if total <= 0:  # fewer distinct points than clusters: take any point
-            pick = int(torch.randint(n, (1,), generator=generator))
-        else:
-            target = float(torch.rand((), generator=generator, dtype=torch.float64)) * total
-            target_t = torch.tensor([target], dtype=torch.float64, device=cumulative.device)
-            pick = min(int(torch.searchsorted(cumulative, target_t, right=True)), n - 1)
-        centers[j] = x[pick]
-        dist = (sq_norms - 2 * x @ centers[j] + sq_norms[pick]).clamp_min_(0)
+        # torch.multinomial on long vectors.
+        cumulative = torch.cumsum(closest.double(), 1)
+        total = cumulative[:, -1]
+        target = (uniform[:, j].to(x.device) * total)[:, None]
+        picks = torch.searchsorted(cumulative, target, right=True)[:, 0].clamp_max_(n - 1)
+        # Fewer distinct points than clusters: any point will do.
+        picks = torch.where(total > 0, picks, fallback[:, j].to(x.device))
+        centers[runs, j] = x[picks]
+        dist = (sq_norms[None, :] - 2 * centers[:, j] @ x.T
+                + sq_norms[picks][:, None]).clamp_min_(0)
         torch.minimum(closest, dist, out=closest)
     return centers
 
@@ -92,11 +104,8 @@ def kmeans_centroids(
     # Restarts compete on the k-means++ seeding's own inertia; Lloyd then runs
     # once, from the best seeding. Harmony refines the centroids anyway, and
     # this keeps the initialisation a small part of the run at any size.
-    best, best_inertia = None, float("inf")
-    for _ in range(n_init):
-        centers = _kmeans_plusplus(x, k, generator)
-        inertia = _inertia(x, centers)
-        if inertia < best_inertia:
-            best, best_inertia = centers, inertia
+    seedings = _kmeans_plusplus(x, k, generator, n_seedings=n_init)
+    inertias = [_inertia(x, centers) for centers in seedings]
+    best = seedings[int(np.argmin(inertias))]
     centers, _ = _lloyd(x, best, max_iter)
     return centers

@@ -302,6 +302,7 @@ class Harmony:
     # -------------------------------------------------------------- internals
     def _reassign(self) -> None:
         """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
+        self._assignments = None  # one N x K matrix at a time
         self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
         self._rows = None
         self._recount()

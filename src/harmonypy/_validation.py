@@ -182,14 +182,25 @@ def _check_finite(cells: np.ndarray) -> None:
 def _squared_norms(cells: np.ndarray) -> np.ndarray:
     """Squared L2 length of every cell, in float64, chunk by chunk."""
     out = np.empty(cells.shape[0], dtype=np.float64)
-    for start in range(0, cells.shape[0], _CHUNK_ROWS):
-        block = cells[start:start + _CHUNK_ROWS].astype(np.float64)
-        # Rescale by the largest entry so squaring cannot overflow float64.
-        peak = np.abs(block).max(axis=1)
-        safe = np.where(peak > 0, peak, 1.0)
-        scaled = block / safe[:, None]
-        out[start:start + block.shape[0]] = np.einsum("ij,ij->i", scaled, scaled) * safe**2
+    with np.errstate(over="ignore", under="ignore"):
+        for start in range(0, cells.shape[0], _CHUNK_ROWS):
+            _squared_norms_chunk(cells[start:start + _CHUNK_ROWS], out[start:])
     return out
+
+
+def _squared_norms_chunk(block: np.ndarray, out: np.ndarray) -> None:
+    """``_squared_norms`` for one chunk, written to the start of ``out``."""
+    rows = out[:block.shape[0]]
+    rows[:] = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+    # Only where squaring could overflow or underflow float64 (entries far
+    # beyond any embedding's scale) is the slower rescaled sum needed.
+    risky = ~np.isfinite(rows) | (rows < 1e-280)
+    if risky.any():
+        exact = block[risky].astype(np.float64)
+        peak = np.abs(exact).max(axis=1)
+        safe = np.where(peak > 0, peak, 1.0)
+        scaled = exact / safe[:, None]
+        rows[risky] = np.einsum("ij,ij->i", scaled, scaled) * safe**2
 
 
 def _check_nonzero_cells(cells: np.ndarray) -> None:

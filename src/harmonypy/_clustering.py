@@ -187,6 +187,7 @@ def online_update(
     diversity_fn: Callable,
     first_levels: int,
     rows: torch.Tensor | None = None,
+    z_rows_out: torch.Tensor | None = None,
 ) -> tuple[float, float, torch.Tensor]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
@@ -218,6 +219,9 @@ def online_update(
         so their level sums also give the cluster sizes.
     rows : optional (N,) int64 tensor
         The cell held by each row of ``assignments`` (None: row i is cell i).
+    z_rows_out : optional (N, d) tensor
+        Receives ``z_cos`` in the new row order of ``assignments`` (the block
+        rows are gathered anyway), so the next centroids need no gather.
 
     Returns
     -------
@@ -246,13 +250,13 @@ def online_update(
         dist_term, entropy_term = _update_blocks(
             assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
             bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
-            two_over_sigma, uniform_sigma, dist_acc, entropy_acc)
+            two_over_sigma, uniform_sigma, dist_acc, entropy_acc, z_rows_out)
     return dist_term, entropy_term, cells_in_order
 
 
 def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
                    bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
-                   two_over_sigma, uniform_sigma, dist_acc, entropy_acc):
+                   two_over_sigma, uniform_sigma, dist_acc, entropy_acc, z_rows_out):
     """The per-block loop of :func:`online_update`."""
     dtype = assignments.dtype
     acc_dtype = stats.observed.dtype
@@ -277,8 +281,10 @@ def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, 
                 dim=0)
         # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
         # scaled centroids, the penalty and the constant added by the product.
-        logits = torch.addmm(penalty - two_over_sigma, z_cos.index_select(0, cells),
-                             scaled_centroids_t)
+        block_z = z_cos.index_select(0, cells)
+        if z_rows_out is not None:
+            z_rows_out[start:end].copy_(block_z)
+        logits = torch.addmm(penalty - two_over_sigma, block_z, scaled_centroids_t)
         new = torch.softmax(logits, dim=1)
         # Objective terms without a pass of logs: log R = logits - lse, and the
         # row's largest R sits at its largest logit, so lse = max - log(max R);

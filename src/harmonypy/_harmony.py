@@ -175,6 +175,10 @@ class Harmony:
         # The online update leaves R's rows in its last block order: row p holds
         # cell _rows[p] (None: row i is cell i).
         self._rows: torch.Tensor | None = None
+        # Harmony 1 only: Z_cos copied in R's row order by the online update,
+        # valid until Z_cos or the row order changes.
+        self._z_rows: torch.Tensor | None = None
+        self._z_rows_current = False
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._intercept: torch.Tensor | None = None
@@ -216,8 +220,11 @@ class Harmony:
         rounds = self.max_iter_kmeans
         for i in range(self.max_iter_kmeans):
             if not harmony2:
-                self._centroids = clu.compute_centroids(self._assignments, self._z_cos,
-                                                        self._rows)
+                if self._z_rows_current:  # Z_cos already in R's row order
+                    self._centroids = clu.compute_centroids(self._assignments, self._z_rows)
+                else:
+                    self._centroids = clu.compute_centroids(self._assignments, self._z_cos,
+                                                            self._rows)
             dist_term, entropy_term = self.update_R()
             self.compute_objective(dist_term, entropy_term, step="clustering")
             if i > self.window_size and self.check_convergence(0):
@@ -230,10 +237,14 @@ class Harmony:
     def update_R(self) -> tuple[float, float]:
         """Online update of R in shuffled blocks; returns the distance and entropy terms."""
         order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        if self.algorithm == "harmony1" and self._z_rows is None:
+            self._z_rows = torch.empty_like(self._z_cos)
         dist_term, entropy_term, self._rows = clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
-            self._diversity, int(self.design.offsets[1]), rows=self._rows)
+            self._diversity, int(self.design.offsets[1]), rows=self._rows,
+            z_rows_out=self._z_rows)
+        self._z_rows_current = self._z_rows is not None
         return dist_term, entropy_term
 
     def compute_objective(self, dist_term: float, entropy_term: float,
@@ -256,6 +267,7 @@ class Harmony:
         # The correction starts again from Z_orig: release the previous Z_corr
         # and Z_cos first so that only one copy of each is alive at a time.
         self._z_corr = self._z_cos = None
+        self._z_rows_current = False
         result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
@@ -303,6 +315,7 @@ class Harmony:
     def _reassign(self) -> None:
         """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
         self._assignments = None  # one N x K matrix at a time
+        self._z_rows_current = False
         self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
         self._rows = None
         self._recount()

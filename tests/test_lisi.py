@@ -375,3 +375,18 @@ def test_ragged_positions():
     pos, valid = _lisi._ragged_positions(starts, lengths, pad=-1)
     assert pos.tolist() == [[10, 11, 5, 6, 7], [3, 7, -1, -1, -1]]
     assert valid.sum(1).tolist() == [5, 2]
+
+
+def test_refine_torch_matches_numpy_refine():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 7))
+    sel = np.arange(0, 300, 3)
+    cand = rng.integers(0, 300, size=(sel.size, 40))
+    cand[:, 5] = sel  # the query itself must be dropped
+    cand[:, 6] = cand[:, 7]  # duplicates tie; order must stay stable
+    d_np, i_np = _lisi._refine(X, sel, cand, 20)
+    d_t, i_t = _lisi._refine_torch(
+        torch.from_numpy(X), torch.from_numpy(sel), torch.from_numpy(cand), 20
+    )
+    np.testing.assert_allclose(d_t.numpy(), d_np, rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(i_t.numpy(), i_np)

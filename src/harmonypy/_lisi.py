@@ -557,6 +557,26 @@ def _refine(
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(cand, order, axis=1)
 
 
+def _refine_torch(
+    X64: torch.Tensor, sel: torch.Tensor, cand: torch.Tensor, n_neighbors: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_refine` in PyTorch (multithreaded gathers; same float64 distances).
+
+    ``X64`` is a float64 tensor of the cells; ``sel`` (shape (m,)) and
+    ``cand`` (shape (m, n_candidates)) are row indices into it.  Returns the
+    distances (float64) and indices of the ``n_neighbors`` nearest candidates
+    other than the query itself, ascending (ties in candidate order).
+    """
+    m, c = cand.shape
+    diff = X64.index_select(0, cand.reshape(-1)).view(m, c, -1)
+    diff -= X64.index_select(0, sel).unsqueeze(1)
+    diff.mul_(diff)
+    d = diff.sum(dim=2)
+    d.masked_fill_(cand == sel.unsqueeze(1), math.inf)  # don't count yourself
+    d, order = torch.sort(d, dim=1, stable=True)
+    return d[:, :n_neighbors].sqrt_(), torch.gather(cand, 1, order[:, :n_neighbors])
+
+
 # --------------------------------------------------------------------------- #
 # Approximate search: inverted file (IVF)
 # --------------------------------------------------------------------------- #
@@ -585,7 +605,7 @@ def _knn_ivf(
     compared with all cells of the ``n_probe`` lists whose centroids are
     nearest to that list's centroid (itself included) by one float32 matrix
     product; ``torch.topk`` keeps a few spare candidates, whose distances are
-    then recomputed in float64 and re-ranked (:func:`_refine`), so returned
+    then recomputed in float64 and re-ranked (:func:`_refine_torch`), so returned
     distances are exact for the neighbours found.  A true neighbour is missed
     only if it lies in none of the probed lists.  Lists of similar size are
     processed together (padded, one batched product) so that the Python and
@@ -631,15 +651,20 @@ def _knn_ivf(
         sentinel[0, -1] = math.inf
         data = torch.cat([data, sentinel])
         probes = _probe_lists(cent, counts, n_probe or IVF_PROBES, n_sel)
-        order_np = order.numpy()
+        # float64 coordinates in list order, for the re-ranking
+        X64 = torch.from_numpy(Xc)[order]
+        dist_t = torch.from_numpy(dist)
+        idx_t = torch.from_numpy(idx)
+        # the float64 re-ranking gathers rows x n_sel x n_dims values
+        rows = int(max(1, _CHUNK_BYTES // (8 * n_sel * X.shape[1])))
         for group in _group_lists(counts, probes):
             sel, cand = _ivf_search_group(group, queries, data, counts, offsets, probes, n_sel)
-            sel, cand = order_np[sel], order_np[cand]
-            # the float64 re-ranking gathers rows x n_sel x n_dims values
-            rows = int(max(1, _CHUNK_BYTES // (8 * n_sel * X.shape[1])))
-            for r0 in range(0, sel.size, rows):
-                s = sel[r0 : r0 + rows]
-                dist[s], idx[s] = _refine(Xc, s, cand[r0 : r0 + rows], n_neighbors)
+            for r0 in range(0, sel.shape[0], rows):
+                s, c = sel[r0 : r0 + rows], cand[r0 : r0 + rows]
+                d, i = _refine_torch(X64, s, c, n_neighbors)
+                out = order[s]
+                dist_t[out] = d
+                idx_t[out] = order[i]
     return dist, idx
 
 
@@ -764,9 +789,9 @@ def _ivf_search_group(
 
     Returns
     -------
-    sel : numpy.ndarray of int64, shape (n_queries,)
+    sel : torch.Tensor of int64, shape (n_queries,)
         Positions of the query cells.
-    cand : numpy.ndarray of int64, shape (n_queries, n_sel)
+    cand : torch.Tensor of int64, shape (n_queries, n_sel)
         Positions of their ``n_sel`` nearest candidates (float32 ranking).
     """
     n = queries.shape[0]
@@ -776,7 +801,7 @@ def _ivf_search_group(
     block = torch.bmm(queries[qpos], data[cpos].transpose(1, 2))
     pos = torch.topk(block, n_sel, dim=2, largest=False, sorted=False).indices
     cand = torch.gather(cpos.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos)
-    return qpos[qvalid].numpy(), cand[qvalid].numpy()
+    return qpos[qvalid], cand[qvalid]
 
 
 def _kmeans_sample(

@@ -14,11 +14,9 @@ import functools
 import logging
 import math
 import os
-import time
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from harmonypy import _clustering as clu

@@ -139,19 +139,6 @@ def block_bounds(n_cells: int, block_size: float) -> list[tuple[int, int]]:
     return bounds
 
 
-@dataclass
-class ObjectiveTerms:
-    """The three parts of the clustering objective, before the 2000 / N scaling."""
-
-    dist: float
-    entropy: float
-    cross: float
-
-    @property
-    def total(self) -> float:
-        return self.dist + self.entropy + self.cross
-
-
 def cross_term(stats: ClusterStats, proportions, theta, sigma,
                cross_fn: Callable) -> float:
     """``sum_k sigma_k sum_b theta_b O_kb log(...)`` from the counts alone."""
@@ -166,10 +153,8 @@ def _block_level_sums(assignments, codes, order, bounds, n_levels) -> torch.Tens
     block_of = torch.empty_like(order)
     block_of[order[:int(sizes.sum())]] = torch.repeat_interleave(
         torch.arange(n_blocks, device=order.device), sizes)
-    sums = torch.zeros((n_blocks * n_levels, assignments.shape[1]), dtype=assignments.dtype,
-                       device=assignments.device)
-    for v in range(codes.shape[1]):
-        sums.index_add_(0, block_of * n_levels + codes[:, v], assignments)
+    # A (block, level) pair is just a level of a finer design.
+    sums = level_sums(assignments, block_of[:, None] * n_levels + codes, n_blocks * n_levels)
     return sums.view(n_blocks, n_levels, -1)
 
 
@@ -231,38 +216,35 @@ def online_update(
     rows : (N,) int64 tensor
         The cell held by each row of ``assignments`` after the update.
     """
-    dtype = assignments.dtype
     n_levels = stats.observed.shape[0]
-    two_over_sigma = (2.0 / sigma).to(dtype)
-    scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
-    uniform_sigma = bool((sigma == sigma[0]).all())
-    acc_dtype = stats.observed.dtype
-    dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
-    entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     row_codes = codes if rows is None else codes.index_select(0, rows)
     # A block's cells keep their old assignments until the block's turn, so
     # what each block takes out of O can be summed up front in one sequential
     # pass over R, instead of gathering the old rows block by block.
-    removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels).to(acc_dtype)
+    removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels)
     cells_in_order = order if rows is None else rows.index_select(0, order)
     largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
-            assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
-            bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
-            two_over_sigma, uniform_sigma, dist_acc, entropy_acc, z_rows_out)
+            assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
+            cells_in_order, bounds, removals, diversity_fn, first_levels, z_rows_out)
     return dist_term, entropy_term, cells_in_order
 
 
-def _update_blocks(assignments, z_cos, codes, stats, proportions, theta, sigma, cells_in_order,
-                   bounds, diversity_fn, first_levels, removals, scaled_centroids_t,
-                   two_over_sigma, uniform_sigma, dist_acc, entropy_acc, z_rows_out):
-    """The per-block loop of :func:`online_update`."""
+def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
+                   cells_in_order, bounds, removals, diversity_fn, first_levels, z_rows_out):
+    """The per-block loop of :func:`online_update`; returns the two objective terms."""
     dtype = assignments.dtype
     acc_dtype = stats.observed.dtype
     n_levels = stats.observed.shape[0]
     n_variables = codes.shape[1]
+    removals = removals.to(acc_dtype)
     sigma_c = sigma.to(dtype)
+    two_over_sigma = (2.0 / sigma).to(dtype)
+    scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
+    uniform_sigma = bool((sigma == sigma[0]).all())
+    dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
+    entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     for j, (start, end) in enumerate(bounds):
         cells = cells_in_order[start:end]
         block_codes = codes.index_select(0, cells)

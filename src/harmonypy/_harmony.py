@@ -218,11 +218,7 @@ class Harmony:
         rounds = self.max_iter_kmeans
         for i in range(self.max_iter_kmeans):
             if not harmony2:
-                if self._z_rows_current:  # Z_cos already in R's row order
-                    self._centroids = clu.compute_centroids(self._assignments, self._z_rows)
-                else:
-                    self._centroids = clu.compute_centroids(self._assignments, self._z_cos,
-                                                            self._rows)
+                self._update_centroids()
             dist_term, entropy_term = self.update_R()
             self.compute_objective(dist_term, entropy_term, step="clustering")
             if i > self.window_size and self.check_convergence(0):
@@ -310,6 +306,14 @@ class Harmony:
         return self
 
     # -------------------------------------------------------------- internals
+    def _update_centroids(self) -> None:
+        """Harmony 1's centroid step, from Z_cos laid out in R's row order when
+        the last online update left it so, else through the row map."""
+        if self._z_rows_current:
+            self._centroids = clu.compute_centroids(self._assignments, self._z_rows)
+        else:
+            self._centroids = clu.compute_centroids(self._assignments, self._z_cos, self._rows)
+
     def _reassign(self) -> None:
         """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
         self._assignments = None  # one N x K matrix at a time

@@ -267,40 +267,48 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
         if z_rows_out is not None:
             z_rows_out[start:end].copy_(block_z)
         logits = torch.addmm(penalty - two_over_sigma, block_z, scaled_centroids_t)
-        new = torch.softmax(logits, dim=1)
+        # The block's old rows are no longer needed (its removals are known).
+        new = torch.softmax(logits, dim=1, out=assignments[start:end])
+        added = level_sums(new, block_codes, n_levels)
         # Objective terms without a pass of logs: log R = logits - lse, and the
         # row's largest R sits at its largest logit, so lse = max - log(max R);
         # dist = sigma * (penalty - logits) with the penalty before the constant.
+        # With one variable, sum_i R_ik penalty_ik is sum_b added_bk log_penalty_bk.
         lse = logits.amax(1) - new.amax(1).log()
         if uniform_sigma:
             r_logits = torch.dot(new.view(-1), logits.view(-1))
-            r_penalty = torch.dot(new.view(-1), penalty.view(-1))
+            if n_variables == 1:
+                r_penalty = torch.dot(added.view(-1), log_penalty.view(-1))
+            else:
+                r_penalty = torch.dot(new.view(-1), penalty.view(-1))
             entropy_acc += sigma_c[0].to(acc_dtype) * (r_logits - lse.sum()).to(acc_dtype)
             dist_acc += sigma_c[0].to(acc_dtype) * (r_penalty - r_logits).to(acc_dtype)
         else:
             r_logits = (new * logits).sum(0)
+            r_penalty = ((added * log_penalty).sum(0) if n_variables == 1
+                         else (new * penalty).sum(0))
             entropy_acc += (r_logits @ sigma_c - lse @ (new @ sigma_c)).to(acc_dtype)
-            dist_acc += (((new * penalty).sum(0) - r_logits) @ sigma_c).to(acc_dtype)
-        added = level_sums(new, block_codes, n_levels).to(acc_dtype)
+            dist_acc += ((r_penalty - r_logits) @ sigma_c).to(acc_dtype)
+        added = added.to(acc_dtype)
         stats.observed += added
         stats.cluster_sizes += added[:first_levels].sum(0)
-        assignments[start:end].copy_(new)
     return float(dist_acc), float(entropy_acc)
 
 
 # Blocks below this many elements (cells x clusters) are updated on one thread.
-SERIAL_BLOCK_ELEMENTS = 2**21
+SERIAL_BLOCK_ELEMENTS = 2**14
 
 
 @contextlib.contextmanager
 def serial_if_small(n_elements: int, device: torch.device):
-    """Run small per-block work on one CPU thread, restoring the setting after.
+    """Run the per-block work of tiny problems on one CPU thread, restoring the
+    setting after.
 
-    A block update is some twenty short operations; split over threads, each
-    one ends in a barrier, and when another process holds one of the cores
-    every barrier waits for the scheduler — runs were seen to slow down 25x.
-    Small blocks gain little from threads anyway. The choice depends only on
-    the problem size, so results stay reproducible.
+    A block update is about fifteen short operations, each ending in a thread
+    barrier. Below ~16k elements (a few thousand cells) the barriers cost as
+    much as the work; above, the threads pay off (100k cells, 2 idle cores:
+    25% faster than one thread). The choice depends only on the problem size,
+    so results stay reproducible.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1 or n_elements > SERIAL_BLOCK_ELEMENTS:

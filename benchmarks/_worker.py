@@ -108,6 +108,7 @@ def run_harmonypy(
         # Our package before the Harmony2 switch exists: report, don't fail.
         raise NotImplementedError("run_harmony has no `algorithm` parameter yet")
 
+    rss_before_call = peak_rss_gb()  # after importing the tool
     t0 = time.perf_counter()
     ho = harmonypy.run_harmony(X, meta, args.batch_key, **kwargs)
     seconds = time.perf_counter() - t0
@@ -115,6 +116,7 @@ def run_harmonypy(
     rounds = [int(r) for r in getattr(ho, "kmeans_rounds", [])]
     info = dict(
         seconds=seconds,
+        rss_before_call_gb=rss_before_call,
         iterations=len(rounds) if rounds else None,
         kmeans_rounds=rounds,
         version=getattr(harmonypy, "__version__", None),
@@ -167,11 +169,13 @@ def run_harmony_pytorch(
         )
     if args.threads:  # harmonize() calls torch.set_num_threads(n_jobs) itself
         kwargs["n_jobs"] = args.threads
+    rss_before_call = peak_rss_gb()  # after importing the tool
     t0 = time.perf_counter()
     Z = harmony.harmonize(X, meta, batch_key=args.batch_key, **kwargs)
     seconds = time.perf_counter() - t0
     info = dict(
         seconds=seconds,
+        rss_before_call_gb=rss_before_call,
         iterations=len(rounds),
         kmeans_rounds=rounds,
         version=getattr(harmony, "__version__", None),

@@ -206,27 +206,37 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
     return dict(status=f"crashed (rc={proc.returncode})", error=tail[0])
 
 
-def run_tool(tool: Tool, inputs: dict[str, Path], mode: str, n_cells: int,
-             args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``tool`` ``args.repeats`` times; keep the fastest time, first output.
+def run_tools(tools: list[Tool], inputs: dict[str, Path], mode: str, n_cells: int,
+              args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run every tool ``args.repeats`` times; keep the fastest time, first output.
 
-    The minimum is reported (median kept too) because on a shared machine
-    noise from other processes only ever adds time.
+    Repeats go round-robin (tool A, tool B, ..., then A, B, ... again), so a
+    slow drift in the machine's speed touches every tool alike. The minimum is
+    reported (median kept too) because noise from other processes only ever
+    adds time.
     """
     out_dir = WORK / "outputs" / f"n{n_cells}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = tool.name.replace(" ", "_").replace("(", "").replace(")", "")
-    runs = []
+    runs: dict[str, list[dict[str, Any]]] = {tool.name: [] for tool in tools}
     for rep in range(args.repeats):
-        out_npy = out_dir / f"{slug}_{mode}_r{rep}.npy"
-        log(f"{tool.name} {mode} n={n_cells} repeat {rep + 1}/{args.repeats}")
-        res = run_once(tool, inputs, mode, out_npy, args)
-        res["output"] = str(out_npy)
-        runs.append(res)
-        if res["status"] != "ok":
-            break  # a tool that fails or times out once will do so again
-        log(f"  {res['seconds']:.2f} s, {res.get('iterations')} iterations, "
-            f"peak RSS {res['rss_peak_gb']:.2f} GB")
+        for tool in tools:
+            done = runs[tool.name]
+            if done and done[-1]["status"] != "ok":
+                continue  # a tool that fails or times out once will do so again
+            slug = tool.name.replace(" ", "_").replace("(", "").replace(")", "")
+            out_npy = out_dir / f"{slug}_{mode}_r{rep}.npy"
+            log(f"{tool.name} {mode} n={n_cells} repeat {rep + 1}/{args.repeats}")
+            res = run_once(tool, inputs, mode, out_npy, args)
+            res["output"] = str(out_npy)
+            done.append(res)
+            if res["status"] == "ok":
+                log(f"  {res['seconds']:.2f} s, {res.get('iterations')} iterations, "
+                    f"peak RSS {res['rss_peak_gb']:.2f} GB")
+    return [_summarise(runs[tool.name]) for tool in tools]
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a tool's repeats: fastest time, median, all times, worst memory."""
     first = dict(runs[0])
     ok = [r for r in runs if r["status"] == "ok"]
     if ok and len(ok) == len(runs):
@@ -236,6 +246,10 @@ def run_tool(tool: Tool, inputs: dict[str, Path], mode: str, n_cells: int,
         first["loadavg_max"] = max(max(r.get("loadavg_before", 0), r.get("loadavg_after", 0))
                                    for r in ok)
         first["rss_peak_gb"] = max(r["rss_peak_gb"] for r in ok)
+        calls = [r["rss_peak_gb"] - r["rss_before_call_gb"] for r in ok
+                 if r.get("rss_before_call_gb") is not None]
+        if calls:
+            first["rss_call_gb"] = max(calls)
         if first.get("iterations"):
             first["seconds_per_iteration"] = first["seconds"] / first["iterations"]
     return first
@@ -372,6 +386,7 @@ COLUMNS = [  # (key in row, header, format)
     ("tool", "tool", "{}"), ("algorithm", "algorithm", "{}"), ("mode", "mode", "{}"),
     ("n_cells", "cells", "{:,}"), ("seconds", "seconds", "{:.2f}"),
     ("rss_peak_gb", "peak RSS GB", "{:.2f}"), ("rss_delta_gb", "RSS increase GB", "{:.2f}"),
+    ("rss_call_gb", "call RSS GB", "{:.2f}"),
     ("iterations", "iterations", "{}"), ("seconds_per_iteration", "s/iteration", "{:.3f}"),
     ("ilisi", "iLISI", "{:.2f}"), ("clisi", "cLISI", "{:.2f}"),
     ("min_pc_r", "min per-PC r", "{:.4f}"), ("r_vs", "r vs", "{}"),
@@ -416,7 +431,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, lisi_name: str) ->
     """Write ``<name>.csv`` and ``<name>.md`` to benchmarks/results/."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / args.name
-    keep = [k for k, _, _ in COLUMNS] + ["rss_after_load_gb", "seconds_median", "seconds_all",
+    keep = [k for k, _, _ in COLUMNS] + ["rss_after_load_gb", "rss_before_call_gb", "seconds_median", "seconds_all",
                                          "kmeans_rounds", "lisi_cells", "torch_threads",
                                          "version", "error"]
     pd.DataFrame([{k: r.get(k) for k in keep} for r in rows]).to_csv(
@@ -440,7 +455,9 @@ def write_results(rows: list[dict], args: argparse.Namespace, lisi_name: str) ->
         "min per-PC r: smallest Pearson correlation over PCs with the tool in "
         "`r vs` (same algorithm). Peak RSS is the worker's high-water mark (VmHWM "
         "on Linux); 'RSS increase' subtracts the mark after loading the inputs, so it "
-        "covers importing the tool and the call. Times cover the Harmony call only.", "",
+        "covers importing the tool and the call; 'call RSS' subtracts the mark after "
+        "importing the tool, so it covers the call alone (importing torch alone takes "
+        "about 0.25 GB). Times cover the Harmony call only.", "",
         markdown_table(rows), "",
     ]
     stem.with_suffix(".md").write_text("\n".join(notes))
@@ -549,8 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = make_inputs(n_cells, args)
         size_rows = [input_row(inputs, n_cells, args, lisi)]
         for mode in args.modes:
-            for tool in tools:
-                res = run_tool(tool, inputs, mode, n_cells, args)
+            for tool, res in zip(tools, run_tools(tools, inputs, mode, n_cells, args)):
                 res.update(tool=tool.name, algorithm=tool.algorithm, mode=mode,
                            n_cells=n_cells)
                 size_rows.append(res)

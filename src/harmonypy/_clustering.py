@@ -105,14 +105,35 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torc
 
 
 def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
-                chunk: int = 65536) -> torch.Tensor:
-    """Initial R transposed (N x K): softmax over clusters of ``-dist / sigma``."""
+                objective: bool = False, chunk: int = 65536):
+    """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
+
+    Returns
+    -------
+    assignments : (N, K) tensor.
+    dist_term, entropy_term : float, only with ``objective=True``
+        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` for these
+        assignments, from the logits in hand: with ``logits = -dist / sigma``,
+        ``dist = -sigma * logits`` and ``log R = logits - logsumexp(logits)``.
+    """
     out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
                       device=z_cos.device)
-    inv_sigma = (1.0 / sigma).to(z_cos.dtype)
+    sigma_c = sigma.to(z_cos.dtype)
+    inv_sigma = 1.0 / sigma_c
+    sigma64 = sigma.double()
+    dist_term = entropy_term = 0.0
     for start in range(0, z_cos.shape[0], chunk):
-        dist = distances(z_cos[start:start + chunk], centroids)
-        torch.softmax(dist.mul_(-inv_sigma), dim=1, out=out[start:start + chunk])
+        logits = distances(z_cos[start:start + chunk], centroids).mul_(-inv_sigma)
+        r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
+        if not objective:
+            continue
+        # The row's largest R sits at its largest logit: lse = max - log(max R).
+        lse = logits.amax(1) - r.amax(1).log()
+        r_logits = (r * logits).sum(0).double() @ sigma64  # sum_k sigma_k sum_i R log-its
+        dist_term -= float(r_logits)
+        entropy_term += float(r_logits - lse.double() @ (r @ sigma_c).double())
+    if objective:
+        return out, dist_term, entropy_term
     return out
 
 
@@ -173,6 +194,7 @@ def online_update(
     first_levels: int,
     rows: torch.Tensor | None = None,
     z_rows_out: torch.Tensor | None = None,
+    recount: bool = False,
 ) -> tuple[float, float, torch.Tensor]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
@@ -207,6 +229,9 @@ def online_update(
     z_rows_out : optional (N, d) tensor
         Receives ``z_cos`` in the new row order of ``assignments`` (the block
         rows are gathered anyway), so the next centroids need no gather.
+    recount : bool
+        Set ``stats`` from ``assignments`` first (fresh assignments whose counts
+        are not known yet); the pass that sums each block's removals gives them.
 
     Returns
     -------
@@ -222,6 +247,9 @@ def online_update(
     # what each block takes out of O can be summed up front in one sequential
     # pass over R, instead of gathering the old rows block by block.
     removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels)
+    if recount:
+        stats.observed = removals.sum(0).to(stats.observed.dtype)
+        stats.cluster_sizes = stats.observed[:first_levels].sum(0)
     cells_in_order = order if rows is None else rows.index_select(0, order)
     largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
@@ -252,21 +280,22 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
         stats.cluster_sizes -= removals[j, :first_levels].sum(0)
         ratio = diversity_fn(stats.observed, stats.expected(proportions))
         log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
+        # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
+        # scaled centroids, added to the penalty less the constant 2 / sigma.
         if n_variables == 1:
             # embedding() is a much faster row gather than index_select here.
-            penalty = F.embedding(block_codes[:, 0], log_penalty)
+            shifted = F.embedding(block_codes[:, 0], log_penalty - two_over_sigma)
         else:
             # Several variables: R multiplies by (ratio^theta) Phi, a sum over the
             # cell's levels, so their logs combine with logsumexp.
             penalty = torch.logsumexp(torch.stack(
                 [F.embedding(block_codes[:, v], log_penalty) for v in range(n_variables)]),
                 dim=0)
-        # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
-        # scaled centroids, the penalty and the constant added by the product.
+            shifted = penalty - two_over_sigma
         block_z = z_cos.index_select(0, cells)
         if z_rows_out is not None:
             z_rows_out[start:end].copy_(block_z)
-        logits = torch.addmm(penalty - two_over_sigma, block_z, scaled_centroids_t)
+        logits = torch.addmm(shifted, block_z, scaled_centroids_t)
         # The block's old rows are no longer needed (its removals are known).
         new = torch.softmax(logits, dim=1, out=assignments[start:end])
         added = level_sums(new, block_codes, n_levels)

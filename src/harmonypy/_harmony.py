@@ -179,6 +179,7 @@ class Harmony:
         self._z_rows_current = False
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
+        self._stale_counts = False  # R reassigned, O and E not yet recounted
         self._intercept: torch.Tensor | None = None
         self._kept_levels: torch.Tensor | None = None
         self.objective_harmony: list[float] = []
@@ -200,8 +201,7 @@ class Harmony:
         else:  # as R's kmeans(nstart = 10, iter.max = 25)
             centers = kmeans_centroids(self._z_cos, self.K, self._generator)
         self._centroids = clu.normalize_rows(centers)
-        self._reassign()
-        dist_term, entropy_term = self._objective_terms_full()
+        dist_term, entropy_term = self._reassign(objective=True)
         self.compute_objective(dist_term, entropy_term, step="initialisation")
         self.objective_harmony.append(self.objective_kmeans[-1])
 
@@ -213,8 +213,9 @@ class Harmony:
         harmony2 = self.algorithm == "harmony2"
         if harmony2 and self._intercept is not None:
             # Harmony2 keeps the centroids from the correction and starts the
-            # step from a fresh softmax assignment of the corrected cells.
-            self._reassign()
+            # step from a fresh softmax assignment of the corrected cells; the
+            # first online update counts O and E from it.
+            self._reassign(recount=False)
         rounds = self.max_iter_kmeans
         for i in range(self.max_iter_kmeans):
             if not harmony2:
@@ -237,7 +238,8 @@ class Harmony:
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
             self._diversity, int(self.design.offsets[1]), rows=self._rows,
-            z_rows_out=self._z_rows)
+            z_rows_out=self._z_rows, recount=self._stale_counts)
+        self._stale_counts = False
         self._z_rows_current = self._z_rows is not None
         return dist_term, entropy_term
 
@@ -267,7 +269,7 @@ class Harmony:
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
             counts=self._counts, rows=self._rows)
-        if not bool(torch.isfinite(result.z_corr).all()):
+        if not _all_finite(result.z_corr):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
         self._z_cos = clu.normalize_rows(self._z_corr)
@@ -314,13 +316,21 @@ class Harmony:
         else:
             self._centroids = clu.compute_centroids(self._assignments, self._z_cos, self._rows)
 
-    def _reassign(self) -> None:
-        """R as a plain softmax of -dist / sigma from the centroids; O and E from it."""
+    def _reassign(self, objective: bool = False, recount: bool = True
+                  ) -> tuple[float, float] | None:
+        """R as a plain softmax of -dist / sigma from the centroids, and O and E
+        from it (or, without ``recount``, by the next online update). With
+        ``objective``, returns the objective's distance and entropy terms."""
         self._assignments = None  # one N x K matrix at a time
         self._z_rows_current = False
-        self._assignments = clu.soft_assign(self._z_cos, self._centroids, self._sigma)
+        out = clu.soft_assign(self._z_cos, self._centroids, self._sigma, objective)
+        self._assignments = out[0] if objective else out
         self._rows = None
-        self._recount()
+        if recount:
+            self._recount()
+        else:
+            self._stale_counts = True
+        return out[1:] if objective else None
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
@@ -329,17 +339,6 @@ class Harmony:
         self._stats = clu.ClusterStats(
             observed=observed.to(self._stat_dtype),
             cluster_sizes=self._assignments.sum(0).to(self._stat_dtype))
-
-    def _objective_terms_full(self, chunk: int = 65536) -> tuple[float, float]:
-        """Distance and entropy terms over all cells, chunk by chunk."""
-        dist_sum, entropy_sum = 0.0, 0.0
-        sigma = self._sigma.to(self.dtype)
-        for start in range(0, self.N, chunk):
-            r = self._assignments[start:start + chunk]
-            dist = clu.distances(self._z_cos[start:start + chunk], self._centroids)
-            dist_sum += float(dist.mul_(r).sum())
-            entropy_sum += float((torch.xlogy(r, r).sum(0) * sigma).sum())
-        return dist_sum, entropy_sum
 
     def _numerical_failure(self, step: str, what: str) -> None:
         raise FloatingPointError(
@@ -475,6 +474,12 @@ class Harmony:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
         return (f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
                 f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: a NaN or inf makes the sum non-finite, and
+    the sum is one cheap pass; only an overflowing sum needs the full check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _relative_change_below(change: float, old: float, epsilon: float) -> bool:

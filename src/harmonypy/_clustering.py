@@ -73,14 +73,14 @@ def cross_entropy_harmony2(observed, expected):
     return torch.xlogy(observed, (observed + expected + 1) / (2 * expected + 1))
 
 
-def normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """Scale each row to unit L2 norm (a zero row stays zero)."""
+def normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale each row to unit L2 norm (a zero row stays zero), into ``out`` if given."""
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / norms.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.div(x, norms.clamp_min(torch.finfo(x.dtype).tiny), out=out)
 
 
 def compute_centroids(assignments: torch.Tensor, z_cos: torch.Tensor,
-                      rows: torch.Tensor | None = None, chunk: int = 131072) -> torch.Tensor:
+                      rows: torch.Tensor | None = None, chunk: int = 16384) -> torch.Tensor:
     """``Y`` transposed (K x d): R-weighted means of the cells, unit length.
 
     ``rows`` (N,) gives the cell (row of ``z_cos``) held by each row of
@@ -105,8 +105,12 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torc
 
 
 def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
-                objective: bool = False, chunk: int = 65536):
+                objective: bool = False, out: torch.Tensor | None = None,
+                chunk: int = 8192):
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
+
+    ``out`` (N, K), if given, receives the assignments: reusing the previous
+    R's memory spares the page faults of a fresh allocation.
 
     Returns
     -------
@@ -116,8 +120,9 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
         assignments, from the logits in hand: with ``logits = -dist / sigma``,
         ``dist = -sigma * logits`` and ``log R = logits - logsumexp(logits)``.
     """
-    out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
-                      device=z_cos.device)
+    if out is None:
+        out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
+                          device=z_cos.device)
     sigma_c = sigma.to(z_cos.dtype)
     inv_sigma = 1.0 / sigma_c
     sigma64 = sigma.double()

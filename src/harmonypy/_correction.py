@@ -166,6 +166,7 @@ def ridge_correct(
     batch_prop_cutoff: float | None = None,
     counts: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
@@ -182,6 +183,8 @@ def ridge_correct(
         ``counts`` is ``N_b``, (B,). None turns filtering off (Harmony 1).
     rows : optional (N,) int64 tensor, the cell held by each row of
         ``assignments`` (None: row i is cell i).
+    out : optional (N, d) tensor that receives the corrected embedding (the
+        previous one's memory: no fresh allocation, no page faults).
     """
     solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
     n_clusters, d = assignments.shape[1], z_orig.shape[1]
@@ -219,7 +222,7 @@ def ridge_correct(
         intercept, coef = solve_dense(cov, rhs0, rhs, keep)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
-    z_corr = z_orig.clone()
+    z_corr = z_orig.clone() if out is None else out.copy_(z_orig)
     for b, cells in enumerate(levels.cells):
         block = _assignment_rows(assignments, cells, position)
         if isinstance(cells, slice):

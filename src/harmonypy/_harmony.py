@@ -260,19 +260,18 @@ class Harmony:
     def moe_correct_ridge(self) -> None:
         """Correction: subtract the batch part of per-cluster ridge regressions."""
         harmony2 = self.algorithm == "harmony2"
-        # The correction starts again from Z_orig: release the previous Z_corr
-        # and Z_cos first so that only one copy of each is alive at a time.
-        self._z_corr = self._z_cos = None
+        # The correction starts again from Z_orig; the new Z_corr and Z_cos
+        # overwrite the previous ones, so only one copy of each is alive.
         self._z_rows_current = False
         result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
-            counts=self._counts, rows=self._rows)
+            counts=self._counts, rows=self._rows, out=self._z_corr)
         if not _all_finite(result.z_corr):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
-        self._z_cos = clu.normalize_rows(self._z_corr)
+        self._z_cos = clu.normalize_rows(self._z_corr, out=self._z_cos)
         self._intercept = result.intercept
         self._kept_levels = result.keep
         if harmony2:
@@ -321,9 +320,10 @@ class Harmony:
         """R as a plain softmax of -dist / sigma from the centroids, and O and E
         from it (or, without ``recount``, by the next online update). With
         ``objective``, returns the objective's distance and entropy terms."""
-        self._assignments = None  # one N x K matrix at a time
+        # The new R overwrites the old one: one N x K matrix at a time.
         self._z_rows_current = False
-        out = clu.soft_assign(self._z_cos, self._centroids, self._sigma, objective)
+        out = clu.soft_assign(self._z_cos, self._centroids, self._sigma, objective,
+                              out=self._assignments)
         self._assignments = out[0] if objective else out
         self._rows = None
         if recount:

@@ -10,17 +10,22 @@ on every cell straight away.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
 def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator,
-                     n_seedings: int = 1) -> torch.Tensor:
+                     n_seedings: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of ``x`` (n x d).
 
     ``n_seedings`` independent seedings advance together, so each of the k
     steps costs a handful of batched operations instead of a Python loop per
-    seeding. Returns a (n_seedings, k, d) tensor.
+    seeding.
+
+    Returns
+    -------
+    centers : (n_seedings, k, d) tensor.
+    inertia : (n_seedings,) float64 tensor, each seeding's sum of squared
+        distances to its nearest centre (the seeding tracks them anyway).
     """
     n, d = x.shape
     runs = torch.arange(n_seedings)
@@ -47,16 +52,16 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator,
         dist = (sq_norms[None, :] - 2 * centers[:, j] @ x.T
                 + sq_norms[picks][:, None]).clamp_min_(0)
         torch.minimum(closest, dist, out=closest)
-    return centers
+    return centers, closest.double().sum(1)
 
 
-def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations from ``centers``; returns the centroids and their inertia."""
+def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """Lloyd iterations from ``centers``; returns the centroids."""
     k = centers.shape[0]
     labels = None
     for _ in range(max_iter):
         # argmin ||x - c||^2 == argmax (x.c - |c|^2 / 2)
-        score = x @ centers.T - 0.5 * (centers * centers).sum(1)
+        score = torch.addmm(-0.5 * (centers * centers).sum(1), x, centers.T)
         new_labels = score.argmax(1)
         if labels is not None and torch.equal(new_labels, labels):
             break
@@ -66,12 +71,7 @@ def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> tuple[torch
         filled = counts > 0
         # An empty cluster keeps its previous centroid instead of becoming NaN.
         centers = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centers)
-    return centers, _inertia(x, centers)
-
-
-def _inertia(x: torch.Tensor, centers: torch.Tensor) -> float:
-    score = x @ centers.T - 0.5 * (centers * centers).sum(1)
-    return float(((x * x).sum(1) - 2 * score.max(1).values).sum())
+    return centers
 
 
 def kmeans_centroids(
@@ -104,8 +104,6 @@ def kmeans_centroids(
     # Restarts compete on the k-means++ seeding's own inertia; Lloyd then runs
     # once, from the best seeding. Harmony refines the centroids anyway, and
     # this keeps the initialisation a small part of the run at any size.
-    seedings = _kmeans_plusplus(x, k, generator, n_seedings=n_init)
-    inertias = [_inertia(x, centers) for centers in seedings]
-    best = seedings[int(np.argmin(inertias))]
-    centers, _ = _lloyd(x, best, max_iter)
-    return centers
+    seedings, inertias = _kmeans_plusplus(x, k, generator, n_seedings=n_init)
+    best = seedings[int(torch.argmin(inertias))]
+    return _lloyd(x, best, max_iter)

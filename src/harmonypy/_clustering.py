@@ -127,8 +127,14 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
     inv_sigma = 1.0 / sigma_c
     sigma64 = sigma.double()
     dist_term = entropy_term = 0.0
+    # -dist / sigma = (2 z.Y - 2) / sigma, into one reused chunk buffer.
+    scaled_centroids_t = (centroids * (2 * inv_sigma)[:, None]).T
+    buffer = torch.empty((min(chunk, z_cos.shape[0]), centroids.shape[0]), dtype=z_cos.dtype,
+                         device=z_cos.device)
     for start in range(0, z_cos.shape[0], chunk):
-        logits = distances(z_cos[start:start + chunk], centroids).mul_(-inv_sigma)
+        z_part = z_cos[start:start + chunk]
+        logits = buffer[:z_part.shape[0]]
+        torch.addmm(-2 * inv_sigma, z_part, scaled_centroids_t, out=logits)
         r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
         if not objective:
             continue
@@ -278,6 +284,13 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
     uniform_sigma = bool((sigma == sigma[0]).all())
     dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
     entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
+    # Scratch space reused by every block: fresh block-sized temporaries would
+    # cost page faults on every block once they outgrow malloc's caches.
+    largest = max(end - start for start, end in bounds)
+    logits_buffer = torch.empty((largest, assignments.shape[1]), dtype=dtype,
+                                device=assignments.device)
+    z_buffer = None if z_rows_out is not None else torch.empty(
+        (largest, z_cos.shape[1]), dtype=dtype, device=assignments.device)
     for j, (start, end) in enumerate(bounds):
         cells = cells_in_order[start:end]
         block_codes = codes.index_select(0, cells)
@@ -286,21 +299,23 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
         ratio = diversity_fn(stats.observed, stats.expected(proportions))
         log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
         # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
-        # scaled centroids, added to the penalty less the constant 2 / sigma.
+        # scaled centroids, added in place to the penalty less the constant 2 / sigma.
+        logits = logits_buffer[:end - start]
         if n_variables == 1:
-            # embedding() is a much faster row gather than index_select here.
-            shifted = F.embedding(block_codes[:, 0], log_penalty - two_over_sigma)
+            torch.index_select(log_penalty - two_over_sigma, 0, block_codes[:, 0], out=logits)
         else:
             # Several variables: R multiplies by (ratio^theta) Phi, a sum over the
             # cell's levels, so their logs combine with logsumexp.
             penalty = torch.logsumexp(torch.stack(
                 [F.embedding(block_codes[:, v], log_penalty) for v in range(n_variables)]),
                 dim=0)
-            shifted = penalty - two_over_sigma
-        block_z = z_cos.index_select(0, cells)
-        if z_rows_out is not None:
-            z_rows_out[start:end].copy_(block_z)
-        logits = torch.addmm(shifted, block_z, scaled_centroids_t)
+            torch.sub(penalty, two_over_sigma, out=logits)
+        if z_rows_out is not None:  # Z_cos in R's new row order, for the next centroids
+            block_z = z_rows_out[start:end]
+        else:
+            block_z = z_buffer[:end - start]
+        torch.index_select(z_cos, 0, cells, out=block_z)
+        logits.addmm_(block_z, scaled_centroids_t)
         # The block's old rows are no longer needed (its removals are known).
         new = torch.softmax(logits, dim=1, out=assignments[start:end])
         added = level_sums(new, block_codes, n_levels)

@@ -56,16 +56,41 @@ class LevelIndex:
         return cls(cells, variable)
 
 
-def _rows(x: torch.Tensor, cells) -> torch.Tensor:
-    """Rows of ``x`` for a level: a view for a slice, a gathered copy otherwise."""
-    return x[cells] if isinstance(cells, slice) else x.index_select(0, cells)
+class _LevelReader:
+    """Rows of R and Z for one level's cells, at most ``chunk`` cells at a time.
 
+    Gathered rows land in two scratch buffers reused for every level and chunk,
+    so the correction allocates nothing per level (fresh level-sized copies cost
+    page faults at a million cells). Rows of a level stored contiguously, with R
+    in the same order, are plain views.
+    """
 
-def _assignment_rows(assignments: torch.Tensor, cells, position: torch.Tensor | None):
-    """R's rows for a level's cells, wherever the online update left them."""
-    if position is None:
-        return _rows(assignments, cells)
-    return assignments.index_select(0, _rows(position, cells))
+    def __init__(self, assignments: torch.Tensor, z: torch.Tensor,
+                 position: torch.Tensor | None, chunk: int = 16384):
+        self.assignments, self.z, self.position, self.chunk = assignments, z, position, chunk
+        rows = min(chunk, assignments.shape[0])
+        self._r_buffer = torch.empty((rows, assignments.shape[1]), dtype=assignments.dtype,
+                                     device=assignments.device)
+        self._z_buffer = torch.empty((rows, z.shape[1]), dtype=z.dtype, device=z.device)
+
+    def __call__(self, cells):
+        """Yield ``(cells_part, r_rows, z_rows)``; ``cells_part`` is a slice or an index."""
+        n = cells.stop - cells.start if isinstance(cells, slice) else cells.numel()
+        for offset in range(0, n, self.chunk):
+            size = min(self.chunk, n - offset)
+            if isinstance(cells, slice):
+                part = slice(cells.start + offset, cells.start + offset + size)
+                z_rows = self.z[part]
+            else:
+                part = cells[offset:offset + size]
+                z_rows = torch.index_select(self.z, 0, part, out=self._z_buffer[:size])
+            if self.position is None and isinstance(part, slice):
+                r_rows = self.assignments[part]
+            else:
+                where = part if self.position is None else self.position[part]
+                r_rows = torch.index_select(self.assignments, 0, where,
+                                            out=self._r_buffer[:size])
+            yield part, r_rows, z_rows
 
 
 def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
@@ -194,10 +219,15 @@ def ridge_correct(
         position[rows] = torch.arange(rows.numel(), device=rows.device)
     rhs = torch.empty((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
     observed = torch.empty((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
+    read = _LevelReader(assignments, z_orig, position)
     for b, cells in enumerate(levels.cells):
-        block = _assignment_rows(assignments, cells, position)
-        rhs[:, b, :] = (block.T @ _rows(z_orig, cells)).to(solve_device, stat_dtype)
-        observed[:, b] = block.sum(0).to(solve_device, stat_dtype)
+        level_rhs = torch.zeros((n_clusters, d), dtype=stat_dtype, device=solve_device)
+        level_observed = torch.zeros(n_clusters, dtype=stat_dtype, device=solve_device)
+        for _, r_rows, z_rows in read(cells):
+            level_rhs += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
+            level_observed += r_rows.sum(0).to(solve_device, stat_dtype)
+        rhs[:, b, :] = level_rhs
+        observed[:, b] = level_observed
     # The first variable's levels partition the cells: their sums are the
     # intercept's row of the system.
     first = levels.variable.count(0)
@@ -224,11 +254,11 @@ def ridge_correct(
 
     z_corr = z_orig.clone() if out is None else out.copy_(z_orig)
     for b, cells in enumerate(levels.cells):
-        block = _assignment_rows(assignments, cells, position)
-        if isinstance(cells, slice):
-            z_corr[cells].addmm_(block, coef[:, b, :], alpha=-1.0)
-        else:
-            z_corr.index_add_(0, cells, block @ coef[:, b, :], alpha=-1.0)
+        for part, r_rows, _ in read(cells):
+            if isinstance(part, slice):
+                z_corr[part].addmm_(r_rows, coef[:, b, :], alpha=-1.0)
+            else:
+                z_corr.index_add_(0, part, r_rows @ coef[:, b, :], alpha=-1.0)
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 

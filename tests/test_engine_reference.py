@@ -45,11 +45,12 @@ def replayed_blocks(generator, rows, n_rounds, n_cells):
         yield cells.numpy()
 
 
-def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, theta=2.0):
+def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, theta=2.0,
+          sigma=None):
     design = build_design(meta, variables)
     theta_levels = np.full(design.n_levels, theta)
     lamb_levels = None if lamb is None else np.full(design.n_levels, lamb)
-    sigma = np.full(n_clusters, 0.1)
+    sigma = np.full(n_clusters, 0.1) if sigma is None else sigma
     ho = Harmony(z, design, theta=theta_levels, lamb=lamb_levels, sigma=sigma,
                  n_clusters=n_clusters, block_size=block_size, max_iter_kmeans=3,
                  epsilon_cluster=-np.inf, epsilon_harmony=-np.inf, alpha=0.2, seed=3,
@@ -62,9 +63,24 @@ def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, thet
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("n_vars,lamb", [(1, 1.0), (1, None), (2, 1.0), (2, None)])
 def test_engine_replays_reference(dtype, tol, n_vars, lamb):
+    _replay(dtype, tol, n_vars, lamb)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("n_vars", [1, 2])
+def test_engine_replays_reference_per_cluster_sigma_in_pieces(monkeypatch, dtype, tol, n_vars):
+    """A bandwidth per cluster, and blocks (24 cells) split into pieces of 7."""
+    from harmonypy import _clustering as clu
+
+    monkeypatch.setattr(clu, "PIECE_ELEMENTS", 7 * 6)
+    monkeypatch.setattr(clu, "MIN_PIECE_ROWS", 1)
+    _replay(dtype, tol, n_vars, None, sigma=np.linspace(0.05, 0.3, 6))
+
+
+def _replay(dtype, tol, n_vars, lamb, sigma=None):
     z, meta = _data(n_vars=n_vars)
     variables = ["batch", "tech"][:n_vars]
-    ho, ref = _pair(z, meta, variables, lamb=lamb, dtype=dtype)
+    ho, ref = _pair(z, meta, variables, lamb=lamb, dtype=dtype, sigma=sigma)
     ho.init_cluster()
     ref.init_cluster(ho.Y.astype(np.float64))
     np.testing.assert_allclose(ho.R, ref.R, atol=tol)

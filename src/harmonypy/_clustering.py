@@ -270,78 +270,105 @@ def online_update(
     return dist_term, entropy_term, cells_in_order
 
 
+# Cells x clusters handled at once inside a block: about 1 MB of float32, so the
+# steps of one piece (penalty, product, softmax, sums) run in cache.
+PIECE_ELEMENTS = 2**18
+MIN_PIECE_ROWS = 64
+
+
 def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
                    cells_in_order, bounds, removals, diversity_fn, first_levels, z_rows_out):
-    """The per-block loop of :func:`online_update`; returns the two objective terms."""
+    """The per-block loop of :func:`online_update`; returns the two objective terms.
+
+    O and E change once per block; within a block the cells are independent,
+    so they are processed in cache-sized pieces.
+    """
     dtype = assignments.dtype
+    device = assignments.device
     acc_dtype = stats.observed.dtype
     n_levels = stats.observed.shape[0]
+    n_clusters = assignments.shape[1]
     n_variables = codes.shape[1]
     removals = removals.to(acc_dtype)
     sigma_c = sigma.to(dtype)
     two_over_sigma = (2.0 / sigma).to(dtype)
     scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
     uniform_sigma = bool((sigma == sigma[0]).all())
-    dist_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
-    entropy_acc = torch.zeros((), dtype=acc_dtype, device=assignments.device)
-    # Scratch space reused by every block: fresh block-sized temporaries would
-    # cost page faults on every block once they outgrow malloc's caches.
-    largest = max(end - start for start, end in bounds)
-    logits_buffer = torch.empty((largest, assignments.shape[1]), dtype=dtype,
-                                device=assignments.device)
-    z_buffer = None if z_rows_out is not None else torch.empty(
-        (largest, z_cos.shape[1]), dtype=dtype, device=assignments.device)
+    # Accumulated on the device: sum R * logits, sum lse and, with several
+    # variables, sum R * penalty (or their per-cluster versions).
+    r_logits_acc = torch.zeros(() if uniform_sigma else (n_clusters,), dtype=acc_dtype,
+                               device=device)
+    lse_acc = torch.zeros_like(r_logits_acc)
+    r_penalty_acc = torch.zeros_like(r_logits_acc)
+    # Scratch space reused by every piece: fresh temporaries would cost page
+    # faults on every block once they outgrow malloc's caches.
+    piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
+    largest = min(piece, max(end - start for start, end in bounds))
+    logits_buffer = torch.empty((largest, n_clusters), dtype=dtype, device=device)
+    z_buffer = torch.empty((largest, z_cos.shape[1]), dtype=dtype, device=device)
+    added = torch.empty((n_levels, n_clusters), dtype=dtype, device=device)
     for j, (start, end) in enumerate(bounds):
-        cells = cells_in_order[start:end]
-        block_codes = codes.index_select(0, cells)
         stats.observed -= removals[j]
         stats.cluster_sizes -= removals[j, :first_levels].sum(0)
         ratio = diversity_fn(stats.observed, stats.expected(proportions))
         log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
-        # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
-        # scaled centroids, added in place to the penalty less the constant 2 / sigma.
-        logits = logits_buffer[:end - start]
-        if n_variables == 1:
-            torch.index_select(log_penalty - two_over_sigma, 0, block_codes[:, 0], out=logits)
-        else:
-            # Several variables: R multiplies by (ratio^theta) Phi, a sum over the
-            # cell's levels, so their logs combine with logsumexp.
-            penalty = torch.logsumexp(torch.stack(
-                [F.embedding(block_codes[:, v], log_penalty) for v in range(n_variables)]),
-                dim=0)
-            torch.sub(penalty, two_over_sigma, out=logits)
-        if z_rows_out is not None:  # Z_cos in R's new row order, for the next centroids
-            block_z = z_rows_out[start:end]
-        else:
-            block_z = z_buffer[:end - start]
-        torch.index_select(z_cos, 0, cells, out=block_z)
-        logits.addmm_(block_z, scaled_centroids_t)
-        # The block's old rows are no longer needed (its removals are known).
-        new = torch.softmax(logits, dim=1, out=assignments[start:end])
-        added = level_sums(new, block_codes, n_levels)
-        # Objective terms without a pass of logs: log R = logits - lse, and the
-        # row's largest R sits at its largest logit, so lse = max - log(max R);
-        # dist = sigma * (penalty - logits) with the penalty before the constant.
-        # With one variable, sum_i R_ik penalty_ik is sum_b added_bk log_penalty_bk.
-        lse = logits.amax(1) - new.amax(1).log()
-        if uniform_sigma:
-            r_logits = torch.dot(new.view(-1), logits.view(-1))
+        shifted_penalty = log_penalty - two_over_sigma
+        added.zero_()
+        for lo in range(start, end, piece):
+            hi = min(end, lo + piece)
+            cells = cells_in_order[lo:hi]
+            piece_codes = codes.index_select(0, cells)
+            # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
+            # scaled centroids, added in place to the penalty less 2 / sigma.
+            logits = logits_buffer[:hi - lo]
             if n_variables == 1:
-                r_penalty = torch.dot(added.view(-1), log_penalty.view(-1))
+                torch.index_select(shifted_penalty, 0, piece_codes[:, 0], out=logits)
             else:
-                r_penalty = torch.dot(new.view(-1), penalty.view(-1))
-            entropy_acc += sigma_c[0].to(acc_dtype) * (r_logits - lse.sum()).to(acc_dtype)
-            dist_acc += sigma_c[0].to(acc_dtype) * (r_penalty - r_logits).to(acc_dtype)
-        else:
-            r_logits = (new * logits).sum(0)
-            r_penalty = ((added * log_penalty).sum(0) if n_variables == 1
-                         else (new * penalty).sum(0))
-            entropy_acc += (r_logits @ sigma_c - lse @ (new @ sigma_c)).to(acc_dtype)
-            dist_acc += ((r_penalty - r_logits) @ sigma_c).to(acc_dtype)
-        added = added.to(acc_dtype)
-        stats.observed += added
-        stats.cluster_sizes += added[:first_levels].sum(0)
-    return float(dist_acc), float(entropy_acc)
+                # Several variables: R multiplies by (ratio^theta) Phi, a sum over
+                # the cell's levels, so their logs combine with logsumexp.
+                penalty = torch.logsumexp(torch.stack(
+                    [F.embedding(piece_codes[:, v], log_penalty)
+                     for v in range(n_variables)]), dim=0)
+                torch.sub(penalty, two_over_sigma, out=logits)
+            if z_rows_out is not None:  # Z_cos in R's new row order, for the next centroids
+                block_z = z_rows_out[lo:hi]
+            else:
+                block_z = z_buffer[:hi - lo]
+            torch.index_select(z_cos, 0, cells, out=block_z)
+            logits.addmm_(block_z, scaled_centroids_t)
+            # The block's old rows are no longer needed (its removals are known).
+            new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
+            for v in range(n_variables):
+                added.index_add_(0, piece_codes[:, v], new)
+            # Objective terms without a pass of logs: log R = logits - lse, and
+            # the row's largest R sits at its largest logit, so
+            # lse = max - log(max R); dist = sigma * (penalty - logits).
+            lse = logits.amax(1) - new.amax(1).log()
+            if uniform_sigma:
+                r_logits_acc += torch.dot(new.view(-1), logits.view(-1)).to(acc_dtype)
+                lse_acc += lse.sum().to(acc_dtype)
+                if n_variables > 1:
+                    r_penalty_acc += torch.dot(new.view(-1), penalty.view(-1)).to(acc_dtype)
+            else:
+                r_logits_acc += (new * logits).sum(0).to(acc_dtype)
+                lse_acc += (lse @ new).to(acc_dtype)
+                if n_variables > 1:
+                    r_penalty_acc += (new * penalty).sum(0).to(acc_dtype)
+        block_added = added.to(acc_dtype)
+        if n_variables == 1:
+            # sum_i R_ik penalty_ik is sum_b added_bk log_penalty_bk.
+            by_cluster = (block_added * log_penalty.to(acc_dtype)).sum(0)
+            r_penalty_acc += by_cluster.sum() if uniform_sigma else by_cluster
+        stats.observed += block_added
+        stats.cluster_sizes += block_added[:first_levels].sum(0)
+    sigma_acc = sigma.to(acc_dtype)
+    if uniform_sigma:
+        entropy = sigma_acc[0] * (r_logits_acc - lse_acc)
+        dist = sigma_acc[0] * (r_penalty_acc - r_logits_acc)
+    else:
+        entropy = (r_logits_acc - lse_acc) @ sigma_acc
+        dist = (r_penalty_acc - r_logits_acc) @ sigma_acc
+    return float(dist), float(entropy)
 
 
 # Blocks below this many elements (cells x clusters) are updated on one thread.

@@ -151,7 +151,7 @@ class Harmony:
             rows = self._storage_order[start:start + 65536]
             stored[start:start + rows.size] = z[rows]
         self._z_orig = torch.from_numpy(stored).to(device)
-        self._z_corr = self._z_orig.clone()
+        self._z_corr = self._z_orig  # until the first correction: no copy needed
         self._z_cos = clu.normalize_rows(self._z_orig)
         self._codes = torch.from_numpy(design.codes[self._storage_order]).to(device)
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
@@ -267,7 +267,8 @@ class Harmony:
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
-            counts=self._counts, rows=self._rows, out=self._z_corr)
+            counts=self._counts, rows=self._rows,
+            out=None if self._z_corr is self._z_orig else self._z_corr)
         if not _all_finite(result.z_corr):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr

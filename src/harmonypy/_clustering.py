@@ -204,7 +204,7 @@ def online_update(
     diversity_fn: Callable,
     first_levels: int,
     rows: torch.Tensor | None = None,
-    z_rows_out: torch.Tensor | None = None,
+    centroid_sums_out: torch.Tensor | None = None,
     recount: bool = False,
 ) -> tuple[float, float, torch.Tensor]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
@@ -237,9 +237,10 @@ def online_update(
         so their level sums also give the cluster sizes.
     rows : optional (N,) int64 tensor
         The cell held by each row of ``assignments`` (None: row i is cell i).
-    z_rows_out : optional (N, d) tensor
-        Receives ``z_cos`` in the new row order of ``assignments`` (the block
-        rows are gathered anyway), so the next centroids need no gather.
+    centroid_sums_out : optional (K, d) tensor, zeroed
+        Receives ``sum_i R_ki z_i`` over the new assignments (Harmony 1's next
+        centroids before normalising), summed piece by piece while each piece
+        is in cache instead of in a separate pass over R and Z_cos.
     recount : bool
         Set ``stats`` from ``assignments`` first (fresh assignments whose counts
         are not known yet); the pass that sums each block's removals gives them.
@@ -266,7 +267,7 @@ def online_update(
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
             assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
-            cells_in_order, bounds, removals, diversity_fn, first_levels, z_rows_out)
+            cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out)
     return dist_term, entropy_term, cells_in_order
 
 
@@ -277,7 +278,8 @@ MIN_PIECE_ROWS = 64
 
 
 def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
-                   cells_in_order, bounds, removals, diversity_fn, first_levels, z_rows_out):
+                   cells_in_order, bounds, removals, diversity_fn, first_levels,
+                   centroid_sums_out):
     """The per-block loop of :func:`online_update`; returns the two objective terms.
 
     O and E change once per block; within a block the cells are independent,
@@ -330,16 +332,14 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
                     [F.embedding(piece_codes[:, v], log_penalty)
                      for v in range(n_variables)]), dim=0)
                 torch.sub(penalty, two_over_sigma, out=logits)
-            if z_rows_out is not None:  # Z_cos in R's new row order, for the next centroids
-                block_z = z_rows_out[lo:hi]
-            else:
-                block_z = z_buffer[:hi - lo]
-            torch.index_select(z_cos, 0, cells, out=block_z)
+            block_z = torch.index_select(z_cos, 0, cells, out=z_buffer[:hi - lo])
             logits.addmm_(block_z, scaled_centroids_t)
             # The block's old rows are no longer needed (its removals are known).
             new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
             for v in range(n_variables):
                 added.index_add_(0, piece_codes[:, v], new)
+            if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache
+                centroid_sums_out.addmm_(new.T, block_z)
             # Objective terms without a pass of logs: log R = logits - lse, and
             # the row's largest R sits at its largest logit, so
             # lse = max - log(max R); dist = sigma * (penalty - logits).

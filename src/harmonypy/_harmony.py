@@ -173,10 +173,10 @@ class Harmony:
         # The online update leaves R's rows in its last block order: row p holds
         # cell _rows[p] (None: row i is cell i).
         self._rows: torch.Tensor | None = None
-        # Harmony 1 only: Z_cos copied in R's row order by the online update,
-        # valid until Z_cos or the row order changes.
-        self._z_rows: torch.Tensor | None = None
-        self._z_rows_current = False
+        # Harmony 1 only: sum_i R_ki z_i summed by the online update for its
+        # new R, valid until Z_cos or R changes otherwise.
+        self._centroid_sums: torch.Tensor | None = None
+        self._centroid_sums_current = False
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._stale_counts = False  # R reassigned, O and E not yet recounted
@@ -232,15 +232,17 @@ class Harmony:
     def update_R(self) -> tuple[float, float]:
         """Online update of R in shuffled blocks; returns the distance and entropy terms."""
         order = torch.randperm(self.N, generator=self._generator).to(self.device)
-        if self.algorithm == "harmony1" and self._z_rows is None:
-            self._z_rows = torch.empty_like(self._z_cos)
+        if self.algorithm == "harmony1":
+            if self._centroid_sums is None:
+                self._centroid_sums = torch.empty_like(self._centroids)
+            self._centroid_sums.zero_()
         dist_term, entropy_term, self._rows = clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
             self._diversity, int(self.design.offsets[1]), rows=self._rows,
-            z_rows_out=self._z_rows, recount=self._stale_counts)
+            centroid_sums_out=self._centroid_sums, recount=self._stale_counts)
         self._stale_counts = False
-        self._z_rows_current = self._z_rows is not None
+        self._centroid_sums_current = self._centroid_sums is not None
         return dist_term, entropy_term
 
     def compute_objective(self, dist_term: float, entropy_term: float,
@@ -262,7 +264,7 @@ class Harmony:
         harmony2 = self.algorithm == "harmony2"
         # The correction starts again from Z_orig; the new Z_corr and Z_cos
         # overwrite the previous ones, so only one copy of each is alive.
-        self._z_rows_current = False
+        self._centroid_sums_current = False
         result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
@@ -309,10 +311,13 @@ class Harmony:
 
     # -------------------------------------------------------------- internals
     def _update_centroids(self) -> None:
-        """Harmony 1's centroid step, from Z_cos laid out in R's row order when
-        the last online update left it so, else through the row map."""
-        if self._z_rows_current:
-            self._centroids = clu.compute_centroids(self._assignments, self._z_rows)
+        """Harmony 1's centroid step: the R-weighted sums of Z_cos, unit length.
+
+        The last online update summed them for its new R; after a correction
+        (new Z_cos) or a reassignment they are recomputed from R and Z_cos.
+        """
+        if self._centroid_sums_current:
+            self._centroids = clu.normalize_rows(self._centroid_sums)
         else:
             self._centroids = clu.compute_centroids(self._assignments, self._z_cos, self._rows)
 
@@ -322,7 +327,7 @@ class Harmony:
         from it (or, without ``recount``, by the next online update). With
         ``objective``, returns the objective's distance and entropy terms."""
         # The new R overwrites the old one: one N x K matrix at a time.
-        self._z_rows_current = False
+        self._centroid_sums_current = False
         out = clu.soft_assign(self._z_cos, self._centroids, self._sigma, objective,
                               out=self._assignments)
         self._assignments = out[0] if objective else out

@@ -86,8 +86,10 @@ def _replay(dtype, tol, n_vars, lamb, sigma=None):
     np.testing.assert_allclose(ho.R, ref.R, atol=tol)
     np.testing.assert_allclose(ho.objective_kmeans[0], ref.objective_kmeans[0], rtol=tol)
 
+    # Orders are drawn in sequence, one per online update (the engine draws
+    # each one an update ahead), so one replay generator follows them all.
+    replay = torch.Generator().set_state(ho._generator.get_state())
     for _ in range(2):  # two Harmony iterations
-        replay = torch.Generator().set_state(ho._generator.get_state())
         rows = ho._rows
         ho.cluster()
         for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N):

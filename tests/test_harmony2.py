@@ -90,10 +90,10 @@ def test_harmony2_replays_reference(dtype, tol, n_vars):
     ho.init_cluster()
     ref.init_cluster(ho.Y.astype(np.float64))
     dropped = 0
+    replay = torch.Generator().set_state(ho._generator.get_state())
     for iteration in range(3):
         if iteration > 0:
             ref.soft_assign()
-        replay = torch.Generator().set_state(ho._generator.get_state())
         rows = None if iteration > 0 else ho._rows  # Harmony2 starts each step afresh
         ho.cluster()
         for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N):

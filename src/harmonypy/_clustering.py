@@ -178,13 +178,19 @@ def cross_term(stats: ClusterStats, proportions, theta, sigma,
     return float((per_cell * theta[:, None] * sigma[None, :]).sum())
 
 
-def _block_level_sums(assignments, codes, order, bounds, n_levels) -> torch.Tensor:
-    """Sum of R per (block, level) for the blocks of this update: (n_blocks, B, K)."""
-    n_blocks = len(bounds)
+def _block_of_rows(order: torch.Tensor, bounds) -> torch.Tensor:
+    """(N,) block index of each row of R, for an update in ``order``."""
     sizes = torch.tensor([end - start for start, end in bounds], device=order.device)
     block_of = torch.empty_like(order)
     block_of[order[:int(sizes.sum())]] = torch.repeat_interleave(
-        torch.arange(n_blocks, device=order.device), sizes)
+        torch.arange(len(bounds), device=order.device), sizes)
+    return block_of
+
+
+def _block_level_sums(assignments, codes, order, bounds, n_levels) -> torch.Tensor:
+    """Sum of R per (block, level) for the blocks of this update: (n_blocks, B, K)."""
+    n_blocks = len(bounds)
+    block_of = _block_of_rows(order, bounds)
     # A (block, level) pair is just a level of a finer design.
     sums = level_sums(assignments, block_of[:, None] * n_levels + codes, n_blocks * n_levels)
     return sums.view(n_blocks, n_levels, -1)
@@ -206,7 +212,10 @@ def online_update(
     rows: torch.Tensor | None = None,
     centroid_sums_out: torch.Tensor | None = None,
     recount: bool = False,
-) -> tuple[float, float, torch.Tensor]:
+    removals: torch.Tensor | None = None,
+    next_order: torch.Tensor | None = None,
+    next_bounds: list[tuple[int, int]] | None = None,
+) -> tuple[float, float, torch.Tensor, torch.Tensor | None]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
     For each block of cells (in the shuffled ``order``): take the block out of O
@@ -244,6 +253,15 @@ def online_update(
     recount : bool
         Set ``stats`` from ``assignments`` first (fresh assignments whose counts
         are not known yet); the pass that sums each block's removals gives them.
+    removals : optional (n_blocks, B, K) tensor
+        What each block takes out of O: the sums of the current R over each
+        block's cells by level, when the previous update already summed them.
+        None: summed here, in one pass over R.
+    next_order, next_bounds : optional
+        The next update's permutation of R's rows (as they will be after this
+        update) and its blocks (default: ``bounds``). Each piece then also adds
+        its new rows to the next update's removals while it is in cache, which
+        spares the next update its pass over R.
 
     Returns
     -------
@@ -252,23 +270,35 @@ def online_update(
         with the new assignments (the objective's first two parts).
     rows : (N,) int64 tensor
         The cell held by each row of ``assignments`` after the update.
+    next_removals : (n_blocks, B, K) tensor or None
+        The ``removals`` of the next update (None without ``next_order``).
     """
     n_levels = stats.observed.shape[0]
-    row_codes = codes if rows is None else codes.index_select(0, rows)
-    # A block's cells keep their old assignments until the block's turn, so
-    # what each block takes out of O can be summed up front in one sequential
-    # pass over R, instead of gathering the old rows block by block.
-    removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels)
+    if removals is None or recount:
+        # A block's cells keep their old assignments until the block's turn, so
+        # what each block takes out of O can be summed up front in one
+        # sequential pass over R, instead of gathering the old rows block by block.
+        row_codes = codes if rows is None else codes.index_select(0, rows)
+        removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels)
     if recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
         stats.cluster_sizes = stats.observed[:first_levels].sum(0)
     cells_in_order = order if rows is None else rows.index_select(0, order)
+    next_removals = next_block_of = None
+    if next_order is not None:
+        next_bounds = bounds if next_bounds is None else next_bounds
+        next_block_of = _block_of_rows(next_order, next_bounds)
+        next_removals = torch.zeros((len(next_bounds) * n_levels, assignments.shape[1]),
+                                    dtype=assignments.dtype, device=assignments.device)
     largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
             assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
-            cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out)
-    return dist_term, entropy_term, cells_in_order
+            cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out,
+            next_block_of, next_removals)
+    if next_removals is not None:
+        next_removals = next_removals.view(len(next_bounds), n_levels, -1)
+    return dist_term, entropy_term, cells_in_order, next_removals
 
 
 # Cells x clusters handled at once inside a block: about 1 MB of float32, so the
@@ -279,7 +309,7 @@ MIN_PIECE_ROWS = 64
 
 def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
                    cells_in_order, bounds, removals, diversity_fn, first_levels,
-                   centroid_sums_out):
+                   centroid_sums_out, next_block_of, next_removals):
     """The per-block loop of :func:`online_update`; returns the two objective terms.
 
     O and E change once per block; within a block the cells are independent,
@@ -338,6 +368,9 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
             new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
             for v in range(n_variables):
                 added.index_add_(0, piece_codes[:, v], new)
+                if next_removals is not None:  # (next block, level) pairs
+                    next_removals.index_add_(
+                        0, next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
             if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache
                 centroid_sums_out.addmm_(new.T, block_z)
             # Objective terms without a pass of logs: log R = logits - lse, and

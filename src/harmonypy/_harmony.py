@@ -180,6 +180,10 @@ class Harmony:
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._stale_counts = False  # R reassigned, O and E not yet recounted
+        # The next online update's cell order, drawn by the previous update,
+        # and its blocks' removals from the current R (None once R is replaced).
+        self._next_order: torch.Tensor | None = None
+        self._next_removals: torch.Tensor | None = None
         self._intercept: torch.Tensor | None = None
         self._kept_levels: torch.Tensor | None = None
         self.objective_harmony: list[float] = []
@@ -230,17 +234,27 @@ class Harmony:
         return rounds
 
     def update_R(self) -> tuple[float, float]:
-        """Online update of R in shuffled blocks; returns the distance and entropy terms."""
-        order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        """Online update of R in shuffled blocks; returns the distance and entropy terms.
+
+        Each update also draws the next update's cell order and sums what the
+        next update's blocks will take out of O, while its new rows are in
+        cache. The orders are the same random permutations, in the same
+        sequence, as drawing each one at the start of its own update.
+        """
+        order = self._next_order
+        if order is None:
+            order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        self._next_order = torch.randperm(self.N, generator=self._generator).to(self.device)
         if self.algorithm == "harmony1":
             if self._centroid_sums is None:
                 self._centroid_sums = torch.empty_like(self._centroids)
             self._centroid_sums.zero_()
-        dist_term, entropy_term, self._rows = clu.online_update(
+        dist_term, entropy_term, self._rows, self._next_removals = clu.online_update(
             self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
             self._diversity, int(self.design.offsets[1]), rows=self._rows,
-            centroid_sums_out=self._centroid_sums, recount=self._stale_counts)
+            centroid_sums_out=self._centroid_sums, recount=self._stale_counts,
+            removals=self._next_removals, next_order=self._next_order)
         self._stale_counts = False
         self._centroid_sums_current = self._centroid_sums is not None
         return dist_term, entropy_term
@@ -332,6 +346,7 @@ class Harmony:
                               out=self._assignments)
         self._assignments = out[0] if objective else out
         self._rows = None
+        self._next_removals = None  # summed from the previous R
         if recount:
             self._recount()
         else:

@@ -11,6 +11,12 @@ Two facts keep the memory at one N x K matrix:
 * The objective's distance and entropy terms are sums over the cells of a block
   and are accumulated while that block is in hand; the cross-entropy term only
   needs O and E (sum_i R_ki Phi_bi = O_kb), never an N-wide pass.
+
+And one keeps the time near a single pass over R per clustering round: inside
+a block, cells are independent (O and E change once per block), so a block is
+processed in cache-sized pieces, and everything that needs the new rows — the
+batch sums, the objective's terms, Harmony 1's next centroid sums and the next
+round's removals — is taken from each piece while it is in cache.
 """
 
 from __future__ import annotations

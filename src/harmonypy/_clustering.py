@@ -328,16 +328,9 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
     n_clusters = assignments.shape[1]
     n_variables = codes.shape[1]
     removals = removals.to(acc_dtype)
-    sigma_c = sigma.to(dtype)
     two_over_sigma = (2.0 / sigma).to(dtype)
     scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
-    uniform_sigma = bool((sigma == sigma[0]).all())
-    # Accumulated on the device: sum R * logits, sum lse and, with several
-    # variables, sum R * penalty (or their per-cluster versions).
-    r_logits_acc = torch.zeros(() if uniform_sigma else (n_clusters,), dtype=acc_dtype,
-                               device=device)
-    lse_acc = torch.zeros_like(r_logits_acc)
-    r_penalty_acc = torch.zeros_like(r_logits_acc)
+    objective = _ObjectiveSums(sigma, acc_dtype)
     # Scratch space reused by every piece: fresh temporaries would cost page
     # faults on every block once they outgrow malloc's caches.
     piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
@@ -379,35 +372,68 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
                         0, next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
             if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache
                 centroid_sums_out.addmm_(new.T, block_z)
-            # Objective terms without a pass of logs: log R = logits - lse, and
-            # the row's largest R sits at its largest logit, so
-            # lse = max - log(max R); dist = sigma * (penalty - logits).
-            lse = logits.amax(1) - new.amax(1).log()
-            if uniform_sigma:
-                r_logits_acc += torch.dot(new.view(-1), logits.view(-1)).to(acc_dtype)
-                lse_acc += lse.sum().to(acc_dtype)
-                if n_variables > 1:
-                    r_penalty_acc += torch.dot(new.view(-1), penalty.view(-1)).to(acc_dtype)
-            else:
-                r_logits_acc += (new * logits).sum(0).to(acc_dtype)
-                lse_acc += (lse @ new).to(acc_dtype)
-                if n_variables > 1:
-                    r_penalty_acc += (new * penalty).sum(0).to(acc_dtype)
+            objective.add_piece(new, logits, penalty if n_variables > 1 else None)
         block_added = added.to(acc_dtype)
         if n_variables == 1:
-            # sum_i R_ik penalty_ik is sum_b added_bk log_penalty_bk.
-            by_cluster = (block_added * log_penalty.to(acc_dtype)).sum(0)
-            r_penalty_acc += by_cluster.sum() if uniform_sigma else by_cluster
+            objective.add_level_penalty(block_added, log_penalty)
         stats.observed += block_added
         stats.cluster_sizes += block_added[:first_levels].sum(0)
-    sigma_acc = sigma.to(acc_dtype)
-    if uniform_sigma:
-        entropy = sigma_acc[0] * (r_logits_acc - lse_acc)
-        dist = sigma_acc[0] * (r_penalty_acc - r_logits_acc)
-    else:
-        entropy = (r_logits_acc - lse_acc) @ sigma_acc
-        dist = (r_penalty_acc - r_logits_acc) @ sigma_acc
-    return float(dist), float(entropy)
+    return objective.terms()
+
+
+class _ObjectiveSums:
+    """Running sums for the objective's distance and entropy terms.
+
+    With ``logits = penalty - dist / sigma`` and ``R = softmax(logits)`` per
+    cell, ``log R = logits - lse``, so
+
+    * entropy ``sum_k sigma_k sum_i R log R = sigma . (sum R logits - sum_i lse_i R_i)``
+    * distance ``sum R dist = sigma . (sum R penalty - sum R logits)``
+
+    and no pass of logarithms is needed. The sums are kept on the device
+    (scalars when sigma is the same for every cluster, else one per cluster).
+    """
+
+    def __init__(self, sigma: torch.Tensor, acc_dtype: torch.dtype):
+        self.sigma = sigma.to(acc_dtype)
+        self.uniform = bool((sigma == sigma[0]).all())
+        shape = () if self.uniform else sigma.shape
+        zeros = dict(dtype=acc_dtype, device=sigma.device)
+        self.r_logits = torch.zeros(shape, **zeros)
+        self.r_lse = torch.zeros(shape, **zeros)
+        self.r_penalty = torch.zeros(shape, **zeros)
+
+    def add_piece(self, r: torch.Tensor, logits: torch.Tensor,
+                  penalty: torch.Tensor | None = None) -> None:
+        """Add cells' assignments ``r`` (n, K), their ``logits`` and, unless it
+        comes per level (:meth:`add_level_penalty`), their ``penalty``."""
+        dtype = self.r_logits.dtype
+        # The row's largest R sits at its largest logit: lse = max - log(max R).
+        lse = logits.amax(1) - r.amax(1).log()
+        if self.uniform:
+            self.r_logits += torch.dot(r.view(-1), logits.view(-1)).to(dtype)
+            self.r_lse += lse.sum().to(dtype)
+            if penalty is not None:
+                self.r_penalty += torch.dot(r.view(-1), penalty.view(-1)).to(dtype)
+        else:
+            self.r_logits += (r * logits).sum(0).to(dtype)
+            self.r_lse += (lse @ r).to(dtype)
+            if penalty is not None:
+                self.r_penalty += (r * penalty).sum(0).to(dtype)
+
+    def add_level_penalty(self, level_sums: torch.Tensor, log_penalty: torch.Tensor) -> None:
+        """One batch variable: ``sum_i R_ik penalty_ik = sum_b level_sums_bk log_penalty_bk``."""
+        by_cluster = (level_sums * log_penalty.to(level_sums.dtype)).sum(0)
+        self.r_penalty += by_cluster.sum() if self.uniform else by_cluster
+
+    def terms(self) -> tuple[float, float]:
+        """``(sum R * dist, sum_k sigma_k sum_i R log R)``."""
+        if self.uniform:
+            sigma = self.sigma[0]
+            return (float(sigma * (self.r_penalty - self.r_logits)),
+                    float(sigma * (self.r_logits - self.r_lse)))
+        return (float((self.r_penalty - self.r_logits) @ self.sigma),
+                float((self.r_logits - self.r_lse) @ self.sigma))
 
 
 # Blocks below this many elements (cells x clusters) are updated on one thread.

@@ -112,7 +112,7 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torc
 
 def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
                 objective: bool = False, out: torch.Tensor | None = None,
-                chunk: int = 8192):
+                chunk: int = 8192) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
 
     ``out`` (N, K), if given, receives the assignments: reusing the previous
@@ -121,18 +121,15 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
     Returns
     -------
     assignments : (N, K) tensor.
-    dist_term, entropy_term : float, only with ``objective=True``
-        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` for these
-        assignments, from the logits in hand: with ``logits = -dist / sigma``,
-        ``dist = -sigma * logits`` and ``log R = logits - logsumexp(logits)``.
+    terms : ``(sum R * dist, sum_k sigma_k sum_i R_ki log R_ki)`` for these
+        assignments with ``objective=True`` (from the logits in hand, see
+        :class:`_ObjectiveSums`), else None.
     """
     if out is None:
         out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
                           device=z_cos.device)
-    sigma_c = sigma.to(z_cos.dtype)
-    inv_sigma = 1.0 / sigma_c
-    sigma64 = sigma.double()
-    dist_term = entropy_term = 0.0
+    inv_sigma = 1.0 / sigma.to(z_cos.dtype)
+    sums = _ObjectiveSums(sigma, sigma.dtype) if objective else None
     # -dist / sigma = (2 z.Y - 2) / sigma, into one reused chunk buffer.
     scaled_centroids_t = (centroids * (2 * inv_sigma)[:, None]).T
     buffer = torch.empty((min(chunk, z_cos.shape[0]), centroids.shape[0]), dtype=z_cos.dtype,
@@ -142,21 +139,9 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
         logits = buffer[:z_part.shape[0]]
         torch.addmm(-2 * inv_sigma, z_part, scaled_centroids_t, out=logits)
         r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
-        if not objective:
-            continue
-        # The row's largest R sits at its largest logit: lse = max - log(max R).
-        lse = logits.amax(1) - r.amax(1).log()
-        r_logits = (r * logits).sum(0).double() @ sigma64  # sum_k sigma_k sum_i R log-its
-        dist_term -= float(r_logits)
-        entropy_term += float(r_logits - lse.double() @ (r @ sigma_c).double())
-    if objective:
-        return out, dist_term, entropy_term
-    return out
-
-
-def distances(z_cos: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """``dist = 2 (1 - Y^T Z_cos)``, transposed: (n x K)."""
-    return (z_cos @ centroids.T).mul_(-2.0).add_(2.0)
+        if sums is not None:  # no penalty here: its sums stay 0
+            sums.add_piece(r, logits)
+    return out, None if sums is None else sums.terms()
 
 
 def block_bounds(n_cells: int, block_size: float) -> list[tuple[int, int]]:

@@ -217,17 +217,13 @@ def ridge_correct(
     if rows is not None:  # row p of assignments holds cell rows[p]
         position = torch.empty_like(rows)
         position[rows] = torch.arange(rows.numel(), device=rows.device)
-    rhs = torch.empty((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
-    observed = torch.empty((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
+    rhs = torch.zeros((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
+    observed = torch.zeros((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
     read = _LevelReader(assignments, z_orig, position)
     for b, cells in enumerate(levels.cells):
-        level_rhs = torch.zeros((n_clusters, d), dtype=stat_dtype, device=solve_device)
-        level_observed = torch.zeros(n_clusters, dtype=stat_dtype, device=solve_device)
         for _, r_rows, z_rows in read(cells):
-            level_rhs += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
-            level_observed += r_rows.sum(0).to(solve_device, stat_dtype)
-        rhs[:, b, :] = level_rhs
-        observed[:, b] = level_observed
+            rhs[:, b, :] += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
+            observed[:, b] += r_rows.sum(0).to(solve_device, stat_dtype)
     # The first variable's levels partition the cells: their sums are the
     # intercept's row of the system.
     first = levels.variable.count(0)

@@ -342,16 +342,15 @@ class Harmony:
         ``objective``, returns the objective's distance and entropy terms."""
         # The new R overwrites the old one: one N x K matrix at a time.
         self._centroid_sums_current = False
-        out = clu.soft_assign(self._z_cos, self._centroids, self._sigma, objective,
-                              out=self._assignments)
-        self._assignments = out[0] if objective else out
+        self._assignments, terms = clu.soft_assign(
+            self._z_cos, self._centroids, self._sigma, objective, out=self._assignments)
         self._rows = None
         self._next_removals = None  # summed from the previous R
         if recount:
             self._recount()
         else:
             self._stale_counts = True
-        return out[1:] if objective else None
+        return terms
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""

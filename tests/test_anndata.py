@@ -151,3 +151,12 @@ def test_scanpy_wrapper_defaults(pbmcs_small):
     adata = _adata(pcs, meta)
     sce.pp.harmony_integrate(adata, ["donor"], max_iter_harmony=2)
     assert adata.obsm["X_pca_harmony"].shape == (1200, 20)
+
+
+def test_adjusted_basis_equal_to_basis_is_refused(pbmcs_small):
+    pcs, meta = pbmcs_small
+    adata = _duck(pcs, meta)
+    with pytest.raises(ValueError, match=r"adjusted_basis must differ from basis \('X_pca'\)"):
+        integrate(adata, "donor", adjusted_basis="X_pca", **FAST)
+    np.testing.assert_array_equal(adata.obsm["X_pca"], pcs)  # the input is still there
+    assert "harmony" not in adata.uns

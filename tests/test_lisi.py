@@ -390,3 +390,14 @@ def test_refine_torch_matches_numpy_refine():
     )
     np.testing.assert_allclose(d_t.numpy(), d_np, rtol=1e-14, atol=0)
     np.testing.assert_array_equal(i_t.numpy(), i_np)
+
+
+@pytest.mark.parametrize("n_jobs, error", [(0, ValueError), (-2, ValueError),
+                                           (1.5, TypeError), ("4", TypeError),
+                                           (True, TypeError)])
+def test_bad_n_jobs_is_named(n_jobs, error):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 3))
+    meta = pd.DataFrame({"b": np.arange(60) % 2})
+    with pytest.raises(error, match="n_jobs"):
+        hm.compute_lisi(X, meta, "b", perplexity=5, n_jobs=n_jobs)

@@ -369,3 +369,41 @@ def test_validation_happens_before_heavy_work(monkeypatch):
                  {"random_state": "x"}, {"lamb": -3}):
         with pytest.raises((TypeError, ValueError)):
             run(**call)
+
+
+# ------------------------------------------------- first-use hardening (#11)
+def test_bfloat16_tensor_is_accepted_like_float16():
+    z, meta = make_inputs()
+    as_bf16 = torch.from_numpy(z).to(torch.bfloat16)
+    expected = run(z=as_bf16.float().numpy(), meta=meta).Z_corr
+    np.testing.assert_array_equal(run(z=as_bf16, meta=meta).Z_corr, expected)
+
+
+@pytest.mark.parametrize("verbose", ["no", "yes", 2, None, 0.5])
+def test_verbose_must_be_a_flag(verbose, capsys):
+    check_raises(TypeError, [r"verbose must be True or False", re.escape(repr(verbose))],
+                 verbose=verbose)
+    assert capsys.readouterr().err == ""  # refused before any progress line
+
+
+def test_verbose_accepts_numpy_bool_and_zero():
+    run(verbose=np.bool_(False))
+    run(verbose=0)
+
+
+def test_counts_matrix_warns():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, size=(N_CELLS, 5)) + 1
+    with pytest.warns(UserWarning, match=r"non-negative whole numbers.*counts.*PCs"):
+        run(z=counts.astype(np.float32))
+
+
+def test_wide_matrix_warns():
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match=r"300 dimensions per cell.*PCs"):
+        run(z=rng.normal(size=(N_CELLS, 300)))
+
+
+def test_pcs_do_not_warn(recwarn):
+    run()
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]

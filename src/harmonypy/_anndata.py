@@ -79,6 +79,8 @@ def integrate(
     TypeError
         If ``adata`` lacks ``obsm``/``obs``/``uns`` or ``key`` is not a string
         or list of strings.
+    ValueError
+        If ``adjusted_basis`` equals ``basis`` (the input would be overwritten).
     KeyError
         If ``basis`` is not in ``adata.obsm`` or a ``key`` column is not in
         ``adata.obs`` (the message lists what is available).
@@ -94,6 +96,11 @@ def integrate(
     from harmonypy._harmony import run_harmony
 
     _check_adata(adata)
+    if adjusted_basis == basis:
+        raise ValueError(
+            f"adjusted_basis must differ from basis ({basis!r}): writing the corrected "
+            f"embedding there would replace the only copy of the uncorrected one; use e.g. "
+            f"adjusted_basis={basis + '_harmony'!r}")
     keys = _as_keys(key)
     embedding = _get_basis(adata, basis)
     _check_obs_columns(adata, keys)

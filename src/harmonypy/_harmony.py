@@ -21,6 +21,7 @@ import torch
 
 from harmonypy import _clustering as clu
 from harmonypy import _validation as val
+from harmonypy._cellnames import align_metadata
 from harmonypy._correction import LevelIndex, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
@@ -653,16 +654,21 @@ def run_harmony(
     alpha = val.check_positive("alpha", alpha)
     tau = val.check_nonnegative("tau", tau)
     batch_prop_cutoff = val.check_fraction("batch_prop_cutoff", batch_prop_cutoff)
+    verbose = val.check_flag("verbose", verbose)
+    plot_convergence = val.check_flag("plot_convergence", plot_convergence)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     val.check_random_state(random_state)
     threads = _threads(ncores)
 
+    # Cells are paired with their metadata by name when both sides name them.
+    meta_data = align_metadata(data_mat, meta_data)
     frame, names = val.as_metadata(meta_data, vars_use)
     cells = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
     design = build_design(frame, names)
     n_cells = cells.shape[0]
     val.check_cell_lengths(cells, torch_dtype)
+    val.warn_if_not_reduced(cells)
     n_clusters = (_default_clusters(n_cells) if nclust is None
                   else val.check_int("nclust", nclust, 1, n_cells,
                                      maximum_is="the number of cells"))

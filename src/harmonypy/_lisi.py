@@ -47,6 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harmonypy._cellnames import align_metadata
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["compute_lisi", "EXACT_MAX_CELLS", "IVF_PROBES"]
@@ -166,10 +168,13 @@ def compute_lisi(
     >>> lisi.shape
     (200, 1)
     """
+    # Cells are paired with their labels by name when both sides name them.
+    metadata = align_metadata(X, metadata, data_name="X", meta_name="metadata")
     X = _as_embedding(X)
     labels = _as_label_list(label_colnames)
     _check_metadata(metadata, X.shape, labels)
     n_neighbors = _neighbourhood_size(perplexity, X.shape[0])
+    _check_n_jobs(n_jobs)
     codes = [_encode_labels(metadata[name], name) for name in labels]
 
     dist, idx = _knn(X, n_neighbors, neighbors=neighbors, n_jobs=n_jobs)
@@ -210,6 +215,18 @@ def _as_embedding(X: Any) -> np.ndarray:
             "LISI needs finite coordinates"
         )
     return np.ascontiguousarray(arr)
+
+
+def _check_n_jobs(n_jobs: Any) -> None:
+    """``n_jobs`` must be None, -1 (all cores) or a positive integer."""
+    if n_jobs is None:
+        return
+    if isinstance(n_jobs, (bool, np.bool_)) or not isinstance(n_jobs, numbers.Integral):
+        raise TypeError(f"n_jobs must be None, -1 or a positive integer, got {n_jobs!r} "
+                        f"({type(n_jobs).__name__})")
+    if n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"n_jobs must be None, -1 (all cores) or a positive integer (threads "
+                         f"for pynndescent), got {n_jobs}")
 
 
 def _as_label_list(label_colnames: str | Sequence[str]) -> list[str]:

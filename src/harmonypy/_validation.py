@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -85,7 +86,11 @@ def _to_array(data_mat) -> np.ndarray:
             "array or DataFrame"
         )
     if _is_tensor(data_mat):
-        return data_mat.detach().cpu().numpy()
+        tensor = data_mat.detach()
+        if str(tensor.dtype) == "torch.bfloat16":
+            # NumPy has no bfloat16; float32 holds every bfloat16 value exactly.
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
     if isinstance(data_mat, (str, bytes)):
         raise TypeError(f"data_mat must be a numeric matrix, not {type(data_mat).__name__}")
     array = np.asarray(data_mat)
@@ -156,6 +161,41 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
         _check_finite(cells)
     _check_nonzero_cells(cells)
     return cells
+
+
+#: More features per cell than this suggests genes rather than a reduced embedding.
+MAX_EMBEDDING_DIMS = 200
+
+#: Rows looked at by the counts check (a sample keeps it O(1) in N).
+_COUNTS_SAMPLE_ROWS = 2000
+
+
+def warn_if_not_reduced(cells: np.ndarray) -> None:
+    """Warn when ``cells`` looks like an expression matrix rather than PCs.
+
+    Harmony corrects a low-dimensional embedding (typically 20-50 PCs). Two
+    signs of a genes matrix passed by mistake: more than
+    :data:`MAX_EMBEDDING_DIMS` columns, or only non-negative whole numbers
+    (counts; a PCA embedding is centred and never integral). The counts check
+    looks at the first :data:`_COUNTS_SAMPLE_ROWS` cells only.
+    """
+    n_dims = cells.shape[1]
+    if n_dims > MAX_EMBEDDING_DIMS:
+        warnings.warn(
+            f"data_mat has {n_dims} dimensions per cell; Harmony expects a reduced "
+            f"embedding such as 20-50 PCs, not genes. Run a PCA first (and pass "
+            f"cells x PCs)", UserWarning, stacklevel=3)
+        return
+    sample = cells[:_COUNTS_SAMPLE_ROWS]
+    if np.issubdtype(sample.dtype, np.integer):
+        integral = True
+    else:
+        integral = bool(np.all(np.floor(sample) == sample))
+    if integral and sample.min() >= 0:
+        warnings.warn(
+            f"data_mat holds only non-negative whole numbers (checked in the first "
+            f"{sample.shape[0]} cells): it looks like counts, but Harmony expects a "
+            f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=3)
 
 
 def _check_finite(cells: np.ndarray) -> None:
@@ -395,6 +435,15 @@ def check_fraction(name: str, value) -> float:
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    """``True``/``False`` (also NumPy bools and the integers 0 and 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def check_epsilon(name: str, value) -> float:

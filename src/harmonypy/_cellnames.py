@@ -1,0 +1,180 @@
+"""Pairing an embedding's cells with their metadata rows by cell name.
+
+An embedding and a metadata table that both name their cells are matched by
+name, never by position: the same set of names in another order is reordered
+(and logged at INFO); duplicated names, or names present on one side only, are
+an error that shows a few of them. Row order is used only when at least one
+side carries no names.
+
+What counts as "names": a pandas index other than the default positions
+``0 .. n-1`` (a ``RangeIndex`` or an integer index equal to it), or, in the
+metadata, a text column that holds the embedding's names (e.g. a ``cell`` or
+``barcode`` column next to a default index).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+#: Metadata values looked up among the embedding's names to find a name column.
+_PROBE_VALUES = 1000
+
+#: Offending names shown in an error message.
+_SHOWN = 5
+
+
+def carries_names(index: pd.Index) -> bool:
+    """Whether ``index`` names cells, i.e. is not just the positions ``0 .. n-1``.
+
+    A ``RangeIndex(0, n)`` (what pandas gives a table read without row names)
+    and an integer index equal to it say nothing about which cell a row is.
+    """
+    n = len(index)
+    if isinstance(index, pd.RangeIndex):
+        return not (index.start == 0 and index.step == 1 and index.stop == n)
+    if pd.api.types.is_integer_dtype(index.dtype) and not isinstance(index, pd.MultiIndex):
+        values = index.to_numpy()
+        return not (values.size == n and np.array_equal(values, np.arange(n)))
+    return True
+
+
+def _examples(names: Sequence, limit: int = _SHOWN) -> str:
+    shown = ", ".join(repr(str(name)) for name in list(names)[:limit])
+    more = ", ..." if len(names) > limit else ""
+    return f"{shown}{more}"
+
+
+def _duplicates(index: pd.Index) -> pd.Index:
+    return index[index.duplicated()].unique()
+
+
+def name_column(meta: pd.DataFrame, cell_names: pd.Index) -> str | None:
+    """The first text column of ``meta`` whose values include the embedding's cell names.
+
+    Only the first :data:`_PROBE_VALUES` values of each column are looked up,
+    so this costs O(columns) hash lookups, not O(N x columns).
+    """
+    # One hash table of the names, reused for every column.
+    lookup = pd.Index(cell_names.astype(str)).unique()
+    for column in meta.columns:
+        values = meta[column]
+        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            continue
+        probe = values.iloc[:_PROBE_VALUES].astype(str)
+        if (lookup.get_indexer(probe) >= 0).any():
+            return column
+    return None
+
+
+def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
+                meta_from: str) -> np.ndarray | None:
+    """Positions in the metadata of each embedding cell, or None if already aligned.
+
+    Parameters
+    ----------
+    cell_names : Index, (N,)
+        Names of the embedding's cells, in the embedding's order.
+    meta_names : Index, (N',)
+        Names of the metadata rows, in the metadata's order.
+    cells_from, meta_from : str
+        Where each side's names come from, for the messages (e.g.
+        ``"data_mat's index"``, ``"meta_data column 'cell'"``).
+
+    Returns
+    -------
+    ndarray of int64, (N,), or None
+        ``meta.iloc[order]`` puts the metadata in the embedding's order; None
+        when both already list the same names in the same order.
+
+    Raises
+    ------
+    ValueError
+        Names repeat on either side, or the two sides do not hold the same
+        set of names; the message shows up to five offending names.
+    """
+    for names, where in ((cell_names, cells_from), (meta_names, meta_from)):
+        if not names.is_unique:
+            repeated = _duplicates(names)
+            raise ValueError(
+                f"{where} names cells, but {len(repeated)} name(s) occur more than once "
+                f"({_examples(repeated)}); cells cannot be paired with their metadata by "
+                f"name. Expected unique cell names")
+    if len(cell_names) == len(meta_names) and cell_names.equals(meta_names):
+        return None
+    # Compare as text: a table read from a file may hold the same names as
+    # numbers on one side and as strings on the other.
+    cells_text = pd.Index(cell_names.astype(str))
+    meta_text = pd.Index(meta_names.astype(str))
+    order = meta_text.get_indexer(cells_text)
+    missing = cells_text[order < 0]
+    extra = meta_text.difference(cells_text, sort=False)
+    if missing.size or extra.size:
+        parts = []
+        if missing.size:
+            parts.append(f"{missing.size} of the {len(cells_text)} cells in {cells_from} are "
+                         f"not in {meta_from} ({_examples(missing)})")
+        if extra.size:
+            parts.append(f"{extra.size} of the {len(meta_text)} names in {meta_from} are not "
+                         f"in {cells_from} ({_examples(extra)})")
+        raise ValueError(
+            f"the embedding and the metadata both name their cells, but not the same cells: "
+            f"{'; '.join(parts)}. Expected the same cells on both sides; select the shared "
+            f"cells first (e.g. meta.loc[pcs.index]), or pass plain arrays to pair rows "
+            f"by position")
+    if np.array_equal(order, np.arange(order.size)):
+        return None
+    logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
+                cells_from, meta_from)
+    return order
+
+
+def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
+                   meta_name: str = "meta_data"):
+    """``meta_data`` in the order of ``data_mat``'s cells, when both name their cells.
+
+    ``data_mat``'s cell names are its index when it is a DataFrame with as
+    many rows as ``meta_data`` (cells x PCs), else its columns when those
+    match (PCs x cells). ``meta_data``'s are its index, or a text column that
+    holds those names when its index is the default. Anything else (arrays,
+    default indexes, shapes that match nothing; those are checked later) is
+    returned unchanged, as is ``meta_data`` when the order already agrees.
+    The caller's object is never modified: a reordered copy is returned.
+
+    Raises
+    ------
+    ValueError
+        Duplicated names, or names on one side that are not on the other.
+    """
+    if not isinstance(meta_data, (pd.DataFrame, pd.Series)):
+        return meta_data
+    n_meta = len(meta_data)
+    if isinstance(data_mat, pd.DataFrame):
+        if data_mat.shape[0] == n_meta:
+            cell_names, cells_from = data_mat.index, f"{data_name}'s index"
+        elif data_mat.shape[1] == n_meta:
+            cell_names, cells_from = data_mat.columns, f"{data_name}'s columns (PCs x cells)"
+        else:
+            return meta_data
+    else:
+        return meta_data
+    if not carries_names(cell_names):
+        return meta_data
+    if carries_names(meta_data.index):
+        meta_names, meta_from = meta_data.index, f"{meta_name}'s index"
+    elif isinstance(meta_data, pd.DataFrame):
+        column = name_column(meta_data, cell_names)
+        if column is None:
+            return meta_data
+        meta_names, meta_from = pd.Index(meta_data[column]), f"{meta_name} column {column!r}"
+    else:
+        return meta_data
+    order = match_order(cell_names, meta_names, cells_from=cells_from, meta_from=meta_from)
+    if order is None:
+        return meta_data
+    return meta_data.iloc[order]

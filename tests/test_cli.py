@@ -119,7 +119,9 @@ def test_run_csv_cell_names_mismatch(small, tmp_path, capsys):
     status, _, err = run_main(["run", tmp_path / "pcs.csv", tmp_path / "meta.csv", "--vars",
                                "donor", "-o", tmp_path / "out.csv"], capsys)
     assert status == 2
-    assert "column 'cell_id' names cells, but 1 of the embedding's 1200 cells" in err
+    assert ("(column 'cell_id') name different cells: 1,199 of the embedding's 1,200 cells "
+            "(99%) are in the metadata; 1 embedding cell(s) are not in the metadata "
+            f"('{meta['cell_id'][0]}')") in err
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
@@ -295,3 +297,389 @@ def test_evaluate(small, tmp_path, capsys):
     per_cell = pd.read_csv(out, sep="\t")
     assert list(per_cell.columns) == ["iLISI_donor", "cLISI_cell_type"]
     assert per_cell.shape == (1200, 2) and (per_cell.to_numpy() >= 1 - 1e-9).all()
+
+
+# ===================================================== first-use hardening
+def no_harmony(monkeypatch):
+    """Make any Harmony run fail loudly: checks must refuse before it (exit 2, not 1)."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("Harmony ran although the command should have been refused")
+
+    monkeypatch.setattr("harmonypy._harmony.run_harmony", boom)
+    monkeypatch.setattr("harmonypy._anndata.integrate", boom)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def copies(small, tmp_path):
+    """The small embedding and metadata copied into tmp_path (so outputs can collide)."""
+    pcs_path, meta_path, _, _ = small
+    pcs, meta = tmp_path / "pcs.tsv.gz", tmp_path / "meta.tsv.gz"
+    pcs.write_bytes(pcs_path.read_bytes())
+    meta.write_bytes(meta_path.read_bytes())
+    return pcs, meta
+
+
+def test_output_that_is_an_input_is_refused(copies, tmp_path, capsys, monkeypatch):
+    no_harmony(monkeypatch)
+    pcs, meta = copies
+    os.symlink(meta, tmp_path / "link.tsv.gz")
+    before = snapshot(tmp_path)
+    run = ["run", pcs, meta, "--vars", "donor", *FAST]
+    cases = [
+        (run + ["-o", meta], "-o/--output", "is the input META"),
+        (run + ["-o", meta, "--force"], "-o/--output", "is the input META"),  # never
+        (run + ["-o", pcs], "-o/--output", "is the input EMBEDDING"),
+        (run + ["-o", tmp_path / "link.tsv.gz"], "-o/--output", "is the input META"),
+        (run + ["-o", tmp_path / "x.tsv", "--plot", pcs], "--plot", "is the input EMBEDDING"),
+        (run + ["-o", tmp_path / "x.tsv", "--plot", tmp_path / "x.tsv"], "--plot",
+         "name the same file"),
+        (["evaluate", pcs, meta, "--batch", "donor", "-o", pcs], "-o/--output",
+         "is the input EMBEDDING"),
+    ]
+    for argv, option, fragment in cases:
+        status, _, err = run_main(argv, capsys)
+        assert status == 2, (argv, err)
+        assert option in err and fragment in err, err
+    assert snapshot(tmp_path) == before  # nothing written, nothing replaced
+
+
+@pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
+def test_h5ad_output_that_is_the_input_and_same_basis_are_refused(small, tmp_path, capsys,
+                                                                   monkeypatch):
+    import anndata
+
+    no_harmony(monkeypatch)
+    _, _, pcs, meta = small
+    adata = anndata.AnnData(obs=meta.set_index("cell_id"),
+                            obsm={"X_pca": pcs.to_numpy(np.float32)})
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    before = snapshot(tmp_path)
+    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
+                               tmp_path / "in.h5ad"], capsys)
+    assert status == 2 and "is the input EMBEDDING" in err
+    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
+                               tmp_path / "out.h5ad", "--adjusted-basis", "X_pca"], capsys)
+    assert status == 2 and "--adjusted-basis 'X_pca' is the same as --basis" in err
+    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "dnor", "-o",
+                               tmp_path / "out.h5ad"], capsys)
+    assert status == 2
+    assert ("--vars: column(s) 'dnor' not found in adata.obs of " in err
+            and "(did you mean 'donor'?)" in err), err
+    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
+                               tmp_path / "out.h5ad", "--no-names"], capsys)
+    assert status == 2 and "--no-names: not used with .h5ad input" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_existing_output_needs_force(copies, tmp_path, capsys):
+    pcs, meta = copies
+    out = tmp_path / "out.tsv"
+    out.write_text("previous result\n")
+    argv = ["run", pcs, meta, "--vars", "donor", "-o", out, *FAST]
+    status, _, err = run_main(argv, capsys)
+    assert status == 2 and "already exists; pass --force" in err
+    assert out.read_text() == "previous result\n"
+    for flag in ("--force", "--overwrite"):
+        out.write_text("previous result\n")
+        status, _, err = run_main(argv[:-1] + [flag], capsys)  # without --quiet
+        assert status == 0, err
+        assert "(replaced the previous file)" in err
+        assert pd.read_csv(out, sep="\t").shape == (1200, 20)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_outputs_are_checked_before_harmony(copies, tmp_path, capsys, monkeypatch):
+    no_harmony(monkeypatch)
+    pcs, meta = copies
+    (tmp_path / "folder.tsv").mkdir()
+    run = ["run", pcs, meta, "--vars", "donor"]
+    cases = [
+        (run + ["-o", tmp_path / "o.tsv", "--plot", tmp_path / "p.xyz"], "matplotlib cannot"),
+        (run + ["-o", tmp_path / "o.tsv", "--plot", tmp_path / "p.png", "--plot-pcs", "1,21"],
+         "--plot-pcs 1,21: the embedding has only 20 PCs"),
+        (run + ["-o", tmp_path / "folder.tsv"], "is a folder"),
+        (run + ["-o", tmp_path / "o.h5ad"], "format 'h5ad' not possible"),
+        (["demo", "--plot", tmp_path / "demo.txt"], "matplotlib cannot"),
+    ]
+    before = snapshot(tmp_path)
+    for argv, fragment in cases:
+        status, _, err = run_main(argv, capsys)
+        assert status == 2 and fragment in err, (argv, err)
+    monkeypatch.setattr("harmonypy._io.os.access", lambda path, mode: False)
+    status, _, err = run_main(run + ["-o", tmp_path / "o.tsv"], capsys)
+    assert status == 2 and "no permission to write" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_all_outputs_or_none(copies, tmp_path, capsys, monkeypatch):
+    # The plot fails after the table is complete: the table must not appear
+    # either (exit 0 means everything was written; anything else, nothing).
+    pcs, meta = copies
+    out, png = tmp_path / "out.tsv", tmp_path / "plot.png"
+
+    def broken_savefig(fig, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", broken_savefig)
+    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--plot", png,
+                               *FAST], capsys)
+    assert status == 1 and "OSError: [Errno 28] No space left on device" in err
+    assert not out.exists() and not png.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_corrupt_gzip_input_names_the_file(copies, tmp_path, capsys):
+    pcs, meta = copies
+    data = pcs.read_bytes()
+    truncated = tmp_path / "truncated.tsv.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    status, _, err = run_main(["run", truncated, meta, "--vars", "donor", "-o",
+                               tmp_path / "o.tsv"], capsys)
+    assert status == 2, err
+    assert err.startswith(f"harmonypy: error: cannot read {truncated} (embedding): the "
+                          f"compressed data ends early") and err.count("\n") == 1
+    bad_meta = tmp_path / "bad_meta.tsv"
+    bad_meta.write_bytes("donor\n\xe9\n".encode("latin-1"))
+    status, _, err = run_main(["evaluate", pcs, bad_meta, "--batch", "donor"], capsys)
+    assert status == 2 and f"cannot read {bad_meta} (metadata): not UTF-8" in err
+
+
+# ----------------------------------------------------------- cell names
+def embedding_with(pcs: pd.DataFrame, column: str, values) -> pd.DataFrame:
+    table = pcs.copy()
+    table.insert(0, column, values)
+    return table
+
+
+def test_integer_cell_id_column_is_not_a_pc(small, tmp_path, capsys):
+    # The issue: an integer `cell_id` first column became a 21st PC.
+    _, _, pcs, meta = small
+    ids = np.random.default_rng(0).choice(10**6, len(pcs), replace=False)
+    embedding_with(pcs, "cell_id", ids).to_csv(tmp_path / "pcs.tsv", sep="\t", index=False)
+    shuffled = np.random.default_rng(1).permutation(len(meta))
+    meta.assign(cell_id=ids).iloc[shuffled].to_csv(tmp_path / "meta.tsv", sep="\t",
+                                                   index=False)
+    argv = ["run", tmp_path / "pcs.tsv", tmp_path / "meta.tsv", "--vars", "donor", "-o",
+            tmp_path / "out.tsv", *FAST[:-1]]  # not --quiet: the reorder note is shown
+    status, _, err = run_main(argv, capsys)
+    assert status == 0, err
+    assert ("harmonypy: metadata matched by cell name (column 'cell_id'): 1,200 rows, "
+            "reordered to the embedding") in err
+    result = pd.read_csv(tmp_path / "out.tsv", sep="\t", index_col=0)
+    assert result.index.name == "cell_id" and list(result.index) == list(ids)
+    assert list(result.columns) == [f"PC{i}_harmony" for i in range(1, 21)]
+    expected = hm.run_harmony(pcs, meta, "donor", **FAST_KW).Z_corr.T
+    np.testing.assert_allclose(result.to_numpy(), expected, **CLOSE)
+
+
+def test_repeated_or_partly_shared_names_are_errors(small, tmp_path, capsys, monkeypatch):
+    no_harmony(monkeypatch)
+    _, _, pcs, meta = small
+    names = meta["cell_id"].to_numpy().copy()
+    repeated = names.copy()
+    repeated[10:13] = names[0]
+    embedding_with(pcs, "cell", repeated).to_csv(tmp_path / "dup.csv", index=False)
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    status, _, err = run_main(["run", tmp_path / "dup.csv", tmp_path / "meta.csv", "--vars",
+                               "donor", "-o", tmp_path / "o.csv"], capsys)
+    assert status == 2
+    assert f"1 name(s) occur more than once ('{names[0]}' (4 times))" in err
+
+    # 37% of the metadata's names are the embedding's, the rest are other cells.
+    shared = int(0.37 * len(meta))
+    partial = np.concatenate([names[:shared], [f"other{i}" for i in range(len(meta) - shared)]])
+    embedding_with(pcs, "cell", names).to_csv(tmp_path / "pcs.csv", index=False)
+    meta.assign(cell_id=partial).to_csv(tmp_path / "partial.csv", index=False)
+    status, _, err = run_main(["run", tmp_path / "pcs.csv", tmp_path / "partial.csv",
+                               "--vars", "donor", "-o", tmp_path / "o.csv"], capsys)
+    assert status == 2
+    assert f"{shared} of the embedding's 1,200 cells (37%) are in the metadata" in err
+    assert f"756 embedding cell(s) are not in the metadata ('{names[shared]}'" in err
+    assert "756 metadata name(s) are not in the embedding ('other0', 'other1'" in err
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_name_options(small, tmp_path, capsys):
+    _, _, pcs, meta = small
+    names = meta["cell_id"].to_numpy()
+    reverse = meta.iloc[::-1]
+    table = embedding_with(pcs, "depth", np.arange(len(pcs)) * 3)  # an integer PC
+    table["barcode_text"] = names
+    table.to_csv(tmp_path / "pcs.csv", index=False)
+    reverse.rename(columns={"cell_id": "bc"}).to_csv(tmp_path / "meta.csv", index=False)
+    run = ["run", tmp_path / "pcs.csv", tmp_path / "meta.csv", "--vars", "donor", *FAST]
+    status, _, err = run_main(run + ["-o", tmp_path / "a.csv", "--names", "barcode_text",
+                                     "--meta-names", "bc"], capsys)
+    assert status == 0, err
+    result = pd.read_csv(tmp_path / "a.csv", index_col=0)
+    assert list(result.index) == list(names) and result.columns[0] == "depth_harmony"
+    # --no-names pairs by position: the reversed metadata then gives other labels.
+    status, _, err = run_main(run + ["-o", tmp_path / "b.csv", "--names", "barcode_text",
+                                     "--no-names"], capsys)
+    assert status == 0, err
+    assert not np.allclose(pd.read_csv(tmp_path / "b.csv", index_col=0), result)
+    status, _, err = run_main(run + ["-o", tmp_path / "c.csv", "--names", "barcode",
+                                     "--meta-names", "bc"], capsys)
+    assert status == 2 and "--names: column 'barcode' not found" in err
+    assert "did you mean 'barcode_text'?" in err
+    status, _, err = run_main(run + ["-o", tmp_path / "c.csv", "--meta-names", "bc",
+                                     "--no-names"], capsys)
+    assert status == 2 and "not allowed with argument" in err
+
+
+# ------------------------------------------------------------- messages
+def test_missing_columns_name_option_file_and_close_match(copies, capsys, monkeypatch):
+    no_harmony(monkeypatch)
+    pcs, meta = copies
+    cases = [
+        (["run", pcs, meta, "--vars", "Donor", "-o", meta.parent / "o.tsv"], "--vars", "Donor",
+         "donor"),
+        (["run", pcs, meta, "--vars", "donor", "--color", "cell_typ", "--plot",
+          meta.parent / "p.png", "-o", meta.parent / "o.tsv"], "--color", "cell_typ",
+         "cell_type"),
+        (["evaluate", pcs, meta, "--batch", "donr"], "--batch", "donr", "donor"),
+        (["evaluate", pcs, meta, "--batch", "donor", "--label", "celltype"], "--label",
+         "celltype", "cell_type"),
+    ]
+    for argv, option, wrong, right in cases:
+        status, _, err = run_main(argv, capsys)
+        assert status == 2, err
+        assert err.startswith(f"harmonypy: error: {option}: column(s) '{wrong}' not found in "
+                              f"the metadata {meta} (did you mean '{right}'?); available: "
+                              f"cell_id, donor"), err
+
+
+def test_library_parameter_names_become_options(copies, capsys):
+    pcs, meta = copies
+    status, _, err = run_main(["run", pcs, meta, "--vars", "donor,donor", "-o",
+                               meta.parent / "o.tsv", *FAST], capsys)
+    assert status == 2
+    assert "--vars names column(s) ['donor'] more than once" in err and "vars_use" not in err
+    assert cli._message(ValueError("max_iter_harmony must be >= 1; see vars_use"), "run") == \
+        "--max-iter-harmony must be >= 1; see --vars"
+
+
+# ---------------------------------------------------------------- Ctrl-C
+# Start the CLI with Python's own SIGINT handler even if this test runs with
+# SIGINT ignored (as background jobs of a non-interactive shell do): Python
+# would then leave it ignored in the child and the test would wait in vain.
+_INTERRUPTIBLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                  "runpy.run_module('harmonypy', run_name='__main__', alter_sys=True)")
+
+
+def _has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open (Linux /proc)."""
+    folder = Path(f"/proc/{pid}/fd")
+    try:
+        links = [os.readlink(folder / fd) for fd in os.listdir(folder)]
+    except OSError:
+        return False
+    return str(path) in links
+
+
+def _interrupt_when(argv, ready, limit: float = 60.0) -> tuple[int, str]:
+    """Run the CLI, send SIGINT as soon as ``ready(pid, stderr_so_far)``; (status, stderr)."""
+    import signal
+    import threading
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, *map(str, argv)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + limit
+    try:
+        while not ready(proc.pid, "".join(lines)):
+            assert proc.poll() is None, f"finished before the interrupt: {''.join(lines)}"
+            assert time.monotonic() < deadline, "the moment to interrupt never came"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        status = proc.wait(timeout=limit)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    return status, "".join(lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_previous_output_or_nothing(tmp_path):
+    """200,000 cells; SIGINT while reading, running and writing (.tsv and .tsv.gz).
+
+    Afterwards the output holds its previous bytes (or does not exist), no
+    temporary file is left, and the exit status is 130.
+    """
+    import gzip
+
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    rng = np.random.default_rng(0)
+    n_cells = 200_000
+    batch = rng.integers(0, 2, n_cells)
+    pcs = rng.standard_normal((n_cells, 10)).astype(np.float32)
+    pcs[:, 0] += 2 * batch
+    text = pd.DataFrame(pcs, columns=[f"PC{i}" for i in range(1, 11)]).to_csv(
+        sep="\t", index=False, float_format="%.4f")
+    (inputs / "pcs.tsv").write_text(text)
+    (inputs / "pcs.tsv.gz").write_bytes(gzip.compress(text.encode(), compresslevel=1))
+    pd.DataFrame({"donor": np.where(batch, "a", "b")}).to_csv(inputs / "meta.tsv", sep="\t",
+                                                               index=False)
+    previous = b"PC1_harmony\n0.5\n"  # an earlier result that must survive
+
+    def temporary_file(pid, err):
+        return any(".tmp" in name for name in os.listdir(outputs))
+
+    def harmony_started(pid, err):
+        return "Harmony: " in err
+
+    def reading(path):
+        return lambda pid, err: _has_open(pid, path)
+
+    cases = [  # (input, output, a previous output?, when to interrupt)
+        ("pcs.tsv.gz", "res.tsv", True, reading(inputs / "pcs.tsv.gz")),
+        ("pcs.tsv", "res.tsv.gz", False, harmony_started),
+        ("pcs.tsv", "res.tsv", True, temporary_file),
+        ("pcs.tsv.gz", "res.tsv.gz", False, temporary_file),
+    ]
+    if not Path("/proc/self/fd").is_dir():
+        cases = cases[1:]  # no way to see the read from outside
+    for embedding, output, has_previous, when in cases:
+        for path in outputs.iterdir():
+            path.unlink()
+        if has_previous:
+            (outputs / output).write_bytes(previous)
+        status, err = _interrupt_when(
+            ["run", inputs / embedding, inputs / "meta.tsv", "--vars", "donor", "-o",
+             outputs / output, "--force", "--nclust", "10", "--max-iter-harmony", "4",
+             "--max-iter-kmeans", "3", "--seed", "1"], when)
+        moment = f"{embedding} -> {output}, {when.__name__}: {err}"
+        assert status == 130, moment
+        assert err.rstrip().endswith("harmonypy: interrupted"), moment
+        assert "wrote" not in err, moment
+        left = snapshot(outputs)
+        assert left == ({output: previous} if has_previous else {}), moment
+        assert sorted(os.listdir(inputs)) == ["meta.tsv", "pcs.tsv", "pcs.tsv.gz"]
+        if when is not harmony_started and "temporary" not in when.__name__:
+            assert "Harmony: " not in err, moment  # stopped during the read
+
+
+def test_example_data_writes_the_bundled_example_and_keeps_existing_files(tmp_path):
+    assert cli.main(["example-data", str(tmp_path)]) == 0
+    pcs = pd.read_csv(tmp_path / "pcs.tsv.gz", sep="\t", index_col=0)
+    meta = pd.read_csv(tmp_path / "meta.tsv.gz", sep="\t", index_col=0)
+    assert pcs.shape == (1200, 20) and pcs.index.equals(meta.index)
+    assert {"donor", "cell_type"} <= set(meta.columns)
+    before = (tmp_path / "pcs.tsv.gz").read_bytes()
+    assert cli.main(["example-data", str(tmp_path)]) == 2          # refused: files exist
+    assert (tmp_path / "pcs.tsv.gz").read_bytes() == before
+    assert cli.main(["example-data", str(tmp_path), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.tsv.gz", "pcs.tsv.gz"]

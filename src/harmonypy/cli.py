@@ -1,190 +1,57 @@
 """Command-line interface: ``harmonypy run | demo | evaluate``.
 
 Run ``harmonypy --help`` (or ``python -m harmonypy --help``) for the options.
-Bad input ends with one line on stderr, ``harmonypy: error: ...``, and exit
-status 2; an unexpected failure prints its type and message and exits with 1
-(``--debug`` shows the traceback instead).
+This module holds the argument parser and thin commands; reading, matching
+cells by name and writing files is :mod:`harmonypy._io`.
+
+Exit status:
+
+* 0: done, every output written.
+* 2: bad input or options, one line on stderr (``harmonypy: error: ...``).
+  Everything that can be checked (options, columns, output files) is checked
+  before Harmony runs, so nothing was written.
+* 1: an unexpected failure (its type and message; ``--debug`` shows the
+  traceback). Nothing was written: outputs are renamed into place only when
+  all are complete.
+* 130: interrupted (Ctrl-C). Every output holds either its previous content
+  (or is absent) or, if the interrupt came during the final renames, its new
+  content; no temporary file is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from harmonypy._io import (
+    FORMATS_HELP, OutputFiles, OutputSpec, Table, check_outputs, close_match, file_format,
+    match_cells, read_embedding, read_h5ad, read_meta, save_figure, write_h5ad, write_table,
+)
+
 logger = logging.getLogger(__name__)
 
 PROG = "harmonypy"
 # Errors that mean "the input or the options are wrong": exit status 2, one line.
-BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError,
-             IsADirectoryError, NotADirectoryError, PermissionError)
-
-_TABLE_SEPARATORS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
-_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
-TABLE_FORMATS_HELP = "TSV/CSV (.tsv, .txt, .csv, optionally .gz), Parquet (.parquet)"
-FORMATS_HELP = f"{TABLE_FORMATS_HELP}, NumPy (.npy) or AnnData (.h5ad)"
-
-
-# =========================================================================== #
-# File formats
-# =========================================================================== #
-def file_format(path: str | Path) -> str:
-    """'tsv', 'csv', 'parquet', 'npy' or 'h5ad', from the file name's extension."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSIONS:
-        suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
-    if last in _TABLE_SEPARATORS:
-        return "csv" if last == ".csv" else "tsv"
-    if last in (".parquet", ".npy", ".h5ad"):
-        return last[1:]
-    raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; "
-                     f"use {FORMATS_HELP}")
-
-
-@dataclass
-class Table:
-    """A cells x columns table and whether its row names are worth writing back."""
-
-    frame: pd.DataFrame
-    has_index: bool
-
-
-def _check_exists(path: str | Path, what: str) -> None:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-
-
-def _read_frame(path: str | Path, what: str) -> Table:
-    """Read a TSV/CSV/Parquet table; an unnamed first column becomes the index."""
-    _check_exists(path, what)
-    fmt = file_format(path)
-    if fmt == "parquet":
-        _need_pyarrow()
-        frame = pd.read_parquet(path)
-        return Table(frame, not isinstance(frame.index, pd.RangeIndex))
-    if fmt not in ("tsv", "csv"):
-        raise ValueError(f"the {what} must be a table ({TABLE_FORMATS_HELP}), got {str(path)!r}")
-    frame = pd.read_csv(path, sep=_TABLE_SEPARATORS[".csv" if fmt == "csv" else ".tsv"])
-    # A header one field shorter than the rows (R's write.table) already gave an
-    # index; pandas' own to_csv(index=True) gives an "Unnamed: 0" column.
-    if not isinstance(frame.index, pd.RangeIndex):
-        return Table(frame, True)
-    if len(frame.columns) and str(frame.columns[0]).startswith("Unnamed: 0"):
-        frame = frame.set_index(frame.columns[0])
-        frame.index.name = None
-        return Table(frame, True)
-    return Table(frame, False)
-
-
-def read_embedding(path: str | Path) -> Table:
-    """Read a cells x PCs embedding from a table or ``.npy`` file.
-
-    In a table, a leading non-numeric column (cell names) becomes the index.
-    """
-    _check_exists(path, "embedding")
-    if file_format(path) == "npy":
-        values = np.load(path, allow_pickle=False)
-        if values.ndim != 2:
-            raise ValueError(f"the embedding in {path} must be 2-D (cells x PCs), "
-                             f"got shape {values.shape}")
-        columns = [f"PC{i + 1}" for i in range(values.shape[1])]
-        return Table(pd.DataFrame(values, columns=columns), False)
-    table = _read_frame(path, "embedding")
-    frame = table.frame
-    if not table.has_index and len(frame.columns) and not _numeric(frame.iloc[:, 0]):
-        frame = frame.set_index(frame.columns[0])
-        table = Table(frame, True)
-    bad = [str(c) for c in frame.columns if not _numeric(frame[c])]
-    if bad:
-        raise ValueError(f"embedding {path}: column(s) {', '.join(map(repr, bad[:5]))} are not "
-                         f"numeric (only the first column may hold cell names)")
-    return table
-
-
-def _numeric(column: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
-
-
-def read_meta(path: str | Path, cells: pd.Index | None, n_cells: int) -> pd.DataFrame:
-    """Read the metadata table; reorder it by cell name when both files name cells."""
-    table = _read_frame(path, "metadata")
-    meta = table.frame
-    if cells is not None:
-        aligned = _align_by_names(meta, table.has_index, cells)
-        if aligned is not None:
-            return aligned
-    if len(meta) != n_cells:
-        raise ValueError(f"metadata {path} has {len(meta)} rows but the embedding has "
-                         f"{n_cells} cells")
-    return meta.reset_index(drop=True)
-
-
-def _align_by_names(meta: pd.DataFrame, has_index: bool, cells: pd.Index) -> pd.DataFrame | None:
-    """``meta`` in the order of ``cells`` if its index or a column holds exactly those names."""
-    wanted = pd.Index(cells.astype(str))
-    if not wanted.is_unique:
-        return None
-    candidates: list[tuple[str | None, pd.Index]] = []
-    if has_index:
-        candidates.append((None, pd.Index(meta.index.astype(str))))
-    for column in meta.columns:
-        if not _numeric(meta[column]):
-            candidates.append((column, pd.Index(meta[column].astype(str))))
-    for column, names in candidates:
-        where = "row names" if column is None else f"column {column!r}"
-        if len(names) == len(wanted) and names.is_unique and set(names) == set(wanted):
-            logger.info("metadata matched to the embedding by %s", where)
-            return meta.iloc[names.get_indexer(wanted)].reset_index(drop=True)
-        shared = len(set(names) & set(wanted))
-        if shared >= len(wanted) / 2:
-            # Mostly the same cell names but not all: matching by row order
-            # would silently pair cells with the wrong labels.
-            raise ValueError(f"the metadata's {where} names cells, but {len(wanted) - shared} "
-                             f"of the embedding's {len(wanted)} cells are not among them "
-                             f"(or names repeat); give both files the same cells")
-    return None
-
-
-def _need_pyarrow() -> None:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise ImportError("Parquet files need pyarrow: pip install pyarrow") from None
-
-
-def write_table(table: Table, path: str | Path) -> None:
-    """Write a table (format from the extension); ``.npy`` keeps only the numbers."""
-    fmt = file_format(path)
-    frame = table.frame
-    if fmt == "npy":
-        np.save(path, frame.to_numpy())
-    elif fmt == "parquet":
-        _need_pyarrow()
-        frame.to_parquet(path, index=table.has_index)
-    elif fmt in ("tsv", "csv"):
-        frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=table.has_index)
-    else:
-        raise ValueError(f"cannot write a table to {str(path)!r}; use {TABLE_FORMATS_HELP}")
-
-
-def _check_output(path: str | Path, allowed: Sequence[str]) -> str:
-    """Fail before the (long) computation if the output cannot be written."""
-    fmt = file_format(path)
-    if fmt not in allowed:
-        raise ValueError(f"output {str(path)!r}: format {fmt!r} not possible here; use one "
-                         f"of {', '.join(allowed)}")
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {parent}")
-    return fmt
+BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+             ImportError, IsADirectoryError, NotADirectoryError, PermissionError)
+TABLE_OUTPUTS = ("tsv", "csv", "parquet", "npy")
+# Library parameter names in messages, as the options that set them (run).
+_OPTION_NAMES = {
+    "vars_use": "--vars", "block_size": "--block-size",
+    "max_iter_harmony": "--max-iter-harmony", "max_iter_kmeans": "--max-iter-kmeans",
+    "epsilon_cluster": "--epsilon-cluster", "epsilon_harmony": "--epsilon-harmony",
+    "random_state": "--seed", "ncores": "--threads", "batch_prop_cutoff": "--batch-prop-cutoff",
+    "meta_data": "the metadata", "data_mat": "the embedding",
+}
 
 
 # =========================================================================== #
@@ -252,6 +119,32 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="show the full traceback on errors")
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                        help="replace output files that already exist (default: refuse); an "
+                             "input is never replaced")
+
+
+def _add_name_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "cell names",
+        "when EMBEDDING and META both name their cells, rows are matched by name: the same "
+        "cells in another order are reordered; repeated names, or cells on one side only, "
+        "are an error. Row order is used when one side has no names")
+    g.add_argument("--names", metavar="COL",
+                   help="column of the EMBEDDING table that holds the cell names (default: "
+                        "its row names, else its first column when that holds text, integers "
+                        "under a header such as cell, cell_id, barcode, index, id or name, or "
+                        "the row numbers 0..N-1 or 1..N)")
+    exclusive = g.add_mutually_exclusive_group()
+    exclusive.add_argument("--meta-names", metavar="COL",
+                           help="column of META that holds the cell names (default: META's "
+                                "row names, or the column that shares names with EMBEDDING)")
+    exclusive.add_argument("--no-names", action="store_true",
+                           help="pair META rows with EMBEDDING rows by position, ignoring cell "
+                                "names (a name column of EMBEDDING is still not a PC)")
+
+
 def _add_harmony_options(parser: argparse.ArgumentParser) -> None:
     """One option per run_harmony parameter. None = leave run_harmony's default."""
     g = parser.add_argument_group(
@@ -310,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_run(commands)
     _build_demo(commands)
     _build_evaluate(commands)
+    _build_example_data(commands)
     return parser
 
 
@@ -327,19 +221,25 @@ def _build_run(commands) -> None:
     p.add_argument("--vars", dest="vars_use", type=_names, required=True,
                    metavar="COL[,COL...]", help="batch column(s) to integrate over")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file; .h5ad input may be written to .h5ad or a table")
+                   help="output file; .h5ad input may be written to .h5ad or a table. "
+                        "Written to a temporary file in the same folder and renamed into "
+                        "place when complete")
     p.add_argument("--basis", default="X_pca", metavar="KEY",
                    help=".h5ad input: obsm key of the embedding")
     p.add_argument("--adjusted-basis", default="X_pca_harmony", metavar="KEY",
-                   help=".h5ad input: obsm key for the corrected embedding")
+                   help=".h5ad input: obsm key for the corrected embedding (must differ "
+                        "from --basis)")
     p.add_argument("--plot", metavar="FILE.png",
-                   help="also draw the embedding before and after Harmony")
+                   help="also draw the embedding before and after Harmony (any format "
+                        "matplotlib writes: .png, .pdf, .svg, ...)")
     p.add_argument("--color", type=_names, metavar="COL[,COL...]",
                    help="columns to colour the --plot by (default: the --vars columns)")
     p.add_argument("--plot-pcs", type=_pcs, default=(1, 2), metavar="I,J",
                    help="PCs on the axes of --plot (1-based; batch effects often show "
                         "in later PCs, e.g. 1,4) (default: 1,2)")
+    _add_force(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    _add_name_options(p)
     _add_harmony_options(p)
     _add_common(p)
     p.set_defaults(handler=command_run)
@@ -357,9 +257,42 @@ def _build_demo(commands) -> None:
                    help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--plot", metavar="FILE.png", help="draw the embedding before and after")
+    _add_force(p)
     p.add_argument("--verbose", action="store_true", help="show Harmony's progress messages")
     _add_common(p)
     p.set_defaults(handler=command_demo)
+
+
+def _build_example_data(commands) -> None:
+    p = commands.add_parser(
+        "example-data", formatter_class=_HelpFormatter,
+        help="write the bundled 1,200-PBMC example as pcs.tsv.gz and meta.tsv.gz",
+        description="Write the bundled example (1,200 PBMCs, 20 PCs; batch column 'donor' = "
+                    "the 10x chemistry, 'cell_type') as pcs.tsv.gz and meta.tsv.gz, both "
+                    "starting with a cell_id column, to try the other commands on.",
+        epilog=f"example: {PROG} example-data . && {PROG} run pcs.tsv.gz meta.tsv.gz "
+               f"--vars donor -o pcs_harmony.tsv.gz")
+    p.add_argument("folder", metavar="FOLDER", nargs="?", default=".",
+                   help="existing folder to write into (default: the current folder)")
+    _add_force(p)
+    _add_common(p)
+    p.set_defaults(handler=command_example_data)
+
+
+def command_example_data(args: argparse.Namespace) -> int:
+    """``harmonypy example-data``: the bundled example as two files."""
+    from harmonypy import datasets
+
+    if not Path(args.folder).is_dir():
+        raise FileNotFoundError(f"folder not found: {args.folder}")
+    existing = [str(Path(args.folder) / f"{key}.tsv.gz") for key in ("pcs", "meta")
+                if (Path(args.folder) / f"{key}.tsv.gz").exists()]
+    if existing and not args.force:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --force to "
+                              f"replace")
+    paths = datasets.save_example(args.folder, overwrite=args.force)
+    print("\n".join(str(path) for path in paths.values()))
+    return 0
 
 
 def _build_evaluate(commands) -> None:
@@ -383,6 +316,9 @@ def _build_evaluate(commands) -> None:
                    help=".h5ad input: obsm key of the embedding to score")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="also write the per-cell LISI values to this table")
+    _add_force(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    _add_name_options(p)
     _add_common(p)
     p.set_defaults(handler=command_evaluate)
 
@@ -407,6 +343,7 @@ def harmony_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # Commands
 # =========================================================================== #
 def _note(args: argparse.Namespace, text: str) -> None:
+    """A progress note on stderr (the CLI's own; the library only logs)."""
     if not getattr(args, "quiet", False):
         print(f"{PROG}: {text}", file=sys.stderr)
 
@@ -417,77 +354,150 @@ def command_run(args: argparse.Namespace) -> int:
         return _run_h5ad(args)
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
-    _check_output(args.output, ("tsv", "csv", "parquet", "npy"))
-    _check_plot_path(args.plot)
+    check_outputs([OutputSpec("-o/--output", args.output, TABLE_OUTPUTS),
+                   OutputSpec("--plot", args.plot, None)],
+                  {"EMBEDDING": args.embedding, "META": args.meta}, force=args.force)
+    embedding, meta = _read_tables(args)
+    source = f"the metadata {args.meta}"
+    _check_columns(meta, args.vars_use, "--vars", source)
+    _check_columns(meta, args.color or [], "--color", source)
+    _check_plot_pcs(args, embedding.frame.shape[1])
     from harmonypy._harmony import run_harmony
 
-    table = read_embedding(args.embedding)
-    cells = table.frame.index if table.has_index else None
-    meta = read_meta(args.meta, cells, len(table.frame))
-    _check_columns(meta, args.vars_use + (args.color or []), args.meta)
-
     start = time.perf_counter()
-    ho = run_harmony(table.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
+    ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
                      **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
-    corrected = pd.DataFrame(ho.Z_corr.T, index=table.frame.index,
-                             columns=[f"{c}_harmony" for c in table.frame.columns])
-    write_table(Table(corrected, table.has_index), args.output)
-    _note(args, f"wrote {args.output}: {ho.N} cells x {ho.d} PCs; {_outcome(ho)} "
-                f"in {elapsed:.1f} s")
+    corrected = Table(pd.DataFrame(ho.Z_corr.T, index=embedding.frame.index,
+                                   columns=[f"{c}_harmony" for c in embedding.frame.columns]),
+                      embedding.has_names)
+    figure = (_embedding_figure(embedding.frame, corrected.frame, meta,
+                                args.color or args.vars_use, args.plot_pcs)
+              if args.plot else None)
+    files = _write_outputs([(args.output, lambda path: write_table(corrected, path)),
+                            (args.plot, lambda path: save_figure(figure, path))])
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {ho.N:,} cells x "
+                f"{ho.d} PCs; {_outcome(ho)} in {elapsed:.1f} s")
     if args.plot:
-        _save_plot(table.frame, corrected, meta, args.color or args.vars_use, args.plot,
-                   args.plot_pcs)
-        _note(args, f"wrote {args.plot}")
+        _note(args, f"wrote {args.plot}{_replaced(files, args.plot)}")
     return 0
 
 
+def _read_tables(args: argparse.Namespace) -> tuple[Table, pd.DataFrame]:
+    """The embedding and the metadata in the embedding's cell order."""
+    embedding = read_embedding(args.embedding, names=args.names)
+    meta = read_meta(args.meta)
+    match = match_cells(embedding, meta, embedding_path=args.embedding, meta_path=args.meta,
+                        meta_names=args.meta_names, by_name=not args.no_names)
+    if match.reordered:
+        _note(args, match.describe())
+    return embedding, match.meta
+
+
+def _refuse_name_options(args: argparse.Namespace) -> None:
+    """--names/--meta-names/--no-names mean nothing for .h5ad input: say so."""
+    given = [option for option, value in (("--names", args.names),
+                                          ("--meta-names", args.meta_names),
+                                          ("--no-names", args.no_names)) if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with .h5ad input, whose cells are "
+                         f"named by obs_names and described by obs")
+
+
 def _run_h5ad(args: argparse.Namespace) -> int:
-    from harmonypy._anndata import integrate, require_anndata
+    from harmonypy._anndata import _get_basis, integrate
 
     if args.meta is not None:
         raise ValueError("META is not used with .h5ad input: the batch columns come from "
                          "adata.obs")
-    out_format = _check_output(args.output, ("h5ad", "tsv", "csv", "parquet", "npy"))
-    _check_plot_path(args.plot)
-    anndata = require_anndata()
-    _check_exists(args.embedding, "input")
-    adata = anndata.read_h5ad(args.embedding)
-    if args.color:
-        _check_columns(adata.obs, args.color, "adata.obs")
+    _refuse_name_options(args)
+    if args.adjusted_basis == args.basis:
+        raise ValueError(f"--adjusted-basis {args.adjusted_basis!r} is the same as --basis: the "
+                         f"corrected embedding would replace the input one; choose another "
+                         f"key (default: X_pca_harmony)")
+    check_outputs([OutputSpec("-o/--output", args.output, ("h5ad",) + TABLE_OUTPUTS),
+                   OutputSpec("--plot", args.plot, None)],
+                  {"EMBEDDING": args.embedding}, force=args.force)
+    adata = read_h5ad(args.embedding)
+    source = f"adata.obs of {args.embedding}"
+    _check_columns(adata.obs, args.vars_use, "--vars", source)
+    _check_columns(adata.obs, args.color or [], "--color", source)
+    before = _get_basis(adata, args.basis)
+    _check_plot_pcs(args, before.shape[1])
 
     start = time.perf_counter()
     ho = integrate(adata, args.vars_use, basis=args.basis, adjusted_basis=args.adjusted_basis,
                    verbose=not args.quiet, **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
     corrected = adata.obsm[args.adjusted_basis]
-    if out_format == "h5ad":
-        adata.write_h5ad(args.output)
+    if file_format(args.output) == "h5ad":
+        write_output: Callable[[Path], None] = lambda path: write_h5ad(adata, path)  # noqa: E731
     else:
         columns = [f"PC{i + 1}_harmony" for i in range(corrected.shape[1])]
-        frame = pd.DataFrame(corrected, index=adata.obs_names, columns=columns)
-        write_table(Table(frame, True), args.output)
-    _note(args, f"wrote {args.output} (obsm[{args.adjusted_basis!r}]): {ho.N} cells x "
-                f"{ho.d} PCs; {_outcome(ho)} in {elapsed:.1f} s")
+        table = Table(pd.DataFrame(corrected, index=adata.obs_names, columns=columns), True)
+        write_output = lambda path: write_table(table, path)  # noqa: E731
+    figure = (_embedding_figure(before, corrected, adata.obs, args.color or args.vars_use,
+                                args.plot_pcs)
+              if args.plot else None)
+    files = _write_outputs([(args.output, write_output),
+                            (args.plot, lambda path: save_figure(figure, path))])
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)} "
+                f"(obsm[{args.adjusted_basis!r}]): {ho.N:,} cells x {ho.d} PCs; "
+                f"{_outcome(ho)} in {elapsed:.1f} s")
     if args.plot:
-        before = np.asarray(adata.obsm[args.basis])
-        _save_plot(before, corrected, adata.obs, args.color or args.vars_use, args.plot,
-                   args.plot_pcs)
-        _note(args, f"wrote {args.plot}")
+        _note(args, f"wrote {args.plot}{_replaced(files, args.plot)}")
     return 0
 
 
-def _check_columns(meta: pd.DataFrame, columns: Sequence[str], where: Any) -> None:
-    missing = [c for c in columns if c not in meta.columns]
-    if missing:
-        available = ", ".join(map(str, meta.columns))
-        raise KeyError(f"column(s) {', '.join(missing)} not found in {where} "
-                       f"(available: {available})")
+def _write_outputs(outputs: Sequence[tuple[str | None, Callable[[Any], None]]]) -> OutputFiles:
+    """Write every ``(path, writer)`` with a path, all or none.
+
+    Each writer writes a temporary file beside its destination; only when all
+    have finished are they renamed into place together, so an error or
+    Ctrl-C while writing the second output leaves the first untouched too.
+    """
+    with OutputFiles() as files:
+        for path, write in outputs:
+            if path is not None:
+                write(files.stage(path))
+        files.commit()
+    return files
 
 
-def _check_plot_path(path: str | None) -> None:
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise FileNotFoundError(f"folder for --plot does not exist: {Path(path).parent}")
+def _replaced(files: OutputFiles, path: str) -> str:
+    final = Path(os.path.realpath(path))
+    return " (replaced the previous file)" if final in files.replaced else ""
+
+
+def _check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str,
+                   source: str) -> None:
+    """Every name in ``columns`` (given with ``option``) is a column of ``meta``.
+
+    Raises
+    ------
+    KeyError
+        Naming the option, the file, a close match if any, and the columns.
+    """
+    available = [str(c) for c in meta.columns]
+    missing = [c for c in columns if c not in available]
+    if not missing:
+        return
+    hints = []
+    for name in missing:
+        close = close_match(name, available)
+        if close:
+            hints.append(f"{close!r} for {name!r}" if len(missing) > 1 else repr(close))
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    shown = ", ".join(available[:30]) + (f", ... ({len(available) - 30} more)"
+                                         if len(available) > 30 else "")
+    raise KeyError(f"{option}: column(s) {', '.join(map(repr, missing))} not found in "
+                   f"{source}{hint}; available: {shown or 'none'}")
+
+
+def _check_plot_pcs(args: argparse.Namespace, n_pcs: int) -> None:
+    if args.plot and max(args.plot_pcs) > n_pcs:
+        raise ValueError(f"--plot-pcs {args.plot_pcs[0]},{args.plot_pcs[1]}: the embedding has "
+                         f"only {n_pcs} PC{'s' if n_pcs != 1 else ''}")
 
 
 def _outcome(ho) -> str:
@@ -496,8 +506,9 @@ def _outcome(ho) -> str:
     return f"stopped after {ho.n_iter} iterations without converging"
 
 
-def _save_plot(before, after, meta: pd.DataFrame, color: Sequence[str], path: str,
-               pcs: tuple[int, int] = (1, 2)) -> None:
+def _embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
+                      pcs: tuple[int, int] = (1, 2)):
+    """The before/after scatter plot as a matplotlib Figure (not yet saved)."""
     from harmonypy.plotting import _pyplot, embedding_figsize, plot_embedding
 
     _pyplot()  # the install hint when matplotlib is missing
@@ -508,7 +519,7 @@ def _save_plot(before, after, meta: pd.DataFrame, color: Sequence[str], path: st
     fig = Figure(figsize=embedding_figsize(len(color)), layout="constrained")
     plot_embedding(before, after, meta.reset_index(drop=True), list(color),
                    dims=(pcs[0] - 1, pcs[1] - 1), fig=fig)
-    fig.savefig(path, dpi=90)
+    return fig
 
 
 # ------------------------------------------------------------------- demo
@@ -517,7 +528,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from harmonypy import __version__, datasets
     from harmonypy._harmony import run_harmony
 
-    _check_plot_path(args.plot)
+    check_outputs([OutputSpec("--plot", args.plot, None)], {}, force=args.force)
     pcs, meta, reference = datasets.load_pbmc_3500()
     r_version = "1.2.4"
     if args.algorithm == "harmony2":
@@ -542,9 +553,10 @@ def command_demo(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if args.plot:
         # In this data set the donor effect lies mostly along PC4.
-        _save_plot(pcs, pd.DataFrame(corrected, columns=list(pcs.columns)), meta, ["donor"],
-                   args.plot, pcs=(1, 4))
-        print(f"\nwrote {args.plot}")
+        figure = _embedding_figure(pcs, pd.DataFrame(corrected, columns=list(pcs.columns)),
+                                   meta, ["donor"], pcs=(1, 4))
+        files = _write_outputs([(args.plot, lambda path: save_figure(figure, path))])
+        print(f"\nwrote {args.plot}{_replaced(files, args.plot)}")
     return 0
 
 
@@ -585,37 +597,40 @@ def command_evaluate(args: argparse.Namespace) -> int:
     """``harmonypy evaluate``: LISI summary table on stdout."""
     from harmonypy import compute_lisi
 
-    embedding, meta, index = _evaluation_input(args)
+    check_outputs([OutputSpec("-o/--output", args.output, TABLE_OUTPUTS)],
+                  {"EMBEDDING": args.embedding, "META": args.meta}, force=args.force)
+    embedding, meta, cells, source = _evaluation_input(args)
+    _check_columns(meta, args.batch, "--batch", source)
+    _check_columns(meta, args.label or [], "--label", source)
     labels = args.batch + (args.label or [])
-    _check_columns(meta, labels, args.meta or "adata.obs")
     lisi = compute_lisi(embedding, meta, labels, perplexity=args.perplexity)
     kinds = ["iLISI"] * len(args.batch) + ["cLISI"] * len(args.label or [])
     summary = lisi_summary(lisi, meta, labels, kinds)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.output:
         columns = [f"{kind}_{label}" for kind, label in zip(kinds, labels)]
-        frame = pd.DataFrame(lisi, index=index, columns=columns)
-        write_table(Table(frame, index is not None), args.output)
+        table = Table(pd.DataFrame(lisi, index=cells, columns=columns), cells is not None)
+        files = _write_outputs([(args.output, lambda path: write_table(table, path))])
+        _note(args, f"wrote {args.output}{_replaced(files, args.output)}")
     return 0
 
 
-def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, Any]:
-    if args.output:
-        _check_output(args.output, ("tsv", "csv", "parquet", "npy"))
+def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, Any, str]:
+    """(embedding (n_cells, n_dims), metadata in cell order, cell names or None, its source)."""
     if file_format(args.embedding) == "h5ad":
-        from harmonypy._anndata import _get_basis, require_anndata
+        from harmonypy._anndata import _get_basis
 
         if args.meta is not None:
             raise ValueError("META is not used with .h5ad input: labels come from adata.obs")
-        _check_exists(args.embedding, "input")
-        adata = require_anndata().read_h5ad(args.embedding)
-        return _get_basis(adata, args.basis), adata.obs.reset_index(drop=True), adata.obs_names
+        _refuse_name_options(args)
+        adata = read_h5ad(args.embedding)
+        return (_get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
+                adata.obs_names, f"adata.obs of {args.embedding}")
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
-    table = read_embedding(args.embedding)
-    cells = table.frame.index if table.has_index else None
-    meta = read_meta(args.meta, cells, len(table.frame))
-    return table.frame.to_numpy(dtype=float), meta, cells
+    embedding, meta = _read_tables(args)
+    return (embedding.frame.to_numpy(dtype=float), meta, embedding.names,
+            f"the metadata {args.meta}")
 
 
 def lisi_summary(lisi: np.ndarray, meta: pd.DataFrame, labels: Sequence[str],
@@ -664,20 +679,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BAD_INPUT as err:
         if args.debug:
             raise
-        print(f"{PROG}: error: {_message(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {_message(err, args.command)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the last line of defence of a CLI
         if args.debug:
             raise
-        print(f"{PROG}: error: {type(err).__name__}: {_message(err)} "
+        print(f"{PROG}: error: {type(err).__name__}: {_message(err, args.command)} "
               f"(run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
-def _message(err: BaseException) -> str:
+def _message(err: BaseException, command: str | None = None) -> str:
+    """One line for ``err``; library parameter names become the options that set them."""
     # str(KeyError) adds quotes around the message; take it as written.
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(text.split()) or type(err).__name__
+    text = " ".join(text.split()) or type(err).__name__
+    names = (_OPTION_NAMES if command == "run" else
+             {"label_colnames": "--batch/--label"} if command == "evaluate" else {})
+    if names:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+        text = pattern.sub(lambda match: names[match.group(1)], text)
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,18 +4,21 @@
 (30 PCs, three donors) together with the R package's own corrected PCs, the
 reference every Harmony implementation is compared with;
 ``load_pbmc_3500_harmony2_reference()`` the same corrected by R harmony 2.0.4;
-``load_pbmcs_small()`` 1,200 PBMCs with cell-type labels.
+``load_pbmcs_small()`` 1,200 PBMCs with cell-type labels;
+``save_example(folder)`` writes that one as two files, to try the command line
+or a read-your-own-files workflow on.
 """
 
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 __all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
-           "simulate"]
+           "save_example", "simulate"]
 
 
 def _read(name: str) -> pd.DataFrame:
@@ -55,6 +58,55 @@ def load_pbmcs_small() -> tuple[pd.DataFrame, pd.DataFrame]:
         (9 types) and ``cell_type_broad``.
     """
     return _read("pbmcs_small_pcs.tsv.gz"), _read("pbmcs_small_meta.tsv.gz")
+
+
+def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the 1,200-PBMC example as ``pcs.tsv.gz`` and ``meta.tsv.gz`` in ``folder``.
+
+    Both tables start with a ``cell_id`` column of cell names, so a reader
+    (or ``harmonypy run``) can match cells to metadata by name. ``meta.tsv.gz``
+    has the batch column ``donor`` (the 10x chemistry: 3pv1, 3pv2, 5p) and
+    ``cell_type``. The files are written through temporary files renamed into
+    place, as every output of this package.
+
+    Parameters
+    ----------
+    folder : str or Path, default "."
+        An existing folder.
+    overwrite : bool, default False
+        Replace files of those names; otherwise they are an error.
+
+    Returns
+    -------
+    dict
+        ``{"pcs": path, "meta": path}``.
+
+    Raises
+    ------
+    FileExistsError
+        A file exists and ``overwrite`` is False.
+    FileNotFoundError
+        ``folder`` does not exist.
+    """
+    from harmonypy._io import OutputFiles, OutputSpec, Table, check_outputs, write_table
+
+    folder = Path(folder)
+    pcs, meta = load_pbmcs_small()
+    names = pd.Index(meta["cell_id"], name="cell_id")
+    tables = {"pcs": Table(pcs.set_axis(names), True),
+              "meta": Table(meta.set_index("cell_id"), True)}
+    paths = {key: folder / f"{key}.tsv.gz" for key in tables}
+    existing = [str(path) for path in paths.values() if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} already exist(s) in {folder}; pass "
+                              f"overwrite=True to replace")
+    check_outputs([OutputSpec(f"save_example {key}", path, ("tsv",))
+                   for key, path in paths.items()], {}, force=True)
+    with OutputFiles() as files:
+        for key, table in tables.items():
+            write_table(table, files.stage(paths[key]))
+        files.commit()
+    return paths
 
 
 def simulate(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:

@@ -67,7 +67,7 @@ def test_partial_overlap_is_an_error_naming_cells(named):
     pcs, meta = named
     other = meta.copy()
     other.index = [f"other{i}" for i in range(100)] + list(meta.index[100:])
-    with pytest.raises(ValueError, match=r"100 of the 300 cells .*'cell0000'.*'other0'"):
+    with pytest.raises(ValueError, match=r"200 of the embedding's 300 cells \(67%\).*'cell0000'.*'other0'"):
         _run(pcs, other)
 
 

@@ -28,6 +28,9 @@ _PROBE_VALUES = 1000
 #: Offending names shown in an error message.
 _SHOWN = 5
 
+_API_REMEDY = ("Give both the same cells (e.g. meta.loc[pcs.index]), make the names unique, "
+               "or pass plain arrays (e.g. pcs.to_numpy()) to pair rows by position")
+
 
 def carries_names(index: pd.Index) -> bool:
     """Whether ``index`` names cells, i.e. is not just the positions ``0 .. n-1``.
@@ -44,14 +47,28 @@ def carries_names(index: pd.Index) -> bool:
     return True
 
 
-def _examples(names: Sequence, limit: int = _SHOWN) -> str:
-    shown = ", ".join(repr(str(name)) for name in list(names)[:limit])
-    more = ", ..." if len(names) > limit else ""
-    return f"{shown}{more}"
+def _examples(values: Sequence, limit: int = _SHOWN) -> str:
+    values = list(values)
+    shown = ", ".join(repr(str(value)) for value in values[:limit])
+    return shown + (", ..." if len(values) > limit else "")
 
 
-def _duplicates(index: pd.Index) -> pd.Index:
-    return index[index.duplicated()].unique()
+def _percent(part: int, whole: int) -> str:
+    """``part / whole`` in whole percent, never rounded to 0% or 100% unless exact."""
+    value = round(100 * part / whole)
+    if 0 < part < whole:
+        value = min(max(value, 1), 99)
+    return f"{value}%"
+
+
+def describe_repeats(names: pd.Index) -> str:
+    """``"2 name(s) occur more than once ('a' (2 times), ...)"``."""
+    counts = names.value_counts()
+    counts = counts[counts > 1]
+    shown = ", ".join(f"{str(name)!r} ({count} times)"
+                      for name, count in counts.iloc[:_SHOWN].items())
+    more = ", ..." if len(counts) > _SHOWN else ""
+    return f"{len(counts):,} name(s) occur more than once ({shown}{more})"
 
 
 def name_column(meta: pd.DataFrame, cell_names: pd.Index) -> str | None:
@@ -73,8 +90,11 @@ def name_column(meta: pd.DataFrame, cell_names: pd.Index) -> str | None:
 
 
 def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
-                meta_from: str) -> np.ndarray | None:
+                meta_from: str, remedy: str = _API_REMEDY) -> np.ndarray | None:
     """Positions in the metadata of each embedding cell, or None if already aligned.
+
+    The one place where two lists of cell names are compared, for the API
+    (:func:`align_metadata`) and for the command line (``_io.match_cells``).
 
     Parameters
     ----------
@@ -84,7 +104,9 @@ def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
         Names of the metadata rows, in the metadata's order.
     cells_from, meta_from : str
         Where each side's names come from, for the messages (e.g.
-        ``"data_mat's index"``, ``"meta_data column 'cell'"``).
+        ``"data_mat's index"``, ``"the metadata meta.tsv (column 'cell')"``).
+    remedy : str
+        What the caller can do, appended to the error messages.
 
     Returns
     -------
@@ -96,41 +118,36 @@ def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
     ------
     ValueError
         Names repeat on either side, or the two sides do not hold the same
-        set of names; the message shows up to five offending names.
+        set of names; the message gives counts and up to five names of each
+        kind.
     """
-    for names, where in ((cell_names, cells_from), (meta_names, meta_from)):
-        if not names.is_unique:
-            repeated = _duplicates(names)
-            raise ValueError(
-                f"{where} names cells, but {len(repeated)} name(s) occur more than once "
-                f"({_examples(repeated)}); cells cannot be paired with their metadata by "
-                f"name. Expected unique cell names")
-    if len(cell_names) == len(meta_names) and cell_names.equals(meta_names):
-        return None
     # Compare as text: a table read from a file may hold the same names as
     # numbers on one side and as strings on the other.
     cells_text = pd.Index(cell_names.astype(str))
     meta_text = pd.Index(meta_names.astype(str))
+    for names, where in ((cells_text, cells_from), (meta_text, meta_from)):
+        if not names.is_unique:
+            raise ValueError(
+                f"{where} names cells, but {describe_repeats(names)}; cells cannot be paired "
+                f"with their metadata by name. {remedy}")
+    n_cells = len(cells_text)
     order = meta_text.get_indexer(cells_text)
     missing = cells_text[order < 0]
     extra = meta_text.difference(cells_text, sort=False)
     if missing.size or extra.size:
-        parts = []
+        shared = n_cells - missing.size
+        parts = [f"{shared:,} of the embedding's {n_cells:,} cells ({_percent(shared, n_cells)})"
+                 f" are in the metadata"]
         if missing.size:
-            parts.append(f"{missing.size} of the {len(cells_text)} cells in {cells_from} are "
-                         f"not in {meta_from} ({_examples(missing)})")
+            parts.append(f"{missing.size:,} embedding cell(s) are not in the metadata "
+                         f"({_examples(missing)})")
         if extra.size:
-            parts.append(f"{extra.size} of the {len(meta_text)} names in {meta_from} are not "
-                         f"in {cells_from} ({_examples(extra)})")
-        raise ValueError(
-            f"the embedding and the metadata both name their cells, but not the same cells: "
-            f"{'; '.join(parts)}. Expected the same cells on both sides; select the shared "
-            f"cells first (e.g. meta.loc[pcs.index]), or pass plain arrays to pair rows "
-            f"by position")
-    if np.array_equal(order, np.arange(order.size)):
+            parts.append(f"{extra.size:,} metadata name(s) are not in the embedding "
+                         f"({_examples(extra)})")
+        raise ValueError(f"{cells_from} and {meta_from} name different cells: "
+                         f"{'; '.join(parts)}. {remedy}")
+    if np.array_equal(order, np.arange(n_cells)):
         return None
-    logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
-                cells_from, meta_from)
     return order
 
 
@@ -177,4 +194,6 @@ def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
     order = match_order(cell_names, meta_names, cells_from=cells_from, meta_from=meta_from)
     if order is None:
         return meta_data
+    logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
+                cells_from, meta_from)
     return meta_data.iloc[order]

@@ -43,6 +43,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from harmonypy._cellnames import match_order
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -428,28 +430,6 @@ class CellMatch:
                 f"{how} the embedding")
 
 
-def _examples(values: Sequence[Any], limit: int = _SHOWN) -> str:
-    values = list(values)
-    shown = ", ".join(repr(str(v)) for v in values[:limit])
-    return shown + (", ..." if len(values) > limit else "")
-
-
-def _percent(part: int, whole: int) -> str:
-    """``part / whole`` in whole percent, never rounded to 0% or 100% unless exact."""
-    value = round(100 * part / whole)
-    if 0 < part < whole:
-        value = min(max(value, 1), 99)
-    return f"{value}%"
-
-
-def _repeated(names: pd.Index) -> str:
-    counts = names.value_counts()
-    counts = counts[counts > 1]
-    shown = ", ".join(f"{str(name)!r} ({count} times)"
-                      for name, count in counts.iloc[:_SHOWN].items())
-    return f"{len(counts):,} name(s) occur more than once ({shown}{', ...' if len(counts) > _SHOWN else ''})"
-
-
 def _meta_name_candidates(meta: Table, cell_text: pd.Index,
                           integer_names: bool) -> list[tuple[str, pd.Index]]:
     """Metadata name sources that share at least one name with the embedding.
@@ -559,31 +539,14 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
             logger.info("both files number their rows (0..N-1 or 1..N); pairing by row order")
             return _by_row_order(meta, n_cells, embedding_path, meta_path)
 
-    meta_text = pd.Index(names.astype(str))
-    for side, side_names in ((f"the embedding {embedding_path} ({embedding.names_from})",
-                              cell_text), (f"the metadata {meta_path} ({where})", meta_text)):
-        if not side_names.is_unique:
-            raise ValueError(f"{side} names cells, but {_repeated(side_names)}; cells cannot be "
-                             f"paired with their metadata by name. Make the names unique, or "
-                             f"pass --no-names to pair rows by position")
-    order = meta_text.get_indexer(cell_text)
-    missing = cell_text[order < 0]
-    extra = meta_text.difference(cell_text, sort=False)
-    if missing.size or extra.size:
-        shared = n_cells - missing.size
-        parts = [f"{shared:,} of the embedding's {n_cells:,} cells ({_percent(shared, n_cells)})"
-                 f" are in the metadata"]
-        if missing.size:
-            parts.append(f"{missing.size:,} embedding cell(s) are not in the metadata "
-                         f"({_examples(missing)})")
-        if extra.size:
-            parts.append(f"{extra.size:,} metadata name(s) are not in the embedding "
-                         f"({_examples(extra)})")
-        raise ValueError(
-            f"the embedding {embedding_path} ({embedding.names_from}) and the metadata "
-            f"{meta_path} ({where}) name different cells: {'; '.join(parts)}. Give both files "
-            f"the same cells, choose the name columns with --names/--meta-names, or pass "
-            f"--no-names to pair rows by position")
+    order = match_order(
+        cell_names, names,
+        cells_from=f"the embedding {embedding_path} ({embedding.names_from})",
+        meta_from=f"the metadata {meta_path} ({where})",
+        remedy="Give both files the same cells, make the names unique, choose the name "
+               "columns with --names/--meta-names, or pass --no-names to pair rows by position")
+    if order is None:
+        order = np.arange(n_cells)
     reordered = not np.array_equal(order, np.arange(n_cells))
     frame = meta.frame.iloc[order] if reordered else meta.frame
     match = CellMatch(frame.reset_index(drop=True), True, where, reordered)

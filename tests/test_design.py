@@ -131,3 +131,42 @@ def test_large_column_is_encoded_quickly():
     design = design_of(values)
     assert design.n_levels == 50
     assert time.perf_counter() - start < 5
+
+
+# ------------------------------------------------- cell identifiers as batches
+@pytest.mark.parametrize("vars_use", [["cell"], ["donor", "cell"]])
+def test_cell_identifier_column_is_refused(vars_use):
+    """One level per cell (``--vars "donor, cell"``) is a cell identifier, not a batch."""
+    n = 2500
+    meta = pd.DataFrame({"donor": np.arange(n) % 4, "cell": [f"c{i}" for i in range(n)]})
+    message = (r"batch variable 'cell' has 2,500 levels for 2,500 cells \(1\.0 cells per "
+               r"level\): it looks like a cell identifier, not a batch; expected at most N/2 "
+               r"levels \(1,250 here")
+    with pytest.raises(ValueError, match=message):
+        build_design(meta, vars_use)
+    with pytest.raises(ValueError, match=message):
+        hm.run_harmony(embedding(n), meta, vars_use, verbose=False)
+
+
+@pytest.mark.parametrize("n_cells, n_levels, refused", [
+    (100, 50, False),   # N/2: two cells per level on average is allowed
+    (100, 51, True),
+    (3000, 1000, False),
+    (20, 16, False),    # up to 16 levels are always allowed (tiny designs)
+    (20, 17, True),
+    (6, 6, False),
+])
+def test_level_count_rule(n_cells, n_levels, refused):
+    values = np.arange(n_cells) % n_levels
+    for column in (values, values.astype(str),
+                   pd.Categorical(values, categories=range(n_levels + 5))):
+        if refused:
+            with pytest.raises(ValueError, match="looks like a cell identifier"):
+                design_of(column, "v")
+        else:
+            assert design_of(column, "v").n_levels == n_levels
+
+
+def test_identifier_check_counts_only_used_categories():
+    values = pd.Categorical(np.arange(40) % 2, categories=range(10_000))
+    assert design_of(values).n_levels == 2

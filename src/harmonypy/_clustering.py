@@ -144,21 +144,33 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
     return out, None if sums is None else sums.terms()
 
 
+def n_blocks_of(n_cells: int, block_size: float) -> int:
+    """Number of blocks R's ``update_R`` runs: ``ceil(1 / block_size)``, at most N.
+
+    A block holds at least one cell, so beyond N blocks the rest would be empty:
+    any ``block_size`` below ``1 / N`` gives the N one-cell blocks of
+    ``1 / N`` (and costs no more: nothing loops over the empty ones).
+    """
+    inverse = 1.0 / block_size  # inf for a subnormal block_size: fine below
+    # The small tolerance keeps 1 / 0.05 at 20 blocks despite rounding.
+    if inverse - 1e-9 >= n_cells:
+        return max(1, n_cells)
+    return max(1, math.ceil(inverse - 1e-9))
+
+
 def block_bounds(n_cells: int, block_size: float) -> list[tuple[int, int]]:
     """R's blocks: ceil(1 / block_size) blocks of floor(N * block_size) cells.
 
     The last block takes the remaining cells; with very small N a block holds at
-    least one cell and empty blocks are dropped.
+    least one cell and empty blocks are dropped (so there are at most N blocks,
+    whatever ``block_size``: see :func:`n_blocks_of`).
     """
-    # The small tolerance keeps 1 / 0.05 at 20 blocks despite rounding.
-    n_blocks = max(1, math.ceil(1.0 / block_size - 1e-9))
+    n_blocks = n_blocks_of(n_cells, block_size)
     per_block = max(1, int(n_cells * block_size))
-    bounds = []
-    for i in range(n_blocks):
-        start = i * per_block
-        end = n_cells if i == n_blocks - 1 else min(n_cells, (i + 1) * per_block)
-        if start < end:
-            bounds.append((start, end))
+    starts = range(0, min(n_blocks * per_block, n_cells), per_block)
+    bounds = [(start, start + per_block) for start in starts]
+    if bounds:  # the last block takes the remaining cells
+        bounds[-1] = (bounds[-1][0], n_cells)
     return bounds
 
 
@@ -428,20 +440,18 @@ SERIAL_BLOCK_ELEMENTS = 2**14
 @contextlib.contextmanager
 def serial_if_small(n_elements: int, device: torch.device):
     """Run the per-block work of tiny problems on one CPU thread, restoring the
-    setting after.
+    setting after; also where the default thread policy re-checks the load.
 
     A block update is about fifteen short operations, each ending in a thread
     barrier. Below ~16k elements (a few thousand cells) the barriers cost as
     much as the work; above, the threads pay off (100k cells, 2 idle cores:
-    25% faster than one thread). The choice depends only on the problem size,
-    so results stay reproducible.
+    25% faster than one thread). The thread count does not change the results.
+    Called once per clustering round, so a run with ``ncores=None`` follows
+    other processes' load round by round (:mod:`harmonypy._threads`).
     """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or n_elements > SERIAL_BLOCK_ELEMENTS:
+    from harmonypy import _threads
+
+    if device.type == "cpu":
+        _threads.checkpoint()
+    with _threads.serial(n_elements, SERIAL_BLOCK_ELEMENTS, device):
         yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

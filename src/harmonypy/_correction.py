@@ -9,7 +9,11 @@ Here every quantity is grouped by batch level instead:
   (K x n_b) by (n_b x d) product per level, for all clusters at once;
 * the (B+1) x (B+1) systems are solved batched over clusters, in float64 — in
   closed form when there is one batch variable (the matrix is then an arrowhead:
-  a dense first row/column plus a diagonal);
+  a dense first row/column plus a diagonal). With several variables, the levels
+  of the one with the most levels still form a diagonal block (they partition
+  the cells); it is eliminated in closed form too, leaving a dense system only
+  over the intercept and the other variables' levels. Memory and time are then
+  linear in the largest variable's levels (see :func:`solve_bordered`);
 * the correction of a cell of level b is ``sum_k R_ik W_k[b+1]``: one
   (n_b x K) by (K x d) product per level.
 """
@@ -149,6 +153,66 @@ def solve_dense(cov: torch.Tensor, rhs0: torch.Tensor, rhs: torch.Tensor,
     return solution[:, 0, :], solution[:, 1:, :]
 
 
+def solve_bordered(head: torch.Tensor, border: torch.Tensor, observed: torch.Tensor,
+                   penalty: torch.Tensor, rhs_head: torch.Tensor, rhs_diag: torch.Tensor,
+                   keep_head: torch.Tensor | None = None,
+                   keep_diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched solve of ``[[H, C^T], [C, diag(o + l)]] [x_h; x_d] = [r_h; r_d]``.
+
+    The several-variable ridge systems in this form: ``d`` indexes the n levels
+    of one variable (its block is diagonal because its levels partition the
+    cells), ``h`` the intercept (first) and the m - 1 levels of the other
+    variables. With ``D = o + l``, eliminating ``x_d`` leaves the m x m Schur
+    complement ``S = H - C^T D^-1 C``; then ``x_d = D^-1 (r_d - C x_h)``. That
+    costs O(n m^2 + m^3) per cluster and O(n m) memory instead of O((n + m)^3)
+    and O((n + m)^2). One variable (m = 1) is the arrowhead of
+    :func:`solve_arrowhead`.
+
+    The intercept's row and column of ``S`` are written without cancellation:
+    column 0 of ``C`` is ``o``, so ``(C^T D^-1 C)[0, j] = sum_b C_bj - sum_b C_bj
+    l_b / D_b``, and ``S[0, j] = (H[0, j] - sum_b C_bj) + sum_b C_bj l_b / D_b``.
+
+    A level with ``keep == False`` is left out of the system (coefficient 0,
+    the other unknowns as if it had been deleted), as in :func:`solve_dense`.
+
+    Parameters
+    ----------
+    head : (K, m, m) ``H``; border : (K, n, m) ``C`` with ``C[:, :, 0] == observed``;
+    observed, penalty : (K, n) ``o`` and ``l``; rhs_head : (K, m, d); rhs_diag : (K, n, d);
+    keep_head : optional (K, m - 1) bool; keep_diag : optional (K, n) bool.
+
+    Returns
+    -------
+    x_head : (K, m, d), the intercept first; x_diag : (K, n, d).
+    """
+    tiny = torch.finfo(observed.dtype).tiny
+    if keep_diag is not None:
+        mask = keep_diag.to(observed.dtype)
+        observed = observed * mask
+        border = border * mask[:, :, None]
+        rhs_diag = rhs_diag * mask[:, :, None]
+    diag = (observed + penalty).clamp_min(tiny)
+    scaled = border / diag[:, :, None]  # D^-1 C
+    schur = torch.baddbmm(head, border.transpose(1, 2), scaled, alpha=-1.0)
+    first = (head[:, 0, :] - border.sum(1)
+             + torch.bmm((penalty / diag)[:, None, :], border)[:, 0, :])
+    # An empty cluster (no cells) gets zero coefficients instead of 0 / 0.
+    first[:, 0] = first[:, 0].clamp_min(tiny)
+    schur[:, 0, :] = first
+    schur[:, :, 0] = first
+    rhs = torch.baddbmm(rhs_head, scaled.transpose(1, 2), rhs_diag, alpha=-1.0)
+    del scaled
+    if keep_head is not None:
+        drop = torch.cat([torch.zeros_like(keep_head[:, :1]), ~keep_head], dim=1)  # (K, m)
+        schur.masked_fill_(drop[:, :, None] | drop[:, None, :], 0.0)
+        diagonal = schur.diagonal(dim1=1, dim2=2)
+        diagonal.masked_fill_(drop, 1.0)
+        rhs.masked_fill_(drop[:, :, None], 0.0)
+    x_head = torch.linalg.solve(schur, rhs)
+    x_diag = torch.baddbmm(rhs_diag, border, x_head, alpha=-1.0).div_(diag[:, :, None])
+    return x_head, x_diag
+
+
 def batch_filter(observed: torch.Tensor, counts: torch.Tensor, level_variable: torch.Tensor,
                  cutoff: float) -> torch.Tensor:
     """Harmony2's choice of levels per cluster, (K, B) bool.
@@ -243,9 +307,8 @@ def ridge_correct(
         intercept, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
     else:
         row_codes = codes if rows is None else codes.index_select(0, rows)
-        cov = _dense_system(total, observed, penalty, row_codes, assignments, levels,
-                            solve_device, stat_dtype)
-        intercept, coef = solve_dense(cov, rhs0, rhs, keep)
+        intercept, coef = _solve_several(total, observed, penalty, rhs0, rhs, row_codes,
+                                         assignments, levels, keep)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
     z_corr = z_orig.clone() if out is None else out.copy_(z_orig)
@@ -258,10 +321,81 @@ def ridge_correct(
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 
+def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, levels, keep):
+    """Ridge coefficients of the several-variable systems by :func:`solve_bordered`.
+
+    The variable with the most levels is eliminated in closed form; the other
+    variables' levels and the intercept form the dense head. Returns
+    ``(intercept (K, d), coef (K, B, d))`` like :func:`solve_dense`, in the
+    dtype and on the device of ``observed``.
+    """
+    device, dtype = observed.device, observed.dtype
+    n_clusters, n_levels = observed.shape
+    bounds = _variable_bounds(levels)
+    sizes = [end - start for start, end in bounds]
+    big = max(range(len(sizes)), key=sizes.__getitem__)
+    g0, g1 = bounds[big]
+    others = [v for v in range(len(bounds)) if v != big]
+    rest = torch.cat([torch.arange(*bounds[v], device=device) for v in others])
+    at = {}  # first row of each other variable in the head
+    row = 1
+    for v in others:
+        at[v] = row
+        row += sizes[v]
+    m = row
+    head = torch.zeros((n_clusters, m, m), dtype=dtype, device=device)
+    head[:, 0, 0] = total
+    head[:, 0, 1:] = observed[:, rest]
+    head[:, 1:, 0] = observed[:, rest]
+    inner = torch.arange(1, m, device=device)
+    head[:, inner, inner] = observed[:, rest] + penalty[:, rest]
+    border = torch.empty((n_clusters, g1 - g0, m), dtype=dtype, device=device)
+    border[:, :, 0] = observed[:, g0:g1]
+    # Levels of two different variables overlap in the cells they share.
+    for v in range(len(bounds)):
+        for w in range(v + 1, len(bounds)):
+            block = _pair_sums(codes, assignments, bounds, v, w, device, dtype)
+            if big in (v, w):
+                other = w if v == big else v
+                block = block if v == big else block.transpose(1, 2)
+                border[:, :, at[other]:at[other] + sizes[other]] = block
+            else:
+                head[:, at[v]:at[v] + sizes[v], at[w]:at[w] + sizes[w]] = block
+                head[:, at[w]:at[w] + sizes[w], at[v]:at[v] + sizes[v]] = block.transpose(1, 2)
+            del block
+    rhs_head = torch.cat([rhs0[:, None, :], rhs[:, rest]], dim=1)
+    keep_head = keep_diag = None
+    if keep is not None:
+        keep_head, keep_diag = keep[:, rest], keep[:, g0:g1]
+    x_head, x_diag = solve_bordered(head, border, observed[:, g0:g1], penalty[:, g0:g1],
+                                    rhs_head, rhs[:, g0:g1], keep_head, keep_diag)
+    coef = torch.empty((n_clusters, n_levels, rhs.shape[2]), dtype=dtype, device=device)
+    coef[:, g0:g1] = x_diag
+    coef[:, rest] = x_head[:, 1:]
+    return x_head[:, 0], coef
+
+
+def _pair_sums(codes, assignments, bounds, v, w, device, dtype) -> torch.Tensor:
+    """``sum_i R_ik`` over the cells of each (level of v, level of w): (K, B_v, B_w).
+
+    ``codes`` are the level codes of the rows of ``assignments``, in their order.
+    """
+    n_clusters = assignments.shape[1]
+    (v0, v1), (w0, w1) = bounds[v], bounds[w]
+    width = w1 - w0
+    pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
+    sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
+                       device=assignments.device)
+    sums.index_add_(0, pair, assignments)
+    return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
+
+
 def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):
     """``Phi_moe diag(R_k) Phi_moe^T + diag(lambda)`` for all clusters: (K, B+1, B+1).
 
     ``codes`` are the level codes of the rows of ``assignments``, in their order.
+    Quadratic in B: the engine solves the same systems by :func:`solve_bordered`;
+    this dense form is the reference the tests compare it with.
     """
     n_clusters, n_levels = observed.shape
     cov = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
@@ -271,18 +405,11 @@ def _dense_system(total, observed, penalty, codes, assignments, levels, device, 
     cov[:, 1:, 0] = observed
     idx = torch.arange(n_levels, device=device)
     cov[:, idx + 1, idx + 1] = observed + penalty
-    # Levels of two different variables overlap in the cells they share.
-    n_variables = codes.shape[1]
     bounds = _variable_bounds(levels)
-    for v in range(n_variables):
-        for w in range(v + 1, n_variables):
+    for v in range(codes.shape[1]):
+        for w in range(v + 1, codes.shape[1]):
             (v0, v1), (w0, w1) = bounds[v], bounds[w]
-            width = w1 - w0
-            pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
-            sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
-                               device=assignments.device)
-            sums.index_add_(0, pair, assignments)
-            block = sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
+            block = _pair_sums(codes, assignments, bounds, v, w, device, dtype)
             cov[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
             cov[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
     return cov

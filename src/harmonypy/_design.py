@@ -93,6 +93,40 @@ def _sorted_levels(uniques: list) -> list[int]:
     return list(positions)  # pragma: no cover - str() always sorts
 
 
+#: A batch variable may have at most this many levels per cell (N / 2: at least
+#: two cells per level on average) ...
+MAX_LEVELS_PER_CELL = 0.5
+#: ... unless it has at most this many levels, which is always allowed.
+ALWAYS_ALLOWED_LEVELS = 16
+
+
+def max_levels(n_cells: int) -> int:
+    """Most levels a batch variable of ``n_cells`` cells may have.
+
+    The rule: at most ``N / 2`` levels (on average at least two cells per
+    level), or at most 16 levels whatever N. More looks like a cell identifier
+    (barcode, cell name) passed as a batch by mistake: a batch with one or two
+    cells has nothing to be mixed with, and the per-level statistics and
+    regressions cost memory and time in proportion to the number of levels
+    (times N for the per-block sums when ``block_size`` is small). The floor
+    of 16 keeps tiny designs legal (a handful of cells in a handful of
+    batches, as in toy data and tests), where nothing is expensive.
+    """
+    return max(ALWAYS_ALLOWED_LEVELS, int(n_cells * MAX_LEVELS_PER_CELL))
+
+
+def _check_not_identifier(name, n_levels: int, n_cells: int) -> None:
+    """Refuse a batch column with more levels than :func:`max_levels` allows."""
+    limit = max_levels(n_cells)
+    if n_levels > limit:
+        raise ValueError(
+            f"batch variable {name!r} has {n_levels:,} levels for {n_cells:,} cells "
+            f"({n_cells / n_levels:.1f} cells per level): it looks like a cell identifier, "
+            f"not a batch; expected at most N/2 levels ({limit:,} here; at least 2 cells "
+            f"per level on average): check vars_use"
+        )
+
+
 def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
     """Level list (observed levels only) and integer codes for one column.
 
@@ -106,7 +140,8 @@ def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
     Raises
     ------
     ValueError
-        Missing labels (None, NaN, pd.NA, NaT).
+        Missing labels (None, NaN, pd.NA, NaT); more levels than
+        :func:`max_levels` allows (counted before the levels are sorted).
     TypeError
         Labels that cannot be compared for equality (lists, dicts, ...).
     """
@@ -123,6 +158,7 @@ def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
         # Keep the categorical's own order but drop categories no cell uses:
         # an empty level would have N_b = 0 and divide by zero in E.
         used = column.cat.remove_unused_categories()
+        _check_not_identifier(name, len(used.cat.categories), len(column))
         levels = list(used.cat.categories)
         codes = used.cat.codes.to_numpy().astype(np.int64)
         return levels, codes
@@ -135,6 +171,7 @@ def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
             f"({type(bad).__name__ if bad is not None else err}); expected strings, "
             f"numbers, booleans or categories"
         ) from None
+    _check_not_identifier(name, len(uniques), len(column))
     uniques = list(uniques)
     order = _sorted_levels(uniques)
     rank = np.empty(len(uniques), dtype=np.int64)
@@ -158,7 +195,10 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
     Raises
     ------
     ValueError
-        For a missing column, missing labels, or a variable with a single level.
+        For a missing column, missing labels, a variable with a single level, or
+        a variable with more than N/2 levels (and more than 16): it looks like
+        a cell identifier (see :func:`max_levels`). Levels are counted with
+        ``pandas.factorize`` before anything of size N x levels exists.
     TypeError
         For labels that cannot be compared (lists, dicts, ...).
     """

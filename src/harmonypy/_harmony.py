@@ -27,6 +27,7 @@ from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import kmeans_centroids
 from harmonypy._progress import Progress
+from harmonypy._threads import AutoThreads
 
 logger = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ def _resolve_lamb(lamb, design, default_estimate: bool) -> np.ndarray | None:
 
 
 def _threads(ncores) -> int | None:
-    """Torch threads for the run: None leaves the setting alone; 0 means half the CPUs."""
+    """Torch threads for the run: None lets the default policy decide; 0 means half the CPUs."""
     if ncores is None:
         return None
     n = val.check_int("ncores", ncores, 0)
@@ -567,6 +568,7 @@ def run_harmony(
     algorithm: str = "harmony1",
     batch_prop_cutoff: float = 1e-5,
     ncores: int | None = None,
+    check_memory: bool = True,
     plot_convergence: bool = False,
 ) -> Harmony:
     """Integrate an embedding across batches with Harmony.
@@ -594,7 +596,8 @@ def run_harmony(
         Protection of small batches: ``theta_b *= 1 - exp(-(N_b / (K tau))^2)``.
     block_size : float in (0, 1], default 0.05
         Fraction of cells updated at once in the online assignment update (0.2
-        when there are fewer than 40 cells).
+        when there are fewer than 40 cells). Values below ``1 / N`` act as
+        ``1 / N`` (one cell per block, N blocks).
     max_iter_harmony : int, default 10
         Maximum Harmony iterations (clustering + correction).
     max_iter_kmeans : int, default 20 (Harmony2: 4)
@@ -622,10 +625,22 @@ def run_harmony(
         Harmony2 only: a level takes part in a cluster's correction only if
         ``O[k, b] / N_b`` exceeds this.
     ncores : int, optional
-        Threads for the computation (0: one per physical core); the previous
-        torch thread setting is restored afterwards.
+        CPU threads for the computation (0: half the CPUs). Default (None): at
+        most torch's current setting; one thread for small problems (cells x
+        clusters < 2**21); otherwise the cores that other processes leave idle,
+        re-measured at every clustering round (Linux ``/proc/stat``; elsewhere
+        the load average at the start). The choice is logged at INFO and kept
+        as ``ho.n_threads``. The caller's torch setting is restored afterwards,
+        also on errors and from several Python threads at once.
     plot_convergence : bool, default False
         Draw the objective after the run (needs matplotlib).
+    check_memory : bool, default True
+        Before any heavy work, estimate the run's peak memory from N, d, K, the
+        batch levels, dtype, algorithm and device (see
+        ``harmonypy._memory.estimate_memory``) and raise ``MemoryError`` when it
+        exceeds the available memory (Linux ``MemAvailable`` or the cgroup
+        limit; free GPU memory on CUDA). ``False`` skips the check. Where the
+        available memory is unknown there is no check.
 
     Returns
     -------
@@ -681,13 +696,15 @@ def run_harmony(
     sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)
     if n_cells < 40:
         block_size = 0.2
+    if check_memory:
+        val.check_memory_fits(n_cells, cells.shape[1], n_clusters, design,
+                              dtype=torch_dtype, algorithm=algorithm, device=torch_device,
+                              n_blocks=clu.n_blocks_of(n_cells, block_size))
     seed = val.resolve_seed(random_state)
 
-    previous_threads = torch.get_num_threads()
     progress = Progress(verbose, max_iter_harmony)
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+    cpu_threads = AutoThreads(threads, n_cells * n_clusters, torch_device)
+    with cpu_threads:
         with progress, torch.no_grad():
             progress.message(
                 f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
@@ -705,9 +722,7 @@ def run_harmony(
             outcome = (f"converged after {ho.n_iter} iteration(s)" if ho.converged else
                        f"reached max_iter_harmony={max_iter_harmony} without converging")
             progress.message(f"{outcome} in {progress.elapsed():.1f} s")
-    finally:
-        if threads is not None:
-            torch.set_num_threads(previous_threads)
+    ho.n_threads = cpu_threads.threads
     ho._progress = None
     if plot_convergence:
         ho.plot_convergence()

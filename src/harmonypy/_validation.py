@@ -595,3 +595,24 @@ def resolve_seed(random_state) -> int:
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1))
     return int(random_state) % (2**63 - 1)
+
+
+# ------------------------------------------------------------------ memory
+def check_memory_fits(n_cells: int, n_dims: int, n_clusters: int, design, *, dtype,
+                      algorithm: str, device, n_blocks: int) -> None:
+    """Refuse a run whose estimated peak memory exceeds the available memory.
+
+    Raises :class:`MemoryError` with the estimate, the available memory and
+    the term that dominates (see :func:`harmonypy._memory.estimate_memory`
+    for the terms). Nothing is checked where the available memory is unknown.
+    """
+    from harmonypy import _memory
+
+    counts = np.diff(design.offsets).tolist()
+    estimate = _memory.estimate_memory(n_cells, n_dims, n_clusters, counts, dtype=dtype,
+                                       algorithm=algorithm, device=device, n_blocks=n_blocks)
+    levels = (f"{design.n_levels:,} batch level(s) in {design.n_variables} variable(s)"
+              if design.n_variables > 1 else f"{design.n_levels:,} batch levels")
+    context = (f" (N={n_cells:,} cells, d={n_dims}, K={n_clusters} clusters, {levels}, "
+               f"{n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on {device})")
+    _memory.check_memory(estimate, _memory.available_memory(device), context=context)

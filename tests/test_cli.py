@@ -683,3 +683,18 @@ def test_example_data_writes_the_bundled_example_and_keeps_existing_files(tmp_pa
     assert (tmp_path / "pcs.tsv.gz").read_bytes() == before
     assert cli.main(["example-data", str(tmp_path), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.tsv.gz", "pcs.tsv.gz"]
+
+
+def test_memory_guard_is_exit_2_and_no_memory_check_lifts_it(tmp_path, capsys, monkeypatch):
+    from harmonypy import _memory
+
+    assert cli.main(["example-data", str(tmp_path)]) == 0
+    monkeypatch.setattr(_memory, "host_available", lambda: 1_000_000)   # 1 MB free
+    args = ["run", tmp_path / "pcs.tsv.gz", tmp_path / "meta.tsv.gz", "--vars", "donor",
+            "-o", tmp_path / "out.tsv", "--quiet"]
+    status, _, err = run_main(args, capsys)
+    assert status == 2 and "--no-memory-check" in err and "check_memory" not in err
+    assert not (tmp_path / "out.tsv").exists()
+    status, _, err = run_main(args + ["--no-memory-check"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "out.tsv").exists()

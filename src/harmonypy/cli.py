@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 PROG = "harmonypy"
 # Errors that mean "the input or the options are wrong": exit status 2, one line.
 BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
-             ImportError, IsADirectoryError, NotADirectoryError, PermissionError)
+             ImportError, IsADirectoryError, NotADirectoryError, PermissionError,
+             MemoryError)
 TABLE_OUTPUTS = ("tsv", "csv", "parquet", "npy")
 # Library parameter names in messages, as the options that set them (run).
 _OPTION_NAMES = {
@@ -50,6 +51,7 @@ _OPTION_NAMES = {
     "max_iter_harmony": "--max-iter-harmony", "max_iter_kmeans": "--max-iter-kmeans",
     "epsilon_cluster": "--epsilon-cluster", "epsilon_harmony": "--epsilon-harmony",
     "random_state": "--seed", "ncores": "--threads", "batch_prop_cutoff": "--batch-prop-cutoff",
+    "check_memory=False": "--no-memory-check",
     "meta_data": "the metadata", "data_mat": "the embedding",
 }
 
@@ -185,7 +187,11 @@ def _add_harmony_options(parser: argparse.ArgumentParser) -> None:
                    help="floating-point precision")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (random_state)")
     g.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads, 0 = one per physical core (default: torch's setting)")
+                   help="CPU threads, 0 = half the CPUs (default: one thread for small "
+                        "inputs, else the cores other processes leave idle)")
+    g.add_argument("--no-memory-check", dest="check_memory", action="store_false",
+                   help="run even when the estimated peak memory exceeds the available "
+                        "memory (default: refuse before the run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +339,7 @@ def harmony_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "alpha": args.alpha, "random_state": args.seed, "device": args.device,
         "dtype": args.dtype, "algorithm": args.algorithm,
         "batch_prop_cutoff": args.batch_prop_cutoff, "ncores": args.threads,
+        "check_memory": None if args.check_memory else False,
     }
     # Leaving an option out (rather than passing its default) matters: harmony2
     # swaps in its own defaults only for parameters the caller did not pass.

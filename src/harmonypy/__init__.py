@@ -3,7 +3,8 @@
 The public entry points are :func:`run_harmony` (returns a :class:`Harmony`
 object whose attributes follow the R package's orientation), the integration
 scores :func:`compute_lisi` and :func:`evaluate`, and the AnnData helper
-:func:`integrate`.
+:func:`integrate`; reference mapping with :func:`build_reference`,
+:func:`map_query` and :func:`transfer_labels`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ from harmonypy._anndata import integrate  # noqa: E402
 from harmonypy._evaluate import IntegrationScores, evaluate  # noqa: E402
 from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 from harmonypy._lisi import compute_lisi  # noqa: E402
+from harmonypy._mapping import MappedQuery, map_query, transfer_labels  # noqa: E402
+from harmonypy._reference import Reference, build_reference, load_reference  # noqa: E402
 
 __all__ = [
     "Harmony",
     "IntegrationScores",
+    "MappedQuery",
+    "Reference",
+    "build_reference",
     "compute_lisi",
     "datasets",
     "evaluate",
     "integrate",
+    "load_reference",
+    "map_query",
     "run_harmony",
+    "transfer_labels",
     "__version__",
 ]

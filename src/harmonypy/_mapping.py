@@ -1,0 +1,670 @@
+"""Mapping query cells onto a :class:`~harmonypy.Reference`, and label transfer.
+
+:func:`map_query` is Symphony's ``mapQuery`` (Kang et al., *Nat Commun* 2021;
+immunogenomics/symphony ``R/mapQuery.R`` and ``src/utils.cpp``) for an
+embedding already in the reference's PC space, run on this package's engine:
+
+1. soft assignment of the unit-length query cells to the reference centroids,
+   with no diversity penalty (``soft_cluster``):
+   ``R_q = softmax_k(-2 (1 - Y^T Zq_cos) / sigma_k)``;
+2. one mixture-of-ridge-regressions correction of the *uncorrected* query
+   cells ``Zq`` (``moe_correct_ref``), per cluster k with the query's design
+   ``Xq`` (intercept first):
+   ``A = Xq diag(R_q[k]) Xq^T + diag(0, lamb)``, ``A[0, 0] += Nr[k]``,
+   ``F = Xq diag(R_q[k]) Zq^T``, ``F[0] += C[k]``, ``beta = A^-1 F``,
+   ``beta[0] = 0`` and ``Zq_corr = Zq - sum_k beta_k^T Xq diag(R_q[k])``.
+   The reference's cells enter only through ``Nr`` and ``C``: they anchor the
+   intercept, so the query moves onto the reference and the reference stays.
+
+Both steps are batched over clusters as the engine's correction is
+(``_correction.py``): per batch level, one (K x n_b) by (n_b x d) product;
+with one query batch variable the (B+1) x (B+1) systems are arrowheads solved
+in closed form (:func:`~harmonypy._correction.solve_arrowhead`, whose
+``total - sum_b o_b`` is exactly ``Nr[k]`` here); several variables use the
+batched dense solve. The query is read in chunks, so beyond the outputs
+(``Z_corr`` N x d, ``R`` N x K) and one sorted copy of the query, memory is
+O(chunk x K), plus O(chunk x K x d) for the mapping score. ``iterations > 1``
+repeats both steps, assigning the corrected cells (not in Symphony).
+
+The per-cell mapping score is Symphony's ``calcPerCellMappingMetric``
+(``R/confidenceScores.R``) and :func:`transfer_labels` is its ``knnPredict``
+(``R/utils.R``); see ``docs/mapping.md`` for the Harmony2 variant.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harmonypy import _clustering as clu
+from harmonypy import _validation as val
+from harmonypy._cellnames import align_metadata, carries_names
+from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
+from harmonypy._design import BatchDesign, _encode_column
+from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy._reference import Reference
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MappedQuery", "map_query", "transfer_labels"]
+
+#: Label given to query cells whose best label has too few votes.
+UNKNOWN = "unknown"
+#: Cells x clusters x dims handled at once by the mapping score (float values).
+_SCORE_ELEMENTS = 2**23
+#: Query cells read at once (soft assignment, level sums, correction).
+_CHUNK = 16384
+#: Label transfer's search: reference cells per block, most query cells per
+#: block, and query x reference distances held at once (32 MB of float32).
+_KNN_REF_CHUNK = 32768
+_KNN_QUERY_CHUNK = 4096
+_KNN_ELEMENTS = 2**23
+#: Name of the single batch of a query mapped without batch variables.
+_ONE_BATCH = "query"
+
+
+class MappedQuery:
+    """Query cells mapped onto a reference: the result of :func:`map_query`.
+
+    Arrays are NumPy, in the orientation of :class:`~harmonypy.Harmony`
+    (features or clusters in rows, cells in columns), cells in the caller's order.
+
+    Attributes
+    ----------
+    Z_corr : ndarray (d, N_q)
+        Query cells in the reference's corrected space (``Z_corr.T`` is cells x PCs).
+    R : ndarray (K, N_q)
+        Soft assignment of each query cell to the reference clusters.
+    confidence : ndarray (N_q,) or None
+        Symphony's per-cell mapping score (``calcPerCellMappingMetric``): the
+        Mahalanobis distance of the uncorrected cell to each reference
+        cluster's uncorrected cells, averaged with the cell's R. *Lower means
+        more confident*: a cell far from every cluster it was assigned to (a
+        cell type the reference lacks) scores high. None with ``confidence=False``.
+    batch_levels : list of str
+        The query's batch levels (``variable=level``), or ``['query']`` when
+        the query was mapped as one batch.
+    variables : list of str
+        The query's batch variables (empty: one batch).
+    lamb : ndarray (K, B_q)
+        Ridge penalty used for each cluster and query level.
+    kept_levels : ndarray (K, B_q) bool or None
+        Harmony2 reference: levels that took part in each cluster's correction.
+    sigma : ndarray (K,)
+        Bandwidth of the soft assignment.
+    cell_names : pandas.Index or None
+        The query cells' names, when the inputs named them.
+    algorithm : str
+        The reference's algorithm.
+    """
+
+    def __init__(self, z_corr, assignments, confidence, design, variables, lamb, keep,
+                 sigma, cell_names, algorithm):
+        self._cells = z_corr  # (N, d)
+        self._assignments = assignments  # (N, K)
+        self.confidence = confidence
+        self.variables = variables
+        self.batch_levels = design.level_names if variables else [_ONE_BATCH]
+        self.lamb = lamb
+        self.kept_levels = keep
+        self.sigma = sigma
+        self.cell_names = cell_names
+        self.algorithm = algorithm
+
+    @property
+    def Z_corr(self) -> np.ndarray:
+        """Corrected query cells, (d, N_q)."""
+        return self._cells.T
+
+    @property
+    def R(self) -> np.ndarray:
+        """Soft cluster assignments, (K, N_q); columns sum to 1."""
+        return self._assignments.T
+
+    @property
+    def N(self) -> int:
+        return int(self._cells.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self._cells.shape[1])
+
+    @property
+    def K(self) -> int:
+        return int(self._assignments.shape[1])
+
+    def result(self) -> np.ndarray:
+        """Corrected query cells as cells x PCs (``Z_corr.T``)."""
+        return self._cells
+
+    def __repr__(self) -> str:
+        return (f"MappedQuery(N={self.N}, d={self.d}, K={self.K}, "
+                f"batch_levels={len(self.batch_levels)}, algorithm={self.algorithm!r})")
+
+
+# ================================================================= map_query
+def map_query(data_mat, meta_data, ref: Reference, vars_use: str | Sequence[str] | None = None,
+              sigma=None, lamb=None, device=None, dtype=None, *,
+              confidence: bool = True, iterations: int = 1) -> MappedQuery:
+    """Map query cells onto a reference (Symphony's ``mapQuery``).
+
+    Parameters
+    ----------
+    data_mat : array-like, DataFrame or tensor, (N_q, d) or (d, N_q)
+        Query cells in the reference's PC space (the reference's loadings and
+        scaling applied), ``d`` equal to the reference's. Orientation as in
+        :func:`run_harmony` (from ``len(meta_data)``; without metadata, the
+        axis of length ``d`` holds the PCs).
+    meta_data : DataFrame, Series or None
+        One row per query cell, holding the ``vars_use`` columns. Paired with
+        ``data_mat``'s cells by name when both name them.
+    ref : Reference
+        From :func:`build_reference` or :func:`load_reference`.
+    vars_use : str or list of str, optional
+        The query's batch columns; none (default): the query is one batch, as
+        Symphony's ``vars = NULL``. A variable with one level in the query is
+        a row of ones, as in Symphony.
+    sigma : float or array (K,), optional
+        Bandwidth of the soft assignment; default the reference's.
+    lamb : float, one per query variable or per query level, or -1; optional
+        Ridge penalty of the query's batch terms. Default: 1 (Symphony's fixed
+        identity) for a Harmony 1 or one-batch reference, estimated per
+        cluster (``-1``) for a reference whose run estimated it (Harmony2's
+        default): ``lamb_kb = alpha * E_kb`` with ``E`` counted over reference
+        and query together (see ``docs/mapping.md``).
+    device, dtype
+        Where and in which float type to compute, as in :func:`run_harmony`.
+    confidence : bool, default True
+        Compute the per-cell mapping score (costs about K d^2 per cell).
+    iterations : int, default 1
+        Rounds of assignment and correction. 1 is Symphony's ``mapQuery``:
+        the query is assigned once, from its uncorrected cells. Each further
+        round assigns the corrected cells to the centroids again and redoes
+        the correction from the uncorrected cells (Harmony's alternation, with
+        no diversity penalty); it costs one more N x d copy. The mapping score
+        always uses the first round's assignment (uncorrected space).
+
+    Returns
+    -------
+    MappedQuery
+    """
+    if not isinstance(ref, Reference):
+        raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
+                        f"load_reference), not {type(ref).__name__}")
+    confidence = val.check_flag("confidence", confidence)
+    iterations = val.check_int("iterations", iterations, 1)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    names = _variable_names(vars_use)
+    if meta_data is not None:
+        meta_data = align_metadata(data_mat, meta_data)
+    elif names:
+        raise ValueError(f"vars_use={names} names columns of meta_data, but meta_data is None")
+    frame = _query_frame(meta_data, names)
+    cells = _query_cells(data_mat, None if frame is None else len(frame), ref.d)
+    val.check_cell_lengths(cells, torch_dtype)
+    design = _query_design(frame, names, cells.shape[0])
+    sigma_clusters = val.check_sigma(ref.sigma if sigma is None else sigma, ref.K,
+                                     dtype=torch_dtype)
+    estimate = _estimates_lamb(lamb, ref)
+    lamb_levels = None if estimate else val.per_level(
+        "lamb", 1.0 if lamb is None else lamb, design, 1.0, minimum=0.0, strict=True)
+    cutoff = ref.parameters.get("batch_prop_cutoff") if ref.algorithm == "harmony2" else None
+
+    with torch.no_grad():
+        z_corr, assignments, scores, penalty, keep = _map_cells(
+            cells, design, ref, sigma=sigma_clusters, lamb=lamb_levels,
+            alpha=float(ref.parameters.get("alpha", 0.2)), cutoff=cutoff,
+            device=torch_device, dtype=torch_dtype, with_confidence=confidence,
+            iterations=iterations)
+    cell_names = _query_names(data_mat, frame, cells.shape[0])
+    return MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
+                       sigma_clusters, cell_names, ref.algorithm)
+
+
+def _variable_names(vars_use) -> list:
+    if vars_use is None:
+        return []
+    if isinstance(vars_use, str):
+        return [vars_use]
+    if isinstance(vars_use, (Sequence, np.ndarray, pd.Index)) and not isinstance(vars_use, bytes):
+        names = list(vars_use)
+        duplicates = sorted({str(n) for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"vars_use names column(s) {duplicates} more than once ({names})")
+        return names
+    raise TypeError(f"vars_use must be a column name or a list of column names, not "
+                    f"{type(vars_use).__name__} ({vars_use!r})")
+
+
+def _estimates_lamb(lamb, ref: Reference) -> bool:
+    if lamb is None:
+        return bool(ref.parameters.get("lamb_estimated", False))
+    if isinstance(lamb, np.ndarray) and lamb.ndim == 0:
+        lamb = lamb.item()
+    return (np.isscalar(lamb) and not isinstance(lamb, (str, bytes, bool, np.bool_))
+            and lamb == -1)
+
+
+def _query_frame(meta_data, names) -> pd.DataFrame | None:
+    """``meta_data`` as a DataFrame (a Series or 1-D labels: one variable)."""
+    if meta_data is None or isinstance(meta_data, pd.DataFrame):
+        return meta_data
+    if isinstance(meta_data, pd.Series):
+        name = meta_data.name if meta_data.name is not None else (
+            names[0] if len(names) == 1 else "batch")
+        return meta_data.to_frame(name=name)
+    if isinstance(meta_data, (list, tuple, np.ndarray, pd.Index, pd.Categorical)):
+        labels = pd.Series(meta_data if hasattr(meta_data, "dtype") else list(meta_data))
+        if labels.ndim != 1:
+            raise TypeError("meta_data given as an array must be 1-D (one label per cell)")
+        return labels.to_frame(name=names[0] if len(names) == 1 else "batch")
+    raise TypeError(f"meta_data must be a pandas DataFrame (or a Series of batch labels), "
+                    f"not {type(meta_data).__name__}")
+
+
+def _query_cells(data_mat, n_cells: int | None, n_dims: int) -> np.ndarray:
+    """The query as a (cells x d) real array, checked as :func:`run_harmony`'s input.
+
+    Unlike a Harmony run, a single query cell is fine.
+    """
+    array = val._to_array(data_mat)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"data_mat must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != 2:
+        raise ValueError(f"data_mat must be 2-D (cells x PCs), got an array with "
+                         f"{array.ndim} dimension(s) and shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"data_mat is empty (shape {array.shape}); expected at least one "
+                         f"cell with {n_dims} PCs")
+    if n_cells is not None:
+        if array.shape[0] == n_cells:
+            cells = array
+        elif array.shape[1] == n_cells:
+            cells = array.T
+        else:
+            raise ValueError(f"data_mat has shape {array.shape} but meta_data has {n_cells} "
+                             f"rows: one dimension of data_mat must equal the number of cells")
+    else:
+        cells = array if array.shape[1] == n_dims or array.shape[0] != n_dims else array.T
+    if cells.shape[1] != n_dims:
+        raise ValueError(f"data_mat has {cells.shape[1]} dimensions per cell but the "
+                         f"reference was built on {n_dims}: map cells in the reference's PC "
+                         f"space (project them with the reference's loadings first)")
+    if np.issubdtype(cells.dtype, np.floating):
+        val._check_finite(cells)
+    val._check_nonzero_cells(cells)
+    return cells
+
+
+def _query_design(frame, names, n_cells: int) -> BatchDesign:
+    """The query's batch design; no variable: one level holding every cell.
+
+    Levels as :func:`~harmonypy._design.build_design` encodes them, except
+    that a variable with a single level is allowed (a row of ones, as in
+    Symphony's ``mapQuery``): the reference anchors the intercept.
+    """
+    if not names:
+        return BatchDesign(variables=[], levels=[[_ONE_BATCH]],
+                           codes=np.zeros((n_cells, 1), dtype=np.int64),
+                           offsets=np.array([0, 1], dtype=np.int64),
+                           counts=np.array([n_cells], dtype=np.int64))
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise ValueError(f"vars_use names column(s) {missing} not found in meta_data; "
+                         f"available columns: {list(map(str, frame.columns))}")
+    levels, codes, offsets = [], [], [0]
+    for name in names:
+        column = frame[name]
+        if isinstance(column, pd.DataFrame):
+            raise ValueError(f"meta_data has {column.shape[1]} columns named {name!r}")
+        lv, cd = _encode_column(name, column)
+        levels.append(lv)
+        codes.append(cd + offsets[-1])
+        offsets.append(offsets[-1] + len(lv))
+    codes = np.stack(codes, axis=1)
+    counts = np.zeros(offsets[-1], dtype=np.int64)
+    for v in range(codes.shape[1]):
+        counts += np.bincount(codes[:, v], minlength=offsets[-1])
+    return BatchDesign(variables=list(names), levels=levels, codes=codes,
+                       offsets=np.asarray(offsets, dtype=np.int64), counts=counts)
+
+
+def _query_names(data_mat, frame, n_cells: int) -> pd.Index | None:
+    """The query cells' names: the metadata's index, else the embedding's."""
+    if frame is not None and carries_names(frame.index):
+        return frame.index
+    if isinstance(data_mat, pd.DataFrame):
+        if len(data_mat) == n_cells and carries_names(data_mat.index):
+            return data_mat.index
+        if data_mat.shape[1] == n_cells and carries_names(data_mat.columns):
+            return data_mat.columns
+    return None
+
+
+# --------------------------------------------------------------------- engine
+def _map_cells(cells, design: BatchDesign, ref: Reference, *, sigma, lamb, alpha, cutoff,
+               device, dtype, with_confidence, iterations=1):
+    """Soft assignment, per-cell score and anchored correction of the query.
+
+    Cells are stored sorted by their level of the first variable, so those
+    levels are contiguous row ranges (views in the sums and the correction).
+    With ``iterations > 1`` the corrected cells are assigned again and the
+    correction redone from the uncorrected cells (one more N x d copy).
+
+    Returns
+    -------
+    z_corr : (N, d) ndarray; assignments : (N, K) ndarray; scores : (N,) ndarray
+    or None; penalty : (K, B) ndarray; keep : (K, B) bool ndarray or None —
+    cells in the caller's order.
+    """
+    n_cells, d = cells.shape
+    n_clusters = ref.K
+    stat_dtype = torch.float32 if device.type == "mps" else torch.float64
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    order = np.argsort(design.codes[:, 0], kind="stable")
+    sorted_already = bool((order == np.arange(n_cells)).all())
+
+    z = torch.empty((n_cells, d), dtype=dtype, device=device)
+    for start in range(0, n_cells, 65536):
+        rows = slice(start, start + 65536) if sorted_already else order[start:start + 65536]
+        z[start:start + 65536] = torch.from_numpy(
+            np.ascontiguousarray(cells[rows], dtype=np_dtype)).to(device)
+    codes = torch.from_numpy(design.codes[order]).to(device)
+    levels = LevelIndex.from_codes(codes, design.offsets)
+
+    centroids = torch.as_tensor(ref.centroids, dtype=dtype, device=device)
+    sigma_t = torch.as_tensor(sigma, dtype=stat_dtype, device=device)
+    assignments = torch.empty((n_cells, n_clusters), dtype=dtype, device=device)
+    scores = torch.empty(n_cells, dtype=dtype, device=device) if with_confidence else None
+    score_terms = _score_terms(ref, dtype, device) if with_confidence else None
+    z_corr = z if iterations == 1 else torch.empty_like(z)
+    for round_ in range(iterations):
+        # 1. Soft assignment; the score from the uncorrected cells' assignment.
+        source = z if round_ == 0 else z_corr
+        score_now = scores if round_ == 0 else None
+        chunk = max(1, min(_CHUNK, _SCORE_ELEMENTS // (n_clusters * d))) \
+            if score_now is not None else _CHUNK
+        for start in range(0, n_cells, chunk):
+            part = slice(start, start + chunk)
+            clu.soft_assign(clu.normalize_rows(source[part]), centroids, sigma_t,
+                            out=assignments[part])
+            if score_now is not None:
+                score_now[part] = _scores(z[part], assignments[part], *score_terms)
+        # 2. The anchored ridge systems, from the uncorrected cells.
+        coef, penalty, keep = _coefficients(z, assignments, codes, levels, design, ref,
+                                            lamb=lamb, alpha=alpha, cutoff=cutoff,
+                                            stat_dtype=stat_dtype)
+        # 3. Correction: a cell of level b moves by -sum_k R_ik beta_k[b].
+        if z_corr is not z:
+            z_corr.copy_(z)
+        for b, members in enumerate(levels.cells):
+            for part, r_rows, _ in _level_rows(members, assignments, z):
+                if isinstance(part, slice):
+                    z_corr[part].addmm_(r_rows, coef[:, b, :], alpha=-1.0)
+                else:
+                    z_corr.index_add_(0, part, r_rows @ coef[:, b, :], alpha=-1.0)
+        if not math.isfinite(float(z_corr.sum())) and not bool(torch.isfinite(z_corr).all()):
+            raise FloatingPointError(
+                "mapping produced non-finite corrected cells; check the query's scale "
+                "(it must be in the reference's PC space) or try dtype='float64'")
+    del z
+
+    caller = None if sorted_already else np.empty_like(order)
+    if caller is not None:
+        caller[order] = np.arange(n_cells)
+
+    def back(t):
+        if t is None:
+            return None
+        if caller is not None:
+            t = t.index_select(0, torch.from_numpy(caller).to(t.device))
+        return t.cpu().numpy()
+
+    return (back(z_corr), back(assignments), back(scores), penalty.cpu().numpy(),
+            None if keep is None else keep.cpu().numpy())
+
+
+def _coefficients(z, assignments, codes, levels, design, ref, *, lamb, alpha, cutoff,
+                  stat_dtype):
+    """The batch rows of ``beta`` for every cluster, (K, B, d), from per-level sums.
+
+    Returns ``(coef in z's dtype and device, penalty (K, B), keep (K, B) or None)``.
+    """
+    device = z.device
+    solve_device = torch.device("cpu") if device.type == "mps" else device
+    n_cells, d = z.shape
+    n_clusters, n_levels = assignments.shape[1], design.n_levels
+    observed = torch.zeros((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
+    rhs = torch.zeros((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
+    for b, members in enumerate(levels.cells):
+        for _, r_rows, z_rows in _level_rows(members, assignments, z):
+            rhs[:, b, :] += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
+            observed[:, b] += r_rows.sum(0).to(solve_device, stat_dtype)
+    # The first variable's levels partition the query; the reference's cells
+    # join the intercept's row only: A[0, 0] += Nr, F[0] += C.
+    first = levels.variable.count(0)
+    ref_sizes = torch.as_tensor(ref.Nr, dtype=stat_dtype, device=solve_device)
+    total = ref_sizes + observed[:, :first].sum(1)
+    rhs0 = torch.as_tensor(ref.C, dtype=stat_dtype, device=solve_device) + rhs[:, :first].sum(1)
+    counts = torch.as_tensor(design.counts, dtype=stat_dtype, device=solve_device)
+    if lamb is None:
+        # Harmony2's alpha * E, E counted over reference and query cells together.
+        share = counts / (ref_sizes.sum() + n_cells)
+        penalty = alpha * total[:, None] * share[None, :]
+    else:
+        penalty = torch.as_tensor(lamb, dtype=stat_dtype, device=solve_device)[None, :] \
+            .expand(n_clusters, n_levels).clone()
+    keep = None
+    if cutoff is not None:
+        # Harmony2's batch_prop_cutoff. A query level alone in its variable is
+        # kept: the reference anchors the intercept, so it stays identifiable.
+        keep = observed / counts[None, :] > cutoff
+    if design.codes.shape[1] == 1:
+        _, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
+    else:
+        system = _dense_system(total, observed, penalty, codes, assignments, design,
+                               solve_device, stat_dtype)
+        _, coef = solve_dense(system, rhs0, rhs, keep)
+    return coef.to(device, z.dtype), penalty, keep
+
+
+def _level_rows(members, assignments, z):
+    """``(part, R rows, z rows)`` for a level's cells, :data:`_CHUNK` at a time."""
+    chunk = _CHUNK
+    if isinstance(members, slice):
+        for start in range(members.start, members.stop, chunk):
+            part = slice(start, min(members.stop, start + chunk))
+            yield part, assignments[part], z[part]
+    else:
+        for start in range(0, members.numel(), chunk):
+            part = members[start:start + chunk]
+            yield part, assignments.index_select(0, part), z.index_select(0, part)
+
+
+def _dense_system(total, observed, penalty, codes, assignments, design, device, dtype):
+    """``A`` for all clusters with several query variables: (K, B+1, B+1).
+
+    ``A[0, 0] = Nr + sum_i R_ik``; the intercept row and column hold the level
+    sums; the diagonal ``o_b + lamb_b``; levels of two different variables
+    meet in the R sums of the cells they share.
+    """
+    n_clusters, n_levels = observed.shape
+    system = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
+    system[:, 0, 0] = total.clamp_min(torch.finfo(dtype).tiny)
+    system[:, 0, 1:] = observed
+    system[:, 1:, 0] = observed
+    idx = torch.arange(n_levels, device=device)
+    system[:, idx + 1, idx + 1] = observed + penalty
+    offsets = design.offsets
+    for v in range(codes.shape[1]):
+        for w in range(v + 1, codes.shape[1]):
+            v0, v1, w0, w1 = (int(offsets[v]), int(offsets[v + 1]), int(offsets[w]),
+                              int(offsets[w + 1]))
+            width = w1 - w0
+            pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
+            sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
+                               device=assignments.device)
+            sums.index_add_(0, pair, assignments)
+            block = sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
+            system[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
+            system[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
+    return system
+
+
+def _score_terms(ref: Reference, dtype, device):
+    """Per cluster, ``L_k^-1`` (K, d, d) with ``L_k L_k^T`` the covariance, and the centres.
+
+    A covariance that is not positive definite (a cluster of fewer effective
+    cells than dimensions, where R's ``mahalanobis`` would stop with an error)
+    gets a ridge of 1e-10, then 1e-8, ... times its mean variance until the
+    Cholesky factorisation succeeds.
+    """
+    cov = torch.as_tensor(ref.cluster_cov, dtype=torch.float64)
+    d = cov.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(cov)
+    scale = cov.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(torch.float64).tiny)
+    ridge = 1e-10
+    while bool((info > 0).any()):
+        failed = info > 0
+        if ridge > 1:
+            raise FloatingPointError("the reference's cluster covariances cannot be factorised")
+        logger.debug("%d cluster covariance(s) not positive definite: ridge %.0e", int(
+            failed.sum()), ridge)
+        fixed, fixed_info = torch.linalg.cholesky_ex(
+            cov[failed] + (ridge * scale[failed])[:, None, None] * eye)
+        factor[failed] = fixed
+        info = info.clone()
+        info[failed] = fixed_info
+        ridge *= 100
+    whiten = torch.linalg.solve_triangular(factor, eye.expand_as(cov), upper=False)
+    centers = torch.as_tensor(ref.cluster_center, dtype=torch.float64)
+    return whiten.to(device, dtype), centers.to(device, dtype)
+
+
+def _scores(z, assignments, whiten, centers):
+    """``sum_k R_ik ||L_k^-1 (z_i - c_k)||``: the R-weighted Mahalanobis distances, (n,)."""
+    diff = z[None, :, :] - centers[:, None, :]  # (K, n, d)
+    distances = torch.linalg.vector_norm(torch.bmm(diff, whiten.transpose(1, 2)), dim=2)
+    return (distances.T * assignments).sum(1)
+
+
+# ============================================================ transfer_labels
+def transfer_labels(query, ref: Reference, label: str, k: int = 30,
+                    min_probability: float = 0.5, *, device=None) -> pd.DataFrame:
+    """Labels for query cells by a vote of their k nearest reference cells.
+
+    Symphony's ``knnPredict`` (``class::knn``): Euclidean distances in the
+    corrected space between the mapped query cells and the reference cells
+    kept in ``ref``; the label most frequent among the ``k`` nearest wins, its
+    share of the ``k`` votes is its probability. Ties go to the label of the
+    nearer neighbour (``class::knn`` breaks them at random). Reference cells
+    without a label take no part. Exact search in torch, in chunks of query
+    and reference cells.
+
+    Parameters
+    ----------
+    query : MappedQuery, or array (N_q, d) of corrected query cells
+    ref : Reference
+        Built with ``keep_cells=True`` and ``labels`` including ``label``.
+    label : str
+        A label column of ``ref``.
+    k : int, default 30
+    min_probability : float in [0, 1], default 0.5
+        Below this share of the votes the label is ``"unknown"``.
+    device : optional
+        Where to search (default: CUDA, then MPS, then the CPU).
+
+    Returns
+    -------
+    DataFrame with columns ``label`` (categorical) and ``probability``, one row
+    per query cell (indexed by the query's cell names when it has them).
+    """
+    if not isinstance(ref, Reference):
+        raise TypeError(f"ref must be a harmonypy Reference, not {type(ref).__name__}")
+    if ref.cells is None:
+        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
+                         "transfer needs them; rebuild it with keep_cells=True")
+    if label not in ref.label_columns:
+        raise ValueError(f"label {label!r} is not a label column of the reference; it has "
+                         f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
+    min_probability = val._real("min_probability", min_probability)
+    if not 0 <= min_probability <= 1:
+        raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
+    if isinstance(query, MappedQuery):
+        cells, names = query.result(), query.cell_names
+    else:
+        cells, names = _query_cells(query, None, ref.d), None
+        if isinstance(query, pd.DataFrame) and carries_names(query.index):
+            names = query.index
+    column = ref.labels[label]
+    codes = column.cat.codes.to_numpy()
+    labelled = codes >= 0
+    n_labelled = int(labelled.sum())
+    if n_labelled == 0:
+        raise ValueError(f"no reference cell has a {label!r} label")
+    k = val.check_int("k", k, 1, n_labelled, maximum_is="the labelled reference cells")
+    torch_device = resolve_device(device)
+    dtype = torch.float64 if cells.dtype == np.float64 and torch_device.type != "mps" \
+        else torch.float32
+    with torch.no_grad():
+        reference = torch.as_tensor(ref.cells[labelled], device=torch_device).to(dtype)
+        ref_codes = torch.as_tensor(codes[labelled].astype(np.int64), device=torch_device)
+        best, votes = _knn_vote(cells, reference, ref_codes, len(column.cat.categories), k,
+                                dtype, torch_device)
+    probability = votes / k
+    categories = list(column.cat.categories)
+    unknown = probability < min_probability
+    if unknown.any() and UNKNOWN not in categories:
+        categories.append(UNKNOWN)
+    out_codes = np.where(unknown, categories.index(UNKNOWN) if unknown.any() else 0, best)
+    labels = pd.Categorical.from_codes(out_codes, categories=categories)
+    index = names if names is not None else pd.RangeIndex(len(cells))
+    return pd.DataFrame({"label": labels, "probability": probability}, index=index)
+
+
+def _knn_vote(cells, reference, ref_codes, n_labels, k, dtype, device):
+    """Majority label among each query cell's k nearest reference cells.
+
+    Neighbours are ranked by ``|r|^2 - 2 q.r`` (the query's own ``|q|^2`` does
+    not change the order), one block of query cells against one block of
+    reference cells at a time, keeping a running top k.
+
+    Returns ``(label code (N,), votes (N,))`` as NumPy arrays.
+    """
+    n_query, n_ref = cells.shape[0], reference.shape[0]
+    ref_chunk = min(n_ref, _KNN_REF_CHUNK)
+    query_chunk = max(1, min(_KNN_QUERY_CHUNK, _KNN_ELEMENTS // ref_chunk))
+    ref_sq = (reference * reference).sum(1)
+    best = np.empty(n_query, dtype=np.int64)
+    votes = np.empty(n_query, dtype=np.float64)
+    ranks = torch.arange(k, device=device)
+    for start in range(0, n_query, query_chunk):
+        q = torch.as_tensor(np.asarray(cells[start:start + query_chunk]), device=device).to(dtype)
+        near_d = near_i = None
+        for r0 in range(0, n_ref, ref_chunk):
+            block = reference[r0:r0 + ref_chunk]
+            dist = torch.addmm(ref_sq[None, r0:r0 + ref_chunk], q, block.T, alpha=-2.0)
+            found_d, found_i = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False,
+                                          sorted=True)
+            found_i += r0
+            if near_d is not None:  # merge with the best of the earlier blocks
+                found_d, pos = torch.topk(torch.cat([near_d, found_d], 1), k, dim=1,
+                                          largest=False, sorted=True)
+                found_i = torch.cat([near_i, found_i], 1).gather(1, pos)
+            near_d, near_i = found_d, found_i
+        neighbour_codes = ref_codes[near_i]  # (n, k), nearest first
+        counts = torch.zeros((q.shape[0], n_labels), dtype=torch.int64, device=device)
+        counts.scatter_add_(1, neighbour_codes, torch.ones_like(neighbour_codes))
+        first = torch.full((q.shape[0], n_labels), k, dtype=torch.int64, device=device)
+        first.scatter_reduce_(1, neighbour_codes, ranks.expand_as(neighbour_codes), "amin")
+        winner = (counts * (k + 1) + (k - first)).argmax(1)
+        best[start:start + q.shape[0]] = winner.cpu().numpy()
+        votes[start:start + q.shape[0]] = counts.gather(1, winner[:, None])[:, 0].cpu().numpy()
+    return best, votes

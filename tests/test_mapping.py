@@ -1,0 +1,523 @@
+"""Reference mapping: build_reference, save/load, map_query, transfer_labels.
+
+The fast mapping is checked against the literal NumPy transcription of
+Symphony's formulas in ``reference_mapping.py``; quality is checked leave one
+batch out on the bundled 1,200 PBMCs (``pytest -s`` prints the numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import harmonypy as hm
+from harmonypy import _mapping
+
+from reference_mapping import (
+    compute_ref_cache,
+    cosine_normalize_columns,
+    harmony2_keep,
+    harmony2_penalty,
+    knn_predict,
+    moe_correct_ref,
+    per_cell_mapping_metric,
+    query_design,
+    reference_centroids,
+    soft_cluster,
+    weighted_cov,
+)
+
+ALGORITHMS = ("harmony1", "harmony2")
+
+
+# ------------------------------------------------------------------ data
+def _cells(rng, types, batches, centres, shifts, d):
+    return centres[types] + shifts[batches] + rng.normal(0, 0.6, (len(types), d))
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A small reference (2 batches, 4 cell types) and a query of 3 batches and
+    2 technologies; query batch q2 holds type 0 only (Harmony2 then leaves it
+    out of the other types' clusters)."""
+    rng = np.random.default_rng(7)
+    d = 6
+    centres = rng.normal(0, 3, (4, d))
+    shifts = rng.normal(0, 1.2, (5, d))
+    ref_types = rng.integers(0, 4, 240)
+    ref_batches = rng.integers(0, 2, 240)
+    z_ref = _cells(rng, ref_types, ref_batches, centres, shifts, d)
+    noisy = np.where(rng.random(240) < 0.4, rng.integers(0, 4, 240), ref_types)
+    meta_ref = pd.DataFrame({"batch": [f"r{b}" for b in ref_batches],
+                             "cell_type": [f"t{t}" for t in ref_types],
+                             "noisy": [f"t{t}" for t in noisy]})
+    q_batches = rng.integers(2, 4, 90)
+    q_types = rng.integers(0, 4, 90)
+    q_types[:20], q_batches[:20] = 0, 4
+    order = rng.permutation(90)  # levels interleaved in the caller's order
+    q_types, q_batches = q_types[order], q_batches[order]
+    z_query = _cells(rng, q_types, q_batches, centres, shifts, d)
+    tech = rng.integers(0, 2, 90)
+    z_query += rng.normal(0, 0.8, (2, d))[tech]
+    meta_query = pd.DataFrame({"batch": [f"q{b - 2}" for b in q_batches],
+                               "tech": np.where(tech == 1, "x", "y"),
+                               "site": "A", "cell_type": [f"t{t}" for t in q_types]})
+    return z_ref, meta_ref, z_query, meta_query
+
+
+_RUNS = {}
+
+
+def _reference_run(case, algorithm, dtype):
+    key = (algorithm, dtype)
+    if key not in _RUNS:
+        z_ref, meta_ref, _, _ = case
+        _RUNS[key] = hm.run_harmony(z_ref, meta_ref, "batch", nclust=5, max_iter_harmony=3,
+                                    algorithm=algorithm, dtype=dtype, verbose=False,
+                                    batch_prop_cutoff=1e-3)
+    return _RUNS[key]
+
+
+def _literal(ho, z_query, meta_query, names, lamb=None):
+    """Symphony's mapping of ``z_query`` onto ``ho``, as reference_mapping writes it."""
+    R = ho.R.astype(np.float64)
+    Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
+    harmony2 = ho.algorithm == "harmony2"
+    Y = cosine_normalize_columns(ho.W_intercept.astype(np.float64)) if harmony2 \
+        else reference_centroids(C)
+    Zq = z_query.T.astype(np.float64)
+    Rq = soft_cluster(Y, Zq, ho.sigma)
+    Xq = query_design(meta_query, names)
+    keep = None
+    if harmony2:
+        keep = harmony2_keep(Rq, Xq, ho.batch_prop_cutoff)
+        if lamb is None:
+            lamb = harmony2_penalty(Rq, Xq, Nr, ho.alpha)
+    Zq_corr, _ = moe_correct_ref(Zq, Xq, Rq, Nr, C, 1.0 if lamb is None else lamb, keep)
+    score = per_cell_mapping_metric(ho.Z_orig.astype(np.float64), R, Zq, Rq)
+    return Zq_corr, Rq, score, keep
+
+
+def _relative(actual, expected):
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+# ------------------------------------------------------------- exactness
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("names", [[], ["batch"], ["batch", "tech"]],
+                         ids=["one-batch", "one-variable", "two-variables"])
+def test_map_query_matches_symphony_formulas(case, algorithm, dtype, names):
+    _, _, z_query, meta_query = case
+    ho = _reference_run(case, algorithm, dtype)
+    ref = hm.build_reference(ho)
+    q = hm.map_query(z_query, meta_query, ref, vars_use=names or None, dtype=dtype)
+    Zq_corr, Rq, score, keep = _literal(ho, z_query, meta_query, names)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    assert q.Z_corr.shape == Zq_corr.shape and q.R.shape == Rq.shape
+    assert _relative(q.Z_corr, Zq_corr) < tol
+    assert np.abs(q.R - Rq).max() < tol
+    assert _relative(q.confidence, score) < (1e-8 if dtype == "float64" else 1e-3)
+    if algorithm == "harmony2":
+        np.testing.assert_array_equal(q.kept_levels, keep)
+        if names == ["batch"]:
+            assert not keep.all()  # q2 (type 0 only) is left out of other clusters
+    assert q.batch_levels == (["query"] if not names else
+                              [f"{v}={lv}" for v in names
+                               for lv in sorted(set(meta_query[v]))])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_explicit_lamb_matches_formulas(case, algorithm):
+    _, _, z_query, meta_query = case
+    ho = _reference_run(case, algorithm, "float64")
+    ref = hm.build_reference(ho)
+    lamb = [0.5, 2.0, 3.0]  # one per query level
+    q = hm.map_query(z_query, meta_query, ref, vars_use="batch", lamb=lamb, dtype="float64")
+    Zq_corr, _, _, _ = _literal(ho, z_query, meta_query, ["batch"], lamb=np.array(lamb))
+    assert _relative(q.Z_corr, Zq_corr) < 1e-10
+    # lamb=-1 on a Harmony 1 reference: the estimated penalty.
+    q = hm.map_query(z_query, meta_query, ref, vars_use="batch", lamb=-1, dtype="float64")
+    Rq = soft_cluster(ho.Y if algorithm == "harmony1" else ref.centroids.T,
+                      z_query.T, ho.sigma)
+    expected = harmony2_penalty(q.R, query_design(meta_query, ["batch"]), ref.Nr, 0.2)
+    np.testing.assert_allclose(q.lamb, expected, rtol=1e-12)
+    assert Rq.shape == q.R.shape
+
+
+def test_single_level_variable_is_one_batch(case):
+    """Symphony turns a query variable with one level into a row of ones."""
+    _, _, z_query, meta_query = case
+    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"))
+    plain = hm.map_query(z_query, meta_query, ref, dtype="float64")
+    site = hm.map_query(z_query, meta_query, ref, vars_use="site", dtype="float64")
+    np.testing.assert_allclose(site.Z_corr, plain.Z_corr, rtol=0, atol=1e-12)
+
+
+def test_reference_terms_match_formulas(case):
+    ho = _reference_run(case, "harmony1", "float64")
+    ref = hm.build_reference(ho)
+    Nr, C = compute_ref_cache(ho.R, ho.Z_corr)
+    np.testing.assert_allclose(ref.Nr, Nr, rtol=1e-12)
+    np.testing.assert_allclose(ref.C, C, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ref.Y, reference_centroids(C), rtol=1e-12, atol=1e-12)
+    for k in range(ref.K):
+        center, cov = weighted_cov(ho.Z_orig, ho.R[k])
+        np.testing.assert_allclose(ref.cluster_center[k], center, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(ref.cluster_cov[k], cov, rtol=1e-9, atol=1e-10)
+    np.testing.assert_array_equal(ref.sigma, ho.sigma)
+    assert ref.algorithm == "harmony1" and ref.variables == ["batch"]
+    assert ref.levels == [["r0", "r1"]] and ref.n_cells == 240
+    np.testing.assert_array_equal(ref.cells, ho.Z_corr.T.astype(np.float32))
+
+
+def test_chunked_mapping_and_search_agree(case, monkeypatch):
+    _, meta_ref, z_query, meta_query = case
+    ho = _reference_run(case, "harmony2", "float64")
+    ref = hm.build_reference(ho, meta_ref, labels="cell_type")
+    whole = hm.map_query(z_query, meta_query, ref, vars_use=["batch", "tech"], dtype="float64")
+    labels = hm.transfer_labels(whole, ref, "cell_type", k=7)
+    monkeypatch.setattr(_mapping, "_CHUNK", 7)
+    monkeypatch.setattr(_mapping, "_SCORE_ELEMENTS", 1)
+    monkeypatch.setattr(_mapping, "_KNN_QUERY_CHUNK", 5)
+    monkeypatch.setattr(_mapping, "_KNN_ELEMENTS", 55)
+    monkeypatch.setattr(_mapping, "_KNN_REF_CHUNK", 11)
+    pieces = hm.map_query(z_query, meta_query, ref, vars_use=["batch", "tech"], dtype="float64")
+    np.testing.assert_allclose(pieces.Z_corr, whole.Z_corr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(pieces.confidence, whole.confidence, rtol=1e-12)
+    pd.testing.assert_frame_equal(hm.transfer_labels(pieces, ref, "cell_type", k=7), labels)
+
+
+# ------------------------------------------------------- label transfer
+def test_transfer_labels_matches_knn(case):
+    _, meta_ref, z_query, meta_query = case
+    ho = _reference_run(case, "harmony1", "float64")
+    ref = hm.build_reference(ho, meta_ref, labels="noisy")
+    q = hm.map_query(z_query, meta_query, ref, vars_use="batch", dtype="float64")
+    result = hm.transfer_labels(q, ref, "noisy", k=9, min_probability=0)
+    expected, probability = knn_predict(ref.cells.T.astype(np.float64),
+                                        meta_ref["noisy"].to_numpy(), q.Z_corr, 9)
+    np.testing.assert_array_equal(result["label"].astype(str).to_numpy(), expected)
+    np.testing.assert_allclose(result["probability"].to_numpy(), probability)
+    strict = hm.transfer_labels(q, ref, "noisy", k=9, min_probability=0.7)
+    unsure = probability < 0.7
+    assert unsure.any()
+    assert (strict["label"][unsure] == "unknown").all()
+    np.testing.assert_array_equal(strict["label"][~unsure].astype(str), expected[~unsure])
+
+
+def test_transfer_labels_refusals(case):
+    _, meta_ref, z_query, meta_query = case
+    ho = _reference_run(case, "harmony1", "float64")
+    q = hm.map_query(z_query, meta_query, hm.build_reference(ho))
+    with pytest.raises(ValueError, match="keep_cells=False"):
+        hm.transfer_labels(q, hm.build_reference(ho, keep_cells=False), "cell_type")
+    ref = hm.build_reference(ho, meta_ref, labels="cell_type")
+    with pytest.raises(ValueError, match="not a label column.*cell_type"):
+        hm.transfer_labels(q, ref, "celltype")
+    with pytest.raises(ValueError, match="k must be at least 1 and at most 240"):
+        hm.transfer_labels(q, ref, "cell_type", k=10_000)
+    with pytest.raises(ValueError, match="min_probability"):
+        hm.transfer_labels(q, ref, "cell_type", min_probability=1.5)
+
+
+def test_cell_names_follow_the_query(case):
+    _, meta_ref, z_query, meta_query = case
+    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"), meta_ref,
+                             labels="cell_type")
+    names = [f"cell{i}" for i in range(len(z_query))]
+    frame = pd.DataFrame(z_query, index=names)
+    shuffled = meta_query.set_axis(names).iloc[::-1]  # paired by name
+    q = hm.map_query(frame, shuffled, ref, vars_use="batch", dtype="float64")
+    plain = hm.map_query(z_query, meta_query, ref, vars_use="batch", dtype="float64")
+    np.testing.assert_allclose(q.Z_corr, plain.Z_corr, rtol=0, atol=1e-12)
+    assert list(hm.transfer_labels(q, ref, "cell_type").index) == names
+
+
+# ------------------------------------------------------ self-consistency
+def test_reference_cells_map_onto_themselves():
+    """Reference cells mapped with their own batches land on their corrected
+    coordinates. One round (Symphony) assigns them from their uncorrected
+    coordinates, without Harmony's diversity penalty, so a low-variance PC
+    ends at r ~0.988; assigning the corrected cells again (three rounds)
+    brings every PC to r >= 0.99. Given Harmony's own R, the correction alone reproduces
+    Harmony's to r > 0.9999: the anchored regression is the same model."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    ho = hm.run_harmony(pcs, meta, "donor", verbose=False)
+    ref = hm.build_reference(ho)
+
+    def per_pc_r(q):
+        return np.array([np.corrcoef(q.Z_corr[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)])
+
+    once = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor"))
+    twice = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor", iterations=3))
+    print(f"\nself-consistency per-PC r: one round min {once.min():.4f} median "
+          f"{np.median(once):.4f}; three rounds min {twice.min():.4f}")
+    assert once.min() >= 0.985 and np.median(once) >= 0.998, once
+    assert twice.min() >= 0.99, twice
+    R = ho.R.astype(np.float64)
+    Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
+    same_r, _ = moe_correct_ref(pcs.to_numpy().T, query_design(meta, ["donor"]), R, Nr, C)
+    exact = [np.corrcoef(same_r[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)]
+    assert min(exact) > 0.9999, exact
+
+
+def test_missing_cell_type_scores_high():
+    """Symphony's mapping score flags query cells of a type the reference lacks."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_query = (meta["donor"] == "5p").to_numpy()
+    monocytes = meta["cell_type"].str.startswith("Mono").to_numpy()
+    in_ref = ~in_query & ~monocytes
+    ho = hm.run_harmony(pcs[in_ref], meta[in_ref], "donor", verbose=False)
+    q = hm.map_query(pcs[in_query], meta[in_query], hm.build_reference(ho))
+    novel = monocytes[in_query]
+    assert np.median(q.confidence[novel]) > 2 * np.median(q.confidence[~novel])
+
+
+def test_iterations_match_formulas(case):
+    _, _, z_query, meta_query = case
+    ho = _reference_run(case, "harmony1", "float64")
+    q = hm.map_query(z_query, meta_query, hm.build_reference(ho), vars_use="batch",
+                     dtype="float64", iterations=2)
+    Nr, C = compute_ref_cache(ho.R, ho.Z_corr)
+    Y, Zq, Xq = reference_centroids(C), z_query.T, query_design(meta_query, ["batch"])
+    first = soft_cluster(Y, Zq, ho.sigma)
+    corrected, _ = moe_correct_ref(Zq, Xq, first, Nr, C)
+    second = soft_cluster(Y, corrected, ho.sigma)
+    corrected, _ = moe_correct_ref(Zq, Xq, second, Nr, C)
+    assert _relative(q.Z_corr, corrected) < 1e-10
+    assert np.abs(q.R - second).max() < 1e-10
+    score = per_cell_mapping_metric(ho.Z_orig, ho.R, Zq, first)
+    assert _relative(q.confidence, score) < 1e-8
+
+
+# ---------------------------------------------------------------- quality
+def _accuracy(ref, query_cells, truth, k=30):
+    labels = hm.transfer_labels(query_cells, ref, "cell_type", k=k, min_probability=0)
+    return float((labels["label"].astype(str).to_numpy() == truth).mean())
+
+
+def _ilisi(cells, meta):
+    return float(hm.compute_lisi(cells, meta.reset_index(drop=True), "donor")[:, 0].mean())
+
+
+@pytest.fixture(scope="module")
+def leave_one_batch_out():
+    """Per algorithm and held-out chemistry: accuracy and iLISI, mapped and de novo."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    rows = []
+    for algorithm in ALGORITHMS:
+        full = hm.run_harmony(pcs, meta, "donor", algorithm=algorithm, verbose=False)
+        corrected = full.Z_corr.T
+        ilisi_de_novo = _ilisi(corrected, meta)
+        for held_out in ("3pv1", "3pv2", "5p"):
+            query = (meta["donor"] == held_out).to_numpy()
+            meta_ref, meta_query = meta[~query], meta[query]
+            ho = hm.run_harmony(pcs[~query], meta_ref, "donor", algorithm=algorithm,
+                                verbose=False)
+            ref = hm.build_reference(ho, meta_ref, labels="cell_type")
+            mapped = hm.map_query(pcs[query], meta_query, ref)
+            truth = meta_query["cell_type"].to_numpy()
+            # The same classifier on the de novo run's coordinates.
+            de_novo_ref = dataclasses.replace(ref, cells=corrected[~query].astype(np.float32))
+            rows.append({
+                "algorithm": algorithm, "query": held_out,
+                "accuracy_mapped": _accuracy(ref, mapped, truth),
+                "accuracy_de_novo": _accuracy(de_novo_ref, corrected[query], truth),
+                "ilisi_mapped": _ilisi(np.vstack([ref.cells, mapped.result()]),
+                                       pd.concat([meta_ref, meta_query])),
+                "ilisi_de_novo": ilisi_de_novo,
+            })
+    table = pd.DataFrame(rows)
+    print("\n" + table.to_string(float_format=lambda x: f"{x:.4f}"))
+    return table
+
+
+def test_leave_one_batch_out_accuracy(leave_one_batch_out):
+    table = leave_one_batch_out
+    assert (table["accuracy_mapped"] >= table["accuracy_de_novo"] - 0.02).all(), table
+
+
+def test_leave_one_batch_out_ilisi(leave_one_batch_out):
+    table = leave_one_batch_out
+    gap = (table["ilisi_mapped"] - table["ilisi_de_novo"]).abs() / table["ilisi_de_novo"]
+    assert (gap <= 0.10).all(), table
+
+
+def test_harmony2_reference_maps_as_well_as_harmony1(leave_one_batch_out):
+    mean = leave_one_batch_out.groupby("algorithm")["accuracy_mapped"].mean()
+    assert mean["harmony2"] >= mean["harmony1"] - 0.005, mean
+
+
+def test_one_batch_reference():
+    """A reference from one chemistry, no Harmony run: accuracy within 5 points
+    of de novo Harmony on reference + query with the same classifier."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_ref = (meta["donor"] == "3pv2").to_numpy()
+    in_query = (meta["donor"] == "5p").to_numpy()
+    ref = hm.build_reference(pcs[in_ref], meta[in_ref], labels="cell_type")
+    assert ref.algorithm == "none" and ref.variables == []
+    assert ref.Nr.sum() == pytest.approx(in_ref.sum())
+    assert ref.K == 16  # round(480 / 30)
+    mapped = hm.map_query(pcs[in_query], meta[in_query], ref)
+    truth = meta["cell_type"][in_query].to_numpy()
+    both = in_ref | in_query
+    full = hm.run_harmony(pcs[both], meta[both], "donor", verbose=False).Z_corr.T
+    de_novo_ref = dataclasses.replace(ref, cells=full[in_ref[both]].astype(np.float32))
+    accuracy = _accuracy(ref, mapped, truth)
+    de_novo = _accuracy(de_novo_ref, full[in_query[both]], truth)
+    print(f"\none-batch reference 3pv2 -> 5p: accuracy mapped {accuracy:.4f}, "
+          f"de novo {de_novo:.4f}")
+    assert accuracy >= de_novo - 0.05
+
+
+# ------------------------------------------------------------- save / load
+def _assert_same_reference(a, b):
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape, field.name
+            assert x.tobytes() == y.tobytes(), field.name
+        elif isinstance(x, pd.DataFrame):
+            pd.testing.assert_frame_equal(x, y)
+        else:
+            assert x == y, field.name
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_save_load_round_trip(case, tmp_path, algorithm):
+    z_ref, meta_ref, z_query, meta_query = case
+    named = meta_ref.set_axis([f"c{i}" for i in range(len(meta_ref))])
+    ref = hm.build_reference(_reference_run(case, algorithm, "float32"), named,
+                             labels=["cell_type", "batch"])
+    path = ref.save(tmp_path / "ref.npz")
+    loaded = hm.load_reference(path)
+    _assert_same_reference(ref, loaded)
+    assert list(loaded.cell_names[:2]) == ["c0", "c1"]
+    one = hm.map_query(z_query, meta_query, ref, vars_use="batch")
+    two = hm.map_query(z_query, meta_query, loaded, vars_use="batch")
+    assert one.Z_corr.tobytes() == two.Z_corr.tobytes()
+    # No temporary file is left beside it; a name without .npz is kept as given.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+    other = hm.build_reference(z_ref, keep_cells=False, nclust=4).save(tmp_path / "ref.bin")
+    _assert_same_reference(hm.load_reference(other), hm.load_reference(tmp_path / "ref.bin"))
+    assert (tmp_path / "ref.bin").exists() and not (tmp_path / "ref.bin.npz").exists()
+
+
+def _rewrite(path, change):
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    metadata = json.loads(arrays["__metadata__"].tobytes())
+    change(metadata, arrays)
+    arrays["__metadata__"] = np.frombuffer(json.dumps(metadata).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_load_refuses_bad_files(case, tmp_path):
+    z_ref, meta_ref, _, _ = case
+    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"), meta_ref,
+                             labels="cell_type")
+    good = ref.save(tmp_path / "good.npz")
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.npz.*truncated, corrupt"):
+        hm.load_reference(truncated)
+
+    corrupt = tmp_path / "corrupt.npz"
+    middle = bytearray(data)
+    start = data.index(b"cells.npy") + 200  # inside the cells array's data
+    middle[start:start + 64] = bytes(64)
+    corrupt.write_bytes(bytes(middle))
+    with pytest.raises(ValueError, match=r"corrupt\.npz.*'cells' cannot be read"):
+        hm.load_reference(corrupt)
+
+    other = tmp_path / "other.npz"
+    np.savez(other, X=np.arange(3))
+    with pytest.raises(ValueError, match=r"other\.npz.*not a harmonypy reference"):
+        hm.load_reference(other)
+
+    text = tmp_path / "text.npz"
+    text.write_text("cell\tPC1\n")
+    with pytest.raises(ValueError, match=r"text\.npz.*cannot be read as a \.npz"):
+        hm.load_reference(text)
+
+    single = tmp_path / "single.npy"
+    np.save(single, np.arange(3))
+    with pytest.raises(ValueError, match=r"single\.npy.*not a \.npz"):
+        hm.load_reference(single)
+
+    newer = tmp_path / "newer.npz"
+    newer.write_bytes(data)
+    _rewrite(newer, lambda m, a: m.update(format_version=2))
+    with pytest.raises(ValueError, match=r"newer\.npz.*format version 2.*upgrade harmonypy"):
+        hm.load_reference(newer)
+
+    foreign = tmp_path / "foreign.npz"
+    foreign.write_bytes(data)
+    _rewrite(foreign, lambda m, a: m.update(format="something-else"))
+    with pytest.raises(ValueError, match="not a harmonypy reference.*something-else"):
+        hm.load_reference(foreign)
+
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(data)
+    _rewrite(broken, lambda m, a: a.update(C=a["C"][:, :2]))
+    with pytest.raises(ValueError, match=r"broken\.npz.*'C' of float64 \(5, 2\)"):
+        hm.load_reference(broken)
+
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        hm.load_reference(tmp_path / "missing.npz")
+
+
+# ---------------------------------------------------------- validation
+def test_build_reference_checks(case):
+    z_ref, meta_ref, _, _ = case
+    ho = _reference_run(case, "harmony1", "float64")
+    with pytest.raises(TypeError, match="nclust.*only apply to a reference built from an"):
+        hm.build_reference(ho, nclust=3)
+    with pytest.raises(ValueError, match="keep_cells=True"):
+        hm.build_reference(ho, meta_ref, labels="cell_type", keep_cells=False)
+    with pytest.raises(ValueError, match="meta_data is None"):
+        hm.build_reference(ho, labels="cell_type")
+    with pytest.raises(ValueError, match="'celltype'.*not found"):
+        hm.build_reference(ho, meta_ref, labels="celltype")
+    with pytest.raises(ValueError, match="241 rows but there are 240"):
+        hm.build_reference(ho, pd.concat([meta_ref, meta_ref.iloc[:1]]), labels="cell_type")
+
+
+def test_map_query_checks(case):
+    _, _, z_query, meta_query = case
+    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"))
+    with pytest.raises(TypeError, match="ref must be a harmonypy Reference"):
+        hm.map_query(z_query, meta_query, object())
+    with pytest.raises(ValueError, match="5 dimensions per cell but the reference was built on 6"):
+        hm.map_query(z_query[:, :5], meta_query, ref)
+    with pytest.raises(ValueError, match=r"'donor'.*not found"):
+        hm.map_query(z_query, meta_query, ref, vars_use="donor")
+    with pytest.raises(ValueError, match="meta_data is None"):
+        hm.map_query(z_query, None, ref, vars_use="batch")
+    with pytest.raises(ValueError, match="non-finite"):
+        hm.map_query(np.where(np.arange(6) == 2, np.nan, z_query), meta_query, ref)
+    with pytest.raises(ValueError, match="lamb must be > 0"):
+        hm.map_query(z_query, meta_query, ref, vars_use="batch", lamb=0)
+    one = hm.map_query(z_query[:1], None, ref, dtype="float64")  # a single cell maps
+    many = hm.map_query(z_query, None, ref, dtype="float64", confidence=False)
+    assert one.Z_corr.shape == (6, 1) and many.confidence is None
+    assert one.batch_levels == ["query"]
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    """The example at the top of docs/mapping.md runs as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mapping.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/mapping.md", "exec"), {})
+    assert "92.8% of the 5' cells get their annotated type" in capsys.readouterr().out
+    assert (tmp_path / "pbmc_reference.npz").exists()

@@ -467,3 +467,23 @@ def test_save_figure_uses_the_real_extension(tmp_path):
         save_figure(fig, files.stage(tmp_path / "p.svg"))
         files.commit()
     assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
+    """pandas' C reader reports a Ctrl-C in its read() callback as a ParserError."""
+    import signal as signal_module
+
+    from harmonypy import _io
+
+    path = tmp_path / "pcs.tsv"
+    path.write_text("a\tb\n1\t2\n")
+    with pytest.raises(KeyboardInterrupt):
+        with _io._reading(path, "embedding"):
+            try:
+                signal_module.raise_signal(signal_module.SIGINT)
+            except KeyboardInterrupt:
+                raise pd.errors.ParserError("Error tokenizing data. C error: Calling "
+                                            "read(nbytes) on source failed") from None
+    with pytest.raises(ValueError, match="cannot read .* malformed table"):
+        with _io._reading(path, "embedding"):
+            raise pd.errors.ParserError("bad")

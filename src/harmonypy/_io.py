@@ -82,8 +82,9 @@ def file_format(path: str | Path) -> str:
     Returns
     -------
     str
-        ``'tsv'`` (.tsv, .txt), ``'csv'``, ``'parquet'``, ``'npy'`` or
-        ``'h5ad'``; a trailing compression suffix (.gz, .bz2, .xz, .zst) is
+        ``'tsv'`` (.tsv, .txt), ``'csv'``, ``'parquet'``, ``'npy'``,
+        ``'h5ad'`` or ``'npz'`` (a reference file, ``harmonypy reference
+        build``); a trailing compression suffix (.gz, .bz2, .xz, .zst) is
         skipped.
 
     Raises
@@ -97,7 +98,7 @@ def file_format(path: str | Path) -> str:
     last = suffixes[-1] if suffixes else ""
     if last in _TABLE_SEPARATORS:
         return "csv" if last == ".csv" else "tsv"
-    if last in (".parquet", ".npy", ".h5ad"):
+    if last in (".parquet", ".npy", ".h5ad", ".npz"):
         return last[1:]
     raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; "
                      f"use {FORMATS_HELP}")
@@ -188,12 +189,46 @@ def _reading(path: str | Path, what: str) -> Iterator[None]:
     through unchanged. ImportError (install hints) and MemoryError are not
     about the file and are re-raised as they are.
     """
+    with _interrupts_noted() as interrupted:
+        try:
+            yield
+        except (ImportError, MemoryError):
+            raise
+        except Exception as err:  # noqa: BLE001 - every format library has its own errors
+            if interrupted:
+                # pandas' C reader turns a Ctrl-C inside its read() callback into
+                # a ParserError ("Calling read(nbytes) on source failed"): it was
+                # an interrupt, not a bad file.
+                raise KeyboardInterrupt from err
+            raise ValueError(f"cannot read {path} ({what}): {_read_failure(err)}") from err
+
+
+@contextlib.contextmanager
+def _interrupts_noted() -> Iterator[list[int]]:
+    """Note every Ctrl-C (SIGINT) that arrives in the block, and handle it as before.
+
+    Yields the list of signals received, so that an error raised while
+    unwinding from the interrupt can be told apart from a real failure. Only
+    the main thread can handle signals; elsewhere the list stays empty.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum, frame):
+        received.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
     try:
-        yield
-    except (ImportError, MemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 - every format library has its own errors
-        raise ValueError(f"cannot read {path} ({what}): {_read_failure(err)}") from err
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _need_pyarrow() -> None:

@@ -698,3 +698,224 @@ def test_memory_guard_is_exit_2_and_no_memory_check_lifts_it(tmp_path, capsys, m
     status, _, err = run_main(args + ["--no-memory-check"], capsys)
     assert status == 0, err
     assert (tmp_path / "out.tsv").exists()
+
+
+# ==================================================== reference build, map
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """``harmonypy example-data``'s files (the bundled 1,200 PBMCs, cell_id first)."""
+    folder = tmp_path_factory.mktemp("example")
+    hm.datasets.save_example(folder)
+    return folder / "pcs.tsv.gz", folder / "meta.tsv.gz"
+
+
+def test_reference_build_and_map_equal_the_library(example, tmp_path, capsys):
+    pcs_path, meta_path = example
+    ref_path, out = tmp_path / "ref.npz", tmp_path / "mapped.tsv"
+    status, _, err = run_main(["reference", "build", pcs_path, meta_path, "--vars", "donor",
+                               "--subset", "donor=3pv1,3pv2", "--labels", "cell_type",
+                               "-o", ref_path, *FAST], capsys)
+    assert status == 0, err
+    status, _, err = run_main(["map", pcs_path, meta_path, "--subset", "donor=5p",
+                               "--reference", ref_path, "--labels", "cell_type",
+                               "--neighbors", "10", "--min-probability", "0.6", "-o", out],
+                              capsys)
+    assert status == 0, err
+    assert "harmonypy: wrote" in err and "430 cells x 20 PCs mapped onto reference of 770" in err
+
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_query = (meta["donor"] == "5p").to_numpy()
+    ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", **FAST_KW)
+    expected = hm.build_reference(ho, meta[~in_query].set_index("cell_id"), labels="cell_type")
+    saved = hm.load_reference(ref_path)
+    np.testing.assert_allclose(saved.C, expected.C, **CLOSE)
+    np.testing.assert_allclose(saved.cells, expected.cells, **CLOSE)
+    np.testing.assert_array_equal(saved.cell_names, expected.cell_names)
+    pd.testing.assert_frame_equal(saved.labels, expected.labels)
+
+    q = hm.map_query(pcs[in_query], meta[in_query], saved)
+    labels = hm.transfer_labels(q, saved, "cell_type", k=10, min_probability=0.6)
+    result = pd.read_csv(out, sep="\t", index_col=0)
+    assert list(result.columns) == ([f"PC{i}_harmony" for i in range(1, 21)] +
+                                    ["cell_type_predicted", "cell_type_probability",
+                                     "mapping_score"])
+    assert list(result.index) == list(meta.loc[in_query, "cell_id"])
+    np.testing.assert_allclose(result.iloc[:, :20].to_numpy(), q.result(), **CLOSE)
+    assert list(result["cell_type_predicted"]) == list(labels["label"].astype(str))
+    np.testing.assert_allclose(result["cell_type_probability"], labels["probability"])
+    np.testing.assert_allclose(result["mapping_score"], q.confidence, rtol=1e-4)
+    assert (result["cell_type_predicted"] == meta.loc[in_query, "cell_type"].to_numpy()).mean() \
+        > 0.9
+    # .npy: the corrected PCs only; the query as one batch by its own column works too.
+    status, _, err = run_main(["map", pcs_path, meta_path, "--subset", "donor=5p", "--vars",
+                               "donor", "--reference", ref_path, "-o", tmp_path / "m.npy",
+                               "-q"], capsys)
+    assert status == 0 and err == ""
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), q.result(), **CLOSE)
+
+
+def test_reference_and_map_refuse_before_any_work(example, tmp_path, capsys, monkeypatch):
+    pcs_path, meta_path = example
+    pcs, meta = tmp_path / "pcs.tsv.gz", tmp_path / "meta.tsv.gz"
+    pcs.write_bytes(pcs_path.read_bytes())
+    meta.write_bytes(meta_path.read_bytes())
+    ref = tmp_path / "ref.npz"
+    status, _, err = run_main(["reference", "build", pcs, meta, "--vars", "donor", "--labels",
+                               "cell_type", "-o", ref, *FAST], capsys)
+    assert status == 0, err
+    (tmp_path / "exists.npz").write_text("previous\n")
+    (tmp_path / "exists.tsv").write_text("previous\n")
+    no_harmony(monkeypatch)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("mapping ran although the command should have been refused")
+
+    monkeypatch.setattr("harmonypy._mapping.map_query", boom)
+    before = snapshot(tmp_path)
+    build = ["reference", "build", pcs, meta, "--vars", "donor"]
+    query = ["map", pcs, meta, "--reference", ref]
+    cases = [
+        (build + ["-o", meta], "-o/--output", "is the input META"),
+        (build + ["-o", pcs, "--force"], "-o/--output", "is the input EMBEDDING"),
+        (build + ["-o", tmp_path / "exists.npz"], "exists.npz", "already exists; pass --force"),
+        (build + ["-o", tmp_path / "ref.tsv"], "-o/--output", "format 'tsv' not possible here"),
+        (build + ["--labels", "cell_type", "--no-cells", "-o", tmp_path / "r.npz"], "--labels",
+         "drop --no-cells"),
+        (build + ["--labels", "celltype", "-o", tmp_path / "r.npz"], "--labels",
+         "(did you mean 'cell_type'?)"),
+        (build + ["--subset", "donor=5P", "-o", tmp_path / "r.npz"], "--subset",
+         "no cell has donor '5P'"),
+        (build + ["--layer", "counts", "-o", tmp_path / "r.npz"], "--layer",
+         "only for .h5ad input"),
+        (query + ["-o", ref], "-o/--output", "is the input --reference"),
+        (query + ["-o", ref, "--force"], "-o/--output", "is the input --reference"),
+        (query + ["-o", pcs, "--force"], "-o/--output", "is the input QUERY"),
+        (query + ["-o", tmp_path / "exists.tsv"], "exists.tsv", "already exists; pass --force"),
+        (query + ["-o", tmp_path / "m.h5ad"], "-o/--output", "format 'h5ad' not possible"),
+        (query + ["--labels", "celltype", "-o", tmp_path / "m.tsv"], "--labels",
+         "(did you mean 'cell_type'?)"),
+        (query + ["--labels", "cell_type", "-o", tmp_path / "m.npy"], "--labels",
+         "a .npy output holds the corrected PCs only"),
+        (query + ["--min-probability", "2", "-o", tmp_path / "m.tsv"], "--min-probability",
+         "must be in [0, 1]"),
+        (query + ["--vars", "dnor", "-o", tmp_path / "m.tsv"], "--vars",
+         "(did you mean 'donor'?)"),
+        (["map", pcs, "--vars", "donor", "--reference", ref, "-o", tmp_path / "m.tsv"],
+         "--vars", "META, the query's metadata table, which was not given"),
+        (["map", pcs, "--reference", meta, "-o", tmp_path / "m.tsv"], "meta.tsv.gz",
+         "cannot be read as a .npz"),
+        (["map", pcs, "--reference", tmp_path / "none.npz", "-o", tmp_path / "m.tsv"],
+         "none.npz", "does not exist"),
+    ]
+    for argv, option, fragment in cases:
+        status, _, err = run_main(argv, capsys)
+        assert status == 2, (argv, err)
+        assert err.startswith("harmonypy: error: ") and len(err.strip().splitlines()) == 1, err
+        assert option in err and fragment in err, (argv, err)
+    assert snapshot(tmp_path) == before  # nothing written, nothing replaced
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
+def test_h5ad_reference_maps_a_query_from_its_genes(tmp_path, capsys):
+    from test_mapping import _expression, _query_adata, _scanpy_like
+
+    log_ref, obs_ref = _expression(31, 300, [0, 1])
+    log_query, obs_query = _expression(32, 120, [2, 3])
+    _scanpy_like(log_ref, obs_ref, max_value=2.0).write_h5ad(tmp_path / "ref.h5ad")
+    genes = [f"g{i}" for i in range(60)]
+    _query_adata(log_query[:, 4:], obs_query, genes[4:], sparse=True).write_h5ad(
+        tmp_path / "query.h5ad")
+    status, _, err = run_main(["reference", "build", tmp_path / "ref.h5ad", "--vars", "batch",
+                               "--labels", "cell_type", "-o", tmp_path / "ref.npz", *FAST[:4],
+                               "--nclust", "6"], capsys)
+    assert status == 0, err
+    assert "projection from 60 genes" in err
+    saved = hm.load_reference(tmp_path / "ref.npz")
+    library = hm.build_reference(_scanpy_like(log_ref, obs_ref, max_value=2.0), "batch",
+                                 labels="cell_type", max_iter_harmony=3, nclust=6,
+                                 random_state=0, verbose=False)
+    for name in ("genes", "loadings", "mean", "std", "scaled_mean", "pc_mean"):
+        np.testing.assert_array_equal(getattr(saved.projection, name),
+                                      getattr(library.projection, name))
+    np.testing.assert_allclose(saved.C, library.C, **CLOSE)
+
+    argv = ["map", tmp_path / "query.h5ad", "--reference", tmp_path / "ref.npz", "--vars",
+            "batch", "--labels", "cell_type", "--neighbors", "10"]
+    status, _, err = run_main(argv + ["-o", tmp_path / "mapped.h5ad"], capsys)
+    assert status == 0, err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == ["harmonypy: warning: 4 of the reference's 60 genes are missing from "
+                       "adata_query (e.g. 'g0', 'g1', 'g2', 'g3'); they are set to the "
+                       "reference's mean and add nothing to the projection (Symphony fills "
+                       "them with 0 after scaling)"]
+    status, _, err = run_main(argv + ["-o", tmp_path / "mapped.csv", "-q"], capsys)
+    assert status == 0, err
+
+    import anndata
+
+    query = anndata.read_h5ad(tmp_path / "query.h5ad")
+    with pytest.warns(UserWarning, match="4 of the reference's 60 genes"):
+        q = hm.map_query(query, saved, "batch", labels="cell_type", k=10)
+    mapped = anndata.read_h5ad(tmp_path / "mapped.h5ad")
+    for key in ("X_pca_reference", "X_pca_harmony"):
+        np.testing.assert_allclose(mapped.obsm[key], query.obsm[key], **CLOSE)
+    assert list(mapped.obs["cell_type_predicted"]) == list(query.obs["cell_type_predicted"])
+    table = pd.read_csv(tmp_path / "mapped.csv", index_col=0)
+    assert list(table.index) == list(query.obs_names)
+    assert list(table.columns[:2]) == ["PC1_harmony", "PC2_harmony"]
+    np.testing.assert_allclose(table.iloc[:, :8].to_numpy(), q.result(), **CLOSE)
+    np.testing.assert_allclose(table["mapping_score"], q.confidence, rtol=1e-4)
+    assert list(table["cell_type_predicted"]) == list(query.obs["cell_type_predicted"])
+
+    # A reference .h5ad without loadings: refused before Harmony, naming the option.
+    bare = anndata.read_h5ad(tmp_path / "ref.h5ad")
+    del bare.varm["PCs"]
+    bare.write_h5ad(tmp_path / "bare.h5ad")
+    status, _, err = run_main(["reference", "build", tmp_path / "bare.h5ad", "--vars", "batch",
+                               "-o", tmp_path / "bare.npz"], capsys)
+    assert status == 2 and "adata.varm has no 'PCs'" in err and "--no-loadings" in err, err
+    assert not (tmp_path / "bare.npz").exists()
+    status, _, err = run_main(["reference", "build", tmp_path / "ref.h5ad", "--vars", "batch",
+                               "-o", tmp_path / "ref.h5ad", "--force"], capsys)
+    assert status == 2 and "is the input EMBEDDING" in err
+
+
+def test_mapping_tutorial_commands_run(tmp_path, capsys, monkeypatch):
+    """The bash block of docs/mapping-tutorial.md (also proposed for the README)
+    runs as written from an empty folder."""
+    import shlex
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "mapping-tutorial.md"
+    block = re.search(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S).group(1)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+                if line.startswith("harmonypy ")]
+    assert [c[1] for c in commands] == ["example-data", "reference", "map"]
+    monkeypatch.chdir(tmp_path)
+    for words in commands:
+        status, _, err = run_main(words[1:], capsys)
+        assert status == 0, (words, err)
+    mapped = pd.read_csv(tmp_path / "mapped.tsv.gz", sep="\t", index_col=0)
+    meta = pd.read_csv(tmp_path / "meta.tsv.gz", sep="\t", index_col=0)
+    assert mapped.shape == (430, 23)
+    accuracy = (mapped["cell_type_predicted"] == meta.loc[mapped.index, "cell_type"]).mean()
+    assert accuracy == pytest.approx(0.928, abs=0.005)
+
+
+def test_reference_and_map_help(capsys):
+    status, out, _ = run_main(["reference", "build", "--help"], capsys)
+    text = " ".join(out.split())
+    assert status == 0
+    for option in ["--vars", "--labels", "--no-cells", "--subset", "--output", "--basis",
+                   "--adjusted-basis", "--loadings", "--no-loadings", "--layer", "--force",
+                   "--theta", "--algorithm", "--names"]:
+        assert option in text, option
+    status, out, _ = run_main(["map", "--help"], capsys)
+    text = " ".join(out.split())
+    assert status == 0
+    for option in ["--reference", "--vars", "--labels", "--min-probability", "--neighbors",
+                   "--subset", "--basis", "--layer", "--lamb", "--iterations", "--device",
+                   "--dtype", "--force", "(default: 0.5)", "(default: 30)"]:
+        assert option in text, option
+    status, out, _ = run_main(["--help"], capsys)
+    assert "reference" in out and "map" in out

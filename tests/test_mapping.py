@@ -521,3 +521,349 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "docs/mapping.md", "exec"), {})
     assert "92.8% of the 5' cells get their annotated type" in capsys.readouterr().out
     assert (tmp_path / "pbmc_reference.npz").exists()
+
+
+# ================================================================= AnnData
+def _expression(seed, n_cells, batches, n_genes=60, n_types=4):
+    """Log-normalised expression (cells x genes) of cell types with batch effects."""
+    profiles = np.random.default_rng(0).gamma(0.5, 2.0, (n_types, n_genes))
+    effects = np.random.default_rng(1).lognormal(0, 0.4, (5, n_genes))
+    rng = np.random.default_rng(seed)
+    kind, batch = rng.integers(0, n_types, n_cells), rng.choice(batches, n_cells)
+    counts = rng.poisson(profiles[kind] * effects[batch] * rng.lognormal(0, 0.2, (n_cells, 1)))
+    log = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+    obs = pd.DataFrame({"batch": [f"b{b}" for b in batch], "cell_type": [f"t{k}" for k in kind]},
+                       index=[f"s{seed}_{i}" for i in range(n_cells)])
+    return log.astype(np.float32), obs
+
+
+def _scanpy_like(log, obs, *, max_value=None, n_pcs=8, used=None, scale=True):
+    """An AnnData as after sc.pp.scale(max_value=...) and sc.pp.pca, done with NumPy:
+    var["mean"] and var["std"] (ddof=1), X scaled and clipped in place, varm["PCs"]
+    with zero rows for the genes the PCA left out (``used``: the others)."""
+    anndata = pytest.importorskip("anndata")
+    x = log.astype(np.float64)
+    var = pd.DataFrame(index=[f"g{i}" for i in range(x.shape[1])])
+    if scale:
+        mean, std = x.mean(0), x.std(0, ddof=1)
+        std[std == 0] = 1
+        x = (x - mean) / std
+        if max_value is not None:
+            x = np.clip(x, -max_value, max_value)
+        var["mean"], var["std"] = mean, std
+    used = np.arange(x.shape[1]) if used is None else used
+    centred = x[:, used] - x[:, used].mean(0)
+    vt = _principal_axes(centred, n_pcs)
+    loadings = np.zeros((x.shape[1], n_pcs))
+    loadings[used] = vt.T
+    adata = anndata.AnnData(x.astype(np.float32), obs=obs.copy(), var=var)
+    adata.obsm["X_pca"] = (centred @ vt.T).astype(np.float32)
+    adata.varm["PCs"] = loadings.astype(np.float32)
+    return adata
+
+
+def _principal_axes(centred, n_pcs):
+    """The top ``n_pcs`` principal axes (rows), from the small genes x genes Gram matrix."""
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    return vectors[:, np.argsort(values)[::-1][:n_pcs]].T
+
+
+def _query_adata(log, obs, genes, sparse=False):
+    anndata = pytest.importorskip("anndata")
+    import scipy.sparse
+
+    matrix = scipy.sparse.csr_matrix(log) if sparse else log
+    return anndata.AnnData(matrix, obs=obs.copy(), var=pd.DataFrame(index=list(genes)))
+
+
+@pytest.fixture(scope="module")
+def gene_case():
+    """A scaled, clipped reference (2 batches) whose PCA left 10 genes out, and its
+    log-normalised expression; a query of another batch."""
+    log_ref, obs_ref = _expression(11, 400, [0, 1])
+    log_query, obs_query = _expression(12, 150, [2, 3])
+    used = np.arange(10, 60)
+    adata = _scanpy_like(log_ref, obs_ref, max_value=2.0, used=used)
+    ref = hm.build_reference(adata, "batch", labels="cell_type", nclust=6, verbose=False)
+    return adata, log_ref, ref, log_query, obs_query
+
+
+def _literal_projection(log, ref_adata, shared):
+    """(clip((x - mean) / std) - scaled mean) @ loadings + pc mean, over ``shared`` genes."""
+    x = np.asarray(ref_adata.X, dtype=np.float64)
+    mean = ref_adata.var["mean"].to_numpy()[shared]
+    std = ref_adata.var["std"].to_numpy()[shared]
+    scaled = np.clip((log[:, shared] - mean) / std, x[:, 10:].min(), x[:, 10:].max())
+    loadings = ref_adata.varm["PCs"][shared].astype(np.float64)
+    return ((scaled - x[:, shared].mean(0)) @ loadings
+            + ref_adata.obsm["X_pca"].astype(np.float64).mean(0))
+
+
+def test_anndata_reference_keeps_the_gene_projection(gene_case):
+    adata, _, ref, _, _ = gene_case
+    p = ref.projection
+    assert list(p.genes) == [f"g{i}" for i in range(10, 60)]  # zero loading rows left out
+    np.testing.assert_array_equal(p.loadings, adata.varm["PCs"][10:].astype(np.float64))
+    np.testing.assert_array_equal(p.mean, adata.var["mean"].to_numpy()[10:])
+    np.testing.assert_array_equal(p.std, adata.var["std"].to_numpy()[10:])
+    assert p.scaling == "scaled"
+    assert p.clip == (float(adata.X[:, 10:].min()), float(adata.X[:, 10:].max()))
+    assert p.clip[1] == 2.0  # the clipping of sc.pp.scale(max_value=2) is seen
+    assert (ref.basis, ref.adjusted_basis) == ("X_pca", "X_pca_harmony")
+    # Harmony ran through integrate, on obsm["X_pca"], with the options given.
+    ho = hm.run_harmony(adata.obsm["X_pca"], adata.obs, "batch", nclust=6, verbose=False)
+    np.testing.assert_allclose(adata.obsm["X_pca_harmony"], ho.Z_corr.T, atol=1e-5)
+    np.testing.assert_array_equal(ref.cells, adata.obsm["X_pca_harmony"])
+    assert list(ref.cell_names[:2]) == ["s11_0", "s11_1"] and ref.label_columns == ["cell_type"]
+    assert "genes=50" in repr(ref)
+
+
+def test_reference_cells_project_onto_their_own_pcs(gene_case):
+    """The reference's own (unscaled) expression projects onto obsm["X_pca"]:
+    scaling, clipping and centring are those of the reference's PCA."""
+    adata, log_ref, ref, _, _ = gene_case
+    own = _query_adata(log_ref, adata.obs[["batch"]], adata.var_names, sparse=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no gene is missing, nothing looks wrong
+        q = hm.map_query(own, ref, "batch", dtype="float64")
+    np.testing.assert_allclose(own.obsm["X_pca_reference"], adata.obsm["X_pca"],
+                               atol=1e-4 * np.abs(adata.obsm["X_pca"]).max())
+    # Mapped with their own batches, they land near their corrected coordinates.
+    r = [np.corrcoef(q.Z_corr[j], ref.Z_corr[j])[0, 1] for j in range(ref.d)]
+    assert min(r) > 0.99
+
+
+def test_anndata_query_equals_projection_then_map_query(gene_case):
+    adata, _, ref, log_query, obs_query = gene_case
+    genes = np.array([f"g{i}" for i in range(60)])
+    order = np.random.default_rng(3).permutation(60)
+    keep = order[order >= 15]  # g10..g14 of the reference missing; g0..g9 not used
+    extra = np.random.default_rng(4).random((len(obs_query), 1)).astype(np.float32)
+    query = _query_adata(np.hstack([log_query[:, keep], extra]), obs_query,
+                         list(genes[keep]) + ["not_in_reference"], sparse=True)
+    with pytest.warns(UserWarning, match=r"5 of the reference's 50 genes are missing from "
+                                         r"adata_query \(e\.g\. 'g1[0-4]'"):
+        q = hm.map_query(query, ref, key="batch", labels="cell_type", k=10, dtype="float64")
+    # Missing genes add nothing; the others are scaled, clipped, projected.
+    projected = _literal_projection(log_query, adata, np.arange(15, 60))
+    np.testing.assert_allclose(query.obsm["X_pca_reference"], projected, rtol=1e-5,
+                               atol=1e-5 * np.abs(projected).max())
+    direct = hm.map_query(query.obsm["X_pca_reference"], obs_query, ref, vars_use="batch",
+                          dtype="float64")
+    np.testing.assert_allclose(query.obsm["X_pca_harmony"], direct.Z_corr.T, atol=1e-5)
+    np.testing.assert_allclose(q.Z_corr, direct.Z_corr, atol=1e-5)  # obsm is float32
+    np.testing.assert_array_equal(query.obs["mapping_score"], q.confidence)
+    expected = hm.transfer_labels(q, ref, "cell_type", k=10)
+    assert list(query.obs["cell_type_predicted"].astype(str)) == \
+        list(expected["label"].astype(str))
+    np.testing.assert_array_equal(query.obs["cell_type_probability"], expected["probability"])
+    assert (query.obs["cell_type_predicted"].astype(str) == obs_query["cell_type"]).mean() > 0.9
+    record = query.uns["harmony_mapping"]
+    assert record["n_genes_missing"] == 5 and record["n_genes"] == 50
+    assert record["batch_levels"] == ["batch=b2", "batch=b3"]
+    assert q.cell_names.equals(query.obs_names)
+    # Dense, sparse or a layer, float32: the same projection.
+    dense = _query_adata(log_query, obs_query, genes)
+    dense.layers["log"] = dense.X.copy()
+    dense.X = np.zeros_like(dense.X)
+    hm.map_query(dense, ref, layer="log", confidence=False)
+    np.testing.assert_allclose(dense.obsm["X_pca_reference"],
+                               _literal_projection(log_query, adata, np.arange(10, 60)),
+                               atol=1e-4 * np.abs(projected).max())
+    assert "mapping_score" not in dense.obs
+
+
+def test_anndata_query_in_the_reference_pc_space(gene_case):
+    adata, _, ref, _, _ = gene_case
+    anndata = pytest.importorskip("anndata")
+    pcs, meta = adata.obsm["X_pca"], adata.obs[["batch"]]
+    # A reference built without the projection needs the query's PCs (basis=).
+    no_genes = hm.build_reference(_scanpy_like(*_expression(11, 400, [0, 1]), max_value=2.0),
+                                  "batch", nclust=6, loadings=None, verbose=False)
+    assert no_genes.projection is None
+    query = anndata.AnnData(obs=meta.copy(), obsm={"X_pca": pcs.copy()})
+    with pytest.raises(ValueError, match="keeps no gene projection.*basis=KEY"):
+        hm.map_query(query, no_genes)
+    q = hm.map_query(query, no_genes, "batch", basis="X_pca", adjusted_basis="mapped")
+    assert "X_pca_reference" not in query.obsm
+    np.testing.assert_array_equal(query.obsm["mapped"], q.result().astype(np.float32))
+    # One batch, no Harmony: the embedding is its own corrected embedding.
+    one = _scanpy_like(*_expression(11, 400, [0, 1]), max_value=2.0)
+    single = hm.build_reference(one, None, labels="cell_type", nclust=6)
+    assert single.algorithm == "none" and single.projection is not None
+    np.testing.assert_array_equal(one.obsm["X_pca_harmony"], one.obsm["X_pca"])
+
+
+def test_unscaled_and_uncentred_references(gene_case):
+    log_ref, obs_ref = _expression(11, 400, [0, 1])
+    unscaled = _scanpy_like(log_ref, obs_ref, scale=False)
+    ref = hm.build_reference(unscaled, "batch", nclust=6, verbose=False)
+    p = ref.projection
+    assert p.scaling == "none" and p.clip is None
+    assert (p.mean == 0).all() and (p.std == 1).all()
+    own = _query_adata(log_ref, obs_ref, unscaled.var_names)
+    hm.map_query(own, ref, "batch")
+    np.testing.assert_allclose(own.obsm["X_pca_reference"], unscaled.obsm["X_pca"],
+                               atol=1e-4 * np.abs(unscaled.obsm["X_pca"]).max())
+    # sc.pp.scale(zero_center=False): var["mean"] recorded but not subtracted.
+    uncentred = _scanpy_like(log_ref, obs_ref, scale=False)
+    std = log_ref.astype(np.float64).std(0, ddof=1)
+    uncentred.X = (log_ref / std).astype(np.float32)
+    uncentred.var["mean"], uncentred.var["std"] = log_ref.mean(0), std
+    centred = uncentred.X - uncentred.X.mean(0)
+    vt = _principal_axes(centred.astype(np.float64), 8)
+    uncentred.obsm["X_pca"], uncentred.varm["PCs"] = centred @ vt.T, vt.T
+    ref = hm.build_reference(uncentred, "batch", nclust=6, verbose=False)
+    assert ref.projection.scaling == "scaled_uncentred" and (ref.projection.mean == 0).all()
+    own = _query_adata(log_ref, obs_ref, uncentred.var_names)
+    hm.map_query(own, ref, "batch")
+    np.testing.assert_allclose(own.obsm["X_pca_reference"], uncentred.obsm["X_pca"],
+                               atol=1e-4 * np.abs(uncentred.obsm["X_pca"]).max())
+
+
+def test_anndata_refusals_come_before_any_work(gene_case, monkeypatch):
+    adata, log_ref, ref, log_query, obs_query = gene_case
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Harmony ran although build_reference should have refused")
+
+    monkeypatch.setattr("harmonypy._anndata.integrate", boom)
+    fresh = _scanpy_like(log_ref, adata.obs, max_value=2.0)
+    cases = []
+    no_pcs = fresh.copy()
+    del no_pcs.varm["PCs"]
+    cases.append((no_pcs, {}, KeyError, r"adata\.varm has no 'PCs'.*loadings=None"))
+    half = fresh.copy()
+    del half.var["std"]
+    cases.append((half, {}, ValueError, r"has a 'mean' column but no 'std'"))
+    negative = fresh.copy()
+    negative.var = negative.var.drop(columns=["mean", "std"])
+    cases.append((negative, {}, ValueError,
+                  r"adata\.X has negative values.*adata\.var\['mean'\] and adata\.var\['std'\]"))
+    restored = fresh.copy()
+    restored.X = log_ref.copy()  # X back to log-normalised after the scaled PCA
+    cases.append((restored, {}, ValueError,
+                  r"adata\.X projected through adata\.varm\['PCs'\] does not give "
+                  r"adata\.obsm\['X_pca'\]"))
+    cases.append((fresh, {"layer": "nothing"}, KeyError, r"layer 'nothing' not found"))
+    cases.append((fresh, {"labels": "celltype"}, KeyError, r"'celltype' not found in adata\.obs"))
+    cases.append((fresh, {"loadings": "PCA"}, KeyError, r"no 'PCA'"))
+    for data, options, error, message in cases:
+        with pytest.raises(error, match=message):
+            hm.build_reference(data, "batch", nclust=6, **options)
+        assert "X_pca_harmony" not in data.obsm  # adata untouched
+    with pytest.raises(TypeError, match="only for build_reference\\(adata"):
+        hm.build_reference(adata.obsm["X_pca"], adata.obs, theta=1)
+
+    genes = [f"g{i}" for i in range(60)]
+    query = _query_adata(log_query, obs_query, genes)
+    other = _query_adata(log_query, obs_query, [f"x{i}" for i in range(60)])
+    with pytest.raises(ValueError, match=r"none of the reference's 50 genes is in adata_query"):
+        hm.map_query(other, ref)
+    with pytest.warns(UserWarning, match="Variable names are not unique"):  # anndata's
+        twice = _query_adata(log_query, obs_query, ["g10"] + genes[1:])
+    with pytest.raises(ValueError, match=r"repeats reference genes \('g10'\)"):
+        hm.map_query(twice, ref)
+    with pytest.raises(KeyError, match=r"'donor'.*not found in adata\.obs"):
+        hm.map_query(query, ref, "donor")
+    with pytest.raises(ValueError, match=r"label 'celltype' is not a label column"):
+        hm.map_query(query, ref, labels="celltype")
+    with pytest.raises(TypeError, match="second argument must be the Reference"):
+        hm.map_query(query, obs_query, ref)
+    with pytest.raises(TypeError, match="labels: only for an AnnData query"):
+        hm.map_query(log_query[:, :8], None, ref, labels="cell_type")
+    assert not query.obsm and "mapping_score" not in query.obs  # nothing written on refusal
+    counts = _query_adata(np.round(np.expm1(log_query)), obs_query, genes)
+    with pytest.warns(UserWarning, match="looks like raw counts"):
+        hm.map_query(counts, ref, confidence=False)
+    scaled = _query_adata(log_query - 5, obs_query, genes)
+    with pytest.warns(UserWarning, match="negative values: it looks scaled already"):
+        hm.map_query(scaled, ref, confidence=False)
+
+
+def test_gene_projection_file_round_trip(gene_case, tmp_path):
+    adata, log_ref, ref, log_query, obs_query = gene_case
+    loaded = hm.load_reference(ref.save(tmp_path / "genes.npz"))
+    for name in ("genes", "loadings", "mean", "std", "scaled_mean", "pc_mean"):
+        a, b = getattr(ref.projection, name), getattr(loaded.projection, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert (loaded.projection.clip, loaded.projection.scaling) == (ref.projection.clip, "scaled")
+    assert (loaded.basis, loaded.adjusted_basis) == ("X_pca", "X_pca_harmony")
+    one, two = (_query_adata(log_query, obs_query, adata.var_names) for _ in range(2))
+    hm.map_query(one, ref)
+    hm.map_query(two, loaded)
+    assert one.obsm["X_pca_harmony"].tobytes() == two.obsm["X_pca_harmony"].tobytes()
+    # A reference without a projection has none of its keys.
+    plain = hm.build_reference(_reference_run_genes(adata)).save(tmp_path / "plain.npz")
+    with np.load(plain, allow_pickle=False) as archive:
+        assert not {"genes", "loadings", "pc_mean"} & set(archive.files)
+    assert hm.load_reference(plain).projection is None
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes((tmp_path / "genes.npz").read_bytes())
+    _rewrite(broken, lambda m, a: m["projection"].update(n_genes=49))
+    with pytest.raises(ValueError, match=r"broken\.npz' has no valid 'genes' array"):
+        hm.load_reference(broken)
+    _rewrite(broken, lambda m, a: m["projection"].update(n_genes=50, clip=[3, -3]))
+    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid projection clip"):
+        hm.load_reference(broken)
+    _rewrite(broken, lambda m, a: (m["projection"].update(clip=None),
+                                   a.update(gene_std=np.zeros(50))))
+    with pytest.raises(ValueError, match=r"broken\.npz' has a gene_std <= 0"):
+        hm.load_reference(broken)
+
+
+def _reference_run_genes(adata):
+    return hm.run_harmony(adata.obsm["X_pca"], adata.obs, "batch", nclust=6, verbose=False)
+
+
+def test_scanpy_workflow_projects_exactly():
+    """scanpy's own pipeline: highly variable genes, scale with max_value, PCA on them."""
+    sc = pytest.importorskip("scanpy")
+    anndata = pytest.importorskip("anndata")
+
+    log_ref, obs_ref = _expression(21, 300, [0, 1], n_genes=80)
+    reference = anndata.AnnData(log_ref.copy(), obs=obs_ref,
+                                var=pd.DataFrame(index=[f"g{i}" for i in range(80)]))
+    sc.pp.highly_variable_genes(reference, n_top_genes=40)
+    sc.pp.scale(reference, max_value=2.5)
+    sc.pp.pca(reference, n_comps=10, mask_var="highly_variable")
+    ref = hm.build_reference(reference, "batch", nclust=5, verbose=False)
+    hvg = reference.var_names[reference.var["highly_variable"]]
+    assert sorted(ref.projection.genes) == sorted(hvg)
+    own = _query_adata(log_ref, obs_ref, reference.var_names, sparse=True)
+    hm.map_query(own, ref, "batch")
+    np.testing.assert_allclose(own.obsm["X_pca_reference"], reference.obsm["X_pca"],
+                               atol=1e-4 * np.abs(reference.obsm["X_pca"]).max())
+
+
+def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
+    """Every python block of docs/mapping-tutorial.md runs, in order, as written,
+    and prints the numbers the page shows."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("scanpy")
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    page = Path(__file__).resolve().parents[1] / "docs" / "mapping-tutorial.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) >= 8
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__tutorial__"}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    out = capsys.readouterr().out
+    for shown in ["92.8% of the 5' cells get their annotated type, 9 are unknown",
+                  "k=10: 95.8%, dendritic cells 100%", "de novo: 95.1%",
+                  "without monocytes: median score of the monocytes 506, of the other cells 11",
+                  "['X_pca_reference', 'X_pca_harmony']"]:
+        assert shown in out, shown
+    assert (tmp_path / "pbmc_reference.npz").exists()
+    assert (tmp_path / "mapping_query_over_reference.png").stat().st_size > 10_000
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

@@ -7,6 +7,11 @@ so anndata itself is not imported: any object with those three attributes
 works (handy in tests and for AnnData look-alikes such as MuData modalities).
 Reading and writing ``.h5ad`` files does need anndata; :func:`require_anndata`
 gives the installation hint.
+
+Reference mapping on AnnData goes through here too:
+:func:`reference_from_anndata` (``build_reference(adata, key, ...)``) and
+:func:`map_anndata` (``map_query(adata_query, ref, ...)``); the gene
+projection they keep and apply is :mod:`harmonypy._projection`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["integrate", "require_anndata"]
+__all__ = ["integrate", "map_anndata", "reference_from_anndata", "require_anndata"]
+
+#: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
+PROJECTED_BASIS = "X_pca_reference"
+#: ``obs`` column of the per-cell mapping score.
+SCORE_COLUMN = "mapping_score"
 
 _INSTALL_HINT = "pip install harmonypy[anndata]"
 
@@ -128,11 +138,11 @@ def integrate(
 
 
 # --------------------------------------------------------------------- helpers
-def _check_adata(adata: Any) -> None:
+def _check_adata(adata: Any, caller: str = "integrate()") -> None:
     missing = [name for name in ("obsm", "obs", "uns") if not hasattr(adata, name)]
     if missing:
         raise TypeError(
-            f"integrate() needs an AnnData object (with .obsm, .obs and .uns); "
+            f"{caller} needs an AnnData object (with .obsm, .obs and .uns); "
             f"got {type(adata).__name__} without {', '.join('.' + m for m in missing)}")
 
 
@@ -186,3 +196,150 @@ def _storable_params(params: dict[str, Any]) -> dict[str, Any]:
     # None means "the default" for every run_harmony argument; leaving it out
     # keeps the record writable to .h5ad without changing its meaning.
     return {name: _storable(value) for name, value in params.items() if value is not None}
+
+
+# ========================================================== reference mapping
+def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | None,
+                           adjusted_basis: str | None, loadings: str | None,
+                           layer: str | None, options: dict[str, Any],
+                           run_harmony_kwargs: dict[str, Any]):
+    """``build_reference(adata, key, ...)``: Harmony through :func:`integrate`, plus
+    the gene projection (see :func:`harmonypy.build_reference`).
+
+    Everything is checked (obs columns, labels, the gene projection on the
+    reference's own cells) before Harmony runs.
+    """
+    from harmonypy import _validation as val
+    from harmonypy._projection import from_anndata
+    from harmonypy._reference import _label_names, build_reference
+
+    _check_adata(adata, "build_reference(adata, ...)")
+    basis = "X_pca" if basis is None else basis
+    adjusted_basis = "X_pca_harmony" if adjusted_basis is None else adjusted_basis
+    if adjusted_basis == basis:
+        raise ValueError(f"adjusted_basis must differ from basis ({basis!r}): the corrected "
+                         f"embedding would replace the uncorrected one")
+    keys = None if key is None else _as_keys(key)
+    embedding = _get_basis(adata, basis)
+    if keys:
+        _check_obs_columns(adata, keys)
+    keep_cells = val.check_flag("keep_cells", keep_cells)
+    label_names = _label_names(labels)
+    if label_names and not keep_cells:
+        raise ValueError(f"labels={label_names} needs keep_cells=True: labels are kept per "
+                         f"reference cell")
+    missing = [name for name in label_names if name not in adata.obs.columns]
+    if missing:
+        raise KeyError(f"label column(s) {', '.join(map(repr, missing))} not found in "
+                       f"adata.obs; available obs columns: "
+                       f"{', '.join(map(repr, map(str, adata.obs.columns))) or 'none'}")
+    projection = (None if loadings is None
+                  else from_anndata(adata, basis, embedding, loadings=loadings, layer=layer))
+    if keys:
+        kwargs = {**{k: v for k, v in options.items() if v is not None}, **run_harmony_kwargs}
+        kwargs.setdefault("verbose", False)
+        ho = integrate(adata, keys, basis=basis, adjusted_basis=adjusted_basis, **kwargs)
+        ref = build_reference(ho, adata.obs, labels=label_names, keep_cells=keep_cells)
+    else:
+        run_harmony_kwargs = {k: v for k, v in run_harmony_kwargs.items() if k != "verbose"}
+        if run_harmony_kwargs:
+            raise TypeError(f"{', '.join(run_harmony_kwargs)}: Harmony parameters, but key is "
+                            f"None (one batch: the cells are clustered, not integrated)")
+        ref = build_reference(embedding, adata.obs, labels=label_names, keep_cells=keep_cells,
+                              **options)
+        # The cells are their own corrected embedding: stored under adjusted_basis
+        # so that reference and mapped query share one key.
+        adata.obsm[adjusted_basis] = np.ascontiguousarray(embedding, dtype=np.float32)
+    ref.projection, ref.basis, ref.adjusted_basis = projection, basis, adjusted_basis
+    return ref
+
+
+def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str | None,
+                layer: str | None, labels, k: int | None, min_probability: float | None,
+                map_options: dict[str, Any]):
+    """``map_query(adata_query, ref, key, ...)``: project (or read) the query's
+    PCs, map them, and write the results into ``adata``.
+
+    Everything is computed before ``adata`` is modified, so an error leaves it
+    as it was.
+    """
+    from harmonypy import __version__
+    from harmonypy import _validation as val
+    from harmonypy._device import resolve_device, resolve_dtype
+    from harmonypy._mapping import map_query, transfer_labels
+    from harmonypy._projection import project
+    from harmonypy._reference import Reference, _label_names
+
+    _check_adata(adata, "map_query(adata_query, ...)")
+    if not isinstance(ref, Reference):
+        raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
+                        f"load_reference), not {type(ref).__name__}")
+    keys = None if key is None else _as_keys(key)
+    if keys:
+        _check_obs_columns(adata, keys)
+    adjusted = adjusted_basis or ref.adjusted_basis or "X_pca_harmony"
+    if basis is not None and adjusted == basis:
+        raise ValueError(f"adjusted_basis must differ from basis ({basis!r}): the corrected "
+                         f"embedding would replace the uncorrected one")
+    if basis is None:
+        if ref.projection is None:
+            raise ValueError(
+                "the reference keeps no gene projection (it was built from an embedding or a "
+                "Harmony run, or with loadings=None), so the query cannot be projected from "
+                "its genes: give the query's cells in the reference's PC space with basis=KEY "
+                "(an obsm key)")
+        if adjusted == PROJECTED_BASIS:
+            raise ValueError(f"adjusted_basis {adjusted!r} is where the projected, uncorrected "
+                             f"query goes; choose another key")
+    label_names = _label_names(labels)
+    for name in label_names:
+        if name not in ref.label_columns:
+            raise ValueError(f"label {name!r} is not a label column of the reference; it has "
+                             f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
+    if label_names and ref.cells is None:
+        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
+                         "transfer needs them; rebuild it with keep_cells=True")
+    k = 30 if k is None else val.check_int("k", k, 1)
+    min_probability = 0.5 if min_probability is None else min_probability
+
+    n_missing = None
+    if basis is None:
+        device = resolve_device(map_options.get("device"))
+        dtype = resolve_dtype(map_options.get("dtype"), device)
+        cells, n_missing = project(ref.projection, adata, layer=layer, device=device,
+                                   dtype=dtype)
+    else:
+        if layer is not None:
+            raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
+                             f"basis={basis!r} the cells are read from obsm")
+        cells = _get_basis(adata, basis)
+    q = map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
+    transfers = {name: transfer_labels(q, ref, name, k=k, min_probability=min_probability)
+                 for name in label_names}
+
+    if basis is None:
+        adata.obsm[PROJECTED_BASIS] = np.ascontiguousarray(cells, dtype=np.float32)
+    adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
+    if q.confidence is not None:
+        adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
+    for name, table in transfers.items():
+        adata.obs[f"{name}_predicted"] = table["label"].values  # categorical
+        adata.obs[f"{name}_probability"] = table["probability"].to_numpy()
+    record = {
+        "basis": PROJECTED_BASIS if basis is None else basis,
+        "adjusted_basis": adjusted,
+        "projected_from_genes": basis is None,
+        "reference_algorithm": ref.algorithm,
+        "n_clusters": int(ref.K),
+        "batch_levels": [str(level) for level in q.batch_levels],
+        "version": __version__,
+    }
+    if n_missing is not None:
+        record.update(n_genes=int(ref.projection.n_genes), n_genes_missing=int(n_missing))
+    if keys:
+        record["key"] = keys
+    if label_names:
+        record.update(labels=[str(n) for n in label_names], k=int(k),
+                      min_probability=float(min_probability))
+    adata.uns["harmony_mapping"] = record
+    return q

@@ -15,7 +15,10 @@ cells again:
   ``R/confidenceScores.R``, its default ``Z_orig = TRUE``), from which the
   per-cell mapping score is computed; the cells themselves are not needed for it;
 * optionally the corrected reference cells, their batches and label columns,
-  for label transfer and plots.
+  for label transfer and plots;
+* for a reference built from AnnData, what projects a query's genes into
+  its PCs (:class:`~harmonypy._projection.GeneProjection`: the PCA loadings,
+  the genes, the per-gene scaling), and the ``obsm`` keys it used.
 
 :meth:`Reference.save` writes a versioned ``.npz`` file (arrays only, never a
 pickle) whose layout ``docs/mapping.md`` lists key by key;
@@ -42,6 +45,7 @@ from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, carries_names
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import kmeans_centroids
+from harmonypy._projection import SCALINGS, GeneProjection
 
 __all__ = ["Reference", "build_reference", "load_reference"]
 
@@ -109,6 +113,12 @@ class Reference:
         Label columns of the kept cells, as categorical columns.
     cell_names : ndarray (N,) of str, or None
         Names of the kept cells, when the inputs named them.
+    projection : GeneProjection or None
+        Built from AnnData: the genes, PCA loadings and per-gene scaling that
+        put a query's expression into the reference's PCs (``docs/mapping.md``).
+    basis, adjusted_basis : str or None
+        Built from AnnData: the ``obsm`` keys of the reference's PCs and of its
+        corrected PCs (:func:`map_query` writes the query's under ``adjusted_basis``).
     """
 
     algorithm: str
@@ -128,6 +138,9 @@ class Reference:
     batch_codes: np.ndarray | None = None
     labels: pd.DataFrame | None = None
     cell_names: np.ndarray | None = None
+    projection: GeneProjection | None = None
+    basis: str | None = None
+    adjusted_basis: str | None = None
 
     # ------------------------------------------------------------ shapes
     @property
@@ -170,8 +183,9 @@ class Reference:
         kept = (f"{self.n_cells} cells kept" if self.cells is not None
                 else f"{self.n_cells} cells, not kept")
         labels = f", labels={self.label_columns}" if self.label_columns else ""
+        genes = (f", genes={self.projection.n_genes}" if self.projection is not None else "")
         return (f"Reference(algorithm={self.algorithm!r}, K={self.K}, d={self.d}, {kept}, "
-                f"variables={self.variables}{labels})")
+                f"variables={self.variables}{labels}{genes})")
 
     # ---------------------------------------------------------------- file
     def save(self, path: str | Path) -> Path:
@@ -185,50 +199,139 @@ class Reference:
 
         arrays = _to_arrays(self)
         with OutputFiles() as files:
-            temporary = files.stage(path)
-            # A file object: np.savez would append ".npz" to a name without it.
-            with open(temporary, "wb") as handle:
-                np.savez(handle, **arrays)
+            _write_arrays(arrays, files.stage(path))
             files.commit()
         return Path(path)
+
+    def write(self, path: str | Path) -> None:
+        """Write the file straight to ``path`` (no temporary file; the command line
+        gives it the temporary path of :class:`~harmonypy._io.OutputFiles`)."""
+        _write_arrays(_to_arrays(self), path)
+
+
+def _write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> None:
+    # A file object: np.savez would append ".npz" to a name without it.
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 # ====================================================================== build
 def build_reference(source, meta_data=None, labels: str | Sequence[str] | None = None,
                     keep_cells: bool = True, *, nclust: int | None = None, sigma=None,
-                    random_state=None, device=None, dtype=None) -> Reference:
+                    random_state=None, device=None, dtype=None, basis: str | None = None,
+                    adjusted_basis: str | None = None, loadings: str | None = "PCs",
+                    layer: str | None = None, **run_harmony_kwargs) -> Reference:
     """Build a :class:`Reference` to map query cells onto.
+
+    Three sources: ``build_reference(ho, meta_data, labels)`` from a finished
+    run, ``build_reference(pcs, meta_data, labels)`` from an embedding of one
+    batch, and ``build_reference(adata, key, labels=..., **run_harmony_kwargs)``
+    from AnnData, which runs Harmony itself and keeps the gene projection.
 
     Parameters
     ----------
-    source : Harmony, or array-like / DataFrame (N, d)
-        A finished :class:`~harmonypy.Harmony` run (either algorithm), or an
+    source : Harmony, AnnData, or array-like / DataFrame (N, d)
+        A finished :class:`~harmonypy.Harmony` run (either algorithm); an
         embedding of cells with one batch (cells x PCs), which is then clustered
         as Symphony's ``buildReference(vars = NULL)`` does: the package's
         k-means start on the unit-length cells, then 20 soft k-means rounds
         (assignments by :func:`soft_assign` with bandwidth ``sigma``, centroids
-        from them), and no correction (``Z_corr`` is the embedding).
-    meta_data : DataFrame, optional
+        from them), and no correction (``Z_corr`` is the embedding); or an
+        AnnData object (see below).
+    meta_data : DataFrame, optional; for AnnData, ``key``
         One row per reference cell, in the order of the cells of ``source``:
         where the ``labels`` columns are read. Its index (or the embedding's,
         when it names cells) gives the cell names kept with the cells.
+        For AnnData: the ``adata.obs`` batch column(s) to integrate over
+        (``key``, as :func:`integrate`'s); None: the cells are one batch,
+        clustered without a Harmony run.
     labels : str or list of str, optional
-        Columns of ``meta_data`` kept as label columns (for
+        Columns of ``meta_data`` (``adata.obs``) kept as label columns (for
         :func:`transfer_labels`). Needs ``keep_cells=True``.
     keep_cells : bool, default True
         Keep the corrected reference cells (float32), their batches and labels.
         ``False`` keeps only the O(K d^2) terms mapping needs.
     nclust, sigma, random_state, device, dtype
-        Only for an embedding: number of clusters (default ``min(round(N / 30),
+        For an embedding: number of clusters (default ``min(round(N / 30),
         100)``), bandwidth (default 0.1), seed of the k-means start (default
-        0), and where and in which float type to cluster.
+        0), and where and in which float type to cluster. For AnnData with a
+        ``key``: passed to :func:`run_harmony` with ``run_harmony_kwargs``.
+    basis : str, default "X_pca"
+        AnnData only: ``obsm`` key of the PCs.
+    adjusted_basis : str, default "X_pca_harmony"
+        AnnData only: ``obsm`` key where the corrected PCs are written (for a
+        one-batch reference, a copy of ``obsm[basis]``); :func:`map_query`
+        writes a query's under the same key.
+    loadings : str or None, default "PCs"
+        AnnData only: ``varm`` key of the PCA loadings (genes x PCs). The
+        reference keeps them, the gene names and the per-gene scaling, so
+        that :func:`map_query` can project a query's genes (see Notes).
+        None keeps no gene projection: queries must then be given in the
+        reference's PC space (``map_query(..., basis=...)``).
+    layer : str, optional
+        AnnData only: read the expression matrix the PCA was computed from in
+        ``adata.layers[layer]`` instead of ``adata.X``.
+    **run_harmony_kwargs
+        AnnData only: passed to :func:`run_harmony` through :func:`integrate`
+        (``theta``, ``lamb``, ``algorithm``, ...).
 
     Returns
     -------
     Reference
+
+    Notes
+    -----
+    **AnnData.** Harmony runs through :func:`integrate`, which writes
+    ``adata.obsm[adjusted_basis]`` and ``adata.uns["harmony"]``. With
+    ``loadings``, the reference keeps (``Reference.projection``):
+
+    * the loadings ``adata.varm["PCs"]`` of the genes whose row is not all
+      zeros (scanpy's PCA on highly variable genes writes zero rows for the
+      others), and those genes' names (``adata.var_names``);
+    * the scaling: ``adata.var["mean"]`` and ``adata.var["std"]`` when
+      present: ``sc.pp.scale`` writes them (its ``std`` is the standard
+      deviation with ``ddof=1``, as Symphony's ``rowSDs``, and 1 for a
+      constant gene); a query is scaled ``(x - mean) / std``, or ``x / std`` when
+      the scaled reference has no negative value (``sc.pp.scale(zero_center=
+      False)``, which records the mean without subtracting it), then clipped
+      to the range of the reference's scaled values (which reproduces
+      ``max_value=`` on the reference's own cells; Symphony clips at +-10).
+      Without these columns the PCA was run on the expression as it is
+      (e.g. log-normalised, ``sc.pp.scale`` skipped): no scaling and no
+      clipping. ``adata.var["means"]`` (plural, from
+      ``sc.pp.highly_variable_genes``) is not a scaling and is not used;
+    * the mean of the reference's scaled values and of its PCs, so that its
+      own cells project exactly onto ``obsm[basis]``.
+
+    The expression matrix (``X`` or ``layers[layer]``) must be the one the
+    PCA was computed from (after ``sc.pp.scale``, which scales ``X`` in place);
+    this is checked by projecting up to 2,000 reference cells. Refused, before
+    Harmony runs, with a message naming what is missing: no
+    ``varm["PCs"]`` (or loadings of another shape), only one of
+    ``var["mean"]`` / ``var["std"]``, an expression matrix with negative
+    values but no ``var["mean"]`` / ``var["std"]`` (scaled by a tool that
+    did not record how), and a matrix that does not project onto
+    ``obsm[basis]``.
     """
     from harmonypy._harmony import Harmony
 
+    if _is_anndata(source):
+        from harmonypy._anndata import reference_from_anndata
+
+        return reference_from_anndata(
+            source, meta_data, labels=labels, keep_cells=keep_cells, basis=basis,
+            adjusted_basis=adjusted_basis, loadings=loadings, layer=layer,
+            options={"nclust": nclust, "sigma": sigma, "random_state": random_state,
+                     "device": device, "dtype": dtype},
+            run_harmony_kwargs=run_harmony_kwargs)
+    anndata_only = {name: value for name, value in [
+        ("basis", basis), ("adjusted_basis", adjusted_basis), ("layer", layer),
+        ("loadings", None if loadings == "PCs" else loadings)] if value is not None}
+    anndata_only.update(run_harmony_kwargs)
+    if anndata_only:
+        raise TypeError(f"{', '.join(anndata_only)}: only for build_reference(adata, key, ...) "
+                        f"on an AnnData object; to build from your own Harmony run, pass "
+                        f"its result (run_harmony(...))")
     keep_cells = val.check_flag("keep_cells", keep_cells)
     label_names = _label_names(labels)
     if label_names and not keep_cells:
@@ -249,6 +352,11 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
                            sigma=0.1 if sigma is None else sigma,
                            random_state=0 if random_state is None else random_state,
                            device=device, dtype=dtype)
+
+
+def _is_anndata(source) -> bool:
+    """AnnData or a look-alike (``obs`` and ``obsm``), as :func:`integrate` accepts."""
+    return hasattr(source, "obsm") and hasattr(source, "obs")
 
 
 def _label_names(labels) -> list:
@@ -511,6 +619,11 @@ def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
         arrays[f"label_{i}_categories"] = categories
         arrays[f"label_{i}_codes"] = column.cat.codes.to_numpy().astype(np.int32)
         label_columns.append({"name": name, "ordered": bool(column.cat.ordered)})
+    projection = ref.projection
+    if projection is not None:
+        arrays["genes"] = np.asarray(projection.genes, dtype=str)
+        for key, values in _projection_arrays(projection).items():
+            arrays[key] = np.asarray(values, dtype=np.float64)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -526,9 +639,26 @@ def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
         "label_columns": label_columns,
         "arrays": sorted(arrays),
     }
+    # Optional keys (format version 1 files without them are references
+    # without a gene projection).
+    if projection is not None:
+        metadata["projection"] = {
+            "scaling": projection.scaling, "n_genes": projection.n_genes,
+            "clip": None if projection.clip is None else [float(v) for v in projection.clip]}
+    if ref.basis is not None:
+        metadata["basis"] = str(ref.basis)
+    if ref.adjusted_basis is not None:
+        metadata["adjusted_basis"] = str(ref.adjusted_basis)
     text = json.dumps(metadata, sort_keys=True, allow_nan=False).encode("utf-8")
     arrays[METADATA_KEY] = np.frombuffer(text, dtype=np.uint8)
     return arrays
+
+
+def _projection_arrays(projection: GeneProjection) -> dict[str, np.ndarray]:
+    """The float64 arrays of a gene projection, by their key in the file."""
+    return {"loadings": projection.loadings, "gene_mean": projection.mean,
+            "gene_std": projection.std, "gene_scaled_mean": projection.scaled_mean,
+            "pc_mean": projection.pc_mean}
 
 
 def load_reference(path: str | Path) -> Reference:
@@ -662,6 +792,9 @@ def _from_arrays(arrays: dict, metadata: dict, problem) -> Reference:
             raise problem(f"has invalid codes for label column {column.get('name')!r}")
         labels[column["name"]] = pd.Categorical.from_codes(
             codes, categories=pd.Index(categories), ordered=bool(column.get("ordered")))
+    for key in ("basis", "adjusted_basis"):
+        if not isinstance(metadata.get(key, ""), str):
+            raise problem(f"has a {key!r} that is not text: {metadata[key]!r}")
     return Reference(
         algorithm=metadata["algorithm"], Nr=arrays["Nr"], C=arrays["C"], Y=arrays["Y"],
         sigma=arrays["sigma"], cluster_center=arrays["cluster_center"],
@@ -671,4 +804,43 @@ def _from_arrays(arrays: dict, metadata: dict, problem) -> Reference:
         dtype=metadata["dtype"], cells=arrays.get("cells"),
         batch_codes=arrays.get("batch_codes"),
         labels=pd.DataFrame(labels) if labels else None,
-        cell_names=arrays.get("cell_names"))
+        cell_names=arrays.get("cell_names"),
+        projection=_read_projection(arrays, metadata, d, problem),
+        basis=metadata.get("basis"), adjusted_basis=metadata.get("adjusted_basis"))
+
+
+def _read_projection(arrays: dict, metadata: dict, d: int, problem) -> GeneProjection | None:
+    """The gene projection of a reference built from AnnData; None when the file has none."""
+    info = metadata.get("projection")
+    if info is None:
+        return None
+    if not isinstance(info, dict) or info.get("scaling") not in SCALINGS:
+        raise problem(f"has an invalid 'projection' entry {info!r}; expected a scaling of "
+                      f"{sorted(SCALINGS)}")
+    n_genes = info.get("n_genes")
+    genes = arrays.get("genes")
+    if genes is None or genes.dtype.kind != "U" or genes.shape != (n_genes,):
+        raise problem(f"has no valid 'genes' array for its gene projection (expected "
+                      f"{n_genes} strings)")
+    shapes = {"loadings": (n_genes, d), "gene_mean": (n_genes,), "gene_std": (n_genes,),
+              "gene_scaled_mean": (n_genes,), "pc_mean": (d,)}
+    for key, shape in shapes.items():
+        array = arrays.get(key)
+        if array is None or array.dtype != np.float64 or array.shape != shape:
+            found = "missing" if array is None else f"{array.dtype} {array.shape}"
+            raise problem(f"has {key!r} {found}; expected float64 {shape}")
+        if not np.isfinite(array).all():
+            raise problem(f"has non-finite values in {key!r}")
+    if (arrays["gene_std"] <= 0).any():
+        raise problem("has a gene_std <= 0")
+    clip = info.get("clip")
+    if clip is not None:
+        if (not isinstance(clip, list) or len(clip) != 2
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip)
+                or clip[0] > clip[1]):
+            raise problem(f"has an invalid projection clip {clip!r}; expected [low, high]")
+        clip = (float(clip[0]), float(clip[1]))
+    return GeneProjection(
+        genes=genes, loadings=arrays["loadings"], mean=arrays["gene_mean"],
+        std=arrays["gene_std"], scaled_mean=arrays["gene_scaled_mean"],
+        pc_mean=arrays["pc_mean"], clip=clip, scaling=info["scaling"])

@@ -1,4 +1,4 @@
-"""Command-line interface: ``harmonypy run | demo | evaluate``.
+"""Command-line interface: ``harmonypy run | reference build | map | evaluate | demo``.
 
 Run ``harmonypy --help`` (or ``python -m harmonypy --help``) for the options.
 This module holds the argument parser and thin commands; reading, matching
@@ -21,11 +21,13 @@ Exit status:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -54,6 +56,16 @@ _OPTION_NAMES = {
     "check_memory=False": "--no-memory-check",
     "meta_data": "the metadata", "data_mat": "the embedding",
 }
+# Library parameter names in messages of map, as the options that set them.
+_MAP_OPTION_NAMES = {
+    "vars_use": "--vars", "meta_data": "the metadata", "data_mat": "the query",
+    "min_probability": "--min-probability", "adjusted_basis": "--adjusted-basis",
+    "basis=KEY": "--basis KEY", "layer=KEY": "--layer KEY",
+}
+# reference build: run's names, and these.
+_REFERENCE_OPTION_NAMES = {"loadings=None": "--no-loadings", "layer=KEY": "--layer KEY",
+                           "adjusted_basis": "--adjusted-basis"}
+REFERENCE_OUTPUTS = ("npz",)
 
 
 # =========================================================================== #
@@ -85,6 +97,15 @@ def _pcs(text: str) -> tuple[int, int]:
     if min(first, second) < 1:
         raise argparse.ArgumentTypeError("PC numbers start at 1")
     return first, second
+
+
+def _subset_spec(text: str) -> tuple[str, list[str]]:
+    """'donor=3pv1,3pv2' -> ('donor', ['3pv1', '3pv2'])."""
+    column, sep, values = text.partition("=")
+    levels = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not column.strip() or not levels:
+        raise argparse.ArgumentTypeError(f"expected COL=VALUE[,VALUE...], got {text!r}")
+    return column.strip(), levels
 
 
 def _number(text: str) -> float:
@@ -147,6 +168,31 @@ def _add_name_options(parser: argparse.ArgumentParser) -> None:
                                 "names (a name column of EMBEDDING is still not a PC)")
 
 
+def _add_subset_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--subset", type=_subset_spec, metavar="COL=VALUE[,VALUE...]",
+                        help=f"use only the cells whose metadata column COL holds one of the "
+                             f"VALUEs (compared as text) as {what}, e.g. donor=3pv1,3pv2 "
+                             f"(default: all cells)")
+
+
+def _subset_mask(frame: pd.DataFrame, spec: tuple[str, list[str]] | None,
+                 source: str) -> np.ndarray | None:
+    """Rows of ``frame`` selected by ``--subset COL=VALUES``; None without --subset."""
+    if spec is None:
+        return None
+    column, values = spec
+    _check_columns(frame, [column], "--subset", source)
+    text = frame[column].astype(str)
+    present = set(text)
+    unknown = [v for v in values if v not in present]
+    if unknown:
+        present = sorted(present)
+        shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
+        raise ValueError(f"--subset {column}={','.join(values)}: no cell has {column} "
+                         f"{', '.join(map(repr, unknown))} in {source} (values: {shown})")
+    return text.isin(values).to_numpy()
+
+
 def _add_harmony_options(parser: argparse.ArgumentParser) -> None:
     """One option per run_harmony parameter. None = leave run_harmony's default."""
     g = parser.add_argument_group(
@@ -195,7 +241,7 @@ def _add_harmony_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``harmonypy`` argument parser with its three subcommands."""
+    """The ``harmonypy`` argument parser with its subcommands."""
     from harmonypy import __version__
 
     parser = _Parser(
@@ -207,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _build_run(commands)
+    _build_reference(commands)
+    _build_map(commands)
     _build_demo(commands)
     _build_evaluate(commands)
     _build_example_data(commands)
@@ -327,6 +375,120 @@ def _build_evaluate(commands) -> None:
     _add_name_options(p)
     _add_common(p)
     p.set_defaults(handler=command_evaluate)
+
+
+def _build_reference(commands) -> None:
+    p = commands.add_parser(
+        "reference", formatter_class=_HelpFormatter,
+        help="build a reference to map new cells onto (reference build)",
+        description="Reference mapping (Symphony): integrate once, keep the reference in a "
+                    "file, map new cells onto it with 'harmonypy map'.",
+        epilog=f"example: {PROG} reference build pcs.tsv.gz meta.tsv.gz --vars donor "
+               f"--labels cell_type -o ref.npz")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = actions.add_parser(
+        "build", formatter_class=_HelpFormatter,
+        help="run Harmony on a reference and save it for mapping",
+        description=f"Integrate EMBEDDING (cells x PCs) over the batch columns of META, as "
+                    f"'{PROG} run' does, and save what mapping needs as a reference file "
+                    f"(.npz, see docs/mapping.md). Formats: {FORMATS_HELP}, from the "
+                    f"extension. With an .h5ad input, META is not needed (obs has the "
+                    f"columns) and the PCA loadings and per-gene scaling are kept too, so that "
+                    f"queries can be mapped from their genes.",
+        epilog=f"example: {PROG} reference build pcs.tsv.gz meta.tsv.gz --vars donor "
+               f"--labels cell_type -o ref.npz")
+    b.add_argument("embedding", metavar="EMBEDDING", help="cells x PCs table, .npy or .h5ad")
+    b.add_argument("meta", metavar="META", nargs="?",
+                   help="metadata table with one row per cell (not needed for .h5ad)")
+    b.add_argument("--vars", dest="vars_use", type=_names, required=True,
+                   metavar="COL[,COL...]", help="batch column(s) to integrate over")
+    b.add_argument("--labels", type=_names, metavar="COL[,COL...]",
+                   help="columns of META to keep with the reference cells, for label transfer "
+                        "('harmonypy map --labels')")
+    _add_subset_option(b, "the reference")
+    b.add_argument("--no-cells", dest="keep_cells", action="store_false",
+                   help="keep only what mapping needs (a file of O(clusters x PCs^2)), not the "
+                        "corrected reference cells: no label transfer then")
+    b.add_argument("-o", "--output", required=True, metavar="REF.npz",
+                   help="reference file to write (.npz); written to a temporary file in the "
+                        "same folder and renamed into place when complete")
+    b.add_argument("--basis", default="X_pca", metavar="KEY",
+                   help=".h5ad input: obsm key of the PCs")
+    b.add_argument("--adjusted-basis", default="X_pca_harmony", metavar="KEY",
+                   help=".h5ad input: obsm key the mapped queries' corrected PCs go to")
+    loadings = b.add_mutually_exclusive_group()
+    loadings.add_argument("--loadings", default="PCs", metavar="KEY",
+                          help=".h5ad input: varm key of the PCA loadings")
+    loadings.add_argument("--no-loadings", action="store_true",
+                          help=".h5ad input: keep no gene projection (queries must then come "
+                               "in the reference's PC space)")
+    b.add_argument("--layer", metavar="KEY",
+                   help=".h5ad input: layer holding the matrix the PCA was computed from "
+                        "(default: X)")
+    _add_force(b)
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    _add_name_options(b)
+    _add_harmony_options(b)
+    _add_common(b)
+    b.set_defaults(handler=command_reference_build)
+
+
+def _build_map(commands) -> None:
+    p = commands.add_parser(
+        "map", formatter_class=_HelpFormatter,
+        help="map new cells onto a reference and transfer its labels",
+        description=f"Map QUERY onto the reference built by '{PROG} reference build' "
+                    f"(Symphony's mapping: the query moves into the reference's corrected "
+                    f"space, the reference does not move) and write the corrected PCs, with "
+                    f"the per-cell mapping score and, with --labels, the reference's labels "
+                    f"transferred by the nearest reference cells. QUERY is a table or .npy "
+                    f"in the reference's PC space, or an .h5ad whose genes are projected "
+                    f"through the reference's PCA loadings (a reference built from .h5ad), or "
+                    f"whose obsm[--basis] holds such PCs.",
+        epilog=f"example: {PROG} map query_pcs.tsv.gz query_meta.tsv.gz --reference ref.npz "
+               f"--labels cell_type -o mapped.tsv.gz")
+    p.add_argument("query", metavar="QUERY", help="cells x PCs table, .npy or .h5ad")
+    p.add_argument("meta", metavar="META", nargs="?",
+                   help="metadata table with one row per query cell (needed with --vars; not "
+                        "for .h5ad)")
+    p.add_argument("--reference", required=True, metavar="REF.npz",
+                   help="reference file from 'harmonypy reference build'")
+    p.add_argument("--vars", dest="vars_use", type=_names, metavar="COL[,COL...]",
+                   help="the query's batch column(s) (default: the query is one batch)")
+    p.add_argument("--labels", type=_names, metavar="COL[,COL...]",
+                   help="reference label column(s) to transfer: adds <label>_predicted and "
+                        "<label>_probability columns")
+    _add_subset_option(p, "the query (needs META for a table)")
+    p.add_argument("--min-probability", type=_number, default=0.5, metavar="P",
+                   help="below this share of the neighbours' votes the label is 'unknown'")
+    p.add_argument("--neighbors", type=int, default=30, metavar="K",
+                   help="reference cells that vote on each query cell's label")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: a table (corrected PCs, labels, mapping_score), .npy "
+                        "(corrected PCs only) or, for .h5ad input, .h5ad. Written to a "
+                        "temporary file in the same folder and renamed into place")
+    p.add_argument("--basis", metavar="KEY",
+                   help=".h5ad input: obsm key of query PCs already in the reference's PC "
+                        "space (default: project the genes through the reference's loadings)")
+    p.add_argument("--adjusted-basis", metavar="KEY",
+                   help=".h5ad input: obsm key for the corrected PCs (default: the "
+                        "reference's, else X_pca_harmony)")
+    p.add_argument("--layer", metavar="KEY",
+                   help=".h5ad input: layer to project instead of X")
+    p.add_argument("--lamb", type=_numbers, metavar="L[,L...]",
+                   help="ridge penalty of the query's batch terms; -1 estimates it (default: 1; "
+                        "a harmony2 reference: estimated)")
+    p.add_argument("--iterations", type=int, default=1, metavar="N",
+                   help="rounds of assignment and correction (1: Symphony's mapping)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or mps (default: CUDA, then MPS, then CPU)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="floating-point precision")
+    _add_force(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    _add_name_options(p)
+    _add_common(p)
+    p.set_defaults(handler=command_map)
 
 
 def harmony_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -529,6 +691,227 @@ def _embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
     return fig
 
 
+# ---------------------------------------------------- reference build, map
+def command_reference_build(args: argparse.Namespace) -> int:
+    """``harmonypy reference build``: integrate a reference and save it for mapping."""
+    from harmonypy._reference import build_reference
+
+    if args.labels and not args.keep_cells:
+        raise ValueError("--labels: labels are kept with the reference cells; drop --no-cells")
+    if file_format(args.embedding) == "h5ad":
+        return _reference_build_h5ad(args)
+    _refuse_h5ad_options(args, [("--layer", args.layer), ("--no-loadings", args.no_loadings)])
+    if args.meta is None:
+        raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
+    check_outputs([OutputSpec("-o/--output", args.output, REFERENCE_OUTPUTS)],
+                  {"EMBEDDING": args.embedding, "META": args.meta}, force=args.force)
+    embedding, meta = _read_tables(args)
+    source = f"the metadata {args.meta}"
+    _check_columns(meta, args.vars_use, "--vars", source)
+    _check_columns(meta, args.labels or [], "--labels", source)
+    embedding, meta = _take_rows(embedding, meta, _subset_mask(meta, args.subset, source))
+    from harmonypy._harmony import run_harmony
+
+    start = time.perf_counter()
+    ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
+                     **harmony_kwargs(args))
+    # The reference keeps the cells' names (from the embedding) with its cells.
+    named = meta.set_axis(embedding.frame.index) if embedding.has_names else meta
+    ref = build_reference(ho, named, labels=args.labels, keep_cells=args.keep_cells)
+    elapsed = time.perf_counter() - start
+    files = _write_outputs([(args.output, ref.write)])
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {_describe_reference(ref)}; "
+                f"{_outcome(ho)} in {elapsed:.1f} s")
+    return 0
+
+
+def _reference_build_h5ad(args: argparse.Namespace) -> int:
+    from harmonypy._reference import build_reference
+
+    if args.meta is not None:
+        raise ValueError("META is not used with .h5ad input: the batch and label columns come "
+                         "from adata.obs")
+    _refuse_name_options(args)
+    if args.adjusted_basis == args.basis:
+        raise ValueError(f"--adjusted-basis {args.adjusted_basis!r} is the same as --basis; "
+                         f"choose another key (default: X_pca_harmony)")
+    check_outputs([OutputSpec("-o/--output", args.output, REFERENCE_OUTPUTS)],
+                  {"EMBEDDING": args.embedding}, force=args.force)
+    adata = read_h5ad(args.embedding)
+    source = f"adata.obs of {args.embedding}"
+    _check_columns(adata.obs, args.vars_use, "--vars", source)
+    _check_columns(adata.obs, args.labels or [], "--labels", source)
+    mask = _subset_mask(adata.obs, args.subset, source)
+    if mask is not None:
+        adata = adata[mask].copy()
+    start = time.perf_counter()
+    ref = build_reference(adata, args.vars_use, labels=args.labels, keep_cells=args.keep_cells,
+                          basis=args.basis, adjusted_basis=args.adjusted_basis,
+                          loadings=None if args.no_loadings else args.loadings,
+                          layer=args.layer, verbose=not args.quiet, **harmony_kwargs(args))
+    elapsed = time.perf_counter() - start
+    files = _write_outputs([(args.output, ref.write)])
+    genes = (f", projection from {ref.projection.n_genes:,} genes"
+             if ref.projection is not None else "")
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)}: "
+                f"{_describe_reference(ref)}{genes}; built in {elapsed:.1f} s")
+    return 0
+
+
+def _take_rows(embedding: Table, meta: pd.DataFrame | None,
+               mask: np.ndarray | None) -> tuple[Table, pd.DataFrame | None]:
+    """The embedding and metadata rows selected by ``mask`` (all when None)."""
+    if mask is None:
+        return embedding, meta
+    return (Table(embedding.frame[mask], embedding.has_names, embedding.names_from),
+            None if meta is None else meta[mask].reset_index(drop=True))
+
+
+def _describe_reference(ref) -> str:
+    labels = f", labels {', '.join(ref.label_columns)}" if ref.label_columns else ""
+    cells = "" if ref.cells is not None else " (cells not kept)"
+    return (f"reference of {ref.n_cells:,} cells{cells} x {ref.d} PCs, {ref.K} clusters "
+            f"({ref.algorithm}){labels}")
+
+
+def _refuse_h5ad_options(args: argparse.Namespace, options) -> None:
+    given = [option for option, value in options if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for .h5ad input")
+
+
+@contextlib.contextmanager
+def _warnings_as_notes() -> Any:
+    """Show the library's warnings as ``harmonypy: warning: ...`` lines (even on error)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+
+
+def command_map(args: argparse.Namespace) -> int:
+    """``harmonypy map``: map query cells onto a saved reference."""
+    from harmonypy._reference import load_reference
+
+    h5ad = file_format(args.query) == "h5ad"
+    check_outputs([OutputSpec("-o/--output", args.output,
+                              (("h5ad",) if h5ad else ()) + TABLE_OUTPUTS)],
+                  {"QUERY": args.query, "META": args.meta, "--reference": args.reference},
+                  force=args.force)
+    if args.labels and file_format(args.output) == "npy":
+        raise ValueError("--labels: a .npy output holds the corrected PCs only; write a table "
+                         "(.tsv, .csv, .parquet) or .h5ad to keep the labels")
+    if not 0 <= args.min_probability <= 1:
+        raise ValueError(f"--min-probability must be in [0, 1], got {args.min_probability}")
+    if args.neighbors < 1:
+        raise ValueError(f"--neighbors must be >= 1, got {args.neighbors}")
+    ref = load_reference(args.reference)
+    _check_reference_labels(ref, args.labels or [], args.reference)
+    start = time.perf_counter()
+    with _warnings_as_notes():
+        if h5ad:
+            q, write_output = _map_h5ad(args, ref)
+        else:
+            q, write_output = _map_table(args, ref)
+    elapsed = time.perf_counter() - start
+    files = _write_outputs([(args.output, write_output)])
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {q.N:,} cells x {q.d} PCs "
+                f"mapped onto {_describe_reference(ref)} in {elapsed:.1f} s")
+    return 0
+
+
+def _check_reference_labels(ref, labels: Sequence[str], path: str) -> None:
+    missing = [label for label in labels if label not in ref.label_columns]
+    if missing:
+        hints = [close_match(m, ref.label_columns) for m in missing]
+        hint = "".join(f" (did you mean {h!r}?)" for h in hints if h)
+        raise KeyError(f"--labels: {', '.join(map(repr, missing))} not a label column of the "
+                       f"reference {path}{hint}; its label columns: "
+                       f"{', '.join(ref.label_columns) or 'none (build it with --labels)'}")
+    if labels and ref.cells is None:
+        raise ValueError(f"--labels: the reference {path} keeps no cells (built with "
+                         f"--no-cells), and label transfer needs them")
+
+
+def _map_table(args: argparse.Namespace, ref):
+    """Map a table or .npy query: ``(MappedQuery, writer of the output)``."""
+    from harmonypy._mapping import map_query, transfer_labels
+
+    _refuse_h5ad_options(args, [("--basis", args.basis), ("--adjusted-basis", args.adjusted_basis),
+                                ("--layer", args.layer)])
+    if (args.vars_use or args.subset) and args.meta is None:
+        option = "--vars" if args.vars_use else "--subset"
+        raise ValueError(f"{option} names columns of META, the query's metadata table, which "
+                         f"was not given")
+    embedding = read_embedding(args.query, names=args.names)
+    meta = None
+    if args.meta is not None:
+        meta = read_meta(args.meta)
+        match = match_cells(embedding, meta, embedding_path=args.query, meta_path=args.meta,
+                            meta_names=args.meta_names, by_name=not args.no_names)
+        if match.reordered:
+            _note(args, match.describe())
+        meta = match.meta
+        _check_columns(meta, args.vars_use or [], "--vars", f"the metadata {args.meta}")
+        embedding, meta = _take_rows(embedding, meta,
+                                     _subset_mask(meta, args.subset, f"the metadata {args.meta}"))
+    n_pcs = embedding.frame.shape[1]
+    if n_pcs != ref.d:
+        raise ValueError(f"the query {args.query} has {n_pcs} PC columns but the reference "
+                         f"{args.reference} was built on {ref.d}: map cells in the reference's "
+                         f"PC space")
+    q = map_query(embedding.frame.to_numpy(), meta, ref, vars_use=args.vars_use,
+                  lamb=args.lamb, device=args.device, dtype=args.dtype,
+                  iterations=args.iterations)
+    frame = pd.DataFrame(q.result(), index=embedding.frame.index,
+                         columns=[f"{c}_harmony" for c in embedding.frame.columns])
+    if file_format(args.output) != "npy":
+        for label in args.labels or []:
+            predicted = transfer_labels(q, ref, label, k=args.neighbors,
+                                        min_probability=args.min_probability)
+            frame[f"{label}_predicted"] = predicted["label"].to_numpy()
+            frame[f"{label}_probability"] = predicted["probability"].to_numpy()
+        frame["mapping_score"] = q.confidence
+    table = Table(frame, embedding.has_names)
+    return q, lambda path: write_table(table, path)
+
+
+def _map_h5ad(args: argparse.Namespace, ref):
+    """Map an .h5ad query (genes projected, or obsm[--basis]): ``(MappedQuery, writer)``."""
+    from harmonypy._anndata import SCORE_COLUMN
+    from harmonypy._mapping import map_query
+
+    if args.meta is not None:
+        raise ValueError("META is not used with .h5ad input: the batch columns come from "
+                         "adata.obs")
+    _refuse_name_options(args)
+    adata = read_h5ad(args.query)
+    source = f"adata.obs of {args.query}"
+    _check_columns(adata.obs, args.vars_use or [], "--vars", source)
+    mask = _subset_mask(adata.obs, args.subset, source)
+    if mask is not None:
+        adata = adata[mask].copy()
+    q = map_query(adata, ref, key=args.vars_use, basis=args.basis,
+                  adjusted_basis=args.adjusted_basis, layer=args.layer, labels=args.labels,
+                  k=args.neighbors, min_probability=args.min_probability, lamb=args.lamb,
+                  device=args.device, dtype=args.dtype, iterations=args.iterations)
+    if file_format(args.output) == "h5ad":
+        return q, lambda path: write_h5ad(adata, path)
+    corrected = adata.obsm[adata.uns["harmony_mapping"]["adjusted_basis"]]
+    frame = pd.DataFrame(corrected, index=adata.obs_names,
+                         columns=[f"PC{i + 1}_harmony" for i in range(corrected.shape[1])])
+    if file_format(args.output) != "npy":
+        for label in args.labels or []:
+            for column in (f"{label}_predicted", f"{label}_probability"):
+                frame[column] = adata.obs[column].to_numpy()
+        frame["mapping_score"] = adata.obs[SCORE_COLUMN].to_numpy()
+    table = Table(frame, True)
+    return q, lambda path: write_table(table, path)
+
+
 # ------------------------------------------------------------------- demo
 def command_demo(args: argparse.Namespace) -> int:
     """``harmonypy demo``: the PBMC example with a short report on stdout."""
@@ -702,6 +1085,8 @@ def _message(err: BaseException, command: str | None = None) -> str:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(text.split()) or type(err).__name__
     names = (_OPTION_NAMES if command == "run" else
+             {**_OPTION_NAMES, **_REFERENCE_OPTION_NAMES} if command == "reference" else
+             _MAP_OPTION_NAMES if command == "map" else
              {"label_colnames": "--batch/--label"} if command == "evaluate" else {})
     if names:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")

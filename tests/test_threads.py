@@ -294,8 +294,8 @@ def test_use_threads_nested_and_overlapping(threads_3):
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    # Blocks of 200 cells x 100 clusters: above the serial limit, so two threads work.
-    X, meta = simulate(4000, 20, 4, 6, seed=2)
+    # Blocks of 170 cells x 100 clusters: above the serial limit, so two threads work.
+    X, meta = simulate(3400, 10, 3, 5, seed=2)
     one = hm.run_harmony(X, meta, "batch", max_iter_harmony=2, verbose=False, ncores=1)
     two = hm.run_harmony(X, meta, "batch", max_iter_harmony=2, verbose=False, ncores=2)
     np.testing.assert_array_equal(np.asarray(one.Z_corr), np.asarray(two.Z_corr))

@@ -627,7 +627,7 @@ def run_harmony(
     ncores : int, optional
         CPU threads for the computation (0: half the CPUs). Default (None): at
         most torch's current setting; one thread for small problems (cells x
-        clusters < 2**21); otherwise the cores that other processes leave idle,
+        clusters < 2**19); otherwise the cores that other processes leave idle,
         re-measured at every clustering round (Linux ``/proc/stat``; elsewhere
         the load average at the start). The choice is logged at INFO and kept
         as ``ho.n_threads``. The caller's torch setting is restored afterwards,

@@ -3,12 +3,17 @@
 Why a policy: PyTorch's CPU kernels run on an OpenMP team (libgomp) whose
 threads spin at the barrier that ends every operation. When another process
 holds one of the cores, the team member sharing that core only runs when the
-scheduler gives it a time slice, and every operation waits for it: Harmony
-does thousands of short operations, so two threads on a 2-core machine with
-one core busy were 10-20x slower than one thread (``benchmarks/bench_threads.py``).
-With the cores idle, two threads are ~1.25x faster than one on large data and
-no faster on small data. ``OMP_WAIT_POLICY=PASSIVE`` would avoid the cliff
-but only takes effect if set before torch is imported, and costs idle speed.
+scheduler gives it a time slice, and every operation waits for it. Harmony
+does thousands of short operations: on a 2-core machine, two threads were
+2-3x slower than one with one core held by a busy loop, and 10-40x slower
+when other processes wanted more than a core (``benchmarks/results/threads.md``).
+With both cores idle, two threads were 1.5-1.8x faster than one from 100k
+cells, 1.1-1.25x at 7k-10k cells, and no faster at 3.5k cells.
+``OMP_WAIT_POLICY=PASSIVE`` also avoids the cliff (3.5k cells, a busy loop
+and other processes running: 2.1 s with 2 threads instead of 49 s) but only
+takes effect when set before torch is imported, applies to the whole
+process, and two passive threads were still slower than one thread (1.7 s
+against 1.0 s without the busy loop): not used.
 
 The policy (``ncores=None``), on the CPU device:
 
@@ -19,7 +24,7 @@ The policy (``ncores=None``), on the CPU device:
 * otherwise use the cores other processes leave free, shared with any other
   runs in this process; a core counts as taken from :data:`CORE_TAKEN_AT` of
   it. At the start (Linux) the other processes' runnable threads are counted
-  20 times over ~20 ms (``/proc/loadavg`` minus this process's threads in
+  10 times over ~10 ms (``/proc/loadavg`` minus this process's threads in
   state R); then, at each clustering round at least :data:`WINDOW_S` seconds
   after the last check, the CPU time they used meanwhile is measured (the
   ``/proc/stat`` idle time of the usable CPUs minus this process's own CPU
@@ -53,8 +58,9 @@ import torch
 
 logger = logging.getLogger("harmonypy")
 
-# Cells x clusters below which a run uses one thread.
-PARALLEL_MIN_WORK = 2**21
+# Cells x clusters below which a run uses one thread (2**19: ~5,200 cells at
+# K = 100). Measured idle: 3.5k cells tie, 7k-10k cells gain 1.1-1.25x from two.
+PARALLEL_MIN_WORK = 2**19
 # Fraction of a core's time other processes must use for the core to count as taken.
 CORE_TAKEN_AT = 0.25
 # Shortest interval over which the load is measured (seconds).
@@ -174,7 +180,7 @@ class CpuLoad:
         return max(0.0, (now[2] * wall - idle - own) / wall)
 
 
-def runnable_others(samples: int = 20, gap: float = 0.001,
+def runnable_others(samples: int = 10, gap: float = 0.001,
                     loadavg_path: str = "/proc/loadavg", tasks_path: str = "/proc/self/task",
                     sleep=time.sleep) -> float | None:
     """Mean number of other processes' runnable threads, sampled ``samples``
@@ -183,7 +189,7 @@ def runnable_others(samples: int = 20, gap: float = 0.001,
     Each sample is the kernel's count of runnable threads (``/proc/loadavg``)
     minus this process's threads in state R (the sampling thread, and OpenMP
     workers still spinning after the last operation). Scaled to the usable
-    CPUs when the affinity mask holds only some of them. About 20 ms: the
+    CPUs when the affinity mask holds only some of them. About 10 ms: the
     start-of-run estimate, before ``/proc/stat`` windows are long enough.
     """
     values = []

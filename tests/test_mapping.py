@@ -867,3 +867,83 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+# --------------------------------------------- speed paths: same results
+def _dense_scores(z, assignments, ref, dtype):
+    """The mapping score over every (cell, cluster) pair, as before the pruning."""
+    import torch
+
+    whiten_t, centers = _mapping._score_terms(ref, dtype, torch.device("cpu"))[:2]
+    z = torch.as_tensor(z, dtype=dtype)
+    diff = z[None, :, :] - centers[:, None, :]
+    distances = torch.linalg.vector_norm(torch.bmm(diff, whiten_t), dim=2)
+    return (distances.T * torch.as_tensor(assignments, dtype=dtype)).sum(1).numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mapping_score_leaves_out_only_negligible_pairs(case, monkeypatch, dtype):
+    """The score computes only the pairs whose R can matter: each cell's score
+    stays within _SCORE_RTOL of the sum over all clusters, also when most pairs
+    are left to the second pass (only each cell's top cluster first) and with a
+    flat assignment (large sigma) where few pairs can be left out."""
+    import torch
+
+    _, _, z_query, meta_query = case
+    ho = _reference_run(case, "harmony1", "float64")
+    ref = hm.build_reference(ho)
+    torch_dtype = getattr(torch, dtype)
+    rtol = _mapping._SCORE_RTOL[torch_dtype]
+    computed = []
+    real = _mapping._pair_distances
+
+    def counting(z, assignments, pairs, *rest):
+        computed.append(int(pairs.sum()))
+        return real(z, assignments, pairs, *rest)
+
+    monkeypatch.setattr(_mapping, "_pair_distances", counting)
+    for sigma, first in [(None, 1e-2), (None, 1.0), (2.0, 1e-2)]:
+        monkeypatch.setattr(_mapping, "_SCORE_FIRST", first)
+        computed.clear()
+        q = hm.map_query(z_query, meta_query, ref, vars_use="batch", sigma=sigma, dtype=dtype)
+        dense = _dense_scores(z_query, q.R.T, ref, torch.float64)
+        assert np.all(np.abs(q.confidence - dense) <= (2 * rtol + 1e-5) * dense), (sigma, first)
+        assert sum(computed) <= q.N * q.K
+        if sigma is None and dtype == "float32":
+            assert sum(computed) < q.N * q.K  # pairs were left out
+    # Left-out pairs: the literal formula agrees to its tolerance as before.
+    _, _, score, _ = _literal(ho, z_query, meta_query, ["batch"])
+    q = hm.map_query(z_query, meta_query, ref, vars_use="batch", dtype=dtype)
+    assert _relative(q.confidence, score) < (1e-8 if dtype == "float64" else 1e-3)
+
+
+def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
+    """Label transfer's list-pruned search (used for large searches) finds the
+    same neighbours as comparing every pair, and the same labels as class::knn."""
+    import torch
+
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_query = (meta["donor"] == "5p").to_numpy()
+    ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", verbose=False)
+    ref = hm.build_reference(ho, meta[~in_query], labels="cell_type")
+    q = hm.map_query(pcs[in_query], meta[in_query], ref, dtype="float64")
+    reference = torch.as_tensor(ref.cells, dtype=torch.float64)
+    cells = torch.as_tensor(q.result())
+    monkeypatch.setattr(_mapping, "_KNN_LIST_SIZE", 32)
+    monkeypatch.setattr(_mapping, "_KNN_FIRST_CELLS", 1)
+    for k in (1, 10, 30):
+        index = _mapping._KnnIndex(reference, k)
+        assert index.counts.numel() == len(reference) // 32
+        pruned = index.neighbours(cells)
+        centred = reference - reference.mean(0)
+        brute = _mapping._brute_neighbours(cells - reference.mean(0), centred,
+                                           (centred * centred).sum(1), k, 97)
+        np.testing.assert_array_equal(pruned.numpy(), brute.numpy())
+    monkeypatch.setattr(_mapping, "_KNN_BRUTE_PAIRS", 0)
+    monkeypatch.setattr(_mapping, "_KNN_GROUP_CHUNK", 100)
+    monkeypatch.setattr(_mapping, "_KNN_ELEMENTS", 2000)
+    result = hm.transfer_labels(q, ref, "cell_type", k=10, min_probability=0)
+    expected, probability = knn_predict(ref.cells.T.astype(np.float64),
+                                        meta.loc[~in_query, "cell_type"].to_numpy(), q.Z_corr, 10)
+    np.testing.assert_array_equal(result["label"].astype(str).to_numpy(), expected)
+    np.testing.assert_allclose(result["probability"].to_numpy(), probability)

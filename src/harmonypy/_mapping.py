@@ -23,8 +23,9 @@ in closed form (:func:`~harmonypy._correction.solve_arrowhead`, whose
 ``total - sum_b o_b`` is exactly ``Nr[k]`` here); several variables use the
 batched dense solve. The query is read in chunks, so beyond the outputs
 (``Z_corr`` N x d, ``R`` N x K) and one sorted copy of the query, memory is
-O(chunk x K), plus O(chunk x K x d) for the mapping score. ``iterations > 1``
-repeats both steps, assigning the corrected cells (not in Symphony).
+O(chunk x K), plus a bounded buffer of (cell, cluster) pairs x d for the
+mapping score (:data:`_SCORE_PAIR_ELEMENTS`). ``iterations > 1`` repeats
+both steps, assigning the corrected cells (not in Symphony).
 
 The per-cell mapping score is Symphony's ``calcPerCellMappingMetric``
 (``R/confidenceScores.R``) and :func:`transfer_labels` is its ``knnPredict``
@@ -215,7 +216,8 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     device, dtype
         Where and in which float type to compute, as in :func:`run_harmony`.
     confidence : bool, default True
-        Compute the per-cell mapping score (costs about K d^2 per cell).
+        Compute the per-cell mapping score (d^2 per (cell, cluster) pair whose R
+        can matter, to a relative 1e-5 in float32 and 1e-13 in float64).
     iterations : int, default 1
         Rounds of assignment and correction. 1 is Symphony's ``mapQuery``:
         the query is assigned once, from its uncorrected cells. Each further
@@ -768,7 +770,9 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 30,
     share of the ``k`` votes is its probability. Ties go to the label of the
     nearer neighbour (``class::knn`` breaks them at random). Reference cells
     without a label take no part. Exact search in torch, in chunks of query
-    and reference cells.
+    and reference cells; above 2^26 query x reference pairs the reference is
+    split into k-means lists and the lists that cannot hold a neighbour are
+    skipped (same neighbours as comparing every pair, up to rounding ties).
 
     Parameters
     ----------

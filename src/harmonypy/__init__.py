@@ -2,8 +2,9 @@
 
 The public entry points are :func:`run_harmony` (returns a :class:`Harmony`
 object whose attributes follow the R package's orientation), the integration
-scores :func:`compute_lisi` and :func:`evaluate`, and the AnnData helper
-:func:`integrate`; reference mapping with :func:`build_reference`,
+scores :func:`compute_lisi` and :func:`evaluate`, the AnnData helpers
+:func:`integrate` and :func:`harmony_integrate` (scanpy's signature), and
+reference mapping with :func:`build_reference`,
 :func:`map_query` and :func:`transfer_labels`.
 """
 
@@ -18,6 +19,7 @@ from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 from harmonypy._lisi import compute_lisi  # noqa: E402
 from harmonypy._mapping import MappedQuery, map_query, transfer_labels  # noqa: E402
 from harmonypy._reference import Reference, build_reference, load_reference  # noqa: E402
+from harmonypy._scanpy import harmony_integrate  # noqa: E402
 
 __all__ = [
     "Harmony",
@@ -28,6 +30,7 @@ __all__ = [
     "compute_lisi",
     "datasets",
     "evaluate",
+    "harmony_integrate",
     "integrate",
     "load_reference",
     "map_query",

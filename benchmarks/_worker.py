@@ -184,7 +184,100 @@ def run_harmony_pytorch(
     return as_cells_by_pcs(Z, X.shape[0]), info
 
 
-RUNNERS = {"harmonypy": run_harmonypy, "harmony-pytorch": run_harmony_pytorch}
+def _anndata_of(X: np.ndarray, meta: Any) -> Any:
+    """An AnnData with ``obsm["X_pca"] = X`` and ``meta`` as ``obs`` (string index)."""
+    import anndata
+    import pandas as pd
+
+    obs = meta.copy()
+    obs.index = pd.Index([f"cell{i}" for i in range(len(obs))])
+    adata = anndata.AnnData(obs=obs)
+    adata.obsm["X_pca"] = X
+    return adata
+
+
+def _scanpy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """scanpy's ``harmony_integrate`` arguments for the mode (same for both tools)."""
+    kwargs: dict[str, Any] = dict(rng=args.seed)
+    if args.mode == "fixed":
+        kwargs.update(max_iter_harmony=FIXED_ITER_HARMONY,
+                      max_iter_clustering=FIXED_ITER_CLUSTER,
+                      tol_harmony=NO_EARLY_STOP, tol_clustering=NO_EARLY_STOP)
+    if args.algorithm == "harmony1":
+        kwargs["flavor"] = "harmony1"
+    return kwargs
+
+
+def run_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace) -> tuple[np.ndarray, dict]:
+    """Call scanpy's native ``sc.pp.harmony_integrate`` (scanpy >= 1.13)."""
+    from importlib.metadata import version
+
+    import scanpy as sc
+    from scanpy.preprocessing._harmony import core
+
+    # Count clustering rounds and Harmony iterations through the module's
+    # convergence tests (looked up at call time), as for harmony-pytorch.
+    cluster_calls: list = []
+    rounds: list[int] = []
+    orig_cluster, orig_harmony = core._is_convergent_clustering, core.Harmony._is_convergent
+
+    def count_clustering(*a: Any, **k: Any) -> Any:
+        cluster_calls.append(1)
+        return orig_cluster(*a, **k)
+
+    def count_harmony(*a: Any, **k: Any) -> Any:
+        rounds.append(len(cluster_calls) - sum(rounds))
+        return orig_harmony(*a, **k)
+
+    core._is_convergent_clustering = count_clustering
+    core.Harmony._is_convergent = staticmethod(count_harmony)
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    adata = _anndata_of(X, meta)
+    rss_before_call = peak_rss_gb()
+    t0 = time.perf_counter()
+    sc.pp.harmony_integrate(adata, args.batch_key, **_scanpy_kwargs(args))
+    seconds = time.perf_counter() - t0
+    info = dict(seconds=seconds, rss_before_call_gb=rss_before_call,
+                iterations=len(rounds), kmeans_rounds=rounds,
+                version=version("scanpy"), module_file=sc.__file__)
+    return as_cells_by_pcs(adata.obsm["X_pca_harmony"], X.shape[0]), info
+
+
+def run_harmonypy_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace
+                         ) -> tuple[np.ndarray, dict]:
+    """Call this package's ``harmonypy.harmony_integrate`` (scanpy's signature)."""
+    import harmonypy
+    import harmonypy._harmony as core
+
+    fitted: list = []
+    orig_run = core.run_harmony
+
+    def keep(*a: Any, **k: Any) -> Any:  # the Harmony object, for the iteration counts
+        fitted.append(orig_run(*a, **k))
+        return fitted[-1]
+
+    core.run_harmony = keep
+    kwargs = _scanpy_kwargs(args)
+    kwargs.update(dtype=np.dtype(args.dtype or "float64"), verbose=False)
+    if args.threads:
+        set_torch_threads(args.threads)
+        kwargs["ncores"] = args.threads
+    adata = _anndata_of(X, meta)
+    rss_before_call = peak_rss_gb()
+    t0 = time.perf_counter()
+    harmonypy.harmony_integrate(adata, args.batch_key, **kwargs)
+    seconds = time.perf_counter() - t0
+    rounds = [int(r) for r in fitted[-1].kmeans_rounds]
+    info = dict(seconds=seconds, rss_before_call_gb=rss_before_call,
+                iterations=len(rounds), kmeans_rounds=rounds,
+                version=harmonypy.__version__, module_file=harmonypy.__file__)
+    return as_cells_by_pcs(adata.obsm["X_pca_harmony"], X.shape[0]), info
+
+
+RUNNERS = {"harmonypy": run_harmonypy, "harmony-pytorch": run_harmony_pytorch,
+           "scanpy": run_scanpy, "harmonypy-scanpy": run_harmonypy_scanpy}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="thread count to impose (default: the tool's own)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="harmonypy-scanpy only: dtype= of harmony_integrate (default float64)")
     p.add_argument("--out-npy", required=True)
     p.add_argument("--out-json", required=True)
     return p.parse_args(argv)

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +55,10 @@ class Tool:
     import_name: str = "harmonypy"
     ours: bool = False
     reference: str | None = None  # tool whose output we correlate with
+    baseline: str | None = None  # our row its time is divided by (default: by algorithm)
+    base_python: str | None = None  # interpreter the venv is made from (default: this one)
+    worker_args: tuple[str, ...] = ()  # extra arguments for _worker.py
+    with_peer: str | None = None  # an "ours" row that runs only beside this peer
 
     def python(self) -> Path:
         """Interpreter that runs this tool."""
@@ -62,7 +67,17 @@ class Tool:
         return VENVS / self.name / "bin" / "python"
 
 
+#: scanpy's native Harmony (1.13, not yet on the registry): a source checkout
+#: of scverse/scanpy, e.g. ``git archive <commit> src pyproject.toml README.md
+#: LICENSE`` unpacked into a folder; see README.md, "scanpy native".
+SCANPY_SOURCE = os.environ.get("SCANPY_SOURCE", "")
+SCANPY_SPEC = SCANPY_SOURCE or "scanpy>=1.13"
+SCANPY_COMMIT = "fabadb9412c0d1cd9df9d9c2e95ac266d564ee18"  # the one measured here
+
+
 OURS_1, OURS_2 = "ours (harmony1)", "ours (harmony2)"
+OURS_SC64 = "ours (harmony_integrate)"
+OURS_SC32 = "ours (harmony_integrate, float32)"
 TOOLS = [
     Tool(OURS_1, "harmony1", "harmonypy", ours=True, reference="harmonypy-0.2.0"),
     Tool(OURS_2, "harmony2", "harmonypy", ours=True, reference="harmonypy-2.1.0"),
@@ -73,6 +88,14 @@ TOOLS = [
     Tool("harmony-pytorch-0.1.8", "harmony1", "harmony-pytorch",
          (TORCH_PIN, "harmony-pytorch==0.1.8"), import_name="harmony",
          reference=OURS_1),
+    # scanpy's own NumPy Harmony, beside this package's scanpy-compatible
+    # function with scanpy's defaults (float64, 200 rounds) and in float32.
+    Tool(OURS_SC64, "harmony2", "harmonypy-scanpy", ours=True, reference="scanpy-native",
+         with_peer="scanpy-native"),
+    Tool(OURS_SC32, "harmony2", "harmonypy-scanpy", ours=True, reference="scanpy-native",
+         worker_args=("--dtype", "float32"), with_peer="scanpy-native"),
+    Tool("scanpy-native", "harmony2", "scanpy", (SCANPY_SPEC,), import_name="scanpy",
+         reference=OURS_SC64, baseline=OURS_SC64, base_python="python3.12"),
 ]
 PEERS = [t.name for t in TOOLS if not t.ours]
 OURS_BY_ALGORITHM = {"harmony1": OURS_1, "harmony2": OURS_2}
@@ -96,14 +119,26 @@ def ensure_venv(tool: Tool) -> None:
     wanted = "\n".join(tool.packages)
     if marker.exists() and marker.read_text() == wanted and tool.python().exists():
         return
+    if tool.name == "scanpy-native" and not SCANPY_SOURCE:
+        log("scanpy-native: SCANPY_SOURCE is not set; trying 'scanpy>=1.13' from the "
+            "registry (see benchmarks/README.md to build it from a source snapshot)")
     log(f"creating virtualenv {venv} ({', '.join(tool.packages)})")
     if not tool.python().exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        base = sys.executable
+        if tool.base_python:
+            base = shutil.which(tool.base_python) or ""
+            if not base:
+                raise SystemExit(f"{tool.name} needs {tool.base_python} to make its "
+                                 f"virtualenv, and it is not on PATH")
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
     pip = [str(tool.python()), "-m", "pip", "install", "--quiet",
            "--disable-pip-version-check"]
     # torch first and alone, so the peer cannot drag in a different build.
+    env = dict(os.environ)
+    if SCANPY_SOURCE:  # a source snapshot has no git metadata for hatch-vcs
+        env.setdefault("SETUPTOOLS_SCM_PRETEND_VERSION", "1.13.0.dev0")
     for spec in tool.packages:
-        subprocess.run(pip + [spec], check=True)
+        subprocess.run(pip + [spec], check=True, env=env)
     subprocess.run([str(tool.python()), "-c", f"import {tool.import_name}"],
                    check=True, env=peer_env())
     marker.write_text(wanted)
@@ -182,6 +217,7 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
            "--out-json", str(out_json)]
     if tool.ours:
         cmd.append("--ours")
+    cmd += list(tool.worker_args)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     log_path = out_npy.with_suffix(".log")
@@ -402,7 +438,11 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         if row.get("rss_peak_gb") is not None and row.get("rss_after_load_gb") is not None:
             row["rss_delta_gb"] = row["rss_peak_gb"] - row["rss_after_load_gb"]
-        our_name = OURS_BY_ALGORITHM.get(row.get("algorithm"))
+        tool = next((t for t in TOOLS if t.name == row["tool"]), None)
+        our_name = (tool.baseline if tool is not None and tool.baseline
+                    else OURS_BY_ALGORITHM.get(row.get("algorithm")))
+        if tool is not None and tool.ours:
+            continue  # our own rows are the baselines
         if row["status"] != "ok" or row["tool"] == our_name or our_name is None:
             continue
         base = ours.get((our_name, row["mode"], row["n_cells"]))
@@ -535,7 +575,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.modes) - {"defaults", "fixed"}:
         p.error("--modes takes defaults and/or fixed")
     if args.peers == "all":
-        args.peers = PEERS
+        # scanpy's native Harmony needs a source snapshot until 1.13 is released:
+        # part of "all" only once its virtualenv or SCANPY_SOURCE is there.
+        scanpy_ready = bool(SCANPY_SOURCE) or (VENVS / "scanpy-native" / "bin" / "python").exists()
+        args.peers = [p for p in PEERS if p != "scanpy-native" or scanpy_ready]
     elif args.peers == "none":
         args.peers = []
     else:
@@ -556,7 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.concat(frames).to_dict("records")
         log(f"wrote {plot_times(rows)}")
         return 0
-    tools = [t for t in TOOLS if (t.ours and not args.no_ours) or t.name in args.peers]
+    tools = [t for t in TOOLS
+             if (t.ours and not args.no_ours and (t.with_peer is None or t.with_peer in args.peers))
+             or t.name in args.peers]
     for tool in tools:
         ensure_venv(tool)
     lisi, lisi_name = lisi_function()

@@ -754,6 +754,48 @@ def test_reference_build_and_map_equal_the_library(example, tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), q.result(), **CLOSE)
 
 
+def test_one_batch_reference_build_equals_the_library(example, tmp_path, capsys):
+    """Without --vars, 'reference build' builds a one-batch reference (clustered,
+    no Harmony run), as build_reference(pcs, meta_data=..., labels=...) does."""
+    pcs_path, meta_path = example
+    ref_path = tmp_path / "ref.npz"
+    status, _, err = run_main(["reference", "build", pcs_path, meta_path, "--subset",
+                               "donor=3pv2", "--labels", "cell_type", "--nclust", "16",
+                               "--seed", "3", "-o", ref_path], capsys)
+    assert status == 0, err
+    assert "reference of 480 cells x 20 PCs, 16 clusters (none), labels cell_type" in err
+    assert "one batch" in err
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_ref = (meta["donor"] == "3pv2").to_numpy()
+    names = meta.loc[in_ref, "cell_id"].to_numpy()
+    expected = hm.build_reference(pcs[in_ref].set_axis(names),
+                                  meta[in_ref].set_index("cell_id"), labels="cell_type",
+                                  nclust=16, random_state=3)
+    saved = hm.load_reference(ref_path)
+    assert (saved.algorithm, saved.variables, saved.K) == ("none", [], 16)
+    np.testing.assert_allclose(saved.Nr, expected.Nr, **CLOSE)
+    np.testing.assert_allclose(saved.C, expected.C, **CLOSE)
+    np.testing.assert_array_equal(saved.cells, expected.cells)
+    np.testing.assert_array_equal(saved.cell_names, names)
+    pd.testing.assert_frame_equal(saved.labels, expected.labels)
+    # The 5' cells mapped onto it get their types (docs/mapping.md: 0.867 at k=30).
+    out = tmp_path / "mapped.tsv"
+    status, _, err = run_main(["map", pcs_path, meta_path, "--subset", "donor=5p",
+                               "--reference", ref_path, "--labels", "cell_type", "-o", out],
+                              capsys)
+    assert status == 0, err
+    mapped = pd.read_csv(out, sep="\t", index_col=0)
+    truth = meta.set_index("cell_id").loc[mapped.index, "cell_type"]
+    assert (mapped["cell_type_predicted"] == truth).mean() > 0.8
+    # No META at all: the embedding alone, its cell names kept.
+    status, _, err = run_main(["reference", "build", pcs_path, "--nclust", "20", "-q",
+                               "-o", tmp_path / "bare.npz"], capsys)
+    assert status == 0 and err == ""
+    bare = hm.load_reference(tmp_path / "bare.npz")
+    assert (bare.algorithm, bare.n_cells, bare.label_columns) == ("none", 1200, [])
+    np.testing.assert_array_equal(bare.cell_names, meta["cell_id"].to_numpy())
+
+
 def test_reference_and_map_refuse_before_any_work(example, tmp_path, capsys, monkeypatch):
     pcs_path, meta_path = example
     pcs, meta = tmp_path / "pcs.tsv.gz", tmp_path / "meta.tsv.gz"
@@ -787,6 +829,12 @@ def test_reference_and_map_refuse_before_any_work(example, tmp_path, capsys, mon
          "no cell has donor '5P'"),
         (build + ["--layer", "counts", "-o", tmp_path / "r.npz"], "--layer",
          "only for .h5ad input"),
+        (["reference", "build", pcs, meta, "--theta", "1", "--algorithm", "harmony2", "-o",
+          tmp_path / "r.npz"], "--theta, --algorithm", "Harmony parameters, but no --vars"),
+        (["reference", "build", pcs, "--labels", "cell_type", "-o", tmp_path / "r.npz"],
+         "--labels", "names columns of META, the metadata table, which was not given"),
+        (["reference", "build", pcs, "--vars", "donor", "-o", tmp_path / "r.npz"],
+         "--vars", "names columns of META, the metadata table, which was not given"),
         (query + ["-o", ref], "-o/--output", "is the input --reference"),
         (query + ["-o", ref, "--force"], "-o/--output", "is the input --reference"),
         (query + ["-o", pcs, "--force"], "-o/--output", "is the input QUERY"),
@@ -879,6 +927,15 @@ def test_h5ad_reference_maps_a_query_from_its_genes(tmp_path, capsys):
     status, _, err = run_main(["reference", "build", tmp_path / "ref.h5ad", "--vars", "batch",
                                "-o", tmp_path / "ref.h5ad", "--force"], capsys)
     assert status == 2 and "is the input EMBEDDING" in err
+    # Without --vars: one batch, the gene projection kept all the same.
+    status, _, err = run_main(["reference", "build", tmp_path / "ref.h5ad", "--labels",
+                               "cell_type", "--nclust", "6", "-o", tmp_path / "one.npz"], capsys)
+    assert status == 0, err
+    one = hm.load_reference(tmp_path / "one.npz")
+    library = hm.build_reference(_scanpy_like(log_ref, obs_ref, max_value=2.0), None,
+                                 labels="cell_type", nclust=6)
+    assert (one.algorithm, one.K, one.projection.n_genes) == ("none", 6, 60)
+    np.testing.assert_allclose(one.C, library.C, **CLOSE)
 
 
 def test_mapping_tutorial_commands_run(tmp_path, capsys, monkeypatch):

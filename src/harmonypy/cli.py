@@ -391,17 +391,21 @@ def _build_reference(commands) -> None:
         help="run Harmony on a reference and save it for mapping",
         description=f"Integrate EMBEDDING (cells x PCs) over the batch columns of META, as "
                     f"'{PROG} run' does, and save what mapping needs as a reference file "
-                    f"(.npz, see docs/mapping.md). Formats: {FORMATS_HELP}, from the "
-                    f"extension. With an .h5ad input, META is not needed (obs has the "
-                    f"columns) and the PCA loadings and per-gene scaling are kept too, so that "
-                    f"queries can be mapped from their genes.",
+                    f"(.npz, see docs/mapping.md). Without --vars the cells are one batch: "
+                    f"they are clustered (Symphony's buildReference(vars = NULL)) and not "
+                    f"corrected, and META is needed only for --labels and --subset. Formats: "
+                    f"{FORMATS_HELP}, from the extension. With an .h5ad input, META is not "
+                    f"needed (obs has the columns) and the PCA loadings and per-gene scaling "
+                    f"are kept too, so that queries can be mapped from their genes.",
         epilog=f"example: {PROG} reference build pcs.tsv.gz meta.tsv.gz --vars donor "
                f"--labels cell_type -o ref.npz")
     b.add_argument("embedding", metavar="EMBEDDING", help="cells x PCs table, .npy or .h5ad")
     b.add_argument("meta", metavar="META", nargs="?",
                    help="metadata table with one row per cell (not needed for .h5ad)")
-    b.add_argument("--vars", dest="vars_use", type=_names, required=True,
-                   metavar="COL[,COL...]", help="batch column(s) to integrate over")
+    b.add_argument("--vars", dest="vars_use", type=_names, metavar="COL[,COL...]",
+                   help="batch column(s) to integrate over (default: none, the cells are one "
+                        "batch; of the Harmony parameters only --nclust, --sigma, --seed, "
+                        "--device and --dtype apply then)")
     b.add_argument("--labels", type=_names, metavar="COL[,COL...]",
                    help="columns of META to keep with the reference cells, for label transfer "
                         "('harmonypy map --labels')")
@@ -698,11 +702,15 @@ def command_reference_build(args: argparse.Namespace) -> int:
 
     if args.labels and not args.keep_cells:
         raise ValueError("--labels: labels are kept with the reference cells; drop --no-cells")
+    one_batch = None if args.vars_use else _one_batch_kwargs(args)
     if file_format(args.embedding) == "h5ad":
-        return _reference_build_h5ad(args)
+        return _reference_build_h5ad(args, one_batch)
     _refuse_h5ad_options(args, [("--layer", args.layer), ("--no-loadings", args.no_loadings)])
+    if one_batch is not None:
+        return _build_one_batch(args, one_batch)
     if args.meta is None:
-        raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
+        raise ValueError("--vars names columns of META, the metadata table, which was not "
+                         "given (without --vars the cells are one batch)")
     check_outputs([OutputSpec("-o/--output", args.output, REFERENCE_OUTPUTS)],
                   {"EMBEDDING": args.embedding, "META": args.meta}, force=args.force)
     embedding, meta = _read_tables(args)
@@ -725,7 +733,71 @@ def command_reference_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reference_build_h5ad(args: argparse.Namespace) -> int:
+#: Harmony options that also apply to a one-batch reference (clustered, not
+#: integrated): build_reference(pcs, ...)'s nclust, sigma, random_state, device, dtype.
+_ONE_BATCH_OPTIONS = ("nclust", "sigma", "seed", "device", "dtype")
+
+
+def _one_batch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """build_reference's keyword arguments for a one-batch reference (no --vars).
+
+    Refuses the Harmony options that a one-batch reference would ignore, when
+    set to anything but their default (the defaults are read from a parser of
+    the same options, so they cannot drift).
+    """
+    scratch = argparse.ArgumentParser(add_help=False)
+    _add_harmony_options(scratch)
+    defaults = vars(scratch.parse_args([]))
+    given = [name for name, default in defaults.items()
+             if name not in _ONE_BATCH_OPTIONS and getattr(args, name) != default]
+    if given:
+        options = ["--no-memory-check" if name == "check_memory" else
+                   "--" + name.replace("_", "-") for name in given]
+        raise ValueError(f"{', '.join(options)}: Harmony parameters, but no --vars: a "
+                         f"one-batch reference is clustered, not integrated (of the Harmony "
+                         f"options only {', '.join('--' + o for o in _ONE_BATCH_OPTIONS)} "
+                         f"apply); give --vars to integrate over batch columns")
+    return {"nclust": args.nclust, "sigma": args.sigma, "random_state": args.seed,
+            "device": args.device, "dtype": args.dtype}
+
+
+def _build_one_batch(args: argparse.Namespace, one_batch: dict[str, Any]) -> int:
+    """``reference build`` of a table or .npy without --vars: one batch, no Harmony run."""
+    from harmonypy._reference import build_reference
+
+    inputs = {"EMBEDDING": args.embedding}
+    if args.meta is not None:
+        inputs["META"] = args.meta
+    else:
+        needs_meta = [option for option, value in (("--labels", args.labels),
+                                                   ("--subset", args.subset)) if value]
+        if needs_meta:
+            raise ValueError(f"{', '.join(needs_meta)} names columns of META, the metadata "
+                             f"table, which was not given")
+    check_outputs([OutputSpec("-o/--output", args.output, REFERENCE_OUTPUTS)], inputs,
+                  force=args.force)
+    if args.meta is None:
+        embedding, meta = read_embedding(args.embedding, names=args.names), None
+    else:
+        embedding, meta = _read_tables(args)
+        source = f"the metadata {args.meta}"
+        _check_columns(meta, args.labels or [], "--labels", source)
+        embedding, meta = _take_rows(embedding, meta, _subset_mask(meta, args.subset, source))
+    # The reference keeps the cells' names (from the embedding) with its cells.
+    cells = embedding.frame if embedding.has_names else embedding.frame.to_numpy()
+    named = meta.set_axis(embedding.frame.index) if (
+        meta is not None and embedding.has_names) else meta
+    start = time.perf_counter()
+    ref = build_reference(cells, named, labels=args.labels, keep_cells=args.keep_cells,
+                          **one_batch)
+    elapsed = time.perf_counter() - start
+    files = _write_outputs([(args.output, ref.write)])
+    _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {_describe_reference(ref)}; "
+                f"one batch, clustered in {elapsed:.1f} s")
+    return 0
+
+
+def _reference_build_h5ad(args: argparse.Namespace, one_batch: dict[str, Any] | None) -> int:
     from harmonypy._reference import build_reference
 
     if args.meta is not None:
@@ -739,16 +811,18 @@ def _reference_build_h5ad(args: argparse.Namespace) -> int:
                   {"EMBEDDING": args.embedding}, force=args.force)
     adata = read_h5ad(args.embedding)
     source = f"adata.obs of {args.embedding}"
-    _check_columns(adata.obs, args.vars_use, "--vars", source)
+    _check_columns(adata.obs, args.vars_use or [], "--vars", source)
     _check_columns(adata.obs, args.labels or [], "--labels", source)
     mask = _subset_mask(adata.obs, args.subset, source)
     if mask is not None:
         adata = adata[mask].copy()
     start = time.perf_counter()
+    options = one_batch if one_batch is not None else {"verbose": not args.quiet,
+                                                       **harmony_kwargs(args)}
     ref = build_reference(adata, args.vars_use, labels=args.labels, keep_cells=args.keep_cells,
                           basis=args.basis, adjusted_basis=args.adjusted_basis,
                           loadings=None if args.no_loadings else args.loadings,
-                          layer=args.layer, verbose=not args.quiet, **harmony_kwargs(args))
+                          layer=args.layer, **options)
     elapsed = time.perf_counter() - start
     files = _write_outputs([(args.output, ref.write)])
     genes = (f", projection from {ref.projection.n_genes:,} genes"

@@ -22,7 +22,9 @@ Repeats go round-robin over all runs and the fastest time is kept (other
 processes only ever add time; the machine is shared).
 
 Prints a Markdown table and writes it to ``benchmarks/results/<name>.md``
-(default ``mapping.md``) with the raw times in ``<name>.json``.
+(default ``mapping.md``) with the raw times in ``<name>.json``; the report
+also gives the slowest repeat of every time. ``--from-json`` rebuilds the
+report from an earlier ``<name>.json`` without running anything.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-symphonypy", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default="mapping")
+    p.add_argument("--from-json", action="store_true",
+                   help="rebuild the report from benchmarks/results/<name>.json; run nothing")
     # worker mode (internal)
     p.add_argument("--worker", choices=["map", "map+score"], help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -165,6 +169,14 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
     args.query_cells = [int(s.replace("_", "")) for s in args.query_cells.split(",") if s]
+    if args.from_json:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        runs = {(key.rsplit(" ", 1)[0], int(key.rsplit(" ", 1)[1])): rs
+                for key, rs in saved.items()}
+        args.repeats = max(len(rs) for rs in runs.values())
+        args.query_cells = sorted({n for kind, n in runs if kind != "symphonypy"})
+        write_report(args, runs, raw=False)
+        return 0
     sys.path.insert(0, str(SRC))
     sys.path.insert(0, str(BENCH))
     folder = make_inputs(args)
@@ -191,6 +203,13 @@ def main(argv=None) -> int:
                                  0, args.threads, args.timeout)
             runs.setdefault(("symphonypy", n_sym), []).append(res)
             log(f"  {res['map_embedding_seconds']:.2f} s, peak RSS {res['rss_peak_gb']:.2f} GB")
+    write_report(args, runs, raw=True)
+    return 0
+
+
+def write_report(args, runs: dict, *, raw: bool) -> None:
+    """The Markdown report of ``runs`` ({(kind, n): [result per repeat]}), printed
+    and written to ``<name>.md``; with ``raw``, the runs to ``<name>.json`` too."""
 
     def fastest(kind, n, field):
         values = [r[field] for r in runs.get((kind, n), []) if field in r]
@@ -231,6 +250,29 @@ def main(argv=None) -> int:
             f"{'-' if sym_s is None else f'{sym_s:.2f}'} | "
             f"{'-' if sym_s is None else f'{sym_s / map_s:.1f}x ({sym_s / score_s:.1f}x with score)'} | "
             f"{worst('map+score', n, 'accuracy'):.4f} |")
+    def slowest(kind, n, field):
+        found = [(r[field], i, r.get("loadavg")) for i, r in enumerate(runs.get((kind, n), []))
+                 if field in r]
+        if not found:
+            return "-"
+        seconds, i, load = max(found)
+        return f"{seconds:.2f} (repeat {i + 1}" + (
+            f", load {load:.1f})" if load is not None else ")")
+
+    lines += ["", f"**Fastest of {args.repeats} repeats.** The times above are the fastest "
+                  f"repeat of each measurement: on this shared machine other processes only "
+                  f"add time, so the fastest is the closest to the cost of the code itself. "
+                  f"A single run can take much longer; the slowest repeat of each (which "
+                  f"repeat, and the 1-minute load average after it):",
+              "",
+              "| query cells | map_query (s) | map_query + score (s) | transfer_labels (s) "
+              "| symphonypy map_embedding (s) |",
+              "|---|---|---|---|---|"]
+    for n in args.query_cells:
+        lines.append(f"| {n:,} | {slowest('map', n, 'map_seconds')} | "
+                     f"{slowest('map+score', n, 'map_seconds')} | "
+                     f"{slowest('map+score', n, 'transfer_seconds')} | "
+                     f"{slowest('symphonypy', n, 'map_embedding_seconds')} |")
     loads = [r.get("loadavg", 0) for rs in runs.values() for r in rs]
     lines += ["", f"Highest 1-minute load average seen after a run: {max(loads):.1f} "
                   f"on {os.cpu_count()} CPUs (above that count, other processes took CPU time "
@@ -243,9 +285,9 @@ def main(argv=None) -> int:
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        {f"{kind} {n}": rs for (kind, n), rs in runs.items()}, indent=1))
-    return 0
+    if raw:
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(
+            {f"{kind} {n}": rs for (kind, n), rs in runs.items()}, indent=1))
 
 
 if __name__ == "__main__":

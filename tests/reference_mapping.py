@@ -127,10 +127,18 @@ def per_cell_mapping_metric(Z_ref, R_ref, Zq_pca, Rq):
     reference cells with weights ``R[k, ]``; then ``sqrt(mahalanobis(query,
     centre, cov))`` per cluster, averaged with the query's R.
     """
-    K = R_ref.shape[0]
-    distances = np.zeros((Zq_pca.shape[1], K))
-    for k in range(K):
-        center, cov = weighted_cov(Z_ref, R_ref[k])
+    moments = [weighted_cov(Z_ref, R_ref[k]) for k in range(R_ref.shape[0])]
+    return mapping_metric(np.array([c for c, _ in moments]),
+                          np.array([cov for _, cov in moments]), Zq_pca, Rq)
+
+
+def mapping_metric(centers, covariances, Zq_pca, Rq):
+    """The second half of :func:`per_cell_mapping_metric`, from given cluster
+    centres (K x d) and covariances (K x d x d): ``sqrt(mahalanobis(...))``
+    per cluster (``inv()`` of each covariance, as R's ``mahalanobis``),
+    averaged with the query's R."""
+    distances = np.zeros((Zq_pca.shape[1], len(centers)))
+    for k, (center, cov) in enumerate(zip(centers, covariances)):
         diff = Zq_pca - center[:, None]
         distances[:, k] = np.sqrt(np.sum(diff * (np.linalg.inv(cov) @ diff), axis=0))
     return np.sum(distances * Rq.T, axis=1)

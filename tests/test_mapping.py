@@ -23,6 +23,7 @@ from reference_mapping import (
     harmony2_keep,
     harmony2_penalty,
     knn_predict,
+    mapping_metric,
     moe_correct_ref,
     per_cell_mapping_metric,
     query_design,
@@ -129,6 +130,56 @@ def test_map_query_matches_symphony_formulas(case, algorithm, dtype, names):
     assert q.batch_levels == (["query"] if not names else
                               [f"{v}={lv}" for v in names
                                for lv in sorted(set(meta_query[v]))])
+
+
+@pytest.fixture(scope="module")
+def pbmc_case():
+    """Real data: the bundled PBMCs, two 3' chemistries as the reference, the 5'
+    cells as the query, with a query variable of two levels (UMI depth above or
+    below the median) and one of a single level (``donor``, all 5p)."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_query = (meta["donor"] == "5p").to_numpy()
+    meta_query = meta[in_query].reset_index(drop=True)
+    meta_query["depth"] = np.where(meta_query["nUMI"] > meta_query["nUMI"].median(),
+                                   "deep", "shallow")
+    return (pcs[~in_query].to_numpy(), meta[~in_query].reset_index(drop=True),
+            pcs[in_query].to_numpy(), meta_query)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_map_query_matches_symphony_formulas_on_pbmcs(pbmc_case, algorithm, dtype):
+    """The same comparison on real cells (default Harmony settings, 770 reference
+    cells, 430 query cells): float64 to 1e-10; float32 to 100 float32 epsilons
+    (measured: Z_corr 2e-15 / 3e-7 relative, R 4e-15 / 2e-6).
+
+    The mapping score is compared in two stages: the reference's covariances
+    with ``weighted_cov`` to 1e-12, and the score from those covariances to
+    1e-10. The literal score from its own covariances agrees to 5e-11 /
+    2.4e-10 (Harmony 1 / Harmony2) in float64, so it is held to 1e-8 as on the
+    simulated case: one Harmony2 cluster's covariance has condition number
+    ~2e6, which magnifies the covariances' last-digit differences."""
+    z_ref, meta_ref, z_query, meta_query = pbmc_case
+    ho = hm.run_harmony(z_ref, meta_ref, "donor", algorithm=algorithm, dtype=dtype,
+                        verbose=False)
+    ref = hm.build_reference(ho)
+    tol = 1e-10 if dtype == "float64" else 100 * float(np.finfo(np.float32).eps)
+    for k in range(ref.K):
+        center, cov = weighted_cov(ho.Z_orig.astype(np.float64), ho.R[k].astype(np.float64))
+        assert _relative(ref.cluster_center[k], center) < 1e-12
+        assert _relative(ref.cluster_cov[k], cov) < 1e-12
+    for names in ([], ["depth"], ["depth", "donor"]):
+        q = hm.map_query(z_query, meta_query, ref, vars_use=names or None, dtype=dtype)
+        Zq_corr, Rq, score, keep = _literal(ho, z_query, meta_query, names)
+        assert _relative(q.Z_corr, Zq_corr) < tol, names
+        assert np.abs(q.R - Rq).max() < tol, names
+        assert _relative(q.confidence, score) < (1e-8 if dtype == "float64" else tol), names
+        staged = mapping_metric(ref.cluster_center, ref.cluster_cov, z_query.T, q.R)
+        assert _relative(q.confidence, staged) < tol, names
+        if algorithm == "harmony2":
+            np.testing.assert_array_equal(q.kept_levels, keep)
+        # Not a trivial agreement: the correction moved the query cells.
+        assert _relative(q.Z_corr, z_query.T) > 0.05
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -241,27 +292,63 @@ def test_cell_names_follow_the_query(case):
 # ------------------------------------------------------ self-consistency
 def test_reference_cells_map_onto_themselves():
     """Reference cells mapped with their own batches land on their corrected
-    coordinates. One round (Symphony) assigns them from their uncorrected
-    coordinates, without Harmony's diversity penalty, so a low-variance PC
-    ends at r ~0.988; assigning the corrected cells again (three rounds)
-    brings every PC to r >= 0.99. Given Harmony's own R, the correction alone reproduces
-    Harmony's to r > 0.9999: the anchored regression is the same model."""
+    coordinates: per-PC r >= 0.99 (issue #12) with ``iterations=3`` (measured
+    min 0.9918). Symphony's one round reaches min 0.9880 (PC17), median 0.9989.
+
+    Why one round falls short: the correction is Harmony's model exactly
+    (given Harmony's own R it reproduces Harmony's coordinates to r > 0.9999),
+    so the gap is the assignment. Symphony assigns the query from its
+    *uncorrected* cells, where the chemistries' offsets move cells across
+    cluster boundaries; the same kernel on the corrected cells gives r >= 0.998.
+    Further rounds assign the corrected query, which closes most of the gap.
+    (Harmony's diversity penalty is not the cause: adding it to the one-round
+    assignment does not help, see docs/mapping.md.)"""
     pcs, meta = hm.datasets.load_pbmcs_small()
     ho = hm.run_harmony(pcs, meta, "donor", verbose=False)
     ref = hm.build_reference(ho)
 
-    def per_pc_r(q):
-        return np.array([np.corrcoef(q.Z_corr[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)])
+    def per_pc_r(z_corr):
+        return np.array([np.corrcoef(z_corr[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)])
 
-    once = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor"))
-    twice = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor", iterations=3))
+    once = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor").Z_corr)
+    three = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor", iterations=3).Z_corr)
     print(f"\nself-consistency per-PC r: one round min {once.min():.4f} median "
-          f"{np.median(once):.4f}; three rounds min {twice.min():.4f}")
-    assert once.min() >= 0.985 and np.median(once) >= 0.998, once
-    assert twice.min() >= 0.99, twice
+          f"{np.median(once):.4f}; three rounds min {three.min():.4f} median "
+          f"{np.median(three):.4f}")
+    assert three.min() >= 0.99, three  # the issue's criterion, on the documented path
+    assert once.min() >= 0.987 and np.median(once) >= 0.998, once  # Symphony's one round
+    assert three.min() > once.min() + 0.002
+    # The decomposition: the same correction with Harmony's R, and with the
+    # soft assignment of the corrected cells.
     R = ho.R.astype(np.float64)
     Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
-    same_r, _ = moe_correct_ref(pcs.to_numpy().T, query_design(meta, ["donor"]), R, Nr, C)
+    z, design = pcs.to_numpy().T, query_design(meta, ["donor"])
+    with_harmony_r, _ = moe_correct_ref(z, design, R, Nr, C)
+    assert per_pc_r(with_harmony_r).min() > 0.9999
+    corrected_assignment = soft_cluster(ref.Y, ho.Z_corr.astype(np.float64), ho.sigma)
+    from_corrected, _ = moe_correct_ref(z, design, corrected_assignment, Nr, C)
+    assert per_pc_r(from_corrected).min() >= 0.998
+
+
+def test_harmony2_reference_cells_map_onto_themselves():
+    """The same check on a Harmony2 reference (its defaults: estimated penalty,
+    intercepts as centroids): one round min 0.9831 (PC6), median 0.9972. Extra
+    rounds do not reach 0.99 here (three: min 0.9790, median 0.9981): without
+    the diversity penalty they settle on another fixed point than Harmony2's.
+    Given Harmony2's own R the correction reproduces its coordinates
+    (r > 0.9999), as for Harmony 1."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    ho = hm.run_harmony(pcs, meta, "donor", algorithm="harmony2", verbose=False)
+    ref = hm.build_reference(ho)
+    q = hm.map_query(pcs, meta, ref, vars_use="donor")
+    once = np.array([np.corrcoef(q.Z_corr[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)])
+    assert once.min() >= 0.98 and np.median(once) >= 0.997, once
+    R = ho.R.astype(np.float64)
+    Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
+    design = query_design(meta, ["donor"])
+    same_r, _ = moe_correct_ref(pcs.to_numpy().T, design, R, Nr, C,
+                                harmony2_penalty(R, design, Nr, ho.alpha),
+                                harmony2_keep(R, design, ho.batch_prop_cutoff))
     exact = [np.corrcoef(same_r[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)]
     assert min(exact) > 0.9999, exact
 
@@ -673,6 +760,60 @@ def test_anndata_query_equals_projection_then_map_query(gene_case):
                                _literal_projection(log_query, adata, np.arange(10, 60)),
                                atol=1e-4 * np.abs(projected).max())
     assert "mapping_score" not in dense.obs
+
+
+def test_transfer_labels_onto_a_mapped_anndata(gene_case, tmp_path):
+    """transfer_labels(adata_query, ref, label) after map_query(adata_query, ref):
+    the same obs columns and values as map_query(..., labels=label), read back
+    from obsm; refused for an unmapped query or another reference."""
+    adata, _, ref, log_query, obs_query = gene_case
+    anndata = pytest.importorskip("anndata")
+    genes = [f"g{i}" for i in range(60)]
+    at_once = _query_adata(log_query, obs_query, genes)
+    hm.map_query(at_once, ref, "batch", labels="cell_type", k=10, min_probability=0.6)
+    later = _query_adata(log_query, obs_query, genes)
+    hm.map_query(later, ref, "batch")
+    assert "cell_type_predicted" not in later.obs
+    table = hm.transfer_labels(later, ref, "cell_type", k=10, min_probability=0.6)
+    for column in ("cell_type_predicted", "cell_type_probability"):
+        pd.testing.assert_series_equal(later.obs[column], at_once.obs[column])
+    assert table.index.equals(later.obs_names)
+    np.testing.assert_array_equal(table["label"].astype(str),
+                                  later.obs["cell_type_predicted"].astype(str))
+    assert (table["label"].astype(str) == obs_query["cell_type"].to_numpy()).mean() > 0.9
+    record = later.uns["harmony_mapping"]
+    assert (record["labels"], record["k"], record["min_probability"]) == \
+        (["cell_type"], [10], [0.6]) == \
+        tuple(at_once.uns["harmony_mapping"][key] for key in ("labels", "k", "min_probability"))
+    # Through an .h5ad file and a saved reference: same digest, labels replaced.
+    later.write_h5ad(tmp_path / "mapped.h5ad")
+    read = anndata.read_h5ad(tmp_path / "mapped.h5ad")
+    loaded = hm.load_reference(ref.save(tmp_path / "ref.npz"))
+    one = hm.transfer_labels(read, loaded, "cell_type", k=1, min_probability=0)
+    assert set(one["probability"]) == {1.0}
+    np.testing.assert_array_equal(read.obs["cell_type_probability"], 1.0)
+    record = read.uns["harmony_mapping"]
+    assert (list(record["labels"]), list(record["k"]), list(record["min_probability"])) == \
+        (["cell_type"], [1], [0.0])
+
+    unmapped = _query_adata(log_query, obs_query, genes)
+    with pytest.raises(ValueError, match=r"has not been mapped.*map_query\(adata_query, ref\)"):
+        hm.transfer_labels(unmapped, ref, "cell_type")
+    other = hm.build_reference(
+        hm.run_harmony(adata.obsm["X_pca"], adata.obs, "batch", nclust=5, verbose=False),
+        adata.obs, labels="cell_type")
+    before = later.obs.copy()
+    with pytest.raises(ValueError, match="mapped onto another reference"):
+        hm.transfer_labels(later, other, "cell_type")
+    moved = _query_adata(log_query, obs_query, genes)
+    hm.map_query(moved, ref, adjusted_basis="mapped")
+    del moved.obsm["mapped"]
+    with pytest.raises(KeyError, match="obsm has no 'mapped'"):
+        hm.transfer_labels(moved, ref, "cell_type")
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        hm.transfer_labels(later, ref, "cell_type", k=0)
+    pd.testing.assert_frame_equal(later.obs, before)  # nothing written on refusal
+    assert "cell_type_predicted" not in moved.obs
 
 
 def test_anndata_query_in_the_reference_pc_space(gene_case):

@@ -9,13 +9,16 @@ Reading and writing ``.h5ad`` files does need anndata; :func:`require_anndata`
 gives the installation hint.
 
 Reference mapping on AnnData goes through here too:
-:func:`reference_from_anndata` (``build_reference(adata, key, ...)``) and
-:func:`map_anndata` (``map_query(adata_query, ref, ...)``); the gene
-projection they keep and apply is :mod:`harmonypy._projection`.
+:func:`reference_from_anndata` (``build_reference(adata, key, ...)``),
+:func:`map_anndata` (``map_query(adata_query, ref, ...)``) and
+:func:`transfer_anndata` (``transfer_labels(adata_query, ref, label)`` on a
+mapped query); the gene projection they keep and apply is
+:mod:`harmonypy._projection`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
 from typing import Any, Sequence
@@ -24,12 +27,15 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["integrate", "map_anndata", "reference_from_anndata", "require_anndata"]
+__all__ = ["integrate", "map_anndata", "reference_from_anndata", "require_anndata",
+           "transfer_anndata"]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
 #: ``obs`` column of the per-cell mapping score.
 SCORE_COLUMN = "mapping_score"
+#: ``uns`` key of what :func:`map_anndata` did.
+MAPPING_KEY = "harmony_mapping"
 
 _INSTALL_HINT = "pip install harmonypy[anndata]"
 
@@ -322,9 +328,6 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
     if q.confidence is not None:
         adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
-    for name, table in transfers.items():
-        adata.obs[f"{name}_predicted"] = table["label"].values  # categorical
-        adata.obs[f"{name}_probability"] = table["probability"].to_numpy()
     record = {
         "basis": PROJECTED_BASIS if basis is None else basis,
         "adjusted_basis": adjusted,
@@ -332,14 +335,84 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
         "reference_algorithm": ref.algorithm,
         "n_clusters": int(ref.K),
         "batch_levels": [str(level) for level in q.batch_levels],
+        "reference_digest": reference_digest(ref),
         "version": __version__,
     }
     if n_missing is not None:
         record.update(n_genes=int(ref.projection.n_genes), n_genes_missing=int(n_missing))
     if keys:
         record["key"] = keys
-    if label_names:
-        record.update(labels=[str(n) for n in label_names], k=int(k),
-                      min_probability=float(min_probability))
-    adata.uns["harmony_mapping"] = record
+    for name, table in transfers.items():
+        _write_transfer(adata, record, name, table, k, float(min_probability))
+    adata.uns[MAPPING_KEY] = record
     return q
+
+
+def reference_digest(ref) -> str:
+    """A short fingerprint of a reference's clusters (SHA-256 of ``Nr`` and ``C``,
+    16 hex digits): the same for a reference and its saved and loaded copy,
+    different for another reference."""
+    digest = hashlib.sha256()
+    for array in (ref.Nr, ref.C):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _write_transfer(adata: Any, record: dict, name, table, k: int,
+                    min_probability: float) -> None:
+    """Labels of ``table`` into ``adata.obs`` and the record: ``labels``, ``k`` and
+    ``min_probability`` are parallel lists, one entry per transferred label
+    (a label transferred again replaces its entry)."""
+    adata.obs[f"{name}_predicted"] = table["label"].values  # categorical
+    adata.obs[f"{name}_probability"] = table["probability"].to_numpy()
+    labels = [str(n) for n in record.get("labels", [])]
+    ks = [int(v) for v in np.atleast_1d(record.get("k", []))]
+    probabilities = [float(v) for v in np.atleast_1d(record.get("min_probability", []))]
+    if not len(labels) == len(ks) == len(probabilities):  # not written by this package
+        labels, ks, probabilities = [], [], []
+    if str(name) in labels:
+        i = labels.index(str(name))
+        del labels[i], ks[i], probabilities[i]
+    record.update(labels=labels + [str(name)], k=ks + [int(k)],
+                  min_probability=probabilities + [float(min_probability)])
+
+
+def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, device):
+    """``transfer_labels(adata_query, ref, label)``: labels for a query mapped by
+    ``map_query(adata_query, ref)``, from its ``obsm[adjusted_basis]`` (as
+    recorded in ``uns["harmony_mapping"]``), written into ``obs`` as
+    ``map_query(..., labels=label)`` writes them. Everything is checked and
+    computed before ``adata`` is modified.
+    """
+    from harmonypy._mapping import transfer_labels
+
+    _check_adata(adata, "transfer_labels(adata_query, ...)")
+    record = adata.uns.get(MAPPING_KEY)
+    if not isinstance(record, dict) or "adjusted_basis" not in record:
+        raise ValueError(
+            f"adata_query has no uns[{MAPPING_KEY!r}]: it has not been mapped. Map it first "
+            f"with map_query(adata_query, ref) (labels=... transfers labels in the same "
+            f"call), or pass its corrected embedding as an array")
+    adjusted = str(record["adjusted_basis"])
+    if adjusted not in adata.obsm:
+        raise KeyError(f"adata_query.obsm has no {adjusted!r}, where uns[{MAPPING_KEY!r}] "
+                       f"says map_query wrote the corrected query; map it again with "
+                       f"map_query(adata_query, ref)")
+    digest = record.get("reference_digest")
+    if digest is not None and str(digest) != reference_digest(ref):
+        raise ValueError(
+            f"adata_query was mapped onto another reference (uns[{MAPPING_KEY!r}] records "
+            f"reference_digest {str(digest)!r}, this reference's is {reference_digest(ref)!r}): "
+            f"transfer labels from the reference it was mapped onto, or map it onto this "
+            f"one with map_query(adata_query, ref)")
+    cells = np.asarray(adata.obsm[adjusted])
+    if cells.ndim != 2 or cells.shape[1] != ref.d:
+        raise ValueError(f"adata_query.obsm[{adjusted!r}] has shape {cells.shape}, but the "
+                         f"reference has {ref.d} PCs: map it onto this reference with "
+                         f"map_query(adata_query, ref)")
+    table = transfer_labels(cells, ref, label, k=k, min_probability=min_probability,
+                            device=device)
+    table.index = adata.obs_names if hasattr(adata, "obs_names") else adata.obs.index
+    _write_transfer(adata, record, label, table, k, float(min_probability))
+    adata.uns[MAPPING_KEY] = record
+    return table

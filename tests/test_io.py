@@ -236,14 +236,58 @@ def test_row_order_when_a_side_has_no_names(caplog):
     assert not result.by_name and result.meta["cell"].iloc[0] == "cell099"
     with pytest.raises(ValueError, match="has 99 rows but the embedding pcs.tsv has 100 cells"):
         match(unnamed, meta_table(cell=CELLS[:99]))
-    # Names that share nothing with the embedding's: the metadata has no names.
+    # A column that shares nothing and is not under an identifier header holds data.
     result = match(named(CELLS), meta_table(sample=[f"s{i}" for i in range(100)]))
     assert not result.by_name
-    # ... row names that share nothing are worth a warning.
-    meta = Table(pd.DataFrame({"x": range(100)}, index=[f"r{i}" for i in range(100)]), True)
+    # ... as does an identifier-like header over repeated values (sample names).
+    assert not match(named(CELLS), meta_table(name=[f"s{i % 4}" for i in range(100)])).by_name
+    # Integer row names that share nothing (a filtered frame's index written by
+    # pandas) are taken for row numbers, with a warning.
+    filtered = Table(pd.DataFrame({"x": range(100)}, index=range(0, 300, 3)), True)
     with caplog.at_level(logging.WARNING, logger="harmonypy._io"):
-        assert not match(named(CELLS), meta).by_name
+        assert not match(named(CELLS), filtered).by_name
     assert "shares none" in caplog.text
+    # Embedding names that only number the rows are no names.
+    assert not match(named(list(range(100))), meta_table(cell_id=CELLS)).by_name
+
+
+# Issue #11: both files name their cells, but no name is shared.
+BARCODES = [f"AAAC{i}-1" for i in range(100)]
+STRIPPED = [f"AAAC{i}" for i in range(100)][::-1]
+
+
+def test_names_sharing_nothing_are_an_error_not_row_order(tmp_path):
+    # The issue's files, read as the command line reads them.
+    pcs = pcs_frame(100)
+    pcs.insert(0, "cell_id", BARCODES)
+    pcs.to_csv(tmp_path / "pcs.tsv", sep="\t", index=False)
+    meta = pd.DataFrame({"cell_id": STRIPPED, "donor": [f"d{i % 2}" for i in range(100)]})
+    meta.to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
+    embedding, metadata = read_embedding(tmp_path / "pcs.tsv"), read_meta(tmp_path / "meta.tsv")
+    with pytest.raises(ValueError) as info:
+        match(embedding, metadata)
+    message = str(info.value)
+    assert ("the embedding pcs.tsv (column 'cell_id') and the metadata meta.tsv (column "
+            "'cell_id') name different cells: 0 of the embedding's 100 cells (0%) are in the "
+            "metadata") in message
+    assert "100 embedding cell(s) are not in the metadata ('AAAC0-1', 'AAAC1-1'," in message
+    assert "100 metadata name(s) are not in the embedding ('AAAC99', 'AAAC98'," in message
+    assert "--names/--meta-names" in message and "--no-names" in message
+    # --no-names pairs by position, as asked.
+    result = match(embedding, metadata, by_name=False)
+    assert not result.by_name and result.meta["cell_id"].iloc[0] == "AAAC99"
+
+
+@pytest.mark.parametrize("meta", [
+    Table(pd.DataFrame({"donor": ["a"] * 100}, index=STRIPPED), True, "row names"),
+    meta_table(barcode=STRIPPED, donor=["a"] * 100),
+    meta_table(**{"Cell ID": pd.Categorical(STRIPPED)}),
+    # Integer row names (positions) next to a name column: the column counts.
+    Table(pd.DataFrame({"obs_names": STRIPPED}, index=range(1, 201, 2)), True, "row names"),
+], ids=["row names", "barcode", "categorical Cell ID", "obs_names beside integer row names"])
+def test_names_sharing_nothing_in_any_source_are_an_error(meta):
+    with pytest.raises(ValueError, match=r"0 of the embedding's 100 cells \(0%\).*'AAAC0-1'"):
+        match(named(BARCODES), meta)
 
 
 def test_row_numbers_are_not_names():

@@ -10,12 +10,19 @@ What counts as "names": a pandas index other than the default positions
 ``0 .. n-1`` (a ``RangeIndex`` or an integer index equal to it), or, in the
 metadata, a text column that holds the embedding's names (e.g. a ``cell`` or
 ``barcode`` column next to a default index).
+
+Names that share no value with the other side still count when both sides
+hold text names (:func:`text_names`) and the metadata's come from its index
+or from a column under an identifier header (:func:`declared_names`): the
+pairing is then refused, not done by row order. Integer labels that share
+nothing (a filtered frame's index, R's ``1 .. n``) are taken for row numbers.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +36,17 @@ _PROBE_VALUES = 1000
 _SHOWN = 5
 
 _API_REMEDY = ("Give both the same cells (e.g. meta.loc[pcs.index]), make the names unique, "
-               "or pass plain arrays (e.g. pcs.to_numpy()) to pair rows by position")
+               "or drop one side's names to pair rows by position (e.g. "
+               "pcs.reset_index(drop=True) or pcs.to_numpy())")
+
+#: Column headers that say "this column holds cell names" (compared lower-case,
+#: without ``_``, ``-``, ``.``, ``:`` and spaces, so ``cell_id``, ``Cell ID`` and
+#: ``cellID`` all count).
+_IDENTIFIER_HEADERS = frozenset({
+    "", "cell", "cells", "cellid", "cellids", "cellname", "cellnames", "cellbarcode",
+    "cellbarcodes", "barcode", "barcodes", "index", "obs", "obsname", "obsnames", "id", "ids",
+    "name", "names", "rowname", "rownames", "unnamed0",
+})
 
 
 def carries_names(index: pd.Index) -> bool:
@@ -45,6 +62,70 @@ def carries_names(index: pd.Index) -> bool:
         values = index.to_numpy()
         return not (values.size == n and np.array_equal(values, np.arange(n)))
     return True
+
+
+def identifier_header(name: Any) -> bool:
+    """Whether a column header says the column holds cell names (``cell_id``, ``barcode``)."""
+    return re.sub(r"[\s_.\-:]", "", str(name).lower()) in _IDENTIFIER_HEADERS
+
+
+def _text_like(values: pd.Index | pd.Series) -> bool:
+    """Strings, objects or categories: not numbers, not booleans."""
+    return not (pd.api.types.is_numeric_dtype(values.dtype)
+                or pd.api.types.is_bool_dtype(values.dtype))
+
+
+def text_names(names: pd.Index | pd.Series) -> bool:
+    """Whether ``names`` are text names (barcodes), not integers that may number rows.
+
+    Integer labels (as numbers or as digit strings: ``0 .. n-1``, R's
+    ``1 .. n``, a filtered frame's index, anndata's default ``"0", "1", ...``)
+    may be positions rather than names; text such as ``AAACCTG-1`` is a name.
+    The first :data:`_PROBE_VALUES` values decide when one of them is not an
+    integer, so barcodes cost O(1) here; only integer-like labels are read in
+    full.
+    """
+    if len(names) == 0 or not _text_like(names):
+        return False
+    values = pd.Index(names)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = pd.Index(values.categories)
+    head = values[:_PROBE_VALUES].astype(str)
+    if not head.str.fullmatch(r"-?\d+").all():
+        return True
+    return not bool(values.astype(str).str.fullmatch(r"-?\d+").all())
+
+
+def declared_names(meta: pd.DataFrame, *, index: bool) -> tuple[Any, pd.Index] | None:
+    """The names ``meta`` gives its rows, whether or not they match the embedding's.
+
+    Used when no metadata source shares a name with the embedding, to tell
+    "the metadata names other cells" (an error) from "the metadata has no
+    names" (row order).
+
+    Parameters
+    ----------
+    meta : DataFrame, (n_rows, n_columns)
+    index : bool
+        Whether ``meta.index`` holds row names (not pandas' default positions).
+
+    Returns
+    -------
+    (None, Index) or (column, Index) or None
+        The index when ``index`` and it holds :func:`text_names`; else the
+        first column under an identifier header (:func:`identifier_header`)
+        holding distinct text names, e.g. ``cell_id`` or ``barcode``
+        (distinct, so that a ``name`` column repeating sample names is not
+        taken for cell names); else None.
+    """
+    if index and text_names(meta.index):
+        return None, meta.index
+    for column in meta.columns:
+        values = meta[column]
+        if (identifier_header(column) and _text_like(values) and values.is_unique
+                and text_names(values)):
+            return column, pd.Index(values)
+    return None
 
 
 def _examples(values: Sequence, limit: int = _SHOWN) -> str:
@@ -81,7 +162,7 @@ def name_column(meta: pd.DataFrame, cell_names: pd.Index) -> str | None:
     lookup = pd.Index(cell_names.astype(str)).unique()
     for column in meta.columns:
         values = meta[column]
-        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        if not _text_like(values):
             continue
         probe = values.iloc[:_PROBE_VALUES].astype(str)
         if (lookup.get_indexer(probe) >= 0).any():
@@ -158,15 +239,20 @@ def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
     ``data_mat``'s cell names are its index when it is a DataFrame with as
     many rows as ``meta_data`` (cells x PCs), else its columns when those
     match (PCs x cells). ``meta_data``'s are its index, or a text column that
-    holds those names when its index is the default. Anything else (arrays,
-    default indexes, shapes that match nothing; those are checked later) is
-    returned unchanged, as is ``meta_data`` when the order already agrees.
-    The caller's object is never modified: a reordered copy is returned.
+    holds those names when its index is the default, or, when ``data_mat``'s
+    are text names (:func:`text_names`) and no column holds any of them, a
+    column under an identifier header (``cell_id``, ``barcode``, ...; see
+    :func:`declared_names`): names that share nothing are refused, not
+    paired by row order. Anything else (arrays, default indexes, shapes that
+    match nothing; those are checked later) is returned unchanged, as is
+    ``meta_data`` when the order already agrees. The caller's object is
+    never modified: a reordered copy is returned.
 
     Raises
     ------
     ValueError
-        Duplicated names, or names on one side that are not on the other.
+        Duplicated names, or names on one side that are not on the other
+        (including two sets of names with nothing in common).
     """
     if not isinstance(meta_data, (pd.DataFrame, pd.Series)):
         return meta_data
@@ -187,7 +273,10 @@ def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
     elif isinstance(meta_data, pd.DataFrame):
         column = name_column(meta_data, cell_names)
         if column is None:
-            return meta_data
+            declared = declared_names(meta_data, index=False) if text_names(cell_names) else None
+            if declared is None:
+                return meta_data
+            column = declared[0]
         meta_names, meta_from = pd.Index(meta_data[column]), f"{meta_name} column {column!r}"
     else:
         return meta_data

@@ -11,9 +11,9 @@ stay thin and every file goes through the same checks:
   instead of a bare ``EOFError`` or ``zlib.error`` without a file name.
 * **Cell names** (:func:`match_cells`): when the embedding and the metadata
   both name their cells, they are paired by name; the same cells in another
-  order are reordered, anything else (repeated names, cells on one side only)
-  is an error that shows a few offending names. Row order is used only when
-  one side has no names.
+  order are reordered, anything else (repeated names, cells on one side only,
+  two sets of names with nothing in common) is an error that shows a few
+  offending names. Row order is used only when one side has no names.
 * **Outputs** are checked before the computation (:func:`check_outputs`:
   format, folder, not an input, not replaced without ``force``) and written
   through :class:`OutputFiles`: each to a temporary file in its destination
@@ -30,7 +30,6 @@ import contextlib
 import gzip
 import logging
 import os
-import re
 import signal
 import stat
 import tempfile
@@ -43,7 +42,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy._cellnames import match_order
+from harmonypy._cellnames import declared_names, identifier_header, match_order, text_names
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +62,6 @@ _SHOWN = 5
 #: Values of each metadata column looked up among the embedding's names to
 #: find a name column cheaply (a name column shares names from its first rows).
 _PROBE_VALUES = 1000
-#: Column headers that say "this column holds cell names" (compared lower-case,
-#: without ``_``, ``-``, ``.`` and spaces, so ``cell_id``, ``Cell ID`` and
-#: ``cellID`` all count).
-_IDENTIFIER_HEADERS = frozenset({
-    "", "cell", "cells", "cellid", "cellids", "cellname", "cellnames", "cellbarcode",
-    "cellbarcodes", "barcode", "barcodes", "index", "obs", "obsname", "obsnames", "id", "ids",
-    "name", "names", "rowname", "rownames", "unnamed0",
-})
 
 
 # =========================================================================== #
@@ -270,11 +261,6 @@ def _numeric(column: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
 
 
-def _identifier_header(name: Any) -> bool:
-    """Whether a column header says the column holds cell names (``cell_id``, ``barcode``)."""
-    return re.sub(r"[\s_.\-:]", "", str(name).lower()) in _IDENTIFIER_HEADERS
-
-
 def _row_numbers(values: pd.Index | pd.Series, *, any_order: bool = False) -> bool:
     """Whether ``values`` are 0..n-1 or 1..n (in order, or in any order if asked).
 
@@ -308,7 +294,7 @@ def _names_column(frame: pd.DataFrame, column: Any) -> bool:
         return True
     if not pd.api.types.is_integer_dtype(values.dtype):
         return False
-    return _identifier_header(column) or (values.is_unique and _row_numbers(values, any_order=True))
+    return identifier_header(column) or (values.is_unique and _row_numbers(values, any_order=True))
 
 
 def close_match(name: str, available: Sequence[str]) -> str | None:
@@ -482,7 +468,7 @@ def _meta_name_candidates(meta: Table, cell_text: pd.Index,
         values = meta.frame[column]
         text_like = not _numeric(values) and not pd.api.types.is_bool_dtype(values)
         if integer_names:
-            usable = _identifier_header(column) and (
+            usable = identifier_header(column) and (
                 text_like or pd.api.types.is_integer_dtype(values.dtype))
         else:
             usable = text_like
@@ -517,7 +503,10 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
     meta_names : str, optional
         The metadata column holding the cell names (``--meta-names``).
         Default: the metadata's row names or the column that shares the most
-        names with the embedding; none when nothing is shared.
+        names with the embedding. When nothing is shared and the embedding's
+        names are text, the metadata's text row names or a column under an
+        identifier header (``cell_id``, ``barcode``, ...) still count as its
+        names (and the pairing is refused); otherwise the metadata has none.
     by_name : bool, default True
         False pairs rows by position whatever the names (``--no-names``).
 
@@ -529,16 +518,18 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
     Raises
     ------
     ValueError
-        Both sides name cells but names repeat, or the two sets differ (the
-        message gives counts and up to five names of each kind); by row
-        order, a different number of rows.
+        Both sides name cells but names repeat, or the two sets differ, even
+        entirely (the message gives counts and up to five names of each
+        kind); by row order, a different number of rows.
     KeyError
         ``meta_names`` is not a metadata column.
 
     Notes
     -----
     Two lists of row numbers (0..N-1 from pandas, 1..N from R) are not
-    names: they are paired by row order.
+    names: they are paired by row order. Nor are integer labels that share
+    nothing with the other side (a filtered frame's index written by
+    pandas): they are paired by row order with a warning.
     """
     n_cells = len(embedding.frame)
     cell_names = embedding.names
@@ -561,18 +552,27 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
     else:
         integer_names = bool(cell_text.str.fullmatch(r"-?\d+").all())
         candidates = _meta_name_candidates(meta, cell_text, integer_names)
-        if not candidates:
-            if meta.has_names and not _row_numbers(meta.frame.index):
-                logger.warning("the metadata %s has row names but shares none with the "
-                               "embedding %s; pairing rows by position", meta_path,
-                               embedding_path)
-            return _by_row_order(meta, n_cells, embedding_path, meta_path)
-        lookup = cell_text.unique()
-        where, names = max(candidates, key=lambda c: int(
-            (lookup.get_indexer(pd.Index(c[1].astype(str))) >= 0).sum()))
-        if _row_numbers(cell_names) and _row_numbers(names):
-            logger.info("both files number their rows (0..N-1 or 1..N); pairing by row order")
-            return _by_row_order(meta, n_cells, embedding_path, meta_path)
+        if candidates:
+            lookup = cell_text.unique()
+            where, names = max(candidates, key=lambda c: int(
+                (lookup.get_indexer(pd.Index(c[1].astype(str))) >= 0).sum()))
+            if _row_numbers(cell_names) and _row_numbers(names):
+                logger.info("both files number their rows (0..N-1 or 1..N); pairing by row "
+                            "order")
+                return _by_row_order(meta, n_cells, embedding_path, meta_path)
+        else:
+            # Nothing shared. Text names on both sides name other cells: refused
+            # below (match_order), never paired by position (issue #11).
+            declared = (declared_names(meta.frame, index=meta.has_names)
+                        if text_names(cell_names) else None)
+            if declared is None:
+                if meta.has_names and not _row_numbers(meta.frame.index):
+                    logger.warning("the metadata %s has row names but shares none with the "
+                                   "embedding %s; taking integer labels for row numbers and "
+                                   "pairing rows by position", meta_path, embedding_path)
+                return _by_row_order(meta, n_cells, embedding_path, meta_path)
+            column, names = declared
+            where = "row names" if column is None else f"column {str(column)!r}"
 
     order = match_order(
         cell_names, names,

@@ -90,6 +90,35 @@ def test_run_npy(small, tmp_path, capsys):
     assert result.shape == (1200, 20) and result.dtype == np.float32
     expected = hm.run_harmony(pcs.to_numpy(np.float32), meta, "donor", **FAST_KW).Z_corr.T
     np.testing.assert_allclose(result, expected, **CLOSE)
+    # float64 in, float64 out (written chunk by chunk into the memory-mapped file)
+    np.save(tmp_path / "pcs64.npy", pcs.to_numpy(np.float64))
+    status, _, err = run_main(["run", tmp_path / "pcs64.npy", meta_path, "--vars", "donor",
+                               "--dtype", "float64", "-o", tmp_path / "out64.npy", *FAST],
+                              capsys)
+    assert status == 0, err
+    result64 = np.load(tmp_path / "out64.npy")
+    assert result64.dtype == np.float64
+    expected64 = hm.run_harmony(pcs.to_numpy(np.float64), meta, "donor", dtype="float64",
+                                **FAST_KW).Z_corr.T
+    np.testing.assert_array_equal(result64, expected64)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.npy")]
+
+
+def test_npy_embedding_is_memory_mapped(tmp_path):
+    # Read without a copy: the frame's values are the file's pages (read-only),
+    # so a 10M-cell embedding is not held twice before the engine copies it.
+    from harmonypy._io import read_embedding
+
+    values = np.arange(60, dtype=np.float32).reshape(12, 5)
+    np.save(tmp_path / "pcs.npy", values)
+    table = read_embedding(tmp_path / "pcs.npy")
+    array = table.frame.to_numpy()
+    assert not array.flags.writeable
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)
+    np.testing.assert_array_equal(array, values)
 
 
 def test_run_csv_cell_names_align_metadata(small, tmp_path, capsys):

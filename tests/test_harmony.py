@@ -278,3 +278,42 @@ def test_mps_agrees_with_cpu():
     cpu = hm.run_harmony(z, meta, "batch", verbose=False, device="cpu")
     mps = hm.run_harmony(z, meta, "batch", verbose=False, device="mps")
     assert per_pc_correlation(cpu.Z_corr.T, mps.Z_corr.T).min() > 0.99
+
+
+# ------------------------------------------------- result(out=): no second copy
+def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
+    import harmonypy._harmony as core
+
+    x, meta = simulated(n_cells=300, n_batches=3)
+    ho = hm.run_harmony(x, meta, "batch", dtype="float64", verbose=False)
+    expected = ho.Z_corr.T
+    monkeypatch.setattr(core, "_RESULT_CHUNK_ROWS", 7)  # 43 chunks, the last one short
+    same = ho.result(out=np.empty((300, 10), dtype=np.float64))
+    np.testing.assert_array_equal(same, expected)
+    cast = np.full((300, 10), np.nan, dtype=np.float32)
+    assert ho.result(out=cast) is cast
+    np.testing.assert_array_equal(cast, expected.astype(np.float32))
+    on_disk = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=np.float32,
+                                        shape=(300, 10))
+    ho.result(out=on_disk)
+    on_disk.flush()
+    np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), expected.astype(np.float32))
+    assert ho.numpy_dtype == np.float64
+    # Without out: a fresh array in the run's dtype, the same values.
+    np.testing.assert_array_equal(ho.result(), expected)
+
+
+@pytest.mark.parametrize("out, error, match", [
+    (np.empty((10, 300)), ValueError, r"shape \(300, 10\)"),
+    (np.empty((300, 10), dtype=np.int64), ValueError, "float dtype"),
+    ([[0.0] * 10] * 300, TypeError, "NumPy array"),
+])
+def test_result_out_is_checked(out, error, match):
+    x, meta = simulated(n_cells=300)
+    ho = hm.run_harmony(x, meta, "batch", max_iter_harmony=1, verbose=False)
+    with pytest.raises(error, match=match):
+        ho.result(out=out)
+    frozen = np.empty((300, 10), dtype=np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        ho.result(out=frozen)

@@ -122,9 +122,9 @@ def integrate(
     _check_obs_columns(adata, keys)
 
     ho = run_harmony(embedding, adata.obs, keys, **run_harmony_kwargs)
-    # The attribute is a transposed view; store a compact C-ordered float32 copy
-    # (the usual dtype of X_pca and what scanpy's own wrapper stores).
-    adata.obsm[adjusted_basis] = np.ascontiguousarray(ho.Z_corr.T, dtype=np.float32)
+    # Filled chunk by chunk straight into a float32 array (the usual dtype of
+    # X_pca and what scanpy's own wrapper stores): no float64 copy on the way.
+    adata.obsm[adjusted_basis] = ho.result(out=np.empty((ho.N, ho.d), dtype=np.float32))
     adata.uns["harmony"] = {
         "key": keys,
         "basis": basis,

@@ -488,14 +488,56 @@ class Harmony:
 
         return plot_convergence(self, ax=ax)
 
-    def result(self) -> np.ndarray:
-        """Corrected embedding as cells x features (same as ``Z_corr.T``)."""
-        return self._cells(self._z_corr)
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """NumPy dtype of the per-cell results (float32 or float64)."""
+        return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
+
+    def result(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Corrected embedding as cells x features (same as ``Z_corr.T``).
+
+        Parameters
+        ----------
+        out : array of shape (N, d), optional
+            Written in place, in chunks of 65,536 cells, and returned: a
+            preallocated array, a ``np.memmap`` or ``np.lib.format.open_memmap``
+            on disk, a slot of ``adata.obsm``. Its float dtype may differ from
+            the run's (each chunk is cast). Without ``out`` a new array in the
+            run's dtype is returned. Either way only one chunk of temporary
+            memory is used beyond the result, where ``Z_corr`` (a copy, each
+            time it is read) plus a cast would hold two full copies.
+
+        Returns
+        -------
+        ndarray of shape (N, d)
+        """
+        if out is None:
+            return self._cells(self._z_corr)
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a NumPy array (or np.memmap) of shape "
+                            f"({self.N}, {self.d}), got {type(out).__name__}")
+        if out.shape != (self.N, self.d):
+            raise ValueError(f"out must have shape ({self.N}, {self.d}) (cells x features), "
+                             f"got {out.shape}")
+        if out.dtype.kind != "f":
+            raise ValueError(f"out must have a float dtype, got {out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        order = torch.from_numpy(self._caller_order).to(self._z_corr.device)
+        for start in range(0, self.N, _RESULT_CHUNK_ROWS):
+            rows = order[start:start + _RESULT_CHUNK_ROWS]
+            out[start:start + rows.numel()] = (
+                self._z_corr.index_select(0, rows).detach().cpu().numpy())
+        return out
 
     def __repr__(self) -> str:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
         return (f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
                 f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
+
+
+#: Cells per chunk when :meth:`Harmony.result` fills a caller's array.
+_RESULT_CHUNK_ROWS = 65536
 
 
 def _all_finite(t: torch.Tensor) -> bool:

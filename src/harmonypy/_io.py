@@ -37,7 +37,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -349,7 +349,9 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
             raise ValueError(f"--names {names!r}: the embedding {path} is a NumPy array "
                              f"without columns or cell names")
         with _reading(path, "embedding"):
-            values = np.load(path, allow_pickle=False)
+            # Memory-mapped: the engine copies the cells into its own (sorted)
+            # buffer in chunks, so the file is never held in memory twice.
+            values = np.load(path, allow_pickle=False, mmap_mode="r")
         if values.ndim != 2:
             raise ValueError(f"the embedding in {path} must be 2-D (cells x PCs), "
                              f"got shape {values.shape}")
@@ -875,6 +877,24 @@ def write_table(table: Table, path: str | Path) -> None:
         frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=table.has_names)
     else:
         raise ValueError(f"cannot write a table to {str(path)!r}; use {TABLE_FORMATS_HELP}")
+
+
+def write_array(path: str | Path, shape: tuple[int, int], dtype,
+                fill: Callable[[np.ndarray], Any]) -> None:
+    """Write an ``.npy`` array of ``shape`` and ``dtype`` that ``fill(out)`` fills in place.
+
+    The file is memory-mapped (``np.lib.format.open_memmap``), so an array as
+    large as the corrected embedding of an atlas is written chunk by chunk
+    (:meth:`harmonypy.Harmony.result` with ``out=``) without a copy of it in
+    memory. Writes straight to ``path``: give it a path from
+    :meth:`OutputFiles.stage`.
+    """
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        fill(out)
+        out.flush()
+    finally:
+        del out
 
 
 def write_h5ad(adata: Any, path: str | Path) -> None:

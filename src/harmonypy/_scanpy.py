@@ -285,6 +285,6 @@ def harmony_integrate(
         kwargs.update(lamb=ridge_lambda)
 
     ho = run_harmony(embedding, adata.obs, keys, **kwargs)
-    adata.obsm[adjusted_basis] = np.ascontiguousarray(ho.Z_corr.T, dtype=out_dtype)
+    adata.obsm[adjusted_basis] = ho.result(out=np.empty((ho.N, ho.d), dtype=out_dtype))
     logger.info("stored the corrected embedding in obsm[%r] (%s, %s)", adjusted_basis,
                 flavor, out_dtype)

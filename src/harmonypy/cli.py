@@ -36,7 +36,8 @@ import pandas as pd
 
 from harmonypy._io import (
     FORMATS_HELP, OutputFiles, OutputSpec, Table, check_outputs, close_match, file_format,
-    match_cells, read_embedding, read_h5ad, read_meta, save_figure, write_h5ad, write_table,
+    match_cells, read_embedding, read_h5ad, read_meta, save_figure, write_array, write_h5ad,
+    write_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -541,13 +542,23 @@ def command_run(args: argparse.Namespace) -> int:
     ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
                      **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
-    corrected = Table(pd.DataFrame(ho.Z_corr.T, index=embedding.frame.index,
-                                   columns=[f"{c}_harmony" for c in embedding.frame.columns]),
-                      embedding.has_names)
-    figure = (_embedding_figure(embedding.frame, corrected.frame, meta,
-                                args.color or args.vars_use, args.plot_pcs)
-              if args.plot else None)
-    files = _write_outputs([(args.output, lambda path: write_table(corrected, path)),
+    if file_format(args.output) == "npy" and not args.plot:
+        # Numbers only: written straight from the engine into the memory-mapped
+        # file, chunk by chunk, without a full copy of the result in memory.
+        def write_output(path):
+            write_array(path, (ho.N, ho.d), ho.numpy_dtype, lambda out: ho.result(out=out))
+        figure = None
+    else:
+        corrected = Table(pd.DataFrame(ho.result(), index=embedding.frame.index,
+                                       columns=[f"{c}_harmony" for c in embedding.frame.columns]),
+                          embedding.has_names)
+
+        def write_output(path):
+            write_table(corrected, path)
+        figure = (_embedding_figure(embedding.frame, corrected.frame, meta,
+                                    args.color or args.vars_use, args.plot_pcs)
+                  if args.plot else None)
+    files = _write_outputs([(args.output, write_output),
                             (args.plot, lambda path: save_figure(figure, path))])
     _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {ho.N:,} cells x "
                 f"{ho.d} PCs; {_outcome(ho)} in {elapsed:.1f} s")

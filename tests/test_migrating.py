@@ -108,7 +108,7 @@ def test_scanpy_defaults_quoted_on_the_page_are_the_functions():
     assert parameters["tol_clustering"].default == 1e-5
     assert parameters["flavor"].default == "harmony2"
     assert parameters["rng"].default is None
-    assert "Speed: see README, Performance" in TEXT
+    assert "README, \"Performance\", has the table" in TEXT   # speed figures point to README
 
 
 # Signatures of the PyPI releases, read from harmonypy-0.2.0-py3-none-any.whl and

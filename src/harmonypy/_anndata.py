@@ -112,11 +112,7 @@ def integrate(
     from harmonypy._harmony import run_harmony
 
     _check_adata(adata)
-    if adjusted_basis == basis:
-        raise ValueError(
-            f"adjusted_basis must differ from basis ({basis!r}): writing the corrected "
-            f"embedding there would replace the only copy of the uncorrected one; use e.g. "
-            f"adjusted_basis={basis + '_harmony'!r}")
+    _check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
     embedding = _get_basis(adata, basis)
     _check_obs_columns(adata, keys)
@@ -150,6 +146,15 @@ def _check_adata(adata: Any, caller: str = "integrate()") -> None:
         raise TypeError(
             f"{caller} needs an AnnData object (with .obsm, .obs and .uns); "
             f"got {type(adata).__name__} without {', '.join('.' + m for m in missing)}")
+
+
+def _check_distinct_bases(basis: str, adjusted_basis: str) -> None:
+    """Refuse to write the corrected embedding over the only uncorrected copy."""
+    if adjusted_basis == basis:
+        raise ValueError(
+            f"adjusted_basis must differ from basis ({basis!r}): writing the corrected "
+            f"embedding there would replace the only copy of the uncorrected one; use e.g. "
+            f"adjusted_basis={basis + '_harmony'!r}")
 
 
 def _as_keys(key: Any) -> list[str]:

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from harmonypy._anndata import _as_keys, _check_adata, _check_obs_columns
+from harmonypy._anndata import (_as_keys, _check_adata, _check_distinct_bases,
+                                _check_obs_columns)
 
 logger = logging.getLogger(__name__)
 
@@ -250,11 +251,7 @@ def harmony_integrate(
                           UserWarning, stacklevel=2)
 
     _check_adata(adata, caller="harmony_integrate()")
-    if adjusted_basis == basis:
-        raise ValueError(
-            f"adjusted_basis must differ from basis ({basis!r}): writing the corrected "
-            f"embedding there would replace the only copy of the uncorrected one; use e.g. "
-            f"adjusted_basis={basis + '_harmony'!r}")
+    _check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
     embedding = _embedding(adata, basis)
     _check_obs_columns(adata, keys)

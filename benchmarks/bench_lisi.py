@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/bench_lisi.py [--cells 100000] [--dims 30] [--million]
+                                    [--pynndescent] [--ten-million]
                                     [--data mixture|simulate] [--probes 16,32,64,96]
                                     [--old-cells N] [--old-timeout S] [--skip-old]
 
@@ -13,8 +14,14 @@ neighbours (also for other ``n_probe`` values), runs ``harmonypy==0.2.0``'s
 ``compute_lisi`` on the same input in its own virtualenv
 (``benchmarks/.venvs/harmonypy-0.2.0``, created on first use) and writes a
 table to ``benchmarks/results/lisi.md``.  ``--million`` also scores 1,000,000
-cells with the IVF search and measures its recall against exact neighbours of
-2,000 sampled cells.
+cells with the IVF search (the default share of probed lists, and the fixed
+64 probes used before) and measures recall against exact neighbours of 2,000
+sampled cells among all cells; it also times the exact search of 10,000
+sampled cells that ``evaluate(n_query=10_000)`` uses.  ``--pynndescent`` adds
+pynndescent at 1,000,000 cells.  ``--ten-million`` measures the default IVF
+search's recall at 10,000,000 cells on 1,000 sampled cells (their rows are
+those of a full search, which would take hours on 2 cores: its cost grows as
+``IVF_PROBE_FRACTION * n**2``).
 """
 
 from __future__ import annotations
@@ -51,11 +58,15 @@ def make_data(n_cells: int, n_dims: int = 30, n_types: int = 20, n_batches: int 
     shifts = rng.normal(size=(n_batches, n_dims)) * scale * 0.2
     cell_type = rng.integers(n_types, size=n_cells)
     batch = rng.integers(n_batches, size=n_cells)
-    X = centres[cell_type] + shifts[batch] + rng.normal(size=(n_cells, n_dims)) * scale * 0.7
+    # in place, so that 10**7 cells need one copy of X, not four
+    X = rng.normal(size=(n_cells, n_dims))
+    X *= scale * 0.7
+    X += centres[cell_type]
+    X += shifts[batch]
     meta = pd.DataFrame(
         {
-            "batch": pd.Categorical([f"b{i}" for i in batch]),
-            "cell_type": pd.Categorical([f"t{i}" for i in cell_type]),
+            "batch": pd.Categorical.from_codes(batch, [f"b{i}" for i in range(n_batches)]),
+            "cell_type": pd.Categorical.from_codes(cell_type, [f"t{i}" for i in range(n_types)]),
         }
     )
     return X, meta
@@ -160,6 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument("--million", action="store_true",
                     help="also score 1,000,000 cells with the IVF search")
+    ap.add_argument("--pynndescent", action="store_true",
+                    help="with --million: also pynndescent at 1,000,000 cells")
+    ap.add_argument("--ten-million", action="store_true",
+                    help="recall of the default IVF search at 10,000,000 cells (sampled cells)")
     args = ap.parse_args(argv)
 
     import torch
@@ -176,7 +191,8 @@ def main(argv=None) -> int:
 
     lisi_ivf, idx_ivf, a_knn, a_sc = time_ours(X, meta, "ivf")
     err = np.abs(lisi_ivf - lisi_exact)
-    rows.append((args.cells, f"harmonypy, IVF (n_probe={_lisi.IVF_PROBES})", a_knn, a_sc,
+    rows.append((args.cells, f"harmonypy, IVF (default: n_probe="
+                 f"{_lisi._ivf_n_probe(_lisi._ivf_n_lists(args.cells))})", a_knn, a_sc,
                  a_knn + a_sc,
                  f"recall {recall(idx_ivf, idx_exact):.4f}; |LISI - exact| median "
                  f"{np.median(err):.1e}, 99th pct {np.quantile(err, 0.99):.2g}, max {err.max():.2g}"))
@@ -210,18 +226,64 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
 
     if args.million:
-        n = 1_000_000
-        Xm, mm = make_input(args.data, n, args.dims, seed=1)
-        _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "ivf")
-        sample = np.random.default_rng(2).choice(n, 2000, replace=False)
-        ex = _exact_for_queries(Xm, sample, idx_m.shape[1])
-        rows.append((n, f"harmonypy, IVF (n_probe={_lisi.IVF_PROBES})", m_knn, m_sc,
-                     m_knn + m_sc,
-                     f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells)"))
+        rows += million(args)
+
+    if args.ten_million:
+        rows.append(ten_million(args))
         print(rows[-1], flush=True)
 
     write_report(rows, sweep, old_line, env, args)
     return 0
+
+
+def million(args, n: int = 1_000_000):
+    """IVF (default and the 64 probes used before), pynndescent and a sampled exact search."""
+    rows = []
+    Xm, mm = make_input(args.data, n, args.dims, seed=1)
+    sample = np.random.default_rng(2).choice(n, 2000, replace=False)
+    ex = _exact_for_queries(Xm, sample, _lisi._neighbourhood_size(PERPLEXITY, n))
+    n_lists = _lisi._ivf_n_lists(n)
+    for n_probe, what in ((None, "default"), (_lisi.IVF_PROBES, "before")):
+        probe = _lisi._ivf_n_probe(n_lists) if n_probe is None else n_probe
+        kwargs = {} if n_probe is None else {"n_probe": n_probe}
+        _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "ivf", **kwargs)
+        rows.append((n, f"harmonypy, IVF ({what}: n_probe={probe} of {n_lists} lists)",
+                     m_knn, m_sc, m_knn + m_sc,
+                     f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells)"))
+        print(rows[-1], flush=True)
+        del idx_m
+    if args.pynndescent:
+        _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "pynndescent")
+        rows.append((n, "harmonypy, pynndescent", m_knn, m_sc, m_knn + m_sc,
+                     f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells); "
+                     "numba compilation included"))
+        print(rows[-1], flush=True)
+        del idx_m
+    cells = np.sort(np.random.default_rng(3).choice(n, 10_000, replace=False))
+    t0 = time.perf_counter()
+    _lisi._knn_of_cells(np.ascontiguousarray(Xm), cells, ex.shape[1])
+    rows.append((n, "harmonypy, exact search of 10,000 sampled cells among all",
+                 time.perf_counter() - t0, None, None,
+                 "what `evaluate(n_query=10_000)` searches; exact"))
+    print(rows[-1], flush=True)
+    return rows
+
+
+def ten_million(args, n: int = 10_000_000, n_sample: int = 1000):
+    """Default IVF recall at 10**7 cells on sampled cells (a full search takes hours)."""
+    X, _ = make_input(args.data, n, args.dims, seed=1)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    k = _lisi._neighbourhood_size(PERPLEXITY, n)
+    sample = np.random.default_rng(2).choice(n, n_sample, replace=False)
+    ex = _exact_for_queries(X, sample, k)
+    t0 = time.perf_counter()
+    _, idx = _lisi._knn_ivf(X, k, cells=sample)
+    t = time.perf_counter() - t0
+    n_lists = _lisi._ivf_n_lists(n)
+    return (n, f"harmonypy, IVF (default: n_probe={_lisi._ivf_n_probe(n_lists)} of {n_lists} "
+            f"lists), {n_sample:,} sampled cells only", t, None, None,
+            f"recall {recall(idx, ex):.4f} ({n_sample:,} sampled cells); time = partition "
+            "+ search of the sampled cells, not of all cells")
 
 
 def _exact_for_queries(X: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -229,11 +291,12 @@ def _exact_for_queries(X: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray
     import torch
     T = torch.from_numpy(X)
     out = np.empty((len(queries), k), dtype=np.int64)
-    for s in range(0, len(queries), 100):
-        q = queries[s:s + 100]
+    step = max(1, min(100, 2**28 // (8 * len(X))))  # 256 MiB of float64 distances
+    for s in range(0, len(queries), step):
+        q = queries[s:s + step]
         d = torch.cdist(T[q], T)
         d[torch.arange(len(q)), torch.from_numpy(q)] = float("inf")
-        out[s:s + 100] = torch.topk(d, k, largest=False).indices.numpy()
+        out[s:s + step] = torch.topk(d, k, largest=False).indices.numpy()
     return out
 
 
@@ -248,6 +311,8 @@ def write_report(rows, sweep, old_line, env, args):
     cmd = " ".join(["python benchmarks/bench_lisi.py", f"--cells {args.cells}"]
                    + ([f"--data {args.data}"] if args.data != "mixture" else [])
                    + (["--million"] if args.million else [])
+                   + (["--pynndescent"] if args.pynndescent else [])
+                   + (["--ten-million"] if args.ten_million else [])
                    + ([f"--old-cells {args.old_cells}"] if args.old_cells else [])
                    + (["--skip-old"] if args.skip_old else []))
     lines = [

@@ -25,9 +25,10 @@ Three neighbour searches are available (details and measurements in
   directly in float64, so values agree with R to ~1e-15.
 * ``"ivf"`` (alias ``"approx"``): an inverted-file search in PyTorch, no extra
   dependency: k-means lists, each list searched against its
-  :data:`IVF_PROBES` nearest lists with float32 matrix products, neighbours
-  re-ranked with float64 distances.  Recall of the exact neighbours >= 0.99
-  on 100,000 simulated cells x 30 dims.
+  nearest lists (:data:`IVF_PROBE_FRACTION` of all lists, at least
+  :data:`IVF_PROBES`) with float32 matrix products, neighbours re-ranked with
+  float64 distances.  Recall of the exact neighbours >= 0.99 on simulated
+  cells x 30 dims from 20,000 to 1,000,000 cells.
 * ``"pynndescent"``: the approximate nearest-neighbour graph of the optional
   package pynndescent (``pip install harmonypy[ann]``).
 
@@ -51,7 +52,7 @@ from harmonypy._cellnames import align_metadata
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compute_lisi", "EXACT_MAX_CELLS", "IVF_PROBES"]
+__all__ = ["compute_lisi", "EXACT_MAX_CELLS", "IVF_PROBES", "IVF_PROBE_FRACTION"]
 
 #: ``neighbors="auto"`` uses the exact search up to this many cells and the
 #: inverted-file search (``"ivf"``) above.  Up to here the exact search is a
@@ -83,9 +84,16 @@ _QUERY_ROWS = 256
 # Inverted-file search: lists per sqrt(n_cells), lists probed per query list,
 # k-means subsample (cells per list) and Lloyd iterations.
 _IVF_LISTS_PER_SQRT = 4
-#: Lists probed per list of query cells by the IVF search: recall of the exact
-#: neighbours >= 0.99 at 100,000 simulated cells x 30 dims (docs/lisi.md).
+#: Fewest lists probed per list of query cells by the IVF search (the rule
+#: for smaller inputs, up to ~1,280 lists, i.e. ~100,000 cells).
 IVF_PROBES = 64
+#: Share of all lists probed per list of query cells by the IVF search, when
+#: that is more than :data:`IVF_PROBES`.  Recall depends on the share of the
+#: lists probed, not on their number: on 30-dimensional simulations the
+#: probes needed for a recall of 0.99 are 4.1-4.4 % of the lists at 100,000
+#: cells and 3.5-3.6 % at 1,000,000 (docs/lisi.md), so a fixed count (64 of
+#: 4,000 lists at 1,000,000 cells, recall 0.86) falls short as cells grow.
+IVF_PROBE_FRACTION = 0.05
 _IVF_KMEANS_SAMPLE = 16
 _IVF_KMEANS_ITERS = 4
 
@@ -168,17 +176,64 @@ def compute_lisi(
     >>> lisi.shape
     (200, 1)
     """
+    return _compute_lisi(
+        X, metadata, label_colnames, perplexity, neighbors=neighbors, n_jobs=n_jobs
+    )[0]
+
+
+def _compute_lisi(
+    X: Any,
+    metadata: pd.DataFrame,
+    label_colnames: str | Sequence[str],
+    perplexity: float = 30,
+    *,
+    neighbors: str = "auto",
+    n_jobs: int | None = None,
+    n_query: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
+    """:func:`compute_lisi`, optionally on a random sample of query cells.
+
+    Parameters
+    ----------
+    X, metadata, label_colnames, perplexity, neighbors, n_jobs
+        As in :func:`compute_lisi`.
+    n_query : int or None, default None
+        Score only this many cells, drawn at random without replacement
+        (``None``, or at least the number of cells: score every cell).  Their
+        neighbours are still searched among *all* cells, by exact brute force
+        (:func:`_knn_of_cells`, cost ``n_query * n_cells``), so each sampled
+        cell's score is the one the exact search gives it; ``neighbors`` must
+        then be ``"auto"`` or ``"exact"``.  Validated by the caller.
+    seed : int, default 0
+        Seed of the local generator that draws the sample (the global RNGs
+        are not used).
+
+    Returns
+    -------
+    lisi : numpy.ndarray of float64, shape (n_scored, n_labels)
+        As in :func:`compute_lisi`, rows in increasing cell order.
+    n_cells : int
+        Cells in ``X`` (the neighbours were searched among all of them).
+    """
     # Cells are paired with their labels by name when both sides name them.
     metadata = align_metadata(X, metadata, data_name="X", meta_name="metadata")
     X = _as_embedding(X)
     labels = _as_label_list(label_colnames)
     _check_metadata(metadata, X.shape, labels)
-    n_neighbors = _neighbourhood_size(perplexity, X.shape[0])
+    n_cells = X.shape[0]
+    n_neighbors = _neighbourhood_size(perplexity, n_cells)
     _check_n_jobs(n_jobs)
     codes = [_encode_labels(metadata[name], name) for name in labels]
 
-    dist, idx = _knn(X, n_neighbors, neighbors=neighbors, n_jobs=n_jobs)
-    return _lisi_from_knn(dist, idx, codes, float(perplexity))
+    if n_query is None or n_query >= n_cells:
+        dist, idx = _knn(X, n_neighbors, neighbors=neighbors, n_jobs=n_jobs)
+    else:
+        cells = np.sort(np.random.default_rng(seed).choice(n_cells, n_query, replace=False))
+        logger.debug("compute_lisi: exact neighbours of %d sampled cells among %d",
+                     n_query, n_cells)
+        dist, idx = _knn_of_cells(X, cells, n_neighbors)
+    return _lisi_from_knn(dist, idx, codes, float(perplexity)), n_cells
 
 
 # --------------------------------------------------------------------------- #
@@ -381,28 +436,78 @@ def _augment(T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _knn_brute(
-    Xc: np.ndarray, n_neighbors: int, dtype: torch.dtype = torch.float64
+    Xc: np.ndarray,
+    n_neighbors: int,
+    dtype: torch.dtype = torch.float64,
+    cells: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute force, chunked over query cells.
 
     In float32 a few spare candidates are kept so that rounding in the
     matrix-product distances cannot push a true neighbour out before the
     float64 re-ranking in :func:`_refine`.
+
+    Parameters
+    ----------
+    Xc : numpy.ndarray of float64, shape (n_cells, n_dims)
+        Centred embedding.
+    n_neighbors : int
+    dtype : torch.dtype, default torch.float64
+        Precision of the candidate distances.
+    cells : numpy.ndarray of int64, shape (n_query,), optional
+        Query cells (rows of ``Xc``); their neighbours are searched among all
+        cells.  Default: every cell.
+
+    Returns
+    -------
+    dist, idx : numpy.ndarray, shape (n_query, n_neighbors)
+        As in :func:`_knn`, one row per query cell.
     """
     n = Xc.shape[0]
+    cells = np.arange(n) if cells is None else cells
     queries, data = _augment(torch.from_numpy(Xc).to(dtype))
     slack = 0 if dtype == torch.float64 else _SLACK
     n_sel = min(n, n_neighbors + 1 + slack)  # + the cell itself, dropped in _refine
     itemsize = 8 if dtype == torch.float64 else 4
     rows = int(max(1, min(n, _CHUNK_BYTES // (itemsize * n))))
-    dist = np.empty((n, n_neighbors), dtype=np.float64)
-    idx = np.empty((n, n_neighbors), dtype=np.int64)
-    for start in range(0, n, rows):
-        sel = np.arange(start, min(n, start + rows))
-        block = queries[start : sel[-1] + 1] @ data.T
+    dist = np.empty((cells.size, n_neighbors), dtype=np.float64)
+    idx = np.empty((cells.size, n_neighbors), dtype=np.int64)
+    for start in range(0, cells.size, rows):
+        sel = cells[start : start + rows]
+        block = queries[torch.from_numpy(sel)] @ data.T
         cand = torch.topk(block, n_sel, dim=1, largest=False, sorted=False).indices
-        dist[sel], idx[sel] = _refine(Xc, sel, cand.numpy(), n_neighbors)
+        out = slice(start, start + sel.size)
+        dist[out], idx[out] = _refine(Xc, sel, cand.numpy(), n_neighbors)
     return dist, idx
+
+
+def _knn_of_cells(
+    X: np.ndarray, cells: np.ndarray, n_neighbors: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact neighbours (self excluded) of some cells among all cells.
+
+    Brute force costs ``len(cells) * n_cells`` distances, so a sample of a
+    few thousand query cells is cheap even among millions of cells.  Up to
+    :data:`_FLOAT64_MAX_CELLS` cells the distances are float64 throughout
+    (as in :func:`_knn_exact`); above, candidates are chosen in float32 with
+    spares and re-ranked in float64.
+
+    Parameters
+    ----------
+    X : numpy.ndarray of float64, shape (n_cells, n_dims)
+    cells : numpy.ndarray of int64, shape (n_query,)
+        Distinct row indices of the query cells.
+    n_neighbors : int
+
+    Returns
+    -------
+    dist, idx : numpy.ndarray, shape (n_query, n_neighbors)
+        As in :func:`_knn`, one row per query cell (``idx`` indexes ``X``).
+    """
+    Xc = X - X.mean(axis=0)
+    dtype = torch.float64 if X.shape[0] <= _FLOAT64_MAX_CELLS else torch.float32
+    with torch.no_grad():
+        return _knn_brute(Xc, n_neighbors, dtype, cells=cells)
 
 
 def _knn_pruned(Xc: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
@@ -607,6 +712,22 @@ def _ivf_n_lists(n_cells: int) -> int:
     return int(max(1, min(n_cells // 16, round(_IVF_LISTS_PER_SQRT * math.sqrt(n_cells)))))
 
 
+def _ivf_n_probe(n_lists: int) -> int:
+    """Default lists probed per list: a share of them, at least :data:`IVF_PROBES`.
+
+    The share is :data:`IVF_PROBE_FRACTION` (5 %): 64 probes up to 1,280
+    lists (~100,000 cells), 200 of 4,000 lists at 1,000,000 cells.
+
+    A query cell's neighbours spread over a *share* of the lists that shrinks
+    only slowly as cells grow (its neighbourhood is a sizeable part of its
+    cluster in 30 dimensions), so probing a fixed share keeps recall as cells
+    grow, where a fixed count does not, at a search cost of about
+    ``IVF_PROBE_FRACTION * n_cells**2`` distances.
+    """
+    share = math.ceil(round(IVF_PROBE_FRACTION * n_lists, 6))  # round: 0.05 * 4000 -> 200
+    return int(min(n_lists, max(IVF_PROBES, share)))
+
+
 def _knn_ivf(
     X: np.ndarray,
     n_neighbors: int,
@@ -614,19 +735,22 @@ def _knn_ivf(
     n_probe: int | None = None,
     n_lists: int | None = None,
     seed: int = 0,
+    cells: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate kNN (self excluded) with an inverted file; see :func:`_knn`.
 
     The cells are partitioned by a few Lloyd iterations of k-means (fitted on
     a random subsample) into ``n_lists`` lists.  The cells of one list are
     compared with all cells of the ``n_probe`` lists whose centroids are
-    nearest to that list's centroid (itself included) by one float32 matrix
-    product; ``torch.topk`` keeps a few spare candidates, whose distances are
-    then recomputed in float64 and re-ranked (:func:`_refine_torch`), so returned
+    nearest to that list's centroid (itself included; by default a fixed share
+    of all lists, :func:`_ivf_n_probe`) by one float32 matrix product;
+    ``torch.topk`` keeps a few spare candidates, whose distances are then
+    recomputed in float64 and re-ranked (:func:`_refine_torch`), so returned
     distances are exact for the neighbours found.  A true neighbour is missed
     only if it lies in none of the probed lists.  Lists of similar size are
     processed together (padded, one batched product) so that the Python and
-    threading overhead per list stays small.
+    threading overhead per list stays small; a list whose block alone exceeds
+    the memory budget is processed in slices of its query cells.
 
     Parameters
     ----------
@@ -634,7 +758,8 @@ def _knn_ivf(
     n_neighbors : int
         Neighbours per cell, not counting the cell itself.
     n_probe : int, optional
-        Lists searched per list of query cells (default :data:`IVF_PROBES`).
+        Lists searched per list of query cells (default :func:`_ivf_n_probe`:
+        :data:`IVF_PROBE_FRACTION` of the lists, at least :data:`IVF_PROBES`).
         More is slower and more accurate; ``n_probe >= n_lists`` is exact.
         It is raised if needed so that every cell has enough candidates.
     n_lists : int, optional
@@ -642,18 +767,25 @@ def _knn_ivf(
     seed : int, default 0
         Seed of the local generator for the k-means subsample (the global RNG
         is not used), so the result is deterministic.
+    cells : numpy.ndarray of int64, shape (n_query,), optional
+        Search the neighbours of these cells only (distinct rows of ``X``),
+        among all cells.  The partition and each list's probes are the same
+        as for a search of every cell, so each of these rows is what that
+        search gives; used to measure recall on a sample at atlas size.
 
     Returns
     -------
-    dist : numpy.ndarray of float64, shape (n_cells, n_neighbors)
-    idx : numpy.ndarray of int64, shape (n_cells, n_neighbors)
+    dist : numpy.ndarray of float64, shape (n_query, n_neighbors)
+    idx : numpy.ndarray of int64, shape (n_query, n_neighbors)
+        One row per cell of ``X`` (or of ``cells``, in its order).
     """
     n = X.shape[0]
     Xc = X - X.mean(axis=0)  # centring keeps the float32 norms small
     n_lists = max(1, min(n, n_lists or _ivf_n_lists(n)))
     n_sel = min(n, n_neighbors + 1 + _SLACK)  # + self + spare candidates
-    dist = np.empty((n, n_neighbors), dtype=np.float64)
-    idx = np.empty((n, n_neighbors), dtype=np.int64)
+    n_out = n if cells is None else len(cells)
+    dist = np.empty((n_out, n_neighbors), dtype=np.float64)
+    idx = np.empty((n_out, n_neighbors), dtype=np.int64)
     with torch.no_grad():
         T = torch.from_numpy(Xc).to(torch.float32)
         cent = _kmeans_sample(T, n_lists, torch.Generator().manual_seed(seed))
@@ -667,19 +799,36 @@ def _knn_ivf(
         sentinel = torch.zeros(1, data.shape[1])
         sentinel[0, -1] = math.inf
         data = torch.cat([data, sentinel])
-        probes = _probe_lists(cent, counts, n_probe or IVF_PROBES, n_sel)
+        probes = _probe_lists(cent, counts, n_probe or _ivf_n_probe(n_lists), n_sel)
         # float64 coordinates in list order, for the re-ranking
         X64 = torch.from_numpy(Xc)[order]
+        # Query cells as positions in list order (so still grouped by list),
+        # and the output row of each.
+        if cells is None:
+            q_pos, q_row, q_counts = torch.arange(n), order, counts
+        else:
+            rank = torch.empty(n, dtype=torch.int64)
+            rank[order] = torch.arange(n)
+            q_pos, by_pos = torch.sort(rank[torch.as_tensor(cells, dtype=torch.int64)])
+            q_row = torch.empty(n, dtype=torch.int64)
+            q_row[q_pos] = by_pos
+            q_counts = torch.bincount(assign[order[q_pos]], minlength=n_lists)
+            queries = queries[q_pos]
+        q_offsets = torch.cumsum(q_counts, 0) - q_counts
         dist_t = torch.from_numpy(dist)
         idx_t = torch.from_numpy(idx)
         # the float64 re-ranking gathers rows x n_sel x n_dims values
         rows = int(max(1, _CHUNK_BYTES // (8 * n_sel * X.shape[1])))
-        for group in _group_lists(counts, probes):
-            sel, cand = _ivf_search_group(group, queries, data, counts, offsets, probes, n_sel)
+        for group in _group_lists(q_counts, counts, probes, data.shape[1]):
+            sel, cand = _ivf_search_group(
+                group, queries, data, probes, n_sel,
+                q_counts=q_counts, q_offsets=q_offsets, counts=counts, offsets=offsets,
+            )
+            sel = q_pos[sel]  # positions of the query cells among all cells
             for r0 in range(0, sel.shape[0], rows):
                 s, c = sel[r0 : r0 + rows], cand[r0 : r0 + rows]
                 d, i = _refine_torch(X64, s, c, n_neighbors)
-                out = order[s]
+                out = q_row[s]
                 dist_t[out] = d
                 idx_t[out] = order[i]
     return dist, idx
@@ -717,22 +866,41 @@ def _probe_lists(
         m = min(n_lists, 2 * m)
 
 
-def _group_lists(counts: torch.Tensor, probes: torch.Tensor) -> list[torch.Tensor]:
+def _group_lists(
+    q_counts: torch.Tensor, counts: torch.Tensor, probes: torch.Tensor, width: int
+) -> list[torch.Tensor]:
     """Batches of lists of similar size whose padded distance block fits the budget.
 
-    Lists are taken largest first, so padding each batch to its first list's
-    size wastes little; a batch is closed when ``lists x max query cells x max
-    candidates`` float32 values would exceed :data:`_CHUNK_BYTES` (a single
-    list is always allowed, whatever its size).
+    Lists are taken largest first (by query cells), so padding each batch to
+    its first list's size wastes little; a batch is closed when ``lists x max
+    candidates x (max query cells + width)`` float32 values (the distance
+    block and the gathered candidate rows) would exceed :data:`_CHUNK_BYTES`.
+    A single list is always allowed; :func:`_ivf_search_group` then slices
+    its query cells.
+
+    Parameters
+    ----------
+    q_counts : torch.Tensor of int64, shape (n_lists,)
+        Query cells per list (lists without any are skipped).
+    counts : torch.Tensor of int64, shape (n_lists,)
+        Cells per list.
+    probes : torch.Tensor of int64, shape (n_lists, n_probe)
+    width : int
+        Values per candidate row (``n_dims + 1``).
+
+    Returns
+    -------
+    list of torch.Tensor of int64
+        The lists of each batch.
     """
     n_cand = counts[probes].sum(dim=1).tolist()
-    sizes = counts.tolist()
+    sizes = q_counts.tolist()
     groups, current, max_q, max_c = [], [], 0, 0
-    for a in torch.argsort(counts, descending=True, stable=True).tolist():
+    for a in torch.argsort(q_counts, descending=True, stable=True).tolist():
         if sizes[a] == 0:
             break
         q, c = max(max_q, sizes[a]), max(max_c, n_cand[a])
-        if current and 4 * (len(current) + 1) * q * c > _CHUNK_BYTES:
+        if current and 4 * (len(current) + 1) * (q + width) * c > _CHUNK_BYTES:
             groups.append(torch.tensor(current))
             current, q, c = [], sizes[a], n_cand[a]
         current.append(a)
@@ -784,40 +952,56 @@ def _ivf_search_group(
     group: torch.Tensor,
     queries: torch.Tensor,
     data: torch.Tensor,
-    counts: torch.Tensor,
-    offsets: torch.Tensor,
     probes: torch.Tensor,
     n_sel: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates of the cells of a batch of lists (positions in list order).
+    *,
+    q_counts: torch.Tensor,
+    q_offsets: torch.Tensor,
+    counts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates of the query cells of a batch of lists.
 
     Parameters
     ----------
     group : torch.Tensor of int64, shape (n_group,)
-        Lists whose cells are the queries.
-    queries : torch.Tensor of float32, shape (n_cells, n_dims + 1)
+        Lists whose query cells are searched.
+    queries : torch.Tensor of float32, shape (n_query, n_dims + 1)
+        :func:`_augment` queries, grouped by list (``q_counts`` per list).
     data : torch.Tensor of float32, shape (n_cells + 1, n_dims + 1)
         :func:`_augment` of the list-sorted cells, plus a last row whose
         product with any query is ``+inf`` (the padding candidate).
-    counts, offsets : torch.Tensor of int64, shape (n_lists,)
     probes : torch.Tensor of int64, shape (n_lists, n_probe)
     n_sel : int
         Candidates to keep per query cell.
+    q_counts, q_offsets : torch.Tensor of int64, shape (n_lists,)
+        Query cells of each list and where they start in ``queries``.
+    counts, offsets : torch.Tensor of int64, shape (n_lists,)
+        The same for the cells in ``data``.
 
     Returns
     -------
-    sel : torch.Tensor of int64, shape (n_queries,)
-        Positions of the query cells.
-    cand : torch.Tensor of int64, shape (n_queries, n_sel)
-        Positions of their ``n_sel`` nearest candidates (float32 ranking).
+    sel : torch.Tensor of int64, shape (n_found,)
+        Rows of ``queries`` searched.
+    cand : torch.Tensor of int64, shape (n_found, n_sel)
+        Positions (rows of ``data``) of their ``n_sel`` nearest candidates
+        (float32 ranking).
     """
-    n = queries.shape[0]
-    qpos, qvalid = _ragged_positions(offsets[group, None], counts[group, None], 0)
+    n = data.shape[0] - 1
+    qpos, qvalid = _ragged_positions(q_offsets[group, None], q_counts[group, None], 0)
     p = probes[group]
     cpos, _ = _ragged_positions(offsets[p], counts[p], n)  # padding -> the +inf row
-    block = torch.bmm(queries[qpos], data[cpos].transpose(1, 2))
-    pos = torch.topk(block, n_sel, dim=2, largest=False, sorted=False).indices
-    cand = torch.gather(cpos.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos)
+    cdata = data[cpos].transpose(1, 2)
+    # Query rows per product: the whole group, unless a single list's block
+    # is over the budget (many probes of large lists, e.g. 10**7 cells).
+    step = int(max(1, _CHUNK_BYTES // (4 * cpos.shape[0] * cpos.shape[1])))
+    cand = torch.empty(qpos.shape + (n_sel,), dtype=torch.int64)
+    for r0 in range(0, qpos.shape[1], step):
+        block = torch.bmm(queries[qpos[:, r0 : r0 + step]], cdata)
+        pos = torch.topk(block, n_sel, dim=2, largest=False, sorted=False).indices
+        cand[:, r0 : r0 + step] = torch.gather(
+            cpos.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos
+        )
     return qpos[qvalid], cand[qvalid]
 
 
@@ -900,20 +1084,27 @@ def _drop_self_and_refine(
 
     Distances are recomputed in float64 so that they are exact for the chosen
     neighbours; unfilled slots (-1) of an approximate graph get distance inf
-    and therefore zero weight.
+    and therefore zero weight.  Rows are processed in chunks of
+    :data:`_CHUNK_BYTES` of gathered coordinates (unchunked, 1,000,000 cells
+    x 90 neighbours x 30 dims would need 22 GB at once).
     """
     n, k = graph_idx.shape
-    rows = np.arange(n)[:, None]
-    valid = graph_idx >= 0
-    safe = np.where(valid, graph_idx, 0)
-    diff = X[safe] - X[:, None, :]
-    d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-    d[~valid] = np.inf
-    d[safe == rows] = -1.0  # sorts self first so it is the one dropped
-    order = np.argsort(d, axis=1, kind="stable")[:, 1 : n_neighbors + 1]
-    d = np.take_along_axis(d, order, axis=1)
-    i = np.take_along_axis(safe, order, axis=1)
-    return np.maximum(d, 0.0), i
+    dist = np.empty((n, n_neighbors), dtype=np.float64)
+    idx = np.empty((n, n_neighbors), dtype=np.int64)
+    step = int(max(1, _CHUNK_BYTES // (8 * k * X.shape[1])))
+    for s in range(0, n, step):
+        g = graph_idx[s : s + step]
+        rows = np.arange(s, s + g.shape[0])[:, None]
+        valid = g >= 0
+        safe = np.where(valid, g, 0)
+        diff = X[safe] - X[s : s + g.shape[0], None, :]
+        d = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        d[~valid] = np.inf
+        d[safe == rows] = -1.0  # sorts self first so it is the one dropped
+        order = np.argsort(d, axis=1, kind="stable")[:, 1 : n_neighbors + 1]
+        dist[s : s + g.shape[0]] = np.maximum(np.take_along_axis(d, order, axis=1), 0.0)
+        idx[s : s + g.shape[0]] = np.take_along_axis(safe, order, axis=1)
+    return dist, idx
 
 
 # --------------------------------------------------------------------------- #

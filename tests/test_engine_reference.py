@@ -32,15 +32,17 @@ def _data(n_cells=240, n_dims=8, n_vars=1, seed=0):
     return z, meta
 
 
-def replayed_blocks(generator, rows, n_rounds, n_cells):
+def replayed_blocks(generator, rows, n_rounds, n_cells, base):
     """The cells, in block order, of each online update the engine ran.
 
     The engine draws a permutation of R's rows per round; after a round, row p
-    holds the p-th cell of that round's block order.
+    holds the p-th cell of that round's block order. From a fresh R (rows =
+    cells) the permutation is read through ``base`` (``ho._shuffle_base``, the
+    cells sorted by batch).
     """
     for _ in range(n_rounds):
         order = torch.randperm(n_cells, generator=generator)
-        cells = order if rows is None else rows[order]
+        cells = base[order] if rows is None else rows[order]
         rows = cells
         yield cells.numpy()
 
@@ -92,8 +94,8 @@ def _replay(dtype, tol, n_vars, lamb, sigma=None):
     for _ in range(2):  # two Harmony iterations
         rows = ho._rows
         ho.cluster()
-        for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N):
-            ref.cluster_round(ho._storage_order[cells])
+        for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N, ho._shuffle_base):
+            ref.cluster_round(cells)
         np.testing.assert_allclose(ho.R, ref.R, atol=tol)
         np.testing.assert_allclose(ho.O, ref.O, rtol=tol, atol=tol * ref.N)
         np.testing.assert_allclose(ho.E, ref.E, rtol=tol, atol=tol * ref.N)

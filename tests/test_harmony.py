@@ -317,3 +317,83 @@ def test_result_out_is_checked(out, error, match):
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         ho.result(out=frozen)
+
+
+# ------------------------------------------- memory-lean paths: same results
+def _lean_problem(n_cells=1500):
+    x, meta = simulated(n_cells=n_cells, n_batches=4)
+    return np.ascontiguousarray(x, dtype=np.float32), meta
+
+
+@pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
+def test_memory_mapped_input_gives_the_same_result(tmp_path, algorithm):
+    """A read-only memory-mapped .npy is used without a copy and gives the
+    in-memory result bit for bit; the file is not written to."""
+    x, meta = _lean_problem()
+    np.save(tmp_path / "x.npy", x)
+    before = (tmp_path / "x.npy").read_bytes()
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    kwargs = dict(verbose=False, algorithm=algorithm, max_iter_harmony=3)
+    in_memory = hm.run_harmony(x, meta, "batch", **kwargs)
+    from_disk = hm.run_harmony(mapped, meta, "batch", **kwargs)
+    np.testing.assert_array_equal(from_disk.Z_corr, in_memory.Z_corr)
+    np.testing.assert_array_equal(from_disk.R, in_memory.R)
+    assert np.shares_memory(from_disk.Z_orig, mapped)  # not copied
+    assert (tmp_path / "x.npy").read_bytes() == before
+
+
+def test_converted_input_gives_the_same_result_as_the_callers_conversion():
+    """float64 or Fortran-ordered input run in float32 is converted in chunks:
+    the same numbers as converting it first."""
+    x, meta = _lean_problem()
+    ref = hm.run_harmony(x, meta, "batch", verbose=False, max_iter_harmony=2)
+    for variant, copied in ((x.astype(np.float64), True), (np.asfortranarray(x), True),
+                            (x.T, False)):  # PCs x cells of a C array: cells x PCs as is
+        ho = hm.run_harmony(variant, meta, "batch", verbose=False, max_iter_harmony=2)
+        np.testing.assert_array_equal(ho.Z_corr, ref.Z_corr)
+        assert np.shares_memory(ho.Z_orig, variant) is not copied
+
+
+def test_input_array_is_used_not_written():
+    x, meta = _lean_problem()
+    copy = x.copy()
+    ho = hm.run_harmony(x, meta, "batch", verbose=False, max_iter_harmony=2)
+    np.testing.assert_array_equal(x, copy)
+    assert np.shares_memory(ho.Z_orig, x)  # float32, C-contiguous: wrapped
+    assert not np.shares_memory(ho.Z_corr, x)
+    # Z_corr and result() are the engine's array, not copies.
+    assert np.shares_memory(ho.Z_corr, ho.result())
+    assert ho.result().flags.c_contiguous and ho.result().shape == (len(x), x.shape[1])
+    # Z_cos is computed from it: unit rows in the direction of Z_corr's.
+    z_cos = ho.Z_cos.T
+    np.testing.assert_allclose(np.linalg.norm(z_cos, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(z_cos, ho.Z_corr.T / np.linalg.norm(ho.Z_corr.T, axis=1,
+                                                                   keepdims=True), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
+def test_result_does_not_depend_on_cells_being_sorted_by_batch(algorithm):
+    """Cells stay in the caller's order; the shuffles read through the cells
+    sorted by batch, so sorting the input first only changes rounding."""
+    x, meta = _lean_problem()
+    order = np.argsort(meta["batch"].to_numpy(), kind="stable")
+    kwargs = dict(verbose=False, algorithm=algorithm, dtype="float64", max_iter_harmony=3)
+    plain = hm.run_harmony(x, meta, "batch", **kwargs)
+    sorted_run = hm.run_harmony(x[order], meta.iloc[order].reset_index(drop=True), "batch",
+                                **kwargs)
+    back = np.empty_like(plain.Z_corr)
+    back[:, order] = sorted_run.Z_corr
+    assert plain.kmeans_rounds == sorted_run.kmeans_rounds
+    np.testing.assert_allclose(back, plain.Z_corr, rtol=0, atol=1e-8 * np.abs(back).max())
+
+
+def test_result_with_dtype_copies_only_when_it_must():
+    x, meta = _lean_problem(300)
+    ho = hm.run_harmony(x, meta, "batch", verbose=False, max_iter_harmony=1)
+    assert np.shares_memory(ho.result(dtype=np.float32), ho.Z_corr)
+    wide = ho.result(dtype=np.float64)
+    assert wide.dtype == np.float64 and not np.shares_memory(wide, ho.Z_corr)
+    np.testing.assert_array_equal(wide, ho.Z_corr.T.astype(np.float64))
+    with pytest.raises(TypeError, match="either out or dtype"):
+        ho.result(out=np.empty((300, x.shape[1])), dtype=np.float64)

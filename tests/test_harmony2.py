@@ -96,8 +96,8 @@ def test_harmony2_replays_reference(dtype, tol, n_vars):
             ref.soft_assign()
         rows = None if iteration > 0 else ho._rows  # Harmony2 starts each step afresh
         ho.cluster()
-        for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N):
-            ref.cluster_round(ho._storage_order[cells])
+        for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N, ho._shuffle_base):
+            ref.cluster_round(cells)
         np.testing.assert_allclose(ho.R, ref.R, atol=tol)
         ho.moe_correct_ridge()
         ref.moe_correct_ridge()

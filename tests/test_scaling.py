@@ -272,7 +272,8 @@ def test_estimate_bounds_the_measured_peak():
         n = 100_000
         z = rng.standard_normal((n, 50), dtype=np.float32)
         meta = pd.DataFrame({"batch": rng.integers(0, 20, n)})
-        extra = _memory.estimate_memory(n, 50, 20, [20], n_blocks=20).peak()
+        extra = _memory.estimate_memory(n, 50, 20, [20], n_blocks=20,
+                                        copies_input=False).peak()
         """,
         'hm.run_harmony(z, meta, "batch", nclust=20, verbose=False, max_iter_harmony=1, '
         'max_iter_kmeans=2)')

@@ -118,9 +118,10 @@ def integrate(
     _check_obs_columns(adata, keys)
 
     ho = run_harmony(embedding, adata.obs, keys, **run_harmony_kwargs)
-    # Filled chunk by chunk straight into a float32 array (the usual dtype of
-    # X_pca and what scanpy's own wrapper stores): no float64 copy on the way.
-    adata.obsm[adjusted_basis] = ho.result(out=np.empty((ho.N, ho.d), dtype=np.float32))
+    # float32 (the usual dtype of X_pca and what scanpy's own wrapper stores):
+    # the engine's own array when the run was float32 on the CPU (no copy),
+    # else filled chunk by chunk (no float64 copy on the way).
+    adata.obsm[adjusted_basis] = ho.result(dtype=np.float32)
     adata.uns["harmony"] = {
         "key": keys,
         "basis": basis,

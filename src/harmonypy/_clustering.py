@@ -85,20 +85,61 @@ def normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return torch.div(x, norms.clamp_min(torch.finfo(x.dtype).tiny), out=out)
 
 
-def compute_centroids(assignments: torch.Tensor, z_cos: torch.Tensor,
-                      rows: torch.Tensor | None = None, chunk: int = 16384) -> torch.Tensor:
+def row_norms(x: torch.Tensor, out: torch.Tensor | None = None,
+              chunk: int = 65536) -> torch.Tensor:
+    """(N,) L2 norms of the rows of ``x``, at least the dtype's ``tiny``, into ``out``.
+
+    Dividing a row by its entry gives the row of :func:`normalize_rows` exactly
+    (same norm, same clamp, same division), so the engine keeps these N
+    numbers instead of a unit-length copy of the embedding.
+    """
+    if out is None:
+        out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    tiny = torch.finfo(x.dtype).tiny
+    for start in range(0, x.shape[0], chunk):
+        part = out[start:start + chunk]
+        torch.linalg.vector_norm(x[start:start + chunk], dim=1, out=part)
+        part.clamp_min_(tiny)
+    return out
+
+
+def unit_rows(z: torch.Tensor, norms: torch.Tensor, cells=None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``cells`` (an index tensor or a slice; all by default) of ``z``
+    divided by their ``norms``: those rows of the unit-length embedding."""
+    if cells is None or isinstance(cells, slice):
+        rows = z if cells is None else z[cells]
+        scale = norms if cells is None else norms[cells]
+    else:
+        rows = torch.index_select(z, 0, cells, out=out)
+        scale = norms.index_select(0, cells)
+        return rows.div_(scale[:, None])
+    return torch.div(rows, scale[:, None], out=out)
+
+
+def compute_centroids(assignments: torch.Tensor, z: torch.Tensor,
+                      rows: torch.Tensor | None = None, chunk: int = 16384,
+                      norms: torch.Tensor | None = None) -> torch.Tensor:
     """``Y`` transposed (K x d): R-weighted means of the cells, unit length.
 
-    ``rows`` (N,) gives the cell (row of ``z_cos``) held by each row of
-    ``assignments`` when they are not in the same order.
+    ``z`` holds unit-length cells, or, with ``norms`` (N,), cells whose rows
+    are divided by ``norms`` as they are read. ``rows`` (N,) gives the cell
+    (row of ``z``) held by each row of ``assignments`` when they are not in
+    the same order.
     """
-    if rows is None:
-        return normalize_rows(assignments.T @ z_cos)
-    sums = torch.zeros((assignments.shape[1], z_cos.shape[1]), dtype=z_cos.dtype,
-                       device=z_cos.device)
+    if rows is None and norms is None:
+        return normalize_rows(assignments.T @ z)
+    sums = torch.zeros((assignments.shape[1], z.shape[1]), dtype=z.dtype, device=z.device)
+    buffer = torch.empty((min(chunk, z.shape[0]), z.shape[1]), dtype=z.dtype, device=z.device)
     for start in range(0, assignments.shape[0], chunk):
         part = slice(start, start + chunk)
-        sums.addmm_(assignments[part].T, z_cos.index_select(0, rows[part]))
+        n = assignments[part].shape[0]
+        cells = part if rows is None else rows[part]
+        if norms is None:
+            block = torch.index_select(z, 0, cells, out=buffer[:n])
+        else:
+            block = unit_rows(z, norms, cells, out=buffer[:n])
+        sums.addmm_(assignments[part].T, block)
     return normalize_rows(sums)
 
 
@@ -112,11 +153,14 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int) -> torc
 
 def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
                 objective: bool = False, out: torch.Tensor | None = None,
-                chunk: int = 8192) -> tuple[torch.Tensor, tuple[float, float] | None]:
+                chunk: int = 8192, norms: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
 
     ``out`` (N, K), if given, receives the assignments: reusing the previous
-    R's memory spares the page faults of a fresh allocation.
+    R's memory spares the page faults of a fresh allocation. ``z_cos`` holds
+    unit-length cells, or, with ``norms`` (N,), cells divided by ``norms``
+    chunk by chunk as they are read.
 
     Returns
     -------
@@ -134,8 +178,13 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
     scaled_centroids_t = (centroids * (2 * inv_sigma)[:, None]).T
     buffer = torch.empty((min(chunk, z_cos.shape[0]), centroids.shape[0]), dtype=z_cos.dtype,
                          device=z_cos.device)
+    z_buffer = None if norms is None else torch.empty(
+        (min(chunk, z_cos.shape[0]), z_cos.shape[1]), dtype=z_cos.dtype, device=z_cos.device)
     for start in range(0, z_cos.shape[0], chunk):
         z_part = z_cos[start:start + chunk]
+        if norms is not None:
+            z_part = unit_rows(z_cos, norms, slice(start, start + chunk),
+                               out=z_buffer[:z_part.shape[0]])
         logits = buffer[:z_part.shape[0]]
         torch.addmm(-2 * inv_sigma, z_part, scaled_centroids_t, out=logits)
         r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
@@ -201,7 +250,8 @@ def _block_level_sums(assignments, codes, order, bounds, n_levels) -> torch.Tens
 
 def online_update(
     assignments: torch.Tensor,
-    z_cos: torch.Tensor,
+    z: torch.Tensor,
+    norms: torch.Tensor,
     centroids: torch.Tensor,
     codes: torch.Tensor,
     stats: ClusterStats,
@@ -235,9 +285,10 @@ def online_update(
     Parameters
     ----------
     assignments : (N, K) tensor, updated in place.
-    z_cos : (N, d) tensor, unit-length cells (storage order).
+    z : (N, d) tensor, the cells (Z_corr).
+    norms : (N,) tensor, their norms: ``z[i] / norms[i]`` is cell i of Z_cos.
     centroids : (K, d) tensor, unit-length centroids ``Y``.
-    codes : (N, V) int64 tensor of global level indices (storage order).
+    codes : (N, V) int64 tensor of global level indices.
     stats : ClusterStats, updated in place.
     proportions, theta : (B,) tensors (statistics dtype).
     sigma : (K,) tensor (statistics dtype).
@@ -296,7 +347,7 @@ def online_update(
     largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
-            assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
+            assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
             cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out,
             next_block_of, next_removals)
     if next_removals is not None:
@@ -310,7 +361,7 @@ PIECE_ELEMENTS = 2**18
 MIN_PIECE_ROWS = 64
 
 
-def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, theta, sigma,
+def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
                    cells_in_order, bounds, removals, diversity_fn, first_levels,
                    centroid_sums_out, next_block_of, next_removals):
     """The per-block loop of :func:`online_update`; returns the two objective terms.
@@ -333,7 +384,7 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
     piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
     largest = min(piece, max(end - start for start, end in bounds))
     logits_buffer = torch.empty((largest, n_clusters), dtype=dtype, device=device)
-    z_buffer = torch.empty((largest, z_cos.shape[1]), dtype=dtype, device=device)
+    z_buffer = torch.empty((largest, z.shape[1]), dtype=dtype, device=device)
     added = torch.empty((n_levels, n_clusters), dtype=dtype, device=device)
     for j, (start, end) in enumerate(bounds):
         stats.observed -= removals[j]
@@ -358,7 +409,7 @@ def _update_blocks(assignments, z_cos, centroids, codes, stats, proportions, the
                     [F.embedding(piece_codes[:, v], log_penalty)
                      for v in range(n_variables)]), dim=0)
                 torch.sub(penalty, two_over_sigma, out=logits)
-            block_z = torch.index_select(z_cos, 0, cells, out=z_buffer[:hi - lo])
+            block_z = unit_rows(z, norms, cells, out=z_buffer[:hi - lo])  # rows of Z_cos
             logits.addmm_(block_z, scaled_centroids_t)
             # The block's old rows are no longer needed (its removals are known).
             new = torch.softmax(logits, dim=1, out=assignments[lo:hi])

@@ -29,9 +29,10 @@ import torch
 class LevelIndex:
     """Cells of every batch level.
 
-    The engine stores cells sorted by the level of the first batch variable, so
-    those levels are contiguous row ranges (``slice`` objects: views, no
-    copies); levels of further variables are index tensors.
+    Cells are in the caller's order. Levels whose cells are a contiguous run of
+    rows (the first variable's, when the cells come sorted by it) are ``slice``
+    objects (views, no copies); the others are index tensors, in increasing
+    cell order.
 
     cells : list of ``slice`` or 1-D int64 tensor, one per global level.
     variable : list of int, the variable each level belongs to.
@@ -77,17 +78,19 @@ class _LevelReader:
                                      device=assignments.device)
         self._z_buffer = torch.empty((rows, z.shape[1]), dtype=z.dtype, device=z.device)
 
-    def __call__(self, cells):
-        """Yield ``(cells_part, r_rows, z_rows)``; ``cells_part`` is a slice or an index."""
+    def __call__(self, cells, z: bool = True):
+        """Yield ``(cells_part, r_rows, z_rows)``; ``cells_part`` is a slice or an
+        index; ``z_rows`` is None with ``z=False`` (not gathered)."""
         n = cells.stop - cells.start if isinstance(cells, slice) else cells.numel()
         for offset in range(0, n, self.chunk):
             size = min(self.chunk, n - offset)
             if isinstance(cells, slice):
                 part = slice(cells.start + offset, cells.start + offset + size)
-                z_rows = self.z[part]
+                z_rows = self.z[part] if z else None
             else:
                 part = cells[offset:offset + size]
-                z_rows = torch.index_select(self.z, 0, part, out=self._z_buffer[:size])
+                z_rows = (torch.index_select(self.z, 0, part, out=self._z_buffer[:size])
+                          if z else None)
             if self.position is None and isinstance(part, slice):
                 r_rows = self.assignments[part]
             else:
@@ -311,13 +314,26 @@ def ridge_correct(
                                          assignments, levels, keep)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
-    z_corr = z_orig.clone() if out is None else out.copy_(z_orig)
+    # The first variable's levels partition the cells: each of its chunks
+    # writes its rows of Z_corr once, Z_orig less the correction; further
+    # variables' levels subtract their parts from those rows. Z_orig is only
+    # read, so it can be the caller's array, in the caller's order.
+    z_corr = torch.empty_like(z_orig) if out is None else out
+    corrected = torch.empty((min(read.chunk, z_orig.shape[0]), d), dtype=z_orig.dtype,
+                            device=z_orig.device)
     for b, cells in enumerate(levels.cells):
-        for part, r_rows, _ in read(cells):
-            if isinstance(part, slice):
-                z_corr[part].addmm_(r_rows, coef[:, b, :], alpha=-1.0)
+        for part, r_rows, z_rows in read(cells, z=b < first):
+            if b >= first:
+                if isinstance(part, slice):
+                    z_corr[part].addmm_(r_rows, coef[:, b, :], alpha=-1.0)
+                else:
+                    z_corr.index_add_(0, part, r_rows @ coef[:, b, :], alpha=-1.0)
+            elif isinstance(part, slice):
+                torch.addmm(z_rows, r_rows, coef[:, b, :], alpha=-1.0, out=z_corr[part])
             else:
-                z_corr.index_add_(0, part, r_rows @ coef[:, b, :], alpha=-1.0)
+                rows = torch.addmm(z_rows, r_rows, coef[:, b, :], alpha=-1.0,
+                                   out=corrected[:r_rows.shape[0]])
+                z_corr.index_copy_(0, part, rows)
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 

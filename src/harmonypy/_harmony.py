@@ -11,6 +11,7 @@ of the algorithm (``init_cluster``, ``cluster``, ``update_R``,
 from __future__ import annotations
 
 import functools
+import warnings
 import logging
 import math
 import os
@@ -141,21 +142,22 @@ class Harmony:
         # Counts and small per-level vectors stay in float64 (MPS has none).
         self._stat_dtype = torch.float32 if device.type == "mps" else torch.float64
         stat = dict(dtype=self._stat_dtype, device=device)
-        # Cells are stored sorted by their level of the first batch variable, so
-        # that each level is a contiguous block of rows in the correction. The
-        # attributes put them back in the caller's order.
-        self._storage_order = np.argsort(design.codes[:, 0], kind="stable")
-        self._caller_order = np.empty_like(self._storage_order)
-        self._caller_order[self._storage_order] = np.arange(self.N)
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        stored = np.empty(z.shape, dtype=np_dtype)
-        for start in range(0, self.N, 65536):  # chunks: no full float64 copy
-            rows = self._storage_order[start:start + 65536]
-            stored[start:start + rows.size] = z[rows]
-        self._z_orig = torch.from_numpy(stored).to(device)
+        # Cells stay in the caller's order. The input is used as it is when it
+        # already has the run's dtype and layout on the CPU (no copy: it is only
+        # read), else converted once. Z_corr is the one embedding the engine
+        # writes; the unit-length cells (Z_cos) are never stored: each step
+        # divides the rows it reads by their norms (N numbers).
+        self._z_orig = _input_tensor(z, dtype, device)
         self._z_corr = self._z_orig  # until the first correction: no copy needed
-        self._z_cos = clu.normalize_rows(self._z_orig)
-        self._codes = torch.from_numpy(design.codes[self._storage_order]).to(device)
+        self._norms = clu.row_norms(self._z_orig)
+        self._codes = torch.from_numpy(np.ascontiguousarray(design.codes)).to(device)
+        # The cells sorted by their level of the first variable: the order in
+        # which earlier versions stored them. An online update that starts from
+        # a fresh R (rows = cells) reads its shuffle through it, so the blocks
+        # hold the same cells as there and a given random_state gives the same
+        # result as before (up to rounding: sums now run in the caller's order).
+        self._shuffle_base = torch.from_numpy(
+            np.argsort(design.codes[:, 0], kind="stable")).to(device)
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
         self._proportions = torch.as_tensor(design.proportions, **stat)
         self._theta = torch.as_tensor(theta, **stat)
@@ -202,10 +204,12 @@ class Harmony:
     def init_cluster(self) -> None:
         """Initial centroids by k-means, then R, O, E and the first objective."""
         if self.algorithm == "harmony2":  # k-means++ seeding, then 10 Lloyd iterations
-            centers = kmeans_centroids(self._z_cos, self.K, self._generator, n_init=1,
-                                       max_iter=10)
+            centers = kmeans_centroids(self._z_corr, self.K, self._generator, n_init=1,
+                                       max_iter=10, norms=self._norms,
+                                       order=self._shuffle_base)
         else:  # as R's kmeans(nstart = 10, iter.max = 25)
-            centers = kmeans_centroids(self._z_cos, self.K, self._generator)
+            centers = kmeans_centroids(self._z_corr, self.K, self._generator,
+                                       norms=self._norms, order=self._shuffle_base)
         self._centroids = clu.normalize_rows(centers)
         dist_term, entropy_term = self._reassign(objective=True)
         self.compute_objective(dist_term, entropy_term, step="initialisation")
@@ -247,12 +251,15 @@ class Harmony:
         if order is None:
             order = torch.randperm(self.N, generator=self._generator).to(self.device)
         self._next_order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        if self._rows is None:  # R's rows are the cells: see _shuffle_base
+            order = self._shuffle_base.index_select(0, order)
         if self.algorithm == "harmony1":
             if self._centroid_sums is None:
                 self._centroid_sums = torch.empty_like(self._centroids)
             self._centroid_sums.zero_()
         dist_term, entropy_term, self._rows, self._next_removals = clu.online_update(
-            self._assignments, self._z_cos, self._centroids, self._codes, self._stats,
+            self._assignments, self._z_corr, self._norms, self._centroids, self._codes,
+            self._stats,
             self._proportions, self._theta, self._sigma, order, self._bounds,
             self._diversity, int(self.design.offsets[1]), rows=self._rows,
             centroid_sums_out=self._centroid_sums, recount=self._stale_counts,
@@ -278,8 +285,8 @@ class Harmony:
     def moe_correct_ridge(self) -> None:
         """Correction: subtract the batch part of per-cluster ridge regressions."""
         harmony2 = self.algorithm == "harmony2"
-        # The correction starts again from Z_orig; the new Z_corr and Z_cos
-        # overwrite the previous ones, so only one copy of each is alive.
+        # The correction starts again from Z_orig; the new Z_corr overwrites
+        # the previous one, so only one copy is alive.
         self._centroid_sums_current = False
         result = ridge_correct(
             self._z_orig, self._assignments, self._codes, self._levels, self.B,
@@ -290,7 +297,7 @@ class Harmony:
         if not _all_finite(result.z_corr):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
-        self._z_cos = clu.normalize_rows(self._z_corr, out=self._z_cos)
+        self._norms = clu.row_norms(self._z_corr, out=self._norms)
         self._intercept = result.intercept
         self._kept_levels = result.keep
         if harmony2:
@@ -327,7 +334,7 @@ class Harmony:
 
     # -------------------------------------------------------------- internals
     def _update_centroids(self) -> None:
-        """Harmony 1's centroid step: the R-weighted sums of Z_cos, unit length.
+        """Harmony 1's centroid step: the R-weighted sums of the unit-length cells.
 
         The last online update summed them for its new R; after a correction
         (new Z_cos) or a reassignment they are recomputed from R and Z_cos.
@@ -335,7 +342,8 @@ class Harmony:
         if self._centroid_sums_current:
             self._centroids = clu.normalize_rows(self._centroid_sums)
         else:
-            self._centroids = clu.compute_centroids(self._assignments, self._z_cos, self._rows)
+            self._centroids = clu.compute_centroids(self._assignments, self._z_corr,
+                                                    self._rows, norms=self._norms)
 
     def _reassign(self, objective: bool = False, recount: bool = True
                   ) -> tuple[float, float] | None:
@@ -345,7 +353,8 @@ class Harmony:
         # The new R overwrites the old one: one N x K matrix at a time.
         self._centroid_sums_current = False
         self._assignments, terms = clu.soft_assign(
-            self._z_cos, self._centroids, self._sigma, objective, out=self._assignments)
+            self._z_corr, self._centroids, self._sigma, objective, out=self._assignments,
+            norms=self._norms)
         self._rows = None
         self._next_removals = None  # summed from the previous R
         if recount:
@@ -378,34 +387,43 @@ class Harmony:
 
     def _cells(self, t: torch.Tensor | None, rows: torch.Tensor | None = None
                ) -> np.ndarray | None:
-        """A per-cell tensor (N, ...) as NumPy, rows back in the caller's order.
+        """A per-cell tensor (N, ...) as NumPy, rows in the caller's order.
 
-        ``rows`` (N,) names the stored cell in each row of ``t`` when the rows
-        are not in storage order (R after an online update).
+        Without ``rows`` the rows already are the cells in order, and on the
+        CPU the result is a view of ``t`` (no copy). ``rows`` (N,) names the
+        cell in each row of ``t`` when they are not (R after an online
+        update); the result is then a gathered copy.
         """
         if t is None:
             return None
-        order = torch.from_numpy(self._caller_order).to(t.device)
         if rows is not None:
             position = torch.empty_like(rows)
             position[rows] = torch.arange(rows.numel(), device=rows.device)
-            order = position.index_select(0, order)
-        return t.index_select(0, order).detach().cpu().numpy()
+            t = t.index_select(0, position)
+        return t.detach().cpu().numpy()
 
     @property
     def Z_corr(self) -> np.ndarray:
-        """Corrected embedding, (d, N)."""
+        """Corrected embedding, (d, N).
+
+        On the CPU a view of the engine's own array, not a copy (as the
+        attribute of harmonypy 0.2): reading it costs no memory, and a further
+        correction step (``moe_correct_ridge``) overwrites it in place. Copy it
+        to keep a step's result.
+        """
         return self._cells(self._z_corr).T
 
     @property
     def Z_orig(self) -> np.ndarray:
-        """Input embedding, (d, N)."""
+        """Input embedding, (d, N): on the CPU a view of the caller's array
+        when it was float32 (float64 runs: float64) and C-contiguous, else of
+        the engine's converted copy."""
         return self._cells(self._z_orig).T
 
     @property
     def Z_cos(self) -> np.ndarray:
-        """Unit-length corrected cells, (d, N)."""
-        return self._cells(self._z_cos).T
+        """Unit-length corrected cells, (d, N); computed when read (a new array)."""
+        return self._np(self._z_corr / self._norms[:, None]).T
 
     @property
     def R(self) -> np.ndarray:
@@ -493,7 +511,7 @@ class Harmony:
         """NumPy dtype of the per-cell results (float32 or float64)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
 
-    def result(self, out: np.ndarray | None = None) -> np.ndarray:
+    def result(self, out: np.ndarray | None = None, dtype=None) -> np.ndarray:
         """Corrected embedding as cells x features (same as ``Z_corr.T``).
 
         Parameters
@@ -502,17 +520,25 @@ class Harmony:
             Written in place, in chunks of 65,536 cells, and returned: a
             preallocated array, a ``np.memmap`` or ``np.lib.format.open_memmap``
             on disk, a slot of ``adata.obsm``. Its float dtype may differ from
-            the run's (each chunk is cast). Without ``out`` a new array in the
-            run's dtype is returned. Either way only one chunk of temporary
-            memory is used beyond the result, where ``Z_corr`` (a copy, each
-            time it is read) plus a cast would hold two full copies.
+            the run's (each chunk is cast). Without ``out`` the engine's own
+            array is returned on the CPU (a view, no copy: it is ``Z_corr.T``),
+            and a copy from other devices.
+        dtype : NumPy float dtype, optional (not with ``out``)
+            The dtype wanted: the engine's own array when it already has it,
+            else a new array of that dtype filled chunk by chunk.
 
         Returns
         -------
         ndarray of shape (N, d)
         """
         if out is None:
+            if dtype is not None and np.dtype(dtype) != self.numpy_dtype:
+                return self.result(out=np.empty((self.N, self.d), dtype=dtype))
+            if self._z_corr is self._z_orig:  # never corrected: not the caller's array
+                return self._cells(self._z_orig).copy()
             return self._cells(self._z_corr)
+        if dtype is not None:
+            raise TypeError("pass either out or dtype, not both")
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array (or np.memmap) of shape "
                             f"({self.N}, {self.d}), got {type(out).__name__}")
@@ -523,11 +549,9 @@ class Harmony:
             raise ValueError(f"out must have a float dtype, got {out.dtype}")
         if not out.flags.writeable:
             raise ValueError("out is read-only")
-        order = torch.from_numpy(self._caller_order).to(self._z_corr.device)
         for start in range(0, self.N, _RESULT_CHUNK_ROWS):
-            rows = order[start:start + _RESULT_CHUNK_ROWS]
-            out[start:start + rows.numel()] = (
-                self._z_corr.index_select(0, rows).detach().cpu().numpy())
+            stop = min(self.N, start + _RESULT_CHUNK_ROWS)
+            out[start:stop] = self._z_corr[start:stop].detach().cpu().numpy()
         return out
 
     def __repr__(self) -> str:
@@ -538,6 +562,35 @@ class Harmony:
 
 #: Cells per chunk when :meth:`Harmony.result` fills a caller's array.
 _RESULT_CHUNK_ROWS = 65536
+
+
+def _input_used_as_is(z, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`_input_tensor` wraps ``z`` instead of copying it."""
+    np_dtype = np.dtype(np.float64 if dtype == torch.float64 else np.float32)
+    return (device.type == "cpu" and isinstance(z, np.ndarray) and z.dtype == np_dtype
+            and z.flags.c_contiguous and z.dtype.isnative)
+
+
+def _input_tensor(z: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (N, d) input as a tensor of ``dtype`` on ``device``, without a copy
+    when it can be used as it is.
+
+    On the CPU a C-contiguous array of the run's dtype (also a read-only one,
+    such as a memory-mapped ``.npy``) is wrapped, not copied: the engine never
+    writes to it. Anything else is converted in chunks of 65,536 rows, so a
+    float64 input run in float32 never has a second float64 copy.
+    """
+    np_dtype = np.dtype(np.float64 if dtype == torch.float64 else np.float32)
+    if _input_used_as_is(z, dtype, device):
+        with warnings.catch_warnings():  # read-only input: fine, it is only read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(z)
+    out = torch.empty(z.shape, dtype=dtype, device=device)
+    for start in range(0, z.shape[0], _RESULT_CHUNK_ROWS):
+        stop = min(z.shape[0], start + _RESULT_CHUNK_ROWS)
+        chunk = np.ascontiguousarray(z[start:stop], dtype=np_dtype)
+        out[start:stop] = torch.from_numpy(chunk).to(device)
+    return out
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -741,7 +794,8 @@ def run_harmony(
     if check_memory:
         val.check_memory_fits(n_cells, cells.shape[1], n_clusters, design,
                               dtype=torch_dtype, algorithm=algorithm, device=torch_device,
-                              n_blocks=clu.n_blocks_of(n_cells, block_size))
+                              n_blocks=clu.n_blocks_of(n_cells, block_size),
+                              copies_input=not _input_used_as_is(cells, torch_dtype, torch_device))
     seed = val.resolve_seed(random_state)
 
     progress = Progress(verbose, max_iter_harmony)

@@ -81,6 +81,8 @@ def kmeans_centroids(
     n_init: int = 10,
     max_iter: int = 25,
     sample_size: int = 20_000,
+    norms: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """k-means on the rows of ``x``: best of ``n_init`` k-means++ seedings, then Lloyd.
 
@@ -91,6 +93,14 @@ def kmeans_centroids(
         Number of clusters.
     generator : torch.Generator
         CPU generator that makes the seeding reproducible.
+    norms : (n_cells,) tensor, optional
+        Divide each row of ``x`` by its entry first (the engine passes Z_corr
+        and its norms: k-means then runs on the unit-length cells, and only
+        the sampled ones are ever normalised).
+    order : (n_cells,) int64 tensor, optional
+        A permutation of the rows: the seeding and the sample see ``x[order]``
+        (the engine passes the cells sorted by batch, the order earlier
+        versions stored them in, so a seed gives the same start as there).
 
     Returns
     -------
@@ -98,9 +108,19 @@ def kmeans_centroids(
         Centroids (not normalised).
     """
     n = x.shape[0]
+    rows = None
     if n > sample_size:
         rows = torch.randperm(n, generator=generator)[:sample_size].to(x.device)
+        if order is not None:
+            rows = order.index_select(0, rows)
+    elif order is not None:
+        rows = order
+    if rows is not None:
         x = x.index_select(0, rows)
+        if norms is not None:
+            x = x.div_(norms.index_select(0, rows)[:, None])
+    elif norms is not None:
+        x = x / norms[:, None]
     # Restarts compete on the k-means++ seeding's own inertia; Lloyd then runs
     # once, from the best seeding. Harmony refines the centroids anyway, and
     # this keeps the initialisation a small part of the run at any size.

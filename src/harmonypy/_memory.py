@@ -93,7 +93,8 @@ class MemoryEstimate:
 
 def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
                     *, dtype: torch.dtype = torch.float32, algorithm: str = "harmony1",
-                    device: torch.device | str = "cpu", n_blocks: int = 20) -> MemoryEstimate:
+                    device: torch.device | str = "cpu", n_blocks: int = 20,
+                    copies_input: bool = True) -> MemoryEstimate:
     """Peak memory of a run, by term, beyond the inputs the caller holds.
 
     With N cells, d dimensions, K clusters, V batch variables of B_1 .. B_V
@@ -105,9 +106,11 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
     ===========  ===============================================  =========================
     term         size                                             alive
     ===========  ===============================================  =========================
-    embedding    Z_orig, Z_cos, Z_corr: 3 N d s                   always
+    embedding    Z_corr and its row norms: N (d + 1) s, and a     always
+                 converted copy of the input, N d s, unless it
+                 is used as it is (``copies_input=False``)
     assignments  R: N K s                                         always
-    indices      cell orders, level codes: 8 N (8 + 4V)           always
+    indices      cell orders, level codes: 8 N (7 + 3V)           always
     block sums   the online update's per-block batch sums:        s: always;
                  n_blocks B K (2s + a)                            2s + a: clustering
     statistics   O, E, penalties: 8 B K a                         always
@@ -128,13 +131,14 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
     One batch variable has no pair sums, border or systems: its systems are
     solved in closed form (m = 1), so nothing is quadratic in B, and with
     several variables only the smaller variables' levels enter quadratically.
-    The peak is the largest, over the steps, of the sum of the terms alive
-    then, plus 10% (:data:`SLACK`). On CUDA
+    The input is used as it is (no copy, ``copies_input=False``) when it is
+    a C-contiguous NumPy array of the run's dtype on the CPU; the unit-length
+    cells are never stored (each step divides the rows it reads by their
+    norms). The peak is the largest, over the steps, of the sum of the terms
+    alive then, plus 10% (:data:`SLACK`). On CUDA
     the same terms live on the GPU, except the level codes and orders kept on
-    the host (8 N (2 + V)), the staging copy of the embedding (N d s, while
-    the engine starts) and the overhead. Measured peak RSS on the CPU (the
-    increase over the RSS before the call) is 0.65-0.9 of the estimate from
-    3,000 to 1,000,000 cells (docs/input-validation.md has the table).
+    the host (8 N (2 + V)), the staging chunks of the input and the
+    overhead; the input is always copied to the GPU.
 
     Parameters
     ----------
@@ -156,18 +160,21 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
         terms.append(Term(key, what, formula, tuple((p, int(v)) for p, v in sizes.items()),
                           where))
 
-    add("embedding", "embedding copies (Z_orig, Z_cos, Z_corr)", "3 x N x d", 3 * n * d * s)
+    if copies_input or on == "device":
+        add("embedding", "Z_corr, its row norms and the converted input (Z_orig)",
+            "N x (2d + 1)", n * (2 * d + 1) * s)
+    else:
+        add("embedding", "Z_corr and its row norms (the input is used as it is)",
+            "N x (d + 1)", n * (d + 1) * s)
     add("assignments", "soft assignments R", "N x K", n * k * s)
     if on == "device":
         add("indices", "cell orders and level codes on the GPU", "N x (6 + 3V) int64",
             8 * n * (6 + 3 * n_vars))
         add("host", "level codes and orders kept on the host", "N x (2 + V) int64",
             8 * n * (2 + n_vars), "host")
-        add("staging", "staging copy of the embedding", "N x d",
-            {PHASES[0]: n * d * s}, "host")
     else:
-        add("indices", "cell orders and level codes", "N x (8 + 4V) int64",
-            8 * n * (8 + 4 * n_vars))
+        add("indices", "cell orders and level codes", "N x (7 + 3V) int64",
+            8 * n * (7 + 3 * n_vars))
     block_sums = n_blocks * b * k
     add("block sums", "per-block batch sums of the online update",
         "n_blocks x B x K, 3 copies",

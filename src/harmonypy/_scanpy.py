@@ -282,6 +282,6 @@ def harmony_integrate(
         kwargs.update(lamb=ridge_lambda)
 
     ho = run_harmony(embedding, adata.obs, keys, **kwargs)
-    adata.obsm[adjusted_basis] = ho.result(out=np.empty((ho.N, ho.d), dtype=out_dtype))
+    adata.obsm[adjusted_basis] = ho.result(dtype=out_dtype)  # no copy when it can be avoided
     logger.info("stored the corrected embedding in obsm[%r] (%s, %s)", adjusted_basis,
                 flavor, out_dtype)

@@ -599,7 +599,7 @@ def resolve_seed(random_state) -> int:
 
 # ------------------------------------------------------------------ memory
 def check_memory_fits(n_cells: int, n_dims: int, n_clusters: int, design, *, dtype,
-                      algorithm: str, device, n_blocks: int) -> None:
+                      algorithm: str, device, n_blocks: int, copies_input: bool = True) -> None:
     """Refuse a run whose estimated peak memory exceeds the available memory.
 
     Raises :class:`MemoryError` with the estimate, the available memory and
@@ -610,7 +610,8 @@ def check_memory_fits(n_cells: int, n_dims: int, n_clusters: int, design, *, dty
 
     counts = np.diff(design.offsets).tolist()
     estimate = _memory.estimate_memory(n_cells, n_dims, n_clusters, counts, dtype=dtype,
-                                       algorithm=algorithm, device=device, n_blocks=n_blocks)
+                                       algorithm=algorithm, device=device, n_blocks=n_blocks,
+                                       copies_input=copies_input)
     levels = (f"{design.n_levels:,} batch level(s) in {design.n_variables} variable(s)"
               if design.n_variables > 1 else f"{design.n_levels:,} batch levels")
     context = (f" (N={n_cells:,} cells, d={n_dims}, K={n_clusters} clusters, {levels}, "

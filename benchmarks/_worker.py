@@ -64,8 +64,10 @@ def load_meta(path: str) -> Any:
             rows = list(csv.reader(fh))
         header, body = rows[0], rows[1:]
         return {name: np.array([r[i] for r in body]) for i, name in enumerate(header)}
-    # Read everything as strings so every tool sees the same batch labels.
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    # Every column as a categorical of its string labels: every tool sees the
+    # same batch labels, and 10 million cells of labels take tens of MB (as in
+    # an AnnData's obs), not the GBs of one Python string per cell.
+    return pd.read_csv(path, dtype="category", keep_default_na=False)
 
 
 def n_cells_of(meta: Any) -> int:
@@ -304,6 +306,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Load inputs, run the tool, write the embedding and the measurements."""
     args = parse_args(argv)
+    # If the machine runs out of memory, this process is the one to stop (the
+    # driver then records the crash), not the driver or the user's shell.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write("1000")
+    except OSError:
+        pass
     result: dict[str, Any] = dict(
         tool=args.tool, algorithm=args.algorithm, mode=args.mode,
         python=platform.python_version(), cpu_count=os.cpu_count(),

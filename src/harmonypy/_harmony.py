@@ -27,6 +27,7 @@ from harmonypy._correction import LevelIndex, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import kmeans_centroids
+from harmonypy._memory import _KMEANS_SAMPLE
 from harmonypy._progress import Progress
 from harmonypy._threads import AutoThreads
 
@@ -813,7 +814,13 @@ def run_harmony(
                 epsilon_harmony=epsilon_harmony, alpha=alpha, seed=seed,
                 device=torch_device, dtype=torch_dtype, algorithm=algorithm,
                 batch_prop_cutoff=batch_prop_cutoff, progress=progress)
+            sample = min(n_cells, _KMEANS_SAMPLE)
+            progress.message(
+                f"initial centroids: k-means on {sample:,} sampled cells, then a first "
+                f"assignment of all {n_cells:,}" if sample < n_cells else
+                f"initial centroids: k-means on all {n_cells:,} cells")
             ho.init_cluster()
+            progress.message(f"initialised in {progress.elapsed():.1f} s")
             ho.harmonize(max_iter_harmony)
             outcome = (f"converged after {ho.n_iter} iteration(s)" if ho.converged else
                        f"reached max_iter_harmony={max_iter_harmony} without converging")

@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -222,13 +223,11 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
         cmd += ["--threads", str(args.threads)]
     log_path = out_npy.with_suffix(".log")
     t0 = time.perf_counter()
-    try:
-        with open(log_path, "w") as fh:
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                  env=tool_env(tool, args.threads),
-                                  timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(status=f"timeout (>{args.timeout:g} s)")
+    with open(log_path, "w") as fh:
+        returncode, timed_out, peak_gb = _run_measured(cmd, fh, tool_env(tool, args.threads),
+                                                       args.timeout)
+    if timed_out:
+        return dict(status=f"timeout (>{args.timeout:g} s)", rss_peak_gb=peak_gb)
     wall = time.perf_counter() - t0
     if out_json.exists():
         result = json.loads(out_json.read_text())
@@ -238,8 +237,36 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
         return result
     # No JSON: the process died (e.g. killed by the OOM killer: rc -9).
     tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-    log(f"{tool.name} {mode} crashed rc={proc.returncode}: {tail[0]}")
-    return dict(status=f"crashed (rc={proc.returncode})", error=tail[0])
+    log(f"{tool.name} {mode} crashed rc={returncode} (peak RSS {peak_gb:.2f} GB): {tail[0]}")
+    return dict(status=f"crashed (rc={returncode})", error=tail[0], rss_peak_gb=peak_gb)
+
+
+def _run_measured(cmd: list[str], log_file, env: dict, timeout: float
+                  ) -> tuple[int, bool, float]:
+    """Run ``cmd``; return (exit code, timed out, peak RSS in GB).
+
+    The peak comes from the kernel's accounting of the child (``wait4``), so it
+    is known also for a run that was killed (out of memory, or past
+    ``timeout``), when the worker could not report it. It is at least the
+    driver's RSS at the fork (``ru_maxrss`` survives ``exec``), far below the
+    peaks this is for.
+    """
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    factor = 1 if sys.platform == "darwin" else 1024
+    return proc.returncode, killed.is_set(), usage.ru_maxrss * factor / 1e9
 
 
 def run_tools(tools: list[Tool], inputs: dict[str, Path], mode: str, n_cells: int,

@@ -176,6 +176,55 @@ def test_run_h5ad(small, tmp_path):
     assert_one_line_error(proc, "'X_scvi'", "'X_pca'")
 
 
+@pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
+def test_run_h5ad_leaves_x_on_disk_and_copies_the_rest(small, tmp_path):
+    """The input is opened backed: an expression matrix of 240 MB is never
+    loaded (the process's peak stays within 0.12 GB of importing the
+    packages), and the .h5ad output is the input file with the new obsm entry
+    and uns['harmony'] written into it: X, obs and the other obsm and uns
+    entries unchanged."""
+    import anndata
+
+    _, _, pcs, meta = small
+    rng = np.random.default_rng(0)
+    x = rng.random((1200, 50_000), dtype=np.float32)  # 240 MB
+    adata = anndata.AnnData(X=x, obs=meta.set_index("cell_id"),
+                            obsm={"X_pca": pcs.to_numpy(np.float32),
+                                  "X_umap": rng.random((1200, 2))},
+                            uns={"note": "kept", "harmony": {"old": 1}})
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    del x
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['harmonypy'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('harmonypy', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print(int(hwm.split()[1]) * 1024, code)\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "run", str(tmp_path / "in.h5ad"), "--vars", "donor",
+         "-o", str(tmp_path / "out.h5ad"), *FAST], capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    peak, status = proc.stdout.split()[-2:]
+    assert status in ("0", "None"), proc.stderr
+    # torch and pandas alone take ~0.3 GB; loading X would add 0.24 GB on top
+    baseline = subprocess.run(
+        [sys.executable, "-c", "import harmonypy, anndata, torch; "
+         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+         "if l.startswith('VmHWM')][0])"], capture_output=True, text=True, timeout=120)
+    assert int(peak) - int(baseline.stdout) < 0.12 * 2**30, (peak, baseline.stdout)
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    original = anndata.read_h5ad(tmp_path / "in.h5ad")
+    np.testing.assert_array_equal(out.X, original.X)
+    np.testing.assert_array_equal(out.obsm["X_umap"], original.obsm["X_umap"])
+    pd.testing.assert_frame_equal(out.obs, original.obs)
+    assert out.uns["note"] == "kept" and "old" not in out.uns["harmony"]
+    expected = hm.run_harmony(pcs.to_numpy(np.float32), meta, "donor", **FAST_KW).Z_corr.T
+    np.testing.assert_allclose(out.obsm["X_pca_harmony"], expected, **CLOSE)
+
+
 def test_h5ad_without_anndata_gives_install_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "anndata", None)  # makes `import anndata` fail
     status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",

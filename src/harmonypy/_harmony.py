@@ -367,10 +367,12 @@ class Harmony:
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
         codes = self._codes if self._rows is None else self._codes.index_select(0, self._rows)
-        observed = clu.level_sums(self._assignments, codes, self.B)
+        observed = clu.level_sums(self._assignments, codes, self.B, self._stat_dtype)
+        # The first variable's levels partition the cells: their sums are the
+        # cluster sizes.
         self._stats = clu.ClusterStats(
-            observed=observed.to(self._stat_dtype),
-            cluster_sizes=self._assignments.sum(0).to(self._stat_dtype))
+            observed=observed,
+            cluster_sizes=observed[:int(self.design.offsets[1])].sum(0))
 
     def _numerical_failure(self, step: str, what: str) -> None:
         raise FloatingPointError(

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMATS_HELP", "TABLE_FORMATS_HELP", "CellMatch", "OutputFiles", "OutputSpec", "Table",
     "check_outputs", "close_match", "file_format", "match_cells", "plot_formats", "read_embedding",
-    "read_h5ad", "read_meta", "save_figure", "write_h5ad", "write_table",
+    "read_h5ad", "read_meta", "save_figure", "write_h5ad", "write_h5ad_copy", "write_table",
 ]
 
 _TABLE_SEPARATORS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
@@ -402,8 +402,14 @@ def read_meta(path: str | Path) -> Table:
     return _read_frame(path, "metadata")
 
 
-def read_h5ad(path: str | Path):
-    """Read an ``.h5ad`` file into memory (needs anndata).
+def read_h5ad(path: str | Path, backed: bool = False):
+    """Read an ``.h5ad`` file (needs anndata).
+
+    With ``backed=True`` the file is opened read-only in anndata's backed
+    mode: ``X`` (and layers) stay on disk and are never loaded, ``obs`` and
+    ``obsm`` are read. For commands that only need an embedding and its
+    metadata, so an atlas's expression matrix costs no memory. The caller
+    closes it (``adata.file.close()``).
 
     Raises
     ------
@@ -417,7 +423,7 @@ def read_h5ad(path: str | Path):
     anndata = require_anndata()
     _check_exists(path, "input")
     with _reading(path, "AnnData input"):
-        return anndata.read_h5ad(path)
+        return anndata.read_h5ad(path, backed="r" if backed else None)
 
 
 # =========================================================================== #
@@ -900,6 +906,35 @@ def write_array(path: str | Path, shape: tuple[int, int], dtype,
 def write_h5ad(adata: Any, path: str | Path) -> None:
     """Write an AnnData object to ``path`` (give it a path from :meth:`OutputFiles.stage`)."""
     adata.write_h5ad(path)
+
+
+def write_h5ad_copy(source: str | Path, path: str | Path, *, obsm: dict | None = None,
+                    uns: dict | None = None) -> None:
+    """Write to ``path`` a copy of the ``.h5ad`` file ``source`` with entries of
+    ``obsm`` and ``uns`` added or replaced.
+
+    The file is copied as it is, then the entries are written into the copy
+    with anndata's element writer, so ``X``, layers and everything else are
+    never loaded into memory and stay byte for byte as they were. Give it a
+    path from :meth:`OutputFiles.stage`.
+    """
+    import shutil
+
+    import h5py
+
+    try:  # anndata >= 0.11; before, the same function lived in experimental
+        from anndata.io import write_elem
+    except ImportError:  # pragma: no cover - older anndata
+        from anndata.experimental import write_elem
+
+    shutil.copyfile(source, path)
+    with h5py.File(path, "r+") as f:
+        for group, entries in (("obsm", obsm or {}), ("uns", uns or {})):
+            parent = f.require_group(group)
+            for key, value in entries.items():
+                if key in parent:
+                    del parent[key]
+                write_elem(parent, key, value)
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> None:

@@ -37,7 +37,7 @@ import pandas as pd
 from harmonypy._io import (
     FORMATS_HELP, OutputFiles, OutputSpec, Table, check_outputs, close_match, file_format,
     match_cells, read_embedding, read_h5ad, read_meta, save_figure, write_array, write_h5ad,
-    write_table,
+    write_h5ad_copy, write_table,
 )
 
 logger = logging.getLogger(__name__)
@@ -589,8 +589,6 @@ def _refuse_name_options(args: argparse.Namespace) -> None:
 
 
 def _run_h5ad(args: argparse.Namespace) -> int:
-    from harmonypy._anndata import _get_basis, integrate
-
     if args.meta is not None:
         raise ValueError("META is not used with .h5ad input: the batch columns come from "
                          "adata.obs")
@@ -602,7 +600,19 @@ def _run_h5ad(args: argparse.Namespace) -> int:
     check_outputs([OutputSpec("-o/--output", args.output, ("h5ad",) + TABLE_OUTPUTS),
                    OutputSpec("--plot", args.plot, None)],
                   {"EMBEDDING": args.embedding}, force=args.force)
-    adata = read_h5ad(args.embedding)
+    # Backed: X and the layers stay on disk (an atlas's expression matrix is
+    # far larger than its PCs); an .h5ad output is a copy of the input file
+    # with the new obsm entry written into it.
+    adata = read_h5ad(args.embedding, backed=True)
+    try:
+        return _run_backed_h5ad(args, adata)
+    finally:
+        adata.file.close()
+
+
+def _run_backed_h5ad(args: argparse.Namespace, adata) -> int:
+    from harmonypy._anndata import _get_basis, integrate
+
     source = f"adata.obs of {args.embedding}"
     _check_columns(adata.obs, args.vars_use, "--vars", source)
     _check_columns(adata.obs, args.color or [], "--color", source)
@@ -615,7 +625,10 @@ def _run_h5ad(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     corrected = adata.obsm[args.adjusted_basis]
     if file_format(args.output) == "h5ad":
-        write_output: Callable[[Path], None] = lambda path: write_h5ad(adata, path)  # noqa: E731
+        entries = dict(obsm={args.adjusted_basis: corrected},
+                       uns={"harmony": adata.uns["harmony"]})
+        write_output: Callable[[Path], None] = (  # noqa: E731
+            lambda path: write_h5ad_copy(args.embedding, path, **entries))
     else:
         columns = [f"PC{i + 1}_harmony" for i in range(corrected.shape[1])]
         table = Table(pd.DataFrame(corrected, index=adata.obs_names, columns=columns), True)
@@ -1098,9 +1111,12 @@ def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFram
         if args.meta is not None:
             raise ValueError("META is not used with .h5ad input: labels come from adata.obs")
         _refuse_name_options(args)
-        adata = read_h5ad(args.embedding)
-        return (_get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
-                adata.obs_names, f"adata.obs of {args.embedding}")
+        adata = read_h5ad(args.embedding, backed=True)  # X is not needed: not loaded
+        try:
+            return (_get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
+                    adata.obs_names, f"adata.obs of {args.embedding}")
+        finally:
+            adata.file.close()
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
     embedding, meta = _read_tables(args)

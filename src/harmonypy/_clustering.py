@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from harmonypy._reduce import LOCAL, Reduction, index_sum_
+
 
 @dataclass
 class ClusterStats:
@@ -119,16 +121,20 @@ def unit_rows(z: torch.Tensor, norms: torch.Tensor, cells=None,
 
 def compute_centroids(assignments: torch.Tensor, z: torch.Tensor,
                       rows: torch.Tensor | None = None, chunk: int = 16384,
-                      norms: torch.Tensor | None = None) -> torch.Tensor:
+                      norms: torch.Tensor | None = None,
+                      reduction: Reduction = LOCAL) -> torch.Tensor:
     """``Y`` transposed (K x d): R-weighted means of the cells, unit length.
 
     ``z`` holds unit-length cells, or, with ``norms`` (N,), cells whose rows
     are divided by ``norms`` as they are read. ``rows`` (N,) gives the cell
     (row of ``z``) held by each row of ``assignments`` when they are not in
-    the same order.
+    the same order. ``reduction`` adds the sums of the other processes'
+    cells (a distributed run) before they are normalised.
     """
     if rows is None and norms is None:
-        return normalize_rows(assignments.T @ z)
+        sums = assignments.T @ z
+        reduction.sum_(sums)
+        return normalize_rows(sums)
     sums = torch.zeros((assignments.shape[1], z.shape[1]), dtype=z.dtype, device=z.device)
     buffer = torch.empty((min(chunk, z.shape[0]), z.shape[1]), dtype=z.dtype, device=z.device)
     for start in range(0, assignments.shape[0], chunk):
@@ -140,6 +146,7 @@ def compute_centroids(assignments: torch.Tensor, z: torch.Tensor,
         else:
             block = unit_rows(z, norms, cells, out=buffer[:n])
         sums.addmm_(assignments[part].T, block)
+    reduction.sum_(sums)
     return normalize_rows(sums)
 
 
@@ -161,20 +168,21 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int,
     if dtype == values.dtype or values.shape[0] <= chunk:
         part = out if dtype == values.dtype else torch.zeros_like(out, dtype=values.dtype)
         for v in range(codes.shape[1]):
-            part.index_add_(0, codes[:, v], values)
+            index_sum_(part, codes[:, v], values)
         return out if part is out else out.add_(part)
     part = torch.empty((n_levels, values.shape[1]), dtype=values.dtype, device=values.device)
     for start in range(0, values.shape[0], chunk):
         part.zero_()
         for v in range(codes.shape[1]):
-            part.index_add_(0, codes[start:start + chunk, v], values[start:start + chunk])
+            index_sum_(part, codes[start:start + chunk, v], values[start:start + chunk])
         out += part
     return out
 
 
 def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
                 objective: bool = False, out: torch.Tensor | None = None,
-                chunk: int = 8192, norms: torch.Tensor | None = None
+                chunk: int = 8192, norms: torch.Tensor | None = None,
+                reduction: Reduction = LOCAL
                 ) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
 
@@ -188,7 +196,8 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
     assignments : (N, K) tensor.
     terms : ``(sum R * dist, sum_k sigma_k sum_i R_ki log R_ki)`` for these
         assignments with ``objective=True`` (from the logits in hand, see
-        :class:`_ObjectiveSums`), else None.
+        :class:`_ObjectiveSums`), else None; summed over every process's
+        cells by ``reduction``.
     """
     if out is None:
         out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
@@ -211,7 +220,7 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
         r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
         if sums is not None:  # no penalty here: its sums stay 0
             sums.add_piece(r, logits)
-    return out, None if sums is None else sums.terms()
+    return out, None if sums is None else sums.terms(reduction)
 
 
 def n_blocks_of(n_cells: int, block_size: float) -> int:
@@ -228,13 +237,26 @@ def n_blocks_of(n_cells: int, block_size: float) -> int:
     return max(1, math.ceil(inverse - 1e-9))
 
 
-def block_bounds(n_cells: int, block_size: float) -> list[tuple[int, int]]:
+def block_bounds(n_cells: int, block_size: float,
+                 n_blocks: int | None = None) -> list[tuple[int, int]]:
     """R's blocks: ceil(1 / block_size) blocks of floor(N * block_size) cells.
 
     The last block takes the remaining cells; with very small N a block holds at
     least one cell and empty blocks are dropped (so there are at most N blocks,
     whatever ``block_size``: see :func:`n_blocks_of`).
+
+    ``n_blocks`` (a distributed run: the blocks of all the cells, this process
+    holding ``n_cells`` of them) gives exactly that many blocks, each of
+    ``floor(n_cells * block_size)`` of this process's cells, the last taking
+    the rest; some may be empty. Every process then runs the same blocks, and
+    block j of the whole run is the union of every process's block j.
     """
+    if n_blocks is not None:
+        per_block = int(n_cells * block_size)
+        bounds = [(min(j * per_block, n_cells), min((j + 1) * per_block, n_cells))
+                  for j in range(n_blocks)]
+        bounds[-1] = (bounds[-1][0], n_cells)
+        return bounds
     n_blocks = n_blocks_of(n_cells, block_size)
     per_block = max(1, int(n_cells * block_size))
     starts = range(0, min(n_blocks * per_block, n_cells), per_block)
@@ -291,6 +313,7 @@ def online_update(
     removals: torch.Tensor | None = None,
     next_order: torch.Tensor | None = None,
     next_bounds: list[tuple[int, int]] | None = None,
+    reduction: Reduction = LOCAL,
 ) -> tuple[float, float, torch.Tensor, torch.Tensor | None]:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
@@ -339,6 +362,12 @@ def online_update(
         update) and its blocks (default: ``bounds``). Each piece then also adds
         its new rows to the next update's removals while it is in cache, which
         spares the next update its pass over R.
+    reduction : Reduction
+        Where the sums over cells become global (see :mod:`harmonypy._reduce`).
+        In a distributed run each process holds a shard of the cells and runs
+        the same blocks on its share; the removals, each block's batch sums,
+        the centroid sums and the objective's terms are summed over the
+        processes, so O and E stay global and identical on every process.
 
     Returns
     -------
@@ -358,6 +387,7 @@ def online_update(
         row_codes = codes if rows is None else codes.index_select(0, rows)
         removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels,
                                      stats.observed.dtype)
+        reduction.sum_(removals)
     if recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
         stats.cluster_sizes = stats.observed[:first_levels].sum(0)
@@ -373,7 +403,8 @@ def online_update(
         dist_term, entropy_term = _update_blocks(
             assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
             cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out,
-            next_block_of, next_removals)
+            next_block_of, next_removals, reduction)
+    reduction.sum_(centroid_sums_out, next_removals)
     if next_removals is not None:
         next_removals = next_removals.view(len(next_bounds), n_levels, -1)
     return dist_term, entropy_term, cells_in_order, next_removals
@@ -390,7 +421,7 @@ FLUSH_ROWS = 8192
 
 def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
                    cells_in_order, bounds, removals, diversity_fn, first_levels,
-                   centroid_sums_out, next_block_of, next_removals):
+                   centroid_sums_out, next_block_of, next_removals, reduction=LOCAL):
     """The per-block loop of :func:`online_update`; returns the two objective terms.
 
     O and E change once per block; within a block the cells are independent,
@@ -461,10 +492,10 @@ def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, 
             # The block's old rows are no longer needed (its removals are known).
             new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
             for v in range(n_variables):
-                added.index_add_(0, piece_codes[:, v], new)
+                index_sum_(added, piece_codes[:, v], new)
                 if next_removals is not None:  # (next block, level) pairs
-                    next_block_sums.index_add_(
-                        0, next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
+                    index_sum_(next_block_sums,
+                               next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
             if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache
                 centroid_sums_out.addmm_(new.T, block_z)
             objective.add_piece(new, logits, penalty if n_variables > 1 else None)
@@ -473,11 +504,12 @@ def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, 
                 flush(block_added)
                 unflushed = 0
         flush(block_added)
-        if n_variables == 1:
+        if n_variables == 1:  # this process's cells: the objective is summed at the end
             objective.add_level_penalty(block_added, log_penalty)
+        reduction.sum_(block_added)  # every process's share of block j
         stats.observed += block_added
         stats.cluster_sizes += block_added[:first_levels].sum(0)
-    return objective.terms()
+    return objective.terms(reduction)
 
 
 class _ObjectiveSums:
@@ -525,8 +557,10 @@ class _ObjectiveSums:
         by_cluster = (level_sums * log_penalty.to(level_sums.dtype)).sum(0)
         self.r_penalty += by_cluster.sum() if self.uniform else by_cluster
 
-    def terms(self) -> tuple[float, float]:
-        """``(sum R * dist, sum_k sigma_k sum_i R log R)``."""
+    def terms(self, reduction: Reduction = LOCAL) -> tuple[float, float]:
+        """``(sum R * dist, sum_k sigma_k sum_i R log R)``, over every process's
+        cells (``reduction``)."""
+        reduction.sum_(self.r_logits, self.r_lse, self.r_penalty)
         if self.uniform:
             sigma = self.sigma[0]
             return (float(sigma * (self.r_penalty - self.r_logits)),

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harmonypy._reduce import LOCAL, Reduction, index_sum_
+
 
 @dataclass
 class LevelIndex:
@@ -259,6 +261,7 @@ def ridge_correct(
     counts: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    reduction: Reduction = LOCAL,
 ) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
@@ -277,6 +280,10 @@ def ridge_correct(
         ``assignments`` (None: row i is cell i).
     out : optional (N, d) tensor that receives the corrected embedding (the
         previous one's memory: no fresh allocation, no page faults).
+    reduction : Reduction
+        Sums the normal equations (``Phi_Rk Phi_moe^T`` and ``Phi_Rk Z^T``, all
+        sums over cells) over every process's cells in a distributed run, so
+        every process solves the same systems; each then corrects its own cells.
     """
     solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
     n_clusters, d = assignments.shape[1], z_orig.shape[1]
@@ -291,6 +298,7 @@ def ridge_correct(
         for _, r_rows, z_rows in read(cells):
             rhs[:, b, :] += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
             observed[:, b] += r_rows.sum(0).to(solve_device, stat_dtype)
+    reduction.sum_(rhs, observed)
     # The first variable's levels partition the cells: their sums are the
     # intercept's row of the system.
     first = levels.variable.count(0)
@@ -311,7 +319,7 @@ def ridge_correct(
     else:
         row_codes = codes if rows is None else codes.index_select(0, rows)
         intercept, coef = _solve_several(total, observed, penalty, rhs0, rhs, row_codes,
-                                         assignments, levels, keep)
+                                         assignments, levels, keep, reduction)
     coef = coef.to(z_orig.device, z_orig.dtype)
 
     # The first variable's levels partition the cells: each of its chunks
@@ -337,7 +345,8 @@ def ridge_correct(
     return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 
-def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, levels, keep):
+def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, levels, keep,
+                   reduction: Reduction = LOCAL):
     """Ridge coefficients of the several-variable systems by :func:`solve_bordered`.
 
     The variable with the most levels is eliminated in closed form; the other
@@ -371,6 +380,7 @@ def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, leve
     for v in range(len(bounds)):
         for w in range(v + 1, len(bounds)):
             block = _pair_sums(codes, assignments, bounds, v, w, device, dtype)
+            reduction.sum_(block)
             if big in (v, w):
                 other = w if v == big else v
                 block = block if v == big else block.transpose(1, 2)
@@ -402,8 +412,8 @@ def _pair_sums(codes, assignments, bounds, v, w, device, dtype) -> torch.Tensor:
     pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
     sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
                        device=assignments.device)
-    sums.index_add_(0, pair, assignments)
-    return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
+    index_sum_(sums, pair, assignments)
+    return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width).contiguous()
 
 
 def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):

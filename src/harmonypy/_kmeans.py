@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from harmonypy._reduce import index_sum_
+
 
 def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator,
                      n_seedings: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,7 @@ def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> torch.Tenso
         if labels is not None and torch.equal(new_labels, labels):
             break
         labels = new_labels
-        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        sums = index_sum_(torch.zeros_like(centers), labels, x)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         filled = counts > 0
         # An empty cluster keeps its previous centroid instead of becoming NaN.

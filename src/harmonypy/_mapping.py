@@ -51,6 +51,7 @@ from harmonypy._cellnames import align_metadata, carries_names
 from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
 from harmonypy._design import BatchDesign, _encode_column
 from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy._reduce import index_sum_
 from harmonypy._reference import Reference, _is_anndata
 
 logger = logging.getLogger(__name__)
@@ -624,7 +625,7 @@ def _dense_system(total, observed, penalty, codes, assignments, design, device, 
             pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
             sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
                                device=assignments.device)
-            sums.index_add_(0, pair, assignments)
+            index_sum_(sums, pair, assignments)
             block = sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
             system[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
             system[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
@@ -759,7 +760,7 @@ def _add_pair_distances(out, z, assignments, cluster, cell, whiten_t, centers):
     distances = torch.linalg.vector_norm(whitened, dim=2).view(-1).index_select(0, slot)
     del whitened
     weights = assignments.reshape(-1).index_select(0, cell * n_clusters + cluster)
-    out.index_add_(0, cell, distances * weights)
+    index_sum_(out, cell, distances * weights)
 
 
 # ============================================================ transfer_labels

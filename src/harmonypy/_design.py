@@ -30,7 +30,10 @@ class BatchDesign:
         variable ``v`` occupy ``offsets[v]:offsets[v + 1]``.
     offsets : ndarray of shape (n_variables + 1,), int64
     counts : ndarray of shape (B,), int64
-        Cells per level (``N_b``).
+        Cells per level (``N_b``), over all processes' cells in a distributed run.
+    total_cells : int, optional
+        Cells of the whole run when ``codes`` hold one process's shard of them
+        (a distributed run); None: ``codes`` hold every cell.
     """
 
     variables: list
@@ -38,10 +41,16 @@ class BatchDesign:
     codes: np.ndarray
     offsets: np.ndarray
     counts: np.ndarray
+    total_cells: int | None = None
 
     @property
     def n_cells(self) -> int:
         return int(self.codes.shape[0])
+
+    @property
+    def n_total(self) -> int:
+        """Cells of the whole run (``n_cells`` unless distributed)."""
+        return self.n_cells if self.total_cells is None else int(self.total_cells)
 
     @property
     def n_levels(self) -> int:
@@ -64,7 +73,7 @@ class BatchDesign:
     @property
     def proportions(self) -> np.ndarray:
         """``Pr_b``: fraction of cells in each level, shape (B,)."""
-        return self.counts / self.n_cells
+        return self.counts / self.n_total
 
     def one_hot(self, dtype=np.float64) -> np.ndarray:
         """Dense ``Phi`` (B x N); built only when a caller asks for it."""
@@ -127,7 +136,8 @@ def _check_not_identifier(name, n_levels: int, n_cells: int) -> None:
         )
 
 
-def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
+def _encode_column(name, column: pd.Series, check_levels: bool = True
+                   ) -> tuple[list, np.ndarray]:
     """Level list (observed levels only) and integer codes for one column.
 
     Level order: a categorical column keeps its categories' order (unused
@@ -158,7 +168,8 @@ def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
         # Keep the categorical's own order but drop categories no cell uses:
         # an empty level would have N_b = 0 and divide by zero in E.
         used = column.cat.remove_unused_categories()
-        _check_not_identifier(name, len(used.cat.categories), len(column))
+        if check_levels:
+            _check_not_identifier(name, len(used.cat.categories), len(column))
         levels = list(used.cat.categories)
         codes = used.cat.codes.to_numpy().astype(np.int64)
         return levels, codes
@@ -171,7 +182,8 @@ def _encode_column(name, column: pd.Series) -> tuple[list, np.ndarray]:
             f"({type(bad).__name__ if bad is not None else err}); expected strings, "
             f"numbers, booleans or categories"
         ) from None
-    _check_not_identifier(name, len(uniques), len(column))
+    if check_levels:
+        _check_not_identifier(name, len(uniques), len(column))
     uniques = list(uniques)
     order = _sorted_levels(uniques)
     rank = np.empty(len(uniques), dtype=np.int64)
@@ -202,6 +214,28 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
     TypeError
         For labels that cannot be compared (lists, dicts, ...).
     """
+    _check_columns(meta_data, vars_use)
+    all_levels, all_codes, offsets = [], [], [0]
+    for name in vars_use:
+        levels, codes = _encode_column(name, _column(meta_data, name))
+        _check_several_levels(name, levels, len(codes))
+        all_codes.append(codes + offsets[-1])
+        all_levels.append(levels)
+        offsets.append(offsets[-1] + len(levels))
+    codes = np.stack(all_codes, axis=1)
+    counts = np.zeros(offsets[-1], dtype=np.int64)
+    for v in range(codes.shape[1]):
+        counts += np.bincount(codes[:, v], minlength=offsets[-1])
+    return BatchDesign(
+        variables=list(vars_use),
+        levels=all_levels,
+        codes=codes,
+        offsets=np.asarray(offsets, dtype=np.int64),
+        counts=counts,
+    )
+
+
+def _check_columns(meta_data: pd.DataFrame, vars_use: list) -> None:
     missing = [v for v in vars_use if v not in meta_data.columns]
     if missing:
         available = list(meta_data.columns)
@@ -217,32 +251,93 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
             f"vars_use names column(s) {missing} not found in meta_data{hint}; "
             f"available columns: {list(map(str, available))}"
         )
-    all_levels, all_codes, offsets = [], [], [0]
+
+
+def _column(meta_data: pd.DataFrame, name) -> pd.Series:
+    column = meta_data[name]
+    if isinstance(column, pd.DataFrame):
+        raise ValueError(
+            f"meta_data has {column.shape[1]} columns named {name!r}; expected "
+            f"column names to be unique"
+        )
+    return column
+
+
+def _check_several_levels(name, levels: list, n_cells: int) -> None:
+    if len(levels) < 2:
+        raise ValueError(
+            f"batch column {name!r} has a single level ({levels[0]!r}) across all "
+            f"{n_cells} cells; expected at least 2 levels: there is no batch "
+            f"effect to remove for it, drop it from vars_use"
+        )
+
+
+# ------------------------------------------------------ distributed designs
+def encode_local_levels(meta_data: pd.DataFrame, vars_use: list) -> tuple[list, list, list]:
+    """One process's part of a distributed design: its levels, codes and counts.
+
+    Returns
+    -------
+    levels : list (one per variable) of ``(levels, categories)``: the levels
+        this process's cells use, in their local order, and the full category
+        list of a categorical column (None otherwise). Sent to every process.
+    codes : list of (n,) int64 arrays, indices into the local levels.
+    counts : list of (n_local_levels,) int64 arrays. Sent to every process.
+    """
+    _check_columns(meta_data, vars_use)
+    levels, codes, counts = [], [], []
     for name in vars_use:
-        column = meta_data[name]
-        if isinstance(column, pd.DataFrame):
-            raise ValueError(
-                f"meta_data has {column.shape[1]} columns named {name!r}; expected "
-                f"column names to be unique"
-            )
-        levels, codes = _encode_column(name, column)
-        if len(levels) < 2:
-            raise ValueError(
-                f"batch column {name!r} has a single level ({levels[0]!r}) across all "
-                f"{len(codes)} cells; expected at least 2 levels: there is no batch "
-                f"effect to remove for it, drop it from vars_use"
-            )
-        all_codes.append(codes + offsets[-1])
+        column = _column(meta_data, name)
+        local, local_codes = _encode_column(name, column, check_levels=False)
+        categories = (list(column.cat.categories)
+                      if isinstance(column.dtype, pd.CategoricalDtype) else None)
+        levels.append((local, categories))
+        codes.append(local_codes)
+        counts.append(np.bincount(local_codes, minlength=len(local)).astype(np.int64))
+    return levels, codes, counts
+
+
+def merge_local_levels(vars_use: list, own_levels: list, local_codes: list,
+                       gathered_levels: list, gathered_counts: list) -> BatchDesign:
+    """The design of a distributed run, the same on every process.
+
+    ``gathered_levels`` and ``gathered_counts`` hold every process's
+    :func:`encode_local_levels` parts, in rank order. A variable's levels are
+    the union over the processes, ordered as a single run over all the cells
+    would order them (a categorical's category order when every process has
+    the same categories; sorted otherwise); the counts are summed. The
+    returned design holds this process's cells (``local_codes``, indices into
+    its ``own_levels``) coded against the global levels, with ``total_cells``
+    the run's cell count.
+    """
+    n_total = int(sum(c.sum() for c in (counts[0] for counts in gathered_counts)))
+    all_levels, all_codes, offsets = [], [], [0]
+    counts_total = []
+    for v, name in enumerate(vars_use):
+        parts = [rank_levels[v] for rank_levels in gathered_levels]
+        categories = [cats for _, cats in parts]
+        union = pd.Index([lv for levels, _ in parts for lv in levels]).unique()
+        if categories[0] is not None and all(c == categories[0] for c in categories):
+            levels = [c for c in categories[0] if c in set(union)]
+        else:
+            levels = list(union)
+            levels = [levels[i] for i in _sorted_levels(levels)]
+        _check_not_identifier(name, len(levels), n_total)
+        _check_several_levels(name, levels, n_total)
+        index = pd.Index(levels)
+        counts = np.zeros(len(levels), dtype=np.int64)
+        for (rank_levels, _), rank_counts in zip(parts, (c[v] for c in gathered_counts)):
+            counts[index.get_indexer(rank_levels)] += rank_counts
+        own = index.get_indexer(own_levels[v][0]).astype(np.int64)
+        all_codes.append(own[local_codes[v]] + offsets[-1])
         all_levels.append(levels)
+        counts_total.append(counts)
         offsets.append(offsets[-1] + len(levels))
-    codes = np.stack(all_codes, axis=1)
-    counts = np.zeros(offsets[-1], dtype=np.int64)
-    for v in range(codes.shape[1]):
-        counts += np.bincount(codes[:, v], minlength=offsets[-1])
     return BatchDesign(
         variables=list(vars_use),
         levels=all_levels,
-        codes=codes,
+        codes=np.stack(all_codes, axis=1).astype(np.int64),
         offsets=np.asarray(offsets, dtype=np.int64),
-        counts=counts,
+        counts=np.concatenate(counts_total),
+        total_cells=n_total,
     )

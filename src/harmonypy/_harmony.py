@@ -29,6 +29,7 @@ from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import kmeans_centroids
 from harmonypy._memory import _KMEANS_SAMPLE
 from harmonypy._progress import Progress
+from harmonypy._reduce import LOCAL, Reduction
 from harmonypy._threads import AutoThreads
 
 logger = logging.getLogger(__name__)
@@ -122,13 +123,21 @@ class Harmony:
         algorithm: str = "harmony1",
         batch_prop_cutoff: float = 1e-5,
         progress: Progress | None = None,
+        reduction: Reduction = LOCAL,
+        n_total: int | None = None,
     ):
         self.algorithm = algorithm
+        # Every sum over cells goes through this: a no-op in one process, an
+        # all-reduce over the group in a distributed run (this process then
+        # holds N of the run's N_total cells).
+        self._reduction = reduction
         self.device = device
         self.dtype = dtype
         self.random_state = seed
         self.design = design
         self.N, self.d = z.shape
+        self.N_total = self.N if n_total is None else int(n_total)
+        self.rank, self.world_size = reduction.rank, reduction.world_size
         self.K = n_clusters
         self.B = design.n_levels
         self.block_size = block_size
@@ -165,12 +174,19 @@ class Harmony:
         self._sigma = torch.as_tensor(sigma, **stat)
         self._lamb = None if lamb is None else torch.as_tensor(lamb, **stat)
         self._counts = torch.as_tensor(design.counts, **stat)
-        self._generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._bounds = clu.block_bounds(self.N, block_size)
+        # One generator per process: the shuffles of this process's cells (and,
+        # distributed, its share of the k-means sample). Rank 0 of a group draws
+        # exactly what a single process with this seed draws.
+        self._generator = torch.Generator(device="cpu").manual_seed(
+            _process_seed(seed, reduction.rank))
+        self._bounds = clu.block_bounds(
+            self.N, block_size,
+            n_blocks=clu.n_blocks_of(self.N_total, block_size) if reduction.distributed
+            else None)
         if algorithm == "harmony2":
             self._diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
         else:
-            delta = 64 * torch.finfo(self._stat_dtype).eps * self.N
+            delta = 64 * torch.finfo(self._stat_dtype).eps * self.N_total
             self._diversity = functools.partial(clu.diversity_harmony1, delta=delta)
             self._cross = clu.cross_entropy_harmony1
 
@@ -205,12 +221,14 @@ class Harmony:
     def init_cluster(self) -> None:
         """Initial centroids by k-means, then R, O, E and the first objective."""
         if self.algorithm == "harmony2":  # k-means++ seeding, then 10 Lloyd iterations
-            centers = kmeans_centroids(self._z_corr, self.K, self._generator, n_init=1,
-                                       max_iter=10, norms=self._norms,
-                                       order=self._shuffle_base)
+            options = dict(n_init=1, max_iter=10)
         else:  # as R's kmeans(nstart = 10, iter.max = 25)
+            options = dict(n_init=10, max_iter=25)
+        if self._reduction.distributed:
+            centers = self._distributed_kmeans(**options)
+        else:
             centers = kmeans_centroids(self._z_corr, self.K, self._generator,
-                                       norms=self._norms, order=self._shuffle_base)
+                                       norms=self._norms, order=self._shuffle_base, **options)
         self._centroids = clu.normalize_rows(centers)
         dist_term, entropy_term = self._reassign(objective=True)
         self.compute_objective(dist_term, entropy_term, step="initialisation")
@@ -264,7 +282,8 @@ class Harmony:
             self._proportions, self._theta, self._sigma, order, self._bounds,
             self._diversity, int(self.design.offsets[1]), rows=self._rows,
             centroid_sums_out=self._centroid_sums, recount=self._stale_counts,
-            removals=self._next_removals, next_order=self._next_order)
+            removals=self._next_removals, next_order=self._next_order,
+            reduction=self._reduction)
         self._stale_counts = False
         self._centroid_sums_current = self._centroid_sums is not None
         return dist_term, entropy_term
@@ -274,7 +293,7 @@ class Harmony:
         """Append the objective (scaled by 2000 / N) and its parts."""
         cross = clu.cross_term(self._stats, self._proportions, self._theta, self._sigma,
                                self._cross)
-        scale = 2000.0 / self.N
+        scale = 2000.0 / self.N_total
         parts = (dist_term * scale, entropy_term * scale, cross * scale)
         if not all(math.isfinite(p) for p in parts):
             self._numerical_failure(step, "the objective")
@@ -294,8 +313,9 @@ class Harmony:
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
             counts=self._counts, rows=self._rows,
-            out=None if self._z_corr is self._z_orig else self._z_corr)
-        if not _all_finite(result.z_corr):
+            out=None if self._z_corr is self._z_orig else self._z_corr,
+            reduction=self._reduction)
+        if self._reduction.any(not _all_finite(result.z_corr)):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
         self._norms = clu.row_norms(self._z_corr, out=self._norms)
@@ -344,7 +364,8 @@ class Harmony:
             self._centroids = clu.normalize_rows(self._centroid_sums)
         else:
             self._centroids = clu.compute_centroids(self._assignments, self._z_corr,
-                                                    self._rows, norms=self._norms)
+                                                    self._rows, norms=self._norms,
+                                                    reduction=self._reduction)
 
     def _reassign(self, objective: bool = False, recount: bool = True
                   ) -> tuple[float, float] | None:
@@ -355,7 +376,7 @@ class Harmony:
         self._centroid_sums_current = False
         self._assignments, terms = clu.soft_assign(
             self._z_corr, self._centroids, self._sigma, objective, out=self._assignments,
-            norms=self._norms)
+            norms=self._norms, reduction=self._reduction)
         self._rows = None
         self._next_removals = None  # summed from the previous R
         if recount:
@@ -368,11 +389,45 @@ class Harmony:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
         codes = self._codes if self._rows is None else self._codes.index_select(0, self._rows)
         observed = clu.level_sums(self._assignments, codes, self.B, self._stat_dtype)
+        self._reduction.sum_(observed)
         # The first variable's levels partition the cells: their sums are the
         # cluster sizes.
         self._stats = clu.ClusterStats(
             observed=observed,
             cluster_sizes=observed[:int(self.design.offsets[1])].sum(0))
+
+    def _distributed_kmeans(self, n_init: int, max_iter: int) -> torch.Tensor:
+        """The k-means start of a distributed run: one sample of all the cells.
+
+        Each process draws its share of the sample (``_KMEANS_SAMPLE`` cells in
+        all, in proportion to the cells it holds; all of them when the run has
+        fewer) from its own generator; the unit-length rows are gathered in
+        rank order and every process runs the same k-means on them, with the
+        generator of rank 0 (each process replays rank 0's draw to reach the
+        same state); rank 0's centroids are broadcast. So the start is
+        deterministic for a given seed and world size, and a group of one
+        process draws exactly what a single-process run draws.
+        """
+        sampled = self.N_total > _KMEANS_SAMPLE
+        if sampled:
+            share = min(self.N, math.ceil(_KMEANS_SAMPLE * self.N / self.N_total))
+            rows = torch.randperm(self.N, generator=self._generator)[:share]
+        else:
+            rows = torch.arange(self.N)
+        rows = self._shuffle_base.index_select(0, rows.to(self.device))
+        local = clu.unit_rows(self._z_corr, self._norms, rows).cpu().numpy()
+        gathered = self._reduction.all_gather((self.N, local))
+        sample = torch.from_numpy(np.concatenate([part for _, part in gathered]))
+        if self.rank == 0:
+            generator = self._generator
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(self.random_state)
+            if sampled:  # rank 0 drew its share of the sample first
+                torch.randperm(gathered[0][0], generator=generator)
+        centers = kmeans_centroids(sample.to(self.device), self.K, generator,
+                                   sample_size=sample.shape[0], n_init=n_init,
+                                   max_iter=max_iter)
+        return self._reduction.broadcast_(centers.contiguous(), src=0)
 
     def _numerical_failure(self, step: str, what: str) -> None:
         raise FloatingPointError(
@@ -610,6 +665,15 @@ def _relative_change_below(change: float, old: float, epsilon: float) -> bool:
     return change / abs(old) < epsilon
 
 
+def _process_seed(seed: int, rank: int) -> int:
+    """Seed of a process's generator: ``seed`` itself on rank 0 (a single
+    process), a distinct well-mixed one on each other rank."""
+    if rank == 0:
+        return seed
+    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9) % (1 << 64)
+    return mixed >> 1  # manual_seed takes up to 2**63 - 1 on every platform
+
+
 def _default_clusters(n_cells: int) -> int:
     """R's default ``K = min(round(N / 30), 100)``, at least 1 (R would give 0 below 15 cells)."""
     return max(1, min(round(n_cells / 30), 100))
@@ -668,6 +732,8 @@ def run_harmony(
     ncores: int | None = None,
     check_memory: bool = True,
     plot_convergence: bool = False,
+    distributed: bool = False,
+    process_group=None,
 ) -> Harmony:
     """Integrate an embedding across batches with Harmony.
 
@@ -739,6 +805,23 @@ def run_harmony(
         exceeds the available memory (Linux ``MemAvailable`` or the cgroup
         limit; free GPU memory on CUDA). ``False`` skips the check. Where the
         available memory is unknown there is no check.
+    distributed : bool, default False
+        Run as one process of a ``torch.distributed`` group (initialise it on
+        every process first: gloo for CPUs, NCCL for GPUs with
+        ``torch.cuda.set_device`` per process). Each process passes its own
+        shard of cells (``data_mat`` and ``meta_data`` rows), with the same
+        other arguments; shards may differ in size and in the batch levels
+        they hold. Batch levels are the union over the processes (sorted as
+        in a single run), counts and proportions are global, and every sum
+        over cells (O/E, centroid sums, the objective, the ridge systems) is
+        all-reduced, so ``Y``, ``O``, ``E``, the objectives, ``n_iter`` and
+        ``converged`` are the same on every process, while ``Z_corr``, ``R``
+        and the other per-cell attributes hold this process's cells in its
+        order. A bad input on any process makes every process raise, naming
+        it. Progress is shown by rank 0 only. See the README, "Beyond one
+        machine".
+    process_group : torch.distributed ProcessGroup, optional
+        The group to run in (default: the default group).
 
     Returns
     -------
@@ -757,65 +840,50 @@ def run_harmony(
             epsilon_harmony = _HARMONY2_DEFAULTS["epsilon_harmony"]
 
     # ---- validation, all of it before any heavy work
-    # Scalars first (cheap), then the tables, then what depends on both. The
-    # caller's Generator is drawn from last, so a refused call leaves it as it was.
-    block_size = val.check_block_size(block_size)
-    max_iter_harmony = val.check_int("max_iter_harmony", max_iter_harmony, 1)
-    max_iter_kmeans = val.check_int("max_iter_kmeans", max_iter_kmeans, 1)
-    epsilon_cluster = val.check_epsilon("epsilon_cluster", epsilon_cluster)
-    epsilon_harmony = val.check_epsilon("epsilon_harmony", epsilon_harmony)
-    alpha = val.check_positive("alpha", alpha)
-    tau = val.check_nonnegative("tau", tau)
-    batch_prop_cutoff = val.check_fraction("batch_prop_cutoff", batch_prop_cutoff)
-    verbose = val.check_flag("verbose", verbose)
-    plot_convergence = val.check_flag("plot_convergence", plot_convergence)
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    val.check_random_state(random_state)
-    threads = _threads(ncores)
+    if process_group is not None and not distributed:
+        raise ValueError("process_group is only used with distributed=True")
+    distributed = val.check_flag("distributed", distributed)
+    options = dict(theta=theta, lamb=lamb, sigma=sigma, nclust=nclust, tau=tau,
+                   block_size=block_size, max_iter_harmony=max_iter_harmony,
+                   max_iter_kmeans=max_iter_kmeans, epsilon_cluster=epsilon_cluster,
+                   epsilon_harmony=epsilon_harmony, alpha=alpha, verbose=verbose,
+                   random_state=random_state, device=device, dtype=dtype, algorithm=algorithm,
+                   batch_prop_cutoff=batch_prop_cutoff, ncores=ncores,
+                   check_memory=check_memory, plot_convergence=plot_convergence)
+    if distributed:
+        from harmonypy._reduce import GroupReduction
 
-    # Cells are paired with their metadata by name when both sides name them.
-    meta_data = align_metadata(data_mat, meta_data)
-    frame, names = val.as_metadata(meta_data, vars_use)
-    cells = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
-    design = build_design(frame, names)
-    n_cells = cells.shape[0]
-    val.check_cell_lengths(cells, torch_dtype)
-    val.warn_if_not_reduced(cells)
-    n_clusters = (_default_clusters(n_cells) if nclust is None
-                  else val.check_int("nclust", nclust, 1, n_cells,
-                                     maximum_is="the number of cells"))
-    theta_levels = val.per_level("theta", theta, design, 2.0, minimum=0.0)
-    if tau > 0:
-        with np.errstate(over="ignore"):  # huge ratios give exp(-inf) = 0: no shrinkage
-            theta_levels = theta_levels * (
-                1 - np.exp(-(design.counts / (n_clusters * tau)) ** 2))
-    lamb_levels = _resolve_lamb(lamb, design, default_estimate=harmony2)
-    sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)
-    if n_cells < 40:
-        block_size = 0.2
-    if check_memory:
-        val.check_memory_fits(n_cells, cells.shape[1], n_clusters, design,
-                              dtype=torch_dtype, algorithm=algorithm, device=torch_device,
-                              n_blocks=clu.n_blocks_of(n_cells, block_size),
-                              copies_input=not _input_used_as_is(cells, torch_dtype, torch_device))
-    seed = val.resolve_seed(random_state)
+        reduction = GroupReduction(process_group)
+        checked = _distributed_inputs(data_mat, meta_data, vars_use, options, reduction)
+    else:
+        reduction = LOCAL
+        local = _local_inputs(data_mat, meta_data, vars_use, **options)
+        design = build_design(local["frame"], local["names"])
+        checked = _design_dependent_inputs(local, design)
+    (cells, design, names, seed, torch_device, torch_dtype, threads, n_clusters,
+     theta_levels, lamb_levels, sigma_clusters, block_size, max_iter_harmony,
+     max_iter_kmeans, epsilon_cluster, epsilon_harmony, alpha, batch_prop_cutoff,
+     verbose, plot_convergence) = checked
+    n_cells = design.n_total
 
-    progress = Progress(verbose, max_iter_harmony)
-    cpu_threads = AutoThreads(threads, n_cells * n_clusters, torch_device)
+    progress = Progress(verbose and reduction.rank == 0, max_iter_harmony)
+    cpu_threads = AutoThreads(threads, cells.shape[0] * n_clusters, torch_device)
     with cpu_threads:
         with progress, torch.no_grad():
             progress.message(
                 f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
                 f"levels in {', '.join(map(str, names))}; K={n_clusters} clusters; "
-                f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})")
+                f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})"
+                + (f"; {reduction.world_size} processes ({reduction.backend})"
+                   if reduction.distributed else ""))
             ho = Harmony(
                 cells, design, theta=theta_levels, lamb=lamb_levels, sigma=sigma_clusters,
                 n_clusters=n_clusters, block_size=block_size,
                 max_iter_kmeans=max_iter_kmeans, epsilon_cluster=epsilon_cluster,
                 epsilon_harmony=epsilon_harmony, alpha=alpha, seed=seed,
                 device=torch_device, dtype=torch_dtype, algorithm=algorithm,
-                batch_prop_cutoff=batch_prop_cutoff, progress=progress)
+                batch_prop_cutoff=batch_prop_cutoff, progress=progress,
+                reduction=reduction, n_total=n_cells)
             sample = min(n_cells, _KMEANS_SAMPLE)
             progress.message(
                 f"initial centroids: k-means on {sample:,} sampled cells, then a first "
@@ -828,7 +896,152 @@ def run_harmony(
                        f"reached max_iter_harmony={max_iter_harmony} without converging")
             progress.message(f"{outcome} in {progress.elapsed():.1f} s")
     ho.n_threads = cpu_threads.threads
+    ho.bytes_reduced = reduction.bytes_sent()
     ho._progress = None
     if plot_convergence:
         ho.plot_convergence()
     return ho
+
+
+def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, tau,
+                  block_size, max_iter_harmony, max_iter_kmeans, epsilon_cluster,
+                  epsilon_harmony, alpha, verbose, random_state, device, dtype, algorithm,
+                  batch_prop_cutoff, ncores, check_memory, plot_convergence) -> dict:
+    """The checks of :func:`run_harmony` that need only this process's inputs."""
+    # Scalars first (cheap), then the tables, then what depends on both. The
+    # caller's Generator is drawn from last, so a refused call leaves it as it was.
+    checked = dict(
+        theta=theta, lamb=lamb, sigma=sigma, nclust=nclust, algorithm=algorithm,
+        check_memory=check_memory,
+        block_size=val.check_block_size(block_size),
+        max_iter_harmony=val.check_int("max_iter_harmony", max_iter_harmony, 1),
+        max_iter_kmeans=val.check_int("max_iter_kmeans", max_iter_kmeans, 1),
+        epsilon_cluster=val.check_epsilon("epsilon_cluster", epsilon_cluster),
+        epsilon_harmony=val.check_epsilon("epsilon_harmony", epsilon_harmony),
+        alpha=val.check_positive("alpha", alpha),
+        tau=val.check_nonnegative("tau", tau),
+        batch_prop_cutoff=val.check_fraction("batch_prop_cutoff", batch_prop_cutoff),
+        verbose=val.check_flag("verbose", verbose),
+        plot_convergence=val.check_flag("plot_convergence", plot_convergence))
+    checked["device"] = torch_device = resolve_device(device)
+    checked["dtype"] = resolve_dtype(dtype, torch_device)
+    val.check_random_state(random_state)
+    checked["random_state"] = random_state
+    checked["threads"] = _threads(ncores)
+    # Cells are paired with their metadata by name when both sides name them.
+    meta_data = align_metadata(data_mat, meta_data)
+    checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use)
+    checked["cells"] = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
+    return checked
+
+
+def _design_dependent_inputs(local: dict, design: BatchDesign) -> tuple:
+    """The checks that need the batch design (of all processes' cells), and the
+    inputs in the engine's form."""
+    cells, torch_dtype, torch_device = local["cells"], local["dtype"], local["device"]
+    n_cells = design.n_total  # all processes' cells in a distributed run
+    val.check_cell_lengths(cells, torch_dtype)
+    val.warn_if_not_reduced(cells)
+    nclust = local["nclust"]
+    n_clusters = (_default_clusters(n_cells) if nclust is None
+                  else val.check_int("nclust", nclust, 1, n_cells,
+                                     maximum_is="the number of cells"))
+    theta_levels = val.per_level("theta", local["theta"], design, 2.0, minimum=0.0)
+    if local["tau"] > 0:
+        with np.errstate(over="ignore"):  # huge ratios give exp(-inf) = 0: no shrinkage
+            theta_levels = theta_levels * (
+                1 - np.exp(-(design.counts / (n_clusters * local["tau"])) ** 2))
+    lamb_levels = _resolve_lamb(local["lamb"], design,
+                                default_estimate=local["algorithm"] == "harmony2")
+    sigma_clusters = val.check_sigma(local["sigma"], n_clusters, dtype=torch_dtype)
+    block_size = 0.2 if n_cells < 40 else local["block_size"]
+    if local["check_memory"]:
+        val.check_memory_fits(cells.shape[0], cells.shape[1], n_clusters, design,
+                              dtype=torch_dtype, algorithm=local["algorithm"],
+                              device=torch_device,
+                              n_blocks=clu.n_blocks_of(cells.shape[0], block_size),
+                              copies_input=not _input_used_as_is(cells, torch_dtype, torch_device))
+    seed = val.resolve_seed(local["random_state"])
+    return (cells, design, local["names"], seed, torch_device, torch_dtype, local["threads"],
+            n_clusters, theta_levels, lamb_levels, sigma_clusters, block_size,
+            local["max_iter_harmony"], local["max_iter_kmeans"], local["epsilon_cluster"],
+            local["epsilon_harmony"], local["alpha"], local["batch_prop_cutoff"],
+            local["verbose"], local["plot_convergence"])
+
+
+def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
+                        reduction: Reduction) -> tuple:
+    """:func:`run_harmony`'s checks in a process group, in two rounds.
+
+    Each process checks its own shard and encodes its batch columns; the
+    processes then exchange verdicts, settings and batch levels in one
+    gather. A refused shard (or settings that differ from rank 0's) stops
+    every process with an error naming the rank, instead of leaving the
+    others waiting in a collective call. Every process builds the same
+    global design from the gathered levels; the checks that depend on it
+    (and the memory check, which depends on each machine) are then
+    exchanged once more. Returns what the single-process checks return,
+    with rank 0's seed.
+    """
+    from harmonypy._design import encode_local_levels, merge_local_levels
+
+    local = design_part = None
+    try:
+        local = _local_inputs(data_mat, meta_data, vars_use, **options)
+        design_part = encode_local_levels(local["frame"], local["names"])
+        settings = dict(
+            d=int(local["cells"].shape[1]), dtype=str(local["dtype"]),
+            device=local["device"].type, vars_use=list(map(str, local["names"])),
+            **{k: repr(v) for k, v in options.items()
+               if k not in ("device", "dtype", "verbose", "random_state", "check_memory",
+                            "ncores")})
+        verdict = ("ok", settings, design_part[0], design_part[2])
+    except Exception as err:  # noqa: BLE001 - raised on every process below
+        verdict = ("error", type(err).__name__, str(err))
+        failure = err
+    else:
+        failure = None
+    verdicts = reduction.all_gather(verdict)
+    _raise_if_refused(verdicts, failure, reduction, "refused its input")
+    reference = verdicts[0][1]
+    for rank, v in enumerate(verdicts[1:], start=1):
+        differing = [k for k in reference if reference[k] != v[1].get(k)]
+        if differing:
+            raise RuntimeError(
+                f"distributed Harmony stopped: rank {rank} of {reduction.world_size} differs "
+                f"from rank 0 in {', '.join(differing)} ("
+                + "; ".join(f"{k}: rank 0 {reference[k]}, rank {rank} {v[1].get(k)}"
+                            for k in differing[:3])
+                + "): every process must pass the same arguments and features")
+    # Deterministic on every process: the same gathered levels give the same design.
+    design = merge_local_levels(local["names"], design_part[0], design_part[1],
+                                [v[2] for v in verdicts], [v[3] for v in verdicts])
+    try:
+        checked = _design_dependent_inputs(local, design)
+        verdict, failure = ("ok", checked[3]), None
+    except Exception as err:  # noqa: BLE001
+        verdict, failure, checked = ("error", type(err).__name__, str(err)), err, None
+    verdicts = reduction.all_gather(verdict)
+    _raise_if_refused(verdicts, failure, reduction, "refused its input")
+    checked = list(checked)
+    checked[3] = verdicts[0][1]  # rank 0's seed: None or a Generator differs per process
+    return tuple(checked)
+
+
+def _raise_if_refused(verdicts: list, failure, reduction: Reduction, what: str) -> None:
+    """Raise on every process when any verdict is an error, naming the rank(s)."""
+    failed = [(rank, v) for rank, v in enumerate(verdicts) if v[0] == "error"]
+    if not failed:
+        return
+    rank, (_, kind, message) = failed[0]
+    also = (f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})"
+            if failed[1:] else "")
+    text = (f"distributed Harmony stopped: rank {rank} of {reduction.world_size} {what}"
+            f"{also}: {kind}: {message}")
+    if failure is not None and rank == reduction.rank:
+        try:  # the failing process keeps its error's type (ValueError, TypeError, ...)
+            error = type(failure)(text)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments
+            error = RuntimeError(text)
+        raise error from failure
+    raise RuntimeError(text)

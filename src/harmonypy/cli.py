@@ -292,6 +292,12 @@ def _build_run(commands) -> None:
     p.add_argument("--plot-pcs", type=_pcs, default=(1, 2), metavar="I,J",
                    help="PCs on the axes of --plot (1-based; batch effects often show "
                         "in later PCs, e.g. 1,4) (default: 1,2)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run as N processes of one torch.distributed group on this machine, "
+                        "each on a contiguous shard of the cells (gloo on CPUs, NCCL when "
+                        "every process has a GPU); --threads is then per process (default: "
+                        "the CPUs divided among them). For several machines see the "
+                        "README's 'Beyond one machine' (default: 1)")
     _add_force(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
     _add_name_options(p)
@@ -524,7 +530,13 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 def command_run(args: argparse.Namespace) -> int:
     """``harmonypy run``: integrate a file and write the result."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if file_format(args.embedding) == "h5ad":
+        if args.nproc > 1:
+            raise ValueError("--nproc is not available for .h5ad input yet: write "
+                             "obsm[--basis] to an .npy file and obs to a table, or run "
+                             "harmonypy.shard under torchrun (README, 'Beyond one machine')")
         return _run_h5ad(args)
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
@@ -539,8 +551,16 @@ def command_run(args: argparse.Namespace) -> int:
     from harmonypy._harmony import run_harmony
 
     start = time.perf_counter()
-    ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
-                     **harmony_kwargs(args))
+    if args.nproc > 1:
+        from harmonypy._launch import run_in_processes
+
+        ho = run_in_processes(embedding.frame.to_numpy(), meta, args.vars_use, args.nproc,
+                              verbose=not args.quiet, **harmony_kwargs(args))
+        _note(args, f"{args.nproc} processes ({ho.backend}), {ho.bytes_per_process:,} bytes "
+                    f"all-reduced by each")
+    else:
+        ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use,
+                         verbose=not args.quiet, **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
     if file_format(args.output) == "npy" and not args.plot:
         # Numbers only: written straight from the engine into the memory-mapped

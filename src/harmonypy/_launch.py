@@ -1,0 +1,167 @@
+"""Run one Harmony over several local processes (``harmonypy run --nproc N``).
+
+The launcher splits the cells into N contiguous shards, starts N processes
+(spawned, so nothing of the parent's state is shared by accident), joins them
+in a ``torch.distributed`` group on the loopback interface (gloo on CPUs,
+NCCL when every process has a GPU of its own) and has each run
+``run_harmony(..., distributed=True)`` on its shard. The embedding and the
+result live in shared memory: the processes read their rows of the input and
+write their rows of the output in place, so nothing is pickled per cell.
+
+For several machines, launch :mod:`harmonypy.shard` with ``torchrun`` instead
+(see the README, "Beyond one machine").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+@dataclass
+class GatheredRun:
+    """What the processes of a launched run return, gathered in the parent.
+
+    Mirrors the parts of :class:`harmonypy.Harmony` that callers of a whole
+    run read: the corrected cells (all of them, in the input's order) and the
+    run's global state, taken from rank 0.
+    """
+
+    corrected: np.ndarray  # (N, d)
+    n_iter: int
+    converged: bool
+    objective_harmony: list
+    kmeans_rounds: list
+    K: int
+    algorithm: str
+    world_size: int
+    backend: str
+    bytes_per_process: int
+
+    @property
+    def N(self) -> int:  # noqa: N802 - the Harmony object's name
+        return self.corrected.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.corrected.shape[1]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return self.corrected.dtype
+
+    def result(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The corrected cells x features, into ``out`` when given."""
+        if out is None:
+            return self.corrected
+        out[...] = self.corrected
+        return out
+
+
+def shard_bounds(n_cells: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of nearly equal size, in order."""
+    edges = np.linspace(0, n_cells, n_shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, bounds,
+            options, threads, results):
+    import torch.distributed as dist
+
+    from harmonypy._harmony import run_harmony
+
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        options = dict(options, device=f"cuda:{rank}")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(minutes=30))
+    try:
+        start, stop = bounds[rank]
+        ho = run_harmony(cells[start:stop].numpy(), meta.iloc[start:stop], vars_use,
+                         distributed=True, **options)
+        ho.result(out=corrected[start:stop].numpy())
+        if rank == 0:
+            results.put(dict(n_iter=ho.n_iter, converged=ho.converged,
+                             objective_harmony=list(ho.objective_harmony),
+                             kmeans_rounds=list(ho.kmeans_rounds), K=ho.K,
+                             algorithm=ho.algorithm, bytes=ho.bytes_reduced))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, nproc: int,
+                     **options) -> GatheredRun:
+    """``run_harmony`` over ``nproc`` local processes; returns the gathered run.
+
+    Parameters
+    ----------
+    data_mat : ndarray (N, d), cells x features
+    meta_data : DataFrame with N rows, in the same order
+    vars_use : batch columns
+    nproc : int >= 1
+    **options : run_harmony's keyword arguments (``ncores`` is per process;
+        default: the CPUs divided among the processes).
+
+    Raises
+    ------
+    RuntimeError or the refused rank's error type
+        When any process fails; the message names the rank.
+    """
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
+    n_cells = data_mat.shape[0]
+    if nproc > n_cells:
+        raise ValueError(f"--nproc {nproc} is more processes than cells ({n_cells})")
+    device = options.get("device")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = device is None and gpus > 0 or str(device).startswith("cuda")
+    backend = "nccl" if on_gpu and gpus >= nproc else "gloo"
+    if backend == "gloo" and on_gpu:
+        options = dict(options, device="cpu") if device is None else options
+    dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
+    cells = torch.from_numpy(np.ascontiguousarray(data_mat, dtype=dtype)).share_memory_()
+    corrected = torch.empty(cells.shape, dtype=cells.dtype).share_memory_()
+    ncores = options.pop("ncores", None)
+    threads = ncores if ncores else max(1, (os.cpu_count() or 1) // nproc)
+    options["ncores"] = threads
+    options.setdefault("verbose", True)
+    bounds = shard_bounds(n_cells, nproc)
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = _free_port()
+    try:
+        mp.start_processes(_worker, args=(nproc, port, backend, cells, corrected,
+                                          meta_data.reset_index(drop=True), vars_use, bounds,
+                                          options, threads, results),
+                           nprocs=nproc, join=True, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        raise RuntimeError(_last_line(str(err))) from None
+    summary = results.get()
+    return GatheredRun(corrected=corrected.numpy(), n_iter=summary["n_iter"],
+                       converged=summary["converged"],
+                       objective_harmony=summary["objective_harmony"],
+                       kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
+                       algorithm=summary["algorithm"], world_size=nproc, backend=backend,
+                       bytes_per_process=summary["bytes"])
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a child's traceback (what the user needs)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+

@@ -1,0 +1,186 @@
+"""Distributed Harmony (``run_harmony(..., distributed=True)``) on gloo process
+groups spawned on this machine (loopback only, each group bounded in time).
+
+Every process runs ``tests/distributed_worker.py`` on its shard of the cells;
+the gathered results are compared with a single-process run on all cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import harmonypy as hm
+from harmonypy._simulate import simulate
+
+from test_harmony import per_pc_correlation
+
+pytestmark = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with gloo is not available")
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+GROUP_TIMEOUT = 120  # seconds for a whole group; a hang fails the test, it does not block CI
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(tmp_path, z, meta, shards, **options):
+    """Run one process per shard (arrays of cell indices); returns their outputs."""
+    port = _free_port()
+    procs, outs = [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    src = str(Path(hm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    for rank, cells in enumerate(shards):
+        shard, out = tmp_path / f"shard{rank}.npz", tmp_path / f"out{rank}.npz"
+        out.unlink(missing_ok=True)
+        np.savez(shard, z=np.ascontiguousarray(z[cells]),
+                 batch=meta["batch"].astype(str).to_numpy()[cells].astype("U"),
+                 tech=meta["tech"].astype(str).to_numpy()[cells].astype("U"))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), str(shard), str(out), str(rank), str(len(shards)),
+             str(port), json.dumps(options)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs.append(out)
+    try:
+        logs = [p.communicate(timeout=GROUP_TIMEOUT)[0].decode(errors="replace") for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed group of {len(shards)} did not finish in {GROUP_TIMEOUT} s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log
+    return [dict(np.load(out)) for out in outs]
+
+
+def gathered(z, shards, results, key="z_corr"):
+    full = np.empty((z.shape[0], results[0][key].shape[1]), dtype=results[0][key].dtype)
+    for cells, res in zip(shards, results):
+        full[cells] = res[key]
+    return full
+
+
+@pytest.fixture(scope="module")
+def data():
+    z, meta = simulate(n_cells=6000, n_pcs=20, n_batches=5, seed=1, second_batch=2)
+    meta = meta.rename(columns={"batch2": "tech"})
+    meta["batch"] = meta["batch"].astype(str)
+    # b4 lives on rank 0 only in the shards below.
+    return z, meta
+
+
+def uneven_shards(meta, world, seed=0):
+    """Shards of unequal sizes (about 1:2:3...), every cell of level b4 on rank 0."""
+    rng = np.random.default_rng(seed)
+    only_first = np.flatnonzero(meta["batch"].to_numpy() == "b4")
+    rest = rng.permutation(np.setdiff1d(np.arange(len(meta)), only_first))
+    weights = np.arange(1, world + 1) / np.arange(1, world + 1).sum()
+    cuts = (np.cumsum(weights)[:-1] * len(rest)).astype(int)
+    shards = np.split(rest, cuts)
+    shards[0] = np.sort(np.concatenate([only_first, shards[0]]))
+    return [np.sort(s) for s in shards]
+
+
+def median_lisi(x, meta):
+    return np.median(hm.compute_lisi(x, meta, ["batch", "cell_type"]), axis=0)
+
+
+@pytest.mark.parametrize("algorithm,world", [("harmony1", 2), ("harmony2", 3)])
+def test_agrees_with_a_single_process(tmp_path, data, algorithm, world):
+    z, meta = data
+    shards = uneven_shards(meta, world)
+    assert len({len(s) for s in shards}) == world  # unequal sizes
+    results = run_group(tmp_path, z, meta, shards, algorithm=algorithm)
+    single = hm.run_harmony(z, meta, "batch", algorithm=algorithm, verbose=False)
+    full = gathered(z, shards, results)
+    assert per_pc_correlation(full, single.Z_corr.T).min() >= 0.999
+    ours, theirs = median_lisi(full, meta), median_lisi(single.Z_corr.T, meta)
+    np.testing.assert_allclose(ours, theirs, rtol=0.01)
+    # Global attributes: the same on every rank; levels and proportions as one run's.
+    for res in results[1:]:
+        for key in ["y", "o", "e", "objective", "kmeans", "n_iter", "converged"]:
+            np.testing.assert_array_equal(res[key], results[0][key])
+    assert list(results[-1]["levels"]) == single.batch_levels  # b4 is absent on that rank
+    np.testing.assert_allclose(results[-1]["pr_b"], single.Pr_b)
+    assert int(results[1]["n_total"]) == len(meta)
+    # Per-cell attributes: each rank's own cells, in its order.
+    r_full = gathered(z, shards, results, "r")
+    np.testing.assert_allclose(r_full.sum(1), 1.0, atol=1e-5)
+    assert r_full.shape == (len(meta), single.K)
+
+
+def test_several_batch_variables(tmp_path, data):
+    z, meta = data
+    shards = uneven_shards(meta, 2, seed=1)
+    results = run_group(tmp_path, z, meta, shards, vars_use=["batch", "tech"])
+    single = hm.run_harmony(z, meta, ["batch", "tech"], verbose=False)
+    assert per_pc_correlation(gathered(z, shards, results), single.Z_corr.T).min() >= 0.999
+    np.testing.assert_array_equal(results[0]["o"], results[1]["o"])
+
+
+def test_a_group_of_one_is_a_single_process_run(tmp_path, data):
+    z, meta = data
+    everything = [np.arange(len(meta))]
+    # One thread on both sides: a matrix product's rounding can follow the thread count.
+    result, = run_group(tmp_path, z, meta, everything, algorithm="harmony1", ncores=1)
+    single = hm.run_harmony(z, meta, "batch", verbose=False, ncores=1)
+    np.testing.assert_array_equal(result["z_corr"], single.Z_corr.T)
+    np.testing.assert_array_equal(result["objective"], single.objective_harmony)
+
+
+def test_rerun_is_bit_identical(tmp_path, data):
+    z, meta = data
+    shards = uneven_shards(meta, 2, seed=2)
+    first = run_group(tmp_path, z, meta, shards, algorithm="harmony2", random_state=7)
+    second = run_group(tmp_path, z, meta, shards, algorithm="harmony2", random_state=7)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["z_corr"], b["z_corr"])
+        np.testing.assert_array_equal(a["objective"], b["objective"])
+
+
+def test_a_bad_shard_stops_every_rank_naming_it(tmp_path, data):
+    z, meta = data
+    z = z.copy()
+    shards = uneven_shards(meta, 3, seed=4)
+    z[shards[1][5], 2] = np.nan  # one bad value, on rank 1's shard
+    results = run_group(tmp_path, z, meta, shards)
+    for rank, res in enumerate(results):
+        message = str(res["error"])
+        assert "rank 1 of 3" in message, message
+        assert "NaN" in message or "finite" in message, message
+    assert str(results[1]["error"]).startswith("ValueError")  # its own error's type
+    assert str(results[0]["error"]).startswith("RuntimeError")
+
+
+def test_ranks_that_disagree_on_settings_are_refused(tmp_path, data):
+    z, meta = data
+    shards = uneven_shards(meta, 2, seed=5)
+    results = run_group(tmp_path, z, meta, shards, per_rank={"1": {"theta": 1.0}})
+    for res in results:
+        message = str(res["error"])
+        assert "rank 1 of 2 differs from rank 0 in theta" in message, message
+    results = run_group(tmp_path, z, meta, shards, per_rank={"1": {"features": 12}})
+    for res in results:
+        assert "differs from rank 0 in d" in str(res["error"]), str(res["error"])
+
+
+def test_needs_an_initialised_group():
+    z, meta = simulate(n_cells=300, n_pcs=5, n_batches=2, seed=0)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        hm.run_harmony(z, meta, "batch", distributed=True, verbose=False)
+    with pytest.raises(ValueError, match="distributed=True"):
+        hm.run_harmony(z, meta, "batch", process_group=object(), verbose=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -184,3 +185,69 @@ def test_needs_an_initialised_group():
         hm.run_harmony(z, meta, "batch", distributed=True, verbose=False)
     with pytest.raises(ValueError, match="distributed=True"):
         hm.run_harmony(z, meta, "batch", process_group=object(), verbose=False)
+
+
+# ------------------------------------------------------------------ launchers
+def _write_inputs(tmp_path, z, meta):
+    np.save(tmp_path / "pcs.npy", z)
+    meta.to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
+    return tmp_path / "pcs.npy", tmp_path / "meta.tsv"
+
+
+def _cli(*args, timeout=GROUP_TIMEOUT, module="harmonypy"):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_nproc_runs_one_group_over_shards(tmp_path, data):
+    z, meta = data
+    pcs, table = _write_inputs(tmp_path, z, meta)
+    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
+                "--nproc", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert "2 processes (gloo)" in done.stderr
+    corrected = np.load(tmp_path / "out.npy")
+    single = hm.run_harmony(z, meta, "batch", verbose=False)
+    assert per_pc_correlation(corrected, single.Z_corr.T).min() >= 0.999
+    assert not list(tmp_path.glob(".*.tmp*"))  # no temporary file left behind
+
+
+def test_cli_nproc_names_the_failing_rank(tmp_path, data):
+    z, meta = data
+    z = z.copy()
+    z[-3, 0] = np.inf  # in the last shard
+    pcs, table = _write_inputs(tmp_path, z, meta)
+    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
+                "--nproc", "2", "--threads", "1")
+    assert done.returncode != 0
+    assert "rank 1 of 2" in done.stderr, done.stderr
+    assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+                    reason="torchrun is not installed beside this Python")
+def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
+    z, meta = data
+    pcs, table = _write_inputs(tmp_path, z, meta)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    done = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harmonypy.shard", pcs,
+         table, "--vars", "batch", "-o", tmp_path / "parts", "--threads", "1", "-q"],
+        env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    parts = sorted((tmp_path / "parts").glob("part-*.npy"))
+    assert [p.name for p in parts] == ["part-00000-of-00002.npy", "part-00001-of-00002.npy"]
+    summary = json.loads((tmp_path / "parts" / "summary.json").read_text())
+    assert summary["rows"] == [[0, 3000], [3000, 6000]] and summary["world_size"] == 2
+    corrected = np.concatenate([np.load(p) for p in parts])
+    # The same group as `harmonypy run --nproc 2` (same shards, same seeds).
+    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
+                "--nproc", "2", "--threads", "1", "-q")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(corrected, np.load(tmp_path / "out.npy"))

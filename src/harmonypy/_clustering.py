@@ -581,7 +581,8 @@ def serial_if_small(n_elements: int, device: torch.device):
     A block update is about fifteen short operations, each ending in a thread
     barrier. Below ~16k elements (a few thousand cells) the barriers cost as
     much as the work; above, the threads pay off (100k cells, 2 idle cores:
-    25% faster than one thread). The thread count does not change the results.
+    25% faster than one thread). The thread count changes the results by
+    rounding at most (a matrix product may split its sums by thread).
     Called once per clustering round, so a run with ``ncores=None`` follows
     other processes' load round by round (:mod:`harmonypy._threads`).
     """

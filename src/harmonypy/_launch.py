@@ -134,7 +134,11 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     if backend == "gloo" and on_gpu:
         options = dict(options, device="cpu") if device is None else options
     dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
-    cells = torch.from_numpy(np.ascontiguousarray(data_mat, dtype=dtype)).share_memory_()
+    torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
+    cells = torch.empty(data_mat.shape, dtype=torch_dtype).share_memory_()
+    for start in range(0, n_cells, 65536):  # a memory-mapped input is read in chunks
+        cells[start:start + 65536] = torch.from_numpy(
+            np.ascontiguousarray(data_mat[start:start + 65536], dtype=dtype))
     corrected = torch.empty(cells.shape, dtype=cells.dtype).share_memory_()
     ncores = options.pop("ncores", None)
     threads = ncores if ncores else max(1, (os.cpu_count() or 1) // nproc)

@@ -1,0 +1,109 @@
+"""One rank of a multi-machine Harmony run, for ``torchrun``.
+
+Each rank reads its own range of rows of the embedding (an ``.npy`` file,
+memory-mapped: only those rows are read) and of the metadata table, joins the
+group that ``torchrun`` set up (NCCL when this rank has a GPU, else gloo),
+runs ``run_harmony(..., distributed=True)`` and writes its rows of the
+corrected embedding to ``OUTDIR/part-RANK-of-WORLD.npy`` (through a temporary
+file renamed into place). Rank 0 also writes ``OUTDIR/summary.json``: the
+row range of every part, iterations, convergence and objectives.
+
+Example, two machines with four processes each (run on both, with HOST the
+first machine's address reachable from the second)::
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 -m harmonypy.shard \\
+        pcs.npy meta.tsv --vars donor -o corrected/ --algorithm harmony2
+
+The inputs must be readable at the same path on every machine (a shared
+filesystem, or copies). ``np.concatenate`` of the parts in rank order gives
+the corrected embedding in the input's row order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _parser() -> argparse.ArgumentParser:
+    from harmonypy.cli import _add_harmony_options, _names
+
+    p = argparse.ArgumentParser(
+        prog="python -m harmonypy.shard",
+        description="One rank of a distributed Harmony run (launch with torchrun).")
+    p.add_argument("embedding", metavar="EMBEDDING.npy", help="cells x PCs, .npy")
+    p.add_argument("meta", metavar="META", help="metadata table, one row per cell, same order")
+    p.add_argument("--vars", dest="vars_use", type=_names, required=True,
+                   metavar="COL[,COL...]", help="batch column(s)")
+    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
+                   help="folder for part-RANK-of-WORLD.npy and summary.json")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress (rank 0)")
+    _add_harmony_options(p)
+    return p
+
+
+def main(argv=None) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from harmonypy._harmony import run_harmony
+    from harmonypy._io import OutputFiles, file_format, read_meta, write_array
+    from harmonypy._launch import shard_bounds
+    from harmonypy.cli import harmony_kwargs
+
+    args = _parser().parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("harmonypy.shard: RANK and WORLD_SIZE are not set: launch it with "
+                         "torchrun (see the module's help)")
+    if file_format(args.embedding) != "npy":
+        raise SystemExit(f"harmonypy.shard: EMBEDDING must be an .npy file (each rank reads "
+                         f"only its rows), got {args.embedding}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    on_gpu = (args.device is None or str(args.device).startswith("cuda")) and \
+        torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    elif args.device is None:
+        args.device = "cpu"
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        cells = np.load(args.embedding, mmap_mode="r", allow_pickle=False)
+        bounds = shard_bounds(cells.shape[0], world)
+        start, stop = bounds[rank]
+        meta = read_meta(args.meta).frame
+        if len(meta) != cells.shape[0]:
+            raise ValueError(f"{args.meta} has {len(meta):,} rows, {args.embedding} "
+                             f"{cells.shape[0]:,}: expected one metadata row per cell")
+        ho = run_harmony(np.ascontiguousarray(cells[start:stop]), meta.iloc[start:stop],
+                         args.vars_use, distributed=True, verbose=not args.quiet,
+                         **harmony_kwargs(args))
+        outdir = Path(args.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        part = outdir / f"part-{rank:05d}-of-{world:05d}.npy"
+        with OutputFiles() as files:
+            write_array(files.stage(part), (ho.N, ho.d), ho.numpy_dtype,
+                        lambda out: ho.result(out=out))
+            if rank == 0:
+                summary = dict(world_size=world, backend=str(dist.get_backend()),
+                               rows=[list(b) for b in bounds], n_cells=int(cells.shape[0]),
+                               n_iter=ho.n_iter, converged=ho.converged,
+                               objective_harmony=list(ho.objective_harmony),
+                               kmeans_rounds=list(ho.kmeans_rounds),
+                               bytes_reduced_per_rank=ho.bytes_reduced)
+                files.stage(outdir / "summary.json").write_text(json.dumps(summary, indent=1))
+            files.commit()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

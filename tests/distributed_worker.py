@@ -46,7 +46,8 @@ def main(shard, out, rank, world_size, port, options="{}"):
                  objective=np.asarray(ho.objective_harmony),
                  kmeans=np.asarray(ho.objective_kmeans), n_iter=ho.n_iter,
                  converged=ho.converged, levels=np.asarray(ho.batch_levels),
-                 pr_b=ho.Pr_b, n_total=ho.N_total)
+                 pr_b=ho.Pr_b, n_total=ho.N_total, bytes=ho.bytes_reduced,
+                 kmeans_rounds=np.asarray(ho.kmeans_rounds), k=ho.K)
     finally:
         dist.destroy_process_group()
 

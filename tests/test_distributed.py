@@ -124,6 +124,21 @@ def test_agrees_with_a_single_process(tmp_path, data, algorithm, world):
     assert r_full.shape == (len(meta), single.K)
 
 
+@pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
+def test_communicated_bytes_follow_the_formula(tmp_path, data, algorithm):
+    from harmonypy._clustering import n_blocks_of
+    from harmonypy._reduce import communicated_bytes
+
+    z, meta = data
+    shards = uneven_shards(meta, 2, seed=6)
+    results = run_group(tmp_path, z, meta, shards, algorithm=algorithm)
+    expected = communicated_bytes(
+        algorithm=algorithm, rounds=int(results[0]["kmeans_rounds"].sum()),
+        iterations=int(results[0]["n_iter"]), n_blocks=n_blocks_of(len(meta), 0.05),
+        n_levels=5, n_clusters=int(results[0]["k"]), n_features=z.shape[1])
+    assert int(results[0]["bytes"]) == int(results[1]["bytes"]) == expected
+
+
 def test_several_batch_variables(tmp_path, data):
     z, meta = data
     shards = uneven_shards(meta, 2, seed=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -43,6 +44,7 @@ class GatheredRun:
     world_size: int
     backend: str
     bytes_per_process: int
+    seconds: float  # rank 0's run_harmony call, without starting the processes
 
     @property
     def N(self) -> int:  # noqa: N802 - the Harmony object's name
@@ -90,6 +92,7 @@ def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, b
                             world_size=world_size, timeout=timedelta(minutes=30))
     try:
         start, stop = bounds[rank]
+        began = time.perf_counter()
         ho = run_harmony(cells[start:stop].numpy(), meta.iloc[start:stop], vars_use,
                          distributed=True, **options)
         ho.result(out=corrected[start:stop].numpy())
@@ -97,7 +100,8 @@ def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, b
             results.put(dict(n_iter=ho.n_iter, converged=ho.converged,
                              objective_harmony=list(ho.objective_harmony),
                              kmeans_rounds=list(ho.kmeans_rounds), K=ho.K,
-                             algorithm=ho.algorithm, bytes=ho.bytes_reduced))
+                             algorithm=ho.algorithm, bytes=ho.bytes_reduced,
+                             seconds=time.perf_counter() - began))
     finally:
         dist.destroy_process_group()
 
@@ -161,7 +165,7 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                        objective_harmony=summary["objective_harmony"],
                        kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
                        algorithm=summary["algorithm"], world_size=nproc, backend=backend,
-                       bytes_per_process=summary["bytes"])
+                       bytes_per_process=summary["bytes"], seconds=summary["seconds"])
 
 
 def _last_line(text: str) -> str:

@@ -149,3 +149,31 @@ class GroupReduction(Reduction):
     def bytes_sent(self) -> int:
         return self._bytes
 
+
+
+def communicated_bytes(*, algorithm: str, rounds: int, iterations: int, n_blocks: int,
+                       n_levels: int, n_clusters: int, n_features: int,
+                       word: int = 4) -> int:
+    """Bytes each process hands to all-reduce in a distributed run (one batch variable).
+
+    Per clustering round: every block's batch sums and the next round's
+    removals, ``2 n_blocks B K`` float64 numbers, the objective's three terms
+    and, for Harmony 1, the centroid sums (``K d`` numbers of the run's dtype,
+    ``word`` bytes). Per iteration: the ridge systems, ``K B (d + 1)`` float64
+    numbers; then Harmony 1 recomputes the centroid sums and Harmony2 (from
+    its second iteration) sums the removals of a fresh assignment. Once: the
+    first objective, O, and the first round's removals. A ring all-reduce
+    puts about ``2 (P - 1) / P`` times this on each process's link. (The
+    k-means start gathers its 20,000-cell sample once, ``20000 d word``
+    bytes in all, not counted here.)
+    """
+    blocks = 8 * n_blocks * n_levels * n_clusters
+    per_round = 2 * blocks + 8 * 3
+    if algorithm == "harmony1":
+        per_round += word * n_clusters * n_features
+    per_iteration = 8 * n_clusters * n_levels * (n_features + 1)
+    once = 8 * (3 + n_levels * n_clusters) + blocks
+    total = rounds * per_round + iterations * per_iteration + once
+    if algorithm == "harmony1":
+        return total + iterations * word * n_clusters * n_features
+    return total + (iterations - 1) * blocks

@@ -266,3 +266,24 @@ def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
                 "--nproc", "2", "--threads", "1", "-q")
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(corrected, np.load(tmp_path / "out.npy"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+                    reason="no CUDA device with NCCL on this machine")
+@pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
+def test_nccl_group_on_every_gpu(data, algorithm):
+    """One process per GPU (NCCL): a group of one equals the single CUDA run bit
+    for bit; a group of several agrees with it as another draw would."""
+    from harmonypy._launch import run_in_processes
+
+    z, meta = data
+    single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm,
+                            verbose=False)
+    gpus = torch.cuda.device_count()
+    run = run_in_processes(z, meta, "batch", gpus, device="cuda", algorithm=algorithm,
+                           verbose=False)
+    assert run.backend == "nccl"
+    if gpus == 1:
+        np.testing.assert_array_equal(run.corrected, single.result())
+    else:
+        assert per_pc_correlation(run.corrected, single.result()).min() >= 0.999

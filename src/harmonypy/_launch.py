@@ -136,7 +136,11 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     on_gpu = device is None and gpus > 0 or str(device).startswith("cuda")
     backend = "nccl" if on_gpu and gpus >= nproc else "gloo"
     if backend == "gloo" and on_gpu:
-        options = dict(options, device="cpu") if device is None else options
+        if device is not None:
+            raise ValueError(f"device={device!r} with {nproc} processes needs a GPU per "
+                             f"process (NCCL); this machine has {gpus}: use nproc <= {gpus} "
+                             f"or device='cpu'")
+        options = dict(options, device="cpu")  # more processes than GPUs: the CPUs
     dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
     torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
     cells = torch.empty(data_mat.shape, dtype=torch_dtype).share_memory_()

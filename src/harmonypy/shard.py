@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="COL[,COL...]", help="batch column(s)")
     p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
                    help="folder for part-RANK-of-WORLD.npy and summary.json")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                   help="auto: NCCL when every process on each machine has a GPU of its "
+                        "own (--nproc-per-node <= GPUs), else gloo on the CPUs")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress (rank 0)")
     _add_harmony_options(p)
     return p
@@ -65,13 +68,26 @@ def main(argv=None) -> int:
         raise SystemExit(f"harmonypy.shard: EMBEDDING must be an .npy file (each rank reads "
                          f"only its rows), got {args.embedding}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    on_gpu = (args.device is None or str(args.device).startswith("cuda")) and \
-        torch.cuda.is_available() and local_rank < torch.cuda.device_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # One backend for the whole group: NCCL only when every process of this
+    # machine has a GPU of its own (and, as torchrun runs the same command on
+    # every machine, on the others too); a mix of backends would hang.
+    wants_gpu = args.device is None or str(args.device).startswith("cuda")
+    if args.backend == "nccl" and local_world > gpus:
+        raise SystemExit(f"harmonypy.shard: --backend nccl needs a GPU per process: "
+                         f"{local_world} processes on this machine, {gpus} GPU(s)")
+    on_gpu = (args.backend == "nccl" or
+              (args.backend == "auto" and wants_gpu and 0 < local_world <= gpus))
     if on_gpu:
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"
     elif args.device is None:
         args.device = "cpu"
+    elif str(args.device).startswith("cuda"):
+        raise SystemExit(f"harmonypy.shard: --device {args.device} with gloo: {local_world} "
+                         f"processes on this machine but {gpus} GPU(s); run at most one "
+                         f"process per GPU (--nproc-per-node), or --device cpu")
     dist.init_process_group("nccl" if on_gpu else "gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()

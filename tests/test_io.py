@@ -531,3 +531,31 @@ def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read .* malformed table"):
         with _io._reading(path, "embedding"):
             raise pd.errors.ParserError("bad")
+
+
+# ------------------------------------------------------------------ Zarr input
+def test_zarr_embedding_gives_the_npy_result(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    from harmonypy._io import file_format, read_embedding
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 6)).astype(np.float32)
+    array = zarr.create_array(str(tmp_path / "pcs.zarr"), shape=z.shape, dtype=z.dtype,
+                              chunks=(64, 6))
+    array[...] = z
+    group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
+    inner = group.require_group("obsm").create_array("X_pca", shape=z.shape, dtype=z.dtype,
+                                                      chunks=(64, 6))
+    inner[...] = z
+    assert file_format(tmp_path / "adata.zarr" / "obsm" / "X_pca") == "zarr"
+    for path in [tmp_path / "pcs.zarr", tmp_path / "adata.zarr" / "obsm" / "X_pca"]:
+        table = read_embedding(path)
+        assert not table.has_names
+        np.testing.assert_array_equal(table.frame.to_numpy(), z)
+        assert table.frame.to_numpy().dtype == np.float32
+    with pytest.raises(ValueError, match=r"Zarr group, not an array.*adata.zarr/obsm/X_pca"):
+        read_embedding(tmp_path / "adata.zarr")
+    with pytest.raises(ValueError, match="--names"):
+        read_embedding(tmp_path / "pcs.zarr", names="cell")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_embedding(tmp_path)  # any other folder is still refused

@@ -55,7 +55,8 @@ __all__ = [
 _TABLE_SEPARATORS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 TABLE_FORMATS_HELP = "TSV/CSV (.tsv, .txt, .csv, optionally .gz), Parquet (.parquet)"
-FORMATS_HELP = f"{TABLE_FORMATS_HELP}, NumPy (.npy) or AnnData (.h5ad)"
+FORMATS_HELP = (f"{TABLE_FORMATS_HELP}, NumPy (.npy), a Zarr array (.zarr, input only) "
+                f"or AnnData (.h5ad)")
 
 #: Offending names or columns shown in a message.
 _SHOWN = 5
@@ -74,15 +75,18 @@ def file_format(path: str | Path) -> str:
     -------
     str
         ``'tsv'`` (.tsv, .txt), ``'csv'``, ``'parquet'``, ``'npy'``,
-        ``'h5ad'`` or ``'npz'`` (a reference file, ``harmonypy reference
-        build``); a trailing compression suffix (.gz, .bz2, .xz, .zst) is
-        skipped.
+        ``'h5ad'``, ``'npz'`` (a reference file, ``harmonypy reference
+        build``) or ``'zarr'`` (a Zarr array: a ``.zarr`` folder, or a path
+        inside one such as ``adata.zarr/obsm/X_pca``); a trailing compression
+        suffix (.gz, .bz2, .xz, .zst) is skipped.
 
     Raises
     ------
     ValueError
         For any other extension (the message lists the supported ones).
     """
+    if _in_zarr_store(path):
+        return "zarr"
     suffixes = [s.lower() for s in Path(path).suffixes]
     if suffixes and suffixes[-1] in _COMPRESSIONS:
         suffixes = suffixes[:-1]
@@ -93,6 +97,11 @@ def file_format(path: str | Path) -> str:
         return last[1:]
     raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; "
                      f"use {FORMATS_HELP}")
+
+
+def _in_zarr_store(path: str | Path) -> bool:
+    """``x.zarr`` or a path inside it (``x.zarr/obsm/X_pca``)."""
+    return any(part.lower().endswith(".zarr") for part in Path(path).parts)
 
 
 def plot_formats() -> dict[str, str]:
@@ -150,7 +159,7 @@ def _check_exists(path: str | Path, what: str) -> None:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} file not found: {path}")
-    if path.is_dir():
+    if path.is_dir() and not _in_zarr_store(path):  # a Zarr store is a folder
         raise IsADirectoryError(f"{what} {path} is a folder, not a file")
 
 
@@ -344,6 +353,13 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
         column, an ``.npy`` that is not 2-D, ``names`` not a column.
     """
     _check_exists(path, "embedding")
+    if file_format(path) == "zarr":
+        if names is not None:
+            raise ValueError(f"--names {names!r}: the embedding {path} is a Zarr array "
+                             f"without columns or cell names")
+        values = _read_zarr_array(path)
+        columns = [f"PC{i + 1}" for i in range(values.shape[1])]
+        return Table(pd.DataFrame(values, columns=columns, copy=False), False)
     if file_format(path) == "npy":
         if names is not None:
             raise ValueError(f"--names {names!r}: the embedding {path} is a NumPy array "
@@ -386,6 +402,37 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
     if table.has_names:
         logger.info("embedding %s: cell names from its %s", path, table.names_from)
     return table
+
+
+def _read_zarr_array(path: str | Path) -> np.ndarray:
+    """A 2-D Zarr array read into memory in its own dtype, once.
+
+    A Zarr array is compressed in chunks, so unlike an ``.npy`` it cannot be
+    used in place; it is decompressed into one array, which the engine then
+    uses as it is (no second copy when it is float32). ``path`` may point
+    inside a store (``adata.zarr/obsm/X_pca``).
+    """
+    try:
+        import zarr
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs zarr: pip install zarr") from err
+    with _reading(path, "embedding"):
+        node = zarr.open(str(path), mode="r")
+    if not hasattr(node, "shape"):  # a group: say which arrays it holds
+        inside = []
+        node.visitvalues(lambda item: inside.append(item.path) if hasattr(item, "shape")
+                         else None) if hasattr(node, "visitvalues") else None
+        if not inside and hasattr(node, "members"):
+            inside = [name for name, item in node.members(max_depth=None)
+                      if hasattr(item, "shape")]
+        shown = ", ".join(f"{path}/{name}" for name in sorted(inside)[:_SHOWN])
+        raise ValueError(f"{path} is a Zarr group, not an array: give the path of the "
+                         f"embedding inside it" + (f", e.g. {shown}" if shown else ""))
+    if len(node.shape) != 2:
+        raise ValueError(f"the embedding in {path} must be 2-D (cells x PCs), got shape "
+                         f"{tuple(node.shape)}")
+    with _reading(path, "embedding"):
+        return node[...]
 
 
 def read_meta(path: str | Path) -> Table:

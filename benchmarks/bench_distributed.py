@@ -26,11 +26,7 @@ from harmonypy._launch import run_in_processes
 from harmonypy._reduce import communicated_bytes
 from harmonypy._simulate import simulate
 
-
-def per_pc_r(a, b):
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return float(((a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))).min())
+from device_check import per_pc_r  # noqa: E402 - beside this script
 
 
 def main(argv=None):

@@ -287,3 +287,22 @@ def test_nccl_group_on_every_gpu(data, algorithm):
         np.testing.assert_array_equal(run.corrected, single.result())
     else:
         assert per_pc_correlation(run.corrected, single.result()).min() >= 0.999
+
+
+def test_integrate_with_nproc_writes_what_a_single_run_writes(data):
+    anndata = pytest.importorskip("anndata")
+    z, meta = data
+    adata = anndata.AnnData(obs=meta.astype({"batch": "category"}).set_axis(
+        [f"c{i}" for i in range(len(meta))]))
+    adata.obsm["X_pca"] = z
+    single = adata.copy()
+    ho = hm.integrate(adata, "batch", nproc=2, ncores=1, verbose=False)
+    hm.integrate(single, "batch", verbose=False)
+    assert ho.world_size == 2 and ho.backend == "gloo"
+    corrected = adata.obsm["X_pca_harmony"]
+    assert corrected.dtype == np.float32 and corrected.shape == z.shape
+    assert per_pc_correlation(corrected, single.obsm["X_pca_harmony"]).min() >= 0.999
+    assert adata.uns["harmony"]["batch_levels"] == single.uns["harmony"]["batch_levels"]
+    assert set(adata.uns["harmony"]) == set(single.uns["harmony"])
+    with pytest.raises(ValueError, match="nproc must be an integer >= 1"):
+        hm.integrate(adata, "batch", nproc=0, adjusted_basis="other")

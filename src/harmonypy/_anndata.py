@@ -56,6 +56,8 @@ def integrate(
     key: str | Sequence[str],
     basis: str = "X_pca",
     adjusted_basis: str = "X_pca_harmony",
+    *,
+    nproc: int = 1,
     **run_harmony_kwargs: Any,
 ):
     """Run Harmony on an embedding stored in an AnnData object.
@@ -71,6 +73,11 @@ def integrate(
         Key of the input embedding in ``adata.obsm``.
     adjusted_basis : str, default "X_pca_harmony"
         Key under which the corrected embedding is stored in ``adata.obsm``.
+    nproc : int, default 1
+        Run as that many local processes of one ``torch.distributed`` group,
+        each on a contiguous shard of the cells (what ``harmonypy run
+        --nproc`` does; see the README, "Beyond one machine"). The returned
+        object then holds the gathered result and the run's global state.
     **run_harmony_kwargs
         Passed on to :func:`harmonypy.run_harmony` (``theta``, ``lamb``,
         ``nclust``, ``random_state``, ``algorithm``, ``device``, ...).
@@ -117,7 +124,14 @@ def integrate(
     embedding = _get_basis(adata, basis)
     _check_obs_columns(adata, keys)
 
-    ho = run_harmony(embedding, adata.obs, keys, **run_harmony_kwargs)
+    nproc = _check_nproc(nproc, len(adata.obs))
+    if nproc > 1:
+        from harmonypy._launch import run_in_processes
+
+        ho = run_in_processes(np.asarray(embedding), adata.obs, keys, nproc,
+                              **run_harmony_kwargs)
+    else:
+        ho = run_harmony(embedding, adata.obs, keys, **run_harmony_kwargs)
     # float32 (the usual dtype of X_pca and what scanpy's own wrapper stores):
     # the engine's own array when the run was float32 on the CPU (no copy),
     # else filled chunk by chunk (no float64 copy on the way).
@@ -422,3 +436,9 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
     _write_transfer(adata, record, label, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record
     return table
+
+
+def _check_nproc(nproc, n_cells: int) -> int:
+    if isinstance(nproc, bool) or not isinstance(nproc, (int, np.integer)) or nproc < 1:
+        raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+    return int(nproc)

@@ -44,6 +44,7 @@ class GatheredRun:
     world_size: int
     backend: str
     bytes_per_process: int
+    batch_levels: list
     seconds: float  # rank 0's run_harmony call, without starting the processes
 
     @property
@@ -58,10 +59,12 @@ class GatheredRun:
     def numpy_dtype(self) -> np.dtype:
         return self.corrected.dtype
 
-    def result(self, out: np.ndarray | None = None) -> np.ndarray:
-        """The corrected cells x features, into ``out`` when given."""
+    def result(self, out: np.ndarray | None = None, dtype=None) -> np.ndarray:
+        """The corrected cells x features, into ``out`` or as ``dtype`` when given."""
         if out is None:
-            return self.corrected
+            if dtype is None or np.dtype(dtype) == self.corrected.dtype:
+                return self.corrected
+            return self.corrected.astype(dtype)
         out[...] = self.corrected
         return out
 
@@ -101,6 +104,7 @@ def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, b
                              objective_harmony=list(ho.objective_harmony),
                              kmeans_rounds=list(ho.kmeans_rounds), K=ho.K,
                              algorithm=ho.algorithm, bytes=ho.bytes_reduced,
+                             batch_levels=list(ho.batch_levels),
                              seconds=time.perf_counter() - began))
     finally:
         dist.destroy_process_group()
@@ -130,7 +134,7 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
         raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
     n_cells = data_mat.shape[0]
     if nproc > n_cells:
-        raise ValueError(f"--nproc {nproc} is more processes than cells ({n_cells})")
+        raise ValueError(f"nproc={nproc} is more processes than cells ({n_cells})")
     device = options.get("device")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     on_gpu = device is None and gpus > 0 or str(device).startswith("cuda")
@@ -169,7 +173,8 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                        objective_harmony=summary["objective_harmony"],
                        kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
                        algorithm=summary["algorithm"], world_size=nproc, backend=backend,
-                       bytes_per_process=summary["bytes"], seconds=summary["seconds"])
+                       bytes_per_process=summary["bytes"], seconds=summary["seconds"],
+                       batch_levels=summary["batch_levels"])
 
 
 def _last_line(text: str) -> str:

@@ -533,10 +533,6 @@ def command_run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if file_format(args.embedding) == "h5ad":
-        if args.nproc > 1:
-            raise ValueError("--nproc is not available for .h5ad input yet: write "
-                             "obsm[--basis] to an .npy file and obs to a table, or run "
-                             "harmonypy.shard under torchrun (README, 'Beyond one machine')")
         return _run_h5ad(args)
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
@@ -641,7 +637,7 @@ def _run_backed_h5ad(args: argparse.Namespace, adata) -> int:
 
     start = time.perf_counter()
     ho = integrate(adata, args.vars_use, basis=args.basis, adjusted_basis=args.adjusted_basis,
-                   verbose=not args.quiet, **harmony_kwargs(args))
+                   nproc=args.nproc, verbose=not args.quiet, **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
     corrected = adata.obsm[args.adjusted_basis]
     if file_format(args.output) == "h5ad":

@@ -407,3 +407,11 @@ def test_wide_matrix_warns():
 def test_pcs_do_not_warn(recwarn):
     run()
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_warnings_point_at_the_callers_line():
+    counts = np.random.default_rng(0).poisson(3, size=(60, 8)).astype(float) + 1
+    meta = pd.DataFrame({"b": ["x", "y"] * 30})
+    with pytest.warns(UserWarning, match="counts") as caught:
+        hm.run_harmony(counts, meta, "b", verbose=False, max_iter_harmony=1)
+    assert caught[0].filename == __file__

@@ -935,13 +935,14 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
     return checked
 
 
-def _design_dependent_inputs(local: dict, design: BatchDesign) -> tuple:
+def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -> tuple:
     """The checks that need the batch design (of all processes' cells), and the
-    inputs in the engine's form."""
+    inputs in the engine's form. ``depth``: calls between the user's call of
+    :func:`run_harmony` and this one (warnings point at the user's line)."""
     cells, torch_dtype, torch_device = local["cells"], local["dtype"], local["device"]
     n_cells = design.n_total  # all processes' cells in a distributed run
     val.check_cell_lengths(cells, torch_dtype)
-    val.warn_if_not_reduced(cells)
+    val.warn_if_not_reduced(cells, stacklevel=3 + depth)
     nclust = local["nclust"]
     n_clusters = (_default_clusters(n_cells) if nclust is None
                   else val.check_int("nclust", nclust, 1, n_cells,
@@ -1017,7 +1018,7 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     design = merge_local_levels(local["names"], design_part[0], design_part[1],
                                 [v[2] for v in verdicts], [v[3] for v in verdicts])
     try:
-        checked = _design_dependent_inputs(local, design)
+        checked = _design_dependent_inputs(local, design, depth=2)
         verdict, failure = ("ok", checked[3]), None
     except Exception as err:  # noqa: BLE001
         verdict, failure, checked = ("error", type(err).__name__, str(err)), err, None

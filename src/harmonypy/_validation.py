@@ -170,7 +170,7 @@ MAX_EMBEDDING_DIMS = 200
 _COUNTS_SAMPLE_ROWS = 2000
 
 
-def warn_if_not_reduced(cells: np.ndarray) -> None:
+def warn_if_not_reduced(cells: np.ndarray, stacklevel: int = 3) -> None:
     """Warn when ``cells`` looks like an expression matrix rather than PCs.
 
     Harmony corrects a low-dimensional embedding (typically 20-50 PCs). Two
@@ -184,7 +184,7 @@ def warn_if_not_reduced(cells: np.ndarray) -> None:
         warnings.warn(
             f"data_mat has {n_dims} dimensions per cell; Harmony expects a reduced "
             f"embedding such as 20-50 PCs, not genes. Run a PCA first (and pass "
-            f"cells x PCs)", UserWarning, stacklevel=3)
+            f"cells x PCs)", UserWarning, stacklevel=stacklevel)
         return
     sample = cells[:_COUNTS_SAMPLE_ROWS]
     if np.issubdtype(sample.dtype, np.integer):
@@ -195,7 +195,7 @@ def warn_if_not_reduced(cells: np.ndarray) -> None:
         warnings.warn(
             f"data_mat holds only non-negative whole numbers (checked in the first "
             f"{sample.shape[0]} cells): it looks like counts, but Harmony expects a "
-            f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=3)
+            f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=stacklevel)
 
 
 def _check_finite(cells: np.ndarray) -> None:

@@ -306,3 +306,14 @@ def test_integrate_with_nproc_writes_what_a_single_run_writes(data):
     assert set(adata.uns["harmony"]) == set(single.uns["harmony"])
     with pytest.raises(ValueError, match="nproc must be an integer >= 1"):
         hm.integrate(adata, "batch", nproc=0, adjusted_basis="other")
+
+
+def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
+    from harmonypy import _memory
+    from harmonypy._launch import run_in_processes
+
+    z, meta = data
+    monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": {"host": 2**20})
+    with pytest.raises(MemoryError, match=r"2 processes over 6,000 cells.*shared memory.*"
+                                          r"check_memory=False"):
+        run_in_processes(z, meta, "batch", 2)

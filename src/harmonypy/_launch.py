@@ -146,6 +146,8 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                              f"or device='cpu'")
         options = dict(options, device="cpu")  # more processes than GPUs: the CPUs
     dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
+    if options.get("check_memory", True) is not False:
+        _check_group_memory(data_mat.shape, meta_data, vars_use, nproc, dtype, backend, options)
     torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
     cells = torch.empty(data_mat.shape, dtype=torch_dtype).share_memory_()
     for start in range(0, n_cells, 65536):  # a memory-mapped input is read in chunks
@@ -175,6 +177,48 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                        algorithm=summary["algorithm"], world_size=nproc, backend=backend,
                        bytes_per_process=summary["bytes"], seconds=summary["seconds"],
                        batch_levels=summary["batch_levels"])
+
+
+#: What importing PyTorch and starting a process costs each process (measured
+#: 0.25-0.3 GB on the CPU).
+_PROCESS_OVERHEAD = 320 * 2**20
+
+
+def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, options) -> None:
+    """Refuse a launch whose processes would not fit in this machine's memory together.
+
+    Each process checks its own share against the available memory, but they
+    share the machine: the whole run's estimate (the same terms as one
+    process over all cells), the input and output in shared memory and each
+    process's start-up cost must fit at once.
+    """
+    from harmonypy import _memory
+    from harmonypy._clustering import n_blocks_of
+    from harmonypy._harmony import _default_clusters
+
+    n_cells, n_dims = shape
+    keys = [vars_use] if isinstance(vars_use, str) else list(vars_use)
+    counts = [int(meta_data[k].nunique()) for k in keys if k in meta_data.columns]
+    n_clusters = options.get("nclust") or _default_clusters(n_cells)
+    word = np.dtype(dtype).itemsize
+    estimate = _memory.estimate_memory(
+        n_cells, n_dims, int(n_clusters), counts or [2],
+        dtype=torch.float64 if word == 8 else torch.float32,
+        algorithm=options.get("algorithm", "harmony1"), device="cpu",
+        n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)), copies_input=False)
+    engine = 0 if backend == "nccl" else estimate.peak("host")
+    shared = 2 * n_cells * n_dims * word
+    need = engine + shared + nproc * _PROCESS_OVERHEAD
+    available = _memory.available_memory("cpu").get("host")
+    if available is not None and need > available:
+        raise MemoryError(
+            f"{nproc} processes over {n_cells:,} cells x {n_dims} PCs need about "
+            f"{_memory._size(need)} of memory on this machine (the engine "
+            f"{_memory._size(engine)}, input and output in shared memory "
+            f"{_memory._size(shared)}, {nproc} x {_memory._size(_PROCESS_OVERHEAD)} to start "
+            f"the processes), {_memory._size(available)} is available: use fewer cells per "
+            f"machine (torchrun over several machines), or check_memory=False "
+            f"(--no-memory-check) to try anyway")
 
 
 def _last_line(text: str) -> str:

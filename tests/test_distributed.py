@@ -237,8 +237,8 @@ def test_cli_nproc_names_the_failing_rank(tmp_path, data):
     pcs, table = _write_inputs(tmp_path, z, meta)
     done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
                 "--nproc", "2", "--threads", "1")
-    assert done.returncode != 0
-    assert "rank 1 of 2" in done.stderr, done.stderr
+    assert done.returncode == 2, done.stderr  # bad input, whichever rank failed first
+    assert "rank 1 of 2 refused its input: ValueError" in done.stderr, done.stderr
     assert not (tmp_path / "out.npy").exists()
 
 
@@ -317,3 +317,15 @@ def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
     with pytest.raises(MemoryError, match=r"2 processes over 6,000 cells.*shared memory.*"
                                           r"check_memory=False"):
         run_in_processes(z, meta, "batch", 2)
+
+
+def test_child_errors_keep_the_refused_ranks_error_type():
+    from harmonypy._launch import _child_error
+
+    trace = ("Traceback (most recent call last):\n  File x\nRuntimeError: distributed "
+             "Harmony stopped: rank 1 of 2 refused its input: ValueError: data_mat has NaN")
+    error = _child_error(trace)
+    assert type(error) is ValueError and "rank 1 of 2" in str(error)
+    assert type(_child_error("Traceback\nKeyError: 'x'")) is KeyError
+    assert type(_child_error("Traceback\nSomeLibraryError: boom")) is RuntimeError
+    assert type(_child_error("no colon here")) is RuntimeError

@@ -14,7 +14,9 @@ For several machines, launch :mod:`harmonypy.shard` with ``torchrun`` instead
 
 from __future__ import annotations
 
+import builtins
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -168,7 +170,7 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                                           options, threads, results),
                            nprocs=nproc, join=True, start_method="spawn")
     except mp.ProcessRaisedException as err:
-        raise RuntimeError(_last_line(str(err))) from None
+        raise _child_error(str(err)) from None
     summary = results.get()
     return GatheredRun(corrected=corrected.numpy(), n_iter=summary["n_iter"],
                        converged=summary["converged"],
@@ -221,8 +223,27 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
             f"(--no-memory-check) to try anyway")
 
 
-def _last_line(text: str) -> str:
-    """The exception line of a child's traceback (what the user needs)."""
+def _child_error(text: str) -> Exception:
+    """The error to raise in the parent for a child's traceback ``text``.
+
+    Its last line is the child's exception (``Kind: message``). When a rank
+    refused its input, every rank's message names it and the kind of its
+    error (``rank 1 of 2 refused its input: ValueError: ...``): that kind is
+    raised here too, so a bad input stays a ``ValueError`` (the CLI's exit 2)
+    whichever rank's failure the launcher noticed first.
+    """
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
+    last = lines[-1] if lines else text
+    kind, _, message = last.partition(": ")
+    if not message:
+        kind, message = "RuntimeError", last
+    refused = re.search(r"refused its input(?: \(and rank\(s\) [\d, ]+\))?: (\w+): ", message)
+    name = refused.group(1) if refused else kind
+    error = getattr(builtins, name, None)
+    if isinstance(error, type) and issubclass(error, Exception):
+        try:
+            return error(message)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments
+            pass
+    return RuntimeError(message)
 

@@ -329,3 +329,28 @@ def test_child_errors_keep_the_refused_ranks_error_type():
     assert type(_child_error("Traceback\nKeyError: 'x'")) is KeyError
     assert type(_child_error("Traceback\nSomeLibraryError: boom")) is RuntimeError
     assert type(_child_error("no colon here")) is RuntimeError
+
+
+@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+                    reason="torchrun is not installed beside this Python")
+def test_torchrun_recipe_reads_its_rows_of_an_h5ad(tmp_path, data):
+    anndata = pytest.importorskip("anndata")
+    z, meta = data
+    adata = anndata.AnnData(obs=meta.set_axis([f"c{i}" for i in range(len(meta))]))
+    adata.obsm["X_pca"] = z
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    pcs, table = _write_inputs(tmp_path, z, meta)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    parts = {}
+    for name, inputs in [("h5ad", [tmp_path / "a.h5ad"]), ("npy", [pcs, table])]:
+        done = subprocess.run(
+            [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harmonypy.shard",
+             *inputs, "--vars", "batch", "-o", tmp_path / name, "--threads", "1", "-q"],
+            env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        parts[name] = np.concatenate([np.load(p) for p in
+                                      sorted((tmp_path / name).glob("part-*.npy"))])
+    np.testing.assert_array_equal(parts["h5ad"], parts["npy"])

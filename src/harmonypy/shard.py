@@ -1,7 +1,8 @@
 """One rank of a multi-machine Harmony run, for ``torchrun``.
 
 Each rank reads its own range of rows of the embedding (an ``.npy`` file,
-memory-mapped: only those rows are read) and of the metadata table, joins the
+memory-mapped, or ``obsm[--basis]`` of an ``.h5ad``: only those rows are read)
+and of the metadata (a table, or the ``.h5ad``'s ``obs``), joins the
 group that ``torchrun`` set up (NCCL when this rank has a GPU, else gloo),
 runs ``run_harmony(..., distributed=True)`` and writes its rows of the
 corrected embedding to ``OUTDIR/part-RANK-of-WORLD.npy`` (through a temporary
@@ -37,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m harmonypy.shard",
         description="One rank of a distributed Harmony run (launch with torchrun).")
-    p.add_argument("embedding", metavar="EMBEDDING.npy", help="cells x PCs, .npy")
-    p.add_argument("meta", metavar="META", help="metadata table, one row per cell, same order")
+    p.add_argument("embedding", metavar="EMBEDDING",
+                   help="cells x PCs, .npy; or an .h5ad (obsm[--basis], batch columns in obs)")
+    p.add_argument("meta", metavar="META", nargs="?",
+                   help="metadata table, one row per cell, same order (not for .h5ad)")
+    p.add_argument("--basis", default="X_pca", metavar="KEY",
+                   help=".h5ad input: obsm key of the embedding (default: X_pca)")
     p.add_argument("--vars", dest="vars_use", type=_names, required=True,
                    metavar="COL[,COL...]", help="batch column(s)")
     p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
@@ -51,22 +56,65 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _npy_rows(path, meta_path, world: int, rank: int):
+    """This rank's rows of an ``.npy`` (memory-mapped) and of the metadata table."""
+    from harmonypy._io import read_meta
+    from harmonypy._launch import shard_bounds
+
+    cells = np.load(path, mmap_mode="r", allow_pickle=False)
+    bounds = shard_bounds(cells.shape[0], world)
+    start, stop = bounds[rank]
+    meta = read_meta(meta_path).frame
+    if len(meta) != cells.shape[0]:
+        raise ValueError(f"{meta_path} has {len(meta):,} rows, {path} {cells.shape[0]:,}: "
+                         f"expected one metadata row per cell")
+    return (bounds, cells.shape[0], np.ascontiguousarray(cells[start:stop])), \
+        meta.iloc[start:stop]
+
+
+def _h5ad_rows(path, basis: str, world: int, rank: int):
+    """This rank's rows of ``obsm[basis]`` (read from the file, not the whole
+    matrix) and of ``obs`` of an ``.h5ad``."""
+    from harmonypy._anndata import require_anndata
+    from harmonypy._launch import shard_bounds
+
+    require_anndata()
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        obsm = f.get("obsm")
+        if obsm is None or basis not in obsm or not isinstance(obsm[basis], h5py.Dataset):
+            available = ", ".join(repr(k) for k in (obsm or {}).keys()) or "none"
+            raise KeyError(f"{path}: no dense obsm[{basis!r}]; available obsm keys: "
+                           f"{available}")
+        node = obsm[basis]
+        bounds = shard_bounds(node.shape[0], world)
+        start, stop = bounds[rank]
+        cells = node[start:stop]
+        obs = read_elem(f["obs"])
+    return (bounds, node.shape[0], np.ascontiguousarray(cells)), obs.iloc[start:stop]
+
+
 def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
     from harmonypy._harmony import run_harmony
-    from harmonypy._io import OutputFiles, file_format, read_meta, write_array
-    from harmonypy._launch import shard_bounds
+    from harmonypy._io import OutputFiles, file_format, write_array
     from harmonypy.cli import harmony_kwargs
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("harmonypy.shard: RANK and WORLD_SIZE are not set: launch it with "
                          "torchrun (see the module's help)")
-    if file_format(args.embedding) != "npy":
-        raise SystemExit(f"harmonypy.shard: EMBEDDING must be an .npy file (each rank reads "
-                         f"only its rows), got {args.embedding}")
+    fmt = file_format(args.embedding)
+    if fmt not in ("npy", "h5ad"):
+        raise SystemExit(f"harmonypy.shard: EMBEDDING must be an .npy or .h5ad file (each "
+                         f"rank reads only its rows), got {args.embedding}")
+    if (fmt == "npy") != (args.meta is not None):
+        raise SystemExit("harmonypy.shard: META is needed with an .npy embedding and not "
+                         "used with .h5ad (the batch columns come from obs)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -91,16 +139,13 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl" if on_gpu else "gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        cells = np.load(args.embedding, mmap_mode="r", allow_pickle=False)
-        bounds = shard_bounds(cells.shape[0], world)
-        start, stop = bounds[rank]
-        meta = read_meta(args.meta).frame
-        if len(meta) != cells.shape[0]:
-            raise ValueError(f"{args.meta} has {len(meta):,} rows, {args.embedding} "
-                             f"{cells.shape[0]:,}: expected one metadata row per cell")
-        ho = run_harmony(np.ascontiguousarray(cells[start:stop]), meta.iloc[start:stop],
-                         args.vars_use, distributed=True, verbose=not args.quiet,
-                         **harmony_kwargs(args))
+        if fmt == "npy":
+            rows, meta = _npy_rows(args.embedding, args.meta, world, rank)
+        else:
+            rows, meta = _h5ad_rows(args.embedding, args.basis, world, rank)
+        bounds, n_cells, cells = rows
+        ho = run_harmony(cells, meta, args.vars_use, distributed=True,
+                         verbose=not args.quiet, **harmony_kwargs(args))
         outdir = Path(args.outdir)
         outdir.mkdir(parents=True, exist_ok=True)
         part = outdir / f"part-{rank:05d}-of-{world:05d}.npy"
@@ -109,7 +154,7 @@ def main(argv=None) -> int:
                         lambda out: ho.result(out=out))
             if rank == 0:
                 summary = dict(world_size=world, backend=str(dist.get_backend()),
-                               rows=[list(b) for b in bounds], n_cells=int(cells.shape[0]),
+                               rows=[list(b) for b in bounds], n_cells=int(n_cells),
                                n_iter=ho.n_iter, converged=ho.converged,
                                objective_harmony=list(ho.objective_harmony),
                                kmeans_rounds=list(ho.kmeans_rounds),

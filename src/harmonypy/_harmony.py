@@ -989,6 +989,11 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     local = design_part = None
     try:
         local = _local_inputs(data_mat, meta_data, vars_use, **options)
+        if reduction.backend == "nccl" and local["device"].type != "cuda":
+            raise ValueError(
+                f"the process group's backend is NCCL, which sums CUDA tensors, but "
+                f"device={str(local['device'])!r}: pass device='cuda:N' (this process's "
+                f"GPU, after torch.cuda.set_device(N)), or use a gloo group for the CPU")
         design_part = encode_local_levels(local["frame"], local["names"])
         settings = dict(
             d=int(local["cells"].shape[1]), dtype=str(local["dtype"]),

@@ -456,12 +456,19 @@ def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, 
     sum_entries = added.numel() + (0 if next_block_sums is None else next_block_sums.numel())
     flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
 
+    # With the next update's removals summed here, a level's sums over the new
+    # rows are those removals summed over the next blocks: one scatter-add per
+    # piece instead of two (the second cost 8% of a run at 1M cells).
+    derived = next_block_sums is not None
+
     def flush(block_added):
-        block_added += added
-        added.zero_()
-        if next_block_sums is not None:
+        if derived:
+            block_added += next_block_sums.view(-1, n_levels, n_clusters).sum(0)
             next_removals.add_(next_block_sums)
             next_block_sums.zero_()
+        else:
+            block_added += added
+            added.zero_()
 
     for j, (start, end) in enumerate(bounds):
         stats.observed -= removals[j]
@@ -492,8 +499,9 @@ def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, 
             # The block's old rows are no longer needed (its removals are known).
             new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
             for v in range(n_variables):
-                index_sum_(added, piece_codes[:, v], new)
-                if next_removals is not None:  # (next block, level) pairs
+                if not derived:
+                    index_sum_(added, piece_codes[:, v], new)
+                else:  # (next block, level) pairs
                     index_sum_(next_block_sums,
                                next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
             if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache

@@ -413,7 +413,7 @@ def _pair_sums(codes, assignments, bounds, v, w, device, dtype) -> torch.Tensor:
     sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
                        device=assignments.device)
     index_sum_(sums, pair, assignments)
-    return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width).contiguous()
+    return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
 
 
 def _dense_system(total, observed, penalty, codes, assignments, levels, device, dtype):

@@ -318,7 +318,8 @@ def merge_local_levels(vars_use: list, own_levels: list, local_codes: list,
         categories = [cats for _, cats in parts]
         union = pd.Index([lv for levels, _ in parts for lv in levels]).unique()
         if categories[0] is not None and all(c == categories[0] for c in categories):
-            levels = [c for c in categories[0] if c in set(union)]
+            present = set(union)
+            levels = [c for c in categories[0] if c in present]
         else:
             levels = list(union)
             levels = [levels[i] for i in _sorted_levels(levels)]

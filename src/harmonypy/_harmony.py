@@ -860,30 +860,30 @@ def run_harmony(
         local = _local_inputs(data_mat, meta_data, vars_use, **options)
         design = build_design(local["frame"], local["names"])
         checked = _design_dependent_inputs(local, design)
-    (cells, design, names, seed, torch_device, torch_dtype, threads, n_clusters,
-     theta_levels, lamb_levels, sigma_clusters, block_size, max_iter_harmony,
-     max_iter_kmeans, epsilon_cluster, epsilon_harmony, alpha, batch_prop_cutoff,
-     verbose, plot_convergence) = checked
+    cells, design, n_clusters = checked["cells"], checked["design"], checked["n_clusters"]
+    torch_device, torch_dtype = checked["device"], checked["dtype"]
+    max_iter_harmony = checked["max_iter_harmony"]
     n_cells = design.n_total
 
-    progress = Progress(verbose and reduction.rank == 0, max_iter_harmony)
-    cpu_threads = AutoThreads(threads, cells.shape[0] * n_clusters, torch_device)
+    progress = Progress(checked["verbose"] and reduction.rank == 0, max_iter_harmony)
+    cpu_threads = AutoThreads(checked["threads"], cells.shape[0] * n_clusters, torch_device)
     with cpu_threads:
         with progress, torch.no_grad():
             progress.message(
                 f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
-                f"levels in {', '.join(map(str, names))}; K={n_clusters} clusters; "
+                f"levels in {', '.join(map(str, checked['names']))}; K={n_clusters} clusters; "
                 f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})"
                 + (f"; {reduction.world_size} processes ({reduction.backend})"
                    if reduction.distributed else ""))
             ho = Harmony(
-                cells, design, theta=theta_levels, lamb=lamb_levels, sigma=sigma_clusters,
-                n_clusters=n_clusters, block_size=block_size,
-                max_iter_kmeans=max_iter_kmeans, epsilon_cluster=epsilon_cluster,
-                epsilon_harmony=epsilon_harmony, alpha=alpha, seed=seed,
-                device=torch_device, dtype=torch_dtype, algorithm=algorithm,
-                batch_prop_cutoff=batch_prop_cutoff, progress=progress,
-                reduction=reduction, n_total=n_cells)
+                cells, design, theta=checked["theta"], lamb=checked["lamb"],
+                sigma=checked["sigma"], n_clusters=n_clusters, block_size=checked["block_size"],
+                max_iter_kmeans=checked["max_iter_kmeans"],
+                epsilon_cluster=checked["epsilon_cluster"],
+                epsilon_harmony=checked["epsilon_harmony"], alpha=checked["alpha"],
+                seed=checked["seed"], device=torch_device, dtype=torch_dtype,
+                algorithm=algorithm, batch_prop_cutoff=checked["batch_prop_cutoff"],
+                progress=progress, reduction=reduction, n_total=n_cells)
             sample = min(n_cells, _KMEANS_SAMPLE)
             progress.message(
                 f"initial centroids: k-means on {sample:,} sampled cells, then a first "
@@ -898,7 +898,7 @@ def run_harmony(
     ho.n_threads = cpu_threads.threads
     ho.bytes_reduced = reduction.bytes_sent()
     ho._progress = None
-    if plot_convergence:
+    if checked["plot_convergence"]:
         ho.plot_convergence()
     return ho
 
@@ -935,10 +935,12 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
     return checked
 
 
-def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -> tuple:
-    """The checks that need the batch design (of all processes' cells), and the
-    inputs in the engine's form. ``depth``: calls between the user's call of
-    :func:`run_harmony` and this one (warnings point at the user's line)."""
+def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -> dict:
+    """The checks that need the batch design (of all processes' cells); returns
+    ``local`` completed with the inputs in the engine's form (``design``,
+    ``n_clusters``, per-level ``theta``/``lamb``, per-cluster ``sigma``,
+    ``seed``). ``depth``: calls between the user's call of :func:`run_harmony`
+    and this one (warnings point at the user's line)."""
     cells, torch_dtype, torch_device = local["cells"], local["dtype"], local["device"]
     n_cells = design.n_total  # all processes' cells in a distributed run
     val.check_cell_lengths(cells, torch_dtype)
@@ -962,16 +964,13 @@ def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -
                               device=torch_device,
                               n_blocks=clu.n_blocks_of(cells.shape[0], block_size),
                               copies_input=not _input_used_as_is(cells, torch_dtype, torch_device))
-    seed = val.resolve_seed(local["random_state"])
-    return (cells, design, local["names"], seed, torch_device, torch_dtype, local["threads"],
-            n_clusters, theta_levels, lamb_levels, sigma_clusters, block_size,
-            local["max_iter_harmony"], local["max_iter_kmeans"], local["epsilon_cluster"],
-            local["epsilon_harmony"], local["alpha"], local["batch_prop_cutoff"],
-            local["verbose"], local["plot_convergence"])
+    return dict(local, design=design, n_clusters=n_clusters, theta=theta_levels,
+                lamb=lamb_levels, sigma=sigma_clusters, block_size=block_size,
+                seed=val.resolve_seed(local["random_state"]))
 
 
 def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
-                        reduction: Reduction) -> tuple:
+                        reduction: Reduction) -> dict:
     """:func:`run_harmony`'s checks in a process group, in two rounds.
 
     Each process checks its own shard and encodes its batch columns; the
@@ -986,55 +985,63 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     """
     from harmonypy._design import encode_local_levels, merge_local_levels
 
-    local = design_part = None
-    try:
+    def check_shard():
         local = _local_inputs(data_mat, meta_data, vars_use, **options)
         if reduction.backend == "nccl" and local["device"].type != "cuda":
             raise ValueError(
                 f"the process group's backend is NCCL, which sums CUDA tensors, but "
                 f"device={str(local['device'])!r}: pass device='cuda:N' (this process's "
                 f"GPU, after torch.cuda.set_device(N)), or use a gloo group for the CPU")
-        design_part = encode_local_levels(local["frame"], local["names"])
+        levels, codes, counts = encode_local_levels(local["frame"], local["names"])
         settings = dict(
             d=int(local["cells"].shape[1]), dtype=str(local["dtype"]),
             device=local["device"].type, vars_use=list(map(str, local["names"])),
             **{k: repr(v) for k, v in options.items()
                if k not in ("device", "dtype", "verbose", "random_state", "check_memory",
                             "ncores")})
-        verdict = ("ok", settings, design_part[0], design_part[2])
-    except Exception as err:  # noqa: BLE001 - raised on every process below
-        verdict = ("error", type(err).__name__, str(err))
-        failure = err
-    else:
-        failure = None
-    verdicts = reduction.all_gather(verdict)
-    _raise_if_refused(verdicts, failure, reduction, "refused its input")
-    reference = verdicts[0][1]
-    for rank, v in enumerate(verdicts[1:], start=1):
-        differing = [k for k in reference if reference[k] != v[1].get(k)]
+        return (local, levels, codes), (settings, levels, counts)
+
+    (local, levels, codes), shared = _checked_together(reduction, check_shard)
+    reference = shared[0][0]
+    for rank, (settings, _, _) in enumerate(shared[1:], start=1):
+        differing = [k for k in reference if reference[k] != settings.get(k)]
         if differing:
             raise RuntimeError(
                 f"distributed Harmony stopped: rank {rank} of {reduction.world_size} differs "
                 f"from rank 0 in {', '.join(differing)} ("
-                + "; ".join(f"{k}: rank 0 {reference[k]}, rank {rank} {v[1].get(k)}"
+                + "; ".join(f"{k}: rank 0 {reference[k]}, rank {rank} {settings.get(k)}"
                             for k in differing[:3])
                 + "): every process must pass the same arguments and features")
     # Deterministic on every process: the same gathered levels give the same design.
-    design = merge_local_levels(local["names"], design_part[0], design_part[1],
-                                [v[2] for v in verdicts], [v[3] for v in verdicts])
+    design = merge_local_levels(local["names"], levels, codes, [lv for _, lv, _ in shared],
+                                [counts for _, _, counts in shared])
+
+    def check_with_design():
+        checked = _design_dependent_inputs(local, design, depth=4)
+        return checked, checked["seed"]
+
+    checked, seeds = _checked_together(reduction, check_with_design)
+    checked["seed"] = seeds[0]  # rank 0's: None or a Generator draws one per process
+    return checked
+
+
+def _checked_together(reduction: Reduction, check):
+    """Run ``check()`` (returning ``(result, shared)``) on every process and
+    gather each one's ``shared`` part, in rank order. When ``check`` raises on
+    any process, every process raises, naming the rank(s)
+    (:func:`_raise_if_refused`), instead of the others waiting in the next
+    collective call."""
     try:
-        checked = _design_dependent_inputs(local, design, depth=2)
-        verdict, failure = ("ok", checked[3]), None
-    except Exception as err:  # noqa: BLE001
-        verdict, failure, checked = ("error", type(err).__name__, str(err)), err, None
+        result, shared = check()
+        verdict, failure = ("ok", shared), None
+    except Exception as err:  # noqa: BLE001 - raised on every process below
+        result, verdict, failure = None, ("error", type(err).__name__, str(err)), err
     verdicts = reduction.all_gather(verdict)
-    _raise_if_refused(verdicts, failure, reduction, "refused its input")
-    checked = list(checked)
-    checked[3] = verdicts[0][1]  # rank 0's seed: None or a Generator differs per process
-    return tuple(checked)
+    _raise_if_refused(verdicts, failure, reduction)
+    return result, [v[1] for v in verdicts]
 
 
-def _raise_if_refused(verdicts: list, failure, reduction: Reduction, what: str) -> None:
+def _raise_if_refused(verdicts: list, failure, reduction: Reduction) -> None:
     """Raise on every process when any verdict is an error, naming the rank(s)."""
     failed = [(rank, v) for rank, v in enumerate(verdicts) if v[0] == "error"]
     if not failed:
@@ -1042,8 +1049,8 @@ def _raise_if_refused(verdicts: list, failure, reduction: Reduction, what: str) 
     rank, (_, kind, message) = failed[0]
     also = (f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})"
             if failed[1:] else "")
-    text = (f"distributed Harmony stopped: rank {rank} of {reduction.world_size} {what}"
-            f"{also}: {kind}: {message}")
+    text = (f"distributed Harmony stopped: rank {rank} of {reduction.world_size} refused "
+            f"its input{also}: {kind}: {message}")
     if failure is not None and rank == reduction.rank:
         try:  # the failing process keeps its error's type (ValueError, TypeError, ...)
             error = type(failure)(text)

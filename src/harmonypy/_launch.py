@@ -84,12 +84,12 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, bounds,
-            options, threads, results):
+            options, results):
     import torch.distributed as dist
 
     from harmonypy._harmony import run_harmony
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(options["ncores"])  # the process's share of the CPUs
     if backend == "nccl":
         torch.cuda.set_device(rank)
         options = dict(options, device=f"cuda:{rank}")
@@ -152,13 +152,12 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
         _check_group_memory(data_mat.shape, meta_data, vars_use, nproc, dtype, backend, options)
     torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
     cells = torch.empty(data_mat.shape, dtype=torch_dtype).share_memory_()
-    for start in range(0, n_cells, 65536):  # a memory-mapped input is read in chunks
-        cells[start:start + 65536] = torch.from_numpy(
-            np.ascontiguousarray(data_mat[start:start + 65536], dtype=dtype))
+    chunk = 65536  # a memory-mapped input is read in chunks, never whole
+    for start in range(0, n_cells, chunk):
+        cells[start:start + chunk] = torch.from_numpy(
+            np.ascontiguousarray(data_mat[start:start + chunk], dtype=dtype))
     corrected = torch.empty(cells.shape, dtype=cells.dtype).share_memory_()
-    ncores = options.pop("ncores", None)
-    threads = ncores if ncores else max(1, (os.cpu_count() or 1) // nproc)
-    options["ncores"] = threads
+    options["ncores"] = options.get("ncores") or max(1, (os.cpu_count() or 1) // nproc)
     options.setdefault("verbose", True)
     bounds = shard_bounds(n_cells, nproc)
     context = mp.get_context("spawn")
@@ -167,7 +166,7 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     try:
         mp.start_processes(_worker, args=(nproc, port, backend, cells, corrected,
                                           meta_data.reset_index(drop=True), vars_use, bounds,
-                                          options, threads, results),
+                                          options, results),
                            nprocs=nproc, join=True, start_method="spawn")
     except mp.ProcessRaisedException as err:
         raise _child_error(str(err)) from None

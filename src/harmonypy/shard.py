@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _npy_rows(path, meta_path, world: int, rank: int):
-    """This rank's rows of an ``.npy`` (memory-mapped) and of the metadata table."""
+    """The row ranges of every rank, and this rank's rows of an ``.npy``
+    (memory-mapped) and of the metadata table."""
     from harmonypy._io import read_meta
     from harmonypy._launch import shard_bounds
 
@@ -68,8 +69,7 @@ def _npy_rows(path, meta_path, world: int, rank: int):
     if len(meta) != cells.shape[0]:
         raise ValueError(f"{meta_path} has {len(meta):,} rows, {path} {cells.shape[0]:,}: "
                          f"expected one metadata row per cell")
-    return (bounds, cells.shape[0], np.ascontiguousarray(cells[start:stop])), \
-        meta.iloc[start:stop]
+    return bounds, np.ascontiguousarray(cells[start:stop]), meta.iloc[start:stop]
 
 
 def _h5ad_rows(path, basis: str, world: int, rank: int):
@@ -93,7 +93,7 @@ def _h5ad_rows(path, basis: str, world: int, rank: int):
         start, stop = bounds[rank]
         cells = node[start:stop]
         obs = read_elem(f["obs"])
-    return (bounds, node.shape[0], np.ascontiguousarray(cells)), obs.iloc[start:stop]
+    return bounds, np.ascontiguousarray(cells), obs.iloc[start:stop]
 
 
 def main(argv=None) -> int:
@@ -140,10 +140,9 @@ def main(argv=None) -> int:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         if fmt == "npy":
-            rows, meta = _npy_rows(args.embedding, args.meta, world, rank)
+            bounds, cells, meta = _npy_rows(args.embedding, args.meta, world, rank)
         else:
-            rows, meta = _h5ad_rows(args.embedding, args.basis, world, rank)
-        bounds, n_cells, cells = rows
+            bounds, cells, meta = _h5ad_rows(args.embedding, args.basis, world, rank)
         ho = run_harmony(cells, meta, args.vars_use, distributed=True,
                          verbose=not args.quiet, **harmony_kwargs(args))
         outdir = Path(args.outdir)
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
                         lambda out: ho.result(out=out))
             if rank == 0:
                 summary = dict(world_size=world, backend=str(dist.get_backend()),
-                               rows=[list(b) for b in bounds], n_cells=int(n_cells),
+                               rows=[list(b) for b in bounds], n_cells=bounds[-1][1],
                                n_iter=ho.n_iter, converged=ho.converged,
                                objective_harmony=list(ho.objective_harmony),
                                kmeans_rounds=list(ho.kmeans_rounds),

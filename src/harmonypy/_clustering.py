@@ -462,13 +462,12 @@ def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, 
     derived = next_block_sums is not None
 
     def flush(block_added):
-        if derived:
-            block_added += next_block_sums.view(-1, n_levels, n_clusters).sum(0)
+        if derived:  # into the reused buffer: no fresh temporary per flush
+            torch.sum(next_block_sums.view(-1, n_levels, n_clusters), 0, out=added)
             next_removals.add_(next_block_sums)
             next_block_sums.zero_()
-        else:
-            block_added += added
-            added.zero_()
+        block_added += added
+        added.zero_()
 
     for j, (start, end) in enumerate(bounds):
         stats.observed -= removals[j]

@@ -942,6 +942,32 @@ def test_reference_and_map_refuse_before_any_work(example, tmp_path, capsys, mon
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_map_lamb_is_checked_and_named_as_the_option(example, tmp_path, capsys):
+    """--lamb 0 (with or without --vars) is bad input: exit 2, one line naming
+    --lamb and, for a one-batch query, --vars; no output written."""
+    pcs_path, meta_path = example
+    ref = tmp_path / "ref.npz"
+    status, _, err = run_main(["reference", "build", pcs_path, meta_path, "--vars", "donor",
+                               "--subset", "donor=3pv1,3pv2", "--labels", "cell_type",
+                               "-o", ref, *FAST], capsys)
+    assert status == 0, err
+    query = ["map", pcs_path, meta_path, "--subset", "donor=5p", "--reference", ref,
+             "-o", tmp_path / "m.tsv"]
+    for extra, fragments in [
+            (["--lamb", "0"], ["--lamb must be > 0", "without --vars the query is one batch",
+                               "--lamb=-1"]),
+            (["--lamb", "1,2"], ["--lamb has 2 values", "without --vars", "with --vars"]),
+            (["--lamb", "0", "--vars", "donor"], ["--lamb must be > 0", "donor=5p"]),
+            (["--iterations", "0"], ["--iterations must be at least 1, got 0"]),
+            (["--neighbors", "5000", "--labels", "cell_type"],
+             ["--neighbors 5000", "770 reference cells", "cell_type"])]:
+        status, _, err = run_main(query + extra, capsys)
+        assert status == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        for fragment in fragments:
+            assert fragment in err, (extra, fragment, err)
+    assert not (tmp_path / "m.tsv").exists()
+
+
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
 def test_h5ad_reference_maps_a_query_from_its_genes(tmp_path, capsys):
     from test_mapping import _expression, _query_adata, _scanpy_like

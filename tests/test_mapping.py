@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -596,6 +597,28 @@ def test_map_query_checks(case):
     many = hm.map_query(z_query, None, ref, dtype="float64", confidence=False)
     assert one.Z_corr.shape == (6, 1) and many.confidence is None
     assert one.batch_levels == ["query"]
+
+
+def test_lamb_of_a_one_batch_query(case):
+    """Without vars_use the query is one batch (Symphony's vars = NULL: a batch
+    row of ones beside the intercept) and lamb is that batch term's penalty:
+    one value, > 0 or -1, checked like a variable's (no IndexError)."""
+    _, _, z_query, meta_query = case
+    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"))
+    for lamb, facts in [(0, [r"lamb must be > 0", r"\[0\.0\]", r"one batch",
+                             r"without vars_use", r"lamb=-1"]),
+                        (-2, [r"lamb must be > 0", r"\[-2\.0\]", r"one batch"]),
+                        ([1, 2], [r"lamb has 2 values", r"one batch", r"vars_use"])]:
+        with pytest.raises(ValueError) as info:
+            hm.map_query(z_query, meta_query, ref, lamb=lamb)
+        for fact in facts:
+            assert re.search(fact, str(info.value)), (lamb, fact, str(info.value))
+    # A value is that one term's penalty: the literal formulas with lamb = 3.
+    q = hm.map_query(z_query, None, ref, lamb=3.0, dtype="float64")
+    ho = _reference_run(case, "harmony1", "float64")
+    expected = _literal(ho, z_query, meta_query, [], lamb=3.0)
+    np.testing.assert_allclose(q.Z_corr, expected[0], atol=1e-8)
+    assert q.lamb.shape == (ref.K, 1) and (q.lamb == 3.0).all()
 
 
 def test_docs_example_runs(tmp_path, monkeypatch, capsys):

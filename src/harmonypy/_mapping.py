@@ -92,6 +92,8 @@ _KNN_GROUP_CHUNK = 2**18
 _KNN_FIRST_CELLS = 4096
 #: Name of the single batch of a query mapped without batch variables.
 _ONE_BATCH = "query"
+#: Its one level, as checks name it (``query=all cells``).
+_ALL_CELLS = "all cells"
 
 
 class MappedQuery:
@@ -209,11 +211,14 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     sigma : float or array (K,), optional
         Bandwidth of the soft assignment; default the reference's.
     lamb : float, one per query variable or per query level, or -1; optional
-        Ridge penalty of the query's batch terms. Default: 1 (Symphony's fixed
-        identity) for a Harmony 1 or one-batch reference, estimated per
+        Ridge penalty of the query's batch terms, > 0. Default: 1 (Symphony's
+        fixed identity) for a Harmony 1 or one-batch reference, estimated per
         cluster (``-1``) for a reference whose run estimated it (Harmony2's
         default): ``lamb_kb = alpha * E_kb`` with ``E`` counted over reference
-        and query together (see ``docs/mapping.md``).
+        and query together (see ``docs/mapping.md``). Without ``vars_use``
+        the query is one batch, as Symphony's ``vars = NULL`` (a batch row of
+        ones beside the intercept): ``lamb`` is then one value, that term's
+        penalty (the larger, the less the query is moved).
     device, dtype
         Where and in which float type to compute, as in :func:`run_harmony`.
     confidence : bool, default True
@@ -304,9 +309,7 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     design = _query_design(frame, names, cells.shape[0])
     sigma_clusters = val.check_sigma(ref.sigma if sigma is None else sigma, ref.K,
                                      dtype=torch_dtype)
-    estimate = _estimates_lamb(lamb, ref)
-    lamb_levels = None if estimate else val.per_level(
-        "lamb", 1.0 if lamb is None else lamb, design, 1.0, minimum=0.0, strict=True)
+    lamb_levels = None if _estimates_lamb(lamb, ref) else _query_lamb(lamb, design, names)
     cutoff = ref.parameters.get("batch_prop_cutoff") if ref.algorithm == "harmony2" else None
 
     with torch.no_grad():
@@ -364,6 +367,28 @@ def _estimates_lamb(lamb, ref: Reference) -> bool:
         lamb = lamb.item()
     return (np.isscalar(lamb) and not isinstance(lamb, (str, bytes, bool, np.bool_))
             and lamb == -1)
+
+
+def _query_lamb(lamb, design: BatchDesign, names) -> np.ndarray:
+    """``lamb`` as one penalty (> 0) per query level.
+
+    Without ``vars_use`` the query is one batch: Symphony's ``vars = NULL``
+    design is the intercept and a batch row of ones, and ``lamb`` penalises
+    that row (1 by default), so it is one value. The message says so, since
+    the caller named no level.
+    """
+    one_batch = "without vars_use the query is one batch, whose one batch term lamb penalises"
+    if not names and isinstance(lamb, (Sequence, np.ndarray, torch.Tensor)) \
+            and not isinstance(lamb, (str, bytes)) and len(lamb) != 1:
+        raise ValueError(f"lamb has {len(lamb)} values, but {one_batch}: give one value, or "
+                         f"name the query's batch columns with vars_use")
+    try:
+        return val.per_level("lamb", 1.0 if lamb is None else lamb, design, 1.0,
+                             minimum=0.0, strict=True)
+    except ValueError as err:
+        context = f"{one_batch}; " if not names else ""
+        raise ValueError(f"{err} ({context}lamb=-1, a scalar, estimates it per cluster)") \
+            from None
 
 
 def _query_frame(meta_data, names) -> pd.DataFrame | None:
@@ -425,7 +450,9 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
     Symphony's ``mapQuery``): the reference anchors the intercept.
     """
     if not names:
-        return BatchDesign(variables=[], levels=[[_ONE_BATCH]],
+        # One variable of one level, so that the design stays consistent
+        # (offsets, level names) for the checks that name levels.
+        return BatchDesign(variables=[_ONE_BATCH], levels=[[_ALL_CELLS]],
                            codes=np.zeros((n_cells, 1), dtype=np.int64),
                            offsets=np.array([0, 1], dtype=np.int64),
                            counts=np.array([n_cells], dtype=np.int64))

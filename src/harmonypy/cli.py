@@ -61,7 +61,8 @@ _OPTION_NAMES = {
 _MAP_OPTION_NAMES = {
     "vars_use": "--vars", "meta_data": "the metadata", "data_mat": "the query",
     "min_probability": "--min-probability", "adjusted_basis": "--adjusted-basis",
-    "basis=KEY": "--basis KEY", "layer=KEY": "--layer KEY",
+    "basis=KEY": "--basis KEY", "layer=KEY": "--layer KEY", "lamb": "--lamb",
+    "overwrite=True": "--force",
 }
 # reference build: run's names, and these.
 _REFERENCE_OPTION_NAMES = {"loadings=None": "--no-loadings", "layer=KEY": "--layer KEY",
@@ -922,8 +923,10 @@ def command_map(args: argparse.Namespace) -> int:
         raise ValueError(f"--min-probability must be in [0, 1], got {args.min_probability}")
     if args.neighbors < 1:
         raise ValueError(f"--neighbors must be >= 1, got {args.neighbors}")
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be at least 1, got {args.iterations}")
     ref = load_reference(args.reference)
-    _check_reference_labels(ref, args.labels or [], args.reference)
+    _check_reference_labels(ref, args.labels or [], args.reference, args.neighbors)
     start = time.perf_counter()
     with _warnings_as_notes():
         if h5ad:
@@ -937,7 +940,7 @@ def command_map(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_reference_labels(ref, labels: Sequence[str], path: str) -> None:
+def _check_reference_labels(ref, labels: Sequence[str], path: str, neighbors: int) -> None:
     missing = [label for label in labels if label not in ref.label_columns]
     if missing:
         hints = [close_match(m, ref.label_columns) for m in missing]
@@ -948,6 +951,12 @@ def _check_reference_labels(ref, labels: Sequence[str], path: str) -> None:
     if labels and ref.cells is None:
         raise ValueError(f"--labels: the reference {path} keeps no cells (built with "
                          f"--no-cells), and label transfer needs them")
+    for label in labels:
+        labelled = int((ref.labels[label].cat.codes >= 0).sum())
+        if neighbors > labelled:
+            raise ValueError(f"--neighbors {neighbors}: the reference {path} has "
+                             f"{labelled:,} reference cells labelled in {label!r}, the most "
+                             f"that can vote; give --neighbors {labelled} or fewer")
 
 
 def _map_table(args: argparse.Namespace, ref):

@@ -160,3 +160,84 @@ def test_adjusted_basis_equal_to_basis_is_refused(pbmcs_small):
         integrate(adata, "donor", adjusted_basis="X_pca", **FAST)
     np.testing.assert_array_equal(adata.obsm["X_pca"], pcs)  # the input is still there
     assert "harmony" not in adata.uns
+
+
+# ------------------------------------------------- mapping outputs (AnnData)
+@pytest.fixture(scope="module")
+def mapping_case():
+    """A one-batch reference of the bundled 3' v2 cells (labels kept) and the
+    3' v1 + 5' cells as a query, each chemistry its own batch."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    meta = meta.set_index("cell_id")
+    pcs = pcs.set_axis(meta.index).to_numpy(np.float32)
+    in_ref = (meta["donor"] == "3pv2").to_numpy()
+    ref = hm.build_reference(pcs[in_ref], meta[in_ref], labels="cell_type", nclust=10,
+                             random_state=0)
+    return ref, pcs[~in_ref], meta[~in_ref]
+
+
+def _query(mapping_case):
+    _, pcs, meta = mapping_case
+    return _adata(pcs, meta[["donor", "cell_type"]])
+
+
+def test_mapping_never_replaces_what_it_did_not_write(mapping_case):
+    """A query integrated on its own keeps obsm['X_pca_harmony']: map_query
+    refuses to write there (or over obs columns it did not write) unless
+    overwrite=True, before any work; an earlier mapping's outputs are its own
+    and are replaced by mapping again."""
+    ref = mapping_case[0]
+    query = _query(mapping_case)
+    hm.integrate(query, "donor", **FAST)
+    own = query.obsm["X_pca_harmony"].copy()
+    query.obs["mapping_score"] = 1.0
+    before = (query.obs.copy(), dict(query.uns))
+    with pytest.raises(ValueError) as info:
+        hm.map_query(query, ref, "donor", basis="X_pca", labels="cell_type")
+    message = str(info.value)
+    for fact in ["obsm['X_pca_harmony']", "obs['mapping_score']", "no earlier mapping",
+                 "hm.integrate", "adjusted_basis=", "overwrite=True"]:
+        assert fact in message, (fact, message)
+    np.testing.assert_array_equal(query.obsm["X_pca_harmony"], own)
+    pd.testing.assert_frame_equal(query.obs, before[0])
+    assert "harmony_mapping" not in query.uns and query.uns.keys() == before[1].keys()
+    # Another key for the embedding: the obs column still stands in the way.
+    with pytest.raises(ValueError, match=r"obs\['mapping_score'\]") as info:
+        hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped")
+    assert "obsm" not in str(info.value)
+    q = hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped",
+                     confidence=False)
+    np.testing.assert_array_equal(query.obsm["X_pca_harmony"], own)
+    np.testing.assert_array_equal(query.obsm["X_mapped"], q.result().astype(np.float32))
+    assert (query.obs["mapping_score"] == 1.0).all()
+    # Mapping again replaces the earlier mapping's own outputs without asking.
+    hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped",
+                 confidence=False, labels="cell_type")
+    hm.transfer_labels(query, ref, "cell_type", k=5)
+    assert query.uns["harmony_mapping"]["k"] == [5]
+    # overwrite=True replaces what it was told to.
+    q = hm.map_query(query, ref, "donor", basis="X_pca", overwrite=True)
+    np.testing.assert_array_equal(query.obsm["X_pca_harmony"], q.result().astype(np.float32))
+    np.testing.assert_array_equal(query.obs["mapping_score"], q.confidence)
+
+
+def test_transfer_labels_never_replaces_columns_it_did_not_write(mapping_case):
+    ref = mapping_case[0]
+    query = _query(mapping_case)
+    hm.map_query(query, ref, "donor", basis="X_pca")
+    query.obs["cell_type_probability"] = 0.25  # someone else's column
+    with pytest.raises(ValueError) as info:
+        hm.transfer_labels(query, ref, "cell_type")
+    message = str(info.value)
+    for fact in ["obs['cell_type_probability']", "no earlier mapping", "overwrite=True"]:
+        assert fact in message, (fact, message)
+    assert "adjusted_basis" not in message  # not a remedy for an obs column
+    assert "cell_type_predicted" not in query.obs and (query.obs["cell_type_probability"]
+                                                       == 0.25).all()
+    table = hm.transfer_labels(query, ref, "cell_type", overwrite=True)
+    np.testing.assert_array_equal(query.obs["cell_type_probability"], table["probability"])
+    # overwrite is for an AnnData query only.
+    with pytest.raises(TypeError, match="overwrite.*only for an AnnData query"):
+        hm.transfer_labels(query.obsm["X_pca_harmony"], ref, "cell_type", overwrite=True)
+    with pytest.raises(TypeError, match="overwrite.*only for an AnnData query"):
+        hm.map_query(query.obsm["X_pca"], query.obs, ref, "donor", overwrite=True)

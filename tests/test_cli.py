@@ -969,6 +969,45 @@ def test_map_lamb_is_checked_and_named_as_the_option(example, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
+def test_map_h5ad_keeps_the_querys_own_correction(example, tmp_path, capsys):
+    """An .h5ad query integrated on its own (obsm['X_pca_harmony']): map refuses
+    to replace that entry in the output (exit 2, naming --adjusted-basis and
+    --force); --adjusted-basis KEY keeps both, --force replaces it."""
+    import anndata
+
+    pcs_path, meta_path = example
+    ref = tmp_path / "ref.npz"
+    status, _, err = run_main(["reference", "build", pcs_path, meta_path, "--subset",
+                               "donor=3pv2", "--nclust", "10", "-o", ref, "-q"], capsys)
+    assert status == 0, err
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    in_query = (meta["donor"] != "3pv2").to_numpy()
+    query = anndata.AnnData(obs=meta[in_query].set_index("cell_id"),
+                            obsm={"X_pca": pcs[in_query].to_numpy(np.float32)})
+    hm.integrate(query, "donor", **FAST_KW)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    argv = ["map", tmp_path / "query.h5ad", "--reference", ref, "--vars", "donor", "--basis",
+            "X_pca", "-q"]
+    status, _, err = run_main(argv + ["-o", tmp_path / "m.h5ad"], capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    for fragment in ["obsm['X_pca_harmony']", "no earlier mapping", "--adjusted-basis",
+                     "--force"]:
+        assert fragment in err, (fragment, err)
+    assert not (tmp_path / "m.h5ad").exists()
+    status, _, err = run_main(argv + ["--adjusted-basis", "X_mapped", "-o",
+                                      tmp_path / "m.h5ad"], capsys)
+    assert status == 0, err
+    mapped = anndata.read_h5ad(tmp_path / "m.h5ad")
+    np.testing.assert_array_equal(mapped.obsm["X_pca_harmony"], query.obsm["X_pca_harmony"])
+    assert mapped.obsm["X_mapped"].shape == (720, 20)
+    status, _, err = run_main(argv + ["--force", "-o", tmp_path / "m2.h5ad"], capsys)
+    assert status == 0, err
+    replaced = anndata.read_h5ad(tmp_path / "m2.h5ad")
+    np.testing.assert_allclose(replaced.obsm["X_pca_harmony"], mapped.obsm["X_mapped"],
+                               **CLOSE)
+
+
+@pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
 def test_h5ad_reference_maps_a_query_from_its_genes(tmp_path, capsys):
     from test_mapping import _expression, _query_adata, _scanpy_like
 

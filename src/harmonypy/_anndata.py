@@ -282,12 +282,13 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
 
 def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str | None,
                 layer: str | None, labels, k: int | None, min_probability: float | None,
-                map_options: dict[str, Any]):
+                map_options: dict[str, Any], overwrite: bool = False):
     """``map_query(adata_query, ref, key, ...)``: project (or read) the query's
     PCs, map them, and write the results into ``adata``.
 
     Everything is computed before ``adata`` is modified, so an error leaves it
-    as it was.
+    as it was. Entries that no earlier mapping wrote are not replaced unless
+    ``overwrite`` (:func:`_check_replaceable`).
     """
     from harmonypy import __version__
     from harmonypy import _validation as val
@@ -327,6 +328,11 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
                          "transfer needs them; rebuild it with keep_cells=True")
     k = 30 if k is None else val.check_int("k", k, 1)
     min_probability = 0.5 if min_probability is None else min_probability
+    confidence = val.check_flag("confidence", map_options.get("confidence", True))
+    _check_replaceable(
+        adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
+        ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),
+        overwrite=overwrite, adjusted_basis=adjusted)
 
     n_missing = None
     if basis is None:
@@ -355,6 +361,7 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
         "reference_algorithm": ref.algorithm,
         "n_clusters": int(ref.K),
         "batch_levels": [str(level) for level in q.batch_levels],
+        "mapping_score": q.confidence is not None,
         "reference_digest": reference_digest(ref),
         "version": __version__,
     }
@@ -378,6 +385,56 @@ def reference_digest(ref) -> str:
     return digest.hexdigest()[:16]
 
 
+def _label_columns(label_names) -> list[str]:
+    """The ``obs`` columns label transfer writes for each label."""
+    return [f"{name}_{what}" for name in label_names for what in ("predicted", "probability")]
+
+
+def _mapping_outputs(record) -> set[str]:
+    """``obsm[...]``/``obs[...]`` entries an earlier mapping recorded writing."""
+    if not isinstance(record, dict) or "adjusted_basis" not in record:
+        return set()
+    own = {f"obsm[{str(record['adjusted_basis'])!r}]"}
+    if record.get("projected_from_genes", False):
+        own.add(f"obsm[{PROJECTED_BASIS!r}]")
+    if record.get("mapping_score", True):
+        own.add(f"obs[{SCORE_COLUMN!r}]")
+    labels = np.atleast_1d(np.asarray(record.get("labels", []), dtype=object))
+    own.update(f"obs[{column!r}]" for column in _label_columns(map(str, labels)))
+    return own
+
+
+def _check_replaceable(adata: Any, obsm_keys: Sequence[str], obs_columns: Sequence[str], *,
+                       overwrite: bool, adjusted_basis: str | None = None) -> None:
+    """Refuse to write over ``obsm``/``obs`` entries that no earlier mapping wrote.
+
+    As :func:`integrate` never writes over the embedding it reads, a mapping
+    never silently replaces what something else put in the query (its own
+    Harmony correction by :func:`integrate` under ``X_pca_harmony``, the
+    user's columns). What an earlier mapping recorded in
+    ``uns["harmony_mapping"]`` is replaced: mapping again asks for that.
+    """
+    from harmonypy import _validation as val
+
+    if val.check_flag("overwrite", overwrite):
+        return
+    own = _mapping_outputs(adata.uns.get(MAPPING_KEY))
+    obs = {str(c) for c in adata.obs.columns}
+    taken = [f"obsm[{key!r}]" for key in obsm_keys if key in adata.obsm] + \
+        [f"obs[{column!r}]" for column in obs_columns if column in obs]
+    taken = [entry for entry in taken if entry not in own]
+    if not taken:
+        return
+    remedies = ["pass overwrite=True to replace them"]
+    if f"obsm[{adjusted_basis!r}]" in taken:
+        remedies.insert(0, f"write the mapped query elsewhere with adjusted_basis=KEY (e.g. "
+                           f"adjusted_basis={adjusted_basis + '_mapped'!r})")
+    raise ValueError(
+        f"adata_query already has {', '.join(taken)}, which no earlier mapping wrote (e.g. "
+        f"the query's own Harmony correction by hm.integrate, or your own entries): writing "
+        f"there would lose them; {', or '.join(remedies)}, or move them first")
+
+
 def _write_transfer(adata: Any, record: dict, name, table, k: int,
                     min_probability: float) -> None:
     """Labels of ``table`` into ``adata.obs`` and the record: ``labels``, ``k`` and
@@ -397,12 +454,14 @@ def _write_transfer(adata: Any, record: dict, name, table, k: int,
                   min_probability=probabilities + [float(min_probability)])
 
 
-def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, device):
+def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, device,
+                     overwrite: bool = False):
     """``transfer_labels(adata_query, ref, label)``: labels for a query mapped by
     ``map_query(adata_query, ref)``, from its ``obsm[adjusted_basis]`` (as
     recorded in ``uns["harmony_mapping"]``), written into ``obs`` as
     ``map_query(..., labels=label)`` writes them. Everything is checked and
-    computed before ``adata`` is modified.
+    computed before ``adata`` is modified; columns that no earlier mapping wrote
+    are not replaced unless ``overwrite``.
     """
     from harmonypy._mapping import transfer_labels
 
@@ -425,6 +484,8 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
             f"reference_digest {str(digest)!r}, this reference's is {reference_digest(ref)!r}): "
             f"transfer labels from the reference it was mapped onto, or map it onto this "
             f"one with map_query(adata_query, ref)")
+    _check_replaceable(adata, [], _label_columns([label]) if isinstance(label, str) else [],
+                       overwrite=overwrite)
     cells = np.asarray(adata.obsm[adjusted])
     if cells.ndim != 2 or cells.shape[1] != ref.d:
         raise ValueError(f"adata_query.obsm[{adjusted!r}] has shape {cells.shape}, but the "

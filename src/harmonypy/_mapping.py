@@ -181,7 +181,8 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
               dtype=None, *, confidence: bool = True, iterations: int = 1, key=None,
               basis: str | None = None, adjusted_basis: str | None = None,
               layer: str | None = None, labels: str | Sequence[str] | None = None,
-              k: int | None = None, min_probability: float | None = None) -> MappedQuery:
+              k: int | None = None, min_probability: float | None = None,
+              overwrite: bool = False) -> MappedQuery:
     """Map query cells onto a reference (Symphony's ``mapQuery``).
 
     ``map_query(pcs, meta_data, ref, vars_use)`` for cells already in the
@@ -250,6 +251,13 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
         (:func:`transfer_labels`) into ``obs``.
     k, min_probability : optional
         AnnData only: :func:`transfer_labels`'s (default 30 and 0.5).
+    overwrite : bool, default False
+        AnnData only: replace ``obsm``/``obs`` entries that the mapping
+        writes but that no earlier mapping of this query wrote (recorded in
+        ``uns["harmony_mapping"]``), e.g. ``obsm["X_pca_harmony"]`` of a query
+        integrated on its own. By default they are refused, before any work,
+        so that nothing is lost without being asked; an earlier mapping's own
+        outputs are replaced by mapping again.
 
     Returns
     -------
@@ -279,12 +287,13 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
         ref, key = _anndata_arguments(meta_data, ref, key, vars_use)
         return map_anndata(
             data_mat, ref, key, basis=basis, adjusted_basis=adjusted_basis, layer=layer,
-            labels=labels, k=k, min_probability=min_probability,
+            labels=labels, k=k, min_probability=min_probability, overwrite=overwrite,
             map_options={"sigma": sigma, "lamb": lamb, "device": device, "dtype": dtype,
                          "confidence": confidence, "iterations": iterations})
     anndata_only = [name for name, value in [
         ("key", key), ("basis", basis), ("adjusted_basis", adjusted_basis), ("layer", layer),
-        ("labels", labels), ("k", k), ("min_probability", min_probability)] if value is not None]
+        ("labels", labels), ("k", k), ("min_probability", min_probability),
+        ("overwrite", overwrite or None)] if value is not None]
     if anndata_only:
         raise TypeError(f"{', '.join(anndata_only)}: only for an AnnData query "
                         f"(map_query(adata_query, ref, ...)); for an embedding use vars_use and "
@@ -792,7 +801,8 @@ def _add_pair_distances(out, z, assignments, cluster, cell, whiten_t, centers):
 
 # ============================================================ transfer_labels
 def transfer_labels(query, ref: Reference, label: str, k: int = 30,
-                    min_probability: float = 0.5, *, device=None) -> pd.DataFrame:
+                    min_probability: float = 0.5, *, device=None,
+                    overwrite: bool = False) -> pd.DataFrame:
     """Labels for query cells by a vote of their k nearest reference cells.
 
     Symphony's ``knnPredict`` (``class::knn``): Euclidean distances in the
@@ -825,6 +835,9 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 30,
         Below this share of the votes the label is ``"unknown"``.
     device : optional
         Where to search (default: CUDA, then MPS, then the CPU).
+    overwrite : bool, default False
+        AnnData only: replace the two ``obs`` columns when no earlier mapping
+        of this query wrote them (someone else's columns); refused by default.
 
     Returns
     -------
@@ -838,7 +851,10 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 30,
         from harmonypy._anndata import transfer_anndata
 
         return transfer_anndata(query, ref, label, k=k, min_probability=min_probability,
-                                device=device)
+                                device=device, overwrite=overwrite)
+    if overwrite:
+        raise TypeError("overwrite: only for an AnnData query, whose obs columns label "
+                        "transfer writes; for an array the labels are only returned")
     if ref.cells is None:
         raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
                          "transfer needs them; rebuild it with keep_cells=True")

@@ -484,7 +484,10 @@ def _build_map(commands) -> None:
                         "space (default: project the genes through the reference's loadings)")
     p.add_argument("--adjusted-basis", metavar="KEY",
                    help=".h5ad input: obsm key for the corrected PCs (default: the "
-                        "reference's, else X_pca_harmony)")
+                        "reference's, else X_pca_harmony). An obsm key or obs column the "
+                        "mapping writes that the query already has, and that no earlier "
+                        "mapping wrote (e.g. its own Harmony correction), is refused unless "
+                        "--force")
     p.add_argument("--layer", metavar="KEY",
                    help=".h5ad input: layer to project instead of X")
     p.add_argument("--lamb", type=_numbers, metavar="L[,L...]",
@@ -1020,7 +1023,8 @@ def _map_h5ad(args: argparse.Namespace, ref):
     q = map_query(adata, ref, key=args.vars_use, basis=args.basis,
                   adjusted_basis=args.adjusted_basis, layer=args.layer, labels=args.labels,
                   k=args.neighbors, min_probability=args.min_probability, lamb=args.lamb,
-                  device=args.device, dtype=args.dtype, iterations=args.iterations)
+                  device=args.device, dtype=args.dtype, iterations=args.iterations,
+                  overwrite=args.force)
     if file_format(args.output) == "h5ad":
         return q, lambda path: write_h5ad(adata, path)
     corrected = adata.obsm[adata.uns["harmony_mapping"]["adjusted_basis"]]

@@ -803,8 +803,9 @@ def test_reference_build_and_map_equal_the_library(example, tmp_path, capsys):
 
     pcs, meta = hm.datasets.load_pbmcs_small()
     in_query = (meta["donor"] == "5p").to_numpy()
-    ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", **FAST_KW)
-    expected = hm.build_reference(ho, meta[~in_query].set_index("cell_id"), labels="cell_type")
+    named = meta[~in_query].set_index("cell_id")  # the CLI pairs and names cells by cell_id
+    ho = hm.run_harmony(pcs[~in_query].set_axis(named.index), named, "donor", **FAST_KW)
+    expected = hm.build_reference(ho, named, labels="cell_type")
     saved = hm.load_reference(ref_path)
     np.testing.assert_allclose(saved.C, expected.C, **CLOSE)
     np.testing.assert_allclose(saved.cells, expected.cells, **CLOSE)

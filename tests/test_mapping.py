@@ -496,6 +496,41 @@ def test_save_load_round_trip(case, tmp_path, algorithm):
     assert (tmp_path / "ref.bin").exists() and not (tmp_path / "ref.bin.npz").exists()
 
 
+def test_save_writes_one_temporary_file_with_its_extension_once(case, tmp_path, monkeypatch):
+    """The temporary file of ref.npz is .ref.XXXXXXXX.tmp.npz (was .ref.npz.XXXXXXXX.tmp.npz)."""
+    from harmonypy import _reference
+
+    names, write = [], _reference._write_arrays
+    monkeypatch.setattr(_reference, "_write_arrays",
+                        lambda arrays, path: (names.append(path.name), write(arrays, path)))
+    hm.build_reference(_reference_run(case, "harmony1", "float32")).save(tmp_path / "ref.npz")
+    assert len(names) == 1 and re.fullmatch(r"\.ref\.[^.]+\.tmp\.npz", names[0]), names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+
+
+def test_build_reference_pairs_metadata_by_name():
+    """Issue 22: metadata of the same cells in another order was paired by
+    position (label transfer fell from 95.8% to 7.2%); it is now paired by the
+    cell names the Harmony run remembers, and other cells' metadata is refused."""
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    pcs, meta = pcs.set_axis(meta["cell_id"]), meta.set_index("cell_id")
+    in_query = (meta["donor"] == "5p").to_numpy()
+    ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", verbose=False)
+    ordered = hm.build_reference(ho, meta[~in_query], labels="cell_type")
+    shuffled = hm.build_reference(ho, meta[~in_query].sample(frac=1.0, random_state=0),
+                                  labels="cell_type")
+    np.testing.assert_array_equal(shuffled.cell_names, meta.index[~in_query])
+    pd.testing.assert_frame_equal(shuffled.labels, ordered.labels)
+    q = hm.map_query(pcs[in_query], meta[in_query], shuffled)
+    predicted = hm.transfer_labels(q, shuffled, "cell_type", k=10)["label"].astype(str)
+    accuracy = (predicted.to_numpy() == meta.loc[in_query, "cell_type"].to_numpy()).mean()
+    assert accuracy > 0.9, accuracy
+    with pytest.raises(ValueError, match=r"ho\.cell_names\) and meta_data's index name different "
+                                         r"cells: 0 of the embedding's 770 cells"):
+        hm.build_reference(ho, meta[~in_query].set_axis([f"x{i}" for i in range(770)]),
+                           labels="cell_type")
+
+
 def _rewrite(path, change):
     with np.load(path, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
@@ -967,14 +1002,17 @@ def test_gene_projection_file_round_trip(gene_case, tmp_path):
     broken = tmp_path / "broken.npz"
     broken.write_bytes((tmp_path / "genes.npz").read_bytes())
     _rewrite(broken, lambda m, a: m["projection"].update(n_genes=49))
-    with pytest.raises(ValueError, match=r"broken\.npz' has no valid 'genes' array"):
+    with pytest.raises(ValueError, match=r"broken\.npz' has an array 'genes' of <U3 \(50,\); "
+                                         r"expected text \(49,\)"):
         hm.load_reference(broken)
     _rewrite(broken, lambda m, a: m["projection"].update(n_genes=50, clip=[3, -3]))
-    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid projection clip"):
+    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid metadata field "
+                                         r"'projection.clip': \[3, -3\]"):
         hm.load_reference(broken)
     _rewrite(broken, lambda m, a: (m["projection"].update(clip=None),
                                    a.update(gene_std=np.zeros(50))))
-    with pytest.raises(ValueError, match=r"broken\.npz' has a gene_std <= 0"):
+    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid array 'gene_std': "
+                                         r"values <= 0"):
         hm.load_reference(broken)
 
 

@@ -70,6 +70,18 @@ def test_python_example_runs(line, code, tmp_path, monkeypatch):
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
 
 
+def test_first_example_converges(tmp_path, monkeypatch, capsys):
+    """The first example runs Harmony to convergence with the parameters it
+    shows: its last progress line says so, not "without converging"."""
+    line, code = PYTHON_BLOCKS[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md:{line}", "exec"), namespace)
+    assert namespace["ho"].converged, namespace["ho"].n_iter
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "converged" in last and "without converging" not in last, last
+
+
 @pytest.mark.parametrize("line, commands", BASH_BLOCKS,
                          ids=[f"README.md:{line}" for line, _ in BASH_BLOCKS])
 def test_command_line_example_runs(line, commands, tmp_path):

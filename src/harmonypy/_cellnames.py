@@ -11,6 +11,10 @@ What counts as "names": a pandas index other than the default positions
 metadata, a text column that holds the embedding's names (e.g. a ``cell`` or
 ``barcode`` column next to a default index).
 
+Integer index labels count as names against integer names, but against text
+names they are taken for row numbers (a sorted or filtered frame's index) when
+a text column of the metadata holds the text names: that column pairs.
+
 Names that share no value with the other side still count when both sides
 hold text names (:func:`text_names`) and the metadata's come from its index
 or from a column under an identifier header (:func:`declared_names`): the
@@ -232,21 +236,104 @@ def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
     return order
 
 
+def metadata_names(meta_data, cell_names: pd.Index, *,
+                   meta_name: str = "meta_data") -> tuple[pd.Index, str] | None:
+    """The names ``meta_data`` gives its rows, to compare with ``cell_names``.
+
+    Parameters
+    ----------
+    meta_data : DataFrame or Series, (n_rows, ...)
+    cell_names : Index, (N,)
+        The names of the cells the metadata is to be paired with.
+    meta_name : str
+        How the messages call ``meta_data``.
+
+    Returns
+    -------
+    (Index, str) or None
+        The names and where they come from (for messages): ``meta_data``'s
+        index when it carries names (:func:`carries_names`), unless it holds
+        integer labels while ``cell_names`` are text names and a text column
+        holds those (integer labels then number rows, as a sorted or filtered
+        frame's do); else a text column holding some of ``cell_names``
+        (:func:`name_column`); else, when ``cell_names`` are text names, a
+        column under an identifier header (:func:`declared_names`), so that
+        two sets of names sharing nothing are refused, not paired by row
+        order. None: the metadata names no cells.
+    """
+    index_names = carries_names(meta_data.index)
+    text = text_names(cell_names)
+    if index_names and (text_names(meta_data.index) or not text
+                        or not isinstance(meta_data, pd.DataFrame)):
+        return meta_data.index, f"{meta_name}'s index"
+    if isinstance(meta_data, pd.DataFrame):
+        column = name_column(meta_data, cell_names)
+        if column is None and not index_names and text:
+            declared = declared_names(meta_data, index=False)
+            column = None if declared is None else declared[0]
+        if column is not None:
+            return pd.Index(meta_data[column]), f"{meta_name} column {column!r}"
+    if index_names:
+        return meta_data.index, f"{meta_name}'s index"
+    return None
+
+
+def align_to_names(cell_names: pd.Index, meta_data, *, cells_from: str,
+                   meta_name: str = "meta_data", remedy: str = _API_REMEDY):
+    """``meta_data`` in the order of ``cell_names``, when it names its rows.
+
+    Parameters
+    ----------
+    cell_names : Index, (N,)
+        Names of the cells, in their order.
+    meta_data : DataFrame or Series, (N', ...)
+    cells_from, meta_name : str
+        Where ``cell_names`` come from and how ``meta_data`` is called, for
+        the messages.
+    remedy : str
+        What the caller can do, appended to the error messages.
+
+    Returns
+    -------
+    (DataFrame or Series, bool)
+        The metadata (a reordered copy when its order differed, logged at
+        INFO; the caller's object otherwise, never modified), and whether it
+        was paired by name (False: it names no cells, its rows are taken in
+        order).
+
+    Raises
+    ------
+    ValueError
+        As :func:`match_order`: repeated names, or names on one side only.
+    """
+    found = metadata_names(meta_data, cell_names, meta_name=meta_name)
+    if found is None:
+        return meta_data, False
+    meta_names, meta_from = found
+    order = match_order(cell_names, meta_names, cells_from=cells_from, meta_from=meta_from,
+                        remedy=remedy)
+    if order is not None:
+        logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
+                    cells_from, meta_from)
+        meta_data = meta_data.iloc[order]
+    return meta_data, True
+
+
 def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
                    meta_name: str = "meta_data"):
     """``meta_data`` in the order of ``data_mat``'s cells, when both name their cells.
 
     ``data_mat``'s cell names are its index when it is a DataFrame with as
     many rows as ``meta_data`` (cells x PCs), else its columns when those
-    match (PCs x cells). ``meta_data``'s are its index, or a text column that
-    holds those names when its index is the default, or, when ``data_mat``'s
-    are text names (:func:`text_names`) and no column holds any of them, a
-    column under an identifier header (``cell_id``, ``barcode``, ...; see
-    :func:`declared_names`): names that share nothing are refused, not
-    paired by row order. Anything else (arrays, default indexes, shapes that
-    match nothing; those are checked later) is returned unchanged, as is
-    ``meta_data`` when the order already agrees. The caller's object is
-    never modified: a reordered copy is returned.
+    match (PCs x cells). ``meta_data``'s are found by :func:`metadata_names`:
+    its index, or a text column that holds those names, or, when
+    ``data_mat``'s are text names (:func:`text_names`) and no column holds
+    any of them, a column under an identifier header (``cell_id``,
+    ``barcode``, ...; see :func:`declared_names`): names that share nothing
+    are refused, not paired by row order. Anything else (arrays, default
+    indexes, shapes that match nothing; those are checked later) is returned
+    unchanged, as is ``meta_data`` when the order already agrees. The
+    caller's object is never modified: a reordered copy is returned.
 
     Raises
     ------
@@ -257,32 +344,50 @@ def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
     if not isinstance(meta_data, (pd.DataFrame, pd.Series)):
         return meta_data
     n_meta = len(meta_data)
-    if isinstance(data_mat, pd.DataFrame):
-        if data_mat.shape[0] == n_meta:
-            cell_names, cells_from = data_mat.index, f"{data_name}'s index"
-        elif data_mat.shape[1] == n_meta:
-            cell_names, cells_from = data_mat.columns, f"{data_name}'s columns (PCs x cells)"
-        else:
-            return meta_data
+    if not isinstance(data_mat, pd.DataFrame):
+        return meta_data
+    if data_mat.shape[0] == n_meta:
+        cell_names, cells_from = data_mat.index, f"{data_name}'s index"
+    elif data_mat.shape[1] == n_meta:
+        cell_names, cells_from = data_mat.columns, f"{data_name}'s columns (PCs x cells)"
     else:
         return meta_data
     if not carries_names(cell_names):
         return meta_data
-    if carries_names(meta_data.index):
-        meta_names, meta_from = meta_data.index, f"{meta_name}'s index"
-    elif isinstance(meta_data, pd.DataFrame):
-        column = name_column(meta_data, cell_names)
-        if column is None:
-            declared = declared_names(meta_data, index=False) if text_names(cell_names) else None
-            if declared is None:
-                return meta_data
-            column = declared[0]
-        meta_names, meta_from = pd.Index(meta_data[column]), f"{meta_name} column {column!r}"
-    else:
-        return meta_data
-    order = match_order(cell_names, meta_names, cells_from=cells_from, meta_from=meta_from)
-    if order is None:
-        return meta_data
-    logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
-                cells_from, meta_from)
-    return meta_data.iloc[order]
+    return align_to_names(cell_names, meta_data, cells_from=cells_from, meta_name=meta_name)[0]
+
+
+def run_cell_names(data_mat, meta_data) -> pd.Index | None:
+    """The names of a run's cells, in the run's order; None when nothing names them.
+
+    What a :class:`~harmonypy.Harmony` object remembers, so that a table
+    met later (``build_reference(ho, meta_data)``, ``plot_embedding``) is
+    paired with its cells by name. Called after :func:`align_metadata`,
+    with inputs already checked: ``meta_data``'s rows are then in
+    ``data_mat``'s order.
+
+    Parameters
+    ----------
+    data_mat : array-like or DataFrame, (N, d) or (d, N)
+    meta_data : DataFrame, Series or 1-D labels, (N, ...)
+
+    Returns
+    -------
+    Index (N,) or None
+        ``data_mat``'s index (its columns when it is PCs x cells) when it
+        carries names (:func:`carries_names`); else ``meta_data``'s index;
+        else a column of ``meta_data`` under an identifier header holding
+        distinct text names (:func:`declared_names`, e.g. ``cell_id``).
+    """
+    n_cells = len(meta_data)
+    if isinstance(data_mat, pd.DataFrame):
+        axis = data_mat.index if data_mat.shape[0] == n_cells else data_mat.columns
+        if len(axis) == n_cells and carries_names(axis):
+            return axis
+    if isinstance(meta_data, (pd.DataFrame, pd.Series)) and carries_names(meta_data.index):
+        return meta_data.index
+    if isinstance(meta_data, pd.DataFrame):
+        declared = declared_names(meta_data, index=False)
+        if declared is not None:
+            return declared[1]
+    return None

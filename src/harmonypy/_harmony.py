@@ -22,7 +22,7 @@ import torch
 
 from harmonypy import _clustering as clu
 from harmonypy import _validation as val
-from harmonypy._cellnames import align_metadata
+from harmonypy._cellnames import align_metadata, run_cell_names
 from harmonypy._correction import LevelIndex, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
@@ -101,6 +101,12 @@ class Harmony:
         Whether the run stopped because the objective converged.
     K, N, B, d : int
         Clusters, cells, batch levels, features.
+    cell_names : pandas.Index (N,) or None
+        Names of the cells, in the run's order, when the inputs named them
+        (``data_mat``'s index, else ``meta_data``'s, else its ``cell_id``-like
+        column; see ``harmonypy._cellnames``). A table met later
+        (:func:`build_reference`, ``plot_embedding``) is paired with the
+        cells by these names; None: by row position.
     """
 
     def __init__(
@@ -216,6 +222,7 @@ class Harmony:
         self.n_iter = 0
         self.converged = False
         self._iteration = 0  # for error messages
+        self.cell_names = None  # set by run_harmony when the inputs name the cells
 
     # ------------------------------------------------------------------ steps
     def init_cluster(self) -> None:
@@ -897,6 +904,7 @@ def run_harmony(
             progress.message(f"{outcome} in {progress.elapsed():.1f} s")
     ho.n_threads = cpu_threads.threads
     ho.bytes_reduced = reduction.bytes_sent()
+    ho.cell_names = checked["cell_names"]
     ho._progress = None
     if checked["plot_convergence"]:
         ho.plot_convergence()
@@ -932,6 +940,7 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
     meta_data = align_metadata(data_mat, meta_data)
     checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use)
     checked["cells"] = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
+    checked["cell_names"] = run_cell_names(data_mat, meta_data)
     return checked
 
 

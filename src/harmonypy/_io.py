@@ -849,12 +849,29 @@ class OutputFiles:
         """Create the temporary file for the output ``path`` and return its path.
 
         Symlinks are followed: the file a link points to is the one replaced.
+        The temporary file of ``ref.npz`` is ``.ref.XXXXXXXX.tmp.npz``: the
+        extension once, at the end, where writers read the format from.
+
+        Raises
+        ------
+        IsADirectoryError
+            ``path`` is a folder (a file name is needed).
+        FileNotFoundError
+            The folder of ``path`` does not exist.
         """
         final = Path(os.path.realpath(path))
-        name = final.name[:100]  # room for the random part within NAME_MAX
+        if final.is_dir():
+            raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder; give a file's "
+                                    f"path, e.g. a file name inside it")
+        if not final.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {str(path)!r}: its folder "
+                                    f"{str(final.parent)!r} does not exist")
+        suffix = _format_suffix(final)
+        name = final.name[:len(final.name) - len(suffix)] if suffix else final.name
+        name = name[:100]  # room for the random part within NAME_MAX
         with _interrupts_held():
             descriptor, temporary = tempfile.mkstemp(
-                prefix=f".{name}.", suffix=f".tmp{_format_suffix(final)}", dir=final.parent)
+                prefix=f".{name}.", suffix=f".tmp{suffix}", dir=final.parent)
             self._staged.append((Path(temporary), final))
             os.close(descriptor)
         os.chmod(temporary, _new_file_mode(final))

@@ -14,7 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from harmonypy._cellnames import align_to_names, carries_names, match_order
+
 logger = logging.getLogger(__name__)
+
+_REMEDY = ("Give the embeddings and meta the same cells (e.g. meta.loc[ho.cell_names]), or "
+           "drop their names to pair rows by position (meta.reset_index(drop=True))")
 
 __all__ = ["plot_convergence", "plot_embedding", "embedding_figsize"]
 
@@ -135,7 +140,13 @@ def plot_embedding(
     after : array-like or DataFrame, (N, d), or a Harmony object
         Embedding after integration; for a Harmony object ``Z_corr.T`` is used.
     meta : DataFrame with N rows
-        Cell metadata holding the ``color`` columns.
+        Cell metadata holding the ``color`` columns. When the cells are named
+        (``ho.cell_names`` of a Harmony object, a DataFrame's index), ``meta``
+        and the other embedding are paired with them by name, as
+        :func:`~harmonypy.run_harmony` pairs its inputs: the same names in
+        another order are reordered, names that disagree are refused (a
+        ``ValueError`` naming a few of each side's). Unnamed sides pair by
+        row position.
     color : str or list of str
         Column(s) of ``meta`` to colour by, e.g. ``["donor", "cell_type"]``.
         Categorical columns get a legend, numeric ones a colour bar.
@@ -162,6 +173,7 @@ def plot_embedding(
     """
     plt = _pyplot()
     colors = [color] if isinstance(color, str) else list(color)
+    before, after, meta = _paired(before, after, meta)
     before_xy, names = _coordinates(before, basis, dims, random_state)
     after_xy, after_names = _coordinates(after, basis, dims, random_state)
     _check_inputs(before_xy, after_xy, meta, colors)
@@ -214,6 +226,39 @@ def _coordinates(data: Any, basis: str, dims: tuple[int, int],
     if basis == "umap":
         return _umap(data, random_state), ["UMAP1", "UMAP2"]
     raise ValueError(f"basis must be 'pcs' or 'umap', got {basis!r}")
+
+
+def _names_of(data: Any) -> tuple[pd.Index | None, str]:
+    """The cell names of an embedding (a Harmony run's, a DataFrame's index) and their source."""
+    if hasattr(data, "Z_corr") and hasattr(data, "objective_harmony"):
+        return getattr(data, "cell_names", None), "the Harmony run's cell names (ho.cell_names)"
+    if isinstance(data, pd.DataFrame) and carries_names(data.index):
+        return data.index, "{}'s index"
+    return None, ""
+
+
+def _paired(before: Any, after: Any, meta: Any) -> tuple[Any, Any, Any]:
+    """``before`` and ``meta`` in the order of ``after``'s named cells (or ``after``
+    and ``meta`` in ``before``'s): every named side is paired by name, so that
+    no cell is drawn with another cell's colour."""
+    (after_names, after_from), (before_names, before_from) = _names_of(after), _names_of(before)
+    if after_names is None and before_names is None:
+        return before, after, meta
+    if after_names is not None:
+        names, cells_from = after_names, after_from.format("after")
+        other, other_names, other_from = before, before_names, before_from.format("before")
+    else:
+        names, cells_from = before_names, before_from.format("before")
+        other, other_names, other_from = after, None, ""
+    if other_names is not None:
+        order = match_order(pd.Index(names), other_names, cells_from=cells_from,
+                            meta_from=other_from, remedy=_REMEDY)
+        if order is not None:
+            other = other.iloc[order]
+    if isinstance(meta, (pd.DataFrame, pd.Series)):
+        meta = align_to_names(pd.Index(names), meta, cells_from=cells_from, meta_name="meta",
+                              remedy=_REMEDY)[0]
+    return (other, after, meta) if after_names is not None else (before, other, meta)
 
 
 def _umap(data: np.ndarray, random_state: int) -> np.ndarray:

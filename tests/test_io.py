@@ -403,7 +403,8 @@ def test_outputs_go_through_temporary_files(tmp_path):
             temporary = files.stage(tmp_path / name)
             seen.append(temporary)
             assert temporary.parent == tmp_path
-            assert temporary.name.startswith(f".{name}.")
+            assert temporary.name.startswith(".out.")  # the extension once, at the end
+            assert temporary.name.count(name[3:]) == 1
             assert temporary.name.endswith(".tmp" + name[3:])  # .tmp.tsv.gz, .tmp.npy
             write_table(table, temporary)
             assert not (tmp_path / name).exists()

@@ -69,8 +69,10 @@ def test_run_tsv_matches_library_and_plots(small, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet
 
-    result = pd.read_csv(out, sep="\t")
+    # The embedding names no cells: paired by position, named by META's cell_id.
+    result = pd.read_csv(out, sep="\t", index_col=0)
     assert list(result.columns) == [f"PC{i}_harmony" for i in range(1, 21)]
+    assert result.index.name == "cell_id" and list(result.index) == list(meta["cell_id"])
     expected = hm.run_harmony(pcs, meta, "donor", theta=1.5, **FAST_KW).Z_corr.T
     np.testing.assert_allclose(result.to_numpy(), expected, **CLOSE)
 
@@ -372,7 +374,8 @@ def test_evaluate(small, tmp_path, capsys):
     assert float(ilisi.split()[4]) == pytest.approx(scores.ilisi_median, abs=1e-3)
     assert float(ilisi.split()[5]) == pytest.approx(scores.ilisi_scaled, abs=1e-3)
     assert float(clisi.split()[5]) == pytest.approx(scores.clisi_scaled, abs=1e-3)
-    per_cell = pd.read_csv(out, sep="\t")
+    per_cell = pd.read_csv(out, sep="\t", index_col=0)  # named by META's cell_id
+    assert list(per_cell.index) == list(small[3]["cell_id"])
     assert list(per_cell.columns) == ["iLISI_donor", "cLISI_cell_type"]
     assert per_cell.shape == (1200, 2) and (per_cell.to_numpy() >= 1 - 1e-9).all()
 
@@ -466,7 +469,7 @@ def test_existing_output_needs_force(copies, tmp_path, capsys):
         status, _, err = run_main(argv[:-1] + [flag], capsys)  # without --quiet
         assert status == 0, err
         assert "(replaced the previous file)" in err
-        assert pd.read_csv(out, sep="\t").shape == (1200, 20)
+        assert pd.read_csv(out, sep="\t", index_col=0).shape == (1200, 20)
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
@@ -967,6 +970,45 @@ def test_map_lamb_is_checked_and_named_as_the_option(example, tmp_path, capsys):
         for fragment in fragments:
             assert fragment in err, (extra, fragment, err)
     assert not (tmp_path / "m.tsv").exists()
+
+
+def test_npy_with_named_metadata_is_paired_by_position_and_keeps_its_names(example, tmp_path,
+                                                                           capsys):
+    """An .npy embedding names no cells: its rows are paired with META's by
+    position (the rule --help states), the note says so, and the outputs are
+    named by META's cell names instead of dropping them."""
+    pcs_path, meta_path = example
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    shuffled = meta.sample(frac=1, random_state=0)  # a cell_id column, in another order
+    np.save(tmp_path / "pcs.npy", pcs.to_numpy(np.float32))
+    shuffled.to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
+    status, _, err = run_main(["run", tmp_path / "pcs.npy", tmp_path / "meta.tsv", "--vars",
+                               "donor", "-o", tmp_path / "out.tsv", *FAST[:-1]], capsys)
+    assert status == 0, err
+    note = [line for line in err.splitlines() if "by position" in line]
+    assert len(note) == 1 and "pcs.npy has no cell names" in note[0], err
+    assert "named by the metadata's column 'cell_id'" in note[0]
+    out = pd.read_csv(tmp_path / "out.tsv", sep="\t", index_col=0)
+    assert list(out.index) == list(shuffled["cell_id"])
+    # map: the same rule for a query, and its output keeps the names.
+    ref = tmp_path / "ref.npz"
+    status, _, err = run_main(["reference", "build", pcs_path, meta_path, "--subset",
+                               "donor=3pv2", "--nclust", "10", "-o", ref, "-q"], capsys)
+    assert status == 0, err
+    in_query = (shuffled["donor"] != "3pv2").to_numpy()
+    np.save(tmp_path / "q.npy", pcs.to_numpy(np.float32)[in_query])
+    shuffled[in_query].to_csv(tmp_path / "qmeta.tsv", sep="\t", index=False)
+    status, _, err = run_main(["map", tmp_path / "q.npy", tmp_path / "qmeta.tsv", "--vars",
+                               "donor", "--reference", ref, "-o", tmp_path / "m.tsv"], capsys)
+    assert status == 0 and "by position" in err and "q.npy has no cell names" in err, err
+    mapped = pd.read_csv(tmp_path / "m.tsv", sep="\t", index_col=0)
+    assert list(mapped.index) == list(shuffled.loc[in_query, "cell_id"])
+    # The rule is in --help of every command that pairs an embedding with META.
+    for command in (["run"], ["map"], ["evaluate"], ["reference", "build"]):
+        status, out, _ = run_main(command + ["--help"], capsys)
+        text = " ".join(out.split())
+        assert status == 0 and "else by position (row order)" in text, command
+        assert "names no cells, so its rows are paired by position" in text, command
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")

@@ -251,6 +251,32 @@ def test_row_order_when_a_side_has_no_names(caplog):
     assert not match(named(list(range(100))), meta_table(cell_id=CELLS)).by_name
 
 
+def test_row_order_says_so_and_carries_the_metadatas_names(caplog):
+    """An embedding without cell names (.npy, .zarr) beside metadata that names
+    its cells, in any order: paired by position (the documented rule), said at
+    INFO and by describe(), and the metadata's names become the cells' names
+    (so that outputs keep them)."""
+    unnamed = Table(pd.DataFrame({"PC1": np.zeros(100)}), False)
+    donor = [f"d{i % 3}" for i in range(100)]
+    with caplog.at_level(logging.INFO, logger="harmonypy._io"):
+        result = match(unnamed, meta_table(cell=CELLS[::-1], donor=donor))
+    assert not result.by_name and list(result.names) == CELLS[::-1]
+    for text in (result.describe(), caplog.text):
+        assert "by position" in text and "pcs.tsv has no cell names" in text, text
+        assert "named by the metadata's column 'cell'" in text, text
+    rows = Table(pd.DataFrame({"donor": donor}, index=CELLS), True, "row names")
+    result = match(unnamed, rows)
+    assert list(result.names) == CELLS and "metadata's row names" in result.describe()
+    # Metadata without names (or with repeated ones): paired by position, said so.
+    for meta in (meta_table(donor=donor),
+                 Table(pd.DataFrame({"donor": donor}, index=CELLS[:50] * 2), True)):
+        result = match(unnamed, meta)
+        assert result.names is None and "by position" in result.describe()
+        assert "named by" not in result.describe()
+    # --no-names: the embedding keeps its own names.
+    assert match(named(CELLS), meta_table(cell=CELLS[::-1]), by_name=False).names is None
+
+
 # Issue #11: both files name their cells, but no name is shared.
 BARCODES = [f"AAAC{i}-1" for i in range(100)]
 STRIPPED = [f"AAAC{i}" for i in range(100)][::-1]
@@ -560,3 +586,32 @@ def test_zarr_embedding_gives_the_npy_result(tmp_path):
         read_embedding(tmp_path / "pcs.zarr", names="cell")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         read_embedding(tmp_path)  # any other folder is still refused
+
+
+def test_header_only_embedding_is_empty_not_non_numeric(tmp_path):
+    pd.DataFrame(columns=["cell", "PC1", "PC2"]).to_csv(tmp_path / "empty.tsv", sep="\t",
+                                                       index=False)
+    with pytest.raises(ValueError, match=r"embedding .*empty\.tsv has no cells \(only a "
+                                         r"header\)"):
+        read_embedding(tmp_path / "empty.tsv")
+
+
+def test_zarr_group_hint_suggests_embeddings_first(tmp_path):
+    """An AnnData store given as a whole: the hint names its embeddings
+    (obsm/*) before X and the other 2-D arrays, and no 1-D obs column."""
+    zarr = pytest.importorskip("zarr")
+    from harmonypy._io import read_embedding
+
+    group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
+    for path, shape in [("X", (50, 30)), ("layers/counts", (50, 30)), ("obs/_index", (50,)),
+                        ("obs/n_genes", (50,)), ("obsm/X_pca", (50, 6)),
+                        ("obsm/X_umap", (50, 2)), ("varm/PCs", (30, 6))]:
+        folder, _, name = path.rpartition("/")
+        parent = group.require_group(folder) if folder else group
+        parent.create_array(name, shape=shape, dtype=np.float32)
+    with pytest.raises(ValueError) as info:
+        read_embedding(tmp_path / "adata.zarr")
+    hint = str(info.value).split("e.g. ", 1)[1]
+    shown = [part.rsplit("adata.zarr/", 1)[1] for part in hint.split(", ")]
+    assert shown[:2] == ["obsm/X_pca", "obsm/X_umap"], hint
+    assert "X" in shown and not any(p.startswith("obs/") for p in shown), hint

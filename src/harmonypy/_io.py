@@ -376,6 +376,8 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
 
     table = _read_frame(path, "embedding")
     frame = table.frame
+    if len(frame) == 0:  # its columns would all look like text
+        raise ValueError(f"embedding {path} has no cells (only a header)")
     columns = [str(c) for c in frame.columns]
     if names is not None:
         if names not in columns:
@@ -419,13 +421,11 @@ def _read_zarr_array(path: str | Path) -> np.ndarray:
     with _reading(path, "embedding"):
         node = zarr.open(str(path), mode="r")
     if not hasattr(node, "shape"):  # a group: say which arrays it holds
-        inside = []
-        node.visitvalues(lambda item: inside.append(item.path) if hasattr(item, "shape")
-                         else None) if hasattr(node, "visitvalues") else None
-        if not inside and hasattr(node, "members"):
-            inside = [name for name, item in node.members(max_depth=None)
-                      if hasattr(item, "shape")]
-        shown = ", ".join(f"{path}/{name}" for name in sorted(inside)[:_SHOWN])
+        # 2-D arrays only (an embedding is cells x PCs); an AnnData store's
+        # embeddings (obsm/...) before X, the layers and the rest.
+        names = sorted((not name.startswith("obsm/"), name)
+                       for name, ndim in _zarr_arrays(node) if ndim == 2)
+        shown = ", ".join(f"{path}/{name}" for _, name in names[:_SHOWN])
         raise ValueError(f"{path} is a Zarr group, not an array: give the path of the "
                          f"embedding inside it" + (f", e.g. {shown}" if shown else ""))
     if len(node.shape) != 2:
@@ -433,6 +433,18 @@ def _read_zarr_array(path: str | Path) -> np.ndarray:
                          f"{tuple(node.shape)}")
     with _reading(path, "embedding"):
         return node[...]
+
+
+def _zarr_arrays(group) -> list[tuple[str, int]]:
+    """``(path inside group, ndim)`` of every array below a Zarr group (zarr 3 or 2)."""
+    if hasattr(group, "members"):
+        return [(name, len(item.shape)) for name, item in group.members(max_depth=None)
+                if hasattr(item, "shape")]
+    found: list[tuple[str, int]] = []
+    prefix = f"{group.path}/" if group.path else ""
+    group.visitvalues(lambda item: found.append((item.path[len(prefix):], len(item.shape)))
+                      if hasattr(item, "shape") else None)
+    return found
 
 
 def read_meta(path: str | Path) -> Table:
@@ -490,17 +502,30 @@ class CellMatch:
         Which metadata names were used (``"row names"``, ``"column 'cell'"``).
     reordered : bool
         Whether the metadata rows had to be reordered.
+    names : Index (n_cells,) or None
+        Paired by position with an embedding that names no cells: the
+        metadata's own cell names (``names_from`` says where from), which
+        then name the cells (outputs keep them). None otherwise.
+    paths : tuple of str
+        The embedding and metadata files, for :meth:`describe`.
     """
 
     meta: pd.DataFrame
     by_name: bool
     names_from: str | None = None
     reordered: bool = False
+    names: pd.Index | None = None
+    paths: tuple[str, str] = ("the embedding", "the metadata")
 
     def describe(self) -> str:
         """One line for the user, e.g. ``matched ... by cell name ... (reordered)``."""
+        embedding, meta = self.paths
         if not self.by_name:
-            return "metadata rows paired with the embedding's cells by row order"
+            text = f"metadata {meta} paired with the embedding's cells by position (row order)"
+            if self.names is not None:
+                text += (f": the embedding {embedding} has no cell names, so its cells are "
+                         f"named by the metadata's {self.names_from}")
+            return text
         how = "reordered to" if self.reordered else "in the same order as"
         return (f"metadata matched by cell name ({self.names_from}): {len(self.meta):,} rows, "
                 f"{how} the embedding")
@@ -597,7 +622,9 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
         if cell_names is None:
             raise ValueError(f"--meta-names {meta_names!r}: the embedding {embedding_path} has "
                              f"no cell names to match (choose its name column with --names)")
-    if not by_name or cell_names is None:
+    if cell_names is None:
+        return _by_row_order(meta, n_cells, embedding_path, meta_path, adopt_names=True)
+    if not by_name:
         return _by_row_order(meta, n_cells, embedding_path, meta_path)
 
     cell_text = pd.Index(cell_names.astype(str))
@@ -645,13 +672,37 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
 
 
 def _by_row_order(meta: Table, n_cells: int, embedding_path: str | Path,
-                  meta_path: str | Path) -> CellMatch:
+                  meta_path: str | Path, adopt_names: bool = False) -> CellMatch:
+    """Pair by position; with ``adopt_names`` (the embedding names no cells),
+    the metadata's own distinct cell names, if any, name the cells."""
     if len(meta.frame) != n_cells:
         raise ValueError(f"metadata {meta_path} has {len(meta.frame):,} rows but the embedding "
                          f"{embedding_path} has {n_cells:,} cells (paired by row order: "
                          f"the two files do not share cell names)")
-    logger.info("metadata %s paired with the embedding by row order", meta_path)
-    return CellMatch(meta.frame.reset_index(drop=True), False)
+    names = names_from = None
+    if adopt_names:
+        found = _own_names(meta)
+        if found is not None:
+            names_from, names = found
+    match = CellMatch(meta.frame.reset_index(drop=True), False, names_from, names=names,
+                      paths=(str(embedding_path), str(meta_path)))
+    logger.info("%s", match.describe())
+    return match
+
+
+def _own_names(meta: Table) -> tuple[str, pd.Index] | None:
+    """``(where, names)`` of the metadata's distinct cell names, or None.
+
+    Its row names unless they only number the rows, else a column of distinct
+    text names under an identifier header (``cell_id``, ``barcode``, ...).
+    """
+    index = meta.frame.index
+    if meta.has_names and not _row_numbers(index) and index.is_unique:
+        return "row names", pd.Index(index)
+    declared = declared_names(meta.frame, index=False)
+    if declared is None:
+        return None
+    return f"column {str(declared[0])!r}", declared[1]
 
 
 # =========================================================================== #

@@ -68,6 +68,16 @@ _MAP_OPTION_NAMES = {
 _REFERENCE_OPTION_NAMES = {"loadings=None": "--no-loadings", "layer=KEY": "--layer KEY",
                            "adjusted_basis": "--adjusted-basis"}
 REFERENCE_OUTPUTS = ("npz",)
+# The input arguments' help: how cells and metadata rows are paired.
+_EMBEDDING_HELP = ("cells x PCs: a table (cell names in its row names or first column), "
+                   "an .npy or .zarr array (no cell names) or .h5ad")
+
+
+def _meta_help(embedding: str, needed: str) -> str:
+    return (f"metadata table with one row per cell ({needed}), paired with {embedding}'s "
+            f"cells by cell name when both name them, else by position (row order); an .npy "
+            f"or .zarr {embedding} names no cells, so its rows are paired by position and "
+            f"take META's cell names, if it has any")
 
 
 # =========================================================================== #
@@ -271,9 +281,9 @@ def _build_run(commands) -> None:
                     f"the extension. With an .h5ad input, META is not needed: the embedding "
                     f"is obsm[--basis] and the batch columns come from obs.",
         epilog=f"example: {PROG} run pcs.tsv.gz meta.tsv.gz --vars donor -o pcs_harmony.tsv.gz")
-    p.add_argument("embedding", metavar="EMBEDDING", help="cells x PCs table, .npy or .h5ad")
+    p.add_argument("embedding", metavar="EMBEDDING", help=_EMBEDDING_HELP)
     p.add_argument("meta", metavar="META", nargs="?",
-                   help="metadata table with one row per cell (not needed for .h5ad)")
+                   help=_meta_help("EMBEDDING", "not needed for .h5ad"))
     p.add_argument("--vars", dest="vars_use", type=_names, required=True,
                    metavar="COL[,COL...]", help="batch column(s) to integrate over")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
@@ -366,8 +376,9 @@ def _build_evaluate(commands) -> None:
                     "--label column (cLISI: 1 = cell types kept apart).",
         epilog=f"example: {PROG} evaluate pcs_harmony.tsv.gz meta.tsv.gz --batch donor "
                f"--label cell_type")
-    p.add_argument("embedding", metavar="EMBEDDING", help="cells x PCs table, .npy or .h5ad")
-    p.add_argument("meta", metavar="META", nargs="?", help="metadata table (not for .h5ad)")
+    p.add_argument("embedding", metavar="EMBEDDING", help=_EMBEDDING_HELP)
+    p.add_argument("meta", metavar="META", nargs="?",
+                   help=_meta_help("EMBEDDING", "not for .h5ad"))
     p.add_argument("--batch", type=_names, required=True, metavar="COL[,COL...]",
                    help="batch column(s) for iLISI")
     p.add_argument("--label", type=_names, metavar="COL[,COL...]",
@@ -407,9 +418,9 @@ def _build_reference(commands) -> None:
                     f"are kept too, so that queries can be mapped from their genes.",
         epilog=f"example: {PROG} reference build pcs.tsv.gz meta.tsv.gz --vars donor "
                f"--labels cell_type -o ref.npz")
-    b.add_argument("embedding", metavar="EMBEDDING", help="cells x PCs table, .npy or .h5ad")
+    b.add_argument("embedding", metavar="EMBEDDING", help=_EMBEDDING_HELP)
     b.add_argument("meta", metavar="META", nargs="?",
-                   help="metadata table with one row per cell (not needed for .h5ad)")
+                   help=_meta_help("EMBEDDING", "not needed for .h5ad"))
     b.add_argument("--vars", dest="vars_use", type=_names, metavar="COL[,COL...]",
                    help="batch column(s) to integrate over (default: none, the cells are one "
                         "batch; of the Harmony parameters only --nclust, --sigma, --seed, "
@@ -459,10 +470,9 @@ def _build_map(commands) -> None:
                     f"whose obsm[--basis] holds such PCs.",
         epilog=f"example: {PROG} map query_pcs.tsv.gz query_meta.tsv.gz --reference ref.npz "
                f"--labels cell_type -o mapped.tsv.gz")
-    p.add_argument("query", metavar="QUERY", help="cells x PCs table, .npy or .h5ad")
+    p.add_argument("query", metavar="QUERY", help=_EMBEDDING_HELP)
     p.add_argument("meta", metavar="META", nargs="?",
-                   help="metadata table with one row per query cell (needed with --vars; not "
-                        "for .h5ad)")
+                   help=_meta_help("QUERY", "needed with --vars; not for .h5ad"))
     p.add_argument("--reference", required=True, metavar="REF.npz",
                    help="reference file from 'harmonypy reference build'")
     p.add_argument("--vars", dest="vars_use", type=_names, metavar="COL[,COL...]",
@@ -584,18 +594,43 @@ def command_run(args: argparse.Namespace) -> int:
                 f"{ho.d} PCs; {_outcome(ho)} in {elapsed:.1f} s")
     if args.plot:
         _note(args, f"wrote {args.plot}{_replaced(files, args.plot)}")
+    _note_position(args)
     return 0
 
 
 def _read_tables(args: argparse.Namespace) -> tuple[Table, pd.DataFrame]:
     """The embedding and the metadata in the embedding's cell order."""
     embedding = read_embedding(args.embedding, names=args.names)
-    meta = read_meta(args.meta)
-    match = match_cells(embedding, meta, embedding_path=args.embedding, meta_path=args.meta,
-                        meta_names=args.meta_names, by_name=not args.no_names)
+    return _paired(args, embedding, args.embedding, args.meta)
+
+
+def _paired(args: argparse.Namespace, embedding: Table, embedding_path: str,
+            meta_path: str) -> tuple[Table, pd.DataFrame]:
+    """``(embedding, metadata in its cell order)``, paired as :func:`match_cells` says.
+
+    Paired by position with an embedding that names no cells (``.npy``,
+    ``.zarr``), the metadata's own cell names name the cells, so that the
+    outputs keep them. A reordering is noted now; a pairing by position once
+    the outputs are written (:func:`_note_position`), so that an error stays
+    the only line.
+    """
+    match = match_cells(embedding, read_meta(meta_path), embedding_path=embedding_path,
+                        meta_path=meta_path, meta_names=args.meta_names,
+                        by_name=not args.no_names)
     if match.reordered:
         _note(args, match.describe())
+    args.position_note = None if match.by_name else match.describe()
+    if match.names is not None:
+        frame = embedding.frame.copy(deep=False)  # an .npy stays memory-mapped
+        frame.index = match.names
+        embedding = Table(frame, True, f"the metadata's {match.names_from}")
     return embedding, match.meta
+
+
+def _note_position(args: argparse.Namespace) -> None:
+    """The note of a pairing by position (:func:`_paired`), after the outputs."""
+    if getattr(args, "position_note", None):
+        _note(args, args.position_note)
 
 
 def _refuse_name_options(args: argparse.Namespace) -> None:
@@ -774,6 +809,7 @@ def command_reference_build(args: argparse.Namespace) -> int:
     files = _write_outputs([(args.output, ref.write)])
     _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {_describe_reference(ref)}; "
                 f"{_outcome(ho)} in {elapsed:.1f} s")
+    _note_position(args)
     return 0
 
 
@@ -838,6 +874,7 @@ def _build_one_batch(args: argparse.Namespace, one_batch: dict[str, Any]) -> int
     files = _write_outputs([(args.output, ref.write)])
     _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {_describe_reference(ref)}; "
                 f"one batch, clustered in {elapsed:.1f} s")
+    _note_position(args)
     return 0
 
 
@@ -940,6 +977,7 @@ def command_map(args: argparse.Namespace) -> int:
     files = _write_outputs([(args.output, write_output)])
     _note(args, f"wrote {args.output}{_replaced(files, args.output)}: {q.N:,} cells x {q.d} PCs "
                 f"mapped onto {_describe_reference(ref)} in {elapsed:.1f} s")
+    _note_position(args)
     return 0
 
 
@@ -975,12 +1013,7 @@ def _map_table(args: argparse.Namespace, ref):
     embedding = read_embedding(args.query, names=args.names)
     meta = None
     if args.meta is not None:
-        meta = read_meta(args.meta)
-        match = match_cells(embedding, meta, embedding_path=args.query, meta_path=args.meta,
-                            meta_names=args.meta_names, by_name=not args.no_names)
-        if match.reordered:
-            _note(args, match.describe())
-        meta = match.meta
+        embedding, meta = _paired(args, embedding, args.query, args.meta)
         _check_columns(meta, args.vars_use or [], "--vars", f"the metadata {args.meta}")
         embedding, meta = _take_rows(embedding, meta,
                                      _subset_mask(meta, args.subset, f"the metadata {args.meta}"))
@@ -1129,6 +1162,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         table = Table(pd.DataFrame(lisi, index=cells, columns=columns), cells is not None)
         files = _write_outputs([(args.output, lambda path: write_table(table, path))])
         _note(args, f"wrote {args.output}{_replaced(files, args.output)}")
+    _note_position(args)
     return 0
 
 

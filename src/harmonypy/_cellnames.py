@@ -378,16 +378,20 @@ def run_cell_names(data_mat, meta_data) -> pd.Index | None:
         carries names (:func:`carries_names`); else ``meta_data``'s index;
         else a column of ``meta_data`` under an identifier header holding
         distinct text names (:func:`declared_names`, e.g. ``cell_id``).
+        None also when those names repeat: they do not tell cells apart
+        (the run paired its inputs by position), so nothing met later can
+        be paired by them.
     """
     n_cells = len(meta_data)
+    names = None
     if isinstance(data_mat, pd.DataFrame):
         axis = data_mat.index if data_mat.shape[0] == n_cells else data_mat.columns
         if len(axis) == n_cells and carries_names(axis):
-            return axis
-    if isinstance(meta_data, (pd.DataFrame, pd.Series)) and carries_names(meta_data.index):
-        return meta_data.index
-    if isinstance(meta_data, pd.DataFrame):
+            names = axis
+    if names is None and isinstance(meta_data, (pd.DataFrame, pd.Series)) \
+            and carries_names(meta_data.index):
+        names = meta_data.index
+    if names is None and isinstance(meta_data, pd.DataFrame):
         declared = declared_names(meta_data, index=False)
-        if declared is not None:
-            return declared[1]
-    return None
+        names = None if declared is None else declared[1]
+    return names if names is not None and names.is_unique else None

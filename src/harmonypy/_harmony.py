@@ -106,7 +106,8 @@ class Harmony:
         (``data_mat``'s index, else ``meta_data``'s, else its ``cell_id``-like
         column; see ``harmonypy._cellnames``). A table met later
         (:func:`build_reference`, ``plot_embedding``) is paired with the
-        cells by these names; None: by row position.
+        cells by these names; None (nothing named the cells, or the names
+        repeat): by row position.
     """
 
     def __init__(

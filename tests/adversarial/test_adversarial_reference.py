@@ -492,6 +492,13 @@ def test_harmony_remembers_the_cell_names(run):
     assert list(hm.run_harmony(pcs.to_numpy(), column, "batch", **fast).cell_names) == NAMES
     assert hm.run_harmony(pcs.to_numpy(), meta.reset_index(drop=True), "batch",
                           **fast).cell_names is None
+    # Repeated names tell no cells apart: the run pairs by position, and so
+    # does build_reference with the same metadata (not refused for repeats).
+    repeated = _repeated(meta)
+    ho = hm.run_harmony(pcs.to_numpy(), repeated, "batch", **fast)
+    assert ho.cell_names is None
+    ref = hm.build_reference(ho, repeated, labels="t")
+    assert list(ref.labels["t"].astype(str)) == list(meta["t"])
 
 
 @pytest.mark.parametrize("reorder", ["shuffled index", "cell_id column, integer index"])

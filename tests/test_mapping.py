@@ -634,6 +634,26 @@ def test_map_query_checks(case):
     assert one.batch_levels == ["query"]
 
 
+def test_transfer_labels_refuses_a_query_mapped_onto_another_reference(case):
+    """A MappedQuery remembers its reference: transferring labels from another
+    one (other clusters, or other PCs) is refused, not a torch error or a
+    silent vote in the wrong space; a saved and loaded copy is the same one."""
+    _, meta_ref, z_query, meta_query = case
+    ho = _reference_run(case, "harmony1", "float64")
+    ref = hm.build_reference(ho, meta_ref, labels="cell_type")
+    q = hm.map_query(z_query, meta_query, ref, "batch")
+    other = hm.build_reference(_reference_run(case, "harmony2", "float64"), meta_ref,
+                               labels="cell_type")
+    narrow = hm.build_reference(ho.Z_corr.T[:, :4], meta_ref, labels="cell_type", nclust=3)
+    for wrong in (other, narrow):
+        with pytest.raises(ValueError, match=r"mapped onto another reference.*reference_digest"):
+            hm.transfer_labels(q, wrong, "cell_type")
+    with pytest.raises(TypeError, match=r"label must be one label column's name \(a str\), "
+                                        r"got \['cell_type'\]"):
+        hm.transfer_labels(q, ref, ["cell_type"])
+    assert len(hm.transfer_labels(q, dataclasses.replace(ref), "cell_type")) == len(z_query)
+
+
 def test_lamb_of_a_one_batch_query(case):
     """Without vars_use the query is one batch (Symphony's vars = NULL: a batch
     row of ones beside the intercept) and lamb is that batch term's penalty:

@@ -129,6 +129,10 @@ class MappedQuery:
         The query cells' names, when the inputs named them.
     algorithm : str
         The reference's algorithm.
+    reference_digest : str
+        Fingerprint of the reference mapped onto (16 hex digits of SHA-256
+        over its ``Nr`` and ``C``, as ``uns["harmony_mapping"]`` records it):
+        :func:`transfer_labels` refuses another reference's cells.
     """
 
     def __init__(self, z_corr, assignments, confidence, design, variables, lamb, keep,
@@ -328,8 +332,16 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
             device=torch_device, dtype=torch_dtype, with_confidence=confidence,
             iterations=iterations)
     cell_names = _query_names(data_mat, frame, cells.shape[0])
-    return MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
-                       sigma_clusters, cell_names, ref.algorithm)
+    mapped = MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
+                         sigma_clusters, cell_names, ref.algorithm)
+    mapped.reference_digest = _digest(ref)
+    return mapped
+
+
+def _digest(ref: Reference) -> str:
+    from harmonypy._anndata import reference_digest
+
+    return reference_digest(ref)
 
 
 def _anndata_arguments(second, third, key, vars_use):
@@ -855,6 +867,15 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 30,
     if overwrite:
         raise TypeError("overwrite: only for an AnnData query, whose obs columns label "
                         "transfer writes; for an array the labels are only returned")
+    if not isinstance(label, str):
+        raise TypeError(f"label must be one label column's name (a str), got {label!r}; "
+                        f"transfer several one at a time (map_query(adata_query, ref, "
+                        f"labels=[...]) takes a list)")
+    if isinstance(query, MappedQuery) and query.reference_digest != _digest(ref):
+        raise ValueError(
+            f"the query was mapped onto another reference (its reference_digest "
+            f"{query.reference_digest!r}, this reference's {_digest(ref)!r}): transfer labels "
+            f"from the reference it was mapped onto, or map it onto this one")
     if ref.cells is None:
         raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
                          "transfer needs them; rebuild it with keep_cells=True")

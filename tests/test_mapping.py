@@ -894,6 +894,24 @@ def test_transfer_labels_onto_a_mapped_anndata(gene_case, tmp_path):
     assert "cell_type_predicted" not in moved.obs
 
 
+def test_non_finite_expression_names_the_cells_and_genes(gene_case):
+    """NaN/inf in a query's expression is refused naming a few cells (obs_names)
+    and reference genes, dense or sparse, before anything is written."""
+    _, _, ref, log_query, obs_query = gene_case
+    genes = [f"g{i}" for i in range(60)]
+    for sparse in (False, True):
+        log = log_query.copy()
+        log[7, 20], log[9, 33] = np.nan, np.inf
+        query = _query_adata(log, obs_query, genes, sparse=sparse)
+        with pytest.raises(ValueError) as info:
+            hm.map_query(query, ref)
+        message = str(info.value)
+        for fact in [r"adata_query\.X has 2 non-finite value\(s\)", r"2 cell\(s\)",
+                     rf"{obs_query.index[7]!r}", r"'g20'", r"'g33'", r"remove or impute"]:
+            assert re.search(fact, message), (fact, message)
+        assert "X_pca_reference" not in query.obsm and "harmony_mapping" not in query.uns
+
+
 def test_anndata_query_in_the_reference_pc_space(gene_case):
     adata, _, ref, _, _ = gene_case
     anndata = pytest.importorskip("anndata")

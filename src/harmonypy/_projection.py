@@ -317,19 +317,51 @@ def project(projection: GeneProjection, adata: Any, *, layer: str | None, device
     pc_mean = tensor(projection.pc_mean)
     n_cells = matrix.shape[0]
     out = np.empty((n_cells, projection.d), dtype=np_dtype)
+    bad = _NonFinite(source, pd.Index(adata.obs_names), names[columns])
     with torch.no_grad():
         for start, block in _blocks(matrix, columns, n_cells, source):
             if start == 0:
                 _warn_if_not_expression(block, source)
+            if bad.found(start, block):
+                continue  # only counted from here on: the call fails below
             values = torch.as_tensor(block, device=device).to(dtype)
             if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"{source} has non-finite values (NaN or inf)")
+                raise ValueError(f"{source} has values beyond the range of {dtype}; pass "
+                                 f"dtype='float64'")
             values = (values - mean) / std
             if projection.clip is not None:
                 values = values.clamp_(*projection.clip)
             values = torch.addmm(pc_mean, values - centre, weights)
             out[start:start + block.shape[0]] = values.cpu().numpy()
+    bad.refuse()
     return out, n_missing
+
+
+class _NonFinite:
+    """NaN/inf in the query's expression (reference genes only), over all blocks,
+    for one message naming a few cells and genes."""
+
+    def __init__(self, source: str, cells: pd.Index, genes: pd.Index):
+        self.source, self.cells, self.genes = source, cells, genes
+        self.count, self.rows, self.columns = 0, set(), set()
+
+    def found(self, start: int, block: np.ndarray) -> bool:
+        """Note the block's non-finite values; True when it has any (or an earlier one did)."""
+        rows, columns = np.nonzero(~np.isfinite(block))
+        self.count += rows.size
+        self.rows.update((start + rows).tolist())
+        self.columns.update(columns.tolist())
+        return self.count > 0
+
+    def refuse(self) -> None:
+        if not self.count:
+            return
+        rows, columns = sorted(self.rows), sorted(self.columns)
+        raise ValueError(
+            f"{self.source} has {self.count:,} non-finite value(s) (NaN or inf) in "
+            f"{len(rows):,} cell(s) ({_shown(self.cells[rows])}) and {len(columns):,} of the "
+            f"reference's genes ({_shown(self.genes[columns])}); expected finite expression: "
+            f"remove or impute those cells")
 
 
 def _gene_positions(names: pd.Index, genes: np.ndarray, what: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from types import SimpleNamespace
 
@@ -241,3 +242,26 @@ def test_transfer_labels_never_replaces_columns_it_did_not_write(mapping_case):
         hm.transfer_labels(query.obsm["X_pca_harmony"], ref, "cell_type", overwrite=True)
     with pytest.raises(TypeError, match="overwrite.*only for an AnnData query"):
         hm.map_query(query.obsm["X_pca"], query.obs, ref, "donor", overwrite=True)
+
+
+def test_mapping_errors_name_the_anndata_entry(mapping_case):
+    """Errors about the query's cells name where they come from (obsm[basis]),
+    not map_query's data_mat, and an empty query is refused as such."""
+    ref = mapping_case[0]
+    query = _query(mapping_case)
+    query.obsm["X_pca"][3, 2] = np.nan
+    query.obsm["X_short"] = query.obsm["X_pca"][:, :5]
+    cases = [
+        (dict(basis="X_pca"), [r"adata_query\.obsm\['X_pca'\] has 1 non-finite",
+                               r"cell\(s\) 3"]),
+        (dict(basis="X_short"), [r"adata_query\.obsm\['X_short'\] has 5 dimensions per cell",
+                                 r"built on 20"]),
+    ]
+    for kwargs, facts in cases:
+        with pytest.raises(ValueError) as info:
+            hm.map_query(query, ref, **kwargs)
+        assert "data_mat" not in str(info.value), str(info.value)
+        for fact in facts:
+            assert re.search(fact, str(info.value)), (fact, str(info.value))
+    with pytest.raises(ValueError, match=r"adata_query has no cells"):
+        hm.map_query(query[:0].copy(), ref, basis="X_pca")

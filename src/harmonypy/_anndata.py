@@ -18,6 +18,7 @@ mapped query); the gene projection they keep and apply is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import numbers
@@ -298,6 +299,9 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     from harmonypy._reference import Reference, _label_names
 
     _check_adata(adata, "map_query(adata_query, ...)")
+    if len(adata.obs) == 0:
+        raise ValueError("adata_query has no cells (0 rows in obs); expected at least one "
+                         "cell to map")
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
                         f"load_reference), not {type(ref).__name__}")
@@ -318,17 +322,13 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
         if adjusted == PROJECTED_BASIS:
             raise ValueError(f"adjusted_basis {adjusted!r} is where the projected, uncorrected "
                              f"query goes; choose another key")
+    elif layer is not None:
+        raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
+                         f"basis={basis!r} the cells are read from obsm")
     label_names = _label_names(labels)
-    for name in label_names:
-        if name not in ref.label_columns:
-            raise ValueError(f"label {name!r} is not a label column of the reference; it has "
-                             f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
-    if label_names and ref.cells is None:
-        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
-                         "transfer needs them; rebuild it with keep_cells=True")
-    k = 30 if k is None else val.check_int("k", k, 1)
-    min_probability = 0.5 if min_probability is None else min_probability
+    k, min_probability = _transfer_options(ref, label_names, k, min_probability)
     confidence = val.check_flag("confidence", map_options.get("confidence", True))
+    cells = None if basis is None else _get_basis(adata, basis)
     _check_replaceable(
         adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
         ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),
@@ -340,12 +340,10 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
         dtype = resolve_dtype(map_options.get("dtype"), device)
         cells, n_missing = project(ref.projection, adata, layer=layer, device=device,
                                    dtype=dtype)
-    else:
-        if layer is not None:
-            raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
-                             f"basis={basis!r} the cells are read from obsm")
-        cells = _get_basis(adata, basis)
-    q = map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
+    source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
+              "the query projected from its genes")
+    with _named_cells(source):
+        q = map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
     transfers = {name: transfer_labels(q, ref, name, k=k, min_probability=min_probability)
                  for name in label_names}
 
@@ -373,6 +371,45 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
         _write_transfer(adata, record, name, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record
     return q
+
+
+def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]:
+    """``(k, min_probability)`` of the labels to transfer, checked before the mapping:
+    each a label column of ``ref`` with at least ``k`` labelled cells."""
+    from harmonypy import _validation as val
+
+    for name in label_names:
+        if name not in ref.label_columns:
+            raise ValueError(f"label {name!r} is not a label column of the reference; it has "
+                             f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
+    if label_names and ref.cells is None:
+        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
+                         "transfer needs them; rebuild it with keep_cells=True")
+    k = 30 if k is None else val.check_int("k", k, 1)
+    for name in label_names:
+        labelled = int((ref.labels[name].cat.codes >= 0).sum())
+        if labelled == 0:
+            raise ValueError(f"no reference cell has a {name!r} label")
+        val.check_int("k", k, 1, labelled, maximum_is=f"the reference cells labelled in "
+                                                     f"{name!r}")
+    min_probability = 0.5 if min_probability is None else val._real("min_probability",
+                                                                      min_probability)
+    if not 0 <= min_probability <= 1:
+        raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
+    return k, min_probability
+
+
+@contextlib.contextmanager
+def _named_cells(source: str):
+    """Errors about map_query's ``data_mat`` name where an AnnData query's cells
+    came from (``adata_query.obsm['X_pca']``): the caller never passed a data_mat."""
+    try:
+        yield
+    except ValueError as err:
+        text = str(err)
+        if not text.startswith("data_mat "):
+            raise
+        raise ValueError(source + text[len("data_mat"):]) from err
 
 
 def reference_digest(ref) -> str:
@@ -491,8 +528,9 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
         raise ValueError(f"adata_query.obsm[{adjusted!r}] has shape {cells.shape}, but the "
                          f"reference has {ref.d} PCs: map it onto this reference with "
                          f"map_query(adata_query, ref)")
-    table = transfer_labels(cells, ref, label, k=k, min_probability=min_probability,
-                            device=device)
+    with _named_cells(f"adata_query.obsm[{adjusted!r}]"):
+        table = transfer_labels(cells, ref, label, k=k, min_probability=min_probability,
+                                device=device)
     table.index = adata.obs_names if hasattr(adata, "obs_names") else adata.obs.index
     _write_transfer(adata, record, label, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record

@@ -871,11 +871,12 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 30,
         raise TypeError(f"label must be one label column's name (a str), got {label!r}; "
                         f"transfer several one at a time (map_query(adata_query, ref, "
                         f"labels=[...]) takes a list)")
-    if isinstance(query, MappedQuery) and query.reference_digest != _digest(ref):
+    mapped_onto = getattr(query, "reference_digest", None)  # None: unpickled from before
+    if isinstance(query, MappedQuery) and mapped_onto not in (None, _digest(ref)):
         raise ValueError(
             f"the query was mapped onto another reference (its reference_digest "
-            f"{query.reference_digest!r}, this reference's {_digest(ref)!r}): transfer labels "
-            f"from the reference it was mapped onto, or map it onto this one")
+            f"{mapped_onto!r}, this reference's {_digest(ref)!r}): transfer labels from the "
+            f"reference it was mapped onto, or map it onto this one")
     if ref.cells is None:
         raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
                          "transfer needs them; rebuild it with keep_cells=True")

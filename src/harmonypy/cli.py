@@ -62,7 +62,7 @@ _MAP_OPTION_NAMES = {
     "vars_use": "--vars", "meta_data": "the metadata", "data_mat": "the query",
     "min_probability": "--min-probability", "adjusted_basis": "--adjusted-basis",
     "basis=KEY": "--basis KEY", "layer=KEY": "--layer KEY", "lamb": "--lamb",
-    "overwrite=True": "--force",
+    "overwrite=True": "--force", "basis": "--basis", "layer": "--layer",
 }
 # reference build: run's names, and these.
 _REFERENCE_OPTION_NAMES = {"loadings=None": "--no-loadings", "layer=KEY": "--layer KEY",
@@ -994,6 +994,9 @@ def _check_reference_labels(ref, labels: Sequence[str], path: str, neighbors: in
                          f"--no-cells), and label transfer needs them")
     for label in labels:
         labelled = int((ref.labels[label].cat.codes >= 0).sum())
+        if labelled == 0:
+            raise ValueError(f"--labels: no cell of the reference {path} has a {label!r} "
+                             f"label (all missing), so none can vote")
         if neighbors > labelled:
             raise ValueError(f"--neighbors {neighbors}: the reference {path} has "
                              f"{labelled:,} reference cells labelled in {label!r}, the most "

@@ -753,6 +753,46 @@ def test_ctrl_c_leaves_previous_output_or_nothing(tmp_path):
             assert "Harmony: " not in err, moment  # stopped during the read
 
 
+def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_path, capsys,
+                                                                   monkeypatch):
+    """SIGTERM (a scheduler's stop, ``timeout``) is handled as Ctrl-C is: the
+    half-written temporary file is removed, a previous output is untouched,
+    exit status 143. SIGTERM during the final renames waits for them."""
+    import signal
+
+    pcs, meta = copies
+    out = tmp_path / "out.tsv"
+    out.write_text("previous\n")
+    real_write_table = cli.write_table
+
+    def terminated_while_writing(table, path):
+        real_write_table(table, path)  # the temporary file exists, complete
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "write_table", terminated_while_writing)
+    previous = signal.getsignal(signal.SIGTERM)
+    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--force",
+                               *FAST], capsys)
+    assert status == 143 and err.strip() == "harmonypy: terminated (SIGTERM)", err
+    assert out.read_text() == "previous\n"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the command's only
+
+    monkeypatch.setattr(cli, "write_table", real_write_table)
+    real_replace = os.replace
+
+    def terminated_while_renaming(source, destination):
+        os.kill(os.getpid(), signal.SIGTERM)  # held back until every output is in place
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", terminated_while_renaming)
+    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--force",
+                               *FAST], capsys)
+    assert status == 143, err
+    assert out.read_text().startswith("cell_id\tPC1_harmony")  # the new output, complete
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 def test_example_data_writes_the_bundled_example_and_keeps_existing_files(tmp_path):
     assert cli.main(["example-data", str(tmp_path)]) == 0
     pcs = pd.read_csv(tmp_path / "pcs.tsv.gz", sep="\t", index_col=0)

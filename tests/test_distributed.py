@@ -22,6 +22,7 @@ import torch
 
 import harmonypy as hm
 from harmonypy._simulate import simulate
+from harmonypy.shard import read_parts
 
 from test_harmony import per_pc_correlation
 
@@ -158,6 +159,44 @@ def test_a_group_of_one_is_a_single_process_run(tmp_path, data):
     np.testing.assert_array_equal(result["objective"], single.objective_harmony)
 
 
+@pytest.mark.filterwarnings("ignore:Harmony did not converge")
+def test_a_group_of_one_says_one_process(tmp_path, caplog):
+    """A group of one (torchrun --nproc-per-node 1) reports "1 process", not "1 processes"."""
+    import logging
+
+    import torch.distributed as dist
+
+    z, meta = simulate(n_cells=300, n_pcs=5, n_batches=2, seed=0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="harmonypy"):
+            hm.run_harmony(z, meta, "batch", distributed=True, verbose=True,
+                           max_iter_harmony=1, ncores=1)
+    finally:
+        dist.destroy_process_group()
+    assert "; 1 process (gloo)" in caplog.text, caplog.text
+    assert "1 processes" not in caplog.text
+
+
+def test_a_killed_process_is_named_before_the_errors_it_caused():
+    """rank 1 killed by a signal: rank 0's error (its peer vanished) is a
+    consequence; the launcher names rank 1 and how it ended."""
+    from harmonypy._launch import _group_error
+
+    gloo = ("error", "RuntimeError", "Connection closed by peer [127.0.0.1]:1234", "trace")
+    error = _group_error([0, 1], [1, -9], [[("joined",), gloo], [("joined",)]])
+    assert type(error) is RuntimeError
+    assert str(error).startswith("rank 1 of 2 was killed by signal SIGKILL during the run")
+    refused = ("error", "RuntimeError", "distributed Harmony stopped: rank 1 of 2 refused its "
+               "input: ValueError: data_mat has 1 non-finite value(s)", "trace")
+    error = _group_error([0, 1], [1, 1], [[("joined",), refused], [("joined",)]])
+    assert type(error) is ValueError and "rank 1 of 2 refused its input" in str(error)
+    error = _group_error([1], [None, 1], [[], []])
+    assert str(error).startswith("rank 1 of 2 exited with status 1 while starting (before "
+                                 "it joined the group)")
+
+
 def test_rerun_is_bit_identical(tmp_path, data):
     z, meta = data
     shards = uneven_shards(meta, 2, seed=2)
@@ -260,7 +299,11 @@ def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
     assert [p.name for p in parts] == ["part-00000-of-00002.npy", "part-00001-of-00002.npy"]
     summary = json.loads((tmp_path / "parts" / "summary.json").read_text())
     assert summary["rows"] == [[0, 3000], [3000, 6000]] and summary["world_size"] == 2
-    corrected = np.concatenate([np.load(p) for p in parts])
+    manifest = json.loads((tmp_path / "parts" / "manifest.json").read_text())
+    assert [(p["file"], p["rows"]) for p in manifest["parts"]] == [
+        ("part-00000-of-00002.npy", [0, 3000]), ("part-00001-of-00002.npy", [3000, 6000])]
+    assert (manifest["n_cells"], manifest["d"], manifest["dtype"]) == (6000, 20, "float32")
+    corrected = read_parts(tmp_path / "parts")  # the README's recipe
     # The same group as `harmonypy run --nproc 2` (same shards, same seeds).
     done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
                 "--nproc", "2", "--threads", "1", "-q")
@@ -351,6 +394,5 @@ def test_torchrun_recipe_reads_its_rows_of_an_h5ad(tmp_path, data):
              *inputs, "--vars", "batch", "-o", tmp_path / name, "--threads", "1", "-q"],
             env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT)
         assert done.returncode == 0, done.stderr
-        parts[name] = np.concatenate([np.load(p) for p in
-                                      sorted((tmp_path / name).glob("part-*.npy"))])
+        parts[name] = read_parts(tmp_path / name)
     np.testing.assert_array_equal(parts["h5ad"], parts["npy"])

@@ -77,17 +77,27 @@ def integrate(
     nproc : int, default 1
         Run as that many local processes of one ``torch.distributed`` group,
         each on a contiguous shard of the cells (what ``harmonypy run
-        --nproc`` does; see the README, "Beyond one machine"). The returned
-        object then holds the gathered result and the run's global state.
+        --nproc`` does; see the README, "Beyond one machine"). The processes
+        are fresh interpreters that never import the calling script, so a
+        script needs no ``if __name__ == "__main__":`` guard (it does no
+        harm). Ctrl-C, or any failure of one process, stops them all within
+        seconds; errors name cells by their number in ``adata`` (and their
+        ``obs_names``), not by their row within a process's shard.
     **run_harmony_kwargs
         Passed on to :func:`harmonypy.run_harmony` (``theta``, ``lamb``,
         ``nclust``, ``random_state``, ``algorithm``, ``device``, ...).
 
     Returns
     -------
-    Harmony
+    Harmony, or GatheredRun when ``nproc > 1``
         The fitted object (``ho.Z_corr.T`` equals ``adata.obsm[adjusted_basis]``
-        up to the float32 cast).
+        up to the float32 cast). With ``nproc > 1`` a
+        ``harmonypy._launch.GatheredRun``: ``Z_corr`` (d x N), ``result()``,
+        ``N``, ``d`` and the run's global state (``n_iter``, ``converged``,
+        ``objective_harmony``, ``kmeans_rounds``, ``K``, ``algorithm``,
+        ``batch_levels``) as a Harmony object has them, plus ``world_size``
+        and ``backend``; the per-cell clustering state (``R``, ``Z_cos``, ...)
+        stays in the processes and is not returned.
 
     Notes
     -----

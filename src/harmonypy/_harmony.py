@@ -881,8 +881,8 @@ def run_harmony(
                 f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
                 f"levels in {', '.join(map(str, checked['names']))}; K={n_clusters} clusters; "
                 f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})"
-                + (f"; {reduction.world_size} processes ({reduction.backend})"
-                   if reduction.distributed else ""))
+                + (f"; {reduction.world_size} process{'es' if reduction.world_size != 1 else ''} "
+                   f"({reduction.backend})" if reduction.distributed else ""))
             ho = Harmony(
                 cells, design, theta=checked["theta"], lamb=checked["lamb"],
                 sigma=checked["sigma"], n_clusters=n_clusters, block_size=checked["block_size"],
@@ -915,8 +915,13 @@ def run_harmony(
 def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, tau,
                   block_size, max_iter_harmony, max_iter_kmeans, epsilon_cluster,
                   epsilon_harmony, alpha, verbose, random_state, device, dtype, algorithm,
-                  batch_prop_cutoff, ncores, check_memory, plot_convergence) -> dict:
-    """The checks of :func:`run_harmony` that need only this process's inputs."""
+                  batch_prop_cutoff, ncores, check_memory, plot_convergence,
+                  first_row: int = 0, min_cells: int = val.MIN_CELLS) -> dict:
+    """The checks of :func:`run_harmony` that need only this process's inputs.
+
+    ``first_row``: the global number of this process's first cell (messages
+    name cells by it); ``min_cells``: the fewest cells this process may hold.
+    """
     # Scalars first (cheap), then the tables, then what depends on both. The
     # caller's Generator is drawn from last, so a refused call leaves it as it was.
     checked = dict(
@@ -939,8 +944,11 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
     checked["threads"] = _threads(ncores)
     # Cells are paired with their metadata by name when both sides name them.
     meta_data = align_metadata(data_mat, meta_data)
-    checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use)
-    checked["cells"] = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape)
+    checked["rows"] = rows = val.cell_rows_of(meta_data, first=first_row, min_cells=min_cells)
+    checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use,
+                                                                    rows=rows)
+    checked["cells"] = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape,
+                                                rows=rows)
     checked["cell_names"] = run_cell_names(data_mat, meta_data)
     return checked
 
@@ -953,7 +961,7 @@ def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -
     and this one (warnings point at the user's line)."""
     cells, torch_dtype, torch_device = local["cells"], local["dtype"], local["device"]
     n_cells = design.n_total  # all processes' cells in a distributed run
-    val.check_cell_lengths(cells, torch_dtype)
+    val.check_cell_lengths(cells, torch_dtype, rows=local.get("rows"))
     val.warn_if_not_reduced(cells, stacklevel=3 + depth)
     nclust = local["nclust"]
     n_clusters = (_default_clusters(n_cells) if nclust is None
@@ -995,8 +1003,14 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     """
     from harmonypy._design import encode_local_levels, merge_local_levels
 
+    # Messages name cells as the caller counts them (rank order is the
+    # gathered order): this process's first cell follows the lower ranks' cells.
+    sizes = reduction.all_gather(_row_count(meta_data))
+    first_row = sum(n or 0 for n in sizes[:reduction.rank])
+
     def check_shard():
-        local = _local_inputs(data_mat, meta_data, vars_use, **options)
+        local = _local_inputs(data_mat, meta_data, vars_use, first_row=first_row, min_cells=1,
+                              **options)
         if reduction.backend == "nccl" and local["device"].type != "cuda":
             raise ValueError(
                 f"the process group's backend is NCCL, which sums CUDA tensors, but "
@@ -1025,6 +1039,11 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     # Deterministic on every process: the same gathered levels give the same design.
     design = merge_local_levels(local["names"], levels, codes, [lv for _, lv, _ in shared],
                                 [counts for _, _, counts in shared])
+    if design.n_total < val.MIN_CELLS:  # the same verdict on every process
+        raise ValueError(
+            f"Harmony needs at least {val.MIN_CELLS} cells, the {reduction.world_size} "
+            f"processes hold {design.n_total} in all ("
+            + ", ".join(f"rank {r}: {n}" for r, n in enumerate(sizes)) + ")")
 
     def check_with_design():
         checked = _design_dependent_inputs(local, design, depth=4)
@@ -1033,6 +1052,14 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     checked, seeds = _checked_together(reduction, check_with_design)
     checked["seed"] = seeds[0]  # rank 0's: None or a Generator draws one per process
     return checked
+
+
+def _row_count(meta_data) -> int | None:
+    """``len(meta_data)``, or None for what has no length (refused by the checks)."""
+    try:
+        return len(meta_data)
+    except TypeError:
+        return None
 
 
 def _checked_together(reduction: Reduction, check):

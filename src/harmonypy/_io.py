@@ -822,26 +822,33 @@ def _check_plot_format(spec: OutputSpec) -> None:
 # =========================================================================== #
 @contextlib.contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it.
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, then deliver them.
 
     Keeps short critical steps (registering a temporary file, renaming the
     outputs together, removing temporary files) from being cut in half.
-    Only the main thread can handle signals; elsewhere this does nothing.
+    Only the main thread can handle signals; elsewhere this does nothing. A
+    signal whose handler was not set from Python is left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            if callable(previous):
-                previous(signal.SIGINT, None)
-            elif previous != signal.SIG_IGN:
+        for s in held:
+            signal.signal(s, previous[s])
+        for signum in received[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL and signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)  # its default action, now that the step is done
 
 
 def _new_file_mode(final: Path) -> int:

@@ -1,12 +1,29 @@
 """Run one Harmony over several local processes (``harmonypy run --nproc N``).
 
-The launcher splits the cells into N contiguous shards, starts N processes
-(spawned, so nothing of the parent's state is shared by accident), joins them
-in a ``torch.distributed`` group on the loopback interface (gloo on CPUs,
-NCCL when every process has a GPU of its own) and has each run
-``run_harmony(..., distributed=True)`` on its shard. The embedding and the
-result live in shared memory: the processes read their rows of the input and
-write their rows of the output in place, so nothing is pickled per cell.
+The launcher splits the cells into N contiguous shards, starts N fresh Python
+processes, joins them in a ``torch.distributed`` group on the loopback
+interface (gloo on CPUs, NCCL when every process has a GPU of its own) and
+has each run ``run_harmony(..., distributed=True)`` on its shard. The
+embedding and the result live in shared memory that no file name points to
+(``memfd_create``, or an unlinked temporary file): the processes read their
+rows of the input and write their rows of the output in place, so nothing is
+pickled per cell and nothing is left in ``/dev/shm`` whatever happens.
+
+The processes are started as ``python -c`` importing this module, not through
+:mod:`multiprocessing`: they never import the caller's ``__main__`` again, so
+a script that calls ``integrate(adata, key, nproc=2)`` at its top level runs
+once (no ``if __name__ == "__main__":`` guard is needed), and no
+``multiprocessing`` helper process (resource tracker) is started.
+
+Stopping: the children start with SIGINT blocked, so a Ctrl-C in the
+terminal (sent to the whole process group) reaches only the launcher, which
+polls its children every 0.1 s. Ctrl-C, any exception in the launcher (the
+CLI turns SIGTERM into one), or one child failing stops every other child:
+SIGTERM, then SIGKILL after 2 s. Each child also dies with the launcher
+(``PR_SET_PDEATHSIG`` on Linux, else a watchdog thread), and gives up forming
+the group after ``start_timeout`` seconds (default 60,
+``HARMONYPY_START_TIMEOUT``), so a sibling that died while importing never
+leaves it waiting for the 30 minutes of ``torch.distributed``'s default.
 
 For several machines, launch :mod:`harmonypy.shard` with ``torchrun`` instead
 (see the README, "Beyond one machine").
@@ -15,16 +32,44 @@ For several machines, launch :mod:`harmonypy.shard` with ``torchrun`` instead
 from __future__ import annotations
 
 import builtins
+import io
+import json
+import math
+import mmap
 import os
+import pickle
 import re
+import selectors
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 import torch
+
+#: Seconds a process waits for the others to join the group (and the default
+#: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
+START_TIMEOUT = 60.0
+_POLL_SECONDS = 0.1
+#: After one process failed, how long the others may take to stop on their own
+#: (a refused shard stops every rank with its own message), and how long a
+#: stopped process gets between SIGTERM and SIGKILL.
+_GRACE_SECONDS = 2.0
+
+# What each child runs: SIGTERM back to its default action (ends the process;
+# an ignored SIGTERM is inherited) and unblocked (the launcher blocks it, with
+# SIGINT, while it starts the child), then the launcher's sys.path, then this module.
+_BOOT = ("import json, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+         "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); "
+         "sys.path[:] = json.loads(sys.argv[1]); "
+         "from harmonypy._launch import _child_main; sys.exit(_child_main(sys.argv[2:]))")
 
 
 @dataclass
@@ -32,8 +77,11 @@ class GatheredRun:
     """What the processes of a launched run return, gathered in the parent.
 
     Mirrors the parts of :class:`harmonypy.Harmony` that callers of a whole
-    run read: the corrected cells (all of them, in the input's order) and the
-    run's global state, taken from rank 0.
+    run read: the corrected cells (all of them, in the input's order; also
+    as ``Z_corr``, features x cells, and through :meth:`result`) and the
+    run's global state, taken from rank 0. The per-cell state of the
+    clustering (``R``, ``Z_cos``, ...) stays in the processes and is not
+    gathered.
     """
 
     corrected: np.ndarray  # (N, d)
@@ -56,6 +104,11 @@ class GatheredRun:
     @property
     def d(self) -> int:
         return self.corrected.shape[1]
+
+    @property
+    def Z_corr(self) -> np.ndarray:  # noqa: N802 - the Harmony object's name
+        """The corrected embedding, features x cells (d, N): a view of ``corrected``."""
+        return self.corrected.T
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -83,60 +136,116 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, cells, corrected, meta, vars_use, bounds,
-            options, results):
-    import torch.distributed as dist
+def start_timeout_seconds(value=None) -> float:
+    """``value`` (seconds), else ``HARMONYPY_START_TIMEOUT``, else :data:`START_TIMEOUT`.
 
-    from harmonypy._harmony import run_harmony
-
-    torch.set_num_threads(options["ncores"])  # the process's share of the CPUs
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-        options = dict(options, device=f"cuda:{rank}")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(minutes=30))
+    Raises
+    ------
+    ValueError
+        Not a positive finite number (naming where it came from).
+    """
+    source = "start_timeout"
+    if value is None:
+        value = os.environ.get("HARMONYPY_START_TIMEOUT")
+        source = "HARMONYPY_START_TIMEOUT"
+    if value is None:
+        return START_TIMEOUT
     try:
-        start, stop = bounds[rank]
-        began = time.perf_counter()
-        ho = run_harmony(cells[start:stop].numpy(), meta.iloc[start:stop], vars_use,
-                         distributed=True, **options)
-        ho.result(out=corrected[start:stop].numpy())
-        if rank == 0:
-            results.put(dict(n_iter=ho.n_iter, converged=ho.converged,
-                             objective_harmony=list(ho.objective_harmony),
-                             kmeans_rounds=list(ho.kmeans_rounds), K=ho.K,
-                             algorithm=ho.algorithm, bytes=ho.bytes_reduced,
-                             batch_levels=list(ho.batch_levels),
-                             seconds=time.perf_counter() - began))
-    finally:
-        dist.destroy_process_group()
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if isinstance(value, bool) or not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{source} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, nproc: int,
-                     **options) -> GatheredRun:
+                     *, start_timeout: float | None = None, **options) -> GatheredRun:
     """``run_harmony`` over ``nproc`` local processes; returns the gathered run.
 
     Parameters
     ----------
     data_mat : ndarray (N, d), cells x features
-    meta_data : DataFrame with N rows, in the same order
+    meta_data : DataFrame with N rows, in the same order; its index (cell
+        names) names the cells in the processes' errors
     vars_use : batch columns
     nproc : int >= 1
+    start_timeout : float, optional
+        Seconds a process waits for the others to join the group (default
+        ``HARMONYPY_START_TIMEOUT`` or 60).
     **options : run_harmony's keyword arguments (``ncores`` is per process;
         default: the CPUs divided among the processes).
 
     Raises
     ------
     RuntimeError or the refused rank's error type
-        When any process fails; the message names the rank.
+        When any process fails; the message names the rank. The other
+        processes are stopped first. On ``KeyboardInterrupt`` (or any other
+        exception while waiting) every process is stopped before it propagates.
     """
-    import torch.multiprocessing as mp
-
     if not torch.distributed.is_available():
         raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
+    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
+        raise RuntimeError("--nproc starts Python processes with inherited shared memory, "
+                           "which needs Linux or macOS and a Python interpreter (not a "
+                           "frozen executable)")
+    seconds = start_timeout_seconds(start_timeout)
+    data_mat = _checked_matrix(data_mat, meta_data, nproc)
+    options, backend = _backend_options(nproc, options)
+    dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
+    if options.get("check_memory", True) is not False:
+        _check_group_memory(data_mat.shape, meta_data, vars_use, nproc, dtype, backend, options)
+    options["ncores"] = options.get("ncores") or max(1, (os.cpu_count() or 1) // nproc)
+    options.setdefault("verbose", True)
+    bounds = shard_bounds(data_mat.shape[0], nproc)
+    cells_fd, cells = _shared_array(data_mat.shape, dtype)
+    try:
+        out_fd, corrected = _shared_array(data_mat.shape, dtype)
+    except BaseException:
+        os.close(cells_fd)
+        raise
+    try:
+        chunk = 65536  # a memory-mapped input is read in chunks, never whole
+        for start in range(0, data_mat.shape[0], chunk):
+            cells[start:start + chunk] = data_mat[start:start + chunk]
+        common = dict(world_size=nproc, port=_free_port(), backend=backend, bounds=bounds,
+                      shape=data_mat.shape, dtype=np.dtype(dtype).str, vars_use=vars_use,
+                      options=options, start_timeout=seconds)
+        payloads = [dict(common, rank=rank, meta=_meta_rows(meta_data, vars_use, *bounds[rank]))
+                    for rank in range(nproc)]
+        summary = _run_group(payloads, (cells_fd, out_fd))
+    finally:
+        os.close(cells_fd)
+        os.close(out_fd)
+    return GatheredRun(corrected=corrected, n_iter=summary["n_iter"],
+                       converged=summary["converged"],
+                       objective_harmony=summary["objective_harmony"],
+                       kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
+                       algorithm=summary["algorithm"], world_size=nproc, backend=backend,
+                       bytes_per_process=summary["bytes"], seconds=summary["seconds"],
+                       batch_levels=summary["batch_levels"])
+
+
+def _checked_matrix(data_mat, meta_data, nproc: int) -> np.ndarray:
+    """``data_mat`` as a 2-D real array (a memmap stays one) matching ``meta_data``."""
+    data_mat = np.asarray(data_mat)
+    if data_mat.dtype.kind not in "fiu":
+        raise TypeError(f"data_mat must hold real numbers, got dtype {data_mat.dtype}; "
+                        f"expected a float or integer matrix (cells x PCs)")
+    if data_mat.ndim != 2 or data_mat.size == 0:
+        raise ValueError(f"data_mat must be a non-empty 2-D matrix (cells x PCs), got shape "
+                         f"{data_mat.shape}")
     n_cells = data_mat.shape[0]
+    if len(meta_data) != n_cells:
+        raise ValueError(f"meta_data has {len(meta_data):,} rows but data_mat has {n_cells:,} "
+                         f"cells (rows); expected one metadata row per cell")
     if nproc > n_cells:
         raise ValueError(f"nproc={nproc} is more processes than cells ({n_cells})")
+    return data_mat
+
+
+def _backend_options(nproc: int, options: dict) -> tuple[dict, str]:
+    """The group's backend (NCCL only with a GPU per process) and the options for it."""
     device = options.get("device")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     on_gpu = device is None and gpus > 0 or str(device).startswith("cuda")
@@ -147,37 +256,349 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
                              f"process (NCCL); this machine has {gpus}: use nproc <= {gpus} "
                              f"or device='cpu'")
         options = dict(options, device="cpu")  # more processes than GPUs: the CPUs
-    dtype = np.float64 if options.get("dtype") in ("float64", torch.float64) else np.float32
-    if options.get("check_memory", True) is not False:
-        _check_group_memory(data_mat.shape, meta_data, vars_use, nproc, dtype, backend, options)
-    torch_dtype = torch.float64 if dtype is np.float64 else torch.float32
-    cells = torch.empty(data_mat.shape, dtype=torch_dtype).share_memory_()
-    chunk = 65536  # a memory-mapped input is read in chunks, never whole
-    for start in range(0, n_cells, chunk):
-        cells[start:start + chunk] = torch.from_numpy(
-            np.ascontiguousarray(data_mat[start:start + chunk], dtype=dtype))
-    corrected = torch.empty(cells.shape, dtype=cells.dtype).share_memory_()
-    options["ncores"] = options.get("ncores") or max(1, (os.cpu_count() or 1) // nproc)
-    options.setdefault("verbose", True)
-    bounds = shard_bounds(n_cells, nproc)
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    port = _free_port()
+    return dict(options), backend
+
+
+def _meta_rows(meta_data, vars_use, start: int, stop: int):
+    """Rows ``start:stop`` of the batch columns (all columns when one is missing,
+    so that the process's error lists them), with their index (the cell names)."""
+    keys = [vars_use] if isinstance(vars_use, str) else list(vars_use or [])
+    columns = getattr(meta_data, "columns", None)
+    if columns is not None and keys and all(k in columns for k in keys):
+        meta_data = meta_data[keys]
+    return meta_data.iloc[start:stop] if hasattr(meta_data, "iloc") else meta_data[start:stop]
+
+
+# ----------------------------------------------------------- shared memory
+def _anonymous_fd() -> int:
+    """A file descriptor of memory no file name points to (freed with its last user)."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("harmonypy")
+    folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryFile(dir=folder) as handle:  # unlinked at creation on POSIX
+        return os.dup(handle.fileno())
+
+
+def _shared_array(shape: tuple, dtype) -> tuple[int, np.ndarray]:
+    """``(fd, array)``: an array in shared memory, and the descriptor children map."""
+    descriptor = _anonymous_fd()
     try:
-        mp.start_processes(_worker, args=(nproc, port, backend, cells, corrected,
-                                          meta_data.reset_index(drop=True), vars_use, bounds,
-                                          options, results),
-                           nprocs=nproc, join=True, start_method="spawn")
-    except mp.ProcessRaisedException as err:
-        raise _child_error(str(err)) from None
-    summary = results.get()
-    return GatheredRun(corrected=corrected.numpy(), n_iter=summary["n_iter"],
-                       converged=summary["converged"],
-                       objective_harmony=summary["objective_harmony"],
-                       kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
-                       algorithm=summary["algorithm"], world_size=nproc, backend=backend,
-                       bytes_per_process=summary["bytes"], seconds=summary["seconds"],
-                       batch_levels=summary["batch_levels"])
+        nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        os.ftruncate(descriptor, nbytes)
+        return descriptor, _mapped(descriptor, shape, dtype)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def _mapped(descriptor: int, shape: tuple, dtype, *, writable: bool = True) -> np.ndarray:
+    """The array of ``shape`` and ``dtype`` in the shared memory ``descriptor``."""
+    count = int(np.prod(shape))
+    nbytes = max(1, count * np.dtype(dtype).itemsize)
+    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+    return np.frombuffer(mmap.mmap(descriptor, nbytes, access=access), dtype=dtype,
+                         count=count).reshape(shape)
+
+
+# ----------------------------------------------------------- the parent side
+def _run_group(payloads: list, shared_fds: tuple) -> dict:
+    """Start one process per payload, wait for all; rank 0's summary.
+
+    Whatever ends the wait (a failure, Ctrl-C, an exception raised by a
+    signal handler), every process is stopped and reaped before this returns
+    or raises.
+    """
+    procs: list[subprocess.Popen] = []
+    readers: list[int] = []
+    try:
+        for payload in payloads:
+            _spawn(payload, shared_fds, procs, readers)
+        return _wait(procs, readers)
+    finally:
+        _stop(procs)
+        for descriptor in readers:
+            os.close(descriptor)
+
+
+def _spawn(payload: dict, shared_fds: tuple, procs: list, readers: list) -> None:
+    """Start the process of ``payload`` and append it and its report pipe.
+
+    SIGINT and SIGTERM are blocked in this thread while the process starts
+    and is recorded: the child inherits SIGINT blocked (a Ctrl-C in the
+    terminal is the launcher's to handle), and a signal arriving meanwhile is
+    delivered once the process is in ``procs``, where the cleanup finds it.
+    """
+    with tempfile.TemporaryFile() as handoff:
+        pickle.dump(payload, handoff, protocol=pickle.HIGHEST_PROTOCOL)
+        handoff.flush()
+        handoff.seek(0)
+        reader, writer = os.pipe()
+        readers.append(reader)
+        fds = (handoff.fileno(), writer, *shared_fds)
+        argv = [sys.executable, "-c", _BOOT, json.dumps([str(p) for p in sys.path]),
+                str(os.getpid()), *map(str, fds)]
+        held = _block_signals()
+        try:
+            procs.append(subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL))
+        finally:
+            os.close(writer)
+            _unblock_signals(held)
+
+
+def _block_signals():
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - POSIX has it
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _unblock_signals(previous) -> None:
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _wait(procs: list, readers: list) -> dict:
+    """Poll the processes and read their reports until all are done, or one
+    failed and the others stopped too (or had ``_GRACE_SECONDS``)."""
+    reports = [bytearray() for _ in procs]
+    failed: list[int] = []  # ranks, in the order their failure was seen
+    failed_at = None
+    with selectors.DefaultSelector() as selector:
+        for rank, reader in enumerate(readers):
+            selector.register(reader, selectors.EVENT_READ, rank)
+        while True:
+            for key, _ in selector.select(timeout=_POLL_SECONDS):
+                chunk = os.read(key.fd, 1 << 16)
+                reports[key.data] += chunk
+                if not chunk:
+                    selector.unregister(key.fd)
+            codes = [proc.poll() for proc in procs]
+            failed += [rank for rank, code in enumerate(codes)
+                       if code not in (None, 0) and rank not in failed]
+            settled = all(code is not None for code in codes) and not selector.get_map()
+            if failed and failed_at is None:
+                failed_at = time.monotonic()
+            if settled or failed and time.monotonic() - failed_at > _GRACE_SECONDS:
+                break
+    messages = [_messages(report) for report in reports]
+    if failed:
+        raise _group_error(failed, codes, messages)
+    done = [m[1] for m in messages[0] if m[0] == "done"]
+    if not done:  # pragma: no cover - rank 0 exits 0 only after sending it
+        raise RuntimeError(f"rank 0 of {len(procs)} ended without reporting its result")
+    return done[0]
+
+
+def _messages(report: bytes) -> list[tuple]:
+    """The messages a process sent, in order (a cut-off last one is dropped)."""
+    handle, out = io.BytesIO(bytes(report)), []
+    while handle.tell() < len(report):
+        try:
+            out.append(pickle.load(handle))
+        except Exception:  # noqa: BLE001 - a process killed while writing
+            break
+    return out
+
+
+def _stop(procs: list) -> None:
+    """Stop every process still running: SIGTERM, then SIGKILL after the grace
+    period (also at once if this is interrupted); reap them all."""
+    try:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + _GRACE_SECONDS
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _group_error(failed: list, codes: list, messages: list) -> Exception:
+    """The error for a group whose ranks ``failed`` (first failure first).
+
+    A process killed by a signal (the OOM killer, a user) is the cause of
+    the others' failures (their peer vanished), so it is named first,
+    described by how it ended and whether it had joined the group. Else the
+    first rank that failed with an error of its own gives the message (and,
+    for a refused input, the error type: :func:`_child_error`); else the
+    first that exited without a word (e.g. while importing).
+    """
+    world = len(codes)
+    killed = [rank for rank in failed if codes[rank] is not None and codes[rank] < 0]
+    for rank in [] if killed else failed:
+        errors = [m for m in messages[rank] if m[0] == "error"]
+        if errors:
+            _, kind, message, trace = errors[-1]
+            error = _child_error(f"{kind}: {message}")
+            error.__cause__ = _ChildTraceback(f"rank {rank} of {world}:\n{trace}")
+            return error
+    rank = (killed or failed)[0]
+    code = codes[rank]
+    how = (f"was killed by signal {_signal_name(-code)}" if code is not None and code < 0
+           else f"exited with status {code}")
+    joined = any(m[0] == "joined" for m in messages[rank])
+    when = "during the run" if joined else "while starting (before it joined the group)"
+    hint = (" (the system may have run out of memory)" if code == -signal.SIGKILL else "")
+    return RuntimeError(f"rank {rank} of {world} {how} {when}{hint}, without reporting an "
+                        f"error; the other processes were stopped. Anything it printed is "
+                        f"above")
+
+
+class _ChildTraceback(Exception):
+    """A process's traceback, chained to the error raised in the launcher."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _child_error(text: str) -> Exception:
+    """The error to raise in the parent for a child's traceback ``text``.
+
+    Its last line is the child's exception (``Kind: message``). When a rank
+    refused its input, every rank's message names it and the kind of its
+    error (``rank 1 of 2 refused its input: ValueError: ...``): that kind is
+    raised here too, so a bad input stays a ``ValueError`` (the CLI's exit 2)
+    whichever rank's failure the launcher noticed first.
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    kind, _, message = last.partition(": ")
+    if not message:
+        kind, message = "RuntimeError", last
+    refused = re.search(r"refused its input(?: \(and rank\(s\) [\d, ]+\))?: (\w+): ", message)
+    name = refused.group(1) if refused else kind
+    error = getattr(builtins, name, None)
+    if isinstance(error, type) and issubclass(error, Exception):
+        try:
+            return error(message)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments
+            pass
+    return RuntimeError(message)
+
+
+# ------------------------------------------------------------ the child side
+def _child_main(argv: list) -> int:
+    """One process of the group (run by :data:`_BOOT`); returns its exit status.
+
+    ``argv``: the launcher's pid and the descriptors of the payload, the
+    report pipe, the input and the output. Reports ``("joined",)`` once in
+    the group, then ``("done", summary)`` or ``("error", kind, message,
+    traceback)``.
+    """
+    parent, payload_fd, report_fd, cells_fd, out_fd = map(int, argv)
+    _die_with(parent)
+    with os.fdopen(report_fd, "wb") as report:
+        try:
+            with os.fdopen(payload_fd, "rb") as handoff:
+                payload = pickle.load(handoff)
+            summary = _run_rank(payload, cells_fd=cells_fd, out_fd=out_fd, report=report)
+        except BaseException as err:  # noqa: BLE001 - reported to the launcher
+            _send(report, ("error", type(err).__name__, str(err), traceback.format_exc()))
+            return 1
+        _send(report, ("done", summary))
+    return 0
+
+
+def _send(report, message: tuple) -> None:
+    pickle.dump(message, report, protocol=pickle.HIGHEST_PROTOCOL)
+    report.flush()
+
+
+def _die_with(parent: int) -> None:
+    """End this process when the launcher ``parent`` ends, however it ends."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL) == 0:
+                if os.getppid() != parent:  # it ended before the request took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):  # pragma: no cover - no prctl
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="harmonypy-parent-watch", daemon=True).start()
+
+
+def _run_rank(payload: dict, *, cells_fd: int, out_fd: int, report) -> dict | None:
+    """Join the group, run this rank's shard, write its rows; rank 0's summary."""
+    import torch.distributed as dist
+
+    from harmonypy._harmony import run_harmony
+
+    rank, options = payload["rank"], payload["options"]
+    torch.set_num_threads(options["ncores"])  # the process's share of the CPUs
+    if payload["backend"] == "nccl":
+        torch.cuda.set_device(rank)
+        options = dict(options, device=f"cuda:{rank}")
+    shape, dtype = payload["shape"], np.dtype(payload["dtype"])
+    cells = _mapped(cells_fd, shape, dtype, writable=False)
+    corrected = _mapped(out_fd, shape, dtype)
+    join_group(rank=rank, world_size=payload["world_size"], port=payload["port"],
+               backend=payload["backend"], timeout=payload["start_timeout"])
+    _send(report, ("joined",))
+    try:
+        start, stop = payload["bounds"][rank]
+        began = time.perf_counter()
+        ho = run_harmony(cells[start:stop], payload["meta"], payload["vars_use"],
+                         distributed=True, **options)
+        ho.result(out=corrected[start:stop])
+        return None if rank else dict(
+            n_iter=ho.n_iter, converged=ho.converged,
+            objective_harmony=list(ho.objective_harmony),
+            kmeans_rounds=list(ho.kmeans_rounds), K=ho.K, algorithm=ho.algorithm,
+            bytes=ho.bytes_reduced, batch_levels=list(ho.batch_levels),
+            seconds=time.perf_counter() - began)
+    finally:
+        dist.destroy_process_group()
+
+
+def join_group(*, rank: int, world_size: int, port: int, backend: str,
+               timeout: float) -> None:
+    """Join (rank 0: host) the group on ``127.0.0.1:port``, waiting at most
+    ``timeout`` seconds for the others to arrive.
+
+    The store's timeout bounds the forming; the collectives keep
+    ``torch.distributed``'s 30 minutes (a slow step on one rank is not a
+    failure).
+
+    Raises
+    ------
+    RuntimeError
+        The group did not form in time: names the rank, the port and the timeout.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
+                              timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=30))
+    except RuntimeError as err:  # torch's DistStoreError and timeouts are RuntimeErrors
+        raise RuntimeError(
+            f"rank {rank} of {world_size} could not form the process group on "
+            f"127.0.0.1:{port} within {timeout:g} s (another process did not start or "
+            f"stopped, or the port was taken; HARMONYPY_START_TIMEOUT sets the wait): "
+            f"{' '.join(str(err).split())[:300]}") from err
 
 
 #: What importing PyTorch and starting a process costs each process (measured
@@ -220,29 +641,3 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
             f"the processes), {_memory._size(available)} is available: use fewer cells per "
             f"machine (torchrun over several machines), or check_memory=False "
             f"(--no-memory-check) to try anyway")
-
-
-def _child_error(text: str) -> Exception:
-    """The error to raise in the parent for a child's traceback ``text``.
-
-    Its last line is the child's exception (``Kind: message``). When a rank
-    refused its input, every rank's message names it and the kind of its
-    error (``rank 1 of 2 refused its input: ValueError: ...``): that kind is
-    raised here too, so a bad input stays a ``ValueError`` (the CLI's exit 2)
-    whichever rank's failure the launcher noticed first.
-    """
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else text
-    kind, _, message = last.partition(": ")
-    if not message:
-        kind, message = "RuntimeError", last
-    refused = re.search(r"refused its input(?: \(and rank\(s\) [\d, ]+\))?: (\w+): ", message)
-    name = refused.group(1) if refused else kind
-    error = getattr(builtins, name, None)
-    if isinstance(error, type) and issubclass(error, Exception):
-        try:
-            return error(message)
-        except Exception:  # noqa: BLE001 - a type that takes other arguments
-            pass
-    return RuntimeError(message)
-

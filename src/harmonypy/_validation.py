@@ -15,6 +15,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -41,10 +42,62 @@ def _is_tensor(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
-def _describe_rows(mask: np.ndarray, limit: int = 5, what: str = "cell") -> str:
-    """``"cell(s) 3, 7, ... (12 in all)"`` for the True entries of ``mask``."""
+@dataclass(frozen=True)
+class CellRows:
+    """How messages number the cells a process holds, and how few it may hold.
+
+    Attributes
+    ----------
+    first : int
+        Number of its first row among all cells: 0 in a single process; in a
+        distributed run the cells of the lower ranks (rank order is the
+        order of the gathered result), so that an error names the cell as
+        the caller counts it, not its row within the shard.
+    names : pandas.Index or None
+        The cells' names, in row order, when the input names them.
+    min_cells : int
+        Fewest cells accepted here: :data:`MIN_CELLS` in a single process; 1
+        per process in a distributed run, whose total is checked once the
+        processes have exchanged their counts.
+    """
+
+    first: int = 0
+    names: pd.Index | None = None
+    min_cells: int = MIN_CELLS
+
+    def label(self, row: int) -> str:
+        """``"15000"``, or ``"15000 ('AAAC-1')"`` when the cells are named."""
+        text = str(self.first + int(row))
+        if self.names is not None and 0 <= row < len(self.names):
+            text += f" ({str(self.names[row])!r})"
+        return text
+
+    def too_few(self, n_cells: int, what: str) -> str | None:
+        """The refusal for ``n_cells`` rows of ``what``, or None when enough."""
+        if n_cells >= self.min_cells:
+            return None
+        if self.min_cells < MIN_CELLS:
+            return (f"{what} has {n_cells} rows: every process of a distributed run needs at "
+                    f"least {self.min_cells} cell(s) (and all of them together at least "
+                    f"{MIN_CELLS})")
+        return f"Harmony needs at least {self.min_cells} cells, {what} has {n_cells}"
+
+
+def cell_rows_of(meta_data, *, first: int = 0, min_cells: int = MIN_CELLS) -> CellRows:
+    """:class:`CellRows` whose names are ``meta_data``'s index unless it only numbers the rows."""
+    index = getattr(meta_data, "index", None)
+    named = isinstance(index, pd.Index) and not isinstance(index, pd.RangeIndex) \
+        and not pd.api.types.is_integer_dtype(index.dtype)
+    return CellRows(first=first, names=index if named else None, min_cells=min_cells)
+
+
+def _describe_rows(mask: np.ndarray, limit: int = 5, what: str = "cell",
+                   rows: CellRows | None = None) -> str:
+    """``"cell(s) 3, 7, ... (12 in all)"`` for the True entries of ``mask``
+    (numbered and named by ``rows`` when given)."""
     idx = np.flatnonzero(mask)
-    shown = ", ".join(str(i) for i in idx[:limit])
+    label = rows.label if rows is not None and what == "cell" else str
+    shown = ", ".join(label(i) for i in idx[:limit])
     more = f", ... ({idx.size} in all)" if idx.size > limit else ""
     return f"{what}(s) {shown}{more}"
 
@@ -105,7 +158,8 @@ def _to_array(data_mat) -> np.ndarray:
     return array
 
 
-def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None) -> np.ndarray:
+def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None, *,
+                         rows: CellRows | None = None) -> np.ndarray:
     """Return the embedding as a (cells x features) real array, checked.
 
     The orientation is taken from ``n_cells = len(meta_data)``: cells x PCs when
@@ -119,6 +173,9 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
         Number of rows of ``meta_data``.
     meta_shape : tuple, optional
         Shape of ``meta_data``, for the error message when no dimension matches.
+    rows : CellRows, optional
+        How messages number and name the cells, and the fewest accepted
+        (default: from 0, unnamed, :data:`MIN_CELLS`).
 
     Raises
     ------
@@ -128,6 +185,7 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
         Not 2-D, empty, no dimension equal to ``n_cells``, fewer than 6 cells,
         NaN or infinite values, or cells whose vector is all zeros.
     """
+    rows = rows if rows is not None else CellRows()
     array = _to_array(data_mat)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(
@@ -141,8 +199,8 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
         )
     if array.size == 0:
         raise ValueError(
-            f"data_mat is empty (shape {array.shape}); expected at least {MIN_CELLS} "
-            f"cells and 1 PC"
+            f"data_mat is empty (shape {array.shape}); expected at least {rows.min_cells} "
+            f"cell(s) and 1 PC"
         )
     if array.shape[0] == n_cells:
         cells = array
@@ -155,11 +213,12 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
             f"of data_mat must equal the number of cells ({n_cells}), as cells x PCs or "
             f"PCs x cells"
         )
-    if cells.shape[0] < MIN_CELLS:
-        raise ValueError(f"Harmony needs at least {MIN_CELLS} cells, data_mat has {cells.shape[0]}")
+    refusal = rows.too_few(cells.shape[0], "data_mat")
+    if refusal:
+        raise ValueError(refusal)
     if np.issubdtype(cells.dtype, np.floating):
-        _check_finite(cells)
-    _check_nonzero_cells(cells)
+        _check_finite(cells, rows)
+    _check_nonzero_cells(cells, rows)
     return cells
 
 
@@ -198,7 +257,7 @@ def warn_if_not_reduced(cells: np.ndarray, stacklevel: int = 3) -> None:
             f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=stacklevel)
 
 
-def _check_finite(cells: np.ndarray) -> None:
+def _check_finite(cells: np.ndarray, rows: CellRows) -> None:
     n_bad = n_nan = 0
     bad_rows = np.zeros(cells.shape[0], dtype=bool)
     bad_cols = np.zeros(cells.shape[1], dtype=bool)
@@ -213,7 +272,7 @@ def _check_finite(cells: np.ndarray) -> None:
     if n_bad:
         raise ValueError(
             f"data_mat has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} "
-            f"infinite) in {int(bad_rows.sum())} {_describe_rows(bad_rows)} and "
+            f"infinite) in {int(bad_rows.sum())} {_describe_rows(bad_rows, rows=rows)} and "
             f"{_describe_rows(bad_cols, what='column')}; expected finite numbers: "
             f"remove or impute those cells"
         )
@@ -243,19 +302,19 @@ def _squared_norms_chunk(block: np.ndarray, out: np.ndarray) -> None:
         rows[risky] = np.einsum("ij,ij->i", scaled, scaled) * safe**2
 
 
-def _check_nonzero_cells(cells: np.ndarray) -> None:
+def _check_nonzero_cells(cells: np.ndarray, rows: CellRows) -> None:
     zero = np.zeros(cells.shape[0], dtype=bool)
     for start in range(0, cells.shape[0], _CHUNK_ROWS):
         zero[start:start + _CHUNK_ROWS] = ~cells[start:start + _CHUNK_ROWS].any(axis=1)
     if zero.any():
         raise ValueError(
-            f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero)}; a cell with "
+            f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero, rows=rows)}; a cell with "
             f"zero length cannot be cosine-normalised. Expected every cell to have a "
             f"non-zero vector: remove those cells"
         )
 
 
-def check_cell_lengths(cells: np.ndarray, dtype) -> None:
+def check_cell_lengths(cells: np.ndarray, dtype, *, rows: CellRows | None = None) -> None:
     """Refuse cells whose length cannot be computed in the working float type.
 
     The engine normalises every cell to unit length; in float32 the squared
@@ -267,7 +326,10 @@ def check_cell_lengths(cells: np.ndarray, dtype) -> None:
     cells : (N, d) array
     dtype : torch.dtype, numpy dtype or str
         ``float32`` or ``float64``.
+    rows : CellRows, optional
+        How the message numbers and names the cells.
     """
+    rows = rows if rows is not None else CellRows()
     name = str(dtype).replace("torch.", "")
     info = _FINFO.get(name, _FINFO["float32"])
     sq = _squared_norms(cells)
@@ -277,8 +339,8 @@ def check_cell_lengths(cells: np.ndarray, dtype) -> None:
         first = int(np.flatnonzero(bad)[0])
         hint = " or pass dtype='float64'" if name == "float32" else ""
         raise ValueError(
-            f"data_mat has {int(bad.sum())} {_describe_rows(bad)} whose length (e.g. "
-            f"{math.sqrt(sq[first]):.3g} for cell {first}) is outside what {name} can "
+            f"data_mat has {int(bad.sum())} {_describe_rows(bad, rows=rows)} whose length (e.g. "
+            f"{math.sqrt(sq[first]):.3g} for cell {rows.label(first)}) is outside what {name} can "
             f"normalise (about {math.sqrt(low):.0e} to {math.sqrt(high):.0e}); expected "
             f"an embedding on a usual scale: rescale data_mat (e.g. divide it by its "
             f"standard deviation){hint}"
@@ -314,7 +376,8 @@ def _labels_frame(meta_data, vars_use) -> pd.DataFrame:
     return series.to_frame(name=name)
 
 
-def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list]:
+def as_metadata(meta_data, vars_use, *, rows: CellRows | None = None
+                ) -> tuple[pd.DataFrame, list]:
     """Normalise ``meta_data``/``vars_use`` to a DataFrame and a list of names.
 
     A Series, list, tuple, 1-D array, Index or Categorical of labels is accepted
@@ -328,7 +391,7 @@ def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list]:
         ``meta_data`` or ``vars_use`` of an unsupported type.
     ValueError
         ``vars_use`` empty, missing while several columns exist, or naming a
-        column twice; fewer than 6 rows.
+        column twice; fewer than 6 rows (``rows.min_cells``).
     """
     if isinstance(meta_data, pd.DataFrame):
         frame = meta_data
@@ -370,8 +433,9 @@ def as_metadata(meta_data, vars_use) -> tuple[pd.DataFrame, list]:
             f"vars_use names column(s) {duplicates} more than once ({names}); "
             f"expected each batch variable once"
         )
-    if len(frame) < MIN_CELLS:
-        raise ValueError(f"Harmony needs at least {MIN_CELLS} cells, meta_data has {len(frame)}")
+    refusal = (rows if rows is not None else CellRows()).too_few(len(frame), "meta_data")
+    if refusal:
+        raise ValueError(refusal)
     return frame, names
 
 

@@ -13,9 +13,11 @@ Exit status:
 * 1: an unexpected failure (its type and message; ``--debug`` shows the
   traceback). Nothing was written: outputs are renamed into place only when
   all are complete.
-* 130: interrupted (Ctrl-C). Every output holds either its previous content
-  (or is absent) or, if the interrupt came during the final renames, its new
-  content; no temporary file is left behind.
+* 130: interrupted (Ctrl-C, SIGINT); 143: terminated (SIGTERM, e.g. a
+  scheduler's stop or ``timeout``). Every output holds either its previous
+  content (or is absent) or, if the signal came during the final renames
+  (held back until they are done), its new content; no temporary file is
+  left behind, and with ``--nproc`` every process of the group is stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1220,13 +1224,45 @@ def lisi_summary(lisi: np.ndarray, meta: pd.DataFrame, labels: Sequence[str],
 # =========================================================================== #
 # Entry point
 # =========================================================================== #
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``timeout``, ``kill``), raised where the
+    command was. A ``KeyboardInterrupt``, so that everything that cleans up
+    after Ctrl-C (temporary files, the processes of ``--nproc``) does so."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread).
+
+    Later SIGTERMs are ignored while the first one's cleanup runs (it takes
+    at most a few seconds); the previous handler is restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        with _sigterm_raises():
+            return handler(args)
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

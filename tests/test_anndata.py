@@ -253,7 +253,7 @@ def test_mapping_errors_name_the_anndata_entry(mapping_case):
     query.obsm["X_short"] = query.obsm["X_pca"][:, :5]
     cases = [
         (dict(basis="X_pca"), [r"adata_query\.obsm\['X_pca'\] has 1 non-finite",
-                               r"cell\(s\) 3"]),
+                               r"cell\(s\) 3 \('threepv1_\w+'\)"]),
         (dict(basis="X_short"), [r"adata_query\.obsm\['X_short'\] has 5 dimensions per cell",
                                  r"built on 20"]),
     ]

@@ -317,7 +317,7 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     elif names:
         raise ValueError(f"vars_use={names} names columns of meta_data, but meta_data is None")
     frame = _query_frame(meta_data, names)
-    cells = _query_cells(data_mat, None if frame is None else len(frame), ref.d)
+    cells = _query_cells(data_mat, frame, ref.d)
     val.check_cell_lengths(cells, torch_dtype)
     design = _query_design(frame, names, cells.shape[0])
     sigma_clusters = val.check_sigma(ref.sigma if sigma is None else sigma, ref.K,
@@ -429,11 +429,14 @@ def _query_frame(meta_data, names) -> pd.DataFrame | None:
                     f"not {type(meta_data).__name__}")
 
 
-def _query_cells(data_mat, n_cells: int | None, n_dims: int) -> np.ndarray:
+def _query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarray:
     """The query as a (cells x d) real array, checked as :func:`run_harmony`'s input.
 
-    Unlike a Harmony run, a single query cell is fine.
+    ``frame`` is the query's metadata (one row per cell) or None. Unlike a
+    Harmony run, a single query cell is fine. Bad cells are named by the
+    query's cell names when it has them.
     """
+    n_cells = None if frame is None else len(frame)
     array = val._to_array(data_mat)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f"data_mat must hold real numbers, got dtype {array.dtype}")
@@ -457,9 +460,10 @@ def _query_cells(data_mat, n_cells: int | None, n_dims: int) -> np.ndarray:
         raise ValueError(f"data_mat has {cells.shape[1]} dimensions per cell but the "
                          f"reference was built on {n_dims}: map cells in the reference's PC "
                          f"space (project them with the reference's loadings first)")
+    rows = val.CellRows(names=_query_names(data_mat, frame, cells.shape[0]), min_cells=1)
     if np.issubdtype(cells.dtype, np.floating):
-        val._check_finite(cells)
-    val._check_nonzero_cells(cells)
+        val._check_finite(cells, rows)
+    val._check_nonzero_cells(cells, rows)
     return cells
 
 

@@ -301,7 +301,6 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     as it was. Entries that no earlier mapping wrote are not replaced unless
     ``overwrite`` (:func:`_check_replaceable`).
     """
-    from harmonypy import __version__
     from harmonypy import _validation as val
     from harmonypy._device import resolve_device, resolve_dtype
     from harmonypy._mapping import map_query, transfer_labels
@@ -362,6 +361,18 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
     if q.confidence is not None:
         adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
+    record = _mapping_record(q, ref, basis=basis, adjusted=adjusted, keys=keys,
+                             n_missing=n_missing)
+    for name, table in transfers.items():
+        _write_transfer(adata, record, name, table, k, float(min_probability))
+    adata.uns[MAPPING_KEY] = record
+    return q
+
+
+def _mapping_record(q, ref, *, basis, adjusted, keys, n_missing) -> dict[str, Any]:
+    """``uns["harmony_mapping"]``: what a mapping did and wrote (see map_query)."""
+    from harmonypy import __version__
+
     record = {
         "basis": PROJECTED_BASIS if basis is None else basis,
         "adjusted_basis": adjusted,

@@ -242,7 +242,7 @@ def test_setting_restored_after_errors(small, threads_3, monkeypatch, error, nco
         assert torch.get_num_threads() in (1, 2)  # inside the run: changed
         raise error()
 
-    monkeypatch.setattr(hm.Harmony, "harmonize", fail)
+    monkeypatch.setattr(hm.Harmony, "_iterate", fail)
     with pytest.raises(error):
         hm.run_harmony(X, meta, "batch", verbose=False, ncores=ncores)
     assert torch.get_num_threads() == 3

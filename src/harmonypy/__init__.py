@@ -14,6 +14,7 @@ __version__ = "1.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
 from harmonypy._anndata import integrate  # noqa: E402
+from harmonypy._convergence import ConvergenceWarning, IterationReport  # noqa: E402
 from harmonypy._evaluate import IntegrationScores, evaluate  # noqa: E402
 from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 from harmonypy._lisi import compute_lisi  # noqa: E402
@@ -22,8 +23,10 @@ from harmonypy._reference import Reference, build_reference, load_reference  # n
 from harmonypy._scanpy import harmony_integrate  # noqa: E402
 
 __all__ = [
+    "ConvergenceWarning",
     "Harmony",
     "IntegrationScores",
+    "IterationReport",
     "MappedQuery",
     "Reference",
     "build_reference",

@@ -26,8 +26,14 @@ from harmonypy._cellnames import align_metadata, run_cell_names
 from harmonypy._correction import LevelIndex, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._kmeans import kmeans_centroids
-from harmonypy._memory import _KMEANS_SAMPLE
+from harmonypy._kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
+from harmonypy._convergence import (
+    Callback,
+    ConvergenceWarning,
+    EmbeddingChange,
+    IterationReport,
+    read_only_view,
+)
 from harmonypy._progress import Progress
 from harmonypy._reduce import LOCAL, Reduction
 from harmonypy._threads import AutoThreads
@@ -98,7 +104,16 @@ class Harmony:
     n_iter : int
         Harmony iterations run.
     converged : bool
-        Whether the run stopped because the objective converged.
+        Whether the run stopped because a convergence test passed (the
+        objective's, or the embedding's with ``epsilon_embedding``).
+    stop_reason : str
+        Why the last run (or ``harmonize`` call) stopped: 'objective' (R's
+        test), 'embedding' (``epsilon_embedding``), 'callback', or
+        'max_iter_harmony' (the iterations ran out; a
+        :class:`ConvergenceWarning` was issued).
+    embedding_change : list of float
+        With ``epsilon_embedding``: the corrected embedding's relative change
+        at each iteration.
     K, N, B, d : int
         Clusters, cells, batch levels, features.
     cell_names : pandas.Index (N,) or None
@@ -132,8 +147,11 @@ class Harmony:
         progress: Progress | None = None,
         reduction: Reduction = LOCAL,
         n_total: int | None = None,
+        kmeans_init: str = "greedy",
+        epsilon_embedding: float | None = None,
     ):
         self.algorithm = algorithm
+        self.kmeans_init = kmeans_init
         # Every sum over cells goes through this: a no-op in one process, an
         # all-reduce over the group in a distributed run (this process then
         # holds N of the run's N_total cells).
@@ -222,25 +240,29 @@ class Harmony:
         self.kmeans_rounds: list[int] = []
         self.n_iter = 0
         self.converged = False
+        self.stop_reason: str | None = None
+        self.epsilon_embedding = epsilon_embedding
+        self.embedding_change: list[float] = []
+        self._embedding_change = (None if epsilon_embedding is None else
+                                  EmbeddingChange(self.N, device=device, reduction=reduction))
         self._iteration = 0  # for error messages
         self.cell_names = None  # set by run_harmony when the inputs name the cells
 
     # ------------------------------------------------------------------ steps
     def init_cluster(self) -> None:
         """Initial centroids by k-means, then R, O, E and the first objective."""
-        if self.algorithm == "harmony2":  # k-means++ seeding, then 10 Lloyd iterations
-            options = dict(n_init=1, max_iter=10)
-        else:  # as R's kmeans(nstart = 10, iter.max = 25)
-            options = dict(n_init=10, max_iter=25)
+        start = start_for(self.algorithm, self.kmeans_init, self.K)
         if self._reduction.distributed:
-            centers = self._distributed_kmeans(**options)
+            centers = self._distributed_kmeans(start)
         else:
-            centers = kmeans_centroids(self._z_corr, self.K, self._generator,
-                                       norms=self._norms, order=self._shuffle_base, **options)
+            centers = kmeans_centroids(self._z_corr, self.K, generator=self._generator, start=start,
+                                       norms=self._norms, order=self._shuffle_base)
         self._centroids = clu.normalize_rows(centers)
         dist_term, entropy_term = self._reassign(objective=True)
         self.compute_objective(dist_term, entropy_term, step="initialisation")
         self.objective_harmony.append(self.objective_kmeans[-1])
+        if self._embedding_change is not None:
+            self._embedding_change.update(self._z_corr)
 
     def cluster(self) -> int:
         """One clustering step: rounds of centroid and assignment updates.
@@ -347,19 +369,69 @@ class Harmony:
         old, new = self.objective_harmony[-2], self.objective_harmony[-1]
         return _relative_change_below(old - new, old, self.epsilon_harmony)
 
-    def harmonize(self, max_iter_harmony: int = 10) -> "Harmony":
-        """Alternate clustering and correction until the objective converges."""
+    def harmonize(self, max_iter_harmony: int = 10, *, callback: Callback | None = None
+                  ) -> "Harmony":
+        """Run up to ``max_iter_harmony`` more Harmony iterations, from where the run stands.
+
+        Continues a finished run: ``run_harmony(..., max_iter_harmony=3)``
+        then ``ho.harmonize(2)`` gives, bit for bit, what
+        ``max_iter_harmony=5`` gives (same device; the continuation keeps the
+        thread count the run ended with, as BLAS may round differently with
+        another). The run's own stopping tests apply, and ``callback`` as in
+        :func:`run_harmony`; ``converged`` and ``stop_reason`` describe this
+        call. Warns (:class:`ConvergenceWarning`) when the iterations run out
+        before a test passed.
+
+        Returns
+        -------
+        Harmony
+            ``self``.
+        """
+        max_iter_harmony = val.check_int("max_iter_harmony", max_iter_harmony, 1)
+        _check_callback(callback)
+        if not self.objective_harmony:
+            raise RuntimeError("harmonize() continues a run: start it with run_harmony()")
+        threads = AutoThreads(getattr(self, "n_threads", None), self.N * self.K, self.device)
+        with threads, torch.no_grad():
+            self._iterate(max_iter_harmony, callback)
+        _warn_if_not_converged(self, max_iter_harmony)
+        return self
+
+    def _iterate(self, max_iter_harmony: int, callback: Callback | None) -> None:
+        """Alternate clustering and correction until a stopping test passes."""
         progress = self._progress or Progress(False, max_iter_harmony)
-        for i in range(1, max_iter_harmony + 1):
+        self.converged, self.stop_reason = False, "max_iter_harmony"
+        first = self.n_iter + 1
+        for i in range(first, first + max_iter_harmony):
             self._iteration = i
             rounds = self.cluster()
             self.moe_correct_ridge()
             self.n_iter = i
-            progress.iteration(i, self.objective_harmony[-1], rounds)
-            if self.check_convergence(1):
-                self.converged = True
+            progress.iteration(i - first + 1, self.objective_harmony[-1], rounds)
+            reason = self._stop_test()
+            if callback is not None and _callback_stops(callback, self._report(rounds, reason)):
+                reason = reason or "callback"
+            if reason is not None:
+                self.converged = reason in ("objective", "embedding")
+                self.stop_reason = reason
                 break
-        return self
+
+    def _stop_test(self) -> str | None:
+        """'objective' (R's test) or 'embedding' (``epsilon_embedding``) when one passes."""
+        if self._embedding_change is not None:
+            self.embedding_change.append(self._embedding_change.update(self._z_corr))
+            if self.embedding_change[-1] < self.epsilon_embedding:
+                return "embedding"
+        if self.check_convergence(1):
+            return "objective"
+        return None
+
+    def _report(self, rounds: int, reason: str | None) -> IterationReport:
+        parts = (self.objective_kmeans_dist[-1], self.objective_kmeans_entropy[-1],
+                 self.objective_kmeans_cross[-1])
+        return IterationReport(iteration=self.n_iter, objective=self.objective_harmony[-1],
+                               objective_parts=parts, kmeans_rounds=rounds,
+                               converged=reason is not None, Z_corr=read_only_view(self._z_corr))
 
     # -------------------------------------------------------------- internals
     def _update_centroids(self) -> None:
@@ -404,7 +476,7 @@ class Harmony:
             observed=observed,
             cluster_sizes=observed[:int(self.design.offsets[1])].sum(0))
 
-    def _distributed_kmeans(self, n_init: int, max_iter: int) -> torch.Tensor:
+    def _distributed_kmeans(self, start: KMeansStart) -> torch.Tensor:
         """The k-means start of a distributed run: one sample of all the cells.
 
         Each process draws its share of the sample (``_KMEANS_SAMPLE`` cells in
@@ -432,9 +504,8 @@ class Harmony:
             generator = torch.Generator(device="cpu").manual_seed(self.random_state)
             if sampled:  # rank 0 drew its share of the sample first
                 torch.randperm(gathered[0][0], generator=generator)
-        centers = kmeans_centroids(sample.to(self.device), self.K, generator,
-                                   sample_size=sample.shape[0], n_init=n_init,
-                                   max_iter=max_iter)
+        centers = kmeans_centroids(sample.to(self.device), self.K, generator=generator,
+                                   start=start, sample_size=sample.shape[0])
         return self._reduction.broadcast_(centers.contiguous(), src=0)
 
     def _numerical_failure(self, step: str, what: str) -> None:
@@ -665,6 +736,47 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _outcome(ho: Harmony) -> str:
+    """The last progress line of a run, by its ``stop_reason``."""
+    if ho.stop_reason == "objective":
+        return f"converged after {ho.n_iter} iteration(s)"
+    if ho.stop_reason == "embedding":
+        return (f"converged after {ho.n_iter} iteration(s) (the corrected embedding moved "
+                f"{ho.embedding_change[-1]:.2g} < epsilon_embedding)")
+    if ho.stop_reason == "callback":
+        return f"stopped by the callback after {ho.n_iter} iteration(s)"
+    return f"reached max_iter_harmony={ho.n_iter} without converging"
+
+
+def _check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a function of one argument (an IterationReport) or "
+                        f"None, got {type(callback).__name__}")
+
+
+def _callback_stops(callback: Callback, report: IterationReport) -> bool:
+    """Call ``callback``; True stops the run, None or False continue."""
+    answer = callback(report)
+    if answer is None or isinstance(answer, (bool, np.bool_)):
+        return bool(answer)
+    raise TypeError(f"callback must return True (stop), False or None (continue), got "
+                    f"{answer!r} ({type(answer).__name__}) at iteration {report.iteration}")
+
+
+def _warn_if_not_converged(ho: Harmony, max_iter_harmony: int, stacklevel: int = 3) -> None:
+    """R warns when the iterations run out before convergence; so does this package."""
+    if ho.stop_reason != "max_iter_harmony":
+        return
+    test = ("the corrected embedding's relative change"
+            f" {ho.embedding_change[-1]:.3g} >= epsilon_embedding={ho.epsilon_embedding:g}"
+            if ho.epsilon_embedding is not None and ho.embedding_change else
+            f"the objective's relative change >= epsilon_harmony={ho.epsilon_harmony:g}")
+    warnings.warn(
+        f"Harmony did not converge in {max_iter_harmony} iteration(s) ({test} at the last "
+        f"one); raise max_iter_harmony, or continue this run with ho.harmonize(n)",
+        ConvergenceWarning, stacklevel=stacklevel)
+
+
 def _relative_change_below(change: float, old: float, epsilon: float) -> bool:
     """``change / |old| < epsilon``, where an objective of exactly 0 (identical
     cells, one cluster, theta = 0) counts as converged unless it rose."""
@@ -742,6 +854,9 @@ def run_harmony(
     plot_convergence: bool = False,
     distributed: bool = False,
     process_group=None,
+    kmeans_init: str = "greedy",
+    callback: Callback | None = None,
+    epsilon_embedding: float | None = None,
 ) -> Harmony:
     """Integrate an embedding across batches with Harmony.
 
@@ -830,6 +945,30 @@ def run_harmony(
         machine".
     process_group : torch.distributed ProcessGroup, optional
         The group to run in (default: the default group).
+    callback : callable, optional
+        Called after every Harmony iteration with an :class:`IterationReport`
+        (iteration, objective and its parts, clustering rounds, whether a
+        convergence test passed, and ``Z_corr`` as a read-only (d, N) view).
+        Returning True stops the run (``stop_reason == 'callback'``); None or
+        False continue. A callback may record, plot or apply its own rule.
+    epsilon_embedding : float, optional
+        Opt-in second stopping test: stop when the corrected embedding's
+        relative change between two iterations, ``||Z_new - Z_old|| /
+        ||Z_old||`` over up to 20,000 evenly spaced cells, falls below it
+        (for example 1e-3). For runs where R's objective test is
+        ill-conditioned: when the objective falls towards zero its relative
+        change stays large while the cells no longer move. R's test still
+        applies; whichever passes first stops the run. Default None (R's
+        test only).
+    kmeans_init : 'greedy' (default) or 'r'
+        How the initial centroids are found. 'r' does what the R package
+        does: for Harmony 1 ten k-means runs of at most 25 steps, the lowest
+        final within-cluster sum of squares kept (``kmeans(nstart = 10,
+        iter.max = 25)``), for Harmony2 one k-means++ seeding and 10 Lloyd
+        steps. 'greedy' runs ten complete k-means runs from greedy k-means++
+        seedings (2 + ln K candidates per centre): the result then moves the
+        least with ``random_state`` (measured on the bundled data, see
+        docs/performance.md), at the same distance from R's results.
 
     Returns
     -------
@@ -857,7 +996,9 @@ def run_harmony(
                    epsilon_harmony=epsilon_harmony, alpha=alpha, verbose=verbose,
                    random_state=random_state, device=device, dtype=dtype, algorithm=algorithm,
                    batch_prop_cutoff=batch_prop_cutoff, ncores=ncores,
-                   check_memory=check_memory, plot_convergence=plot_convergence)
+                   check_memory=check_memory, plot_convergence=plot_convergence,
+                   kmeans_init=kmeans_init, epsilon_embedding=epsilon_embedding)
+    _check_callback(callback)
     if distributed:
         from harmonypy._reduce import GroupReduction
 
@@ -891,7 +1032,9 @@ def run_harmony(
                 epsilon_harmony=checked["epsilon_harmony"], alpha=checked["alpha"],
                 seed=checked["seed"], device=torch_device, dtype=torch_dtype,
                 algorithm=algorithm, batch_prop_cutoff=checked["batch_prop_cutoff"],
-                progress=progress, reduction=reduction, n_total=n_cells)
+                progress=progress, reduction=reduction, n_total=n_cells,
+                kmeans_init=checked["kmeans_init"],
+                epsilon_embedding=checked["epsilon_embedding"])
             sample = min(n_cells, _KMEANS_SAMPLE)
             progress.message(
                 f"initial centroids: k-means on {sample:,} sampled cells, then a first "
@@ -899,14 +1042,13 @@ def run_harmony(
                 f"initial centroids: k-means on all {n_cells:,} cells")
             ho.init_cluster()
             progress.message(f"initialised in {progress.elapsed():.1f} s")
-            ho.harmonize(max_iter_harmony)
-            outcome = (f"converged after {ho.n_iter} iteration(s)" if ho.converged else
-                       f"reached max_iter_harmony={max_iter_harmony} without converging")
-            progress.message(f"{outcome} in {progress.elapsed():.1f} s")
+            ho._iterate(max_iter_harmony, callback)
+            progress.message(f"{_outcome(ho)} in {progress.elapsed():.1f} s")
     ho.n_threads = cpu_threads.threads
     ho.bytes_reduced = reduction.bytes_sent()
     ho.cell_names = checked["cell_names"]
     ho._progress = None
+    _warn_if_not_converged(ho, max_iter_harmony)
     if checked["plot_convergence"]:
         ho.plot_convergence()
     return ho
@@ -915,8 +1057,8 @@ def run_harmony(
 def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, tau,
                   block_size, max_iter_harmony, max_iter_kmeans, epsilon_cluster,
                   epsilon_harmony, alpha, verbose, random_state, device, dtype, algorithm,
-                  batch_prop_cutoff, ncores, check_memory, plot_convergence,
-                  first_row: int = 0, min_cells: int = val.MIN_CELLS) -> dict:
+                  batch_prop_cutoff, ncores, check_memory, plot_convergence, kmeans_init,
+                  epsilon_embedding, first_row: int = 0, min_cells: int = val.MIN_CELLS) -> dict:
     """The checks of :func:`run_harmony` that need only this process's inputs.
 
     ``first_row``: the global number of this process's first cell (messages
@@ -936,7 +1078,10 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
         tau=val.check_nonnegative("tau", tau),
         batch_prop_cutoff=val.check_fraction("batch_prop_cutoff", batch_prop_cutoff),
         verbose=val.check_flag("verbose", verbose),
-        plot_convergence=val.check_flag("plot_convergence", plot_convergence))
+        plot_convergence=val.check_flag("plot_convergence", plot_convergence),
+        kmeans_init=val.check_choice("kmeans_init", kmeans_init, KMEANS_INITS),
+        epsilon_embedding=(None if epsilon_embedding is None
+                           else val.check_positive("epsilon_embedding", epsilon_embedding)))
     checked["device"] = torch_device = resolve_device(device)
     checked["dtype"] = resolve_dtype(dtype, torch_device)
     val.check_random_state(random_state)

@@ -1,92 +1,211 @@
 """Initial centroids: k-means on the cosine-normalised cells, on the device.
 
-The R package seeds Harmony with ``stats::kmeans(centers = K, nstart = 10,
-iter.max = 25)``. This module does the same job with k-means++ seeding and Lloyd
-iterations written as matrix products, so it runs wherever the rest runs. Above
-``sample_size`` cells the restarts run on a random subsample: the starting
-centroids only need to be good, and Harmony's own clustering rounds refine them
-on every cell straight away.
+The R package seeds Harmony 1 with ``stats::kmeans(centers = K, nstart = 10,
+iter.max = 25)``: ten complete k-means runs, the one with the lowest final
+within-cluster sum of squares kept. Harmony2 (R 2.0) runs one k-means++ seeding
+and 10 Lloyd iterations. This module does both jobs with k-means++ seeding and
+Lloyd iterations written as batched matrix products: the restarts advance side
+by side, so ten cost a few times one, not ten. Above ``sample_size`` cells the
+restarts run on a random subsample: the starting centroids only need to be
+good, and Harmony's own clustering rounds refine them on every cell straight
+away.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from harmonypy._reduce import index_sum_
 
+#: Cells the k-means start works on at most.
+SAMPLE_SIZE = 20_000
+#: Cells per cluster the restarts compete on (at least 2,500 cells); the winner is
+#: then refined on the whole sample. Ten runs on 2,500 cells cost less than one on
+#: 20,000 and pick the basin as well on the bundled data.
+RESTART_CELLS_PER_CLUSTER = 25
+RESTART_MIN_CELLS = 2_500
+#: Lloyd steps of the refinement, which starts from a converged run.
+REFINE_STEPS = 10
+#: The starts ``run_harmony(kmeans_init=...)`` offers.
+KMEANS_INITS = ("greedy", "r")
 
-def _kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator,
-                     n_seedings: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+
+@dataclass(frozen=True)
+class KMeansStart:
+    """How the initial k-means runs.
+
+    Attributes
+    ----------
+    n_init : int
+        Independent runs; the lowest final within-cluster sum of squares wins.
+    max_iter : int
+        Lloyd steps per run at most (a run stops earlier when no cell moves).
+    local_trials : int
+        k-means++ candidates per centre (1: plain k-means++).
+    """
+
+    n_init: int
+    max_iter: int
+    local_trials: int = 1
+
+
+def start_for(algorithm: str, kmeans_init: str, k: int) -> KMeansStart:
+    """The k-means start of ``algorithm`` for ``run_harmony(kmeans_init=...)``.
+
+    ``"r"`` is what the R package does: Harmony 1 (R 1.2.4) ten k-means runs
+    of at most 25 steps, the best kept (``kmeans(nstart = 10, iter.max = 25)``;
+    R seeds each run with random cells, here with k-means++); Harmony2 (R 2.0)
+    one k-means++ seeding and 10 Lloyd steps. ``"greedy"`` (the default) runs
+    ten complete k-means runs from greedy k-means++ seedings (2 + ln k
+    candidates per centre, as scikit-learn): measured on the bundled data it
+    moves the least with the seed (benchmarks/bench_seed_spread.py).
+    """
+    if kmeans_init == "greedy":
+        return KMeansStart(n_init=10, max_iter=25, local_trials=2 + int(math.log(k)))
+    if algorithm == "harmony2":
+        return KMeansStart(n_init=1, max_iter=10)
+    return KMeansStart(n_init=10, max_iter=25)
+
+
+def _sq_distances(x: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Squared distances (m, n) from each of m centres (m, d) to the rows of ``x``."""
+    c_norms = (centers * centers).sum(-1)
+    return torch.addmm(sq_norms[None, :], centers, x.T, alpha=-2).add_(c_norms[:, None]).clamp_min_(0)
+
+
+def _kmeans_plusplus(x: torch.Tensor, k: int, *, generator: torch.Generator, n_seedings: int,
+                     local_trials: int) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of ``x`` (n x d).
 
     ``n_seedings`` independent seedings advance together, so each of the k
     steps costs a handful of batched operations instead of a Python loop per
-    seeding.
+    seeding. With ``local_trials`` > 1 each step draws that many candidates
+    by D^2 sampling and keeps the one that lowers the seeding's total squared
+    distance most ("greedy" k-means++, as scikit-learn does with
+    2 + ln k trials): fewer poor starts, so less dependence on the seed.
 
     Returns
     -------
     centers : (n_seedings, k, d) tensor.
-    inertia : (n_seedings,) float64 tensor, each seeding's sum of squared
-        distances to its nearest centre (the seeding tracks them anyway).
     """
     n, d = x.shape
-    runs = torch.arange(n_seedings)
+    runs = torch.arange(n_seedings, device=x.device)
     # All random numbers up front, from the caller's generator only.
     first = torch.randint(n, (n_seedings,), generator=generator)
-    uniform = torch.rand((n_seedings, k), generator=generator, dtype=torch.float64)
-    fallback = torch.randint(n, (n_seedings, k), generator=generator)
+    uniform = torch.rand((n_seedings, k, local_trials), generator=generator, dtype=torch.float64)
+    fallback = torch.randint(n, (n_seedings, k, local_trials), generator=generator)
     centers = torch.empty((n_seedings, k, d), dtype=x.dtype, device=x.device)
     sq_norms = (x * x).sum(1)
-    picks = first.to(x.device)
-    centers[:, 0] = x[picks]
-    closest = (sq_norms[None, :] - 2 * centers[:, 0] @ x.T
-               + sq_norms[picks][:, None]).clamp_min_(0)
+    centers[:, 0] = x[first.to(x.device)]
+    closest = _sq_distances(x, sq_norms, centers[:, 0])  # (n_seedings, n)
     for j in range(1, k):
         # D^2 sampling by inverting the cumulative weights: far cheaper than
         # torch.multinomial on long vectors.
         cumulative = torch.cumsum(closest.double(), 1)
-        total = cumulative[:, -1]
-        target = (uniform[:, j].to(x.device) * total)[:, None]
-        picks = torch.searchsorted(cumulative, target, right=True)[:, 0].clamp_max_(n - 1)
+        total = cumulative[:, -1:]
+        target = uniform[:, j].to(x.device) * total  # (n_seedings, trials)
+        picks = torch.searchsorted(cumulative, target, right=True).clamp_max_(n - 1)
         # Fewer distinct points than clusters: any point will do.
         picks = torch.where(total > 0, picks, fallback[:, j].to(x.device))
-        centers[runs, j] = x[picks]
-        dist = (sq_norms[None, :] - 2 * centers[:, j] @ x.T
-                + sq_norms[picks][:, None]).clamp_min_(0)
-        torch.minimum(closest, dist, out=closest)
-    return centers, closest.double().sum(1)
-
-
-def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> torch.Tensor:
-    """Lloyd iterations from ``centers``; returns the centroids."""
-    k = centers.shape[0]
-    labels = None
-    for _ in range(max_iter):
-        # argmin ||x - c||^2 == argmax (x.c - |c|^2 / 2)
-        score = torch.addmm(-0.5 * (centers * centers).sum(1), x, centers.T)
-        new_labels = score.argmax(1)
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        sums = index_sum_(torch.zeros_like(centers), labels, x)
-        counts = torch.bincount(labels, minlength=k).to(x.dtype)
-        filled = counts > 0
-        # An empty cluster keeps its previous centroid instead of becoming NaN.
-        centers = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centers)
+        candidates = x[picks.reshape(-1)]  # (n_seedings * trials, d)
+        dist = _sq_distances(x, sq_norms, candidates).view(n_seedings, local_trials, n)
+        torch.minimum(dist, closest[:, None, :], out=dist)
+        if local_trials > 1:
+            best = dist.double().sum(2).argmin(1)
+        else:
+            best = torch.zeros(n_seedings, dtype=torch.long, device=x.device)
+        centers[runs, j] = x[picks[runs, best]]
+        closest = dist[runs, best]
     return centers
+
+
+def _lloyd(x: torch.Tensor, centers: torch.Tensor, *, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations of several k-means runs side by side.
+
+    Every step scores each cell against every centroid of every run still
+    moving in one matrix product (n x runs*k), then sums each run's clusters
+    in a fixed order; a run stops on its own when no cell changes cluster
+    (or after ``max_iter`` steps) and drops out of the product.
+
+    Parameters
+    ----------
+    x : (n, d) tensor
+    centers : (runs, k, d) tensor
+        Starting centroids of each run.
+
+    Returns
+    -------
+    centers : (runs, k, d) tensor
+        Final centroids; an empty cluster keeps its previous centroid.
+    inertia : (runs,) float64 tensor
+        Each run's within-cluster sum of squared distances at its final
+        centroids.
+    """
+    runs, k, d = centers.shape
+    n = x.shape[0]
+    centers = centers.clone()
+    labels = torch.full((runs, n), -1, dtype=torch.long, device=x.device)
+    active = torch.arange(runs, device=x.device)
+    for _ in range(max_iter):
+        new_labels = _nearest(x, centers[active]).T  # (active, n)
+        moving = (new_labels != labels[active]).any(1)
+        labels[active] = new_labels
+        active, new_labels = active[moving], new_labels[moving]
+        if len(active) == 0:
+            break
+        sums = torch.stack([_cluster_sums(x, run_labels, k) for run_labels in new_labels])
+        counts = torch.stack([torch.bincount(run_labels, minlength=k) for run_labels in new_labels])
+        counts = counts.to(x.dtype)[..., None]
+        # An empty cluster keeps its previous centroid instead of becoming NaN.
+        centers[active] = torch.where(counts > 0, sums / counts.clamp_min(1), centers[active])
+    sq_norms = (x * x).sum(1, dtype=torch.float64)
+    best = _scores(x, centers).view(n, runs, k).max(2).values.double()
+    inertia = (sq_norms[:, None] - 2 * best).clamp_min(0).sum(0)
+    return centers, inertia
+
+
+def _scores(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """x.c - |c|^2 / 2 for every cell and every centroid of every run: (n, runs * k).
+
+    The nearest centroid maximises it (||x - c||^2 = |x|^2 - 2 (x.c - |c|^2 / 2)).
+    """
+    flat = centers.reshape(-1, centers.shape[-1])
+    return torch.addmm((flat * flat).sum(1).mul_(-0.5)[None, :], x, flat.T)
+
+
+def _nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Each cell's nearest centroid in each run: (n, runs) int64."""
+    runs, k, _ = centers.shape
+    # max(...).indices: about twice as fast as argmax on the CPU.
+    return _scores(x, centers).view(x.shape[0], runs, k).max(2).indices
+
+
+def _cluster_sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum of the rows of ``x`` (n, d) in each of ``k`` clusters: (k, d).
+
+    On the CPU ``scatter_add_`` sums in row order and is ~5x faster than
+    ``index_add_`` here; elsewhere ``index_sum_`` keeps the order fixed.
+    """
+    out = torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":
+        return out.scatter_add_(0, labels[:, None].expand(-1, x.shape[1]), x)
+    return index_sum_(out, labels, x)
 
 
 def kmeans_centroids(
     x: torch.Tensor,
     k: int,
+    *,
     generator: torch.Generator,
-    n_init: int = 10,
-    max_iter: int = 25,
-    sample_size: int = 20_000,
+    start: KMeansStart,
+    sample_size: int = SAMPLE_SIZE,
     norms: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """k-means on the rows of ``x``: best of ``n_init`` k-means++ seedings, then Lloyd.
+    """k-means on the rows of ``x``: complete runs side by side, the lowest final inertia kept.
 
     Parameters
     ----------
@@ -94,20 +213,27 @@ def kmeans_centroids(
     k : int
         Number of clusters.
     generator : torch.Generator
-        CPU generator that makes the seeding reproducible.
+        CPU generator that makes the start reproducible.
+    start : KMeansStart
+        Runs, their Lloyd steps and the seeding's candidates per centre. With
+        several runs they compete on at most :func:`restart_cells` of the
+        cells (25 per cluster), and the winner is refined on all of them
+        (up to ``REFINE_STEPS`` Lloyd steps).
+    sample_size : int
+        Above this many cells k-means sees a random sample of them.
     norms : (n_cells,) tensor, optional
         Divide each row of ``x`` by its entry first (the engine passes Z_corr
         and its norms: k-means then runs on the unit-length cells, and only
         the sampled ones are ever normalised).
     order : (n_cells,) int64 tensor, optional
         A permutation of the rows: the seeding and the sample see ``x[order]``
-        (the engine passes the cells sorted by batch, the order earlier
-        versions stored them in, so a seed gives the same start as there).
+        (the engine passes the cells sorted by batch, so a seed gives the same
+        start whatever order the cells came in).
 
     Returns
     -------
     Tensor of shape (k, d)
-        Centroids (not normalised).
+        Centroids of the best run (not normalised).
     """
     n = x.shape[0]
     rows = None
@@ -123,9 +249,20 @@ def kmeans_centroids(
             x = x.div_(norms.index_select(0, rows)[:, None])
     elif norms is not None:
         x = x / norms[:, None]
-    # Restarts compete on the k-means++ seeding's own inertia; Lloyd then runs
-    # once, from the best seeding. Harmony refines the centroids anyway, and
-    # this keeps the initialisation a small part of the run at any size.
-    seedings, inertias = _kmeans_plusplus(x, k, generator, n_seedings=n_init)
-    best = seedings[int(torch.argmin(inertias))]
-    return _lloyd(x, best, max_iter)
+    restart_rows = None
+    restart_size = restart_cells(k)
+    if start.n_init > 1 and x.shape[0] > restart_size:
+        restart_rows = torch.randperm(x.shape[0], generator=generator)[:restart_size].to(x.device)
+    candidates = x if restart_rows is None else x.index_select(0, restart_rows)
+    seedings = _kmeans_plusplus(candidates, k, generator=generator, n_seedings=start.n_init,
+                                local_trials=start.local_trials)
+    centers, inertia = _lloyd(candidates, seedings, max_iter=start.max_iter)
+    best = centers[int(torch.argmin(inertia))]
+    if restart_rows is None:
+        return best
+    return _lloyd(x, best[None], max_iter=REFINE_STEPS)[0][0]
+
+
+def restart_cells(k: int) -> int:
+    """Cells the restarts of a ``k``-cluster start compete on, at most."""
+    return max(RESTART_MIN_CELLS, RESTART_CELLS_PER_CLUSTER * k)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
+from harmonypy._kmeans import SAMPLE_SIZE, restart_cells
+
 #: Rows of R and Z gathered at once by the correction (``_LevelReader``).
 _READ_CHUNK = 16384
-#: Cells the k-means initialisation works on at most (``kmeans_centroids``).
-_KMEANS_SAMPLE = 20_000
-#: k-means++ seedings run side by side (``kmeans_centroids``).
-_KMEANS_SEEDINGS = 10
 #: Memory touched by the first calls into torch's kernels (thread pools, BLAS
 #: workspaces, allocator caches): about 16 MB measured on the CPU, doubled.
 _FIXED_OVERHEAD = 32 * 2**20
@@ -89,6 +87,23 @@ class MemoryEstimate:
         """The terms, one per line, largest first."""
         return "\n".join(f"{_size(t.nbytes):>9}  {t.what}: {t.formula} ({t.phases}; {t.where})"
                          for t in sorted(self.terms, key=lambda t: -t.nbytes))
+
+
+def _kmeans_bytes(n: int, d: int, k: int, s: int) -> int:
+    """Bytes of the k-means start (``kmeans_centroids``) at its largest setting.
+
+    Ten runs side by side on at most ``restart_cells(k)`` cells (each cell's scores
+    against every run's centroids, labels, and the greedy seeding's candidate
+    distances, 2 + ln 100 = 6 per centre, with a float64 copy), then the winner
+    refined on the sample (scores and labels), which is a copy above
+    ``SAMPLE_SIZE`` cells.
+    """
+    sample = min(n, SAMPLE_SIZE)
+    runs, trials = 10, 6
+    restart = min(sample, restart_cells(k)) * runs * (k * s + 24 + trials * (s + 8) + s + 8)
+    refine = sample * (k * s + 24)
+    copy = sample * d * s if n > SAMPLE_SIZE else 0
+    return restart + refine + copy
 
 
 def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
@@ -182,12 +197,9 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
     add("statistics", "batch-by-cluster statistics (O, E, penalties)", "8 x B x K",
         8 * b * k * a)
     add("overhead", "torch's kernels and caches", "fixed", _FIXED_OVERHEAD, "host")
-    sample = min(n, _KMEANS_SAMPLE)
-    kmeans = sample * (_KMEANS_SEEDINGS * (2 * s + 16) + k * s + 8)
-    if n > _KMEANS_SAMPLE:
-        kmeans += sample * d * s
-    add("k-means", "k-means initialisation", "min(N, 20000) x (10 seedings + K)",
-        {PHASES[0]: kmeans})
+    add("k-means", "k-means initialisation",
+        "min(N, 25 K) x 10 runs x (K + 6 candidates) + min(N, 20000) x (K + d)",
+        {PHASES[0]: _kmeans_bytes(n, d, k, s)})
     add("pieces", "scratch of the online update", "2 x 2^18 x (V + 1)",
         {PHASES[1]: 2 * 2**18 * (n_vars + 1) * s})
     scratch = _READ_CHUNK * (k + d) * 2 * s + 8 * n

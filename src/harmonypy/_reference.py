@@ -50,7 +50,7 @@ from harmonypy import _clustering as clu
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, align_to_names, carries_names
 from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._kmeans import kmeans_centroids
+from harmonypy._kmeans import kmeans_centroids, start_for
 from harmonypy._projection import SCALINGS, GeneProjection
 
 __all__ = ["Reference", "ReferenceFileError", "build_reference", "load_reference"]
@@ -470,9 +470,11 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *, nclust, sig
         z_cos = clu.normalize_rows(z)
         del z
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        # As Harmony 1's init_cluster (R's kmeans(nstart = 10, iter.max = 25)),
-        # then symphony's soft_kmeans_cpp: R from Y, Y from R, 20 times.
-        centroids = clu.normalize_rows(kmeans_centroids(z_cos, n_clusters, generator))
+        # As Harmony 1's default start, then symphony's soft_kmeans_cpp: R from
+        # Y, Y from R, 20 times.
+        start = start_for("harmony1", "greedy", n_clusters)
+        centroids = clu.normalize_rows(
+            kmeans_centroids(z_cos, n_clusters, generator=generator, start=start))
         sigma_t = torch.as_tensor(sigma_clusters, device=torch_device)
         assignments = None
         for _ in range(ONE_BATCH_ROUNDS):

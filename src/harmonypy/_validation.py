@@ -510,6 +510,13 @@ def check_flag(name: str, value) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def check_epsilon(name: str, value) -> float:
     """A finite real number, or ``-inf`` (never stop early)."""
     return _real(name, value, allow_neg_inf=True)

@@ -388,10 +388,7 @@ def _mapping_record(q, ref, *, basis, adjusted, keys, n_missing) -> dict[str, An
         record.update(n_genes=int(ref.projection.n_genes), n_genes_missing=int(n_missing))
     if keys:
         record["key"] = keys
-    for name, table in transfers.items():
-        _write_transfer(adata, record, name, table, k, float(min_probability))
-    adata.uns[MAPPING_KEY] = record
-    return q
+    return record
 
 
 def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]:

@@ -77,9 +77,19 @@ def test_first_example_converges(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
-    assert namespace["ho"].converged, namespace["ho"].n_iter
+    ho = namespace["ho"]
+    assert ho.converged and 10 < ho.n_iter < 20, ho.n_iter  # as the text after it says
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "converged" in last and "without converging" not in last, last
+    objective = ho.objective_harmony
+    assert 1e-4 < (objective[9] - objective[10]) / objective[9] < 5e-4  # "about 0.02 %"
+    import harmonypy as hm
+    import numpy as np
+
+    capped = hm.run_harmony(*hm.datasets.load_pbmc_3500()[:2], ["donor"], verbose=False)
+    assert not capped.converged
+    r = [np.corrcoef(capped.Z_corr[j], ho.Z_corr[j])[0, 1] for j in range(ho.d)]
+    assert min(r) > 0.999
 
 
 @pytest.mark.parametrize("line, commands", BASH_BLOCKS,

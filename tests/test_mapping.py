@@ -1099,7 +1099,8 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for shown in ["92.8% of the 5' cells get their annotated type, 9 are unknown",
                   "k=10: 95.8%, dendritic cells 100%", "de novo: 95.1%",
-                  "without monocytes: median score of the monocytes 506, of the other cells 11",
+                  "full reference: median score of the monocytes 10, of the other cells 12",
+                  "without monocytes: median score of the monocytes 498, of the other cells 11",
                   "['X_pca_reference', 'X_pca_harmony']"]:
         assert shown in out, shown
     assert (tmp_path / "pbmc_reference.npz").exists()

@@ -968,7 +968,7 @@ def run_harmony(
         steps. 'greedy' runs ten complete k-means runs from greedy k-means++
         seedings (2 + ln K candidates per centre): the result then moves the
         least with ``random_state`` (measured on the bundled data, see
-        docs/performance.md), at the same distance from R's results.
+        docs/convergence.md), as close to R's results.
 
     Returns
     -------

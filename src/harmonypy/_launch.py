@@ -48,11 +48,14 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+
+from harmonypy._convergence import ConvergenceWarning
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
@@ -189,6 +192,9 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
         raise RuntimeError("--nproc starts Python processes with inherited shared memory, "
                            "which needs Linux or macOS and a Python interpreter (not a "
                            "frozen executable)")
+    if options.get("callback") is not None:
+        raise ValueError("callback: not with nproc > 1 (the iterations run in other "
+                         "processes, which cannot call a function of this one)")
     seconds = start_timeout_seconds(start_timeout)
     data_mat = _checked_matrix(data_mat, meta_data, nproc)
     options, backend = _backend_options(nproc, options)
@@ -217,6 +223,9 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     finally:
         os.close(cells_fd)
         os.close(out_fd)
+    if summary["stop_reason"] == "max_iter_harmony":
+        warnings.warn(f"Harmony did not converge in {summary['n_iter']} iteration(s); raise "
+                      f"max_iter_harmony", ConvergenceWarning, stacklevel=2)
     return GatheredRun(corrected=corrected, n_iter=summary["n_iter"],
                        converged=summary["converged"],
                        objective_harmony=summary["objective_harmony"],
@@ -557,11 +566,13 @@ def _run_rank(payload: dict, *, cells_fd: int, out_fd: int, report) -> dict | No
     try:
         start, stop = payload["bounds"][rank]
         began = time.perf_counter()
-        ho = run_harmony(cells[start:stop], payload["meta"], payload["vars_use"],
-                         distributed=True, **options)
+        with warnings.catch_warnings():  # the launcher warns once, in the caller's process
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ho = run_harmony(cells[start:stop], payload["meta"], payload["vars_use"],
+                             distributed=True, **options)
         ho.result(out=corrected[start:stop])
         return None if rank else dict(
-            n_iter=ho.n_iter, converged=ho.converged,
+            n_iter=ho.n_iter, converged=ho.converged, stop_reason=ho.stop_reason,
             objective_harmony=list(ho.objective_harmony),
             kmeans_rounds=list(ho.kmeans_rounds), K=ho.K, algorithm=ho.algorithm,
             bytes=ho.bytes_reduced, batch_levels=list(ho.batch_levels),

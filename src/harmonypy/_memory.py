@@ -198,7 +198,7 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
         8 * b * k * a)
     add("overhead", "torch's kernels and caches", "fixed", _FIXED_OVERHEAD, "host")
     add("k-means", "k-means initialisation",
-        "min(N, 25 K) x 10 runs x (K + 6 candidates) + min(N, 20000) x (K + d)",
+        "min(N, 50 K) x 10 runs x (K + 6 candidates) + min(N, 20000) x (K + d)",
         {PHASES[0]: _kmeans_bytes(n, d, k, s)})
     add("pieces", "scratch of the online update", "2 x 2^18 x (V + 1)",
         {PHASES[1]: 2 * 2**18 * (n_vars + 1) * s})

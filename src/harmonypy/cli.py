@@ -546,6 +546,24 @@ def _note(args: argparse.Namespace, text: str) -> None:
         print(f"{PROG}: {text}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _convergence_noted(args: argparse.Namespace) -> Any:
+    """The library's ConvergenceWarning as one CLI line naming the option (unless --quiet)."""
+    from harmonypy._convergence import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            if not getattr(args, "quiet", False):
+                print(f"{PROG}: warning: Harmony did not converge in {args.max_iter_harmony} "
+                      f"iteration(s); raise --max-iter-harmony", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+
+
 def command_run(args: argparse.Namespace) -> int:
     """``harmonypy run``: integrate a file and write the result."""
     if args.nproc < 1:
@@ -568,13 +586,15 @@ def command_run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from harmonypy._launch import run_in_processes
 
-        ho = run_in_processes(embedding.frame.to_numpy(), meta, args.vars_use, args.nproc,
-                              verbose=not args.quiet, **harmony_kwargs(args))
+        with _convergence_noted(args):
+            ho = run_in_processes(embedding.frame.to_numpy(), meta, args.vars_use, args.nproc,
+                                  verbose=not args.quiet, **harmony_kwargs(args))
         _note(args, f"{args.nproc} processes ({ho.backend}), {ho.bytes_per_process:,} bytes "
                     f"all-reduced by each")
     else:
-        ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use,
-                         verbose=not args.quiet, **harmony_kwargs(args))
+        with _convergence_noted(args):
+            ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use,
+                             verbose=not args.quiet, **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
     if file_format(args.output) == "npy" and not args.plot:
         # Numbers only: written straight from the engine into the memory-mapped
@@ -679,8 +699,10 @@ def _run_backed_h5ad(args: argparse.Namespace, adata) -> int:
     _check_plot_pcs(args, before.shape[1])
 
     start = time.perf_counter()
-    ho = integrate(adata, args.vars_use, basis=args.basis, adjusted_basis=args.adjusted_basis,
-                   nproc=args.nproc, verbose=not args.quiet, **harmony_kwargs(args))
+    with _convergence_noted(args):
+        ho = integrate(adata, args.vars_use, basis=args.basis,
+                       adjusted_basis=args.adjusted_basis, nproc=args.nproc,
+                       verbose=not args.quiet, **harmony_kwargs(args))
     elapsed = time.perf_counter() - start
     corrected = adata.obsm[args.adjusted_basis]
     if file_format(args.output) == "h5ad":
@@ -804,8 +826,9 @@ def command_reference_build(args: argparse.Namespace) -> int:
     from harmonypy._harmony import run_harmony
 
     start = time.perf_counter()
-    ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use, verbose=not args.quiet,
-                     **harmony_kwargs(args))
+    with _convergence_noted(args):
+        ho = run_harmony(embedding.frame.to_numpy(), meta, args.vars_use,
+                         verbose=not args.quiet, **harmony_kwargs(args))
     # The reference keeps the cells' names (from the embedding) with its cells.
     named = meta.set_axis(embedding.frame.index) if embedding.has_names else meta
     ref = build_reference(ho, named, labels=args.labels, keep_cells=args.keep_cells)

@@ -1,0 +1,68 @@
+"""The opt-in embedding test against R's objective test: iterations saved, result kept.
+
+Harmony runs on one simulated input with R's rule alone (the default) and with
+``epsilon_embedding`` set; the table gives iterations, seconds, the stop reason
+and the min per-PC r of each run's corrected embedding against the default run's.
+
+    python benchmarks/bench_stopping.py --cells 1000000 --out benchmarks/results/stopping-1m.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import harmonypy as hm  # noqa: E402
+from device_check import per_pc_r  # noqa: E402 - beside this script (minimum over PCs)
+from harmonypy._simulate import simulate  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--batches", type=int, default=64)
+    parser.add_argument("--algorithms", default="harmony2,harmony1")
+    parser.add_argument("--epsilons", default="1e-2,3e-3,1e-3")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    X, meta = simulate(args.cells, 50, args.batches, seed=0)
+    rows = []
+    for algorithm in args.algorithms.split(","):
+        reference = None
+        for eps in [None] + [float(e) for e in args.epsilons.split(",")]:
+            t0 = time.perf_counter()
+            ho = hm.run_harmony(X, meta, "batch", algorithm=algorithm, epsilon_embedding=eps,
+                                verbose=False)
+            seconds = time.perf_counter() - t0
+            Z = ho.result().astype(np.float64)
+            if reference is None:
+                reference = Z
+            rows.append(dict(algorithm=algorithm, eps=eps, n_iter=ho.n_iter, seconds=seconds,
+                             reason=ho.stop_reason, r=per_pc_r(Z, reference),
+                             objective=ho.objective_harmony[-1]))
+            print(rows[-1], file=sys.stderr, flush=True)
+    lines = [f"# Stopping on the embedding ({args.cells:,} cells x 50 PCs, {args.batches} batches)", "",
+             f"`python benchmarks/bench_stopping.py --cells {args.cells}`; min per-PC r against "
+             f"the default run (R's objective test only) of the same algorithm.", "",
+             "| algorithm | epsilon_embedding | iterations | stop reason | seconds | last objective | min per-PC r |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = "– (R's test)" if r["eps"] is None else f"{r['eps']:g}"
+        lines.append(f"| {r['algorithm']} | {eps} | {r['n_iter']} | {r['reason']} | "
+                     f"{r['seconds']:.1f} | {r['objective']:.1f} | {r['r']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

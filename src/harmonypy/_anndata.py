@@ -403,7 +403,7 @@ def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]
     if label_names and ref.cells is None:
         raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
                          "transfer needs them; rebuild it with keep_cells=True")
-    k = 30 if k is None else val.check_int("k", k, 1)
+    k = 5 if k is None else val.check_int("k", k, 1)
     for name in label_names:
         labelled = int((ref.labels[name].cat.codes >= 0).sum())
         if labelled == 0:

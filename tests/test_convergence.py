@@ -112,3 +112,27 @@ def test_embedding_change_is_the_relative_change_of_the_corrected_cells(pbmc):
 def test_epsilon_embedding_is_checked(pbmc, value):
     with pytest.raises((ValueError, TypeError), match="epsilon_embedding"):
         run(pbmc, epsilon_embedding=value)
+
+
+def test_callback_reaches_the_engine_from_the_anndata_front_ends(pbmc):
+    anndata = pytest.importorskip("anndata")
+    pcs, meta = pbmc
+    for front_end in (hm.integrate, hm.harmony_integrate):
+        adata = anndata.AnnData(obs=meta.set_axis(meta.index.astype(str)))
+        adata.obsm["X_pca"] = pcs
+        seen = []
+        front_end(adata, "donor", callback=lambda r: seen.append(r.iteration) or r.iteration == 2,
+                  verbose=False)
+        assert seen == [1, 2]
+
+
+def test_the_convergence_page_runs_as_written(capsys):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "convergence.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), {"__name__": "__page__"})
+    assert capsys.readouterr().out.splitlines() == ["callback 4 4", "True"]

@@ -119,7 +119,7 @@ def test_every_scanpy_parameter_with_its_default():
             assert type(ours[name].default) is type(expected), name
     # This package's own options come after scanpy's and are keyword-only.
     extra = names[len(scanpy_params):]
-    assert set(extra) == {"device", "verbose", "ncores"}
+    assert set(extra) == {"device", "verbose", "ncores", "callback"}
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)
 
 

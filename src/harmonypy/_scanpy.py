@@ -141,6 +141,7 @@ def harmony_integrate(
     device: Any = None,
     verbose: bool = True,
     ncores: int | None = None,
+    callback: Any = None,
 ) -> None:
     """Integrate ``adata.obsm[basis]`` over batches, with scanpy's arguments.
 
@@ -205,6 +206,9 @@ def harmony_integrate(
         Progress on stderr (see :func:`run_harmony`).
     ncores : int, optional
         CPU threads (default: the package's thread policy).
+    callback : callable, optional
+        Called after every Harmony iteration, as ``run_harmony(callback=...)``;
+        returning True stops the run.
 
     Returns
     -------
@@ -273,6 +277,7 @@ def harmony_integrate(
         verbose=verbose,
         ncores=ncores,
         algorithm=_FLAVORS[flavor],
+        callback=callback,
     )
     if harmony2:
         kwargs.update(lamb=-1, alpha=alpha,

@@ -488,8 +488,8 @@ def _build_map(commands) -> None:
     p.add_argument("--min-probability", type=_number, default=0.5, metavar="P",
                    help="below this share of the neighbours' votes the label is 'unknown'")
     p.add_argument("--neighbors", type=int, default=5, metavar="K",
-                   help="reference cells that vote on each query cell's label (default 5, "
-                        "as Symphony)")
+                   help="reference cells that vote on each query cell's label (5: "
+                        "Symphony's choice)")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output file: a table (corrected PCs, labels, mapping_score), .npy "
                         "(corrected PCs only) or, for .h5ad input, .h5ad. Written to a "

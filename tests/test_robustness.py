@@ -334,11 +334,11 @@ def test_non_finite_assignments_stop_with_an_error(monkeypatch):
 
     original = clu.online_update
 
-    def poisoned(assignments, z, norms, centroids, *args, **kwargs):
+    def poisoned(assignments, *, centroids, **kwargs):
         # A non-finite centroid makes non-finite assignments, as overflow would.
         centroids = centroids.clone()
         centroids[0, 0] = float("nan")
-        return original(assignments, z, norms, centroids, *args, **kwargs)
+        return original(assignments, centroids=centroids, **kwargs)
 
     monkeypatch.setattr(clu, "online_update", poisoned)
     z, meta = small_problem()

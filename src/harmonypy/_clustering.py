@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -293,32 +293,102 @@ def _block_level_sums(assignments, codes, order, bounds, n_levels,
     return sums.view(n_blocks, n_levels, -1)
 
 
-def online_update(
-    assignments: torch.Tensor,
-    z: torch.Tensor,
-    norms: torch.Tensor,
-    centroids: torch.Tensor,
-    codes: torch.Tensor,
-    stats: ClusterStats,
-    proportions: torch.Tensor,
-    theta: torch.Tensor,
-    sigma: torch.Tensor,
-    order: torch.Tensor,
-    bounds: list[tuple[int, int]],
-    diversity_fn: Callable,
-    first_levels: int,
-    rows: torch.Tensor | None = None,
-    centroid_sums_out: torch.Tensor | None = None,
-    recount: bool = False,
-    removals: torch.Tensor | None = None,
-    next_order: torch.Tensor | None = None,
-    next_bounds: list[tuple[int, int]] | None = None,
-    reduction: Reduction = LOCAL,
-) -> tuple[float, float, torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class CellRows:
+    """The cells as the clustering step reads them.
+
+    z : (N, d) tensor, the cells (Z_corr).
+    norms : (N,) tensor, their norms: ``z[i] / norms[i]`` is cell i of Z_cos.
+    codes : (N, V) int64 tensor of global level indices.
+    """
+
+    z: torch.Tensor
+    norms: torch.Tensor
+    codes: torch.Tensor
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """What stays the same across a run's online updates.
+
+    proportions, theta : (B,) tensors (statistics dtype).
+    sigma : (K,) tensor (statistics dtype).
+    diversity_fn : callable (O, E) -> ratio, both (B, K).
+    first_levels : int
+        Number of levels of the first batch variable; they partition the cells,
+        so their level sums also give the cluster sizes.
+    reduction : Reduction
+        Where the sums over cells become global (see :mod:`harmonypy._reduce`).
+        In a distributed run each process holds a shard of the cells and runs
+        the same blocks on its share; the removals, each block's batch sums,
+        the centroid sums and the objective's terms are summed over the
+        processes, so O and E stay global and identical on every process.
+    """
+
+    proportions: torch.Tensor
+    theta: torch.Tensor
+    sigma: torch.Tensor
+    diversity_fn: Callable
+    first_levels: int
+    reduction: Reduction = LOCAL
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The blocks of one online update, and what the previous one left for it.
+
+    order : (N,) int64 permutation of the rows of ``assignments``.
+    bounds : list of (start, end) positions in ``order``.
+    rows : optional (N,) int64 tensor
+        The cell held by each row of ``assignments`` (None: row i is cell i).
+    removals : optional (n_blocks, B, K) tensor
+        What each block takes out of O: the sums of the current R over each
+        block's cells by level, when the previous update already summed them.
+        None: summed here, in one pass over R.
+    recount : bool
+        Set ``stats`` from ``assignments`` first (fresh assignments whose counts
+        are not known yet); the pass that sums each block's removals gives them.
+    next_order, next_bounds : optional
+        The next update's permutation of R's rows (as they will be after this
+        update) and its blocks (default: ``bounds``). Each piece then also adds
+        its new rows to the next update's removals while it is in cache, which
+        spares the next update its pass over R.
+    """
+
+    order: torch.Tensor
+    bounds: list
+    rows: torch.Tensor | None = None
+    removals: torch.Tensor | None = None
+    recount: bool = False
+    next_order: torch.Tensor | None = None
+    next_bounds: list | None = None
+
+
+class OnlineResult(NamedTuple):
+    """What :func:`online_update` returns.
+
+    dist_term, entropy_term : float
+        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` over all cells
+        with the new assignments (the objective's first two parts).
+    rows : (N,) int64 tensor
+        The cell held by each row of ``assignments`` after the update.
+    next_removals : (n_blocks, B, K) tensor or None
+        The ``removals`` of the next update (None without ``next_order``).
+    """
+
+    dist_term: float
+    entropy_term: float
+    rows: torch.Tensor
+    next_removals: torch.Tensor | None
+
+
+def online_update(assignments: torch.Tensor, *, cells: CellRows, centroids: torch.Tensor,
+                  stats: ClusterStats, settings: OnlineSettings, plan: BlockPlan,
+                  centroid_sums_out: torch.Tensor | None = None) -> OnlineResult:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
-    For each block of cells (in the shuffled ``order``): take the block out of O
-    and E, recompute its assignments as
+    For each block of cells (in the shuffled ``plan.order``): take the block out
+    of O and E, recompute its assignments as
     ``softmax_k(-dist / sigma_k + sum_b theta_b log(ratio_kb) Phi_bi)``, which
     equals R's ``scale_dist * (ratio^theta Phi)`` followed by an L1 normalisation
     when there is one batch variable, then put the block back.
@@ -331,83 +401,53 @@ def online_update(
     Parameters
     ----------
     assignments : (N, K) tensor, updated in place.
-    z : (N, d) tensor, the cells (Z_corr).
-    norms : (N,) tensor, their norms: ``z[i] / norms[i]`` is cell i of Z_cos.
+    cells : CellRows, the cells and their level codes.
     centroids : (K, d) tensor, unit-length centroids ``Y``.
-    codes : (N, V) int64 tensor of global level indices.
     stats : ClusterStats, updated in place.
-    proportions, theta : (B,) tensors (statistics dtype).
-    sigma : (K,) tensor (statistics dtype).
-    order : (N,) int64 permutation of the rows of ``assignments``.
-    bounds : list of (start, end) positions in ``order``.
-    diversity_fn : callable (O, E) -> ratio, both (B, K).
-    first_levels : int
-        Number of levels of the first batch variable; they partition the cells,
-        so their level sums also give the cluster sizes.
-    rows : optional (N,) int64 tensor
-        The cell held by each row of ``assignments`` (None: row i is cell i).
+    settings : OnlineSettings, the run's penalty and where sums become global.
+    plan : BlockPlan, this update's blocks (and the next one's order).
     centroid_sums_out : optional (K, d) tensor, zeroed
         Receives ``sum_i R_ki z_i`` over the new assignments (Harmony 1's next
         centroids before normalising), summed piece by piece while each piece
         is in cache instead of in a separate pass over R and Z_cos.
-    recount : bool
-        Set ``stats`` from ``assignments`` first (fresh assignments whose counts
-        are not known yet); the pass that sums each block's removals gives them.
-    removals : optional (n_blocks, B, K) tensor
-        What each block takes out of O: the sums of the current R over each
-        block's cells by level, when the previous update already summed them.
-        None: summed here, in one pass over R.
-    next_order, next_bounds : optional
-        The next update's permutation of R's rows (as they will be after this
-        update) and its blocks (default: ``bounds``). Each piece then also adds
-        its new rows to the next update's removals while it is in cache, which
-        spares the next update its pass over R.
-    reduction : Reduction
-        Where the sums over cells become global (see :mod:`harmonypy._reduce`).
-        In a distributed run each process holds a shard of the cells and runs
-        the same blocks on its share; the removals, each block's batch sums,
-        the centroid sums and the objective's terms are summed over the
-        processes, so O and E stay global and identical on every process.
 
     Returns
     -------
-    dist_term, entropy_term : float
-        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` over all cells
-        with the new assignments (the objective's first two parts).
-    rows : (N,) int64 tensor
-        The cell held by each row of ``assignments`` after the update.
-    next_removals : (n_blocks, B, K) tensor or None
-        The ``removals`` of the next update (None without ``next_order``).
+    OnlineResult
+        The objective's two terms, the new row order and the next removals.
     """
     n_levels = stats.observed.shape[0]
-    if removals is None or recount:
+    reduction = settings.reduction
+    removals = plan.removals
+    if removals is None or plan.recount:
         # A block's cells keep their old assignments until the block's turn, so
         # what each block takes out of O can be summed up front in one
         # sequential pass over R, instead of gathering the old rows block by block.
-        row_codes = codes if rows is None else codes.index_select(0, rows)
-        removals = _block_level_sums(assignments, row_codes, order, bounds, n_levels,
+        row_codes = cells.codes if plan.rows is None else cells.codes.index_select(0, plan.rows)
+        removals = _block_level_sums(assignments, row_codes, plan.order, plan.bounds, n_levels,
                                      stats.observed.dtype)
         reduction.sum_(removals)
-    if recount:
+    if plan.recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
-        stats.cluster_sizes = stats.observed[:first_levels].sum(0)
-    cells_in_order = order if rows is None else rows.index_select(0, order)
+        stats.cluster_sizes = stats.observed[:settings.first_levels].sum(0)
+    cells_in_order = plan.order if plan.rows is None else plan.rows.index_select(0, plan.order)
+    next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
     next_removals = next_block_of = None
-    if next_order is not None:
-        next_bounds = bounds if next_bounds is None else next_bounds
-        next_block_of = _block_of_rows(next_order, next_bounds)
+    if plan.next_order is not None:
+        next_block_of = _block_of_rows(plan.next_order, next_bounds)
         next_removals = torch.zeros((len(next_bounds) * n_levels, assignments.shape[1]),
                                     dtype=stats.observed.dtype, device=assignments.device)
-    largest_block = max(end - start for start, end in bounds) * assignments.shape[1]
+    sums = _NewRowSums(assignments, n_levels=n_levels, next_block_of=next_block_of,
+                       next_removals=next_removals, centroid_sums=centroid_sums_out)
+    largest_block = max(end - start for start, end in plan.bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
-            assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
-            cells_in_order, bounds, removals, diversity_fn, first_levels, centroid_sums_out,
-            next_block_of, next_removals, reduction)
+            assignments, cells=cells, centroids=centroids, stats=stats, settings=settings,
+            blocks=_Blocks(cells_in_order, plan.bounds, removals), sums=sums)
     reduction.sum_(centroid_sums_out, next_removals)
     if next_removals is not None:
         next_removals = next_removals.view(len(next_bounds), n_levels, -1)
-    return dist_term, entropy_term, cells_in_order, next_removals
+    return OnlineResult(dist_term, entropy_term, cells_in_order, next_removals)
 
 
 # Cells x clusters handled at once inside a block: about 1 MB of float32, so the
@@ -415,108 +455,185 @@ def online_update(
 PIECE_ELEMENTS = 2**18
 MIN_PIECE_ROWS = 64
 #: Cells whose batch sums are added up in the working dtype before they join
-#: the float64 totals (see _update_blocks).
+#: the float64 totals (see _NewRowSums).
 FLUSH_ROWS = 8192
 
 
-def _update_blocks(assignments, z, norms, centroids, codes, stats, proportions, theta, sigma,
-                   cells_in_order, bounds, removals, diversity_fn, first_levels,
-                   centroid_sums_out, next_block_of, next_removals, reduction=LOCAL):
+@dataclass(frozen=True)
+class _Blocks:
+    """The blocks of one update: the cell in each position of the new R
+    (``cells_in_order``, (N,)), the blocks' (start, end) positions, and what
+    each block takes out of O (``removals``, (n_blocks, B, K))."""
+
+    cells_in_order: torch.Tensor
+    bounds: list
+    removals: torch.Tensor
+
+
+class _NewRowSums:
+    """Sums over the new rows of R, taken from each piece while it is in cache.
+
+    The batch sums of the new rows (the current block's, and the next update's
+    removals) run in the working dtype over at most ``flush_rows`` cells and
+    are then added to float64 totals: a float32 sum over a whole block or
+    level would drop R's small entries once the sums grow (atlas sizes).
+    Harmony 1's next centroid sums (``centroid_sums``) are added piece by piece.
+    """
+
+    def __init__(self, like: torch.Tensor, *, n_levels: int,
+                 next_block_of: torch.Tensor | None, next_removals: torch.Tensor | None,
+                 centroid_sums: torch.Tensor | None):
+        dtype, device, n_clusters = like.dtype, like.device, like.shape[1]
+        self.n_levels, self.n_clusters = n_levels, n_clusters
+        self.next_block_of, self.next_removals = next_block_of, next_removals
+        self.centroid_sums = centroid_sums
+        self.added = torch.zeros((n_levels, n_clusters), dtype=dtype, device=device)
+        self.next_block_sums = (None if next_removals is None else
+                                torch.zeros(next_removals.shape, dtype=dtype, device=device))
+        # Many levels: flush less often, so adding the sums stays a small part
+        # of the work (a flush touches every entry; a piece of n rows does n K work).
+        sum_entries = self.added.numel() + (0 if self.next_block_sums is None
+                                            else self.next_block_sums.numel())
+        self.flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
+        # With the next update's removals summed here, a level's sums over the
+        # new rows are those removals summed over the next blocks: one
+        # scatter-add per piece instead of two (the second cost 8% of a run at 1M cells).
+        self.derived = self.next_block_sums is not None
+        self.block_added: torch.Tensor | None = None
+        self.unflushed = 0
+
+    def begin_block(self, acc_dtype: torch.dtype) -> None:
+        """Start the float64 (``acc_dtype``) totals of a block's new rows by level."""
+        self.block_added = torch.zeros((self.n_levels, self.n_clusters), dtype=acc_dtype,
+                                       device=self.added.device)
+        self.unflushed = 0
+
+    def add_piece(self, new: torch.Tensor, piece_codes: torch.Tensor,
+                  unit_cells: torch.Tensor, span: slice) -> None:
+        """Add a piece's new rows ``new`` (n, K) at positions ``span``, with their
+        level codes (n, V) and unit-length cells (n, d)."""
+        for v in range(piece_codes.shape[1]):
+            if not self.derived:
+                index_sum_(self.added, piece_codes[:, v], new)
+            else:  # (next block, level) pairs
+                index_sum_(self.next_block_sums,
+                           self.next_block_of[span] * self.n_levels + piece_codes[:, v], new)
+        if self.centroid_sums is not None:  # Harmony 1's next centroids, from the cache
+            self.centroid_sums.addmm_(new.T, unit_cells)
+        self.unflushed += new.shape[0]
+        if self.unflushed >= self.flush_rows:
+            self.flush()
+            self.unflushed = 0
+
+    def flush(self) -> None:
+        """Move the working-dtype sums into the float64 totals."""
+        if self.derived:  # into the reused buffer: no fresh temporary per flush
+            torch.sum(self.next_block_sums.view(-1, self.n_levels, self.n_clusters), 0,
+                      out=self.added)
+            self.next_removals.add_(self.next_block_sums)
+            self.next_block_sums.zero_()
+        self.block_added += self.added
+        self.added.zero_()
+
+    def end_block(self) -> torch.Tensor:
+        """The block's new rows summed by level, (B, K) in float64."""
+        self.flush()
+        return self.block_added
+
+
+class _BlockPenalty(NamedTuple):
+    """A block's ``theta_b log(ratio_kb)`` (B, K), and the same less ``2 / sigma``."""
+
+    log: torch.Tensor
+    shifted: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _PieceScratch:
+    """What every piece of an update reuses: the scaled centroids and scratch
+    buffers (fresh temporaries would cost page faults on every block once they
+    outgrow malloc's caches)."""
+
+    rows: int  # cells per piece
+    two_over_sigma: torch.Tensor  # (K,) in the working dtype
+    scaled_centroids_t: torch.Tensor  # (d, K): 2 Y^T / sigma
+    logits: torch.Tensor  # (rows, K)
+    unit_cells: torch.Tensor  # (rows, d)
+
+    @classmethod
+    def for_update(cls, assignments: torch.Tensor, *, centroids: torch.Tensor,
+                   sigma: torch.Tensor, bounds: list) -> "_PieceScratch":
+        dtype, device, n_clusters = assignments.dtype, assignments.device, assignments.shape[1]
+        two_over_sigma = (2.0 / sigma).to(dtype)
+        piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
+        largest = min(piece, max(end - start for start, end in bounds))
+        return cls(piece, two_over_sigma, (centroids * two_over_sigma[:, None]).T,
+                   torch.empty((largest, n_clusters), dtype=dtype, device=device),
+                   torch.empty((largest, centroids.shape[1]), dtype=dtype, device=device))
+
+
+def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: torch.Tensor,
+                   stats: ClusterStats, settings: OnlineSettings, blocks: _Blocks,
+                   sums: _NewRowSums) -> tuple[float, float]:
     """The per-block loop of :func:`online_update`; returns the two objective terms.
 
     O and E change once per block; within a block the cells are independent,
-    so they are processed in cache-sized pieces.
+    so they are processed in cache-sized pieces (:func:`_update_piece`).
     """
     dtype = assignments.dtype
-    device = assignments.device
     acc_dtype = stats.observed.dtype
-    n_levels = stats.observed.shape[0]
-    n_clusters = assignments.shape[1]
-    n_variables = codes.shape[1]
-    removals = removals.to(acc_dtype)
-    two_over_sigma = (2.0 / sigma).to(dtype)
-    scaled_centroids_t = (centroids * two_over_sigma[:, None]).T
-    objective = _ObjectiveSums(sigma, acc_dtype)
-    # Scratch space reused by every piece: fresh temporaries would cost page
-    # faults on every block once they outgrow malloc's caches.
-    piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
-    largest = min(piece, max(end - start for start, end in bounds))
-    logits_buffer = torch.empty((largest, n_clusters), dtype=dtype, device=device)
-    z_buffer = torch.empty((largest, z.shape[1]), dtype=dtype, device=device)
-    # The batch sums of the new rows (this block's, and the next update's
-    # removals) run in the working dtype over at most FLUSH_ROWS cells and are
-    # then added to float64 totals: a float32 sum over a whole block or level
-    # would drop R's small entries once the sums grow (atlas sizes).
-    added = torch.zeros((n_levels, n_clusters), dtype=dtype, device=device)
-    next_block_sums = (None if next_removals is None else
-                       torch.zeros(next_removals.shape, dtype=dtype, device=device))
-
-    # Many levels: flush less often, so adding the sums stays a small part of
-    # the work (a flush touches every entry; a piece of n rows does n K work).
-    sum_entries = added.numel() + (0 if next_block_sums is None else next_block_sums.numel())
-    flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
-
-    # With the next update's removals summed here, a level's sums over the new
-    # rows are those removals summed over the next blocks: one scatter-add per
-    # piece instead of two (the second cost 8% of a run at 1M cells).
-    derived = next_block_sums is not None
-
-    def flush(block_added):
-        if derived:  # into the reused buffer: no fresh temporary per flush
-            torch.sum(next_block_sums.view(-1, n_levels, n_clusters), 0, out=added)
-            next_removals.add_(next_block_sums)
-            next_block_sums.zero_()
-        block_added += added
-        added.zero_()
-
-    for j, (start, end) in enumerate(bounds):
+    first_levels = settings.first_levels
+    removals = blocks.removals.to(acc_dtype)
+    scratch = _PieceScratch.for_update(assignments, centroids=centroids, sigma=settings.sigma,
+                                       bounds=blocks.bounds)
+    objective = _ObjectiveSums(settings.sigma, acc_dtype)
+    for j, (start, end) in enumerate(blocks.bounds):
         stats.observed -= removals[j]
         stats.cluster_sizes -= removals[j, :first_levels].sum(0)
-        ratio = diversity_fn(stats.observed, stats.expected(proportions))
-        log_penalty = torch.xlogy(theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
-        shifted_penalty = log_penalty - two_over_sigma
-        block_added = torch.zeros((n_levels, n_clusters), dtype=acc_dtype, device=device)
-        unflushed = 0
-        for lo in range(start, end, piece):
-            hi = min(end, lo + piece)
-            cells = cells_in_order[lo:hi]
-            piece_codes = codes.index_select(0, cells)
-            # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
-            # scaled centroids, added in place to the penalty less 2 / sigma.
-            logits = logits_buffer[:hi - lo]
-            if n_variables == 1:
-                torch.index_select(shifted_penalty, 0, piece_codes[:, 0], out=logits)
-            else:
-                # Several variables: R multiplies by (ratio^theta) Phi, a sum over
-                # the cell's levels, so their logs combine with logsumexp.
-                penalty = torch.logsumexp(torch.stack(
-                    [F.embedding(piece_codes[:, v], log_penalty)
-                     for v in range(n_variables)]), dim=0)
-                torch.sub(penalty, two_over_sigma, out=logits)
-            block_z = unit_rows(z, norms, cells, out=z_buffer[:hi - lo])  # rows of Z_cos
-            logits.addmm_(block_z, scaled_centroids_t)
-            # The block's old rows are no longer needed (its removals are known).
-            new = torch.softmax(logits, dim=1, out=assignments[lo:hi])
-            for v in range(n_variables):
-                if not derived:
-                    index_sum_(added, piece_codes[:, v], new)
-                else:  # (next block, level) pairs
-                    index_sum_(next_block_sums,
-                               next_block_of[lo:hi] * n_levels + piece_codes[:, v], new)
-            if centroid_sums_out is not None:  # Harmony 1's next centroids, from the cache
-                centroid_sums_out.addmm_(new.T, block_z)
-            objective.add_piece(new, logits, penalty if n_variables > 1 else None)
-            unflushed += hi - lo
-            if unflushed >= flush_rows:
-                flush(block_added)
-                unflushed = 0
-        flush(block_added)
-        if n_variables == 1:  # this process's cells: the objective is summed at the end
+        ratio = settings.diversity_fn(stats.observed, stats.expected(settings.proportions))
+        log_penalty = torch.xlogy(settings.theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
+        penalty = _BlockPenalty(log_penalty, log_penalty - scratch.two_over_sigma)
+        sums.begin_block(acc_dtype)
+        for lo in range(start, end, scratch.rows):
+            _update_piece(assignments, slice(lo, min(end, lo + scratch.rows)), cells=cells,
+                          order=blocks.cells_in_order, penalty=penalty, scratch=scratch,
+                          sums=sums, objective=objective)
+        block_added = sums.end_block()
+        if cells.codes.shape[1] == 1:  # this process's cells: the objective is summed at the end
             objective.add_level_penalty(block_added, log_penalty)
-        reduction.sum_(block_added)  # every process's share of block j
+        settings.reduction.sum_(block_added)  # every process's share of block j
         stats.observed += block_added
         stats.cluster_sizes += block_added[:first_levels].sum(0)
-    return objective.terms(reduction)
+    return objective.terms(settings.reduction)
+
+
+def _update_piece(assignments: torch.Tensor, span: slice, *, cells: CellRows,
+                  order: torch.Tensor, penalty: _BlockPenalty, scratch: _PieceScratch,
+                  sums: _NewRowSums, objective: "_ObjectiveSums") -> None:
+    """New assignments of the cells at positions ``span`` of ``order``, written
+    to those rows of ``assignments``; their sums go to ``sums`` and ``objective``."""
+    rows = order[span]
+    piece_codes = cells.codes.index_select(0, rows)
+    n_variables = piece_codes.shape[1]
+    # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
+    # scaled centroids, added in place to the penalty less 2 / sigma.
+    logits = scratch.logits[:rows.shape[0]]
+    several = None
+    if n_variables == 1:
+        torch.index_select(penalty.shifted, 0, piece_codes[:, 0], out=logits)
+    else:
+        # Several variables: R multiplies by (ratio^theta) Phi, a sum over
+        # the cell's levels, so their logs combine with logsumexp.
+        several = torch.logsumexp(torch.stack(
+            [F.embedding(piece_codes[:, v], penalty.log) for v in range(n_variables)]), dim=0)
+        torch.sub(several, scratch.two_over_sigma, out=logits)
+    unit_cells = unit_rows(cells.z, cells.norms, rows,
+                           out=scratch.unit_cells[:rows.shape[0]])  # rows of Z_cos
+    logits.addmm_(unit_cells, scratch.scaled_centroids_t)
+    # The block's old rows are no longer needed (its removals are known).
+    new = torch.softmax(logits, dim=1, out=assignments[span])
+    sums.add_piece(new, piece_codes, unit_cells, span)
+    objective.add_piece(new, logits, several)
 
 
 class _ObjectiveSums:

@@ -209,11 +209,14 @@ class Harmony:
             n_blocks=clu.n_blocks_of(self.N_total, block_size) if reduction.distributed
             else None)
         if algorithm == "harmony2":
-            self._diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
+            diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
         else:
             delta = 64 * torch.finfo(self._stat_dtype).eps * self.N_total
-            self._diversity = functools.partial(clu.diversity_harmony1, delta=delta)
+            diversity = functools.partial(clu.diversity_harmony1, delta=delta)
             self._cross = clu.cross_entropy_harmony1
+        self._online = clu.OnlineSettings(self._proportions, self._theta, self._sigma, diversity,
+                                          first_levels=int(design.offsets[1]),
+                                          reduction=reduction)
 
         self._assignments: torch.Tensor | None = None
         # The online update leaves R's rows in its last block order: row p holds
@@ -306,14 +309,13 @@ class Harmony:
             if self._centroid_sums is None:
                 self._centroid_sums = torch.empty_like(self._centroids)
             self._centroid_sums.zero_()
+        plan = clu.BlockPlan(order, self._bounds, rows=self._rows,
+                             removals=self._next_removals, recount=self._stale_counts,
+                             next_order=self._next_order)
         dist_term, entropy_term, self._rows, self._next_removals = clu.online_update(
-            self._assignments, self._z_corr, self._norms, self._centroids, self._codes,
-            self._stats,
-            self._proportions, self._theta, self._sigma, order, self._bounds,
-            self._diversity, int(self.design.offsets[1]), rows=self._rows,
-            centroid_sums_out=self._centroid_sums, recount=self._stale_counts,
-            removals=self._next_removals, next_order=self._next_order,
-            reduction=self._reduction)
+            self._assignments, cells=clu.CellRows(self._z_corr, self._norms, self._codes),
+            centroids=self._centroids, stats=self._stats, settings=self._online, plan=plan,
+            centroid_sums_out=self._centroid_sums)
         self._stale_counts = False
         self._centroid_sums_current = self._centroid_sums is not None
         return dist_term, entropy_term

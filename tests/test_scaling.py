@@ -33,8 +33,8 @@ import torch
 import harmonypy as hm
 from harmonypy import _memory
 from harmonypy._clustering import block_bounds, n_blocks_of
-from harmonypy._correction import (LevelIndex, _dense_system, _solve_several, batch_filter,
-                                   solve_arrowhead, solve_dense)
+from harmonypy._correction import (LevelIndex, RidgeSystem, _dense_system, _solve_several,
+                                   batch_filter, solve_arrowhead, solve_dense)
 from harmonypy._design import build_design
 
 MB = 2**20
@@ -192,9 +192,10 @@ def test_closed_form_solves_equal_the_dense_solve(sizes, cutoff):
         got = solve_arrowhead(sys_["total"], sys_["observed"], sys_["penalty"], sys_["rhs0"],
                               sys_["rhs"], sys_["keep"])
     else:
-        got = _solve_several(sys_["total"], sys_["observed"], sys_["penalty"], sys_["rhs0"],
-                             sys_["rhs"], sys_["codes"], sys_["r"], sys_["levels"],
-                             sys_["keep"])
+        system = RidgeSystem(sys_["total"], sys_["observed"], sys_["penalty"], sys_["rhs0"],
+                             sys_["rhs"], sys_["keep"])
+        got = _solve_several(system, codes=sys_["codes"], assignments=sys_["r"],
+                             levels=sys_["levels"])
     for ours, dense in zip(got, expected):
         scale = float(dense.abs().max())
         np.testing.assert_allclose(ours, dense, rtol=0, atol=1e-9 * scale)

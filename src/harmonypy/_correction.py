@@ -247,22 +247,54 @@ class Correction:
     keep: torch.Tensor | None
 
 
-def ridge_correct(
-    z_orig: torch.Tensor,
-    assignments: torch.Tensor,
-    codes: torch.Tensor,
-    levels: LevelIndex,
-    n_levels: int,
-    lamb: torch.Tensor | None,
-    alpha: float,
-    proportions: torch.Tensor,
-    stat_dtype: torch.dtype,
-    batch_prop_cutoff: float | None = None,
-    counts: torch.Tensor | None = None,
-    rows: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    reduction: Reduction = LOCAL,
-) -> Correction:
+@dataclass(frozen=True)
+class RidgeSettings:
+    """What stays the same across a run's corrections.
+
+    lamb : (B,) tensor of ridge penalties per level, or None to estimate them
+        per cluster as ``alpha * E[k, b]``.
+    alpha : float, the scale of the estimated penalties.
+    proportions : (B,) tensor ``Pr_b``.
+    stat_dtype : torch.dtype the systems are built and solved in (float64;
+        float32 on MPS).
+    batch_prop_cutoff, counts : Harmony2 batch filtering (see :func:`batch_filter`);
+        ``counts`` is ``N_b``, (B,). None turns filtering off (Harmony 1).
+    reduction : Reduction
+        Sums the normal equations (``Phi_Rk Phi_moe^T`` and ``Phi_Rk Z^T``, all
+        sums over cells) over every process's cells in a distributed run, so
+        every process solves the same systems; each then corrects its own cells.
+    """
+
+    lamb: torch.Tensor | None
+    alpha: float
+    proportions: torch.Tensor
+    stat_dtype: torch.dtype
+    batch_prop_cutoff: float | None = None
+    counts: torch.Tensor | None = None
+    reduction: Reduction = LOCAL
+
+
+@dataclass(frozen=True)
+class RidgeSystem:
+    """The per-cluster normal equations, grouped by batch level.
+
+    total : (K,) ``sum_i R_ki``; observed : (K, B) ``O``; penalty : (K, B) ``lambda``;
+    rhs0 : (K, d) ``sum_i R_ki z_i``; rhs : (K, B, d) the same per level;
+    keep : optional (K, B) bool, the levels used per cluster (Harmony2).
+    """
+
+    total: torch.Tensor
+    observed: torch.Tensor
+    penalty: torch.Tensor
+    rhs0: torch.Tensor
+    rhs: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: torch.Tensor,
+                  levels: LevelIndex, settings: RidgeSettings,
+                  rows: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
     Parameters
@@ -271,64 +303,78 @@ def ridge_correct(
     assignments : (N, K) tensor, R transposed.
     codes : (N, V) int64 tensor of global level indices.
     levels : LevelIndex of the same codes.
-    lamb : (B,) tensor of ridge penalties per level, or None to estimate them
-        per cluster as ``alpha * E[k, b]``.
-    proportions : (B,) tensor ``Pr_b``.
-    batch_prop_cutoff, counts : Harmony2 batch filtering (see :func:`batch_filter`);
-        ``counts`` is ``N_b``, (B,). None turns filtering off (Harmony 1).
+    settings : RidgeSettings, the penalties, the dtype and the reduction.
     rows : optional (N,) int64 tensor, the cell held by each row of
         ``assignments`` (None: row i is cell i).
     out : optional (N, d) tensor that receives the corrected embedding (the
         previous one's memory: no fresh allocation, no page faults).
-    reduction : Reduction
-        Sums the normal equations (``Phi_Rk Phi_moe^T`` and ``Phi_Rk Z^T``, all
-        sums over cells) over every process's cells in a distributed run, so
-        every process solves the same systems; each then corrects its own cells.
     """
-    solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
-    n_clusters, d = assignments.shape[1], z_orig.shape[1]
     position = None
     if rows is not None:  # row p of assignments holds cell rows[p]
         position = torch.empty_like(rows)
         position[rows] = torch.arange(rows.numel(), device=rows.device)
+    read = _LevelReader(assignments, z_orig, position)
+    system = _normal_equations(read, levels=levels, settings=settings)
+    if codes.shape[1] == 1:
+        intercept, coef = solve_arrowhead(system.total, system.observed, system.penalty,
+                                          system.rhs0, system.rhs, system.keep)
+    else:
+        row_codes = codes if rows is None else codes.index_select(0, rows)
+        intercept, coef = _solve_several(system, codes=row_codes, assignments=assignments,
+                                         levels=levels, reduction=settings.reduction)
+    coef = coef.to(z_orig.device, z_orig.dtype)
+    z_corr = torch.empty_like(z_orig) if out is None else out
+    _subtract_batch_parts(read, coef, levels=levels, out=z_corr)
+    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), system.keep)
+
+
+def _normal_equations(read: "_LevelReader", *, levels: LevelIndex,
+                      settings: RidgeSettings) -> RidgeSystem:
+    """The level sums of R and of R-weighted cells, over every process's cells,
+    and the penalties and kept levels they give (on the CPU for an MPS run)."""
+    assignments, z_orig = read.assignments, read.z
+    solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
+    stat_dtype = settings.stat_dtype
+    n_clusters, n_levels, d = assignments.shape[1], len(levels.cells), z_orig.shape[1]
     rhs = torch.zeros((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
     observed = torch.zeros((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
-    read = _LevelReader(assignments, z_orig, position)
     for b, cells in enumerate(levels.cells):
         for _, r_rows, z_rows in read(cells):
             rhs[:, b, :] += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
             observed[:, b] += r_rows.sum(0).to(solve_device, stat_dtype)
-    reduction.sum_(rhs, observed)
+    settings.reduction.sum_(rhs, observed)
     # The first variable's levels partition the cells: their sums are the
     # intercept's row of the system.
     first = levels.variable.count(0)
     rhs0 = rhs[:, :first, :].sum(1)
     total = observed[:, :first].sum(1)
-    if lamb is None:
-        penalty = alpha * total[:, None] * proportions.to(solve_device, stat_dtype)[None, :]
+    if settings.lamb is None:
+        penalty = (settings.alpha * total[:, None]
+                   * settings.proportions.to(solve_device, stat_dtype)[None, :])
     else:
-        penalty = lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters, n_levels)
-
+        penalty = settings.lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters,
+                                                                              n_levels)
     keep = None
-    if batch_prop_cutoff is not None:
+    if settings.batch_prop_cutoff is not None:
         level_variable = torch.as_tensor(levels.variable, device=solve_device)
-        keep = batch_filter(observed, counts.to(solve_device, stat_dtype), level_variable,
-                            batch_prop_cutoff)
-    if codes.shape[1] == 1:
-        intercept, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
-    else:
-        row_codes = codes if rows is None else codes.index_select(0, rows)
-        intercept, coef = _solve_several(total, observed, penalty, rhs0, rhs, row_codes,
-                                         assignments, levels, keep, reduction)
-    coef = coef.to(z_orig.device, z_orig.dtype)
+        keep = batch_filter(observed, settings.counts.to(solve_device, stat_dtype),
+                            level_variable, settings.batch_prop_cutoff)
+    return RidgeSystem(total, observed, penalty, rhs0, rhs, keep)
 
-    # The first variable's levels partition the cells: each of its chunks
-    # writes its rows of Z_corr once, Z_orig less the correction; further
-    # variables' levels subtract their parts from those rows. Z_orig is only
-    # read, so it can be the caller's array, in the caller's order.
-    z_corr = torch.empty_like(z_orig) if out is None else out
-    corrected = torch.empty((min(read.chunk, z_orig.shape[0]), d), dtype=z_orig.dtype,
-                            device=z_orig.device)
+
+def _subtract_batch_parts(read: "_LevelReader", coef: torch.Tensor, *, levels: LevelIndex,
+                          out: torch.Tensor) -> None:
+    """Write ``Z_orig`` less each cell's ``sum_k R_ik W_k[b+1]`` into ``out``.
+
+    The first variable's levels partition the cells: each of its chunks
+    writes its rows of Z_corr once, Z_orig less the correction; further
+    variables' levels subtract their parts from those rows. Z_orig is only
+    read, so it can be the caller's array, in the caller's order.
+    """
+    z_orig, z_corr = read.z, out
+    first = levels.variable.count(0)
+    corrected = torch.empty((min(read.chunk, z_orig.shape[0]), z_orig.shape[1]),
+                            dtype=z_orig.dtype, device=z_orig.device)
     for b, cells in enumerate(levels.cells):
         for part, r_rows, z_rows in read(cells, z=b < first):
             if b >= first:
@@ -342,18 +388,19 @@ def ridge_correct(
                 rows = torch.addmm(z_rows, r_rows, coef[:, b, :], alpha=-1.0,
                                    out=corrected[:r_rows.shape[0]])
                 z_corr.index_copy_(0, part, rows)
-    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), keep)
 
 
-def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, levels, keep,
-                   reduction: Reduction = LOCAL):
+def _solve_several(system: RidgeSystem, *, codes: torch.Tensor, assignments: torch.Tensor,
+                   levels: LevelIndex, reduction: Reduction = LOCAL):
     """Ridge coefficients of the several-variable systems by :func:`solve_bordered`.
 
     The variable with the most levels is eliminated in closed form; the other
-    variables' levels and the intercept form the dense head. Returns
+    variables' levels and the intercept form the dense head. ``codes`` are the
+    level codes of the rows of ``assignments``, in their order. Returns
     ``(intercept (K, d), coef (K, B, d))`` like :func:`solve_dense`, in the
-    dtype and on the device of ``observed``.
+    dtype and on the device of ``system.observed``.
     """
+    observed, penalty, rhs, keep = system.observed, system.penalty, system.rhs, system.keep
     device, dtype = observed.device, observed.dtype
     n_clusters, n_levels = observed.shape
     bounds = _variable_bounds(levels)
@@ -369,7 +416,7 @@ def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, leve
         row += sizes[v]
     m = row
     head = torch.zeros((n_clusters, m, m), dtype=dtype, device=device)
-    head[:, 0, 0] = total
+    head[:, 0, 0] = system.total
     head[:, 0, 1:] = observed[:, rest]
     head[:, 1:, 0] = observed[:, rest]
     inner = torch.arange(1, m, device=device)
@@ -389,7 +436,7 @@ def _solve_several(total, observed, penalty, rhs0, rhs, codes, assignments, leve
                 head[:, at[v]:at[v] + sizes[v], at[w]:at[w] + sizes[w]] = block
                 head[:, at[w]:at[w] + sizes[w], at[v]:at[v] + sizes[v]] = block.transpose(1, 2)
             del block
-    rhs_head = torch.cat([rhs0[:, None, :], rhs[:, rest]], dim=1)
+    rhs_head = torch.cat([system.rhs0[:, None, :], rhs[:, rest]], dim=1)
     keep_head = keep_diag = None
     if keep is not None:
         keep_head, keep_diag = keep[:, rest], keep[:, g0:g1]

@@ -23,7 +23,7 @@ import torch
 from harmonypy import _clustering as clu
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, run_cell_names
-from harmonypy._correction import LevelIndex, ridge_correct
+from harmonypy._correction import LevelIndex, RidgeSettings, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
@@ -340,13 +340,14 @@ class Harmony:
         # The correction starts again from Z_orig; the new Z_corr overwrites
         # the previous one, so only one copy is alive.
         self._centroid_sums_current = False
-        result = ridge_correct(
-            self._z_orig, self._assignments, self._codes, self._levels, self.B,
+        settings = RidgeSettings(
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
-            counts=self._counts, rows=self._rows,
-            out=None if self._z_corr is self._z_orig else self._z_corr,
-            reduction=self._reduction)
+            counts=self._counts, reduction=self._reduction)
+        result = ridge_correct(
+            self._z_orig, self._assignments, codes=self._codes, levels=self._levels,
+            settings=settings, rows=self._rows,
+            out=None if self._z_corr is self._z_orig else self._z_corr)
         if self._reduction.any(not _all_finite(result.z_corr)):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr

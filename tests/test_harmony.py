@@ -397,3 +397,23 @@ def test_result_with_dtype_copies_only_when_it_must():
     np.testing.assert_array_equal(wide, ho.Z_corr.T.astype(np.float64))
     with pytest.raises(TypeError, match="either out or dtype"):
         ho.result(out=np.empty((300, x.shape[1])), dtype=np.float64)
+
+
+def test_run_options_are_run_harmonys_keyword_options():
+    """RunOptions is the one internal list of the options: its fields are
+    run_harmony's parameters by name (taken from its arguments), and every
+    option that is not per process is compared across a distributed run."""
+    import dataclasses
+    import inspect
+
+    from harmonypy._harmony import RunOptions
+
+    parameters = set(inspect.signature(hm.run_harmony).parameters)
+    not_options = {"data_mat", "meta_data", "vars_use", "distributed", "process_group",
+                   "callback"}
+    assert {f.name for f in dataclasses.fields(RunOptions)} == parameters - not_options
+    options = RunOptions(**{name: 1 for name in parameters - not_options})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.theta = 2
+    assert set(options.shared_settings()) == parameters - not_options - {
+        "verbose", "random_state", "device", "dtype", "ncores", "check_memory"}

@@ -15,7 +15,8 @@ import warnings
 import logging
 import math
 import os
-from typing import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +59,55 @@ _HARMONY2_DEFAULTS = {
     "epsilon_cluster": 1e-3,
     "epsilon_harmony": 1e-2,
 }
+
+#: Field metadata of a :class:`RunOptions` field that each process of a
+#: distributed run sets for itself (its device, threads, seed source, output).
+_PER_PROCESS = {"per_process": True}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """:func:`run_harmony`'s options as the caller passed them (after Harmony2's
+    defaults), before the checks of :func:`_local_inputs`.
+
+    The one internal list of the options: the fields are named as
+    :func:`run_harmony`'s parameters (see :meth:`from_arguments`), and a
+    distributed run requires every process to pass the same value of each
+    field not marked per process (:meth:`shared_settings`).
+    """
+
+    theta: Any
+    lamb: Any
+    sigma: Any
+    nclust: Any
+    tau: Any
+    block_size: Any
+    max_iter_harmony: Any
+    max_iter_kmeans: Any
+    epsilon_cluster: Any
+    epsilon_harmony: Any
+    alpha: Any
+    verbose: Any = field(metadata=_PER_PROCESS)
+    random_state: Any = field(metadata=_PER_PROCESS)
+    device: Any = field(metadata=_PER_PROCESS)
+    dtype: Any = field(metadata=_PER_PROCESS)
+    algorithm: Any
+    batch_prop_cutoff: Any
+    ncores: Any = field(metadata=_PER_PROCESS)
+    check_memory: Any = field(metadata=_PER_PROCESS)
+    plot_convergence: Any
+    kmeans_init: Any
+    epsilon_embedding: Any
+
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> "RunOptions":
+        """The options among ``arguments`` (``run_harmony``'s ``locals()``)."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
+
+    def shared_settings(self) -> dict:
+        """``repr`` of each option every process must pass alike, by name."""
+        return {f.name: repr(getattr(self, f.name)) for f in fields(self)
+                if not f.metadata.get("per_process")}
 
 
 class Harmony:
@@ -993,14 +1043,9 @@ def run_harmony(
     if process_group is not None and not distributed:
         raise ValueError("process_group is only used with distributed=True")
     distributed = val.check_flag("distributed", distributed)
-    options = dict(theta=theta, lamb=lamb, sigma=sigma, nclust=nclust, tau=tau,
-                   block_size=block_size, max_iter_harmony=max_iter_harmony,
-                   max_iter_kmeans=max_iter_kmeans, epsilon_cluster=epsilon_cluster,
-                   epsilon_harmony=epsilon_harmony, alpha=alpha, verbose=verbose,
-                   random_state=random_state, device=device, dtype=dtype, algorithm=algorithm,
-                   batch_prop_cutoff=batch_prop_cutoff, ncores=ncores,
-                   check_memory=check_memory, plot_convergence=plot_convergence,
-                   kmeans_init=kmeans_init, epsilon_embedding=epsilon_embedding)
+    # The signature is the public list of the options, RunOptions the one
+    # internal list: its fields are taken from the arguments by name.
+    options = RunOptions.from_arguments(locals())
     _check_callback(callback)
     if distributed:
         from harmonypy._reduce import GroupReduction
@@ -1009,7 +1054,7 @@ def run_harmony(
         checked = _distributed_inputs(data_mat, meta_data, vars_use, options, reduction)
     else:
         reduction = LOCAL
-        local = _local_inputs(data_mat, meta_data, vars_use, **options)
+        local = _local_inputs(data_mat, meta_data, vars_use, options=options)
         design = build_design(local["frame"], local["names"])
         checked = _design_dependent_inputs(local, design)
     cells, design, n_clusters = checked["cells"], checked["design"], checked["n_clusters"]
@@ -1057,11 +1102,8 @@ def run_harmony(
     return ho
 
 
-def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, tau,
-                  block_size, max_iter_harmony, max_iter_kmeans, epsilon_cluster,
-                  epsilon_harmony, alpha, verbose, random_state, device, dtype, algorithm,
-                  batch_prop_cutoff, ncores, check_memory, plot_convergence, kmeans_init,
-                  epsilon_embedding, first_row: int = 0, min_cells: int = val.MIN_CELLS) -> dict:
+def _local_inputs(data_mat, meta_data, vars_use, *, options: RunOptions, first_row: int = 0,
+                  min_cells: int = val.MIN_CELLS) -> dict:
     """The checks of :func:`run_harmony` that need only this process's inputs.
 
     ``first_row``: the global number of this process's first cell (messages
@@ -1069,27 +1111,28 @@ def _local_inputs(data_mat, meta_data, vars_use, *, theta, lamb, sigma, nclust, 
     """
     # Scalars first (cheap), then the tables, then what depends on both. The
     # caller's Generator is drawn from last, so a refused call leaves it as it was.
+    o = options
     checked = dict(
-        theta=theta, lamb=lamb, sigma=sigma, nclust=nclust, algorithm=algorithm,
-        check_memory=check_memory,
-        block_size=val.check_block_size(block_size),
-        max_iter_harmony=val.check_int("max_iter_harmony", max_iter_harmony, 1),
-        max_iter_kmeans=val.check_int("max_iter_kmeans", max_iter_kmeans, 1),
-        epsilon_cluster=val.check_epsilon("epsilon_cluster", epsilon_cluster),
-        epsilon_harmony=val.check_epsilon("epsilon_harmony", epsilon_harmony),
-        alpha=val.check_positive("alpha", alpha),
-        tau=val.check_nonnegative("tau", tau),
-        batch_prop_cutoff=val.check_fraction("batch_prop_cutoff", batch_prop_cutoff),
-        verbose=val.check_flag("verbose", verbose),
-        plot_convergence=val.check_flag("plot_convergence", plot_convergence),
-        kmeans_init=val.check_choice("kmeans_init", kmeans_init, KMEANS_INITS),
-        epsilon_embedding=(None if epsilon_embedding is None
-                           else val.check_positive("epsilon_embedding", epsilon_embedding)))
-    checked["device"] = torch_device = resolve_device(device)
-    checked["dtype"] = resolve_dtype(dtype, torch_device)
-    val.check_random_state(random_state)
-    checked["random_state"] = random_state
-    checked["threads"] = _threads(ncores)
+        theta=o.theta, lamb=o.lamb, sigma=o.sigma, nclust=o.nclust, algorithm=o.algorithm,
+        check_memory=o.check_memory,
+        block_size=val.check_block_size(o.block_size),
+        max_iter_harmony=val.check_int("max_iter_harmony", o.max_iter_harmony, 1),
+        max_iter_kmeans=val.check_int("max_iter_kmeans", o.max_iter_kmeans, 1),
+        epsilon_cluster=val.check_epsilon("epsilon_cluster", o.epsilon_cluster),
+        epsilon_harmony=val.check_epsilon("epsilon_harmony", o.epsilon_harmony),
+        alpha=val.check_positive("alpha", o.alpha),
+        tau=val.check_nonnegative("tau", o.tau),
+        batch_prop_cutoff=val.check_fraction("batch_prop_cutoff", o.batch_prop_cutoff),
+        verbose=val.check_flag("verbose", o.verbose),
+        plot_convergence=val.check_flag("plot_convergence", o.plot_convergence),
+        kmeans_init=val.check_choice("kmeans_init", o.kmeans_init, KMEANS_INITS),
+        epsilon_embedding=(None if o.epsilon_embedding is None
+                           else val.check_positive("epsilon_embedding", o.epsilon_embedding)))
+    checked["device"] = torch_device = resolve_device(o.device)
+    checked["dtype"] = resolve_dtype(o.dtype, torch_device)
+    val.check_random_state(o.random_state)
+    checked["random_state"] = o.random_state
+    checked["threads"] = _threads(o.ncores)
     # Cells are paired with their metadata by name when both sides name them.
     meta_data = align_metadata(data_mat, meta_data)
     checked["rows"] = rows = val.cell_rows_of(meta_data, first=first_row, min_cells=min_cells)
@@ -1135,7 +1178,7 @@ def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -
                 seed=val.resolve_seed(local["random_state"]))
 
 
-def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
+def _distributed_inputs(data_mat, meta_data, vars_use, options: RunOptions,
                         reduction: Reduction) -> dict:
     """:func:`run_harmony`'s checks in a process group, in two rounds.
 
@@ -1157,8 +1200,8 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
     first_row = sum(n or 0 for n in sizes[:reduction.rank])
 
     def check_shard():
-        local = _local_inputs(data_mat, meta_data, vars_use, first_row=first_row, min_cells=1,
-                              **options)
+        local = _local_inputs(data_mat, meta_data, vars_use, options=options,
+                              first_row=first_row, min_cells=1)
         if reduction.backend == "nccl" and local["device"].type != "cuda":
             raise ValueError(
                 f"the process group's backend is NCCL, which sums CUDA tensors, but "
@@ -1168,9 +1211,7 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: dict,
         settings = dict(
             d=int(local["cells"].shape[1]), dtype=str(local["dtype"]),
             device=local["device"].type, vars_use=list(map(str, local["names"])),
-            **{k: repr(v) for k, v in options.items()
-               if k not in ("device", "dtype", "verbose", "random_state", "check_memory",
-                            "ncores")})
+            **options.shared_settings())
         return (local, levels, codes), (settings, levels, counts)
 
     (local, levels, codes), shared = _checked_together(reduction, check_shard)

@@ -15,6 +15,8 @@ import pytest
 
 import harmonypy as hm
 from harmonypy import cli
+from harmonypy.cli import run as cli_run
+from harmonypy.cli.options import harmony_kwargs
 
 from conftest import read_tsv
 
@@ -298,13 +300,13 @@ def test_options_map_to_run_harmony():
          "--device", "cpu", "--dtype", "float64", "--seed", "11", "--threads", "1",
          "--batch-prop-cutoff", "0.01"])
     assert args.vars_use == ["a", "b"]
-    assert cli.harmony_kwargs(args) == dict(
+    assert harmony_kwargs(args) == dict(
         theta=[2.0, 1.0], lamb=-1.0, sigma=0.2, nclust=7, tau=5.0, block_size=0.1,
         max_iter_harmony=4, max_iter_kmeans=9, epsilon_cluster=1e-3,
         epsilon_harmony=-np.inf, alpha=0.3, random_state=11, device="cpu", dtype="float64",
         algorithm="harmony2", batch_prop_cutoff=0.01, ncores=1)
     # Unset options are left out, so run_harmony's (and Harmony2's) defaults apply.
-    defaults = cli.harmony_kwargs(cli.build_parser().parse_args(
+    defaults = harmony_kwargs(cli.build_parser().parse_args(
         ["run", "e.tsv", "--vars", "a", "-o", "o.tsv"]))
     assert not {"theta", "lamb", "nclust", "max_iter_kmeans", "epsilon_cluster",
                 "epsilon_harmony", "device", "ncores"} & set(defaults)
@@ -763,13 +765,13 @@ def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_p
     pcs, meta = copies
     out = tmp_path / "out.tsv"
     out.write_text("previous\n")
-    real_write_table = cli.write_table
+    real_write_table = cli_run.write_table
 
     def terminated_while_writing(table, path):
         real_write_table(table, path)  # the temporary file exists, complete
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(cli, "write_table", terminated_while_writing)
+    monkeypatch.setattr(cli_run, "write_table", terminated_while_writing)
     previous = signal.getsignal(signal.SIGTERM)
     status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--force",
                                *FAST], capsys)
@@ -778,7 +780,7 @@ def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_p
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the command's only
 
-    monkeypatch.setattr(cli, "write_table", real_write_table)
+    monkeypatch.setattr(cli_run, "write_table", real_write_table)
     real_replace = os.replace
 
     def terminated_while_renaming(source, destination):

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMATS_HELP", "TABLE_FORMATS_HELP", "CellMatch", "OutputFiles", "OutputSpec", "Table",
     "check_outputs", "close_match", "file_format", "match_cells", "plot_formats", "read_embedding",
-    "read_h5ad", "read_meta", "save_figure", "write_h5ad", "write_h5ad_copy", "write_table",
+    "read_h5ad", "read_meta", "save_figure", "write_h5ad", "write_h5ad_copy", "write_outputs",
+    "write_table",
 ]
 
 _TABLE_SEPARATORS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
@@ -1062,3 +1063,31 @@ def write_h5ad_copy(source: str | Path, path: str | Path, *, obsm: dict | None =
 def save_figure(fig: Any, path: str | Path, dpi: int = 90) -> None:
     """Save a matplotlib Figure, the format from the extension of ``path``."""
     fig.savefig(path, dpi=dpi, format=Path(path).suffix.lstrip(".").lower() or None)
+
+
+def write_outputs(outputs: Sequence[tuple[str | None, Callable[[Path], None]]]) -> OutputFiles:
+    """Write every ``(path, writer)`` with a path, all or none.
+
+    Each writer writes a temporary file beside its destination; only when all
+    have finished are they renamed into place together, so an error or
+    Ctrl-C while writing the second output leaves the first untouched too.
+
+    Parameters
+    ----------
+    outputs
+        ``(destination, writer)`` pairs; a destination of None (an optional
+        output not asked for) is skipped. ``writer(temporary_path)`` writes
+        the whole file.
+
+    Returns
+    -------
+    OutputFiles
+        The committed outputs; its ``replaced`` lists the destinations that
+        held a previous file.
+    """
+    with OutputFiles() as files:
+        for path, write in outputs:
+            if path is not None:
+                write(files.stage(path))
+        files.commit()
+    return files

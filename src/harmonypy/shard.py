@@ -48,7 +48,7 @@ _PART = re.compile(r"part-(\d+)-of-(\d+)\.npy")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from harmonypy.cli import _add_harmony_options, _names
+    from harmonypy.cli.options import add_harmony_options, name_list
 
     p = argparse.ArgumentParser(
         prog="python -m harmonypy.shard",
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="metadata table, one row per cell, same order (not for .h5ad)")
     p.add_argument("--basis", default="X_pca", metavar="KEY",
                    help=".h5ad input: obsm key of the embedding (default: X_pca)")
-    p.add_argument("--vars", dest="vars_use", type=_names, required=True,
+    p.add_argument("--vars", dest="vars_use", type=name_list, required=True,
                    metavar="COL[,COL...]", help="batch column(s)")
     p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
                    help="folder for part-RANK-of-WORLD.npy, manifest.json and summary.json; "
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: NCCL when every process on each machine has a GPU of its "
                         "own (--nproc-per-node <= GPUs), else gloo on the CPUs")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress (rank 0)")
-    _add_harmony_options(p)
+    add_harmony_options(p)
     return p
 
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     from harmonypy._harmony import run_harmony
     from harmonypy._io import file_format
-    from harmonypy.cli import harmony_kwargs
+    from harmonypy.cli.options import harmony_kwargs
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

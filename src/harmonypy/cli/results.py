@@ -1,0 +1,38 @@
+"""What the commands say and draw about their results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from harmonypy._io import OutputFiles
+
+
+def replaced(files: OutputFiles, path: str) -> str:
+    final = Path(os.path.realpath(path))
+    return " (replaced the previous file)" if final in files.replaced else ""
+
+
+def outcome(ho) -> str:
+    if ho.converged:
+        return f"converged after {ho.n_iter} iteration{'s' if ho.n_iter != 1 else ''}"
+    return f"stopped after {ho.n_iter} iterations without converging"
+
+
+def embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
+                      pcs: tuple[int, int] = (1, 2)):
+    """The before/after scatter plot as a matplotlib Figure (not yet saved)."""
+    from harmonypy.plotting import _pyplot, embedding_figsize, plot_embedding
+
+    _pyplot()  # the install hint when matplotlib is missing
+    from matplotlib.figure import Figure
+
+    # A Figure outside pyplot renders to a file without choosing a GUI backend
+    # or keeping the figure alive in pyplot's registry.
+    fig = Figure(figsize=embedding_figsize(len(color)), layout="constrained")
+    plot_embedding(before, after, meta.reset_index(drop=True), list(color),
+                   dims=(pcs[0] - 1, pcs[1] - 1), fig=fig)
+    return fig

@@ -39,9 +39,9 @@ K = min(100, max(1, round(n / 30)))
 import torch
 dtype = torch.float64 if case["dtype"] == "float64" else torch.float32
 copies = case["input"] != case["dtype"]
-estimate = _memory.estimate_memory(n, d, K, levels, dtype=dtype, algorithm=case["algorithm"],
-                                   n_blocks=n_blocks_of(n, kwargs["block_size"]),
-                                   copies_input=copies).peak()
+estimate = _memory.estimate_memory(
+    _memory.RunSize(n, d, K, levels, n_blocks=n_blocks_of(n, kwargs["block_size"])),
+    dtype=dtype, algorithm=case["algorithm"], copies_input=copies).peak()
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -129,7 +129,7 @@ def test_one_variable_with_1000_levels_runs_in_modest_memory():
         n = 3000
         z = rng.normal(size=(n, 20)).astype(np.float32)
         meta = pd.DataFrame({"plate": np.arange(n) % 1000})
-        extra = _memory.estimate_memory(n, 20, 100, [1000], n_blocks=20).peak()
+        extra = _memory.estimate_memory(_memory.RunSize(n, 20, 100, [1000], n_blocks=20)).peak()
         """,
         'hm.run_harmony(z, meta, "plate", verbose=False, max_iter_harmony=2, '
         'max_iter_kmeans=3)')
@@ -147,7 +147,7 @@ def test_several_variables_with_1000_levels_run_in_modest_memory():
         n = 3000
         z = rng.normal(size=(n, 20)).astype(np.float32)
         meta = pd.DataFrame({"donor": rng.integers(0, 4, n), "plate": np.arange(n) % 1000})
-        extra = _memory.estimate_memory(n, 20, 100, [4, 1000], n_blocks=20).peak()
+        extra = _memory.estimate_memory(_memory.RunSize(n, 20, 100, [4, 1000], n_blocks=20)).peak()
         """,
         'hm.run_harmony(z, meta, ["donor", "plate"], verbose=False, max_iter_harmony=1, '
         'max_iter_kmeans=2)')
@@ -215,7 +215,7 @@ def test_memory_guard_refuses_with_estimate_available_and_cause(monkeypatch):
     with pytest.raises(MemoryError) as info:
         hm.run_harmony(z, meta, names, **FAST)
     message = str(info.value)
-    estimate = _memory.estimate_memory(300, 10, 10, [3, 40], n_blocks=20)
+    estimate = _memory.estimate_memory(_memory.RunSize(300, 10, 10, [3, 40], n_blocks=20))
     assert f"about {estimate.peak() / MB:.1f} MB of memory at its peak (estimate)" in message
     assert "but 20.0 MB is available" in message
     assert "N=300 cells, d=10, K=10 clusters, 43 batch level(s) in 2 variable(s)" in message
@@ -226,7 +226,7 @@ def test_memory_guard_refuses_with_estimate_available_and_cause(monkeypatch):
 
 
 def test_memory_guard_checks_the_gpu_memory_on_cuda(monkeypatch):
-    estimate = _memory.estimate_memory(10**6, 50, 100, [20], device="cuda")
+    estimate = _memory.estimate_memory(_memory.RunSize(10**6, 50, 100, [20]), device="cuda")
     assert estimate.peak("device") > estimate.peak("host") > 0
     with pytest.raises(MemoryError, match="of GPU memory at its peak"):
         _memory.check_memory(estimate, {"host": 2**40, "device": 100 * MB})
@@ -250,21 +250,23 @@ def test_available_memory_is_read():
 
 def test_estimate_is_linear_in_the_levels_of_one_variable():
     def peak(b):
-        return _memory.estimate_memory(100_000, 30, 100, [b], n_blocks=20).peak()
+        size = _memory.RunSize(100_000, 30, 100, [b], n_blocks=20)
+        return _memory.estimate_memory(size).peak()
 
     assert peak(4000) - peak(2000) == pytest.approx(2 * (peak(2000) - peak(1000)), abs=4)
     # several variables: quadratic only in the levels of the smaller ones
-    big = [_memory.estimate_memory(100_000, 30, 100, [20, b], n_blocks=20).peak()
+    big = [_memory.estimate_memory(_memory.RunSize(100_000, 30, 100, [20, b])).peak()
            for b in (1000, 2000, 4000)]
     assert big[2] - big[1] == pytest.approx(2 * (big[1] - big[0]), abs=4)
 
 
 def test_estimate_names_the_dominant_term():
-    many = _memory.estimate_memory(50_000, 30, 100, [800, 900], n_blocks=20)
+    many = _memory.estimate_memory(_memory.RunSize(50_000, 30, 100, [800, 900], n_blocks=20))
     assert many.dominant().key in ("systems", "border", "pair sums")
-    small_blocks = _memory.estimate_memory(50_000, 30, 100, [20], n_blocks=50_000)
+    small_blocks = _memory.estimate_memory(
+        _memory.RunSize(50_000, 30, 100, [20], n_blocks=50_000))
     assert small_blocks.dominant().key == "block sums"
-    cells = _memory.estimate_memory(2_000_000, 50, 100, [20], n_blocks=20)
+    cells = _memory.estimate_memory(_memory.RunSize(2_000_000, 50, 100, [20], n_blocks=20))
     assert cells.dominant().key in ("embedding", "assignments")
     assert "K x (1 + B - B_max)^2" in many.table()
 
@@ -278,7 +280,7 @@ def test_estimate_bounds_the_measured_peak():
         n = 100_000
         z = rng.standard_normal((n, 50), dtype=np.float32)
         meta = pd.DataFrame({"batch": rng.integers(0, 20, n)})
-        extra = _memory.estimate_memory(n, 50, 20, [20], n_blocks=20,
+        extra = _memory.estimate_memory(_memory.RunSize(n, 50, 20, [20], n_blocks=20),
                                         copies_input=False).peak()
         """,
         'hm.run_harmony(z, meta, "batch", nclust=20, verbose=False, max_iter_harmony=1, '

@@ -28,6 +28,7 @@ from harmonypy._correction import LevelIndex, RidgeSettings, ridge_correct
 from harmonypy._design import BatchDesign, build_design
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
+from harmonypy._memory import RunSize
 from harmonypy._convergence import (
     Callback,
     ConvergenceWarning,
@@ -1168,10 +1169,11 @@ def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -
     sigma_clusters = val.check_sigma(local["sigma"], n_clusters, dtype=torch_dtype)
     block_size = 0.2 if n_cells < 40 else local["block_size"]
     if local["check_memory"]:
-        val.check_memory_fits(cells.shape[0], cells.shape[1], n_clusters, design,
-                              dtype=torch_dtype, algorithm=local["algorithm"],
+        size = RunSize(cells.shape[0], cells.shape[1], n_clusters,
+                       np.diff(design.offsets).tolist(),
+                       n_blocks=clu.n_blocks_of(cells.shape[0], block_size))
+        val.check_memory_fits(size, dtype=torch_dtype, algorithm=local["algorithm"],
                               device=torch_device,
-                              n_blocks=clu.n_blocks_of(cells.shape[0], block_size),
                               copies_input=not _input_used_as_is(cells, torch_dtype, torch_device))
     return dict(local, design=design, n_clusters=n_clusters, theta=theta_levels,
                 lamb=lamb_levels, sigma=sigma_clusters, block_size=block_size,

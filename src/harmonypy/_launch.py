@@ -634,11 +634,11 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
     counts = [int(meta_data[k].nunique()) for k in keys if k in meta_data.columns]
     n_clusters = options.get("nclust") or _default_clusters(n_cells)
     word = np.dtype(dtype).itemsize
+    size = _memory.RunSize(n_cells, n_dims, int(n_clusters), counts or [2],
+                           n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)))
     estimate = _memory.estimate_memory(
-        n_cells, n_dims, int(n_clusters), counts or [2],
-        dtype=torch.float64 if word == 8 else torch.float32,
-        algorithm=options.get("algorithm", "harmony1"), device="cpu",
-        n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)), copies_input=False)
+        size, dtype=torch.float64 if word == 8 else torch.float32,
+        algorithm=options.get("algorithm", "harmony1"), device="cpu", copies_input=False)
     engine = 0 if backend == "nccl" else estimate.peak("host")
     shared = 2 * n_cells * n_dims * word
     need = engine + shared + nproc * _PROCESS_OVERHEAD

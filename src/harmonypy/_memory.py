@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -106,9 +107,39 @@ def _kmeans_bytes(n: int, d: int, k: int, s: int) -> int:
     return restart + refine + copy
 
 
-def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
-                    *, dtype: torch.dtype = torch.float32, algorithm: str = "harmony1",
-                    device: torch.device | str = "cpu", n_blocks: int = 20,
+@dataclass(frozen=True)
+class RunSize:
+    """The sizes a run's memory depends on.
+
+    n_cells, n_dims, n_clusters : int, N, d and K.
+    level_counts : sequence of int, the number of levels of each batch variable.
+    n_blocks : int, the online update's blocks, ``min(ceil(1 / block_size), N)``.
+    """
+
+    n_cells: int
+    n_dims: int
+    n_clusters: int
+    level_counts: Sequence[int]
+    n_blocks: int = 20
+
+
+class _Terms(list):
+    """The terms of an estimate as they are added; ``on``: the memory they
+    live in unless a term names another."""
+
+    def __init__(self, on: str):
+        super().__init__()
+        self.on = on
+
+    def add(self, key, what, formula, sizes, where=None) -> None:
+        if isinstance(sizes, (int, float)):
+            sizes = {"always": sizes}
+        self.append(Term(key, what, formula, tuple((p, int(v)) for p, v in sizes.items()),
+                         where or self.on))
+
+
+def estimate_memory(size: RunSize, *, dtype: torch.dtype = torch.float32,
+                    algorithm: str = "harmony1", device: torch.device | str = "cpu",
                     copies_input: bool = True) -> MemoryEstimate:
     """Peak memory of a run, by term, beyond the inputs the caller holds.
 
@@ -157,24 +188,27 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
 
     Parameters
     ----------
-    level_counts : sequence of int
-        Number of levels of each batch variable.
+    size : RunSize
+        N, d, K, the levels of each batch variable and the number of blocks.
     """
     device = torch.device(device)
-    n, d, k = int(n_cells), int(n_dims), int(n_clusters)
-    counts = [int(c) for c in level_counts]
-    n_vars, b = len(counts), sum(counts)
     s = torch.empty((), dtype=dtype).element_size()
     a = 4 if device.type == "mps" else 8
-    on = "device" if device.type == "cuda" else "host"
-    terms = []
+    terms = _Terms("device" if device.type == "cuda" else "host")
+    _add_cell_terms(terms, size, s=s, a=a, copies_input=copies_input)
+    _add_ridge_terms(terms, size, s=s, a=a, algorithm=algorithm)
+    return MemoryEstimate(tuple(terms), str(device))
 
-    def add(key, what, formula, sizes, where=on):
-        if isinstance(sizes, (int, float)):
-            sizes = {"always": sizes}
-        terms.append(Term(key, what, formula, tuple((p, int(v)) for p, v in sizes.items()),
-                          where))
 
+def _add_cell_terms(terms: _Terms, size: RunSize, *, s: int, a: int,
+                    copies_input: bool) -> None:
+    """The terms of :func:`estimate_memory` that hold cells, the clustering's
+    sums and scratch, and the fixed costs (``s``, ``a``: bytes of the working
+    and the statistics dtype)."""
+    n, d, k = int(size.n_cells), int(size.n_dims), int(size.n_clusters)
+    counts = [int(c) for c in size.level_counts]
+    n_vars, b = len(counts), sum(counts)
+    add, on = terms.add, terms.on
     if copies_input or on == "device":
         add("embedding", "Z_corr, its row norms and the converted input (Z_orig)",
             "N x (2d + 1)", n * (2 * d + 1) * s)
@@ -190,7 +224,7 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
     else:
         add("indices", "cell orders and level codes", "N x (7 + 3V) int64",
             8 * n * (7 + 3 * n_vars))
-    block_sums = n_blocks * b * k
+    block_sums = int(size.n_blocks) * b * k
     add("block sums", "per-block batch sums of the online update",
         "n_blocks x B x K, 3 copies",
         {"always": block_sums * s, PHASES[1]: block_sums * (s + a)})
@@ -202,6 +236,14 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
         {PHASES[0]: _kmeans_bytes(n, d, k, s)})
     add("pieces", "scratch of the online update", "2 x 2^18 x (V + 1)",
         {PHASES[1]: 2 * 2**18 * (n_vars + 1) * s})
+
+
+def _add_ridge_terms(terms: _Terms, size: RunSize, *, s: int, a: int, algorithm: str) -> None:
+    """The terms of :func:`estimate_memory` that the correction's systems hold."""
+    n, d, k = int(size.n_cells), int(size.n_dims), int(size.n_clusters)
+    counts = [int(c) for c in size.level_counts]
+    n_vars, b = len(counts), sum(counts)
+    add = terms.add
     scratch = _READ_CHUNK * (k + d) * 2 * s + 8 * n
     add("ridge", "per-level right-hand sides and coefficients of the ridge regressions",
         "K x B x d, 4 copies",
@@ -223,7 +265,6 @@ def estimate_memory(n_cells: int, n_dims: int, n_clusters: int, level_counts,
         add("systems", "per-cluster ridge systems over the intercept and the other variables",
             "K x (1 + B - B_max)^2, 3 copies",
             {_BUILD: k * head * head * a, _SOLVE: 3 * k * head * head * a})
-    return MemoryEstimate(tuple(terms), str(device))
 
 
 # ------------------------------------------------------------ available memory

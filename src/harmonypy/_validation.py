@@ -669,22 +669,24 @@ def resolve_seed(random_state) -> int:
 
 
 # ------------------------------------------------------------------ memory
-def check_memory_fits(n_cells: int, n_dims: int, n_clusters: int, design, *, dtype,
-                      algorithm: str, device, n_blocks: int, copies_input: bool = True) -> None:
+def check_memory_fits(size, *, dtype, algorithm: str, device,
+                      copies_input: bool = True) -> None:
     """Refuse a run whose estimated peak memory exceeds the available memory.
 
-    Raises :class:`MemoryError` with the estimate, the available memory and
-    the term that dominates (see :func:`harmonypy._memory.estimate_memory`
-    for the terms). Nothing is checked where the available memory is unknown.
+    ``size`` is a :class:`harmonypy._memory.RunSize` (N, d, K, the levels of
+    each batch variable, the blocks). Raises :class:`MemoryError` with the
+    estimate, the available memory and the term that dominates (see
+    :func:`harmonypy._memory.estimate_memory` for the terms). Nothing is
+    checked where the available memory is unknown.
     """
     from harmonypy import _memory
 
-    counts = np.diff(design.offsets).tolist()
-    estimate = _memory.estimate_memory(n_cells, n_dims, n_clusters, counts, dtype=dtype,
-                                       algorithm=algorithm, device=device, n_blocks=n_blocks,
+    estimate = _memory.estimate_memory(size, dtype=dtype, algorithm=algorithm, device=device,
                                        copies_input=copies_input)
-    levels = (f"{design.n_levels:,} batch level(s) in {design.n_variables} variable(s)"
-              if design.n_variables > 1 else f"{design.n_levels:,} batch levels")
-    context = (f" (N={n_cells:,} cells, d={n_dims}, K={n_clusters} clusters, {levels}, "
-               f"{n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on {device})")
+    n_levels, n_variables = sum(size.level_counts), len(size.level_counts)
+    levels = (f"{n_levels:,} batch level(s) in {n_variables} variable(s)"
+              if n_variables > 1 else f"{n_levels:,} batch levels")
+    context = (f" (N={size.n_cells:,} cells, d={size.n_dims}, K={size.n_clusters} clusters, "
+               f"{levels}, {size.n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on "
+               f"{device})")
     _memory.check_memory(estimate, _memory.available_memory(device), context=context)

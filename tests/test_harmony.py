@@ -287,7 +287,7 @@ def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
     x, meta = simulated(n_cells=300, n_batches=3)
     ho = hm.run_harmony(x, meta, "batch", dtype="float64", verbose=False)
     expected = ho.Z_corr.T
-    monkeypatch.setattr(core, "_RESULT_CHUNK_ROWS", 7)  # 43 chunks, the last one short
+    monkeypatch.setattr(core, "COPY_CHUNK_ROWS", 7)  # 43 chunks, the last one short
     same = ho.result(out=np.empty((300, 10), dtype=np.float64))
     np.testing.assert_array_equal(same, expected)
     cast = np.full((300, 10), np.nan, dtype=np.float32)

@@ -87,8 +87,13 @@ def normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return torch.div(x, norms.clamp_min(torch.finfo(x.dtype).tiny), out=out)
 
 
+#: Rows whose norms are taken and clamped at once by :func:`row_norms`: the
+#: pass then reads each row once and the clamp runs on numbers still in cache.
+NORM_CHUNK_ROWS = 65536
+
+
 def row_norms(x: torch.Tensor, out: torch.Tensor | None = None,
-              chunk: int = 65536) -> torch.Tensor:
+              chunk: int = NORM_CHUNK_ROWS) -> torch.Tensor:
     """(N,) L2 norms of the rows of ``x``, at least the dtype's ``tiny``, into ``out``.
 
     Dividing a row by its entry gives the row of :func:`normalize_rows` exactly

@@ -740,8 +740,8 @@ class Harmony:
             raise ValueError(f"out must have a float dtype, got {out.dtype}")
         if not out.flags.writeable:
             raise ValueError("out is read-only")
-        for start in range(0, self.N, _RESULT_CHUNK_ROWS):
-            stop = min(self.N, start + _RESULT_CHUNK_ROWS)
+        for start in range(0, self.N, COPY_CHUNK_ROWS):
+            stop = min(self.N, start + COPY_CHUNK_ROWS)
             out[start:stop] = self._z_corr[start:stop].detach().cpu().numpy()
         return out
 
@@ -751,8 +751,10 @@ class Harmony:
                 f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
 
 
-#: Cells per chunk when :meth:`Harmony.result` fills a caller's array.
-_RESULT_CHUNK_ROWS = 65536
+#: Cells copied at once between a caller's array and the engine's (the input
+#: converted to the run's dtype, :meth:`Harmony.result` filling ``out``), so
+#: that no second full-size copy is ever made.
+COPY_CHUNK_ROWS = 65536
 
 
 def _input_used_as_is(z, dtype: torch.dtype, device: torch.device) -> bool:
@@ -777,8 +779,8 @@ def _input_tensor(z: np.ndarray, dtype: torch.dtype, device: torch.device) -> to
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(z)
     out = torch.empty(z.shape, dtype=dtype, device=device)
-    for start in range(0, z.shape[0], _RESULT_CHUNK_ROWS):
-        stop = min(z.shape[0], start + _RESULT_CHUNK_ROWS)
+    for start in range(0, z.shape[0], COPY_CHUNK_ROWS):
+        stop = min(z.shape[0], start + COPY_CHUNK_ROWS)
         chunk = np.ascontiguousarray(z[start:stop], dtype=np_dtype)
         out[start:stop] = torch.from_numpy(chunk).to(device)
     return out

@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 
 from harmonypy._convergence import ConvergenceWarning
+from harmonypy._harmony import COPY_CHUNK_ROWS
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
@@ -211,7 +212,7 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
         os.close(cells_fd)
         raise
     try:
-        chunk = 65536  # a memory-mapped input is read in chunks, never whole
+        chunk = COPY_CHUNK_ROWS  # a memory-mapped input is read in chunks, never whole
         for start in range(0, data_mat.shape[0], chunk):
             cells[start:start + chunk] = data_mat[start:start + chunk]
         common = dict(world_size=nproc, port=_free_port(), backend=backend, bounds=bounds,

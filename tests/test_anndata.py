@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._anndata import integrate, require_anndata
+from harmonypy._anndata import integrate
+from harmonypy._optional import require_anndata
 
 from conftest import read_tsv
 

@@ -10,6 +10,7 @@ reference mapping with :func:`build_reference`,
 
 from __future__ import annotations
 
+# Set before the imports below: submodules read it when they are imported.
 __version__ = "1.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
@@ -18,8 +19,9 @@ from harmonypy._convergence import ConvergenceWarning, IterationReport  # noqa: 
 from harmonypy._evaluate import IntegrationScores, evaluate  # noqa: E402
 from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 from harmonypy._lisi import compute_lisi  # noqa: E402
-from harmonypy._mapping import MappedQuery, map_query, transfer_labels  # noqa: E402
-from harmonypy._reference import Reference, build_reference, load_reference  # noqa: E402
+from harmonypy._mapping import MappedQuery  # noqa: E402
+from harmonypy._mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
+from harmonypy._reference import Reference, load_reference  # noqa: E402
 from harmonypy._scanpy import harmony_integrate  # noqa: E402
 
 __all__ = [

@@ -5,31 +5,41 @@ from ``adata.obs``, runs :func:`harmonypy.run_harmony` and writes the corrected
 embedding back to ``adata.obsm``. It only touches ``obsm``, ``obs`` and ``uns``,
 so anndata itself is not imported: any object with those three attributes
 works (handy in tests and for AnnData look-alikes such as MuData modalities).
-Reading and writing ``.h5ad`` files does need anndata; :func:`require_anndata`
-gives the installation hint.
+Reading and writing ``.h5ad`` files does need anndata
+(:func:`harmonypy._optional.require_anndata` gives the installation hint).
 
-Reference mapping on AnnData goes through here too:
+Reference mapping on AnnData goes through here too, called by the public
+functions of :mod:`harmonypy._mapping_api` when given AnnData:
 :func:`reference_from_anndata` (``build_reference(adata, key, ...)``),
 :func:`map_anndata` (``map_query(adata_query, ref, ...)``) and
 :func:`transfer_anndata` (``transfer_labels(adata_query, ref, label)`` on a
-mapped query); the gene projection they keep and apply is
+mapped query). They read and write ``obs``/``obsm``/``uns`` and call the array
+layer (:mod:`harmonypy._reference`, :mod:`harmonypy._mapping`), which never
+imports this module; the gene projection they keep and apply is
 :mod:`harmonypy._projection`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import numbers
 from typing import Any, Sequence
 
 import numpy as np
 
+from harmonypy import __version__
+from harmonypy import _mapping, _reference
+from harmonypy import _validation as val
+from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy._harmony import run_harmony
+from harmonypy._launch import run_in_processes
+from harmonypy._projection import from_anndata, project
+from harmonypy._reference import Reference, reference_digest
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["integrate", "map_anndata", "reference_from_anndata", "require_anndata",
-           "transfer_anndata"]
+__all__ = ["integrate", "map_anndata", "reference_from_anndata", "transfer_anndata"]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
@@ -37,20 +47,6 @@ PROJECTED_BASIS = "X_pca_reference"
 SCORE_COLUMN = "mapping_score"
 #: ``uns`` key of what :func:`map_anndata` did.
 MAPPING_KEY = "harmony_mapping"
-
-_INSTALL_HINT = "pip install harmonypy[anndata]"
-
-
-def require_anndata():
-    """Import and return the ``anndata`` module, or raise an ImportError with the install hint."""
-    try:
-        import anndata
-    except ImportError as err:
-        raise ImportError(
-            f"reading or writing .h5ad files needs the anndata package: {_INSTALL_HINT}"
-        ) from err
-    return anndata
-
 
 def integrate(
     adata: Any,
@@ -126,9 +122,6 @@ def integrate(
     >>> hm.integrate(adata, "donor")                            # doctest: +SKIP
     >>> sc.pp.neighbors(adata, use_rep="X_pca_harmony")         # doctest: +SKIP
     """
-    from harmonypy import __version__
-    from harmonypy._harmony import run_harmony
-
     _check_adata(adata)
     _check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
@@ -137,8 +130,6 @@ def integrate(
 
     nproc = _check_nproc(nproc, len(adata.obs))
     if nproc > 1:
-        from harmonypy._launch import run_in_processes
-
         ho = run_in_processes(np.asarray(embedding), adata.obs, keys, nproc,
                               **run_harmony_kwargs)
     else:
@@ -246,10 +237,6 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
     Everything is checked (obs columns, labels, the gene projection on the
     reference's own cells) before Harmony runs.
     """
-    from harmonypy import _validation as val
-    from harmonypy._projection import from_anndata
-    from harmonypy._reference import _label_names, build_reference
-
     _check_adata(adata, "build_reference(adata, ...)")
     basis = "X_pca" if basis is None else basis
     adjusted_basis = "X_pca_harmony" if adjusted_basis is None else adjusted_basis
@@ -261,7 +248,7 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
     if keys:
         _check_obs_columns(adata, keys)
     keep_cells = val.check_flag("keep_cells", keep_cells)
-    label_names = _label_names(labels)
+    label_names = _reference.label_names(labels)
     if label_names and not keep_cells:
         raise ValueError(f"labels={label_names} needs keep_cells=True: labels are kept per "
                          f"reference cell")
@@ -276,14 +263,15 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
         kwargs = {**{k: v for k, v in options.items() if v is not None}, **run_harmony_kwargs}
         kwargs.setdefault("verbose", False)
         ho = integrate(adata, keys, basis=basis, adjusted_basis=adjusted_basis, **kwargs)
-        ref = build_reference(ho, adata.obs, labels=label_names, keep_cells=keep_cells)
+        ref = _reference.build_reference(ho, adata.obs, labels=label_names,
+                                         keep_cells=keep_cells)
     else:
         run_harmony_kwargs = {k: v for k, v in run_harmony_kwargs.items() if k != "verbose"}
         if run_harmony_kwargs:
             raise TypeError(f"{', '.join(run_harmony_kwargs)}: Harmony parameters, but key is "
                             f"None (one batch: the cells are clustered, not integrated)")
-        ref = build_reference(embedding, adata.obs, labels=label_names, keep_cells=keep_cells,
-                              **options)
+        ref = _reference.build_reference(embedding, adata.obs, labels=label_names,
+                                         keep_cells=keep_cells, **options)
         # The cells are their own corrected embedding: stored under adjusted_basis
         # so that reference and mapped query share one key.
         adata.obsm[adjusted_basis] = np.ascontiguousarray(embedding, dtype=np.float32)
@@ -301,12 +289,6 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     as it was. Entries that no earlier mapping wrote are not replaced unless
     ``overwrite`` (:func:`_check_replaceable`).
     """
-    from harmonypy import _validation as val
-    from harmonypy._device import resolve_device, resolve_dtype
-    from harmonypy._mapping import map_query, transfer_labels
-    from harmonypy._projection import project
-    from harmonypy._reference import Reference, _label_names
-
     _check_adata(adata, "map_query(adata_query, ...)")
     if len(adata.obs) == 0:
         raise ValueError("adata_query has no cells (0 rows in obs); expected at least one "
@@ -334,7 +316,7 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     elif layer is not None:
         raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
                          f"basis={basis!r} the cells are read from obsm")
-    label_names = _label_names(labels)
+    label_names = _reference.label_names(labels)
     k, min_probability = _transfer_options(ref, label_names, k, min_probability)
     confidence = val.check_flag("confidence", map_options.get("confidence", True))
     cells = None if basis is None else _get_basis(adata, basis)
@@ -352,8 +334,9 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
               "the query projected from its genes")
     with _named_cells(source):
-        q = map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
-    transfers = {name: transfer_labels(q, ref, name, k=k, min_probability=min_probability)
+        q = _mapping.map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
+    transfers = {name: _mapping.transfer_labels(q, ref, name, k=k,
+                                                min_probability=min_probability)
                  for name in label_names}
 
     if basis is None:
@@ -371,8 +354,6 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
 
 def _mapping_record(q, ref, *, basis, adjusted, keys, n_missing) -> dict[str, Any]:
     """``uns["harmony_mapping"]``: what a mapping did and wrote (see map_query)."""
-    from harmonypy import __version__
-
     record = {
         "basis": PROJECTED_BASIS if basis is None else basis,
         "adjusted_basis": adjusted,
@@ -394,8 +375,6 @@ def _mapping_record(q, ref, *, basis, adjusted, keys, n_missing) -> dict[str, An
 def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]:
     """``(k, min_probability)`` of the labels to transfer, checked before the mapping:
     each a label column of ``ref`` with at least ``k`` labelled cells."""
-    from harmonypy import _validation as val
-
     for name in label_names:
         if name not in ref.label_columns:
             raise ValueError(f"label {name!r} is not a label column of the reference; it has "
@@ -430,16 +409,6 @@ def _named_cells(source: str):
         raise ValueError(source + text[len("data_mat"):]) from err
 
 
-def reference_digest(ref) -> str:
-    """A short fingerprint of a reference's clusters (SHA-256 of ``Nr`` and ``C``,
-    16 hex digits): the same for a reference and its saved and loaded copy,
-    different for another reference."""
-    digest = hashlib.sha256()
-    for array in (ref.Nr, ref.C):
-        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _label_columns(label_names) -> list[str]:
     """The ``obs`` columns label transfer writes for each label."""
     return [f"{name}_{what}" for name in label_names for what in ("predicted", "probability")]
@@ -469,8 +438,6 @@ def _check_replaceable(adata: Any, obsm_keys: Sequence[str], obs_columns: Sequen
     user's columns). What an earlier mapping recorded in
     ``uns["harmony_mapping"]`` is replaced: mapping again asks for that.
     """
-    from harmonypy import _validation as val
-
     if val.check_flag("overwrite", overwrite):
         return
     own = _mapping_outputs(adata.uns.get(MAPPING_KEY))
@@ -518,8 +485,6 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
     computed before ``adata`` is modified; columns that no earlier mapping wrote
     are not replaced unless ``overwrite``.
     """
-    from harmonypy._mapping import transfer_labels
-
     _check_adata(adata, "transfer_labels(adata_query, ...)")
     record = adata.uns.get(MAPPING_KEY)
     if not isinstance(record, dict) or "adjusted_basis" not in record:
@@ -547,8 +512,8 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
                          f"reference has {ref.d} PCs: map it onto this reference with "
                          f"map_query(adata_query, ref)")
     with _named_cells(f"adata_query.obsm[{adjusted!r}]"):
-        table = transfer_labels(cells, ref, label, k=k, min_probability=min_probability,
-                                device=device)
+        table = _mapping.transfer_labels(cells, ref, label, k=k,
+                                         min_probability=min_probability, device=device)
     table.index = adata.obs_names if hasattr(adata, "obs_names") else adata.obs.index
     _write_transfer(adata, record, label, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record

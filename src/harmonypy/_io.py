@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from harmonypy._cellnames import declared_names, identifier_header, match_order, text_names
+from harmonypy._optional import require_anndata
 
 logger = logging.getLogger(__name__)
 
@@ -478,8 +479,6 @@ def read_h5ad(path: str | Path, backed: bool = False):
     ValueError
         When the file is not a readable ``.h5ad`` file.
     """
-    from harmonypy._anndata import require_anndata
-
     anndata = require_anndata()
     _check_exists(path, "input")
     with _reading(path, "AnnData input"):

@@ -29,10 +29,11 @@ both steps, assigning the corrected cells (not in Symphony).
 
 The per-cell mapping score is Symphony's ``calcPerCellMappingMetric``
 (``R/confidenceScores.R``) and :func:`transfer_labels` is its ``knnPredict``
-(``R/utils.R``); see ``docs/mapping.md`` for the Harmony2 variant. An
-AnnData query is handed to :func:`harmonypy._anndata.map_anndata`, which
-projects its genes through the reference's loadings
-(:mod:`harmonypy._projection`) and comes back here with the PCs.
+(``R/utils.R``); see ``docs/mapping.md`` for the Harmony2 variant. This
+module knows only arrays: an AnnData query is taken by the adapter layer
+(:mod:`harmonypy._mapping_api`, :mod:`harmonypy._anndata`), which projects its
+genes through the reference's loadings (:mod:`harmonypy._projection`) and
+calls :func:`map_query` here with the PCs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
 from harmonypy._design import BatchDesign, _encode_column
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._reduce import index_sum_
-from harmonypy._reference import Reference, _is_anndata
+from harmonypy._reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
@@ -182,126 +183,33 @@ class MappedQuery:
 # ================================================================= map_query
 def map_query(data_mat, meta_data=None, ref: Reference | None = None,
               vars_use: str | Sequence[str] | None = None, sigma=None, lamb=None, device=None,
-              dtype=None, *, confidence: bool = True, iterations: int = 1, key=None,
-              basis: str | None = None, adjusted_basis: str | None = None,
-              layer: str | None = None, labels: str | Sequence[str] | None = None,
-              k: int | None = None, min_probability: float | None = None,
-              overwrite: bool = False) -> MappedQuery:
-    """Map query cells onto a reference (Symphony's ``mapQuery``).
+              dtype=None, *, confidence: bool = True, iterations: int = 1) -> MappedQuery:
+    """Map query cells, already in the reference's PC space, onto a reference.
 
-    ``map_query(pcs, meta_data, ref, vars_use)`` for cells already in the
-    reference's PC space; ``map_query(adata_query, ref, key)`` for AnnData,
-    whose genes are projected through the reference's loadings (see below).
+    The array layer of :func:`harmonypy.map_query`, which also takes an
+    AnnData query (and whose docstring describes every parameter): Symphony's
+    ``mapQuery`` as the module docstring writes it, with the per-cell mapping
+    score when ``confidence``. ``map_query(pcs, ref)`` maps a query of one
+    batch.
 
     Parameters
     ----------
-    data_mat : array-like, DataFrame, tensor or AnnData
-        Query cells in the reference's PC space (the reference's loadings and
-        scaling applied), (N_q, d) or (d, N_q), ``d`` equal to the reference's.
-        Orientation as in :func:`run_harmony` (from ``len(meta_data)``;
-        without metadata, the axis of length ``d`` holds the PCs). Or an
-        AnnData query (see Notes).
+    data_mat : array-like, DataFrame or tensor
+        (N_q, d) or (d, N_q), ``d`` equal to the reference's; orientation as
+        in :func:`~harmonypy.run_harmony`.
     meta_data : DataFrame, Series or None
-        One row per query cell, holding the ``vars_use`` columns. Paired with
-        ``data_mat``'s cells by name when both name them. For an AnnData
-        query: the reference (``map_query(adata_query, ref, key)``).
+        One row per query cell, holding the ``vars_use`` columns; paired with
+        ``data_mat``'s cells by name when both name them.
     ref : Reference
-        From :func:`build_reference` or :func:`load_reference`. For an AnnData
-        query given as the second argument, a third positional argument is
-        the ``key``.
     vars_use : str or list of str, optional
-        The query's batch columns; none (default): the query is one batch, as
-        Symphony's ``vars = NULL``. A variable with one level in the query is
-        a row of ones, as in Symphony.
-    sigma : float or array (K,), optional
-        Bandwidth of the soft assignment; default the reference's.
-    lamb : float, one per query variable or per query level, or -1; optional
-        Ridge penalty of the query's batch terms, > 0. Default: 1 (Symphony's
-        fixed identity) for a Harmony 1 or one-batch reference, estimated per
-        cluster (``-1``) for a reference whose run estimated it (Harmony2's
-        default): ``lamb_kb = alpha * E_kb`` with ``E`` counted over reference
-        and query together (see ``docs/mapping.md``). Without ``vars_use``
-        the query is one batch, as Symphony's ``vars = NULL`` (a batch row of
-        ones beside the intercept): ``lamb`` is then one value, that term's
-        penalty (the larger, the less the query is moved).
-    device, dtype
-        Where and in which float type to compute, as in :func:`run_harmony`.
-    confidence : bool, default True
-        Compute the per-cell mapping score (d^2 per (cell, cluster) pair whose R
-        can matter, to a relative 1e-5 in float32 and 1e-13 in float64).
-    iterations : int, default 1
-        Rounds of assignment and correction. 1 is Symphony's ``mapQuery``:
-        the query is assigned once, from its uncorrected cells. Each further
-        round assigns the corrected cells to the centroids again and redoes
-        the correction from the uncorrected cells (Harmony's alternation, with
-        no diversity penalty); it costs one more N x d copy. The mapping score
-        always uses the first round's assignment (uncorrected space). Mapping
-        the bundled PBMCs onto their own Harmony 1 reference, the per-PC r
-        with Harmony's coordinates is at least 0.988 with one round and 0.992
-        with three (``docs/mapping.md``, "Self-consistency").
-    key : str or list of str, optional
-        AnnData only: the query's batch column(s) in ``adata_query.obs``
-        (``vars_use`` is accepted as a synonym).
-    basis : str, optional
-        AnnData only: ``obsm`` key of query PCs already in the reference's PC
-        space (e.g. projected elsewhere); default: project the genes.
-    adjusted_basis : str, optional
-        AnnData only: ``obsm`` key for the corrected query; default the
-        reference's (``Reference.adjusted_basis``), else ``"X_pca_harmony"``.
-    layer : str, optional
-        AnnData only: project ``adata_query.layers[layer]`` instead of ``X``.
-    labels : str or list of str, optional
-        AnnData only: reference label columns to transfer
-        (:func:`transfer_labels`) into ``obs``.
-    k, min_probability : optional
-        AnnData only: :func:`transfer_labels`'s (default 5 and 0.5).
-    overwrite : bool, default False
-        AnnData only: replace ``obsm``/``obs`` entries that the mapping
-        writes but that no earlier mapping of this query wrote (recorded in
-        ``uns["harmony_mapping"]``), e.g. ``obsm["X_pca_harmony"]`` of a query
-        integrated on its own. By default they are refused, before any work,
-        so that nothing is lost without being asked; an earlier mapping's own
-        outputs are replaced by mapping again.
+        The query's batch columns; none: the query is one batch.
+    sigma, lamb, device, dtype, confidence, iterations
+        As :func:`harmonypy.map_query`'s.
 
     Returns
     -------
     MappedQuery
-
-    Notes
-    -----
-    **AnnData query.** Without ``basis``, the query's expression
-    (``adata_query.X`` or ``layers[layer]``, dense or sparse; expression as
-    the reference's was *before* scaling, e.g. log-normalised) is projected
-    with the reference's :class:`~harmonypy._projection.GeneProjection`,
-    a chunk of cells at a time: genes matched by name, each scaled with the
-    reference's mean and standard deviation and clipped to the range of the
-    reference's scaled values, then multiplied by the loadings. Reference
-    genes the query lacks are set to the reference's mean (they add nothing;
-    Symphony fills them with 0 after scaling), with a warning that says how
-    many of how many are missing. Written into ``adata_query`` (after all is
-    computed): ``obsm["X_pca_reference"]`` (the projected, uncorrected
-    query; not with ``basis``), ``obsm[adjusted_basis]`` (the corrected
-    query), ``obs["mapping_score"]`` (with ``confidence``),
-    ``obs["<label>_predicted"]`` and ``obs["<label>_probability"]`` per
-    transferred label, and ``uns["harmony_mapping"]`` (what was done).
     """
-    if _is_anndata(data_mat):
-        from harmonypy._anndata import map_anndata
-
-        ref, key = _anndata_arguments(meta_data, ref, key, vars_use)
-        return map_anndata(
-            data_mat, ref, key, basis=basis, adjusted_basis=adjusted_basis, layer=layer,
-            labels=labels, k=k, min_probability=min_probability, overwrite=overwrite,
-            map_options={"sigma": sigma, "lamb": lamb, "device": device, "dtype": dtype,
-                         "confidence": confidence, "iterations": iterations})
-    anndata_only = [name for name, value in [
-        ("key", key), ("basis", basis), ("adjusted_basis", adjusted_basis), ("layer", layer),
-        ("labels", labels), ("k", k), ("min_probability", min_probability),
-        ("overwrite", overwrite or None)] if value is not None]
-    if anndata_only:
-        raise TypeError(f"{', '.join(anndata_only)}: only for an AnnData query "
-                        f"(map_query(adata_query, ref, ...)); for an embedding use vars_use and "
-                        f"transfer_labels")
     if isinstance(meta_data, Reference) and ref is None:  # map_query(pcs, ref): one batch
         meta_data, ref = None, meta_data
     if not isinstance(ref, Reference):
@@ -334,36 +242,8 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     cell_names = _query_names(data_mat, frame, cells.shape[0])
     mapped = MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
                          sigma_clusters, cell_names, ref.algorithm)
-    mapped.reference_digest = _digest(ref)
+    mapped.reference_digest = reference_digest(ref)
     return mapped
-
-
-def _digest(ref: Reference) -> str:
-    from harmonypy._anndata import reference_digest
-
-    return reference_digest(ref)
-
-
-def _anndata_arguments(second, third, key, vars_use):
-    """``(ref, key)`` of ``map_query(adata_query, ref, key)``, however they were passed."""
-    if vars_use is not None:
-        if key is not None:
-            raise TypeError("key and vars_use are the same argument for an AnnData query; "
-                            "give one")
-        key = vars_use
-    if isinstance(second, Reference):
-        if third is not None and not isinstance(third, Reference):
-            if key is not None:
-                raise TypeError(f"key given twice: {third!r} (third argument) and {key!r}")
-            key = third
-        elif third is not None:
-            raise TypeError("two references given: map_query(adata_query, ref, key=...)")
-        return second, key
-    if second is None:
-        return third, key
-    raise TypeError(f"map_query(adata_query, ref, key=None, ...): the second argument must be "
-                    f"the Reference, not {type(second).__name__} (an AnnData query's batch "
-                    f"columns are adata_query.obs columns named by key)")
 
 
 def _variable_names(vars_use) -> list:
@@ -817,73 +697,46 @@ def _add_pair_distances(out, z, assignments, cluster, cell, whiten_t, centers):
 
 # ============================================================ transfer_labels
 def transfer_labels(query, ref: Reference, label: str, k: int = 5,
-                    min_probability: float = 0.5, *, device=None,
-                    overwrite: bool = False) -> pd.DataFrame:
+                    min_probability: float = 0.5, *, device=None) -> pd.DataFrame:
     """Labels for query cells by a vote of their k nearest reference cells.
 
-    Symphony's ``knnPredict`` (``class::knn``): Euclidean distances in the
-    corrected space between the mapped query cells and the reference cells
-    kept in ``ref``; the label most frequent among the ``k`` nearest wins, its
-    share of the ``k`` votes is its probability. Ties go to the label of the
-    nearer neighbour (``class::knn`` breaks them at random). Reference cells
-    without a label take no part. Exact search in torch, in chunks of query
-    and reference cells; above 2^26 query x reference pairs the reference is
-    split into k-means lists and the lists that cannot hold a neighbour are
-    skipped (same neighbours as comparing every pair, up to rounding ties).
+    The array layer of :func:`harmonypy.transfer_labels`, which also takes an
+    AnnData query (and whose docstring describes the vote): Symphony's
+    ``knnPredict``, Euclidean distances in the corrected space between the
+    query cells and the reference cells kept in ``ref``; the label most
+    frequent among the ``k`` nearest wins with its share of the votes as its
+    probability, ties going to the nearer neighbour's label; below
+    ``min_probability`` the label is ``"unknown"``.
 
     Parameters
     ----------
-    query : MappedQuery, array (N_q, d) of corrected query cells, or AnnData
-        An AnnData query must have been mapped with ``map_query(adata_query,
-        ref)``: its corrected cells are read from ``obsm`` (the key recorded
-        in ``uns["harmony_mapping"]``), and the labels are written into
-        ``obs["<label>_predicted"]`` and ``obs["<label>_probability"]``, as
-        ``map_query(adata_query, ref, labels=label)`` writes them (and
-        recorded in ``uns["harmony_mapping"]``: ``labels``, ``k``,
-        ``min_probability``, one entry per label). A query mapped onto another
-        reference is refused.
+    query : MappedQuery, or array (N_q, d) of corrected query cells
     ref : Reference
         Built with ``keep_cells=True`` and ``labels`` including ``label``.
     label : str
         A label column of ``ref``.
     k : int, default 5
-        Symphony's default; on leave-one-batch-out splits of the bundled data
-        k = 3-10 labelled best and k = 30 up to 4.6 points worse
-        (benchmarks/results/label_transfer.md).
     min_probability : float in [0, 1], default 0.5
-        Below this share of the votes the label is ``"unknown"``.
     device : optional
         Where to search (default: CUDA, then MPS, then the CPU).
-    overwrite : bool, default False
-        AnnData only: replace the two ``obs`` columns when no earlier mapping
-        of this query wrote them (someone else's columns); refused by default.
 
     Returns
     -------
     DataFrame with columns ``label`` (categorical) and ``probability``, one row
-    per query cell (indexed by the query's cell names when it has them; for
-    AnnData, by ``obs_names``).
+    per query cell (indexed by the query's cell names when it has them).
     """
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference, not {type(ref).__name__}")
-    if _is_anndata(query):
-        from harmonypy._anndata import transfer_anndata
-
-        return transfer_anndata(query, ref, label, k=k, min_probability=min_probability,
-                                device=device, overwrite=overwrite)
-    if overwrite:
-        raise TypeError("overwrite: only for an AnnData query, whose obs columns label "
-                        "transfer writes; for an array the labels are only returned")
     if not isinstance(label, str):
         raise TypeError(f"label must be one label column's name (a str), got {label!r}; "
                         f"transfer several one at a time (map_query(adata_query, ref, "
                         f"labels=[...]) takes a list)")
     mapped_onto = getattr(query, "reference_digest", None)  # None: unpickled from before
-    if isinstance(query, MappedQuery) and mapped_onto not in (None, _digest(ref)):
+    if isinstance(query, MappedQuery) and mapped_onto not in (None, reference_digest(ref)):
         raise ValueError(
             f"the query was mapped onto another reference (its reference_digest "
-            f"{mapped_onto!r}, this reference's {_digest(ref)!r}): transfer labels from the "
-            f"reference it was mapped onto, or map it onto this one")
+            f"{mapped_onto!r}, this reference's {reference_digest(ref)!r}): transfer labels "
+            f"from the reference it was mapped onto, or map it onto this one")
     if ref.cells is None:
         raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
                          "transfer needs them; rebuild it with keep_cells=True")

@@ -34,6 +34,7 @@ more than a valid file of that metadata would.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -46,14 +47,20 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harmonypy import __version__
 from harmonypy import _clustering as clu
+from harmonypy import _memory
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, align_to_names, carries_names
 from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy._harmony import Harmony, _default_clusters
+from harmonypy._io import OutputFiles
 from harmonypy._kmeans import kmeans_centroids, start_for
+from harmonypy._npzfile import NpzArchive
 from harmonypy._projection import SCALINGS, GeneProjection
 
-__all__ = ["Reference", "ReferenceFileError", "build_reference", "load_reference"]
+__all__ = ["Reference", "ReferenceFileError", "build_reference", "label_names",
+           "load_reference", "reference_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +218,6 @@ class Reference:
         FileNotFoundError
             The folder of ``path`` does not exist.
         """
-        from harmonypy._io import OutputFiles
-
         arrays = _to_arrays(self)
         with OutputFiles() as files:
             _write_arrays(arrays, files.stage(path))
@@ -234,133 +239,44 @@ def _write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> None:
 # ====================================================================== build
 def build_reference(source, meta_data=None, labels: str | Sequence[str] | None = None,
                     keep_cells: bool = True, *, nclust: int | None = None, sigma=None,
-                    random_state=None, device=None, dtype=None, basis: str | None = None,
-                    adjusted_basis: str | None = None, loadings: str | None = "PCs",
-                    layer: str | None = None, **run_harmony_kwargs) -> Reference:
-    """Build a :class:`Reference` to map query cells onto.
+                    random_state=None, device=None, dtype=None) -> Reference:
+    """Build a :class:`Reference` from a finished Harmony run or a one-batch embedding.
 
-    Three sources: ``build_reference(ho, meta_data, labels)`` from a finished
-    run, ``build_reference(pcs, meta_data, labels)`` from an embedding of one
-    batch, and ``build_reference(adata, key, labels=..., **run_harmony_kwargs)``
-    from AnnData, which runs Harmony itself and keeps the gene projection.
+    The array layer of :func:`harmonypy.build_reference`, which also takes
+    AnnData (and whose docstring describes every parameter): here ``source``
+    is a :class:`~harmonypy.Harmony` run (either algorithm) or an embedding
+    of cells with one batch (cells x PCs), then clustered as Symphony's
+    ``buildReference(vars = NULL)`` does (the package's k-means start on the
+    unit-length cells, then :data:`ONE_BATCH_ROUNDS` soft k-means rounds, no
+    correction).
 
     Parameters
     ----------
-    source : Harmony, AnnData, or array-like / DataFrame (N, d)
-        A finished :class:`~harmonypy.Harmony` run (either algorithm); an
-        embedding of cells with one batch (cells x PCs), which is then clustered
-        as Symphony's ``buildReference(vars = NULL)`` does: the package's
-        k-means start on the unit-length cells, then 20 soft k-means rounds
-        (assignments by :func:`soft_assign` with bandwidth ``sigma``, centroids
-        from them), and no correction (``Z_corr`` is the embedding); or an
-        AnnData object (see below).
-    meta_data : DataFrame, optional; for AnnData, ``key``
-        One row per reference cell: where the ``labels`` columns are read.
-        Paired with the cells by name when both sides name them (for a
-        Harmony run, the names it remembers in ``ho.cell_names``; for an
-        embedding, its index), as :func:`run_harmony` pairs its inputs: the
-        same names in another order are reordered, names that disagree are
-        refused with a ``ValueError`` giving counts and a few names of each
-        side. When either side names no cells, rows pair by position (logged
-        at INFO). The cell names kept with the cells are the run's (or the
-        embedding's), else ``meta_data``'s index.
-        For AnnData: the ``adata.obs`` batch column(s) to integrate over
-        (``key``, as :func:`integrate`'s); None: the cells are one batch,
-        clustered without a Harmony run.
+    source : Harmony, or array-like / DataFrame (N, d)
+        The run or the embedding.
+    meta_data : DataFrame, optional
+        One row per reference cell, holding the ``labels`` columns; paired
+        with the cells by name when both sides name them, else by position.
     labels : str or list of str, optional
-        Columns of ``meta_data`` (``adata.obs``) kept as label columns (for
-        :func:`transfer_labels`). Needs ``keep_cells=True``.
+        Columns of ``meta_data`` kept as label columns; needs ``keep_cells``.
     keep_cells : bool, default True
-        Keep the corrected reference cells (float32), their batches and labels.
-        ``False`` keeps only the O(K d^2) terms mapping needs.
+        Keep the corrected cells (float32), their batches and labels.
     nclust, sigma, random_state, device, dtype
-        For an embedding: number of clusters (default ``min(round(N / 30),
+        Embedding only: number of clusters (default ``min(round(N / 30),
         100)``), bandwidth (default 0.1), seed of the k-means start (default
-        0), and where and in which float type to cluster. For AnnData with a
-        ``key``: passed to :func:`run_harmony` with ``run_harmony_kwargs``.
-    basis : str, default "X_pca"
-        AnnData only: ``obsm`` key of the PCs.
-    adjusted_basis : str, default "X_pca_harmony"
-        AnnData only: ``obsm`` key where the corrected PCs are written (for a
-        one-batch reference, a copy of ``obsm[basis]``); :func:`map_query`
-        writes a query's under the same key.
-    loadings : str or None, default "PCs"
-        AnnData only: ``varm`` key of the PCA loadings (genes x PCs). The
-        reference keeps them, the gene names and the per-gene scaling, so
-        that :func:`map_query` can project a query's genes (see Notes).
-        None keeps no gene projection: queries must then be given in the
-        reference's PC space (``map_query(..., basis=...)``).
-    layer : str, optional
-        AnnData only: read the expression matrix the PCA was computed from in
-        ``adata.layers[layer]`` instead of ``adata.X``.
-    **run_harmony_kwargs
-        AnnData only: passed to :func:`run_harmony` through :func:`integrate`
-        (``theta``, ``lamb``, ``algorithm``, ...).
+        0), and where and in which float type to cluster.
 
     Returns
     -------
     Reference
-
-    Notes
-    -----
-    **AnnData.** Harmony runs through :func:`integrate`, which writes
-    ``adata.obsm[adjusted_basis]`` and ``adata.uns["harmony"]``. With
-    ``loadings``, the reference keeps (``Reference.projection``):
-
-    * the loadings ``adata.varm["PCs"]`` of the genes whose row is not all
-      zeros (scanpy's PCA on highly variable genes writes zero rows for the
-      others), and those genes' names (``adata.var_names``);
-    * the scaling: ``adata.var["mean"]`` and ``adata.var["std"]`` when
-      present: ``sc.pp.scale`` writes them (its ``std`` is the standard
-      deviation with ``ddof=1``, as Symphony's ``rowSDs``, and 1 for a
-      constant gene); a query is scaled ``(x - mean) / std``, or ``x / std`` when
-      the scaled reference has no negative value (``sc.pp.scale(zero_center=
-      False)``, which records the mean without subtracting it), then clipped
-      to the range of the reference's scaled values (which reproduces
-      ``max_value=`` on the reference's own cells; Symphony clips at +-10).
-      Without these columns the PCA was run on the expression as it is
-      (e.g. log-normalised, ``sc.pp.scale`` skipped): no scaling and no
-      clipping. ``adata.var["means"]`` (plural, from
-      ``sc.pp.highly_variable_genes``) is not a scaling and is not used;
-    * the mean of the reference's scaled values and of its PCs, so that its
-      own cells project exactly onto ``obsm[basis]``.
-
-    The expression matrix (``X`` or ``layers[layer]``) must be the one the
-    PCA was computed from (after ``sc.pp.scale``, which scales ``X`` in place);
-    this is checked by projecting up to 2,000 reference cells. Refused, before
-    Harmony runs, with a message naming what is missing: no
-    ``varm["PCs"]`` (or loadings of another shape), only one of
-    ``var["mean"]`` / ``var["std"]``, an expression matrix with negative
-    values but no ``var["mean"]`` / ``var["std"]`` (scaled by a tool that
-    did not record how), and a matrix that does not project onto
-    ``obsm[basis]``.
     """
-    from harmonypy._harmony import Harmony
-
-    if _is_anndata(source):
-        from harmonypy._anndata import reference_from_anndata
-
-        return reference_from_anndata(
-            source, meta_data, labels=labels, keep_cells=keep_cells, basis=basis,
-            adjusted_basis=adjusted_basis, loadings=loadings, layer=layer,
-            options={"nclust": nclust, "sigma": sigma, "random_state": random_state,
-                     "device": device, "dtype": dtype},
-            run_harmony_kwargs=run_harmony_kwargs)
-    anndata_only = {name: value for name, value in [
-        ("basis", basis), ("adjusted_basis", adjusted_basis), ("layer", layer),
-        ("loadings", None if loadings == "PCs" else loadings)] if value is not None}
-    anndata_only.update(run_harmony_kwargs)
-    if anndata_only:
-        raise TypeError(f"{', '.join(anndata_only)}: only for build_reference(adata, key, ...) "
-                        f"on an AnnData object; to build from your own Harmony run, pass "
-                        f"its result (run_harmony(...))")
     keep_cells = val.check_flag("keep_cells", keep_cells)
-    label_names = _label_names(labels)
-    if label_names and not keep_cells:
-        raise ValueError(f"labels={label_names} needs keep_cells=True: labels are kept per "
+    names = label_names(labels)
+    if names and not keep_cells:
+        raise ValueError(f"labels={names} needs keep_cells=True: labels are kept per "
                          f"reference cell")
-    if label_names and meta_data is None:
-        raise ValueError(f"labels={label_names} names columns of meta_data, but meta_data "
+    if names and meta_data is None:
+        raise ValueError(f"labels={names} names columns of meta_data, but meta_data "
                          f"is None; pass the reference cells' metadata")
     if isinstance(source, Harmony):
         given = {name: value for name, value in [("nclust", nclust), ("sigma", sigma),
@@ -369,19 +285,15 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
         if given:
             raise TypeError(f"{', '.join(given)} only apply to a reference built from an "
                             f"embedding; a Harmony run already has its clusters")
-        return _from_harmony(source, meta_data, label_names, keep_cells)
-    return _from_embedding(source, meta_data, label_names, keep_cells, nclust=nclust,
+        return _from_harmony(source, meta_data, names, keep_cells)
+    return _from_embedding(source, meta_data, names, keep_cells, nclust=nclust,
                            sigma=0.1 if sigma is None else sigma,
                            random_state=0 if random_state is None else random_state,
                            device=device, dtype=dtype)
 
 
-def _is_anndata(source) -> bool:
-    """AnnData or a look-alike (``obs`` and ``obsm``), as :func:`integrate` accepts."""
-    return hasattr(source, "obsm") and hasattr(source, "obs")
-
-
-def _label_names(labels) -> list:
+def label_names(labels) -> list:
+    """``labels`` (a column name or a list of them) as a list of distinct names."""
     if labels is None:
         return []
     if isinstance(labels, str):
@@ -393,6 +305,16 @@ def _label_names(labels) -> list:
         return names
     raise TypeError(f"labels must be a column name or a list of column names, not "
                     f"{type(labels).__name__}")
+
+
+def reference_digest(ref: Reference) -> str:
+    """A short fingerprint of a reference's clusters (SHA-256 of ``Nr`` and ``C``,
+    16 hex digits): the same for a reference and its saved and loaded copy,
+    different for another reference."""
+    digest = hashlib.sha256()
+    for array in (ref.Nr, ref.C):
+        digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _from_harmony(ho, meta_data, label_names, keep_cells) -> Reference:
@@ -456,8 +378,6 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *, nclust, sig
                                      meta_shape=None if meta_data is None else meta_data.shape)
     val.check_cell_lengths(cells, torch_dtype)
     val.warn_if_not_reduced(cells)
-    from harmonypy._harmony import _default_clusters
-
     n_clusters = (_default_clusters(cells.shape[0]) if nclust is None
                   else val.check_int("nclust", nclust, 1, cells.shape[0],
                                      maximum_is="the number of cells"))
@@ -655,8 +575,6 @@ def _json_value(value: Any) -> Any:
 
 def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
     """Every array of the file, the JSON metadata included (see ``docs/mapping.md``)."""
-    from harmonypy import __version__
-
     arrays = {
         "Nr": np.asarray(ref.Nr, dtype=np.float64),
         "C": np.asarray(ref.C, dtype=np.float64),
@@ -772,8 +690,6 @@ def load_reference(path: str | Path) -> Reference:
         The arrays the file declares (consistently) exceed the memory
         available; the message names the file.
     """
-    from harmonypy._npzfile import NpzArchive
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"reference file {str(path)!r} does not exist")
@@ -1039,9 +955,7 @@ def _checked_headers(archive, metadata: dict, problem) -> dict:
 
 def _check_memory(path: Path, nbytes: int) -> None:
     """Refuse, naming the file, arrays that would not fit in the memory available."""
-    from harmonypy._memory import host_available
-
-    available = host_available()
+    available = _memory.host_available()
     if available is not None and nbytes > available:
         raise MemoryError(f"reference file {str(path)!r} holds {nbytes / 2**30:.2f} GiB of "
                           f"arrays, more than the {available / 2**30:.2f} GiB of memory "

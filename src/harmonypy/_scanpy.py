@@ -25,6 +25,7 @@ import numpy as np
 
 from harmonypy._anndata import (_as_keys, _check_adata, _check_distinct_bases,
                                 _check_obs_columns)
+from harmonypy._harmony import run_harmony
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +235,6 @@ def harmony_integrate(
     >>> adata.obsm["X_pca_harmony"].dtype                         # doctest: +SKIP
     dtype('float64')
     """
-    from harmonypy._harmony import run_harmony
-
     if flavor not in _FLAVORS:
         raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}.")
     if correction_method != "fast":

@@ -94,7 +94,7 @@ def _npy_rows(path, meta_path, world: int, rank: int):
 def _h5ad_rows(path, basis: str, world: int, rank: int):
     """This rank's rows of ``obsm[basis]`` (read from the file, not the whole
     matrix) and of ``obs`` of an ``.h5ad``."""
-    from harmonypy._anndata import require_anndata
+    from harmonypy._optional import require_anndata
     from harmonypy._launch import shard_bounds
 
     require_anndata()

@@ -345,6 +345,14 @@ def test_version():
     assert proc.stdout.strip() == f"harmonypy {hm.__version__}"
 
 
+def test_python_m_harmonypy_cli_runs_the_command_line():
+    """``python -m harmonypy.cli`` runs it as ``python -m harmonypy`` does."""
+    proc = subprocess.run([sys.executable, "-m", "harmonypy.cli", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"harmonypy {hm.__version__}"
+
+
 def test_demo():
     proc = harmonypy("demo")
     assert proc.returncode == 0, proc.stderr

@@ -138,6 +138,3 @@ def _message(err: BaseException, command: str | None = None) -> str:
         text = pattern.sub(lambda match: names[match.group(1)], text)
     return text
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

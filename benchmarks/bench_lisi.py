@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from harmonypy import _lisi  # noqa: E402
+from harmonypy import _lisi, neighbors  # noqa: E402
 
 OLD_VERSION = "0.2.0"
 OLD_VENV = HERE / ".venvs" / f"harmonypy-{OLD_VERSION}"
@@ -82,7 +82,7 @@ def make_input(kind: str, n_cells: int, n_dims: int, seed: int = 0):
     return X.astype(np.float64), meta[["batch", "cell_type"]]
 
 
-def time_ours(X, meta, neighbors: str, **knn_kwargs):
+def time_ours(X, meta, neighbors_method: str, **knn_kwargs):
     """Neighbours and scores timed separately; returns (lisi, idx, knn s, score s)."""
     labels = ["batch", "cell_type"]
     codes = [_lisi._encode_labels(meta[c], c) for c in labels]
@@ -90,11 +90,12 @@ def time_ours(X, meta, neighbors: str, **knn_kwargs):
     Xf = np.ascontiguousarray(X, dtype=np.float64)
     t0 = time.perf_counter()
     if knn_kwargs:  # only the IVF search takes options
-        dist, idx = _lisi._knn_ivf(Xf, k, **knn_kwargs)
+        found = neighbors.knn_ivf(Xf, k, **knn_kwargs)
     else:
-        dist, idx = _lisi._knn(Xf, k, neighbors=neighbors)
+        found = neighbors.knn(Xf, k, method=neighbors_method)
     t1 = time.perf_counter()
-    lisi = _lisi._lisi_from_knn(dist, idx, codes, float(PERPLEXITY))
+    idx = found.indices
+    lisi = _lisi._lisi_from_knn(found.distances, idx, codes, float(PERPLEXITY))
     t2 = time.perf_counter()
     return lisi, idx, t1 - t0, t2 - t1
 
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     lisi_ivf, idx_ivf, a_knn, a_sc = time_ours(X, meta, "ivf")
     err = np.abs(lisi_ivf - lisi_exact)
     rows.append((args.cells, f"harmonypy, IVF (default: n_probe="
-                 f"{_lisi._ivf_n_probe(_lisi._ivf_n_lists(args.cells))})", a_knn, a_sc,
+                 f"{neighbors.ivf_n_probe(neighbors.ivf_n_lists(args.cells))})", a_knn, a_sc,
                  a_knn + a_sc,
                  f"recall {recall(idx_ivf, idx_exact):.4f}; |LISI - exact| median "
                  f"{np.median(err):.1e}, 99th pct {np.quantile(err, 0.99):.2g}, max {err.max():.2g}"))
@@ -242,9 +243,9 @@ def million(args, n: int = 1_000_000):
     Xm, mm = make_input(args.data, n, args.dims, seed=1)
     sample = np.random.default_rng(2).choice(n, 2000, replace=False)
     ex = _exact_for_queries(Xm, sample, _lisi._neighbourhood_size(PERPLEXITY, n))
-    n_lists = _lisi._ivf_n_lists(n)
-    for n_probe, what in ((None, "default"), (_lisi.IVF_PROBES, "before")):
-        probe = _lisi._ivf_n_probe(n_lists) if n_probe is None else n_probe
+    n_lists = neighbors.ivf_n_lists(n)
+    for n_probe, what in ((None, "default"), (neighbors.IVF_PROBES, "before")):
+        probe = neighbors.ivf_n_probe(n_lists) if n_probe is None else n_probe
         kwargs = {} if n_probe is None else {"n_probe": n_probe}
         _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "ivf", **kwargs)
         rows.append((n, f"harmonypy, IVF ({what}: n_probe={probe} of {n_lists} lists)",
@@ -264,7 +265,7 @@ def million(args, n: int = 1_000_000):
         del idx_m
     cells = np.sort(np.random.default_rng(3).choice(n, 10_000, replace=False))
     t0 = time.perf_counter()
-    _lisi._knn_of_cells(np.ascontiguousarray(Xm), cells, ex.shape[1])
+    neighbors.knn_of_cells(np.ascontiguousarray(Xm), cells, ex.shape[1])
     rows.append((n, "harmonypy, exact search of 10,000 sampled cells among all",
                  time.perf_counter() - t0, None, None,
                  "what `evaluate(n_query=10_000)` searches; exact"))
@@ -276,10 +277,10 @@ PYNN_DRIVER = r"""
 import sys, time, json
 import numpy as np
 sys.path.insert(0, sys.argv[4])
-from harmonypy import _lisi
+from harmonypy import neighbors
 X = np.load(sys.argv[1])
 t0 = time.perf_counter()
-_, idx = _lisi._knn_pynndescent(X, int(sys.argv[3]))
+idx = neighbors.knn_pynndescent(X, int(sys.argv[3])).indices
 t = time.perf_counter() - t0
 np.save(sys.argv[2], idx.astype(np.int32))
 print(json.dumps({"seconds": t}))
@@ -314,10 +315,10 @@ def ten_million(args, n: int = 10_000_000, n_sample: int = 1000):
     sample = np.random.default_rng(2).choice(n, n_sample, replace=False)
     ex = _exact_for_queries(X, sample, k)
     t0 = time.perf_counter()
-    _, idx = _lisi._knn_ivf(X, k, cells=sample)
+    idx = neighbors.knn_ivf(X, k, cells=sample).indices
     t = time.perf_counter() - t0
-    n_lists = _lisi._ivf_n_lists(n)
-    return (n, f"harmonypy, IVF (default: n_probe={_lisi._ivf_n_probe(n_lists)} of {n_lists} "
+    n_lists = neighbors.ivf_n_lists(n)
+    return (n, f"harmonypy, IVF (default: n_probe={neighbors.ivf_n_probe(n_lists)} of {n_lists} "
             f"lists), {n_sample:,} sampled cells only", t, None, None,
             f"recall {recall(idx, ex):.4f} ({n_sample:,} sampled cells); time = partition "
             "+ search of the sampled cells, not of all cells")
@@ -372,7 +373,7 @@ def write_report(rows, sweep, old_line, env, args):
         ]
     if sweep:
         lines += ["", f"IVF recall of the exact neighbours at {args.cells:,} cells by `n_probe` "
-                  f"({_lisi._ivf_n_lists(args.cells)} lists):", "",
+                  f"({neighbors.ivf_n_lists(args.cells)} lists):", "",
                   "| n_probe | neighbours (s) | recall |", "| ---: | ---: | ---: |"]
         lines += [f"| {p} | {t:.2f} | {r:.4f} |" for p, t, r in sweep]
     text = "\n".join(lines) + "\n"

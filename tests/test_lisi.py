@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import harmonypy as hm
-from harmonypy import _lisi
+from harmonypy import _lisi, neighbors
 
 HAVE_PYNNDESCENT = importlib.util.find_spec("pynndescent") is not None
 
@@ -65,31 +65,6 @@ def test_matches_r_lisi_numpy_and_single_label(r_lisi):
     got = hm.compute_lisi(X.to_numpy(), meta, "label2", perplexity=30, neighbors="exact")
     assert got.shape == (len(X), 1)
     np.testing.assert_allclose(got[:, 0], expected["label2"].to_numpy(), rtol=0, atol=1e-5)
-
-
-def test_pruned_exact_search_equals_brute_force(monkeypatch):
-    """The k-means-pruned search (used on large inputs) is exact."""
-    X, _ = _blobs(400, 6, dims=8, sep=3.0)
-    X = np.vstack([X, X[:50]])  # duplicates make ties at distance 0
-    Xc = X - X.mean(0)
-    with torch.no_grad():
-        d_b, i_b = _lisi._knn_brute(Xc, 29)
-    monkeypatch.setattr(_lisi, "_CLUSTER_SIZE", 100)
-    monkeypatch.setattr(_lisi, "_QUERY_ROWS", 64)
-    with torch.no_grad():
-        d_p, i_p = _lisi._knn_pruned(Xc, 29)
-    np.testing.assert_allclose(d_p, d_b, rtol=0, atol=1e-12)
-    assert not np.any(i_p == np.arange(len(X))[:, None]), "a cell is its own neighbour"
-
-
-def test_float32_brute_force_matches_float64():
-    X, _ = _blobs(300, 4, dims=10, sep=5.0)
-    X = X + 1e3  # large offset: centring must keep float32 accurate
-    Xc = X - X.mean(0)
-    with torch.no_grad():
-        d64, _ = _lisi._knn_brute(Xc, 20)
-        d32, _ = _lisi._knn_brute(Xc, 20, torch.float32)
-    np.testing.assert_allclose(d32, d64, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- #
@@ -268,18 +243,17 @@ def test_pynndescent_without_backend_says_how_to_install(small):
 def test_auto_switches_to_ivf_above_threshold(monkeypatch, small):
     X, meta = small
     used = []
-    real = _lisi._knn_ivf
-    monkeypatch.setattr(_lisi, "_knn_ivf", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = neighbors.knn_ivf
+    monkeypatch.setattr(neighbors, "knn_ivf", lambda *a, **k: used.append(1) or real(*a, **k))
     hm.compute_lisi(X, meta, "batch", perplexity=5)
     assert not used, "auto must stay exact at or below EXACT_MAX_CELLS"
-    monkeypatch.setattr(_lisi, "EXACT_MAX_CELLS", len(X) - 1)
+    monkeypatch.setattr(neighbors, "EXACT_MAX_CELLS", len(X) - 1)
     got = hm.compute_lisi(X, meta, "batch", perplexity=5)
     assert used == [1]
     # "approx" is the IVF search too
     np.testing.assert_array_equal(
         got, hm.compute_lisi(X, meta, "batch", perplexity=5, neighbors="approx")
     )
-    assert _lisi._resolve_backend("auto", _lisi.EXACT_MAX_CELLS + 1) == "ivf"
 
 
 # --------------------------------------------------------------------------- #
@@ -307,136 +281,19 @@ def clustered_20k():
     X, meta = simulate(20_000, 30, 4, 10, seed=3)
     X = X.astype(np.float64)
     k = _lisi._neighbourhood_size(30, len(X))
-    with torch.no_grad():
-        d_ex, i_ex = _lisi._knn_exact(X, k)
-    d_iv, i_iv = _lisi._knn_ivf(X, k)
-    return X, meta, k, (d_ex, i_ex), (d_iv, i_iv)
+    return X, meta, neighbors.knn_exact(X, k), neighbors.knn_ivf(X, k)
 
 
-def _recall(i_approx, i_exact):
-    return np.mean((i_approx[:, :, None] == i_exact[:, None, :]).any(axis=2))
-
-
-def test_ivf_recall_and_scores_close_to_exact(clustered_20k):
-    X, meta, k, (d_ex, i_ex), (d_iv, i_iv) = clustered_20k
-    assert _recall(i_iv, i_ex) >= 0.97
-    assert not np.any(i_iv == np.arange(len(X))[:, None]), "a cell is its own neighbour"
-    # distances are exact float64 for the neighbours found, sorted ascending
-    diff = X[i_iv[:100]] - X[:100, None, :]
-    np.testing.assert_allclose(d_iv[:100], np.sqrt((diff**2).sum(-1)), rtol=1e-12, atol=1e-12)
-    assert np.all(np.diff(d_iv, axis=1) >= 0)
-    assert np.all(d_iv >= d_ex - 1e-12)  # approximate k-th distances can only be larger
+def test_ivf_scores_close_to_exact(clustered_20k):
+    # The search's recall is tested in test_neighbors.py; here its effect on LISI.
+    X, meta, exact, ivf = clustered_20k
     codes = [_lisi._encode_labels(meta[c], c) for c in ("batch", "cell_type")]
-    ex = _lisi._lisi_from_knn(d_ex, i_ex, codes, 30.0)
-    iv = _lisi._lisi_from_knn(d_iv, i_iv, codes, 30.0)
+    ex = _lisi._lisi_from_knn(exact.distances, exact.indices, codes, 30.0)
+    iv = _lisi._lisi_from_knn(ivf.distances, ivf.indices, codes, 30.0)
     err = np.abs(iv - ex)
     assert np.median(err) < 1e-3
     assert np.quantile(err, 0.99) < 0.1
     np.testing.assert_allclose(np.median(iv, axis=0), np.median(ex, axis=0), rtol=1e-3)
-
-
-def test_ivf_is_deterministic_and_leaves_rng_alone(clustered_20k):
-    X, _, k, _, (d_iv, i_iv) = clustered_20k
-    state = np.random.get_state()[1].copy()
-    torch_state = torch.get_rng_state()
-    d2, i2 = _lisi._knn_ivf(X, k)
-    np.testing.assert_array_equal(i2, i_iv)
-    np.testing.assert_array_equal(d2, d_iv)
-    np.testing.assert_array_equal(np.random.get_state()[1], state)
-    assert torch.equal(torch.get_rng_state(), torch_state)
-
-
-def test_ivf_search_of_some_cells_gives_their_rows(clustered_20k):
-    X, _, k, _, (d_iv, i_iv) = clustered_20k
-    cells = np.random.default_rng(4).choice(len(X), 300, replace=False)  # unsorted on purpose
-    d_c, i_c = _lisi._knn_ivf(X, k, cells=cells)
-    np.testing.assert_array_equal(i_c, i_iv[cells])
-    np.testing.assert_array_equal(d_c, d_iv[cells])
-
-
-def test_ivf_probes_a_fixed_share_of_the_lists():
-    assert _lisi._ivf_n_probe(566) == _lisi.IVF_PROBES  # 20,000 cells
-    assert _lisi._ivf_n_probe(1265) == 64  # 100,000 cells: 5 % would be 63.25
-    assert _lisi._ivf_n_probe(1789) == 90  # 200,000 cells
-    assert _lisi._ivf_n_probe(4000) == 200  # 1,000,000 cells, not 201
-    assert _lisi._ivf_n_probe(12649) == 633  # 10,000,000 cells
-    assert _lisi._ivf_n_probe(10) == 10  # never more than there are lists
-
-
-def _exact_rows(X, cells, k):
-    """Exact neighbours (self excluded) of ``cells`` among all rows, float64 brute force."""
-    T = torch.from_numpy(X)
-    d = torch.cdist(T[torch.from_numpy(cells)], T)
-    d[torch.arange(len(cells)), torch.from_numpy(cells)] = float("inf")
-    return torch.topk(d, k, largest=False).indices.numpy()
-
-
-def test_default_search_recall_at_200k_cells():
-    # The default above EXACT_MAX_CELLS, measured the way the benchmark does
-    # at 10**6 cells: exact neighbours of sampled cells among ALL cells.  A
-    # fixed 64 probes gave 0.86 at 10**6 cells; the share of lists probed is
-    # what keeps recall (docs/lisi.md).  The IVF rows of the sampled cells are
-    # those of a full search (test above), so only they are searched.
-    from harmonypy._simulate import simulate
-
-    n = 200_000
-    X, _ = simulate(n, 30, 8, 10, seed=11)
-    X = X.astype(np.float64)
-    k = _lisi._neighbourhood_size(30, n)
-    assert _lisi._resolve_backend("auto", n) == "ivf"
-    cells = np.random.default_rng(12).choice(n, 300, replace=False)
-    exact = _exact_rows(X, cells, k)
-    _, i_iv = _lisi._knn_ivf(X, k, cells=cells)
-    assert _recall(i_iv, exact) >= 0.99
-    # the exact search of sampled cells (evaluate(n_query=...)), float32 path
-    _, i_s = _lisi._knn_of_cells(X, cells, k)
-    np.testing.assert_array_equal(np.sort(i_s, axis=1), np.sort(exact, axis=1))
-
-
-def test_ivf_probing_every_list_is_exact():
-    X, _ = _blobs(150, 4, dims=6, sep=3.0)
-    X = np.vstack([X, X[:20]])  # duplicates: ties at distance 0
-    with torch.no_grad():
-        d_b, _ = _lisi._knn_brute(X - X.mean(0), 29)
-    d_i, i_i = _lisi._knn_ivf(X, 29, n_lists=12, n_probe=12)
-    np.testing.assert_allclose(d_i, d_b, rtol=0, atol=1e-12)
-    assert not np.any(i_i == np.arange(len(X))[:, None])
-
-
-def test_ivf_raises_probes_when_lists_are_too_small():
-    # 100 cells, 89 neighbours: whatever the partition, every list must see
-    # at least 90 cells, so the search ends up (nearly) exhaustive
-    X, _ = _blobs(25, 4, dims=3, sep=2.0)
-    d_i, i_i = _lisi._knn_ivf(X, 89, n_lists=10, n_probe=1)
-    with torch.no_grad():
-        d_b, _ = _lisi._knn_brute(X - X.mean(0), 89)
-    assert np.all(np.isfinite(d_i))
-    for row in i_i:
-        assert len(np.unique(row)) == 89
-    np.testing.assert_allclose(d_i, d_b, rtol=0, atol=1e-12)
-
-
-def test_ragged_positions():
-    starts = torch.tensor([[10, 0, 5], [3, 7, 0]])
-    lengths = torch.tensor([[2, 0, 3], [1, 1, 0]])
-    pos, valid = _lisi._ragged_positions(starts, lengths, pad=-1)
-    assert pos.tolist() == [[10, 11, 5, 6, 7], [3, 7, -1, -1, -1]]
-    assert valid.sum(1).tolist() == [5, 2]
-
-
-def test_refine_torch_matches_numpy_refine():
-    rng = np.random.default_rng(5)
-    X = rng.normal(size=(300, 7))
-    sel = np.arange(0, 300, 3)
-    cand = rng.integers(0, 300, size=(sel.size, 40))
-    cand[:, 5] = sel  # the query itself must be dropped
-    cand[:, 6] = cand[:, 7]  # duplicates tie; order must stay stable
-    d_np, i_np = _lisi._refine(X, sel, cand, 20)
-    d_t, i_t = _lisi._refine_torch(
-        torch.from_numpy(X), torch.from_numpy(sel), torch.from_numpy(cand), 20
-    )
-    np.testing.assert_allclose(d_t.numpy(), d_np, rtol=1e-14, atol=0)
-    np.testing.assert_array_equal(i_t.numpy(), i_np)
 
 
 @pytest.mark.parametrize("n_jobs, error", [(0, ValueError), (-2, ValueError),

@@ -1163,6 +1163,8 @@ def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
     same neighbours as comparing every pair, and the same labels as class::knn."""
     import torch
 
+    from harmonypy.neighbors import PrunedIndex, exact_topk
+
     pcs, meta = hm.datasets.load_pbmcs_small()
     in_query = (meta["donor"] == "5p").to_numpy()
     ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", verbose=False)
@@ -1173,12 +1175,12 @@ def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
     monkeypatch.setattr(_mapping, "_KNN_LIST_SIZE", 32)
     monkeypatch.setattr(_mapping, "_KNN_FIRST_CELLS", 1)
     for k in (1, 10, 30):
-        index = _mapping._KnnIndex(reference, k)
+        index = PrunedIndex(reference, k=k, list_size=32, first_cells=1)
         assert index.counts.numel() == len(reference) // 32
-        pruned = index.neighbours(cells)
+        pruned = index.search(cells)
         centred = reference - reference.mean(0)
-        brute = _mapping._brute_neighbours(cells - reference.mean(0), centred,
-                                           (centred * centred).sum(1), k, 97)
+        _, brute = exact_topk(cells - reference.mean(0), centred,
+                              data_sq=(centred * centred).sum(1), k=k, chunk=97)
         np.testing.assert_array_equal(pruned.numpy(), brute.numpy())
     monkeypatch.setattr(_mapping, "_KNN_BRUTE_PAIRS", 0)
     monkeypatch.setattr(_mapping, "_KNN_GROUP_CHUNK", 100)

@@ -54,6 +54,7 @@ from harmonypy._design import BatchDesign, _encode_column
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._reduce import index_sum_
 from harmonypy._reference import Reference, reference_digest
+from harmonypy.neighbors import PrunedIndex, exact_topk
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ _KNN_ELEMENTS = 2**23
 #: Query x reference pairs up to which label transfer compares every pair;
 #: above, the reference is partitioned into lists of about
 #: :data:`_KNN_LIST_SIZE` cells and lists that cannot hold a neighbour are
-#: skipped (still exact, see :class:`_KnnIndex`). Query cells grouped at once
-#: by their nearest list: :data:`_KNN_GROUP_CHUNK`.
+#: skipped (still exact, see :class:`harmonypy.neighbors.PrunedIndex`). Query
+#: cells grouped at once by their nearest list: :data:`_KNN_GROUP_CHUNK`.
 _KNN_BRUTE_PAIRS = 2**26
 _KNN_LIST_SIZE = 256
 _KNN_MAX_LISTS = 1024
@@ -785,7 +786,7 @@ def _knn_vote(cells, reference, ref_codes, n_labels, k, dtype, device):
     not change the order). Small searches compare every pair, one block of
     query cells against one block of reference cells at a time, keeping a
     running top k; larger ones skip the reference lists that cannot hold a
-    neighbour (:class:`_KnnIndex`), with the same result.
+    neighbour (:class:`harmonypy.neighbors.PrunedIndex`), with the same result.
 
     Returns ``(label code (N,), votes (N,))`` as NumPy arrays.
     """
@@ -801,10 +802,14 @@ def _knn_vote(cells, reference, ref_codes, n_labels, k, dtype, device):
         ref_sq = (centred * centred).sum(1)
 
         def search(q):
-            return _brute_neighbours(q - mean, centred, ref_sq, k, ref_chunk)
+            return exact_topk(q - mean, centred, data_sq=ref_sq, k=k, chunk=ref_chunk)[1]
     else:
         query_chunk = _KNN_GROUP_CHUNK
-        search = _KnnIndex(reference, k).neighbours
+        index = PrunedIndex(reference, k=k, list_size=_KNN_LIST_SIZE, max_lists=_KNN_MAX_LISTS,
+                            first_cells=_KNN_FIRST_CELLS)
+
+        def search(q):
+            return index.search(q, elements=_KNN_ELEMENTS)
     for start in range(0, n_query, query_chunk):
         q = torch.as_tensor(np.asarray(cells[start:start + query_chunk]), device=device).to(dtype)
         neighbour_codes = ref_codes[search(q)]  # (n, k), nearest first
@@ -816,167 +821,3 @@ def _knn_vote(cells, reference, ref_codes, n_labels, k, dtype, device):
         best[start:start + q.shape[0]] = winner.cpu().numpy()
         votes[start:start + q.shape[0]] = counts.gather(1, winner[:, None])[:, 0].cpu().numpy()
     return best, votes
-
-
-def _brute_neighbours(q, reference, ref_sq, k, ref_chunk):
-    """Indices (n, k) of the k reference cells of least ``|r|^2 - 2 q.r``, nearest first."""
-    near_d = near_i = None
-    for r0 in range(0, reference.shape[0], ref_chunk):
-        block = reference[r0:r0 + ref_chunk]
-        dist = torch.addmm(ref_sq[None, r0:r0 + ref_chunk], q, block.T, alpha=-2.0)
-        found_d, found_i = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False,
-                                      sorted=True)
-        found_i += r0
-        if near_d is not None:  # merge with the best of the earlier blocks
-            found_d, pos = torch.topk(torch.cat([near_d, found_d], 1), k, dim=1,
-                                      largest=False, sorted=True)
-            found_i = torch.cat([near_i, found_i], 1).gather(1, pos)
-        near_d, near_i = found_d, found_i
-    return near_i
-
-
-class _KnnIndex:
-    """Exact k nearest reference cells of query cells, skipping far reference lists.
-
-    The reference is partitioned into lists by a few k-means rounds
-    (``_lisi._kmeans_sample``, as the LISI search's partition) and every
-    reference cell is put in the list of its nearest centroid. A query cell
-    ``q`` whose nearest centroid is ``c_a`` is compared first with the cells
-    of the lists nearest to ``c_a`` (at least k cells): the k-th best of them
-    bounds its k-th neighbour's distance ``D``. A cell ``x`` of list ``b`` is
-    at least ``max((|q - c_b|^2 - |q - c_a|^2) / (2 |c_a - c_b|), |q - c_b| -
-    radius_b)`` from ``q`` (``x`` lies on ``c_b``'s side of the plane halfway
-    between the centroids, and within ``radius_b`` of ``c_b``); lists whose
-    bound exceeds ``D`` for every query cell of the group are skipped, the
-    others are compared. The bounds are widened by the rounding error of the
-    float type, so the neighbours found are those of comparing every pair.
-
-    Query cells are handled in groups of the same nearest list, so each group
-    compares a block of query cells with one gathered block of reference cells.
-    """
-
-    def __init__(self, reference, k):
-        from harmonypy import _lisi
-
-        self.k = k
-        dtype, device = reference.dtype, reference.device
-        n_ref, d = reference.shape
-        self.mean = reference.to(torch.float64).mean(0).to(dtype)
-        data = reference - self.mean
-        n_lists = max(1, min(_KNN_MAX_LISTS, n_ref // _KNN_LIST_SIZE))
-        generator = torch.Generator().manual_seed(0)
-        centroids = _lisi._kmeans_sample(data.float().cpu(), n_lists, generator)
-        centroids = centroids.to(device, dtype)
-        lists = _nearest_list(data, centroids)
-        order = torch.argsort(lists, stable=True)
-        self.index = order  # row of each sorted cell in ``reference``
-        self.data = data.index_select(0, order)
-        self.sq = (self.data * self.data).sum(1)
-        self.counts = torch.bincount(lists, minlength=n_lists)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        self.centroids = centroids
-        self.centroid_sq = (centroids * centroids).sum(1)
-        c64 = centroids.to(torch.float64)
-        spread = torch.linalg.vector_norm(
-            self.data.to(torch.float64) - c64.index_select(0, lists.index_select(0, order)), dim=1)
-        self.radius = torch.zeros(n_lists, dtype=torch.float64, device=device).scatter_reduce_(
-            0, lists.index_select(0, order), spread, "amax").mul_(1 + 1e-6).to(dtype)
-        gaps = torch.cdist(c64, c64)
-        self.gaps = gaps.to(dtype)
-        # Lists in order of centroid distance from each list (itself first); the
-        # first ones that hold k cells give the first, upper-bounding candidates.
-        gaps.fill_diagonal_(-1.0)
-        self.near = torch.argsort(gaps, dim=1, stable=True)
-        reach = torch.cumsum(self.counts[self.near], dim=1)
-        self.n_first = (reach < max(k, _KNN_FIRST_CELLS)).sum(1) + 1
-        # Rounding error of |q|^2 + |r|^2 - 2 q.r, as a multiple of |q|^2 + |r|^2.
-        self.ref_scale = float(self.sq.max()) if n_ref else 0.0
-        self.unit = 4 * (d + 4) * torch.finfo(dtype).eps
-
-    def neighbours(self, q):
-        """Indices (n, k) into the reference of each query cell's k nearest, nearest first."""
-        k = self.k
-        q = q - self.mean
-        n = q.shape[0]
-        out = torch.empty((n, k), dtype=torch.int64, device=q.device)
-        if n == 0:
-            return out
-        lists = _nearest_list(q, self.centroids)
-        q_sq = (q * q).sum(1)
-        err = self.unit * (float(q_sq.max()) + self.ref_scale)
-        order = torch.argsort(lists, stable=True)
-        group_sizes = torch.bincount(lists, minlength=self.counts.numel())
-        starts = (torch.cumsum(group_sizes, 0) - group_sizes).tolist()
-        for a in torch.nonzero(group_sizes).flatten().tolist():
-            rows = order[starts[a]:starts[a] + int(group_sizes[a])]
-            first = self.near[a, :int(self.n_first[a])]
-            cand = self._cells_of(first)
-            step = max(1, _KNN_ELEMENTS // max(1, cand.numel()))
-            for r0 in range(0, rows.numel(), step):
-                part = rows[r0:r0 + step]
-                out[part] = self._group(q.index_select(0, part), q_sq.index_select(0, part),
-                                        a, first, cand, err)
-        return self.index[out]
-
-    def _group(self, qg, qg_sq, a, first, cand, err):
-        """Sorted positions (m, k) of the k nearest of query cells whose nearest list is ``a``."""
-        k = self.k
-        values, found = self._best(qg, cand, k)
-        # k-th squared distance so far (an upper bound), widened by rounding.
-        bound = (values[:, -1] + qg_sq + 2 * err).clamp_min(0).sqrt()
-        dq2 = torch.addmm(self.centroid_sq + qg_sq[:, None], qg, self.centroids.T, alpha=-2.0)
-        gaps = self.gaps[a]
-        plane = (dq2 - dq2[:, a:a + 1] - 4 * err) / (2 * gaps)
-        plane.masked_fill_(~(gaps > 0), -math.inf)  # the list itself, coincident centroids
-        ball = (dq2 - err).clamp_min(0).sqrt() - self.radius
-        need = (torch.maximum(plane, ball) <= bound[:, None]).any(0)
-        need[first] = False
-        need &= self.counts > 0
-        if bool(need.any()):
-            more = self._cells_of(torch.nonzero(need).flatten())
-            block = torch.addmm(self.sq.index_select(0, more)[None, :], qg,
-                                self.data.index_select(0, more).T, alpha=-2.0)
-            # Only cells at most as far as the current k-th can enter the top k.
-            row, col = torch.nonzero(block <= values[:, -1:], as_tuple=True)
-            if row.numel():
-                per_row = torch.bincount(row, minlength=qg.shape[0])
-                slot = torch.arange(row.numel(), device=row.device) - \
-                    (torch.cumsum(per_row, 0) - per_row).index_select(0, row)
-                width = int(per_row.max())
-                values2 = torch.full((qg.shape[0], width), math.inf, dtype=block.dtype,
-                                     device=block.device)
-                values2[row, slot] = block[row, col]
-                found2 = torch.zeros((qg.shape[0], width), dtype=found.dtype,
-                                     device=found.device)
-                found2[row, slot] = more.index_select(0, col)
-                values, pos = torch.topk(torch.cat([values, values2], 1), k, dim=1,
-                                         largest=False, sorted=True)
-                found = torch.cat([found, found2], 1).gather(1, pos)
-        return found
-
-    def _best(self, qg, cand, k):
-        """The k least ``|r|^2 - 2 q.r`` over reference positions ``cand``, sorted."""
-        block = torch.addmm(self.sq.index_select(0, cand)[None, :], qg,
-                            self.data.index_select(0, cand).T, alpha=-2.0)
-        values, pos = torch.topk(block, min(k, cand.numel()), dim=1, largest=False, sorted=True)
-        return values, cand[pos]
-
-    def _cells_of(self, lists):
-        """Sorted-reference positions of the cells of ``lists``, list after list."""
-        lengths = self.counts.index_select(0, lists)
-        total = int(lengths.sum())
-        begin = torch.repeat_interleave(self.offsets.index_select(0, lists) -
-                                        (torch.cumsum(lengths, 0) - lengths), lengths,
-                                        output_size=total)
-        return torch.arange(total, device=lengths.device) + begin
-
-
-def _nearest_list(x, centroids):
-    """Index of each row's nearest centroid, in ``x``'s float type."""
-    c_sq = (centroids * centroids).sum(1)
-    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    step = max(1, _KNN_ELEMENTS // max(1, centroids.shape[0]))
-    for start in range(0, x.shape[0], step):
-        dist = torch.addmm(c_sq[None, :], x[start:start + step], centroids.T, alpha=-2.0)
-        out[start:start + step] = dist.argmin(1)
-    return out

@@ -92,7 +92,7 @@ def _replay(dtype, tol, n_vars, lamb, sigma=None):
     # each one an update ahead), so one replay generator follows them all.
     replay = torch.Generator().set_state(ho._generator.get_state())
     for _ in range(2):  # two Harmony iterations
-        rows = ho._rows
+        rows = ho._cache.rows
         ho.cluster()
         for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N, ho._shuffle_base):
             ref.cluster_round(cells)

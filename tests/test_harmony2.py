@@ -94,7 +94,7 @@ def test_harmony2_replays_reference(dtype, tol, n_vars):
     for iteration in range(3):
         if iteration > 0:
             ref.soft_assign()
-        rows = None if iteration > 0 else ho._rows  # Harmony2 starts each step afresh
+        rows = None if iteration > 0 else ho._cache.rows  # Harmony2 starts each step afresh
         ho.cluster()
         for cells in replayed_blocks(replay, rows, ho.kmeans_rounds[-1], ref.N, ho._shuffle_base):
             ref.cluster_round(cells)

@@ -111,6 +111,53 @@ class RunOptions:
                 if not f.metadata.get("per_process")}
 
 
+@dataclass
+class _UpdateCache:
+    """What one online update leaves for the next, and what replacing R or
+    correcting Z_corr invalidates.
+
+    rows : (N,) int64 tensor or None
+        The online update leaves R's rows in its last block order: row p holds
+        cell ``rows[p]`` (None: row i is cell i).
+    next_order, next_removals : tensor or None
+        The next online update's cell order, drawn by the previous update, and
+        its blocks' removals from the current R (None once R is replaced).
+    stale_counts : bool
+        R reassigned, O and E not yet counted: the next online update counts them.
+    centroid_sums : (K, d) tensor or None
+        Harmony 1 only: ``sum_i R_ki z_i`` summed by the online update for its
+        new R, reused as the next centroids while ``centroid_sums_current``
+        (neither Z_cos nor R has changed since).
+    """
+
+    rows: torch.Tensor | None = None
+    next_order: torch.Tensor | None = None
+    next_removals: torch.Tensor | None = None
+    stale_counts: bool = False
+    centroid_sums: torch.Tensor | None = None
+    centroid_sums_current: bool = False
+
+    def plan(self, order: torch.Tensor, bounds: list) -> clu.BlockPlan:
+        """The blocks of the next online update, in ``order``."""
+        return clu.BlockPlan(order, bounds, rows=self.rows, removals=self.next_removals,
+                             recount=self.stale_counts, next_order=self.next_order)
+
+    def updated(self, result: clu.OnlineResult) -> None:
+        """After an online update: R's new row order, the next update's
+        removals, and the centroid sums of the new R."""
+        self.rows, self.next_removals = result.rows, result.next_removals
+        self.stale_counts = False
+        self.centroid_sums_current = self.centroid_sums is not None
+
+    def reassigned(self, *, counted: bool) -> None:
+        """After R was replaced by a fresh assignment, rows in cell order
+        (``counted``: O and E were recounted from it)."""
+        self.rows = None
+        self.next_removals = None  # summed from the previous R
+        self.stale_counts = not counted
+        self.centroid_sums_current = False
+
+
 class Harmony:
     """State and steps of one Harmony run.
 
@@ -270,20 +317,9 @@ class Harmony:
                                           reduction=reduction)
 
         self._assignments: torch.Tensor | None = None
-        # The online update leaves R's rows in its last block order: row p holds
-        # cell _rows[p] (None: row i is cell i).
-        self._rows: torch.Tensor | None = None
-        # Harmony 1 only: sum_i R_ki z_i summed by the online update for its
-        # new R, valid until Z_cos or R changes otherwise.
-        self._centroid_sums: torch.Tensor | None = None
-        self._centroid_sums_current = False
+        self._cache = _UpdateCache()
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
-        self._stale_counts = False  # R reassigned, O and E not yet recounted
-        # The next online update's cell order, drawn by the previous update,
-        # and its blocks' removals from the current R (None once R is replaced).
-        self._next_order: torch.Tensor | None = None
-        self._next_removals: torch.Tensor | None = None
         self._intercept: torch.Tensor | None = None
         self._kept_levels: torch.Tensor | None = None
         self.objective_harmony: list[float] = []
@@ -350,26 +386,23 @@ class Harmony:
         cache. The orders are the same random permutations, in the same
         sequence, as drawing each one at the start of its own update.
         """
-        order = self._next_order
+        cache = self._cache
+        order = cache.next_order
         if order is None:
             order = torch.randperm(self.N, generator=self._generator).to(self.device)
-        self._next_order = torch.randperm(self.N, generator=self._generator).to(self.device)
-        if self._rows is None:  # R's rows are the cells: see _shuffle_base
+        cache.next_order = torch.randperm(self.N, generator=self._generator).to(self.device)
+        if cache.rows is None:  # R's rows are the cells: see _shuffle_base
             order = self._shuffle_base.index_select(0, order)
         if self.algorithm == "harmony1":
-            if self._centroid_sums is None:
-                self._centroid_sums = torch.empty_like(self._centroids)
-            self._centroid_sums.zero_()
-        plan = clu.BlockPlan(order, self._bounds, rows=self._rows,
-                             removals=self._next_removals, recount=self._stale_counts,
-                             next_order=self._next_order)
-        dist_term, entropy_term, self._rows, self._next_removals = clu.online_update(
+            if cache.centroid_sums is None:
+                cache.centroid_sums = torch.empty_like(self._centroids)
+            cache.centroid_sums.zero_()
+        result = clu.online_update(
             self._assignments, cells=clu.CellRows(self._z_corr, self._norms, self._codes),
-            centroids=self._centroids, stats=self._stats, settings=self._online, plan=plan,
-            centroid_sums_out=self._centroid_sums)
-        self._stale_counts = False
-        self._centroid_sums_current = self._centroid_sums is not None
-        return dist_term, entropy_term
+            centroids=self._centroids, stats=self._stats, settings=self._online,
+            plan=cache.plan(order, self._bounds), centroid_sums_out=cache.centroid_sums)
+        cache.updated(result)
+        return result.dist_term, result.entropy_term
 
     def compute_objective(self, dist_term: float, entropy_term: float,
                           step: str = "clustering") -> None:
@@ -390,14 +423,14 @@ class Harmony:
         harmony2 = self.algorithm == "harmony2"
         # The correction starts again from Z_orig; the new Z_corr overwrites
         # the previous one, so only one copy is alive.
-        self._centroid_sums_current = False
+        self._cache.centroid_sums_current = False
         settings = RidgeSettings(
             self._lamb, self.alpha, self._proportions, self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
             counts=self._counts, reduction=self._reduction)
         result = ridge_correct(
             self._z_orig, self._assignments, codes=self._codes, levels=self._levels,
-            settings=settings, rows=self._rows,
+            settings=settings, rows=self._cache.rows,
             out=None if self._z_corr is self._z_orig else self._z_corr)
         if self._reduction.any(not _all_finite(result.z_corr)):
             self._numerical_failure("correction", "Z_corr")
@@ -494,11 +527,11 @@ class Harmony:
         The last online update summed them for its new R; after a correction
         (new Z_cos) or a reassignment they are recomputed from R and Z_cos.
         """
-        if self._centroid_sums_current:
-            self._centroids = clu.normalize_rows(self._centroid_sums)
+        if self._cache.centroid_sums_current:
+            self._centroids = clu.normalize_rows(self._cache.centroid_sums)
         else:
             self._centroids = clu.compute_centroids(self._assignments, self._z_corr,
-                                                    self._rows, norms=self._norms,
+                                                    self._cache.rows, norms=self._norms,
                                                     reduction=self._reduction)
 
     def _reassign(self, objective: bool = False, recount: bool = True
@@ -507,21 +540,17 @@ class Harmony:
         from it (or, without ``recount``, by the next online update). With
         ``objective``, returns the objective's distance and entropy terms."""
         # The new R overwrites the old one: one N x K matrix at a time.
-        self._centroid_sums_current = False
         self._assignments, terms = clu.soft_assign(
             self._z_corr, self._centroids, self._sigma, objective, out=self._assignments,
             norms=self._norms, reduction=self._reduction)
-        self._rows = None
-        self._next_removals = None  # summed from the previous R
+        self._cache.reassigned(counted=recount)
         if recount:
             self._recount()
-        else:
-            self._stale_counts = True
         return terms
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
-        codes = self._codes if self._rows is None else self._codes.index_select(0, self._rows)
+        codes = self._codes if self._cache.rows is None else self._codes.index_select(0, self._cache.rows)
         observed = clu.level_sums(self._assignments, codes, self.B, self._stat_dtype)
         self._reduction.sum_(observed)
         # The first variable's levels partition the cells: their sums are the
@@ -619,7 +648,7 @@ class Harmony:
     @property
     def R(self) -> np.ndarray:
         """Soft cluster assignments, (K, N); columns sum to 1."""
-        return self._cells(self._assignments, self._rows).T
+        return self._cells(self._assignments, self._cache.rows).T
 
     @property
     def Y(self) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -266,3 +268,46 @@ def test_mapping_errors_name_the_anndata_entry(mapping_case):
             assert re.search(fact, str(info.value)), (fact, str(info.value))
     with pytest.raises(ValueError, match=r"adata_query has no cells"):
         hm.map_query(query[:0].copy(), ref, basis="X_pca")
+
+
+# The adapter layer: the modules that know AnnData objects (besides the file
+# formats in _io). Only the command line and the package's front page sit above it.
+ADAPTERS = {"harmonypy._anndata", "harmonypy._mapping_api", "harmonypy._scanpy"}
+ABOVE_ADAPTERS = {"harmonypy", "harmonypy.cli"}
+
+
+def _package_imports(path: Path, package: str) -> set[str]:
+    """Modules of ``harmonypy`` that the file at ``path`` imports, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("harmonypy.")}
+
+
+def _within(module: str, packages: set[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_only_the_adapter_layer_imports_the_adapters():
+    """The array layers (engine, mapping, I/O, metrics, shard) never import the
+    AnnData adapters, which call them: no import circle through _anndata."""
+    root = Path(hm.__file__).parent
+    offenders = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module == "harmonypy" or _within(module, ADAPTERS | ABOVE_ADAPTERS - {"harmonypy"}):
+            continue
+        package = ".".join(parts[:-1])
+        bad = {name for name in _package_imports(path, package) if _within(name, ADAPTERS)}
+        if bad:
+            offenders[module] = sorted(bad)
+    assert not offenders, offenders

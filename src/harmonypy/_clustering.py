@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from harmonypy import _threads
 from harmonypy._reduce import LOCAL, Reduction, index_sum_
 
 
@@ -300,12 +301,9 @@ def _block_level_sums(assignments, codes, order, bounds, n_levels,
 
 @dataclass(frozen=True)
 class CellRows:
-    """The cells as the clustering step reads them.
-
-    z : (N, d) tensor, the cells (Z_corr).
-    norms : (N,) tensor, their norms: ``z[i] / norms[i]`` is cell i of Z_cos.
-    codes : (N, V) int64 tensor of global level indices.
-    """
+    """The cells as the clustering step reads them: ``z`` (N, d), the cells
+    (Z_corr); ``norms`` (N,), ``z[i] / norms[i]`` is cell i of Z_cos; ``codes``
+    (N, V) int64, their global level indices."""
 
     z: torch.Tensor
     norms: torch.Tensor
@@ -323,11 +321,10 @@ class OnlineSettings:
         Number of levels of the first batch variable; they partition the cells,
         so their level sums also give the cluster sizes.
     reduction : Reduction
-        Where the sums over cells become global (see :mod:`harmonypy._reduce`).
-        In a distributed run each process holds a shard of the cells and runs
-        the same blocks on its share; the removals, each block's batch sums,
-        the centroid sums and the objective's terms are summed over the
-        processes, so O and E stay global and identical on every process.
+        Where sums over cells become global (:mod:`harmonypy._reduce`): in a
+        distributed run every process runs the same blocks on its shard, and the
+        removals, block batch sums, centroid sums and objective terms are summed
+        over the processes, so O and E stay global and identical everywhere.
     """
 
     proportions: torch.Tensor
@@ -370,16 +367,11 @@ class BlockPlan:
 
 
 class OnlineResult(NamedTuple):
-    """What :func:`online_update` returns.
-
-    dist_term, entropy_term : float
-        ``sum R * dist`` and ``sum_k sigma_k sum_i R_ki log R_ki`` over all cells
-        with the new assignments (the objective's first two parts).
-    rows : (N,) int64 tensor
-        The cell held by each row of ``assignments`` after the update.
-    next_removals : (n_blocks, B, K) tensor or None
-        The ``removals`` of the next update (None without ``next_order``).
-    """
+    """What :func:`online_update` returns: the objective's first two parts over
+    all cells with the new assignments (``sum R * dist`` and ``sum_k sigma_k
+    sum_i R_ki log R_ki``), the cell held by each row of R after the update
+    ((N,) int64), and the next update's removals ((n_blocks, B, K); None
+    without ``plan.next_order``)."""
 
     dist_term: float
     entropy_term: float
@@ -442,13 +434,14 @@ def online_update(assignments: torch.Tensor, *, cells: CellRows, centroids: torc
         next_block_of = _block_of_rows(plan.next_order, next_bounds)
         next_removals = torch.zeros((len(next_bounds) * n_levels, assignments.shape[1]),
                                     dtype=stats.observed.dtype, device=assignments.device)
-    sums = _NewRowSums(assignments, n_levels=n_levels, next_block_of=next_block_of,
-                       next_removals=next_removals, centroid_sums=centroid_sums_out)
+    sums = _NewRowSums(assignments, n_levels=n_levels, acc_dtype=stats.observed.dtype,
+                       next_block_of=next_block_of, next_removals=next_removals,
+                       centroid_sums=centroid_sums_out)
     largest_block = max(end - start for start, end in plan.bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
             assignments, cells=cells, centroids=centroids, stats=stats, settings=settings,
-            blocks=_Blocks(cells_in_order, plan.bounds, removals), sums=sums)
+            plan=replace(plan, order=cells_in_order, rows=None, removals=removals), sums=sums)
     reduction.sum_(centroid_sums_out, next_removals)
     if next_removals is not None:
         next_removals = next_removals.view(len(next_bounds), n_levels, -1)
@@ -464,17 +457,6 @@ MIN_PIECE_ROWS = 64
 FLUSH_ROWS = 8192
 
 
-@dataclass(frozen=True)
-class _Blocks:
-    """The blocks of one update: the cell in each position of the new R
-    (``cells_in_order``, (N,)), the blocks' (start, end) positions, and what
-    each block takes out of O (``removals``, (n_blocks, B, K))."""
-
-    cells_in_order: torch.Tensor
-    bounds: list
-    removals: torch.Tensor
-
-
 class _NewRowSums:
     """Sums over the new rows of R, taken from each piece while it is in cache.
 
@@ -485,7 +467,7 @@ class _NewRowSums:
     Harmony 1's next centroid sums (``centroid_sums``) are added piece by piece.
     """
 
-    def __init__(self, like: torch.Tensor, *, n_levels: int,
+    def __init__(self, like: torch.Tensor, *, n_levels: int, acc_dtype: torch.dtype,
                  next_block_of: torch.Tensor | None, next_removals: torch.Tensor | None,
                  centroid_sums: torch.Tensor | None):
         dtype, device, n_clusters = like.dtype, like.device, like.shape[1]
@@ -504,13 +486,8 @@ class _NewRowSums:
         # new rows are those removals summed over the next blocks: one
         # scatter-add per piece instead of two (the second cost 8% of a run at 1M cells).
         self.derived = self.next_block_sums is not None
-        self.block_added: torch.Tensor | None = None
-        self.unflushed = 0
-
-    def begin_block(self, acc_dtype: torch.dtype) -> None:
-        """Start the float64 (``acc_dtype``) totals of a block's new rows by level."""
-        self.block_added = torch.zeros((self.n_levels, self.n_clusters), dtype=acc_dtype,
-                                       device=self.added.device)
+        # The current block's totals by level, in float64 (``acc_dtype``).
+        self.block_added = torch.zeros((n_levels, n_clusters), dtype=acc_dtype, device=device)
         self.unflushed = 0
 
     def add_piece(self, new: torch.Tensor, piece_codes: torch.Tensor,
@@ -541,16 +518,12 @@ class _NewRowSums:
         self.added.zero_()
 
     def end_block(self) -> torch.Tensor:
-        """The block's new rows summed by level, (B, K) in float64."""
+        """The block's new rows summed by level, (B, K) in float64; the next
+        block starts from zero."""
         self.flush()
-        return self.block_added
-
-
-class _BlockPenalty(NamedTuple):
-    """A block's ``theta_b log(ratio_kb)`` (B, K), and the same less ``2 / sigma``."""
-
-    log: torch.Tensor
-    shifted: torch.Tensor
+        done, self.block_added = self.block_added, torch.zeros_like(self.block_added)
+        self.unflushed = 0
+        return done
 
 
 @dataclass(frozen=True)
@@ -578,9 +551,10 @@ class _PieceScratch:
 
 
 def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: torch.Tensor,
-                   stats: ClusterStats, settings: OnlineSettings, blocks: _Blocks,
+                   stats: ClusterStats, settings: OnlineSettings, plan: BlockPlan,
                    sums: _NewRowSums) -> tuple[float, float]:
     """The per-block loop of :func:`online_update`; returns the two objective terms.
+    ``plan`` names the cells in its order (no ``rows``) and has its removals.
 
     O and E change once per block; within a block the cells are independent,
     so they are processed in cache-sized pieces (:func:`_update_piece`).
@@ -588,20 +562,19 @@ def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: tor
     dtype = assignments.dtype
     acc_dtype = stats.observed.dtype
     first_levels = settings.first_levels
-    removals = blocks.removals.to(acc_dtype)
+    removals = plan.removals.to(acc_dtype)
     scratch = _PieceScratch.for_update(assignments, centroids=centroids, sigma=settings.sigma,
-                                       bounds=blocks.bounds)
+                                       bounds=plan.bounds)
     objective = _ObjectiveSums(settings.sigma, acc_dtype)
-    for j, (start, end) in enumerate(blocks.bounds):
+    for j, (start, end) in enumerate(plan.bounds):
         stats.observed -= removals[j]
         stats.cluster_sizes -= removals[j, :first_levels].sum(0)
         ratio = settings.diversity_fn(stats.observed, stats.expected(settings.proportions))
         log_penalty = torch.xlogy(settings.theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
-        penalty = _BlockPenalty(log_penalty, log_penalty - scratch.two_over_sigma)
-        sums.begin_block(acc_dtype)
+        penalty = (log_penalty, log_penalty - scratch.two_over_sigma)
         for lo in range(start, end, scratch.rows):
             _update_piece(assignments, slice(lo, min(end, lo + scratch.rows)), cells=cells,
-                          order=blocks.cells_in_order, penalty=penalty, scratch=scratch,
+                          order=plan.order, penalty=penalty, scratch=scratch,
                           sums=sums, objective=objective)
         block_added = sums.end_block()
         if cells.codes.shape[1] == 1:  # this process's cells: the objective is summed at the end
@@ -613,10 +586,13 @@ def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: tor
 
 
 def _update_piece(assignments: torch.Tensor, span: slice, *, cells: CellRows,
-                  order: torch.Tensor, penalty: _BlockPenalty, scratch: _PieceScratch,
+                  order: torch.Tensor, penalty: tuple, scratch: _PieceScratch,
                   sums: _NewRowSums, objective: "_ObjectiveSums") -> None:
     """New assignments of the cells at positions ``span`` of ``order``, written
-    to those rows of ``assignments``; their sums go to ``sums`` and ``objective``."""
+    to those rows of ``assignments``; their sums go to ``sums`` and ``objective``.
+    ``penalty``: the block's ``theta_b log(ratio_kb)`` (B, K), and the same less
+    ``2 / sigma``."""
+    log_penalty, shifted_penalty = penalty
     rows = order[span]
     piece_codes = cells.codes.index_select(0, rows)
     n_variables = piece_codes.shape[1]
@@ -625,12 +601,12 @@ def _update_piece(assignments: torch.Tensor, span: slice, *, cells: CellRows,
     logits = scratch.logits[:rows.shape[0]]
     several = None
     if n_variables == 1:
-        torch.index_select(penalty.shifted, 0, piece_codes[:, 0], out=logits)
+        torch.index_select(shifted_penalty, 0, piece_codes[:, 0], out=logits)
     else:
         # Several variables: R multiplies by (ratio^theta) Phi, a sum over
         # the cell's levels, so their logs combine with logsumexp.
         several = torch.logsumexp(torch.stack(
-            [F.embedding(piece_codes[:, v], penalty.log) for v in range(n_variables)]), dim=0)
+            [F.embedding(piece_codes[:, v], log_penalty) for v in range(n_variables)]), dim=0)
         torch.sub(several, scratch.two_over_sigma, out=logits)
     unit_cells = unit_rows(cells.z, cells.norms, rows,
                            out=scratch.unit_cells[:rows.shape[0]])  # rows of Z_cos
@@ -715,8 +691,6 @@ def serial_if_small(n_elements: int, device: torch.device):
     Called once per clustering round, so a run with ``ncores=None`` follows
     other processes' load round by round (:mod:`harmonypy._threads`).
     """
-    from harmonypy import _threads
-
     if device.type == "cpu":
         _threads.checkpoint()
     with _threads.serial(n_elements, SERIAL_BLOCK_ELEMENTS, device):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,7 +40,8 @@ from harmonypy._reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["integrate", "map_anndata", "reference_from_anndata", "transfer_anndata"]
+__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "integrate", "map_anndata",
+           "reference_from_anndata", "transfer_anndata"]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
@@ -123,7 +125,7 @@ def integrate(
     >>> sc.pp.neighbors(adata, use_rep="X_pca_harmony")         # doctest: +SKIP
     """
     _check_adata(adata)
-    _check_distinct_bases(basis, adjusted_basis)
+    check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
     embedding = _get_basis(adata, basis)
     _check_obs_columns(adata, keys)
@@ -165,13 +167,21 @@ def _check_adata(adata: Any, caller: str = "integrate()") -> None:
             f"got {type(adata).__name__} without {', '.join('.' + m for m in missing)}")
 
 
-def _check_distinct_bases(basis: str, adjusted_basis: str) -> None:
-    """Refuse to write the corrected embedding over the only uncorrected copy."""
+def check_distinct_bases(basis: str, adjusted_basis: str, *,
+                         names: tuple[str, str] = ("basis", "adjusted_basis")) -> None:
+    """Refuse to write the corrected embedding over the only uncorrected copy.
+
+    Every writer of a corrected embedding into ``obsm`` checks this (the
+    functions here, scanpy's wrapper and the command line, which passes its
+    option names as ``names``), so the message is the same everywhere.
+    """
     if adjusted_basis == basis:
+        basis_name, adjusted_name = names
+        assign = " " if adjusted_name.startswith("-") else "="
         raise ValueError(
-            f"adjusted_basis must differ from basis ({basis!r}): writing the corrected "
+            f"{adjusted_name} must differ from {basis_name} ({basis!r}): writing the corrected "
             f"embedding there would replace the only copy of the uncorrected one; use e.g. "
-            f"adjusted_basis={basis + '_harmony'!r}")
+            f"{adjusted_name}{assign}{basis + '_harmony'!r}")
 
 
 def _as_keys(key: Any) -> list[str]:
@@ -227,26 +237,48 @@ def _storable_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ========================================================== reference mapping
-def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | None,
-                           adjusted_basis: str | None, loadings: str | None,
-                           layer: str | None, options: dict[str, Any],
-                           run_harmony_kwargs: dict[str, Any]):
+@dataclass(frozen=True)
+class ObsmKeys:
+    """Where a mapping on AnnData reads and writes; None: the call's default.
+
+    ``basis``/``adjusted_basis``: ``obsm`` keys of the PCs and of the corrected
+    PCs; ``layer``: the expression matrix in ``layers`` (default ``X``);
+    ``loadings``: the ``varm`` key of the PCA loadings (references only).
+    """
+
+    basis: str | None = None
+    adjusted_basis: str | None = None
+    layer: str | None = None
+    loadings: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """Reference label columns to transfer into a mapped query's ``obs``, and the
+    vote's ``k`` and ``min_probability`` (None: 5 and 0.5)."""
+
+    labels: Any = None
+    k: int | None = None
+    min_probability: float | None = None
+
+
+def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKeys,
+                           options: dict[str, Any], run_harmony_kwargs: dict[str, Any]):
     """``build_reference(adata, key, ...)``: Harmony through :func:`integrate`, plus
     the gene projection (see :func:`harmonypy.build_reference`).
 
     Everything is checked (obs columns, labels, the gene projection on the
-    reference's own cells) before Harmony runs.
+    reference's own cells) before Harmony runs. ``options`` are the one-batch
+    clustering's (``nclust``, ``sigma``, ...), also passed to Harmony.
     """
     _check_adata(adata, "build_reference(adata, ...)")
-    basis = "X_pca" if basis is None else basis
-    adjusted_basis = "X_pca_harmony" if adjusted_basis is None else adjusted_basis
-    if adjusted_basis == basis:
-        raise ValueError(f"adjusted_basis must differ from basis ({basis!r}): the corrected "
-                         f"embedding would replace the uncorrected one")
-    keys = None if key is None else _as_keys(key)
+    basis = "X_pca" if keys.basis is None else keys.basis
+    adjusted_basis = "X_pca_harmony" if keys.adjusted_basis is None else keys.adjusted_basis
+    check_distinct_bases(basis, adjusted_basis)
+    batch_keys = None if key is None else _as_keys(key)
     embedding = _get_basis(adata, basis)
-    if keys:
-        _check_obs_columns(adata, keys)
+    if batch_keys:
+        _check_obs_columns(adata, batch_keys)
     keep_cells = val.check_flag("keep_cells", keep_cells)
     label_names = _reference.label_names(labels)
     if label_names and not keep_cells:
@@ -257,12 +289,13 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
         raise KeyError(f"label column(s) {', '.join(map(repr, missing))} not found in "
                        f"adata.obs; available obs columns: "
                        f"{', '.join(map(repr, map(str, adata.obs.columns))) or 'none'}")
-    projection = (None if loadings is None
-                  else from_anndata(adata, basis, embedding, loadings=loadings, layer=layer))
-    if keys:
+    projection = (None if keys.loadings is None else
+                  from_anndata(adata, basis, embedding, loadings=keys.loadings,
+                               layer=keys.layer))
+    if batch_keys:
         kwargs = {**{k: v for k, v in options.items() if v is not None}, **run_harmony_kwargs}
         kwargs.setdefault("verbose", False)
-        ho = integrate(adata, keys, basis=basis, adjusted_basis=adjusted_basis, **kwargs)
+        ho = integrate(adata, batch_keys, basis=basis, adjusted_basis=adjusted_basis, **kwargs)
         ref = _reference.build_reference(ho, adata.obs, labels=label_names,
                                          keep_cells=keep_cells)
     else:
@@ -279,16 +312,58 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, basis: str | 
     return ref
 
 
-def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str | None,
-                layer: str | None, labels, k: int | None, min_probability: float | None,
+def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
                 map_options: dict[str, Any], overwrite: bool = False):
     """``map_query(adata_query, ref, key, ...)``: project (or read) the query's
     PCs, map them, and write the results into ``adata``.
 
     Everything is computed before ``adata`` is modified, so an error leaves it
     as it was. Entries that no earlier mapping wrote are not replaced unless
-    ``overwrite`` (:func:`_check_replaceable`).
+    ``overwrite`` (:func:`_check_replaceable`). ``map_options`` are
+    :func:`harmonypy._mapping.map_query`'s keyword arguments.
     """
+    batch_keys, adjusted = _check_map_target(adata, ref, key, keys)
+    basis = keys.basis
+    label_names = _reference.label_names(transfer.labels)
+    k, min_probability = _transfer_options(ref, label_names, transfer.k,
+                                           transfer.min_probability)
+    confidence = val.check_flag("confidence", map_options.get("confidence", True))
+    cells = None if basis is None else _get_basis(adata, basis)
+    _check_replaceable(
+        adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
+        ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),
+        overwrite=overwrite, adjusted_basis=adjusted)
+
+    n_missing = None
+    if basis is None:
+        device = resolve_device(map_options.get("device"))
+        dtype = resolve_dtype(map_options.get("dtype"), device)
+        cells, n_missing = project(ref.projection, adata, layer=keys.layer, device=device,
+                                   dtype=dtype)
+    source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
+              "the query projected from its genes")
+    with _named_cells(source):
+        q = _mapping.map_query(cells, adata.obs, ref, vars_use=batch_keys, **map_options)
+    transfers = {name: _mapping.transfer_labels(q, ref, name, k=k,
+                                                min_probability=min_probability)
+                 for name in label_names}
+
+    if basis is None:
+        adata.obsm[PROJECTED_BASIS] = np.ascontiguousarray(cells, dtype=np.float32)
+    adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
+    if q.confidence is not None:
+        adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
+    record = _mapping_record(q, ref, basis=basis, adjusted=adjusted, keys=batch_keys,
+                             n_missing=n_missing)
+    for name, table in transfers.items():
+        _write_transfer(adata, record, name, table, k, float(min_probability))
+    adata.uns[MAPPING_KEY] = record
+    return q
+
+
+def _check_map_target(adata: Any, ref, key, keys: ObsmKeys) -> tuple[list[str] | None, str]:
+    """The query's batch columns and the ``obsm`` key of the corrected query, after
+    checking the query, the reference and where the cells come from."""
     _check_adata(adata, "map_query(adata_query, ...)")
     if len(adata.obs) == 0:
         raise ValueError("adata_query has no cells (0 rows in obs); expected at least one "
@@ -296,13 +371,13 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
                         f"load_reference), not {type(ref).__name__}")
-    keys = None if key is None else _as_keys(key)
-    if keys:
-        _check_obs_columns(adata, keys)
-    adjusted = adjusted_basis or ref.adjusted_basis or "X_pca_harmony"
-    if basis is not None and adjusted == basis:
-        raise ValueError(f"adjusted_basis must differ from basis ({basis!r}): the corrected "
-                         f"embedding would replace the uncorrected one")
+    batch_keys = None if key is None else _as_keys(key)
+    if batch_keys:
+        _check_obs_columns(adata, batch_keys)
+    basis, layer = keys.basis, keys.layer
+    adjusted = keys.adjusted_basis or ref.adjusted_basis or "X_pca_harmony"
+    if basis is not None:
+        check_distinct_bases(basis, adjusted)
     if basis is None:
         if ref.projection is None:
             raise ValueError(
@@ -316,40 +391,7 @@ def map_anndata(adata: Any, ref, key, *, basis: str | None, adjusted_basis: str 
     elif layer is not None:
         raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
                          f"basis={basis!r} the cells are read from obsm")
-    label_names = _reference.label_names(labels)
-    k, min_probability = _transfer_options(ref, label_names, k, min_probability)
-    confidence = val.check_flag("confidence", map_options.get("confidence", True))
-    cells = None if basis is None else _get_basis(adata, basis)
-    _check_replaceable(
-        adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
-        ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),
-        overwrite=overwrite, adjusted_basis=adjusted)
-
-    n_missing = None
-    if basis is None:
-        device = resolve_device(map_options.get("device"))
-        dtype = resolve_dtype(map_options.get("dtype"), device)
-        cells, n_missing = project(ref.projection, adata, layer=layer, device=device,
-                                   dtype=dtype)
-    source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
-              "the query projected from its genes")
-    with _named_cells(source):
-        q = _mapping.map_query(cells, adata.obs, ref, vars_use=keys, **map_options)
-    transfers = {name: _mapping.transfer_labels(q, ref, name, k=k,
-                                                min_probability=min_probability)
-                 for name in label_names}
-
-    if basis is None:
-        adata.obsm[PROJECTED_BASIS] = np.ascontiguousarray(cells, dtype=np.float32)
-    adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
-    if q.confidence is not None:
-        adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
-    record = _mapping_record(q, ref, basis=basis, adjusted=adjusted, keys=keys,
-                             n_missing=n_missing)
-    for name, table in transfers.items():
-        _write_transfer(adata, record, name, table, k, float(min_probability))
-    adata.uns[MAPPING_KEY] = record
-    return q
+    return batch_keys, adjusted
 
 
 def _mapping_record(q, ref, *, basis, adjusted, keys, n_missing) -> dict[str, Any]:

@@ -140,8 +140,8 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
     """
     if is_anndata(source):
         return _anndata.reference_from_anndata(
-            source, meta_data, labels=labels, keep_cells=keep_cells, basis=basis,
-            adjusted_basis=adjusted_basis, loadings=loadings, layer=layer,
+            source, meta_data, labels=labels, keep_cells=keep_cells,
+            keys=_anndata.ObsmKeys(basis, adjusted_basis, layer, loadings),
             options={"nclust": nclust, "sigma": sigma, "random_state": random_state,
                      "device": device, "dtype": dtype},
             run_harmony_kwargs=run_harmony_kwargs)
@@ -263,8 +263,8 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     if is_anndata(data_mat):
         ref, key = _anndata_arguments(meta_data, ref, key, vars_use)
         return _anndata.map_anndata(
-            data_mat, ref, key, basis=basis, adjusted_basis=adjusted_basis, layer=layer,
-            labels=labels, k=k, min_probability=min_probability, overwrite=overwrite,
+            data_mat, ref, key, keys=_anndata.ObsmKeys(basis, adjusted_basis, layer),
+            transfer=_anndata.LabelRequest(labels, k, min_probability), overwrite=overwrite,
             map_options={"sigma": sigma, "lamb": lamb, "device": device, "dtype": dtype,
                          "confidence": confidence, "iterations": iterations})
     _refuse_anndata_only(

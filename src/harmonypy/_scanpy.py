@@ -23,8 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from harmonypy._anndata import (_as_keys, _check_adata, _check_distinct_bases,
-                                _check_obs_columns)
+from harmonypy._anndata import _as_keys, _check_adata, _check_obs_columns, check_distinct_bases
 from harmonypy._harmony import run_harmony
 
 logger = logging.getLogger(__name__)
@@ -254,7 +253,7 @@ def harmony_integrate(
                           UserWarning, stacklevel=2)
 
     _check_adata(adata, caller="harmony_integrate()")
-    _check_distinct_bases(basis, adjusted_basis)
+    check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
     embedding = _embedding(adata, basis)
     _check_obs_columns(adata, keys)

@@ -75,7 +75,7 @@ def integrate(
     nproc : int, default 1
         Run as that many local processes of one ``torch.distributed`` group,
         each on a contiguous shard of the cells (what ``harmonypy run
-        --nproc`` does; see the README, "Beyond one machine"). The processes
+        --nproc`` does; see ``docs/distributed.md``). The processes
         are fresh interpreters that never import the calling script, so a
         script needs no ``if __name__ == "__main__":`` guard (it does no
         harm). Ctrl-C, or any failure of one process, stops them all within

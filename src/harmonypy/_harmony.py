@@ -1026,8 +1026,8 @@ def run_harmony(
         ``converged`` are the same on every process, while ``Z_corr``, ``R``
         and the other per-cell attributes hold this process's cells in its
         order. A bad input on any process makes every process raise, naming
-        it. Progress is shown by rank 0 only. See the README, "Beyond one
-        machine".
+        it. Progress is shown by rank 0 only. See
+        ``docs/distributed.md``.
     process_group : torch.distributed ProcessGroup, optional
         The group to run in (default: the default group).
     callback : callable, optional

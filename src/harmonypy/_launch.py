@@ -26,7 +26,7 @@ the group after ``start_timeout`` seconds (default 60,
 leaves it waiting for the 30 minutes of ``torch.distributed``'s default.
 
 For several machines, launch :mod:`harmonypy.shard` with ``torchrun`` instead
-(see the README, "Beyond one machine").
+(see ``docs/distributed.md``).
 """
 
 from __future__ import annotations

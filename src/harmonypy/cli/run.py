@@ -61,8 +61,8 @@ def add_run(commands) -> None:
                    help="run as N processes of one torch.distributed group on this machine, "
                         "each on a contiguous shard of the cells (gloo on CPUs, NCCL when "
                         "every process has a GPU); --threads is then per process (default: "
-                        "the CPUs divided among them). For several machines see the "
-                        "README's 'Beyond one machine' (default: 1)")
+                        "the CPUs divided among them). For several machines see "
+                        "docs/distributed.md (default: 1)")
     add_force(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
     add_name_options(p)

@@ -766,8 +766,9 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     with torch.no_grad():
         reference = torch.as_tensor(ref.cells[labelled], device=torch_device).to(dtype)
         ref_codes = torch.as_tensor(codes[labelled].astype(np.int64), device=torch_device)
-        best, votes = _knn_vote(cells, reference, ref_codes, len(column.cat.categories), k,
-                                dtype, torch_device)
+        best, votes = _knn_vote(cells, reference, ref_codes=ref_codes,
+                                n_labels=len(column.cat.categories), k=k, dtype=dtype,
+                                device=torch_device)
     probability = votes / k
     categories = list(column.cat.categories)
     unknown = probability < min_probability
@@ -779,7 +780,7 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     return pd.DataFrame({"label": labels, "probability": probability}, index=index)
 
 
-def _knn_vote(cells, reference, ref_codes, n_labels, k, dtype, device):
+def _knn_vote(cells, reference, *, ref_codes, n_labels, k, dtype, device):
     """Majority label among each query cell's k nearest reference cells.
 
     Neighbours are ranked by ``|r|^2 - 2 q.r`` (the query's own ``|q|^2`` does

@@ -16,6 +16,7 @@ from harmonypy.cli.results import embedding_figure, outcome, replaced
 
 
 def add_demo(commands) -> None:
+    """Add ``demo`` to the subcommands: the PBMC example, compared with R's result."""
     p = commands.add_parser(
         "demo", formatter_class=HelpFormatter,
         help="run Harmony on the bundled PBMC example and report",
@@ -103,6 +104,7 @@ def _mixing_rows(before: np.ndarray, after: np.ndarray,
 
 
 def add_example_data(commands) -> None:
+    """Add ``example-data`` to the subcommands: the bundled example as two files."""
     p = commands.add_parser(
         "example-data", formatter_class=HelpFormatter,
         help="write the bundled 1,200-PBMC example as pcs.tsv.gz and meta.tsv.gz",

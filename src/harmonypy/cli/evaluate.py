@@ -25,6 +25,7 @@ OPTION_NAMES = {"label_colnames": "--batch/--label"}
 
 
 def add_evaluate(commands) -> None:
+    """Add ``evaluate`` to the subcommands: LISI of an embedding."""
     p = commands.add_parser(
         "evaluate", formatter_class=HelpFormatter,
         help="score mixing (iLISI) and cell-type separation (cLISI)",

@@ -63,6 +63,7 @@ def refuse_name_options(args: argparse.Namespace) -> None:
 
 
 def refuse_h5ad_options(args: argparse.Namespace, options) -> None:
+    """Refuse the ``(option, value)`` pairs given: they are for .h5ad input only."""
     given = [option for option, value in options if value]
     if given:
         raise ValueError(f"{', '.join(given)}: only for .h5ad input")
@@ -121,6 +122,7 @@ def take_rows(embedding: Table, meta: pd.DataFrame | None,
 
 
 def check_plot_pcs(args: argparse.Namespace, n_pcs: int) -> None:
+    """Refuse ``--plot-pcs`` beyond the embedding's ``n_pcs`` PCs, before Harmony."""
     if args.plot and max(args.plot_pcs) > n_pcs:
         raise ValueError(f"--plot-pcs {args.plot_pcs[0]},{args.plot_pcs[1]}: the embedding has "
                          f"only {n_pcs} PC{'s' if n_pcs != 1 else ''}")

@@ -38,6 +38,7 @@ OPTION_NAMES = {
 
 
 def add_map(commands) -> None:
+    """Add ``map`` to the subcommands: map query cells onto a reference file."""
     p = commands.add_parser(
         "map", formatter_class=HelpFormatter,
         help="map new cells onto a reference and transfer its labels",

@@ -32,6 +32,7 @@ EMBEDDING_HELP = ("cells x PCs: a table (cell names in its row names or first co
 
 
 def meta_help(embedding: str, needed: str) -> str:
+    """META's help: how its rows pair with ``embedding``'s cells, when ``needed``."""
     return (f"metadata table with one row per cell ({needed}), paired with {embedding}'s "
             f"cells by cell name when both name them, else by position (row order); an .npy "
             f"or .zarr {embedding} names no cells, so its rows are paired by position and "
@@ -39,6 +40,7 @@ def meta_help(embedding: str, needed: str) -> str:
 
 
 def name_list(text: str) -> list[str]:
+    """Option type: ``'a,b'`` -> ``['a', 'b']`` (one or more names)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected one or more comma-separated names")
@@ -56,6 +58,7 @@ def number_list(text: str) -> float | list[float]:
 
 
 def pc_pair(text: str) -> tuple[int, int]:
+    """Option type: ``'1,4'`` -> ``(1, 4)``, two PC numbers counted from 1."""
     try:
         first, second = (int(part) for part in text.split(","))
     except ValueError:
@@ -76,6 +79,7 @@ def subset_spec(text: str) -> tuple[str, list[str]]:
 
 
 def number(text: str) -> float:
+    """Option type: one number; the message quotes the text that is not one."""
     try:
         return float(text)
     except ValueError:
@@ -101,18 +105,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
+    """Add ``--debug`` to a subcommand."""
     # SUPPRESS keeps a subcommand from resetting a --debug given before it.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback on errors")
 
 
 def add_force(parser: argparse.ArgumentParser) -> None:
+    """Add ``--force`` (alias ``--overwrite``): replace outputs, never an input."""
     parser.add_argument("--force", "--overwrite", dest="force", action="store_true",
                         help="replace output files that already exist (default: refuse); an "
                              "input is never replaced")
 
 
 def add_name_options(parser: argparse.ArgumentParser) -> None:
+    """Add the "cell names" group: ``--names``, ``--meta-names``, ``--no-names``."""
     g = parser.add_argument_group(
         "cell names",
         "when EMBEDDING and META both name their cells, rows are matched by name: the same "
@@ -133,6 +140,7 @@ def add_name_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subset_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--subset COL=VALUE[,...]``; ``what``: what the cells are used as."""
     parser.add_argument("--subset", type=subset_spec, metavar="COL=VALUE[,VALUE...]",
                         help=f"use only the cells whose metadata column COL holds one of the "
                              f"VALUEs (compared as text) as {what}, e.g. donor=3pv1,3pv2 "

@@ -29,6 +29,7 @@ REFERENCE_OUTPUTS = ("npz",)
 
 
 def add_reference(commands) -> None:
+    """Add ``reference`` (with its action ``build``) to the subcommands."""
     p = commands.add_parser(
         "reference", formatter_class=HelpFormatter,
         help="build a reference to map new cells onto (reference build)",
@@ -228,6 +229,7 @@ def _reference_build_h5ad(args: argparse.Namespace, one_batch: dict[str, Any] | 
 
 
 def describe_reference(ref) -> str:
+    """A reference in one phrase: cells, PCs, clusters, algorithm, labels."""
     labels = f", labels {', '.join(ref.label_columns)}" if ref.label_columns else ""
     cells = "" if ref.cells is not None else " (cells not kept)"
     return (f"reference of {ref.n_cells:,} cells{cells} x {ref.d} PCs, {ref.K} clusters "

@@ -12,11 +12,13 @@ from harmonypy._io import OutputFiles
 
 
 def replaced(files: OutputFiles, path: str) -> str:
+    """``' (replaced the previous file)'`` if the output ``path`` replaced one."""
     final = Path(os.path.realpath(path))
     return " (replaced the previous file)" if final in files.replaced else ""
 
 
 def outcome(ho) -> str:
+    """How the Harmony run ended: converged after N iterations, or stopped."""
     if ho.converged:
         return f"converged after {ho.n_iter} iteration{'s' if ho.n_iter != 1 else ''}"
     return f"stopped after {ho.n_iter} iterations without converging"

@@ -28,6 +28,7 @@ OPTION_NAMES = HARMONY_OPTION_NAMES
 
 
 def add_run(commands) -> None:
+    """Add ``run`` to the subcommands: integrate an embedding."""
     p = commands.add_parser(
         "run", formatter_class=HelpFormatter, help="integrate an embedding",
         description=f"Integrate EMBEDDING (cells x PCs) over the batch columns of META and "

@@ -7,7 +7,8 @@ So the k-means here is a few Lloyd steps on a random subsample from random
 cells.  The engine's ``kmeans_centroids`` is not used: its k-means++ seeding
 takes one pass over the cells per centre (thousands of lists here) and its
 Lloyd step holds a cells x centres block at once (64,000 x 4,000 float32 =
-1 GB for the IVF of 1,000,000 cells), where this needs neither.
+1 GB for the IVF of 1,000,000 cells), where this needs neither: for the
+1,265 lists of 100,000 cells it took 12.3 s against 2.5 s here (same run).
 """
 
 from __future__ import annotations

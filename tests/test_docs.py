@@ -12,7 +12,7 @@ on the line before its fence (counted below, so that it stays rare).
 
 Pages with a test of their own are not run twice: migrating.md
 (tests/test_migrating.py), mapping-tutorial.md (tests/test_mapping.py and
-tests/test_cli.py) and convergence.md (tests/test_convergence.py).
+tests/cli/test_cli_mapping.py) and convergence.md (tests/test_convergence.py).
 """
 
 from __future__ import annotations

@@ -102,15 +102,48 @@ def test_docs_have_examples():
     assert skipped <= 1, "too many docs examples opt out of the test"
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    headings += re.findall(r"^(.+)\n-{3,}$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_index_links_every_page():
-    """docs/index.md links every page of docs/, and every relative link in docs/ resolves."""
+    """docs/index.md links every page of docs/, and every relative link of the README and
+    docs/ leads to a file that exists and, with '#', to a heading of it."""
     index = (DOCS / "index.md").read_text(encoding="utf-8")
     for page in sorted(p.name for p in DOCS.glob("*.md")):
         if page != "index.md":
             assert f"]({page})" in index, f"docs/index.md does not link {page}"
-    for page in DOCS.glob("*.md"):
-        for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))(?:#[^)]*)?\)", page.read_text()):
-            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+    for page in [*DOCS.glob("*.md"), DOCS.parent / "README.md"]:
+        text = page.read_text(encoding="utf-8")
+        for target, anchor in re.findall(r"\]\(([^)#:]*\.(?:md|png))(?:#([^)]*))?\)", text):
+            path = page.parent / target
+            assert path.exists(), f"{page.name} links to missing {target}"
+            if anchor:
+                assert anchor in _anchors(path), f"{page.name} links to {target}#{anchor}"
+
+
+def test_usage_parameter_table_is_the_signature():
+    """docs/usage.md's table lists run_harmony's parameters, in order, with their defaults."""
+    import inspect
+
+    import harmonypy as hm
+
+    text = (DOCS / "usage.md").read_text(encoding="utf-8")
+    start = text.index("| parameter | default |")
+    table = text[start:text.index("\n\n", start)]
+    rows = re.findall(r"^\| `(\w+)` \| ?(`[^`]*`)? ?\|", table, re.M)
+    parameters = inspect.signature(hm.run_harmony).parameters
+    assert [name for name, _ in rows] == list(parameters)
+    for name, default in rows:
+        expected = parameters[name].default
+        if expected is inspect.Parameter.empty:
+            assert default == "", name
+        else:
+            assert default == f"`{expected!r}`", (name, default, expected)
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p, "python")])

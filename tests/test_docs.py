@@ -5,9 +5,10 @@ namespace, in a fresh working folder that holds the bundled example files
 (``harmonypy example-data .``: ``pcs.tsv.gz``, ``meta.tsv.gz``, unless the
 example writes them itself) and
 ``adata.h5ad`` (the same cells as AnnData, ``obsm["X_pca"]`` and ``obs``). In
-each ```bash block the lines that call ``harmonypy`` run in order through
-``python -m harmonypy`` in such a folder; other shell lines (installs,
-benchmarks) are not run. A block opts out with ``<!-- readme-test: skip -->``
+each ```bash block the lines that run this package (``harmonypy ...`` through
+``python -m harmonypy``, ``torchrun ... -m harmonypy.shard`` through
+``python -m torch.distributed.run``, one-line ``python -c``) run in order in
+such a folder; other shell lines (installs, benchmarks) are not run. A block opts out with ``<!-- readme-test: skip -->``
 on the line before its fence (counted below, so that it stays rare).
 
 Pages with a test of their own are not run twice: migrating.md
@@ -45,11 +46,22 @@ def _blocks(page: str, lang: str) -> list[tuple[int, str]]:
 
 
 def _harmonypy_commands(code: str) -> list[list[str]]:
-    """The ``harmonypy ...`` command lines of a shell block, comments removed."""
+    """The command lines of a shell block that run this package, as argument lists
+    after the Python interpreter: ``harmonypy ...`` (as ``-m harmonypy``),
+    ``torchrun ... -m harmonypy.shard`` (as ``-m torch.distributed.run``) and
+    one-line ``python -c "...harmonypy..."``; comments removed. Other lines
+    (installs, benchmarks) are not run."""
     commands = []
     for line in code.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
-        if words and words[0] == "harmonypy":
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # a quoted string that goes on over several lines
+            continue
+        if words[:1] == ["harmonypy"]:
+            commands.append(["-m", "harmonypy", *words[1:]])
+        elif words[:1] == ["torchrun"] and "harmonypy.shard" in words:
+            commands.append(["-m", "torch.distributed.run", *words[1:]])
+        elif words[:2] == ["python", "-c"] and "harmonypy" in words[2]:
             commands.append(words[1:])
     return commands
 
@@ -171,8 +183,8 @@ def test_command_line_examples_run(page, line, commands, tmp_path):
     _example_folder(tmp_path, " ".join(" ".join(words) for words in commands))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for words in commands:
-        result = subprocess.run([sys.executable, "-m", "harmonypy", *words], cwd=tmp_path,
+        result = subprocess.run([sys.executable, *words], cwd=tmp_path,
                                 capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, (
-            f"docs/{page}:{line}: harmonypy {shlex.join(words)} exited with "
+            f"docs/{page}:{line}: python {shlex.join(words)} exited with "
             f"{result.returncode}:\n{result.stderr}")

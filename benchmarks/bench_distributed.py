@@ -7,8 +7,8 @@ with all the CPUs as threads; ``P processes`` is ``run_in_processes`` (what
 ``harmonypy run --nproc P`` runs: a gloo group on loopback) with the CPUs
 divided among them. ``seconds`` is rank 0's run_harmony call, ``with start``
 adds spawning the processes and copying the input to shared memory. The
-bytes each process handed to all-reduce are compared with the formula of the
-README (``harmonypy._reduce.communicated_bytes``).
+bytes each process handed to all-reduce are compared with the formula of
+docs/distributed.md (``harmonypy._reduce.communicated_bytes``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 
 import harmonypy as hm
 from harmonypy._anndata import integrate
+from harmonypy._design import ColumnNotFoundError
 from harmonypy._optional import require_anndata
 
 from conftest import read_tsv
@@ -164,6 +165,52 @@ def test_adjusted_basis_equal_to_basis_is_refused(pbmcs_small):
         integrate(adata, "donor", adjusted_basis="X_pca", **FAST)
     np.testing.assert_array_equal(adata.obsm["X_pca"], pcs)  # the input is still there
     assert "harmony" not in adata.uns
+
+
+def test_every_writer_refuses_adjusted_basis_equal_to_basis_alike(mapping_case):
+    """One check and one message wherever a corrected embedding would go to obsm."""
+    ref, pcs, meta = mapping_case
+    calls = {
+        "integrate": lambda a: integrate(a, "donor", adjusted_basis="X_pca", **FAST),
+        "harmony_integrate": lambda a: hm.harmony_integrate(a, "donor",
+                                                            adjusted_basis="X_pca"),
+        "build_reference": lambda a: hm.build_reference(a, None, adjusted_basis="X_pca"),
+        "map_query": lambda a: hm.map_query(a, ref, basis="X_pca", adjusted_basis="X_pca"),
+    }
+    expected = (r"^adjusted_basis must differ from basis \('X_pca'\): writing the corrected "
+                r"embedding there would replace the only copy of the uncorrected one; use e\.g\. "
+                r"adjusted_basis='X_pca_harmony'$")
+    for name, call in calls.items():
+        adata = _duck(pcs, meta)
+        with pytest.raises(ValueError, match=expected):
+            call(adata)
+        assert set(adata.obsm) == {"X_pca"}, name  # nothing written
+
+
+def test_missing_columns_raise_one_error_type_everywhere(mapping_case):
+    """A column named by an argument but absent: ColumnNotFoundError (a KeyError
+    and a ValueError, so either ``except`` still catches it) from every layer."""
+    ref, pcs, meta = mapping_case
+    cases = [
+        (lambda: hm.run_harmony(pcs, meta, "dnor", **FAST),
+         r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean: "
+         r"'dnor' -> 'donor'\?\); available columns: \['donor', 'nUMI', .*'cell_type'"),
+        (lambda: hm.map_query(pcs, meta, ref, vars_use="dnor"),
+         r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean"),
+        (lambda: hm.build_reference(pcs, meta, labels="celltype"),
+         r"labels names column\(s\) \['celltype'\] not found in meta_data \(did you mean: "
+         r"'celltype' -> 'cell_type'\?\)"),
+        (lambda: integrate(_duck(pcs, meta), "dnor", **FAST),
+         r"batch column\(s\) 'dnor' not found in adata\.obs \(did you mean: 'dnor' -> "
+         r"'donor'\?\); available columns: 'donor', 'nUMI', .*'cell_type'"),
+        (lambda: hm.build_reference(_duck(pcs, meta), None, labels="celltype"),
+         r"label column\(s\) 'celltype' not found in adata\.obs"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ColumnNotFoundError, match=pattern) as info:
+            call()
+        assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+        assert not str(info.value).startswith("'"), str(info.value)  # not KeyError's quotes
 
 
 # ------------------------------------------------- mapping outputs (AnnData)

@@ -32,6 +32,7 @@ import numpy as np
 from harmonypy import __version__
 from harmonypy import _mapping, _reference
 from harmonypy import _validation as val
+from harmonypy._design import check_columns
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._harmony import run_harmony
 from harmonypy._launch import run_in_processes
@@ -206,12 +207,8 @@ def _get_basis(adata: Any, basis: str) -> np.ndarray:
 
 
 def _check_obs_columns(adata: Any, keys: list[str]) -> None:
-    columns = [str(c) for c in adata.obs.columns]
-    missing = [k for k in keys if k not in columns]
-    if missing:
-        raise KeyError(
-            f"batch column(s) {', '.join(repr(m) for m in missing)} not found in adata.obs; "
-            f"available obs columns: {', '.join(repr(c) for c in columns) or 'none'}")
+    check_columns([str(c) for c in adata.obs.columns], keys, what="batch column(s)",
+                  where="adata.obs", as_list=False)
 
 
 def _storable(value: Any) -> Any:
@@ -284,11 +281,8 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKey
     if label_names and not keep_cells:
         raise ValueError(f"labels={label_names} needs keep_cells=True: labels are kept per "
                          f"reference cell")
-    missing = [name for name in label_names if name not in adata.obs.columns]
-    if missing:
-        raise KeyError(f"label column(s) {', '.join(map(repr, missing))} not found in "
-                       f"adata.obs; available obs columns: "
-                       f"{', '.join(map(repr, map(str, adata.obs.columns))) or 'none'}")
+    check_columns(adata.obs.columns, label_names, what="label column(s)", where="adata.obs",
+                  as_list=False)
     projection = (None if keys.loadings is None else
                   from_anndata(adata, basis, embedding, loadings=keys.loadings,
                                layer=keys.layer))

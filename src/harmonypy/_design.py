@@ -236,21 +236,52 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
 
 
 def _check_columns(meta_data: pd.DataFrame, vars_use: list) -> None:
-    missing = [v for v in vars_use if v not in meta_data.columns]
-    if missing:
-        available = list(meta_data.columns)
-        hints = []
-        for v in missing:
-            same_text = [c for c in available if str(c) == str(v)]
-            close = same_text or difflib.get_close_matches(
-                str(v), [str(c) for c in available], n=1)
-            if close:
-                hints.append(f"{v!r} -> {close[0]!r}?")
-        hint = f" (did you mean: {', '.join(hints)})" if hints else ""
-        raise ValueError(
-            f"vars_use names column(s) {missing} not found in meta_data{hint}; "
-            f"available columns: {list(map(str, available))}"
-        )
+    check_columns(meta_data.columns, vars_use, what="vars_use names column(s)",
+                  where="meta_data")
+
+
+class ColumnNotFoundError(KeyError, ValueError):
+    """A column named by an argument is not in the table it names columns of.
+
+    A KeyError (a missing key, as pandas raises it) and a ValueError (a bad
+    argument, as the checks of the array functions raise it), so that code
+    catching either keeps working. Its text is the message itself (a KeyError
+    alone would print it in quotes).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def check_columns(available, names, *, what: str, where: str, as_list: bool = True) -> None:
+    """Raise :class:`ColumnNotFoundError` unless every entry of ``names`` is in ``available``.
+
+    Every check that an argument's column names exist goes through here, so
+    the error type and the message are the same everywhere: the missing
+    columns (after ``what``, e.g. ``"vars_use names column(s)"``), the table
+    (``where``), a close match for each when there is one, and the available
+    columns; as Python lists (``as_list``, for a DataFrame argument) or quoted
+    and comma-separated (for ``adata.obs``).
+    """
+    missing = [name for name in names if name not in available]
+    if not missing:
+        return
+    available = list(available)
+    hints = []
+    for name in missing:
+        same_text = [c for c in available if str(c) == str(name)]
+        close = same_text or difflib.get_close_matches(
+            str(name), [str(c) for c in available], n=1)
+        if close:
+            hints.append(f"{name!r} -> {close[0]!r}?")
+    hint = f" (did you mean: {', '.join(hints)})" if hints else ""
+    if as_list:
+        named, shown = str(missing), str(list(map(str, available)))
+    else:
+        named = ", ".join(map(repr, missing))
+        shown = ", ".join(repr(str(c)) for c in available) or "none"
+    raise ColumnNotFoundError(f"{what} {named} not found in {where}{hint}; available "
+                              f"columns: {shown}")
 
 
 def _column(meta_data: pd.DataFrame, name) -> pd.Series:

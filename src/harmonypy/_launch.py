@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 
 from harmonypy._convergence import ConvergenceWarning
+from harmonypy._design import ColumnNotFoundError
 from harmonypy._harmony import COPY_CHUNK_ROWS
 
 #: Seconds a process waits for the others to join the group (and the default
@@ -471,6 +472,10 @@ def _signal_name(number: int) -> str:
         return str(number)
 
 
+#: Errors of the package a child may report, by name (the builtins are found by name).
+_PACKAGE_ERRORS = {"ColumnNotFoundError": ColumnNotFoundError}
+
+
 def _child_error(text: str) -> Exception:
     """The error to raise in the parent for a child's traceback ``text``.
 
@@ -487,7 +492,9 @@ def _child_error(text: str) -> Exception:
         kind, message = "RuntimeError", last
     refused = re.search(r"refused its input(?: \(and rank\(s\) [\d, ]+\))?: (\w+): ", message)
     name = refused.group(1) if refused else kind
-    error = getattr(builtins, name, None)
+    # The package's own error types are raised as themselves too (their
+    # builtin bases keep `except ValueError` working in the caller).
+    error = getattr(builtins, name, None) or _PACKAGE_ERRORS.get(name)
     if isinstance(error, type) and issubclass(error, Exception):
         try:
             return error(message)

@@ -50,7 +50,7 @@ from harmonypy import _clustering as clu
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, carries_names
 from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
-from harmonypy._design import BatchDesign, _encode_column
+from harmonypy._design import BatchDesign, _encode_column, check_columns
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._reduce import index_sum_
 from harmonypy._reference import Reference, reference_digest
@@ -362,10 +362,7 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
                            codes=np.zeros((n_cells, 1), dtype=np.int64),
                            offsets=np.array([0, 1], dtype=np.int64),
                            counts=np.array([n_cells], dtype=np.int64))
-    missing = [n for n in names if n not in frame.columns]
-    if missing:
-        raise ValueError(f"vars_use names column(s) {missing} not found in meta_data; "
-                         f"available columns: {list(map(str, frame.columns))}")
+    check_columns(frame.columns, names, what="vars_use names column(s)", where="meta_data")
     levels, codes, offsets = [], [], [0]
     for name in names:
         column = frame[name]

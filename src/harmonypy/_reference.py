@@ -52,6 +52,7 @@ from harmonypy import _clustering as clu
 from harmonypy import _memory
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, align_to_names, carries_names
+from harmonypy._design import check_columns
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._harmony import Harmony, _default_clusters
 from harmonypy._io import OutputFiles
@@ -469,10 +470,7 @@ def _label_frame(frame: pd.DataFrame | None, names: list) -> pd.DataFrame | None
     own for a categorical, else sorted), with a default index."""
     if not names:
         return None
-    missing = [n for n in names if n not in frame.columns]
-    if missing:
-        raise ValueError(f"labels names column(s) {missing} not found in meta_data; "
-                         f"available columns: {list(map(str, frame.columns))}")
+    check_columns(frame.columns, names, what="labels names column(s)", where="meta_data")
     out = {}
     for name in names:
         column = frame[name]

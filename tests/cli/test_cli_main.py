@@ -156,7 +156,7 @@ def test_h5ad_output_that_is_the_input_and_same_basis_are_refused(small, tmp_pat
     assert status == 2 and "is the input EMBEDDING" in err
     status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
                                tmp_path / "out.h5ad", "--adjusted-basis", "X_pca"], capsys)
-    assert status == 2 and "--adjusted-basis 'X_pca' is the same as --basis" in err
+    assert status == 2 and "--adjusted-basis must differ from --basis ('X_pca')" in err
     status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "dnor", "-o",
                                tmp_path / "out.h5ad"], capsys)
     assert status == 2

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from harmonypy._design import ColumnNotFoundError
 from harmonypy._io import Table, close_match, match_cells, read_embedding, read_meta
 from harmonypy.cli.options import note
 
@@ -75,8 +76,9 @@ def check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str,
 
     Raises
     ------
-    KeyError
-        Naming the option, the file, a close match if any, and the columns.
+    ColumnNotFoundError
+        (a KeyError and a ValueError, as the API's) naming the option, the file, a
+        close match if any, and the columns.
     """
     available = [str(c) for c in meta.columns]
     missing = [c for c in columns if c not in available]
@@ -90,8 +92,8 @@ def check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str,
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     shown = ", ".join(available[:30]) + (f", ... ({len(available) - 30} more)"
                                          if len(available) > 30 else "")
-    raise KeyError(f"{option}: column(s) {', '.join(map(repr, missing))} not found in "
-                   f"{source}{hint}; available: {shown or 'none'}")
+    raise ColumnNotFoundError(f"{option}: column(s) {', '.join(map(repr, missing))} not found "
+                              f"in {source}{hint}; available: {shown or 'none'}")
 
 
 def subset_mask(frame: pd.DataFrame, spec: tuple[str, list[str]] | None,

@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from harmonypy._anndata import check_distinct_bases
 from harmonypy._io import (
     FORMATS_HELP, OutputSpec, check_outputs, file_format, read_embedding, read_h5ad,
     write_outputs,
@@ -200,9 +201,7 @@ def _reference_build_h5ad(args: argparse.Namespace, one_batch: dict[str, Any] | 
         raise ValueError("META is not used with .h5ad input: the batch and label columns come "
                          "from adata.obs")
     refuse_name_options(args)
-    if args.adjusted_basis == args.basis:
-        raise ValueError(f"--adjusted-basis {args.adjusted_basis!r} is the same as --basis; "
-                         f"choose another key (default: X_pca_harmony)")
+    check_distinct_bases(args.basis, args.adjusted_basis, names=("--basis", "--adjusted-basis"))
     check_outputs([OutputSpec("-o/--output", args.output, REFERENCE_OUTPUTS)],
                   {"EMBEDDING": args.embedding}, force=args.force)
     adata = read_h5ad(args.embedding)

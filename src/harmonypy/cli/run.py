@@ -9,6 +9,7 @@ from typing import Callable
 
 import pandas as pd
 
+from harmonypy._anndata import check_distinct_bases
 from harmonypy._io import (
     FORMATS_HELP, OutputSpec, Table, check_outputs, file_format, read_h5ad, save_figure,
     write_array, write_h5ad_copy, write_outputs, write_table,
@@ -135,10 +136,7 @@ def _run_h5ad(args: argparse.Namespace) -> int:
         raise ValueError("META is not used with .h5ad input: the batch columns come from "
                          "adata.obs")
     refuse_name_options(args)
-    if args.adjusted_basis == args.basis:
-        raise ValueError(f"--adjusted-basis {args.adjusted_basis!r} is the same as --basis: the "
-                         f"corrected embedding would replace the input one; choose another "
-                         f"key (default: X_pca_harmony)")
+    check_distinct_bases(args.basis, args.adjusted_basis, names=("--basis", "--adjusted-basis"))
     check_outputs([OutputSpec("-o/--output", args.output, ("h5ad",) + TABLE_OUTPUTS),
                    OutputSpec("--plot", args.plot, None)],
                   {"EMBEDDING": args.embedding}, force=args.force)

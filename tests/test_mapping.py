@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy import _mapping
+from harmonypy import _mapping, _reference
 
 from reference_mapping import (
     compute_ref_cache,
@@ -498,8 +498,6 @@ def test_save_load_round_trip(case, tmp_path, algorithm):
 
 def test_save_writes_one_temporary_file_with_its_extension_once(case, tmp_path, monkeypatch):
     """The temporary file of ref.npz is .ref.XXXXXXXX.tmp.npz (was .ref.npz.XXXXXXXX.tmp.npz)."""
-    from harmonypy import _reference
-
     names, write = [], _reference._write_arrays
     monkeypatch.setattr(_reference, "_write_arrays",
                         lambda arrays, path: (names.append(path.name), write(arrays, path)))

@@ -24,6 +24,8 @@ def require_anndata() -> ModuleType:
         When anndata is not installed; the message gives :data:`ANNDATA_HINT`.
     """
     try:
+        # Imported on call, not at the top: anndata is optional, and `import
+        # harmonypy` must work without it.
         import anndata
     except ImportError as err:
         raise ImportError(

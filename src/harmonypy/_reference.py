@@ -287,10 +287,10 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
             raise TypeError(f"{', '.join(given)} only apply to a reference built from an "
                             f"embedding; a Harmony run already has its clusters")
         return _from_harmony(source, meta_data, names, keep_cells)
-    return _from_embedding(source, meta_data, names, keep_cells, nclust=nclust,
-                           sigma=0.1 if sigma is None else sigma,
-                           random_state=0 if random_state is None else random_state,
-                           device=device, dtype=dtype)
+    clustering = OneBatchClustering(nclust=nclust, sigma=0.1 if sigma is None else sigma,
+                                    random_state=0 if random_state is None else random_state,
+                                    device=device, dtype=dtype)
+    return _from_embedding(source, meta_data, names, keep_cells, clustering=clustering)
 
 
 def label_names(labels) -> list:
@@ -359,10 +359,24 @@ def _from_harmony(ho, meta_data, label_names, keep_cells) -> Reference:
     return ref
 
 
-def _from_embedding(data_mat, meta_data, label_names, keep_cells, *, nclust, sigma,
-                    random_state, device, dtype) -> Reference:
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+@dataclass(frozen=True)
+class OneBatchClustering:
+    """How a one-batch reference is clustered (``build_reference(pcs, ...)``'s
+    ``nclust``, ``sigma``, ``random_state``, ``device``, ``dtype``; ``nclust``
+    None: the default number of clusters)."""
+
+    nclust: int | None
+    sigma: Any
+    random_state: Any
+    device: Any
+    dtype: Any
+
+
+def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
+                    clustering: OneBatchClustering) -> Reference:
+    nclust, sigma, random_state = clustering.nclust, clustering.sigma, clustering.random_state
+    torch_device = resolve_device(clustering.device)
+    torch_dtype = resolve_dtype(clustering.dtype, torch_device)
     val.check_random_state(random_state)
     if meta_data is not None:
         meta_data = align_metadata(data_mat, meta_data)

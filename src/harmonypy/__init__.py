@@ -21,7 +21,8 @@ from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
 from harmonypy._lisi import compute_lisi  # noqa: E402
 from harmonypy._mapping import MappedQuery  # noqa: E402
 from harmonypy._mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
-from harmonypy._reference import Reference, load_reference  # noqa: E402
+from harmonypy._reference import Reference  # noqa: E402
+from harmonypy._reference_file import load_reference  # noqa: E402
 from harmonypy._scanpy import harmony_integrate  # noqa: E402
 
 __all__ = [

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._reference import ReferenceFileError
+from harmonypy._reference_file import ReferenceFileError
 
 N_CELLS, N_DIMS, N_CLUSTERS = 120, 5, 4
 NAMES = [f"c{i}" for i in range(N_CELLS)]

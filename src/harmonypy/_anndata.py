@@ -425,7 +425,7 @@ def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]
             raise ValueError(f"no reference cell has a {name!r} label")
         val.check_int("k", k, 1, labelled, maximum_is=f"the reference cells labelled in "
                                                      f"{name!r}")
-    min_probability = 0.5 if min_probability is None else val._real("min_probability",
+    min_probability = 0.5 if min_probability is None else val.check_real("min_probability",
                                                                       min_probability)
     if not 0 <= min_probability <= 1:
         raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")

@@ -136,7 +136,7 @@ def _check_not_identifier(name, n_levels: int, n_cells: int) -> None:
         )
 
 
-def _encode_column(name, column: pd.Series, check_levels: bool = True
+def encode_column(name, column: pd.Series, check_levels: bool = True
                    ) -> tuple[list, np.ndarray]:
     """Level list (observed levels only) and integer codes for one column.
 
@@ -217,7 +217,7 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
     _check_columns(meta_data, vars_use)
     all_levels, all_codes, offsets = [], [], [0]
     for name in vars_use:
-        levels, codes = _encode_column(name, _column(meta_data, name))
+        levels, codes = encode_column(name, _column(meta_data, name))
         _check_several_levels(name, levels, len(codes))
         all_codes.append(codes + offsets[-1])
         all_levels.append(levels)
@@ -319,7 +319,7 @@ def encode_local_levels(meta_data: pd.DataFrame, vars_use: list) -> tuple[list, 
     levels, codes, counts = [], [], []
     for name in vars_use:
         column = _column(meta_data, name)
-        local, local_codes = _encode_column(name, column, check_levels=False)
+        local, local_codes = encode_column(name, column, check_levels=False)
         categories = (list(column.cat.categories)
                       if isinstance(column.dtype, pd.CategoricalDtype) else None)
         levels.append((local, categories))

@@ -879,7 +879,7 @@ def _process_seed(seed: int, rank: int) -> int:
     return mixed >> 1  # manual_seed takes up to 2**63 - 1 on every platform
 
 
-def _default_clusters(n_cells: int) -> int:
+def default_clusters(n_cells: int) -> int:
     """R's default ``K = min(round(N / 30), 100)``, at least 1 (R would give 0 below 15 cells)."""
     return max(1, min(round(n_cells / 30), 100))
 
@@ -1187,7 +1187,7 @@ def _design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) -
     val.check_cell_lengths(cells, torch_dtype, rows=local.get("rows"))
     val.warn_if_not_reduced(cells, stacklevel=3 + depth)
     nclust = local["nclust"]
-    n_clusters = (_default_clusters(n_cells) if nclust is None
+    n_clusters = (default_clusters(n_cells) if nclust is None
                   else val.check_int("nclust", nclust, 1, n_cells,
                                      maximum_is="the number of cells"))
     theta_levels = val.per_level("theta", local["theta"], design, 2.0, minimum=0.0)

@@ -635,12 +635,12 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
     """
     from harmonypy import _memory
     from harmonypy._clustering import n_blocks_of
-    from harmonypy._harmony import _default_clusters
+    from harmonypy._harmony import default_clusters
 
     n_cells, n_dims = shape
     keys = [vars_use] if isinstance(vars_use, str) else list(vars_use)
     counts = [int(meta_data[k].nunique()) for k in keys if k in meta_data.columns]
-    n_clusters = options.get("nclust") or _default_clusters(n_cells)
+    n_clusters = options.get("nclust") or default_clusters(n_cells)
     word = np.dtype(dtype).itemsize
     size = _memory.RunSize(n_cells, n_dims, int(n_clusters), counts or [2],
                            n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)))

@@ -50,7 +50,7 @@ from harmonypy import _clustering as clu
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, carries_names
 from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
-from harmonypy._design import BatchDesign, _encode_column, check_columns
+from harmonypy._design import BatchDesign, encode_column, check_columns
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._reduce import index_sum_
 from harmonypy._reference import Reference, reference_digest
@@ -368,7 +368,7 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
         column = frame[name]
         if isinstance(column, pd.DataFrame):
             raise ValueError(f"meta_data has {column.shape[1]} columns named {name!r}")
-        lv, cd = _encode_column(name, column)
+        lv, cd = encode_column(name, column)
         levels.append(lv)
         codes.append(cd + offsets[-1])
         offsets.append(offsets[-1] + len(lv))
@@ -741,7 +741,7 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     if label not in ref.label_columns:
         raise ValueError(f"label {label!r} is not a label column of the reference; it has "
                          f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
-    min_probability = val._real("min_probability", min_probability)
+    min_probability = val.check_real("min_probability", min_probability)
     if not 0 <= min_probability <= 1:
         raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
     if isinstance(query, MappedQuery):

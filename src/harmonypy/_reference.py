@@ -46,7 +46,7 @@ from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, align_to_names, carries_names
 from harmonypy._design import check_columns
 from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._harmony import Harmony, _default_clusters
+from harmonypy._harmony import Harmony, default_clusters
 from harmonypy._io import OutputFiles
 from harmonypy._kmeans import kmeans_centroids, start_for
 from harmonypy._projection import GeneProjection
@@ -383,7 +383,7 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
                                      meta_shape=None if meta_data is None else meta_data.shape)
     val.check_cell_lengths(cells, torch_dtype)
     val.warn_if_not_reduced(cells)
-    n_clusters = (_default_clusters(cells.shape[0]) if nclust is None
+    n_clusters = (default_clusters(cells.shape[0]) if nclust is None
                   else val.check_int("nclust", nclust, 1, cells.shape[0],
                                      maximum_is="the number of cells"))
     sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)

@@ -440,11 +440,11 @@ def as_metadata(meta_data, vars_use, *, rows: CellRows | None = None
 
 
 # ------------------------------------------------------------ parameters
-def _real(name: str, value, *, allow_neg_inf: bool = False) -> float:
+def check_real(name: str, value, *, allow_neg_inf: bool = False) -> float:
     """``value`` as a float; refuses bools, non-numbers, NaN and infinities."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         if isinstance(value, np.ndarray) and value.ndim == 0:
-            return _real(name, value.item(), allow_neg_inf=allow_neg_inf)
+            return check_real(name, value.item(), allow_neg_inf=allow_neg_inf)
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not (allow_neg_inf and value < 0)):
@@ -479,7 +479,7 @@ def check_int(name: str, value, minimum: int, maximum: int | None = None,
 
 def check_positive(name: str, value) -> float:
     """A finite real number > 0."""
-    value = _real(name, value)
+    value = check_real(name, value)
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
@@ -487,7 +487,7 @@ def check_positive(name: str, value) -> float:
 
 def check_nonnegative(name: str, value) -> float:
     """A finite real number >= 0."""
-    value = _real(name, value)
+    value = check_real(name, value)
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return value
@@ -495,7 +495,7 @@ def check_nonnegative(name: str, value) -> float:
 
 def check_fraction(name: str, value) -> float:
     """A real number in [0, 1)."""
-    value = _real(name, value)
+    value = check_real(name, value)
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return value
@@ -519,12 +519,12 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
 
 def check_epsilon(name: str, value) -> float:
     """A finite real number, or ``-inf`` (never stop early)."""
-    return _real(name, value, allow_neg_inf=True)
+    return check_real(name, value, allow_neg_inf=True)
 
 
 def check_block_size(value) -> float:
     """``block_size`` in (0, 1]."""
-    value = _real("block_size", value)
+    value = check_real("block_size", value)
     if not 0 < value <= 1:
         raise ValueError(
             f"block_size must be in (0, 1] (the fraction of cells updated at once), got {value}"
@@ -543,7 +543,7 @@ def _values(name: str, value) -> np.ndarray | None:
             f"{name} must be a number or a list of numbers, got {type(value).__name__}"
         )
     raw = np.asarray(value, dtype=object).ravel()
-    return np.array([_real(f"{name}[{i}]", v) for i, v in enumerate(raw)], dtype=np.float64)
+    return np.array([check_real(f"{name}[{i}]", v) for i, v in enumerate(raw)], dtype=np.float64)
 
 
 def per_level(name: str, value, design, default: float, *, minimum: float,
@@ -573,7 +573,7 @@ def per_level(name: str, value, design, default: float, *, minimum: float,
     else:
         floats = _values(name, value)
         if floats is None:
-            values = np.full(n_levels, _real(name, value), dtype=np.float64)
+            values = np.full(n_levels, check_real(name, value), dtype=np.float64)
         elif floats.size == 1:
             values = np.full(n_levels, floats[0])
         elif floats.size == n_vars:

@@ -41,8 +41,8 @@ from harmonypy._reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "integrate", "map_anndata",
-           "reference_from_anndata", "transfer_anndata"]
+__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "get_basis", "integrate",
+           "map_anndata", "reference_from_anndata", "transfer_anndata"]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
@@ -128,7 +128,7 @@ def integrate(
     _check_adata(adata)
     check_distinct_bases(basis, adjusted_basis)
     keys = _as_keys(key)
-    embedding = _get_basis(adata, basis)
+    embedding = get_basis(adata, basis)
     _check_obs_columns(adata, keys)
 
     nproc = _check_nproc(nproc, len(adata.obs))
@@ -192,7 +192,9 @@ def _as_keys(key: Any) -> list[str]:
     return keys
 
 
-def _get_basis(adata: Any, basis: str) -> np.ndarray:
+def get_basis(adata: Any, basis: str) -> np.ndarray:
+    """``adata.obsm[basis]`` as a dense array; a KeyError listing the ``obsm`` keys
+    (and, for ``X_pca``, that ``scanpy.pp.pca`` makes it) when it is missing."""
     obsm_keys = list(adata.obsm.keys())
     if basis not in obsm_keys:
         available = ", ".join(repr(k) for k in obsm_keys) or "none"
@@ -273,7 +275,7 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKey
     adjusted_basis = "X_pca_harmony" if keys.adjusted_basis is None else keys.adjusted_basis
     check_distinct_bases(basis, adjusted_basis)
     batch_keys = None if key is None else _as_keys(key)
-    embedding = _get_basis(adata, basis)
+    embedding = get_basis(adata, basis)
     if batch_keys:
         _check_obs_columns(adata, batch_keys)
     keep_cells = val.check_flag("keep_cells", keep_cells)
@@ -322,7 +324,7 @@ def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
     k, min_probability = _transfer_options(ref, label_names, transfer.k,
                                            transfer.min_probability)
     confidence = val.check_flag("confidence", map_options.get("confidence", True))
-    cells = None if basis is None else _get_basis(adata, basis)
+    cells = None if basis is None else get_basis(adata, basis)
     _check_replaceable(
         adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
         ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),

@@ -80,14 +80,14 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, Any, str]:
     """(embedding (n_cells, n_dims), metadata in cell order, cell names or None, its source)."""
     if file_format(args.embedding) == "h5ad":
-        from harmonypy._anndata import _get_basis
+        from harmonypy._anndata import get_basis
 
         if args.meta is not None:
             raise ValueError("META is not used with .h5ad input: labels come from adata.obs")
         refuse_name_options(args)
         adata = read_h5ad(args.embedding, backed=True)  # X is not needed: not loaded
         try:
-            return (_get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
+            return (get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
                     adata.obs_names, f"adata.obs of {args.embedding}")
         finally:
             adata.file.close()

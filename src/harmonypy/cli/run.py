@@ -151,12 +151,12 @@ def _run_h5ad(args: argparse.Namespace) -> int:
 
 
 def _run_backed_h5ad(args: argparse.Namespace, adata) -> int:
-    from harmonypy._anndata import _get_basis, integrate
+    from harmonypy._anndata import get_basis, integrate
 
     source = f"adata.obs of {args.embedding}"
     check_columns(adata.obs, args.vars_use, "--vars", source)
     check_columns(adata.obs, args.color or [], "--color", source)
-    before = _get_basis(adata, args.basis)
+    before = get_basis(adata, args.basis)
     check_plot_pcs(args, before.shape[1])
 
     start = time.perf_counter()

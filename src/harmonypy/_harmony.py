@@ -25,7 +25,7 @@ from harmonypy import _clustering as clu
 from harmonypy import _validation as val
 from harmonypy._cellnames import align_metadata, run_cell_names
 from harmonypy._correction import LevelIndex, RidgeSettings, ridge_correct
-from harmonypy._design import BatchDesign, build_design
+from harmonypy._design import BatchDesign, build_design, encode_local_levels, merge_local_levels
 from harmonypy._device import resolve_device, resolve_dtype
 from harmonypy._kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
 from harmonypy._memory import RunSize
@@ -37,7 +37,7 @@ from harmonypy._convergence import (
     read_only_view,
 )
 from harmonypy._progress import Progress
-from harmonypy._reduce import LOCAL, Reduction
+from harmonypy._reduce import LOCAL, GroupReduction, Reduction
 from harmonypy._threads import AutoThreads
 
 logger = logging.getLogger(__name__)
@@ -1080,8 +1080,6 @@ def run_harmony(
     options = RunOptions.from_arguments(locals())
     _check_callback(callback)
     if distributed:
-        from harmonypy._reduce import GroupReduction
-
         reduction = GroupReduction(process_group)
         checked = _distributed_inputs(data_mat, meta_data, vars_use, options, reduction)
     else:
@@ -1225,8 +1223,6 @@ def _distributed_inputs(data_mat, meta_data, vars_use, options: RunOptions,
     exchanged once more. Returns what the single-process checks return,
     with rank 0's seed.
     """
-    from harmonypy._design import encode_local_levels, merge_local_levels
-
     # Messages name cells as the caller counts them (rank order is the
     # gathered order): this process's first cell follows the lower ranks' cells.
     sizes = reduction.all_gather(_row_count(meta_data))

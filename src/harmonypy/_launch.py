@@ -57,7 +57,9 @@ import torch
 
 from harmonypy._convergence import ConvergenceWarning
 from harmonypy._design import ColumnNotFoundError
-from harmonypy._harmony import COPY_CHUNK_ROWS
+from harmonypy import _memory
+from harmonypy._clustering import n_blocks_of
+from harmonypy._harmony import COPY_CHUNK_ROWS, default_clusters, run_harmony
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
@@ -558,8 +560,6 @@ def _run_rank(payload: dict, *, cells_fd: int, out_fd: int, report) -> dict | No
     """Join the group, run this rank's shard, write its rows; rank 0's summary."""
     import torch.distributed as dist
 
-    from harmonypy._harmony import run_harmony
-
     rank, options = payload["rank"], payload["options"]
     torch.set_num_threads(options["ncores"])  # the process's share of the CPUs
     if payload["backend"] == "nccl":
@@ -633,10 +633,6 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
     process over all cells), the input and output in shared memory and each
     process's start-up cost must fit at once.
     """
-    from harmonypy import _memory
-    from harmonypy._clustering import n_blocks_of
-    from harmonypy._harmony import default_clusters
-
     n_cells, n_dims = shape
     keys = [vars_use] if isinstance(vars_use, str) else list(vars_use)
     counts = [int(meta_data[k].nunique()) for k in keys if k in meta_data.columns]

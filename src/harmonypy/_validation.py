@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from harmonypy import _memory
+
 MIN_CELLS = 6
 
 #: Rows examined at once by the O(N d) checks, to bound temporary memory.
@@ -679,8 +681,6 @@ def check_memory_fits(size, *, dtype, algorithm: str, device,
     :func:`harmonypy._memory.estimate_memory` for the terms). Nothing is
     checked where the available memory is unknown.
     """
-    from harmonypy import _memory
-
     estimate = _memory.estimate_memory(size, dtype=dtype, algorithm=algorithm, device=device,
                                        copies_input=copies_input)
     n_levels, n_variables = sum(size.level_counts), len(size.level_counts)

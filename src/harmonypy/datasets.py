@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harmonypy import _simulate
+from harmonypy._io import OutputFiles, OutputSpec, Table, check_outputs, write_table
+
 __all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
            "save_example", "simulate"]
 
@@ -88,8 +91,6 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
     FileNotFoundError
         ``folder`` does not exist.
     """
-    from harmonypy._io import OutputFiles, OutputSpec, Table, check_outputs, write_table
-
     folder = Path(folder)
     pcs, meta = load_pbmcs_small()
     names = pd.Index(meta["cell_id"], name="cell_id")
@@ -111,6 +112,4 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
 
 def simulate(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
     """Simulated PCA embedding with batch effects; see :func:`harmonypy._simulate.simulate`."""
-    from harmonypy._simulate import simulate as _simulate
-
-    return _simulate(*args, **kwargs)
+    return _simulate.simulate(*args, **kwargs)

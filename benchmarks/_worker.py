@@ -251,7 +251,7 @@ def run_harmonypy_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace
                          ) -> tuple[np.ndarray, dict]:
     """Call this package's ``harmonypy.harmony_integrate`` (scanpy's signature)."""
     import harmonypy
-    import harmonypy._harmony as core
+    import harmonypy.engine.harmony as core
 
     fitted: list = []
     orig_run = core.run_harmony

@@ -8,7 +8,7 @@ with all the CPUs as threads; ``P processes`` is ``run_in_processes`` (what
 divided among them. ``seconds`` is rank 0's run_harmony call, ``with start``
 adds spawning the processes and copying the input to shared memory. The
 bytes each process handed to all-reduce are compared with the formula of
-docs/distributed.md (``harmonypy._reduce.communicated_bytes``).
+docs/distributed.md (``harmonypy.engine.reduce.communicated_bytes``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 import numpy as np
 
 import harmonypy as hm
-from harmonypy._clustering import n_blocks_of
-from harmonypy._launch import run_in_processes
-from harmonypy._reduce import communicated_bytes
+from harmonypy.engine.clustering import n_blocks_of
+from harmonypy.distributed.launch import run_in_processes
+from harmonypy.engine.reduce import communicated_bytes
 from harmonypy._simulate import simulate
 
 from device_check import per_pc_r  # noqa: E402 - beside this script

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 import harmonypy as hm  # noqa: E402
-import harmonypy._harmony as core  # noqa: E402
-from harmonypy._kmeans import SAMPLE_SIZE  # noqa: E402
+import harmonypy.engine.harmony as core  # noqa: E402
+from harmonypy.engine.kmeans import SAMPLE_SIZE  # noqa: E402
 from harmonypy._simulate import simulate  # noqa: E402
 
 from device_check import per_pc_r  # noqa: E402 - beside this script (minimum over PCs)

@@ -42,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from harmonypy import _lisi, neighbors  # noqa: E402
+from harmonypy import neighbors
+from harmonypy.metrics import lisi as _lisi# noqa: E402
 
 OLD_VERSION = "0.2.0"
 OLD_VENV = HERE / ".venvs" / f"harmonypy-{OLD_VERSION}"

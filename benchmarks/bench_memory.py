@@ -2,7 +2,7 @@
 
 Each case runs ``run_harmony`` in a child process and reports the increase of
 the process's peak resident memory (``VmHWM``) over its resident memory just
-before the call, beside ``harmonypy._memory.estimate_memory`` for the same
+before the call, beside ``harmonypy.engine.memory.estimate_memory`` for the same
 problem, and the whole process's peak. Prints a Markdown table.
 
     python benchmarks/bench_memory.py            # ~2 min on 2 cores
@@ -24,8 +24,8 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np, pandas as pd
 import harmonypy as hm
-from harmonypy import _memory
-from harmonypy._clustering import n_blocks_of
+from harmonypy.engine import memory as _memory
+from harmonypy.engine.clustering import n_blocks_of
 
 case = json.loads(sys.argv[2])
 n, d, levels = case["n"], case["d"], case["levels"]

@@ -96,7 +96,7 @@ def worker(n_cells: int, algorithm: str, config: str) -> None:
     X, meta, var = load_input(n_cells)
     ncores = None if config == "default" else int(config)
     import logging
-    from harmonypy._threads import CpuLoad
+    from harmonypy.engine.threads import CpuLoad
 
     class Choices(logging.Handler):  # the policy's decisions, logged at INFO
         def __init__(self):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import harmonypy as hm
-from harmonypy._launch import run_in_processes
+from harmonypy.distributed.launch import run_in_processes
 from harmonypy._simulate import simulate
 
 from device_check import per_pc_r  # noqa: E402 - beside this script

@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import harmonypy as hm  # noqa: E402
-from harmonypy import datasets, plotting  # noqa: E402
+from harmonypy import datasets, plotting# noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._anndata import integrate
-from harmonypy._design import ColumnNotFoundError
+from harmonypy.adapters.anndata import integrate
+from harmonypy.engine.design import ColumnNotFoundError
 from harmonypy._optional import require_anndata
 
 from conftest import read_tsv
@@ -319,7 +319,7 @@ def test_mapping_errors_name_the_anndata_entry(mapping_case):
 
 # The adapter layer: the modules that know AnnData objects (besides the file
 # formats in _io). Only the command line and the package's front page sit above it.
-ADAPTERS = {"harmonypy._anndata", "harmonypy._mapping_api", "harmonypy._scanpy"}
+ADAPTERS = {"harmonypy.adapters.anndata", "harmonypy.adapters.mapping_api", "harmonypy.adapters.scanpy"}
 ABOVE_ADAPTERS = {"harmonypy", "harmonypy.cli"}
 
 

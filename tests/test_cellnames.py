@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._cellnames import align_metadata, carries_names, text_names
+from harmonypy.engine.cellnames import align_metadata, carries_names, text_names
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._design import build_design
+from harmonypy.engine.design import build_design
 
 N = 12
 FAST = dict(verbose=False, max_iter_harmony=2, max_iter_kmeans=3, nclust=2)

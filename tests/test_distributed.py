@@ -127,8 +127,8 @@ def test_agrees_with_a_single_process(tmp_path, data, algorithm, world):
 
 @pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
 def test_communicated_bytes_follow_the_formula(tmp_path, data, algorithm):
-    from harmonypy._clustering import n_blocks_of
-    from harmonypy._reduce import communicated_bytes
+    from harmonypy.engine.clustering import n_blocks_of
+    from harmonypy.engine.reduce import communicated_bytes
 
     z, meta = data
     shards = uneven_shards(meta, 2, seed=6)
@@ -182,7 +182,7 @@ def test_a_group_of_one_says_one_process(tmp_path, caplog):
 def test_a_killed_process_is_named_before_the_errors_it_caused():
     """rank 1 killed by a signal: rank 0's error (its peer vanished) is a
     consequence; the launcher names rank 1 and how it ended."""
-    from harmonypy._launch import _group_error
+    from harmonypy.distributed.launch import _group_error
 
     gloo = ("error", "RuntimeError", "Connection closed by peer [127.0.0.1]:1234", "trace")
     error = _group_error([0, 1], [1, -9], [[("joined",), gloo], [("joined",)]])
@@ -317,7 +317,7 @@ def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
 def test_nccl_group_on_every_gpu(data, algorithm):
     """One process per GPU (NCCL): a group of one equals the single CUDA run bit
     for bit; a group of several agrees with it as another draw would."""
-    from harmonypy._launch import run_in_processes
+    from harmonypy.distributed.launch import run_in_processes
 
     z, meta = data
     single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm,
@@ -352,8 +352,8 @@ def test_integrate_with_nproc_writes_what_a_single_run_writes(data):
 
 
 def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
-    from harmonypy import _memory
-    from harmonypy._launch import run_in_processes
+    from harmonypy.engine import memory as _memory
+    from harmonypy.distributed.launch import run_in_processes
 
     z, meta = data
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": {"host": 2**20})
@@ -363,7 +363,7 @@ def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
 
 
 def test_child_errors_keep_the_refused_ranks_error_type():
-    from harmonypy._launch import _child_error
+    from harmonypy.distributed.launch import _child_error
 
     trace = ("Traceback (most recent call last):\n  File x\nRuntimeError: distributed "
              "Harmony stopped: rank 1 of 2 refused its input: ValueError: data_mat has NaN")

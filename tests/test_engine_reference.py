@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from harmonypy._design import build_design
-from harmonypy._harmony import Harmony
+from harmonypy.engine.design import build_design
+from harmonypy.engine.harmony import Harmony
 
 from reference_harmony import ReferenceHarmony
 
@@ -72,7 +72,7 @@ def test_engine_replays_reference(dtype, tol, n_vars, lamb):
 @pytest.mark.parametrize("n_vars", [1, 2])
 def test_engine_replays_reference_per_cluster_sigma_in_pieces(monkeypatch, dtype, tol, n_vars):
     """A bandwidth per cluster, and blocks (24 cells) split into pieces of 7."""
-    from harmonypy import _clustering as clu
+    from harmonypy.engine import clustering as clu
 
     monkeypatch.setattr(clu, "PIECE_ELEMENTS", 7 * 6)
     monkeypatch.setattr(clu, "MIN_PIECE_ROWS", 1)

@@ -282,7 +282,7 @@ def test_mps_agrees_with_cpu():
 
 # ------------------------------------------------- result(out=): no second copy
 def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
-    import harmonypy._harmony as core
+    import harmonypy.engine.harmony as core
 
     x, meta = simulated(n_cells=300, n_batches=3)
     ho = hm.run_harmony(x, meta, "batch", dtype="float64", verbose=False)
@@ -406,7 +406,7 @@ def test_run_options_are_run_harmonys_keyword_options():
     import dataclasses
     import inspect
 
-    from harmonypy._harmony import RunOptions
+    from harmonypy.engine.harmony import RunOptions
 
     parameters = set(inspect.signature(hm.run_harmony).parameters)
     not_options = {"data_mat", "meta_data", "vars_use", "distributed", "process_group",

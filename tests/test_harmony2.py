@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy._correction import batch_filter, solve_arrowhead, solve_dense
-from harmonypy._design import build_design
-from harmonypy._harmony import Harmony
+from harmonypy.engine.correction import batch_filter, solve_arrowhead, solve_dense
+from harmonypy.engine.design import build_design
+from harmonypy.engine.harmony import Harmony
 
 from conftest import read_tsv
 from reference_harmony import ReferenceHarmony

@@ -1,4 +1,4 @@
-"""File input and output of the command line (harmonypy._io), in process."""
+"""File input and output of the command line (harmonypy.io.files), in process."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmonypy import _io
-from harmonypy._io import (OutputFiles, OutputSpec, Table, check_outputs, file_format,
+from harmonypy.io import files as _io
+from harmonypy.io.files import (OutputFiles, OutputSpec, Table, check_outputs, file_format,
                            match_cells, read_embedding, read_h5ad, read_meta, save_figure,
                            write_table)
 
@@ -194,7 +194,7 @@ def test_same_cells_same_order_and_reordered(caplog):
     assert result.by_name and not result.reordered and result.names_from == "column 'cell'"
     shuffled = np.random.default_rng(0).permutation(100)
     meta = meta_table(barcode=np.array(CELLS)[shuffled], donor=np.array(donor)[shuffled])
-    with caplog.at_level(logging.INFO, logger="harmonypy._io"):
+    with caplog.at_level(logging.INFO, logger="harmonypy.io.files"):
         result = match(named(CELLS), meta)
     assert result.reordered and list(result.meta["barcode"]) == CELLS
     assert list(result.meta["donor"]) == donor and isinstance(result.meta.index, pd.RangeIndex)
@@ -244,7 +244,7 @@ def test_row_order_when_a_side_has_no_names(caplog):
     # Integer row names that share nothing (a filtered frame's index written by
     # pandas) are taken for row numbers, with a warning.
     filtered = Table(pd.DataFrame({"x": range(100)}, index=range(0, 300, 3)), True)
-    with caplog.at_level(logging.WARNING, logger="harmonypy._io"):
+    with caplog.at_level(logging.WARNING, logger="harmonypy.io.files"):
         assert not match(named(CELLS), filtered).by_name
     assert "shares none" in caplog.text
     # Embedding names that only number the rows are no names.
@@ -258,7 +258,7 @@ def test_row_order_says_so_and_carries_the_metadatas_names(caplog):
     (so that outputs keep them)."""
     unnamed = Table(pd.DataFrame({"PC1": np.zeros(100)}), False)
     donor = [f"d{i % 3}" for i in range(100)]
-    with caplog.at_level(logging.INFO, logger="harmonypy._io"):
+    with caplog.at_level(logging.INFO, logger="harmonypy.io.files"):
         result = match(unnamed, meta_table(cell=CELLS[::-1], donor=donor))
     assert not result.by_name and list(result.names) == CELLS[::-1]
     for text in (result.describe(), caplog.text):
@@ -544,7 +544,7 @@ def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
     """pandas' C reader reports a Ctrl-C in its read() callback as a ParserError."""
     import signal as signal_module
 
-    from harmonypy import _io
+    from harmonypy.io import files as _io
 
     path = tmp_path / "pcs.tsv"
     path.write_text("a\tb\n1\t2\n")
@@ -563,7 +563,7 @@ def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
 # ------------------------------------------------------------------ Zarr input
 def test_zarr_embedding_gives_the_npy_result(tmp_path):
     zarr = pytest.importorskip("zarr")
-    from harmonypy._io import file_format, read_embedding
+    from harmonypy.io.files import file_format, read_embedding
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 6)).astype(np.float32)
@@ -600,7 +600,7 @@ def test_zarr_group_hint_suggests_embeddings_first(tmp_path):
     """An AnnData store given as a whole: the hint names its embeddings
     (obsm/*) before X and the other 2-D arrays, and no 1-D obs column."""
     zarr = pytest.importorskip("zarr")
-    from harmonypy._io import read_embedding
+    from harmonypy.io.files import read_embedding
 
     group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
     for path, shape in [("X", (50, 30)), ("layers/counts", (50, 30)), ("obs/_index", (50,)),

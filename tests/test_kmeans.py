@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy._kmeans import KMeansStart, _kmeans_plusplus, _lloyd, kmeans_centroids, start_for
+from harmonypy.engine.kmeans import KMeansStart, _kmeans_plusplus, _lloyd, kmeans_centroids, start_for
 
 
 def blobs(n_blobs: int = 12, per_blob: int = 60, d: int = 5, seed: int = 0,

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import harmonypy as hm
-from harmonypy import _lisi, neighbors
+from harmonypy import neighbors
+from harmonypy.metrics import lisi as _lisi
 
 HAVE_PYNNDESCENT = importlib.util.find_spec("pynndescent") is not None
 
@@ -145,7 +146,7 @@ def test_degenerate_weights_give_minus_one_like_r(caplog):
     X, lab = _blobs(20, 2, dims=2, sep=1.0)
     X = X * 1e30
     meta = pd.DataFrame({"lab": lab})
-    with caplog.at_level(logging.WARNING, logger="harmonypy._lisi"):
+    with caplog.at_level(logging.WARNING, logger="harmonypy.metrics.lisi"):
         got = hm.compute_lisi(X, meta, "lab", perplexity=5)
     assert np.all(got == -1.0)
     assert "-1" in caplog.text

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy import _mapping, _reference
+from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import reference as _reference
 
 from reference_mapping import (
     compute_ref_cache,
@@ -964,7 +965,7 @@ def test_anndata_refusals_come_before_any_work(gene_case, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("Harmony ran although build_reference should have refused")
 
-    monkeypatch.setattr("harmonypy._anndata.integrate", boom)
+    monkeypatch.setattr("harmonypy.adapters.anndata.integrate", boom)
     fresh = _scanpy_like(log_ref, adata.obs, max_value=2.0)
     cases = []
     no_pcs = fresh.copy()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import harmonypy as hm
-from harmonypy._scanpy import SCANPY_TO_RUN_HARMONY
+from harmonypy.adapters.scanpy import SCANPY_TO_RUN_HARMONY
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
 TEXT = DOC.read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import harmonypy as hm  # noqa: E402
-from harmonypy import plotting  # noqa: E402
+from harmonypy import plotting# noqa: E402
 
 
 @pytest.fixture(scope="module")

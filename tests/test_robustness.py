@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import harmonypy as hm
-import harmonypy._harmony as engine
+import harmonypy.engine.harmony as engine
 
 FAST = dict(verbose=False, max_iter_harmony=2, max_iter_kmeans=3, nclust=3)
 
@@ -330,7 +330,7 @@ def test_keyboard_interrupt_restores_state_and_next_call_works(threads_three, mo
 
 # -------------------------------------------------------- numerical guards
 def test_non_finite_assignments_stop_with_an_error(monkeypatch):
-    from harmonypy import _clustering as clu
+    from harmonypy.engine import clustering as clu
 
     original = clu.online_update
 

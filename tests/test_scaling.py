@@ -31,11 +31,11 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy import _memory
-from harmonypy._clustering import block_bounds, n_blocks_of
-from harmonypy._correction import (LevelIndex, RidgeSystem, _dense_system, _solve_several,
+from harmonypy.engine import memory as _memory
+from harmonypy.engine.clustering import block_bounds, n_blocks_of
+from harmonypy.engine.correction import (LevelIndex, RidgeSystem, _dense_system, _solve_several,
                                    batch_filter, solve_arrowhead, solve_dense)
-from harmonypy._design import build_design
+from harmonypy.engine.design import build_design
 
 MB = 2**20
 FAST = dict(verbose=False, max_iter_harmony=1, max_iter_kmeans=2)
@@ -125,7 +125,7 @@ def test_one_variable_with_1000_levels_runs_in_modest_memory():
     estimate, which is linear in the levels."""
     result = run_child(
         """
-        from harmonypy import _memory
+        from harmonypy.engine import memory as _memory
         n = 3000
         z = rng.normal(size=(n, 20)).astype(np.float32)
         meta = pd.DataFrame({"plate": np.arange(n) % 1000})
@@ -143,7 +143,7 @@ def test_several_variables_with_1000_levels_run_in_modest_memory():
     closed form, not as a dense K x 1005 x 1005 system (2.4 GB before)."""
     result = run_child(
         """
-        from harmonypy import _memory
+        from harmonypy.engine import memory as _memory
         n = 3000
         z = rng.normal(size=(n, 20)).astype(np.float32)
         meta = pd.DataFrame({"donor": rng.integers(0, 4, n), "plate": np.arange(n) % 1000})
@@ -276,7 +276,7 @@ def test_estimate_bounds_the_measured_peak():
     0.5-1.1 of the estimate (0.65-0.9 at sizes from 3,000 to 1,000,000 cells)."""
     result = run_child(
         """
-        from harmonypy import _memory
+        from harmonypy.engine import memory as _memory
         n = 100_000
         z = rng.standard_normal((n, 50), dtype=np.float32)
         meta = pd.DataFrame({"batch": rng.integers(0, 20, n)})
@@ -315,7 +315,7 @@ def test_level_sums_stay_accurate_at_atlas_sizes():
     """O summed over 2 million cells of one level: a float32 running sum drops
     R's small entries (relative error 2.7e-3 here), the chunked float64
     totals do not (5e-7)."""
-    from harmonypy._clustering import level_sums
+    from harmonypy.engine.clustering import level_sums
 
     gen = torch.Generator().manual_seed(0)
     n = 2**21

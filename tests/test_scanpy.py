@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._scanpy import SCANPY_TO_RUN_HARMONY, scanpy_default_clusters
+from harmonypy.adapters.scanpy import SCANPY_TO_RUN_HARMONY, scanpy_default_clusters
 
 from conftest import read_tsv
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy import _threads
+from harmonypy.engine import threads as _threads
 from harmonypy._simulate import simulate
-from harmonypy._threads import PARALLEL_MIN_WORK, AutoThreads, CpuLoad, choose_threads
+from harmonypy.engine.threads import PARALLEL_MIN_WORK, AutoThreads, CpuLoad, choose_threads
 
 BIG = PARALLEL_MIN_WORK * 4
 CPU = torch.device("cpu")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy import _validation as val
-from harmonypy._device import resolve_device, resolve_dtype
+from harmonypy.engine import validation as val
+from harmonypy.engine.device import resolve_device, resolve_dtype
 
 N_CELLS = 60
 FAST = dict(verbose=False, max_iter_harmony=1, max_iter_kmeans=2, nclust=3)
@@ -359,7 +359,7 @@ def test_series_with_unrelated_index_is_positional():
 
 def test_validation_happens_before_heavy_work(monkeypatch):
     """A bad parameter after a valid table is refused before the engine starts."""
-    import harmonypy._harmony as engine
+    import harmonypy.engine.harmony as engine
 
     def fail(*args, **kwargs):  # pragma: no cover - must not be reached
         raise AssertionError("engine started before validation finished")

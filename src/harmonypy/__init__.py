@@ -13,17 +13,17 @@ from __future__ import annotations
 # Set before the imports below: submodules read it when they are imported.
 __version__ = "1.0.0.dev0"
 
-from harmonypy import datasets  # noqa: E402
-from harmonypy._anndata import integrate  # noqa: E402
-from harmonypy._convergence import ConvergenceWarning, IterationReport  # noqa: E402
-from harmonypy._evaluate import IntegrationScores, evaluate  # noqa: E402
-from harmonypy._harmony import Harmony, run_harmony  # noqa: E402
-from harmonypy._lisi import compute_lisi  # noqa: E402
-from harmonypy._mapping import MappedQuery  # noqa: E402
-from harmonypy._mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
-from harmonypy._reference import Reference  # noqa: E402
-from harmonypy._reference_file import load_reference  # noqa: E402
-from harmonypy._scanpy import harmony_integrate  # noqa: E402
+from harmonypy import datasets# noqa: E402
+from harmonypy.adapters.anndata import integrate  # noqa: E402
+from harmonypy.engine.convergence import ConvergenceWarning, IterationReport  # noqa: E402
+from harmonypy.metrics.evaluate import IntegrationScores, evaluate  # noqa: E402
+from harmonypy.engine.harmony import Harmony, run_harmony  # noqa: E402
+from harmonypy.metrics.lisi import compute_lisi  # noqa: E402
+from harmonypy.mapping.query import MappedQuery  # noqa: E402
+from harmonypy.adapters.mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
+from harmonypy.mapping.reference import Reference  # noqa: E402
+from harmonypy.mapping.reference_file import load_reference  # noqa: E402
+from harmonypy.adapters.scanpy import harmony_integrate  # noqa: E402
 
 __all__ = [
     "ConvergenceWarning",

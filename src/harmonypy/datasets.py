@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from harmonypy import _simulate
-from harmonypy._io import OutputFiles, OutputSpec, Table, check_outputs, write_table
+from harmonypy.io.files import OutputFiles, OutputSpec, Table, check_outputs, write_table
 
 __all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
            "save_example", "simulate"]

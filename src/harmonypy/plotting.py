@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy._cellnames import align_to_names, carries_names, match_order
+from harmonypy.engine.cellnames import align_to_names, carries_names, match_order
 
 logger = logging.getLogger(__name__)
 

@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 def _npy_rows(path, meta_path, world: int, rank: int):
     """The row ranges of every rank, and this rank's rows of an ``.npy``
     (memory-mapped) and of the metadata table."""
-    from harmonypy._io import read_meta
-    from harmonypy._launch import shard_bounds
+    from harmonypy.io.files import read_meta
+    from harmonypy.distributed.launch import shard_bounds
 
     cells = np.load(path, mmap_mode="r", allow_pickle=False)
     bounds = shard_bounds(cells.shape[0], world)
@@ -95,7 +95,7 @@ def _h5ad_rows(path, basis: str, world: int, rank: int):
     """This rank's rows of ``obsm[basis]`` (read from the file, not the whole
     matrix) and of ``obs`` of an ``.h5ad``."""
     from harmonypy._optional import require_anndata
-    from harmonypy._launch import shard_bounds
+    from harmonypy.distributed.launch import shard_bounds
 
     require_anndata()
     import h5py
@@ -119,8 +119,8 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from harmonypy._harmony import run_harmony
-    from harmonypy._io import file_format
+    from harmonypy.engine.harmony import run_harmony
+    from harmonypy.io.files import file_format
     from harmonypy.cli.options import harmony_kwargs
 
     args = _parser().parse_args(argv)
@@ -226,7 +226,7 @@ def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list,
                  backend: str) -> None:
     """Write this rank's part; rank 0 then writes the manifest and the summary,
     once every rank's part is in place (a failed rank stops every rank)."""
-    from harmonypy._io import OutputFiles, write_array
+    from harmonypy.io.files import OutputFiles, write_array
 
     try:
         part = outdir / _part_name(rank, world)

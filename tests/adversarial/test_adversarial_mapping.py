@@ -327,7 +327,7 @@ def test_anndata_refusals_come_before_the_mapping(data, adata, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("mapped although the call should have been refused")
 
-    monkeypatch.setattr("harmonypy._mapping.map_query", boom)
+    monkeypatch.setattr("harmonypy.mapping.query.map_query", boom)
     cases = [
         (dict(labels="cell_type", min_probability=2), ValueError,
          r"min_probability must be in \[0, 1\], got 2"),

@@ -302,7 +302,7 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_name_the_global_cell_and_leave_nothing(tmp_path, monkeypatch, case):
-    from harmonypy._launch import run_in_processes
+    from harmonypy.distributed.launch import run_in_processes
 
     z, meta, vars_use, nproc, env, error, words = BAD_INPUTS[case]
     for name, value in env.items():
@@ -317,7 +317,7 @@ def test_bad_inputs_name_the_global_cell_and_leave_nothing(tmp_path, monkeypatch
 
 def test_seven_cells_over_two_processes_are_one_run_of_seven(tmp_path):
     """Each shard holds fewer than 6 cells; the run holds 7 and equals a single process."""
-    from harmonypy._launch import run_in_processes
+    from harmonypy.distributed.launch import run_in_processes
 
     z, meta = _cells(7), _named(7)
     run = run_in_processes(z, meta, "batch", 2, ncores=1, verbose=False)
@@ -367,7 +367,7 @@ def test_a_script_without_the_main_guard_runs_once(tmp_path):
 def test_a_group_that_cannot_form_gives_up_after_the_start_timeout():
     """Rank 0 of 2 with no rank 1 (it died while importing): refused after the
     start timeout (here 1 s), not torch.distributed's 30 minutes."""
-    probe = ("import sys, time; from harmonypy._launch import join_group, _free_port\n"
+    probe = ("import sys, time; from harmonypy.distributed.launch import join_group, _free_port\n"
              "began = time.monotonic()\n"
              "try:\n"
              "    join_group(rank=0, world_size=2, port=_free_port(), backend='gloo', timeout=1)\n"

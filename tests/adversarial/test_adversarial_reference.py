@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy._reference_file import ReferenceFileError
+from harmonypy.mapping.reference_file import ReferenceFileError
 
 N_CELLS, N_DIMS, N_CLUSTERS = 120, 5, 4
 NAMES = [f"c{i}" for i in range(N_CELLS)]
@@ -412,7 +412,7 @@ def test_huge_metadata_entry_is_refused(good, tmp_path):
 
 
 def test_consistent_file_larger_than_memory(good, monkeypatch):
-    monkeypatch.setattr("harmonypy._memory.host_available", lambda: 1000)
+    monkeypatch.setattr("harmonypy.engine.memory.host_available", lambda: 1000)
     with pytest.raises(MemoryError, match=re.escape(repr(str(good[0]))) + r".*memory"):
         hm.load_reference(good[0])
 

@@ -64,8 +64,8 @@ def no_harmony(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("Harmony ran although the command should have been refused")
 
-    monkeypatch.setattr("harmonypy._harmony.run_harmony", boom)
-    monkeypatch.setattr("harmonypy._anndata.integrate", boom)
+    monkeypatch.setattr("harmonypy.engine.harmony.run_harmony", boom)
+    monkeypatch.setattr("harmonypy.adapters.anndata.integrate", boom)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

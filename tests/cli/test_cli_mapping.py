@@ -130,7 +130,7 @@ def test_reference_and_map_refuse_before_any_work(example, tmp_path, capsys, mon
     def boom(*args, **kwargs):
         raise RuntimeError("mapping ran although the command should have been refused")
 
-    monkeypatch.setattr("harmonypy._mapping.map_query", boom)
+    monkeypatch.setattr("harmonypy.mapping.query.map_query", boom)
     before = snapshot(tmp_path)
     build = ["reference", "build", pcs, meta, "--vars", "donor"]
     query = ["map", pcs, meta, "--reference", ref]

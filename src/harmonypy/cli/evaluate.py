@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy._io import (
+from harmonypy.io.files import (
     OutputSpec, Table, check_outputs, file_format, read_h5ad, write_outputs, write_table,
 )
 from harmonypy.cli.inputs import (
@@ -80,7 +80,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, Any, str]:
     """(embedding (n_cells, n_dims), metadata in cell order, cell names or None, its source)."""
     if file_format(args.embedding) == "h5ad":
-        from harmonypy._anndata import get_basis
+        from harmonypy.adapters.anndata import get_basis
 
         if args.meta is not None:
             raise ValueError("META is not used with .h5ad input: labels come from adata.obs")

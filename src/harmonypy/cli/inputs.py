@@ -1,6 +1,6 @@
 """Inputs of the commands: pairing the tables, checking the columns and options.
 
-Reading the files and matching cells by name is :mod:`harmonypy._io`; this
+Reading the files and matching cells by name is :mod:`harmonypy.io.files`; this
 module turns its results into what a command runs on, with messages that
 name the option at fault.
 """
@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy._design import ColumnNotFoundError
-from harmonypy._io import Table, close_match, match_cells, read_embedding, read_meta
+from harmonypy.engine.design import ColumnNotFoundError
+from harmonypy.io.files import Table, close_match, match_cells, read_embedding, read_meta
 from harmonypy.cli.options import note
 
 

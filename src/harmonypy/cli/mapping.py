@@ -12,7 +12,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from harmonypy._io import (
+from harmonypy.io.files import (
     OutputSpec, Table, check_outputs, close_match, file_format, read_embedding, read_h5ad,
     write_h5ad, write_outputs, write_table,
 )
@@ -196,7 +196,7 @@ def _map_table(args: argparse.Namespace, ref):
 def _map_h5ad(args: argparse.Namespace, ref):
     """Map an .h5ad query (genes projected, or obsm[--basis]): ``(MappedQuery, writer)``."""
     from harmonypy import map_query
-    from harmonypy._anndata import SCORE_COLUMN
+    from harmonypy.adapters.anndata import SCORE_COLUMN
 
     if args.meta is not None:
         raise ValueError("META is not used with .h5ad input: the batch columns come from "

@@ -220,7 +220,7 @@ def note(args: argparse.Namespace, text: str) -> None:
 @contextlib.contextmanager
 def convergence_noted(args: argparse.Namespace) -> Any:
     """The library's ConvergenceWarning as one CLI line naming the option (unless --quiet)."""
-    from harmonypy._convergence import ConvergenceWarning
+    from harmonypy.engine.convergence import ConvergenceWarning
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

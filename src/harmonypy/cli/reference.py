@@ -6,8 +6,8 @@ import argparse
 import time
 from typing import Any
 
-from harmonypy._anndata import check_distinct_bases
-from harmonypy._io import (
+from harmonypy.adapters.anndata import check_distinct_bases
+from harmonypy.io.files import (
     FORMATS_HELP, OutputSpec, check_outputs, file_format, read_embedding, read_h5ad,
     write_outputs,
 )
@@ -112,7 +112,7 @@ def command_reference_build(args: argparse.Namespace) -> int:
     check_columns(meta, args.vars_use, "--vars", source)
     check_columns(meta, args.labels or [], "--labels", source)
     embedding, meta = take_rows(embedding, meta, subset_mask(meta, args.subset, source))
-    from harmonypy._harmony import run_harmony
+    from harmonypy.engine.harmony import run_harmony
 
     start = time.perf_counter()
     with convergence_noted(args):

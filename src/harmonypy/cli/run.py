@@ -9,8 +9,8 @@ from typing import Callable
 
 import pandas as pd
 
-from harmonypy._anndata import check_distinct_bases
-from harmonypy._io import (
+from harmonypy.adapters.anndata import check_distinct_bases
+from harmonypy.io.files import (
     FORMATS_HELP, OutputSpec, Table, check_outputs, file_format, read_h5ad, save_figure,
     write_array, write_h5ad_copy, write_outputs, write_table,
 )
@@ -89,11 +89,11 @@ def command_run(args: argparse.Namespace) -> int:
     check_columns(meta, args.vars_use, "--vars", source)
     check_columns(meta, args.color or [], "--color", source)
     check_plot_pcs(args, embedding.frame.shape[1])
-    from harmonypy._harmony import run_harmony
+    from harmonypy.engine.harmony import run_harmony
 
     start = time.perf_counter()
     if args.nproc > 1:
-        from harmonypy._launch import run_in_processes
+        from harmonypy.distributed.launch import run_in_processes
 
         with convergence_noted(args):
             ho = run_in_processes(embedding.frame.to_numpy(), meta, args.vars_use, args.nproc,
@@ -151,7 +151,7 @@ def _run_h5ad(args: argparse.Namespace) -> int:
 
 
 def _run_backed_h5ad(args: argparse.Namespace, adata) -> int:
-    from harmonypy._anndata import get_basis, integrate
+    from harmonypy.adapters.anndata import get_basis, integrate
 
     source = f"adata.obs of {args.embedding}"
     check_columns(adata.obs, args.vars_use, "--vars", source)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonypy._cellnames import align_metadata
+from harmonypy.engine.cellnames import align_metadata
 from harmonypy.neighbors import knn, knn_of_cells
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ embedding already in the reference's PC space, run on this package's engine:
 Both steps are batched over clusters as the engine's correction is
 (``_correction.py``): per batch level, one (K x n_b) by (n_b x d) product;
 with one query batch variable the (B+1) x (B+1) systems are arrowheads solved
-in closed form (:func:`~harmonypy._correction.solve_arrowhead`, whose
+in closed form (:func:`~harmonypy.engine.correction.solve_arrowhead`, whose
 ``total - sum_b o_b`` is exactly ``Nr[k]`` here); several variables use the
 batched dense solve. The query is read in chunks, so beyond the outputs
 (``Z_corr`` N x d, ``R`` N x K) and one sorted copy of the query, memory is
@@ -31,8 +31,8 @@ The per-cell mapping score is Symphony's ``calcPerCellMappingMetric``
 (``R/confidenceScores.R``) and :func:`transfer_labels` is its ``knnPredict``
 (``R/utils.R``); see ``docs/mapping.md`` for the Harmony2 variant. This
 module knows only arrays: an AnnData query is taken by the adapter layer
-(:mod:`harmonypy._mapping_api`, :mod:`harmonypy._anndata`), which projects its
-genes through the reference's loadings (:mod:`harmonypy._projection`) and
+(:mod:`harmonypy.adapters.mapping_api`, :mod:`harmonypy.adapters.anndata`), which projects its
+genes through the reference's loadings (:mod:`harmonypy.mapping.projection`) and
 calls :func:`map_query` here with the PCs.
 """
 
@@ -46,14 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonypy import _clustering as clu
-from harmonypy import _validation as val
-from harmonypy._cellnames import align_metadata, carries_names
-from harmonypy._correction import LevelIndex, solve_arrowhead, solve_dense
-from harmonypy._design import BatchDesign, encode_column, check_columns
-from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._reduce import index_sum_
-from harmonypy._reference import Reference, reference_digest
+from harmonypy.engine import clustering as clu
+from harmonypy.engine import validation as val
+from harmonypy.engine.cellnames import align_metadata, carries_names
+from harmonypy.engine.correction import LevelIndex, solve_arrowhead, solve_dense
+from harmonypy.engine.design import BatchDesign, encode_column, check_columns
+from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.reduce import index_sum_
+from harmonypy.mapping.reference import Reference, reference_digest
 from harmonypy.neighbors import PrunedIndex, exact_topk
 
 logger = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def _query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarra
 def _query_design(frame, names, n_cells: int) -> BatchDesign:
     """The query's batch design; no variable: one level holding every cell.
 
-    Levels as :func:`~harmonypy._design.build_design` encodes them, except
+    Levels as :func:`~harmonypy.engine.design.build_design` encodes them, except
     that a variable with a single level is allowed (a row of ones, as in
     Symphony's ``mapQuery``): the reference anchors the intercept.
     """

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from harmonypy._kmeans import SAMPLE_SIZE, restart_cells
+from harmonypy.engine.kmeans import SAMPLE_SIZE, restart_cells
 
 #: Rows of R and Z gathered at once by the correction (``_LevelReader``).
 _READ_CHUNK = 16384

@@ -55,11 +55,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonypy._convergence import ConvergenceWarning
-from harmonypy._design import ColumnNotFoundError
-from harmonypy import _memory
-from harmonypy._clustering import n_blocks_of
-from harmonypy._harmony import COPY_CHUNK_ROWS, default_clusters, run_harmony
+from harmonypy.engine.convergence import ConvergenceWarning
+from harmonypy.engine.design import ColumnNotFoundError
+from harmonypy.engine import memory as _memory
+from harmonypy.engine.clustering import n_blocks_of
+from harmonypy.engine.harmony import COPY_CHUNK_ROWS, default_clusters, run_harmony
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
@@ -76,7 +76,7 @@ _GRACE_SECONDS = 2.0
 _BOOT = ("import json, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
          "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); "
          "sys.path[:] = json.loads(sys.argv[1]); "
-         "from harmonypy._launch import _child_main; sys.exit(_child_main(sys.argv[2:]))")
+         "from harmonypy.distributed.launch import _child_main; sys.exit(_child_main(sys.argv[2:]))")
 
 
 @dataclass

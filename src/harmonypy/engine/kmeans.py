@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harmonypy._reduce import index_sum_
+from harmonypy.engine.reduce import index_sum_
 
 #: Cells the k-means start works on at most.
 SAMPLE_SIZE = 20_000

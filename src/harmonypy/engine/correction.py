@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harmonypy._reduce import LOCAL, Reduction, index_sum_
+from harmonypy.engine.reduce import LOCAL, Reduction, index_sum_
 
 
 @dataclass

@@ -21,24 +21,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from harmonypy import _clustering as clu
-from harmonypy import _validation as val
-from harmonypy._cellnames import align_metadata, run_cell_names
-from harmonypy._correction import LevelIndex, RidgeSettings, ridge_correct
-from harmonypy._design import BatchDesign, build_design, encode_local_levels, merge_local_levels
-from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
-from harmonypy._memory import RunSize
-from harmonypy._convergence import (
+from harmonypy.engine import clustering as clu
+from harmonypy.engine import validation as val
+from harmonypy.engine.cellnames import align_metadata, run_cell_names
+from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
+from harmonypy.engine.design import BatchDesign, build_design, encode_local_levels, merge_local_levels
+from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.kmeans import KMEANS_INITS, SAMPLE_SIZE as _KMEANS_SAMPLE, KMeansStart, kmeans_centroids, start_for
+from harmonypy.engine.memory import RunSize
+from harmonypy.engine.convergence import (
     Callback,
     ConvergenceWarning,
     EmbeddingChange,
     IterationReport,
     read_only_view,
 )
-from harmonypy._progress import Progress
-from harmonypy._reduce import LOCAL, GroupReduction, Reduction
-from harmonypy._threads import AutoThreads
+from harmonypy.engine.progress import Progress
+from harmonypy.engine.reduce import LOCAL, GroupReduction, Reduction
+from harmonypy.engine.threads import AutoThreads
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class Harmony:
     cell_names : pandas.Index (N,) or None
         Names of the cells, in the run's order, when the inputs named them
         (``data_mat``'s index, else ``meta_data``'s, else its ``cell_id``-like
-        column; see ``harmonypy._cellnames``). A table met later
+        column; see ``harmonypy.engine.cellnames``). A table met later
         (:func:`build_reference`, ``plot_embedding``) is paired with the
         cells by these names; None (nothing named the cells, or the names
         repeat): by row position.
@@ -1009,7 +1009,7 @@ def run_harmony(
     check_memory : bool, default True
         Before any heavy work, estimate the run's peak memory from N, d, K, the
         batch levels, dtype, algorithm and device (see
-        ``harmonypy._memory.estimate_memory``) and raise ``MemoryError`` when it
+        ``harmonypy.engine.memory.estimate_memory``) and raise ``MemoryError`` when it
         exceeds the available memory (Linux ``MemAvailable`` or the cgroup
         limit; free GPU memory on CUDA). ``False`` skips the check. Where the
         available memory is unknown there is no check.

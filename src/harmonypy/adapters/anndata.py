@@ -9,14 +9,14 @@ Reading and writing ``.h5ad`` files does need anndata
 (:func:`harmonypy._optional.require_anndata` gives the installation hint).
 
 Reference mapping on AnnData goes through here too, called by the public
-functions of :mod:`harmonypy._mapping_api` when given AnnData:
+functions of :mod:`harmonypy.adapters.mapping_api` when given AnnData:
 :func:`reference_from_anndata` (``build_reference(adata, key, ...)``),
 :func:`map_anndata` (``map_query(adata_query, ref, ...)``) and
 :func:`transfer_anndata` (``transfer_labels(adata_query, ref, label)`` on a
 mapped query). They read and write ``obs``/``obsm``/``uns`` and call the array
-layer (:mod:`harmonypy._reference`, :mod:`harmonypy._mapping`), which never
+layer (:mod:`harmonypy.mapping.reference`, :mod:`harmonypy.mapping.query`), which never
 imports this module; the gene projection they keep and apply is
-:mod:`harmonypy._projection`.
+:mod:`harmonypy.mapping.projection`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from harmonypy import __version__
-from harmonypy import _mapping, _reference
-from harmonypy import _validation as val
-from harmonypy._design import check_columns
-from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._harmony import run_harmony
-from harmonypy._launch import run_in_processes
-from harmonypy._projection import from_anndata, project
-from harmonypy._reference import Reference, reference_digest
+from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import reference as _reference
+from harmonypy.engine import validation as val
+from harmonypy.engine.design import check_columns
+from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.harmony import run_harmony
+from harmonypy.distributed.launch import run_in_processes
+from harmonypy.mapping.projection import from_anndata, project
+from harmonypy.mapping.reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def integrate(
     Harmony, or GatheredRun when ``nproc > 1``
         The fitted object (``ho.Z_corr.T`` equals ``adata.obsm[adjusted_basis]``
         up to the float32 cast). With ``nproc > 1`` a
-        ``harmonypy._launch.GatheredRun``: ``Z_corr`` (d x N), ``result()``,
+        ``harmonypy.distributed.launch.GatheredRun``: ``Z_corr`` (d x N), ``result()``,
         ``N``, ``d`` and the run's global state (``n_iter``, ``converged``,
         ``objective_harmony``, ``kmeans_rounds``, ``K``, ``algorithm``,
         ``batch_levels``) as a Harmony object has them, plus ``world_size``
@@ -316,7 +317,7 @@ def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
     Everything is computed before ``adata`` is modified, so an error leaves it
     as it was. Entries that no earlier mapping wrote are not replaced unless
     ``overwrite`` (:func:`_check_replaceable`). ``map_options`` are
-    :func:`harmonypy._mapping.map_query`'s keyword arguments.
+    :func:`harmonypy.mapping.query.map_query`'s keyword arguments.
     """
     batch_keys, adjusted = _check_map_target(adata, ref, key, keys)
     basis = keys.basis

@@ -29,8 +29,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from harmonypy import _threads
-from harmonypy._reduce import LOCAL, Reduction, index_sum_
+from harmonypy.engine import threads as _threads
+from harmonypy.engine.reduce import LOCAL, Reduction, index_sum_
 
 
 @dataclass
@@ -321,7 +321,7 @@ class OnlineSettings:
         Number of levels of the first batch variable; they partition the cells,
         so their level sums also give the cluster sizes.
     reduction : Reduction
-        Where sums over cells become global (:mod:`harmonypy._reduce`): in a
+        Where sums over cells become global (:mod:`harmonypy.engine.reduce`): in a
         distributed run every process runs the same blocks on its shard, and the
         removals, block batch sums, centroid sums and objective terms are summed
         over the processes, so O and E stay global and identical everywhere.
@@ -689,7 +689,7 @@ def serial_if_small(n_elements: int, device: torch.device):
     25% faster than one thread). The thread count changes the results by
     rounding at most (a matrix product may split its sums by thread).
     Called once per clustering round, so a run with ``ncores=None`` follows
-    other processes' load round by round (:mod:`harmonypy._threads`).
+    other processes' load round by round (:mod:`harmonypy.engine.threads`).
     """
     if device.type == "cpu":
         _threads.checkpoint()

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from harmonypy._reduce import Reduction
+from harmonypy.engine.reduce import Reduction
 
 #: Why a run stopped (``Harmony.stop_reason``).
 STOP_REASONS = ("objective", "embedding", "callback", "max_iter_harmony")

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from harmonypy._anndata import _as_keys, _check_adata, _check_obs_columns, check_distinct_bases
-from harmonypy._harmony import run_harmony
+from harmonypy.adapters.anndata import _as_keys, _check_adata, _check_obs_columns, check_distinct_bases
+from harmonypy.engine.harmony import run_harmony
 
 logger = logging.getLogger(__name__)
 

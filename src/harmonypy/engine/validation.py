@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from harmonypy import _memory
+from harmonypy.engine import memory as _memory
 
 MIN_CELLS = 6
 
@@ -675,10 +675,10 @@ def check_memory_fits(size, *, dtype, algorithm: str, device,
                       copies_input: bool = True) -> None:
     """Refuse a run whose estimated peak memory exceeds the available memory.
 
-    ``size`` is a :class:`harmonypy._memory.RunSize` (N, d, K, the levels of
+    ``size`` is a :class:`harmonypy.engine.memory.RunSize` (N, d, K, the levels of
     each batch variable, the blocks). Raises :class:`MemoryError` with the
     estimate, the available memory and the term that dominates (see
-    :func:`harmonypy._memory.estimate_memory` for the terms). Nothing is
+    :func:`harmonypy.engine.memory.estimate_memory` for the terms). Nothing is
     checked where the available memory is unknown.
     """
     estimate = _memory.estimate_memory(size, dtype=dtype, algorithm=algorithm, device=device,

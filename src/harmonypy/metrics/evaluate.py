@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harmonypy._lisi import _compute_lisi
+from harmonypy.metrics.lisi import _compute_lisi
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 :func:`transfer_labels`, on arrays or on AnnData.
 
 This is the adapter layer's front: an AnnData argument goes to
-:mod:`harmonypy._anndata` (which reads and writes ``obs``/``obsm``/``uns`` and
+:mod:`harmonypy.adapters.anndata` (which reads and writes ``obs``/``obsm``/``uns`` and
 projects genes), anything else to the array layer
-(:mod:`harmonypy._reference`, :mod:`harmonypy._mapping`), which knows nothing
+(:mod:`harmonypy.mapping.reference`, :mod:`harmonypy.mapping.query`), which knows nothing
 of AnnData. The array layer never calls back up here, so the two import each
 other in one direction only.
 """
@@ -15,9 +15,11 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from harmonypy import _anndata, _mapping, _reference
-from harmonypy._mapping import MappedQuery
-from harmonypy._reference import Reference
+from harmonypy.adapters import anndata as _anndata
+from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import reference as _reference
+from harmonypy.mapping.query import MappedQuery
+from harmonypy.mapping.reference import Reference
 
 __all__ = ["build_reference", "map_query", "transfer_labels"]
 
@@ -247,7 +249,7 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     **AnnData query.** Without ``basis``, the query's expression
     (``adata_query.X`` or ``layers[layer]``, dense or sparse; expression as
     the reference's was *before* scaling, e.g. log-normalised) is projected
-    with the reference's :class:`~harmonypy._projection.GeneProjection`,
+    with the reference's :class:`~harmonypy.mapping.projection.GeneProjection`,
     a chunk of cells at a time: genes matched by name, each scaled with the
     reference's mean and standard deviation and clipped to the range of the
     reference's scaled values, then multiplied by the loadings. Reference

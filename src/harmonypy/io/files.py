@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy._cellnames import declared_names, identifier_header, match_order, text_names
+from harmonypy.engine.cellnames import declared_names, identifier_header, match_order, text_names
 from harmonypy._optional import require_anndata
 
 logger = logging.getLogger(__name__)

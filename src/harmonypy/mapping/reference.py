@@ -17,12 +17,12 @@ cells again:
 * optionally the corrected reference cells, their batches and label columns,
   for label transfer and plots;
 * for a reference built from AnnData, what projects a query's genes into
-  its PCs (:class:`~harmonypy._projection.GeneProjection`: the PCA loadings,
+  its PCs (:class:`~harmonypy.mapping.projection.GeneProjection`: the PCA loadings,
   the genes, the per-gene scaling), and the ``obsm`` keys it used.
 
 :meth:`Reference.save` writes a versioned ``.npz`` file (arrays only, never a
 pickle) whose layout ``docs/mapping.md`` lists key by key;
-:func:`harmonypy._reference_file.load_reference` reads it back, checked.
+:func:`harmonypy.mapping.reference_file.load_reference` reads it back, checked.
 """
 
 from __future__ import annotations
@@ -41,15 +41,15 @@ import pandas as pd
 import torch
 
 from harmonypy import __version__
-from harmonypy import _clustering as clu
-from harmonypy import _validation as val
-from harmonypy._cellnames import align_metadata, align_to_names, carries_names
-from harmonypy._design import check_columns
-from harmonypy._device import resolve_device, resolve_dtype
-from harmonypy._harmony import Harmony, default_clusters
-from harmonypy._io import OutputFiles
-from harmonypy._kmeans import kmeans_centroids, start_for
-from harmonypy._projection import GeneProjection
+from harmonypy.engine import clustering as clu
+from harmonypy.engine import validation as val
+from harmonypy.engine.cellnames import align_metadata, align_to_names, carries_names
+from harmonypy.engine.design import check_columns
+from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.harmony import Harmony, default_clusters
+from harmonypy.io.files import OutputFiles
+from harmonypy.engine.kmeans import kmeans_centroids, start_for
+from harmonypy.mapping.projection import GeneProjection
 
 __all__ = ["Reference", "build_reference", "label_names", "reference_digest"]
 
@@ -217,7 +217,7 @@ class Reference:
 
     def write(self, path: str | Path) -> None:
         """Write the file straight to ``path`` (no temporary file; the command line
-        gives it the temporary path of :class:`~harmonypy._io.OutputFiles`)."""
+        gives it the temporary path of :class:`~harmonypy.io.files.OutputFiles`)."""
         _write_arrays(_to_arrays(self), path)
 
 
@@ -434,7 +434,7 @@ def _run_metadata(ho, meta_data) -> pd.DataFrame | None:
 
     Paired by name when both sides name their cells (``ho.cell_names``, set
     by :func:`run_harmony`; ``meta_data``'s index or name column, as
-    ``harmonypy._cellnames.metadata_names`` finds it): the same names in
+    ``harmonypy.engine.cellnames.metadata_names`` finds it): the same names in
     another order are reordered, as :func:`run_harmony` does with its own
     inputs, and names that disagree are refused. Otherwise rows pair by
     position, which is logged at INFO: nothing can check that pairing.

@@ -1,13 +1,13 @@
 """Reading a reference file back: :func:`load_reference` and its checks.
 
-:meth:`~harmonypy._reference.Reference.save` writes a versioned ``.npz`` file
+:meth:`~harmonypy.mapping.reference.Reference.save` writes a versioned ``.npz`` file
 (arrays only, never a pickle) whose layout ``docs/mapping.md`` lists key by
 key; :func:`load_reference` reads it back bit for bit and refuses anything
 else with a :class:`ReferenceFileError` that names the file and the field or
 array. It checks the file before reading any array (every metadata field;
 each array's declared dtype and shape, from its ``.npy`` header, against what
 the metadata implies; each member's declared size against its bytes, through
-``harmonypy._npzfile``), so that a small corrupt file cannot make it allocate
+``harmonypy.mapping.npzfile``), so that a small corrupt file cannot make it allocate
 more than a valid file of that metadata would.
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harmonypy import _memory
-from harmonypy import _validation as val
-from harmonypy._npzfile import NpzArchive
-from harmonypy._projection import SCALINGS, GeneProjection
-from harmonypy._reference import (ALGORITHMS, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY,
+from harmonypy.engine import memory as _memory
+from harmonypy.engine import validation as val
+from harmonypy.mapping.npzfile import NpzArchive
+from harmonypy.mapping.projection import SCALINGS, GeneProjection
+from harmonypy.mapping.reference import (ALGORITHMS, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY,
                                   ONE_BATCH, Reference)
 
 __all__ = ["ReferenceFileError", "load_reference"]

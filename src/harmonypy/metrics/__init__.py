@@ -1,0 +1,1 @@
+"""Integration scores: LISI and evaluate, on the neighbour search of harmonypy.neighbors."""

@@ -14,8 +14,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import harmonypy as hm
+from harmonypy.engine.correction import LevelIndex, RidgeAnchor, RidgeSettings, ridge_correct
 from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
 
@@ -132,6 +134,35 @@ def test_map_query_matches_symphony_formulas(case, algorithm, dtype, names):
     assert q.batch_levels == (["query"] if not names else
                               [f"{v}={lv}" for v in names
                                for lv in sorted(set(meta_query[v]))])
+
+
+@pytest.mark.parametrize("n_variables", [1, 2])
+def test_ridge_correct_with_anchor_is_symphonys_moe_correct_ref(n_variables):
+    """The engine's correction kernel, given a fitted reference's ``Nr`` and
+    ``C`` as its anchor, solves Symphony's anchored systems (both solvers:
+    the arrowhead for one variable, the bordered one for two)."""
+    rng = np.random.default_rng(3)
+    n, d, K = 60, 4, 3
+    meta = pd.DataFrame({"a": rng.choice(["x", "y", "z"], n), "b": rng.choice(["u", "v"], n)})
+    names = ["a", "b"][:n_variables]
+    design = _mapping._query_design(meta, names, n)
+    z = rng.normal(size=(n, d))
+    R = rng.dirichlet(np.ones(K), n)
+    Nr, C = rng.uniform(5, 20, K), rng.normal(size=(K, d))
+    lamb = rng.uniform(0.5, 2, design.n_levels)
+    order = np.argsort(design.codes[:, 0], kind="stable")
+    codes = torch.from_numpy(design.codes[order])
+    counts = torch.as_tensor(design.counts, dtype=torch.float64)
+    settings = RidgeSettings(torch.as_tensor(lamb), 0.2, counts / n, torch.float64)
+    result = ridge_correct(torch.from_numpy(z[order]), torch.from_numpy(R[order]), codes=codes,
+                           levels=LevelIndex.from_codes(codes, design.offsets),
+                           settings=settings,
+                           anchor=RidgeAnchor(sizes=torch.as_tensor(Nr), sums=torch.as_tensor(C)))
+    expected, intercepts = moe_correct_ref(z.T, query_design(meta, names), R.T, Nr, C, lamb)
+    np.testing.assert_allclose(result.z_corr.numpy()[np.argsort(order)], expected.T, rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(result.intercept.numpy(), intercepts, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(result.penalty.numpy(), np.broadcast_to(lamb, (K, len(lamb))))
 
 
 @pytest.fixture(scope="module")
@@ -1112,7 +1143,6 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
 # --------------------------------------------- speed paths: same results
 def _dense_scores(z, assignments, ref, dtype):
     """The mapping score over every (cell, cluster) pair, as before the pruning."""
-    import torch
 
     whiten_t, centers = _mapping._score_terms(ref, dtype, torch.device("cpu"))[:2]
     z = torch.as_tensor(z, dtype=dtype)
@@ -1127,7 +1157,6 @@ def test_mapping_score_leaves_out_only_negligible_pairs(case, monkeypatch, dtype
     stays within _SCORE_RTOL of the sum over all clusters, also when most pairs
     are left to the second pass (only each cell's top cluster first) and with a
     flat assignment (large sigma) where few pairs can be left out."""
-    import torch
 
     _, _, z_query, meta_query = case
     ho = _reference_run(case, "harmony1", "float64")
@@ -1160,7 +1189,6 @@ def test_mapping_score_leaves_out_only_negligible_pairs(case, monkeypatch, dtype
 def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
     """Label transfer's list-pruned search (used for large searches) finds the
     same neighbours as comparing every pair, and the same labels as class::knn."""
-    import torch
 
     from harmonypy.neighbors import PrunedIndex, exact_topk
 

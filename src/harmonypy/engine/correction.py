@@ -218,14 +218,21 @@ def solve_bordered(head: torch.Tensor, border: torch.Tensor, observed: torch.Ten
     return x_head, x_diag
 
 
+def above_cutoff(observed: torch.Tensor, counts: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Levels holding more than ``cutoff`` of their cells in each cluster, (K, B) bool:
+    ``O[k, b] / N_b > cutoff``."""
+    return observed / counts[None, :] > cutoff
+
+
 def batch_filter(observed: torch.Tensor, counts: torch.Tensor, level_variable: torch.Tensor,
                  cutoff: float) -> torch.Tensor:
     """Harmony2's choice of levels per cluster, (K, B) bool.
 
     Level b takes part in cluster k's regression when ``O[k, b] / N_b > cutoff``
-    and its variable keeps at least two such levels in that cluster.
+    (:func:`above_cutoff`) and its variable keeps at least two such levels in
+    that cluster.
     """
-    keep = observed / counts[None, :] > cutoff
+    keep = above_cutoff(observed, counts, cutoff)
     n_variables = int(level_variable.max()) + 1
     per_variable = torch.zeros((observed.shape[0], n_variables), dtype=torch.int64,
                                device=observed.device)
@@ -245,6 +252,28 @@ class Correction:
     z_corr: torch.Tensor
     intercept: torch.Tensor
     keep: torch.Tensor | None
+    penalty: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RidgeAnchor:
+    """A fitted reference's state that anchors the intercept of a query's systems.
+
+    Symphony's ``moe_correct_ref``: the reference's cells enter the query's
+    per-cluster systems only through the intercept's row, ``A[0, 0] += Nr[k]``
+    and ``F[0] += C[k]``, so the query moves onto the reference and the
+    reference stays where it is. With an anchor, Harmony2's filter keeps a
+    level alone in its variable (the anchor keeps the intercept identifiable,
+    :func:`above_cutoff`); the estimated penalties' ``RidgeSettings.proportions``
+    are the caller's (Symphony counts them over both sets of cells).
+
+    sizes : (K,) tensor ``Nr``, the reference's cells per cluster (sum of R).
+    sums : (K, d) tensor ``C``, the R-weighted sums of the reference's
+        uncorrected cells per cluster.
+    """
+
+    sizes: torch.Tensor
+    sums: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -293,9 +322,14 @@ class RidgeSystem:
 
 def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: torch.Tensor,
                   levels: LevelIndex, settings: RidgeSettings,
-                  rows: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> Correction:
+                  rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  anchor: RidgeAnchor | None = None) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
+
+    The fit's correction step, and with ``anchor`` the same kernel mapping
+    query cells onto a fitted reference (fitted state in, query out: the
+    reference's ``Nr`` and ``C`` join the intercept's row, nothing else of it
+    is read).
 
     Parameters
     ----------
@@ -307,14 +341,20 @@ def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: tor
     rows : optional (N,) int64 tensor, the cell held by each row of
         ``assignments`` (None: row i is cell i).
     out : optional (N, d) tensor that receives the corrected embedding (the
-        previous one's memory: no fresh allocation, no page faults).
+        previous one's memory: no fresh allocation, no page faults). It may
+        be ``z_orig`` itself: every cell is read before its row is written.
+    anchor : optional RidgeAnchor, a fitted reference's ``Nr`` and ``C``.
+
+    Returns
+    -------
+    Correction, with the (K, B) penalties used.
     """
     position = None
     if rows is not None:  # row p of assignments holds cell rows[p]
         position = torch.empty_like(rows)
         position[rows] = torch.arange(rows.numel(), device=rows.device)
     read = _LevelReader(assignments, z_orig, position)
-    system = _normal_equations(read, levels=levels, settings=settings)
+    system = _normal_equations(read, levels=levels, settings=settings, anchor=anchor)
     if codes.shape[1] == 1:
         intercept, coef = solve_arrowhead(system.total, system.observed, system.penalty,
                                           system.rhs0, system.rhs, system.keep)
@@ -325,13 +365,15 @@ def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: tor
     coef = coef.to(z_orig.device, z_orig.dtype)
     z_corr = torch.empty_like(z_orig) if out is None else out
     _subtract_batch_parts(read, coef, levels=levels, out=z_corr)
-    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), system.keep)
+    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), system.keep,
+                      system.penalty)
 
 
-def _normal_equations(read: "_LevelReader", *, levels: LevelIndex,
-                      settings: RidgeSettings) -> RidgeSystem:
+def _normal_equations(read: "_LevelReader", *, levels: LevelIndex, settings: RidgeSettings,
+                      anchor: RidgeAnchor | None = None) -> RidgeSystem:
     """The level sums of R and of R-weighted cells, over every process's cells,
-    and the penalties and kept levels they give (on the CPU for an MPS run)."""
+    and the penalties and kept levels they give (on the CPU for an MPS run);
+    with ``anchor``, a reference's state added to the intercept's row."""
     assignments, z_orig = read.assignments, read.z
     solve_device = torch.device("cpu") if z_orig.device.type == "mps" else z_orig.device
     stat_dtype = settings.stat_dtype
@@ -348,18 +390,31 @@ def _normal_equations(read: "_LevelReader", *, levels: LevelIndex,
     first = levels.variable.count(0)
     rhs0 = rhs[:, :first, :].sum(1)
     total = observed[:, :first].sum(1)
+    if anchor is not None:
+        total = anchor.sizes.to(solve_device, stat_dtype) + total
+        rhs0 = anchor.sums.to(solve_device, stat_dtype) + rhs0
     if settings.lamb is None:
         penalty = (settings.alpha * total[:, None]
                    * settings.proportions.to(solve_device, stat_dtype)[None, :])
     else:
         penalty = settings.lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters,
                                                                               n_levels)
-    keep = None
-    if settings.batch_prop_cutoff is not None:
-        level_variable = torch.as_tensor(levels.variable, device=solve_device)
-        keep = batch_filter(observed, settings.counts.to(solve_device, stat_dtype),
-                            level_variable, settings.batch_prop_cutoff)
-    return RidgeSystem(total, observed, penalty, rhs0, rhs, keep)
+    return RidgeSystem(total, observed, penalty, rhs0, rhs,
+                       _kept_levels(observed, levels=levels, settings=settings,
+                                    anchored=anchor is not None))
+
+
+def _kept_levels(observed: torch.Tensor, *, levels: LevelIndex, settings: RidgeSettings,
+                 anchored: bool) -> torch.Tensor | None:
+    """Harmony2's levels per cluster (None: all); an anchored system keeps a
+    level alone in its variable, its intercept being fixed by the anchor."""
+    if settings.batch_prop_cutoff is None:
+        return None
+    counts = settings.counts.to(observed.device, observed.dtype)
+    if anchored:
+        return above_cutoff(observed, counts, settings.batch_prop_cutoff)
+    level_variable = torch.as_tensor(levels.variable, device=observed.device)
+    return batch_filter(observed, counts, level_variable, settings.batch_prop_cutoff)
 
 
 def _subtract_batch_parts(read: "_LevelReader", coef: torch.Tensor, *, levels: LevelIndex,

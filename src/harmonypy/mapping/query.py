@@ -16,12 +16,15 @@ embedding already in the reference's PC space, run on this package's engine:
    The reference's cells enter only through ``Nr`` and ``C``: they anchor the
    intercept, so the query moves onto the reference and the reference stays.
 
-Both steps are batched over clusters as the engine's correction is
-(``_correction.py``): per batch level, one (K x n_b) by (n_b x d) product;
-with one query batch variable the (B+1) x (B+1) systems are arrowheads solved
-in closed form (:func:`~harmonypy.engine.correction.solve_arrowhead`, whose
+Step 2 is the engine's correction kernel itself
+(:func:`~harmonypy.engine.correction.ridge_correct`, fitted state in, query
+out): the reference's ``Nr`` and ``C`` are its
+:class:`~harmonypy.engine.correction.RidgeAnchor`. Per batch level it does one
+(K x n_b) by (n_b x d) product; with one query batch variable the
+(B+1) x (B+1) systems are arrowheads solved in closed form
+(:func:`~harmonypy.engine.correction.solve_arrowhead`, whose
 ``total - sum_b o_b`` is exactly ``Nr[k]`` here); several variables use the
-batched dense solve. The query is read in chunks, so beyond the outputs
+engine's bordered solve. The query is read in chunks, so beyond the outputs
 (``Z_corr`` N x d, ``R`` N x K) and one sorted copy of the query, memory is
 O(chunk x K), plus a bounded buffer of (cell, cluster) pairs x d for the
 mapping score (:data:`_SCORE_PAIR_ELEMENTS`). ``iterations > 1`` repeats
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -49,9 +53,10 @@ import torch
 from harmonypy.engine import clustering as clu
 from harmonypy.engine import validation as val
 from harmonypy.engine.cellnames import align_metadata, carries_names
-from harmonypy.engine.correction import LevelIndex, solve_arrowhead, solve_dense
+from harmonypy.engine.correction import LevelIndex, RidgeAnchor, RidgeSettings, ridge_correct
 from harmonypy.engine.design import BatchDesign, encode_column, check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.arrays import COPY_CHUNK_ROWS
 from harmonypy.engine.reduce import index_sum_
 from harmonypy.mapping.reference import Reference, reference_digest
 from harmonypy.neighbors import PrunedIndex, exact_topk
@@ -233,13 +238,13 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
                                      dtype=torch_dtype)
     lamb_levels = None if _estimates_lamb(lamb, ref) else _query_lamb(lamb, design, names)
     cutoff = ref.parameters.get("batch_prop_cutoff") if ref.algorithm == "harmony2" else None
-
+    options = _MapOptions(sigma=sigma_clusters, lamb=lamb_levels,
+                          alpha=float(ref.parameters.get("alpha", 0.2)), cutoff=cutoff,
+                          device=torch_device, dtype=torch_dtype, confidence=confidence,
+                          iterations=iterations)
     with torch.no_grad():
-        z_corr, assignments, scores, penalty, keep = _map_cells(
-            cells, design, ref, sigma=sigma_clusters, lamb=lamb_levels,
-            alpha=float(ref.parameters.get("alpha", 0.2)), cutoff=cutoff,
-            device=torch_device, dtype=torch_dtype, with_confidence=confidence,
-            iterations=iterations)
+        z_corr, assignments, scores, penalty, keep = _map_cells(cells, design=design, ref=ref,
+                                                                options=options)
     cell_names = _query_names(data_mat, frame, cells.shape[0])
     mapped = MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
                          sigma_clusters, cell_names, ref.algorithm)
@@ -393,14 +398,79 @@ def _query_names(data_mat, frame, n_cells: int) -> pd.Index | None:
 
 
 # --------------------------------------------------------------------- engine
-def _map_cells(cells, design: BatchDesign, ref: Reference, *, sigma, lamb, alpha, cutoff,
-               device, dtype, with_confidence, iterations=1):
+@dataclass(frozen=True)
+class _MapOptions:
+    """What :func:`map_query` resolved from its arguments for :func:`_map_cells`.
+
+    sigma : (K,) ndarray; lamb : (B,) ndarray, or None to estimate the
+    penalties per cluster (``alpha * E``); cutoff : Harmony2's
+    ``batch_prop_cutoff``, or None; device, dtype : torch's; confidence :
+    whether to compute the mapping score; iterations : rounds of assignment
+    and correction.
+    """
+
+    sigma: np.ndarray
+    lamb: np.ndarray | None
+    alpha: float
+    cutoff: float | None
+    device: torch.device
+    dtype: torch.dtype
+    confidence: bool
+    iterations: int = 1
+
+
+@dataclass(frozen=True)
+class _SortedQuery:
+    """The query on the device, sorted by its first variable's level.
+
+    Those levels are then contiguous row ranges (views in the sums and the
+    correction). z : (N, d) tensor; codes : (N, V) tensor; levels : LevelIndex;
+    caller : (N,) ndarray, the sorted row of each caller's cell, or None when
+    the query came sorted.
+    """
+
+    z: torch.Tensor
+    codes: torch.Tensor
+    levels: LevelIndex
+    caller: np.ndarray | None
+
+    def back(self, t: torch.Tensor | None) -> np.ndarray | None:
+        """``t`` (rows in sorted order) as NumPy, rows in the caller's order."""
+        if t is None:
+            return None
+        if self.caller is not None:
+            t = t.index_select(0, torch.from_numpy(self.caller).to(t.device))
+        return t.cpu().numpy()
+
+
+def _sort_query(cells: np.ndarray, design: BatchDesign, *, device, dtype) -> _SortedQuery:
+    """Copy the query to the device sorted by level, :data:`COPY_CHUNK_ROWS` at a time."""
+    n_cells, d = cells.shape
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    order = np.argsort(design.codes[:, 0], kind="stable")
+    sorted_already = bool((order == np.arange(n_cells)).all())
+    z = torch.empty((n_cells, d), dtype=dtype, device=device)
+    step = COPY_CHUNK_ROWS
+    for start in range(0, n_cells, step):
+        rows = slice(start, start + step) if sorted_already else order[start:start + step]
+        z[start:start + step] = torch.from_numpy(
+            np.ascontiguousarray(cells[rows], dtype=np_dtype)).to(device)
+    codes = torch.from_numpy(design.codes[order]).to(device)
+    caller = None
+    if not sorted_already:
+        caller = np.empty_like(order)
+        caller[order] = np.arange(n_cells)
+    return _SortedQuery(z, codes, LevelIndex.from_codes(codes, design.offsets), caller)
+
+
+def _map_cells(cells: np.ndarray, *, design: BatchDesign, ref: Reference,
+               options: _MapOptions):
     """Soft assignment, per-cell score and anchored correction of the query.
 
-    Cells are stored sorted by their level of the first variable, so those
-    levels are contiguous row ranges (views in the sums and the correction).
-    With ``iterations > 1`` the corrected cells are assigned again and the
-    correction redone from the uncorrected cells (one more N x d copy).
+    The correction is the engine's (:func:`~harmonypy.engine.correction.ridge_correct`)
+    with the reference's ``Nr`` and ``C`` as its anchor. With ``iterations > 1``
+    the corrected cells are assigned again and the correction redone from the
+    uncorrected cells (one more N x d copy).
 
     Returns
     -------
@@ -408,158 +478,67 @@ def _map_cells(cells, design: BatchDesign, ref: Reference, *, sigma, lamb, alpha
     or None; penalty : (K, B) ndarray; keep : (K, B) bool ndarray or None —
     cells in the caller's order.
     """
-    n_cells, d = cells.shape
-    n_clusters = ref.K
-    stat_dtype = torch.float32 if device.type == "mps" else torch.float64
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    order = np.argsort(design.codes[:, 0], kind="stable")
-    sorted_already = bool((order == np.arange(n_cells)).all())
-
-    z = torch.empty((n_cells, d), dtype=dtype, device=device)
-    for start in range(0, n_cells, 65536):
-        rows = slice(start, start + 65536) if sorted_already else order[start:start + 65536]
-        z[start:start + 65536] = torch.from_numpy(
-            np.ascontiguousarray(cells[rows], dtype=np_dtype)).to(device)
-    codes = torch.from_numpy(design.codes[order]).to(device)
-    levels = LevelIndex.from_codes(codes, design.offsets)
-
-    centroids = torch.as_tensor(ref.centroids, dtype=dtype, device=device)
-    sigma_t = torch.as_tensor(sigma, dtype=stat_dtype, device=device)
-    assignments = torch.empty((n_cells, n_clusters), dtype=dtype, device=device)
-    scores = torch.empty(n_cells, dtype=dtype, device=device) if with_confidence else None
-    score_terms = _score_terms(ref, dtype, device) if with_confidence else None
-    z_corr = z if iterations == 1 else torch.empty_like(z)
-    for round_ in range(iterations):
+    query = _sort_query(cells, design, device=options.device, dtype=options.dtype)
+    z, n_cells = query.z, cells.shape[0]
+    settings, anchor = _ridge_inputs(design, ref, options=options, n_cells=n_cells)
+    assignments = torch.empty((n_cells, ref.K), dtype=options.dtype, device=options.device)
+    scores = (torch.empty(n_cells, dtype=options.dtype, device=options.device)
+              if options.confidence else None)
+    z_corr = z if options.iterations == 1 else torch.empty_like(z)
+    for round_ in range(options.iterations):
         # 1. Soft assignment; the score from the uncorrected cells' assignment.
-        source = z if round_ == 0 else z_corr
-        score_now = scores if round_ == 0 else None
-        chunk = max(1, min(_CHUNK, _SCORE_ELEMENTS // (n_clusters * d))) \
-            if score_now is not None else _CHUNK
-        for start in range(0, n_cells, chunk):
-            part = slice(start, start + chunk)
-            clu.soft_assign(clu.normalize_rows(source[part]), centroids, sigma_t,
-                            out=assignments[part])
-            if score_now is not None:
-                score_now[part] = _scores(z[part], assignments[part], *score_terms)
-        # 2. The anchored ridge systems, from the uncorrected cells.
-        coef, penalty, keep = _coefficients(z, assignments, codes, levels, design, ref,
-                                            lamb=lamb, alpha=alpha, cutoff=cutoff,
-                                            stat_dtype=stat_dtype)
-        # 3. Correction: a cell of level b moves by -sum_k R_ik beta_k[b].
-        if z_corr is not z:
-            z_corr.copy_(z)
-        for b, members in enumerate(levels.cells):
-            for part, r_rows, _ in _level_rows(members, assignments, z):
-                if isinstance(part, slice):
-                    z_corr[part].addmm_(r_rows, coef[:, b, :], alpha=-1.0)
-                else:
-                    z_corr.index_add_(0, part, r_rows @ coef[:, b, :], alpha=-1.0)
+        _assign(z if round_ == 0 else z_corr, ref, options=options, out=assignments,
+                scores=scores if round_ == 0 else None, uncorrected=z)
+        # 2.-3. The anchored ridge systems from the uncorrected cells, and the
+        # correction: a cell of level b moves by -sum_k R_ik beta_k[b].
+        result = ridge_correct(z, assignments, codes=query.codes, levels=query.levels,
+                               settings=settings, out=z_corr, anchor=anchor)
         if not math.isfinite(float(z_corr.sum())) and not bool(torch.isfinite(z_corr).all()):
             raise FloatingPointError(
                 "mapping produced non-finite corrected cells; check the query's scale "
                 "(it must be in the reference's PC space) or try dtype='float64'")
-    del z
-
-    caller = None if sorted_already else np.empty_like(order)
-    if caller is not None:
-        caller[order] = np.arange(n_cells)
-
-    def back(t):
-        if t is None:
-            return None
-        if caller is not None:
-            t = t.index_select(0, torch.from_numpy(caller).to(t.device))
-        return t.cpu().numpy()
-
-    return (back(z_corr), back(assignments), back(scores), penalty.cpu().numpy(),
-            None if keep is None else keep.cpu().numpy())
+    penalty = result.penalty.contiguous().cpu().numpy()
+    keep = None if result.keep is None else result.keep.cpu().numpy()
+    return (query.back(z_corr), query.back(assignments), query.back(scores), penalty, keep)
 
 
-def _coefficients(z, assignments, codes, levels, design, ref, *, lamb, alpha, cutoff,
-                  stat_dtype):
-    """The batch rows of ``beta`` for every cluster, (K, B, d), from per-level sums.
+def _ridge_inputs(design: BatchDesign, ref: Reference, *, options: _MapOptions,
+                  n_cells: int) -> tuple[RidgeSettings, RidgeAnchor]:
+    """The engine's ridge settings for the query, and the reference as its anchor.
 
-    Returns ``(coef in z's dtype and device, penalty (K, B), keep (K, B) or None)``.
+    The estimated penalties are Harmony2's ``alpha * E``, with E counted over
+    reference and query cells together; systems are solved in float64
+    (float32 on MPS, solved on the CPU).
     """
-    device = z.device
-    solve_device = torch.device("cpu") if device.type == "mps" else device
-    n_cells, d = z.shape
-    n_clusters, n_levels = assignments.shape[1], design.n_levels
-    observed = torch.zeros((n_clusters, n_levels), dtype=stat_dtype, device=solve_device)
-    rhs = torch.zeros((n_clusters, n_levels, d), dtype=stat_dtype, device=solve_device)
-    for b, members in enumerate(levels.cells):
-        for _, r_rows, z_rows in _level_rows(members, assignments, z):
-            rhs[:, b, :] += (r_rows.T @ z_rows).to(solve_device, stat_dtype)
-            observed[:, b] += r_rows.sum(0).to(solve_device, stat_dtype)
-    # The first variable's levels partition the query; the reference's cells
-    # join the intercept's row only: A[0, 0] += Nr, F[0] += C.
-    first = levels.variable.count(0)
-    ref_sizes = torch.as_tensor(ref.Nr, dtype=stat_dtype, device=solve_device)
-    total = ref_sizes + observed[:, :first].sum(1)
-    rhs0 = torch.as_tensor(ref.C, dtype=stat_dtype, device=solve_device) + rhs[:, :first].sum(1)
+    stat_dtype = torch.float32 if options.device.type == "mps" else torch.float64
+    solve_device = torch.device("cpu") if options.device.type == "mps" else options.device
+    sizes = torch.as_tensor(ref.Nr, dtype=stat_dtype, device=solve_device)
     counts = torch.as_tensor(design.counts, dtype=stat_dtype, device=solve_device)
-    if lamb is None:
-        # Harmony2's alpha * E, E counted over reference and query cells together.
-        share = counts / (ref_sizes.sum() + n_cells)
-        penalty = alpha * total[:, None] * share[None, :]
-    else:
-        penalty = torch.as_tensor(lamb, dtype=stat_dtype, device=solve_device)[None, :] \
-            .expand(n_clusters, n_levels).clone()
-    keep = None
-    if cutoff is not None:
-        # Harmony2's batch_prop_cutoff. A query level alone in its variable is
-        # kept: the reference anchors the intercept, so it stays identifiable.
-        keep = observed / counts[None, :] > cutoff
-    if design.codes.shape[1] == 1:
-        _, coef = solve_arrowhead(total, observed, penalty, rhs0, rhs, keep)
-    else:
-        system = _dense_system(total, observed, penalty, codes, assignments, design,
-                               solve_device, stat_dtype)
-        _, coef = solve_dense(system, rhs0, rhs, keep)
-    return coef.to(device, z.dtype), penalty, keep
+    lamb = (None if options.lamb is None
+            else torch.as_tensor(options.lamb, dtype=stat_dtype, device=solve_device))
+    settings = RidgeSettings(lamb, options.alpha, counts / (sizes.sum() + n_cells), stat_dtype,
+                             batch_prop_cutoff=options.cutoff, counts=counts)
+    anchor = RidgeAnchor(sizes=sizes,
+                         sums=torch.as_tensor(ref.C, dtype=stat_dtype, device=solve_device))
+    return settings, anchor
 
 
-def _level_rows(members, assignments, z):
-    """``(part, R rows, z rows)`` for a level's cells, :data:`_CHUNK` at a time."""
-    chunk = _CHUNK
-    if isinstance(members, slice):
-        for start in range(members.start, members.stop, chunk):
-            part = slice(start, min(members.stop, start + chunk))
-            yield part, assignments[part], z[part]
-    else:
-        for start in range(0, members.numel(), chunk):
-            part = members[start:start + chunk]
-            yield part, assignments.index_select(0, part), z.index_select(0, part)
-
-
-def _dense_system(total, observed, penalty, codes, assignments, design, device, dtype):
-    """``A`` for all clusters with several query variables: (K, B+1, B+1).
-
-    ``A[0, 0] = Nr + sum_i R_ik``; the intercept row and column hold the level
-    sums; the diagonal ``o_b + lamb_b``; levels of two different variables
-    meet in the R sums of the cells they share.
-    """
-    n_clusters, n_levels = observed.shape
-    system = torch.zeros((n_clusters, n_levels + 1, n_levels + 1), dtype=dtype, device=device)
-    system[:, 0, 0] = total.clamp_min(torch.finfo(dtype).tiny)
-    system[:, 0, 1:] = observed
-    system[:, 1:, 0] = observed
-    idx = torch.arange(n_levels, device=device)
-    system[:, idx + 1, idx + 1] = observed + penalty
-    offsets = design.offsets
-    for v in range(codes.shape[1]):
-        for w in range(v + 1, codes.shape[1]):
-            v0, v1, w0, w1 = (int(offsets[v]), int(offsets[v + 1]), int(offsets[w]),
-                              int(offsets[w + 1]))
-            width = w1 - w0
-            pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
-            sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
-                               device=assignments.device)
-            index_sum_(sums, pair, assignments)
-            block = sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
-            system[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
-            system[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
-    return system
+def _assign(source: torch.Tensor, ref: Reference, *, options: _MapOptions, out: torch.Tensor,
+            scores: torch.Tensor | None, uncorrected: torch.Tensor) -> None:
+    """Soft-assign ``source`` to the reference's centroids into ``out``, in chunks;
+    with ``scores``, the mapping score of the ``uncorrected`` cells too."""
+    n_cells, d = source.shape
+    stat_dtype = torch.float32 if options.device.type == "mps" else torch.float64
+    centroids = torch.as_tensor(ref.centroids, dtype=options.dtype, device=options.device)
+    sigma = torch.as_tensor(options.sigma, dtype=stat_dtype, device=options.device)
+    terms = _score_terms(ref, options.dtype, options.device) if scores is not None else None
+    chunk = (max(1, min(_CHUNK, _SCORE_ELEMENTS // (ref.K * d))) if scores is not None
+             else _CHUNK)
+    for start in range(0, n_cells, chunk):
+        part = slice(start, start + chunk)
+        clu.soft_assign(clu.normalize_rows(source[part]), centroids, sigma, out=out[part])
+        if scores is not None:
+            scores[part] = _scores(uncorrected[part], out[part], *terms)
 
 
 def _score_terms(ref: Reference, dtype, device):

@@ -1,4 +1,4 @@
-"""File input and output of the command line (harmonypy.io.files), in process."""
+"""File input and output of the command line (harmonypy.io), in process."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmonypy.io import files as _io
-from harmonypy.io.files import (OutputFiles, OutputSpec, Table, check_outputs, file_format,
-                           match_cells, read_embedding, read_h5ad, read_meta, save_figure,
-                           write_table)
+from harmonypy.io import outputs, readers
+from harmonypy.io.formats import file_format
+from harmonypy.io.names import match_cells
+from harmonypy.io.outputs import OutputFiles, OutputSpec, check_outputs
+from harmonypy.io.readers import read_embedding, read_h5ad, read_meta
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import save_figure, write_table
 
 HAS_ANNDATA = importlib.util.find_spec("anndata") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -194,7 +197,7 @@ def test_same_cells_same_order_and_reordered(caplog):
     assert result.by_name and not result.reordered and result.names_from == "column 'cell'"
     shuffled = np.random.default_rng(0).permutation(100)
     meta = meta_table(barcode=np.array(CELLS)[shuffled], donor=np.array(donor)[shuffled])
-    with caplog.at_level(logging.INFO, logger="harmonypy.io.files"):
+    with caplog.at_level(logging.INFO, logger="harmonypy.io.names"):
         result = match(named(CELLS), meta)
     assert result.reordered and list(result.meta["barcode"]) == CELLS
     assert list(result.meta["donor"]) == donor and isinstance(result.meta.index, pd.RangeIndex)
@@ -244,7 +247,7 @@ def test_row_order_when_a_side_has_no_names(caplog):
     # Integer row names that share nothing (a filtered frame's index written by
     # pandas) are taken for row numbers, with a warning.
     filtered = Table(pd.DataFrame({"x": range(100)}, index=range(0, 300, 3)), True)
-    with caplog.at_level(logging.WARNING, logger="harmonypy.io.files"):
+    with caplog.at_level(logging.WARNING, logger="harmonypy.io.names"):
         assert not match(named(CELLS), filtered).by_name
     assert "shares none" in caplog.text
     # Embedding names that only number the rows are no names.
@@ -258,7 +261,7 @@ def test_row_order_says_so_and_carries_the_metadatas_names(caplog):
     (so that outputs keep them)."""
     unnamed = Table(pd.DataFrame({"PC1": np.zeros(100)}), False)
     donor = [f"d{i % 3}" for i in range(100)]
-    with caplog.at_level(logging.INFO, logger="harmonypy.io.files"):
+    with caplog.at_level(logging.INFO, logger="harmonypy.io.names"):
         result = match(unnamed, meta_table(cell=CELLS[::-1], donor=donor))
     assert not result.by_name and list(result.names) == CELLS[::-1]
     for text in (result.describe(), caplog.text):
@@ -406,7 +409,7 @@ def test_output_folder_checks(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="format 'h5ad' not possible"):
         check_outputs([spec(tmp_path / "out.h5ad")], {}, force=False)
     # Root may write anywhere, so the permission check is exercised through os.access.
-    monkeypatch.setattr(_io.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
     with pytest.raises(PermissionError, match="no permission to write"):
         check_outputs([spec(tmp_path / "out.tsv")], {}, force=False)
 
@@ -467,7 +470,7 @@ def test_ctrl_c_during_the_renames_is_held_back(tmp_path, monkeypatch):
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(_io.os, "replace", replace_then_interrupt)
+    monkeypatch.setattr(outputs.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         with OutputFiles() as files:
             for name in ("a.csv", "b.csv"):
@@ -485,7 +488,7 @@ def test_failed_rename_says_what_was_written(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device", str(destination))
         real_replace(source, destination)
 
-    monkeypatch.setattr(_io.os, "replace", fail_second)
+    monkeypatch.setattr(outputs.os, "replace", fail_second)
     with pytest.raises(RuntimeError, match=r"b.csv: No space left .*already written: .*a.csv"):
         with OutputFiles() as files:
             for name in ("a.csv", "b.csv"):
@@ -544,26 +547,23 @@ def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
     """pandas' C reader reports a Ctrl-C in its read() callback as a ParserError."""
     import signal as signal_module
 
-    from harmonypy.io import files as _io
-
     path = tmp_path / "pcs.tsv"
     path.write_text("a\tb\n1\t2\n")
     with pytest.raises(KeyboardInterrupt):
-        with _io._reading(path, "embedding"):
+        with readers._reading(path, "embedding"):
             try:
                 signal_module.raise_signal(signal_module.SIGINT)
             except KeyboardInterrupt:
                 raise pd.errors.ParserError("Error tokenizing data. C error: Calling "
                                             "read(nbytes) on source failed") from None
     with pytest.raises(ValueError, match="cannot read .* malformed table"):
-        with _io._reading(path, "embedding"):
+        with readers._reading(path, "embedding"):
             raise pd.errors.ParserError("bad")
 
 
 # ------------------------------------------------------------------ Zarr input
 def test_zarr_embedding_gives_the_npy_result(tmp_path):
     zarr = pytest.importorskip("zarr")
-    from harmonypy.io.files import file_format, read_embedding
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 6)).astype(np.float32)
@@ -600,7 +600,6 @@ def test_zarr_group_hint_suggests_embeddings_first(tmp_path):
     """An AnnData store given as a whole: the hint names its embeddings
     (obsm/*) before X and the other 2-D arrays, and no 1-D obs column."""
     zarr = pytest.importorskip("zarr")
-    from harmonypy.io.files import read_embedding
 
     group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
     for path, shape in [("X", (50, 30)), ("layers/counts", (50, 30)), ("obs/_index", (50,)),

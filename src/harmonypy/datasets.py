@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from harmonypy import _simulate
-from harmonypy.io.files import OutputFiles, OutputSpec, Table, check_outputs, write_table
+from harmonypy.io.outputs import OutputFiles, OutputSpec, check_outputs
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import write_table
 
 __all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
            "save_example", "simulate"]

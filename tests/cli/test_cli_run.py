@@ -70,7 +70,7 @@ def test_run_npy(small, tmp_path, capsys):
 def test_npy_embedding_is_memory_mapped(tmp_path):
     # Read without a copy: the frame's values are the file's pages (read-only),
     # so a 10M-cell embedding is not held twice before the engine copies it.
-    from harmonypy.io.files import read_embedding
+    from harmonypy.io.readers import read_embedding
 
     values = np.arange(60, dtype=np.float32).reshape(12, 5)
     np.save(tmp_path / "pcs.npy", values)

@@ -6,7 +6,7 @@ command group (:mod:`~harmonypy.cli.run`, :mod:`~harmonypy.cli.reference`,
 :mod:`~harmonypy.cli.mapping`, :mod:`~harmonypy.cli.evaluate`,
 :mod:`~harmonypy.cli.demo`) on the shared :mod:`~harmonypy.cli.options`,
 :mod:`~harmonypy.cli.inputs` and :mod:`~harmonypy.cli.results`; reading,
-matching cells by name and writing files is :mod:`harmonypy.io.files`.
+matching cells by name and writing files is :mod:`harmonypy.io`.
 
 Exit status:
 

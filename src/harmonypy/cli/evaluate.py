@@ -8,9 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy.io.files import (
-    OutputSpec, Table, check_outputs, file_format, read_h5ad, write_outputs, write_table,
-)
+from harmonypy.io.formats import file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_h5ad
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import write_table
 from harmonypy.cli.inputs import (
     check_columns, note_position, read_tables, refuse_name_options,
 )

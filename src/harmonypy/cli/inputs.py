@@ -1,6 +1,6 @@
 """Inputs of the commands: pairing the tables, checking the columns and options.
 
-Reading the files and matching cells by name is :mod:`harmonypy.io.files`; this
+Reading the files and matching cells by name is :mod:`harmonypy.io`; this
 module turns its results into what a command runs on, with messages that
 name the option at fault.
 """
@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from harmonypy.engine.design import ColumnNotFoundError
-from harmonypy.io.files import Table, close_match, match_cells, read_embedding, read_meta
+from harmonypy.io.names import match_cells
+from harmonypy.io.readers import read_embedding, read_meta
+from harmonypy.io.tables import Table, close_match
 from harmonypy.cli.options import note
 
 

@@ -12,10 +12,11 @@ from typing import Sequence
 
 import pandas as pd
 
-from harmonypy.io.files import (
-    OutputSpec, Table, check_outputs, close_match, file_format, read_embedding, read_h5ad,
-    write_h5ad, write_outputs, write_table,
-)
+from harmonypy.io.formats import file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_embedding, read_h5ad
+from harmonypy.io.tables import Table, close_match
+from harmonypy.io.writers import write_h5ad, write_table
 from harmonypy.cli.inputs import (
     check_columns, note_position, paired, refuse_h5ad_options, refuse_name_options,
     subset_mask, take_rows,

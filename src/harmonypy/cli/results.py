@@ -8,7 +8,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from harmonypy.io.files import OutputFiles
+from harmonypy.io.outputs import OutputFiles
 
 
 def replaced(files: OutputFiles, path: str) -> str:

@@ -251,7 +251,8 @@ def run_harmonypy_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace
                          ) -> tuple[np.ndarray, dict]:
     """Call this package's ``harmonypy.harmony_integrate`` (scanpy's signature)."""
     import harmonypy
-    import harmonypy.engine.harmony as core
+    # Patched where harmony_integrate looks the name up (its own module's globals).
+    import harmonypy.adapters.scanpy as core
 
     fitted: list = []
     orig_run = core.run_harmony

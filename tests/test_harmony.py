@@ -282,12 +282,12 @@ def test_mps_agrees_with_cpu():
 
 # ------------------------------------------------- result(out=): no second copy
 def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
-    import harmonypy.engine.harmony as core
+    import harmonypy.engine.arrays as arrays
 
     x, meta = simulated(n_cells=300, n_batches=3)
     ho = hm.run_harmony(x, meta, "batch", dtype="float64", verbose=False)
     expected = ho.Z_corr.T
-    monkeypatch.setattr(core, "COPY_CHUNK_ROWS", 7)  # 43 chunks, the last one short
+    monkeypatch.setattr(arrays, "COPY_CHUNK_ROWS", 7)  # 43 chunks, the last one short
     same = ho.result(out=np.empty((300, 10), dtype=np.float64))
     np.testing.assert_array_equal(same, expected)
     cast = np.full((300, 10), np.nan, dtype=np.float32)
@@ -406,7 +406,7 @@ def test_run_options_are_run_harmonys_keyword_options():
     import dataclasses
     import inspect
 
-    from harmonypy.engine.harmony import RunOptions
+    from harmonypy.engine.options import RunOptions
 
     parameters = set(inspect.signature(hm.run_harmony).parameters)
     not_options = {"data_mat", "meta_data", "vars_use", "distributed", "process_group",

@@ -64,7 +64,7 @@ def no_harmony(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("Harmony ran although the command should have been refused")
 
-    monkeypatch.setattr("harmonypy.engine.harmony.run_harmony", boom)
+    monkeypatch.setattr("harmonypy.engine.run.run_harmony", boom)
     monkeypatch.setattr("harmonypy.adapters.anndata.integrate", boom)
 
 

@@ -65,7 +65,7 @@ def test_unexpected_error_exit_1(monkeypatch, capsys, small, tmp_path):
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("harmonypy.engine.harmony.run_harmony", boom)
+    monkeypatch.setattr("harmonypy.engine.run.run_harmony", boom)
     argv = ["run", str(pcs_path), str(meta_path), "--vars", "donor", "-o",
             str(tmp_path / "o.tsv")]
     assert cli.main(argv) == 1
@@ -202,7 +202,7 @@ def test_outputs_are_checked_before_harmony(copies, tmp_path, capsys, monkeypatc
     for argv, fragment in cases:
         status, _, err = run_main(argv, capsys)
         assert status == 2 and fragment in err, (argv, err)
-    monkeypatch.setattr("harmonypy.io.outputs.os.access", lambda path, mode: False)
+    monkeypatch.setattr("harmonypy.io.files.os.access", lambda path, mode: False)
     status, _, err = run_main(run + ["-o", tmp_path / "o.tsv"], capsys)
     assert status == 2 and "no permission to write" in err
     assert snapshot(tmp_path) == before

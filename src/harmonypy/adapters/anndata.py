@@ -35,7 +35,7 @@ from harmonypy.mapping import reference as _reference
 from harmonypy.engine import validation as val
 from harmonypy.engine.design import check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
-from harmonypy.engine.harmony import run_harmony
+from harmonypy.engine.run import run_harmony
 from harmonypy.distributed.launch import run_in_processes
 from harmonypy.mapping.projection import from_anndata, project
 from harmonypy.mapping.reference import Reference, reference_digest

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from harmonypy.adapters.anndata import _as_keys, _check_adata, _check_obs_columns, check_distinct_bases
-from harmonypy.engine.harmony import run_harmony
+from harmonypy.engine.run import run_harmony
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.writers import save_figure
+from harmonypy.io.files import OutputSpec, check_outputs, save_figure, write_outputs
 from harmonypy.cli.options import PROG, HelpFormatter, add_common, add_force
 from harmonypy.cli.results import embedding_figure, outcome, replaced
 
@@ -38,7 +37,7 @@ def add_demo(commands) -> None:
 def command_demo(args: argparse.Namespace) -> int:
     """``harmonypy demo``: the PBMC example with a short report on stdout."""
     from harmonypy import __version__, datasets
-    from harmonypy.engine.harmony import run_harmony
+    from harmonypy.engine.run import run_harmony
 
     check_outputs([OutputSpec("--plot", args.plot, None)], {}, force=args.force)
     pcs, meta, reference = datasets.load_pbmc_3500()

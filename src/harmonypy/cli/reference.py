@@ -7,9 +7,10 @@ import time
 from typing import Any
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.formats import FORMATS_HELP, file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_embedding, read_h5ad
+from harmonypy.io.files import (
+    FORMATS_HELP, OutputSpec, check_outputs, file_format, read_embedding, read_h5ad,
+    write_outputs,
+)
 from harmonypy.cli.inputs import (
     check_columns, note_position, read_tables, refuse_h5ad_options, refuse_name_options,
     subset_mask, take_rows,
@@ -111,7 +112,7 @@ def command_reference_build(args: argparse.Namespace) -> int:
     check_columns(meta, args.vars_use, "--vars", source)
     check_columns(meta, args.labels or [], "--labels", source)
     embedding, meta = take_rows(embedding, meta, subset_mask(meta, args.subset, source))
-    from harmonypy.engine.harmony import run_harmony
+    from harmonypy.engine.run import run_harmony
 
     start = time.perf_counter()
     with convergence_noted(args):

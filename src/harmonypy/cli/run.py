@@ -10,11 +10,10 @@ from typing import Callable
 import pandas as pd
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.formats import FORMATS_HELP, file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_h5ad
-from harmonypy.io.tables import Table
-from harmonypy.io.writers import save_figure, write_array, write_h5ad_copy, write_table
+from harmonypy.io.files import (
+    FORMATS_HELP, OutputSpec, Table, check_outputs, file_format, read_h5ad, save_figure,
+    write_array, write_h5ad_copy, write_outputs, write_table,
+)
 from harmonypy.cli.inputs import (
     check_columns, check_plot_pcs, note_position, read_tables, refuse_name_options,
 )
@@ -90,7 +89,7 @@ def command_run(args: argparse.Namespace) -> int:
     check_columns(meta, args.vars_use, "--vars", source)
     check_columns(meta, args.color or [], "--color", source)
     check_plot_pcs(args, embedding.frame.shape[1])
-    from harmonypy.engine.harmony import run_harmony
+    from harmonypy.engine.run import run_harmony
 
     start = time.perf_counter()
     if args.nproc > 1:

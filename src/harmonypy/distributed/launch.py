@@ -59,7 +59,9 @@ from harmonypy.engine.convergence import ConvergenceWarning
 from harmonypy.engine.design import ColumnNotFoundError
 from harmonypy.engine import memory as _memory
 from harmonypy.engine.clustering import n_blocks_of
-from harmonypy.engine.harmony import COPY_CHUNK_ROWS, default_clusters, run_harmony
+from harmonypy.engine.arrays import COPY_CHUNK_ROWS
+from harmonypy.engine.options import default_clusters
+from harmonypy.engine.run import run_harmony
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.

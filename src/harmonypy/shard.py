@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def _npy_rows(path, meta_path, world: int, rank: int):
     """The row ranges of every rank, and this rank's rows of an ``.npy``
     (memory-mapped) and of the metadata table."""
-    from harmonypy.io.files import read_meta
+    from harmonypy.io.readers import read_meta
     from harmonypy.distributed.launch import shard_bounds
 
     cells = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from harmonypy.engine.run import run_harmony
-    from harmonypy.io.files import file_format
+    from harmonypy.io.formats import file_format
     from harmonypy.cli.options import harmony_kwargs
 
     args = _parser().parse_args(argv)
@@ -226,7 +226,8 @@ def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list,
                  backend: str) -> None:
     """Write this rank's part; rank 0 then writes the manifest and the summary,
     once every rank's part is in place (a failed rank stops every rank)."""
-    from harmonypy.io.files import OutputFiles, write_array
+    from harmonypy.io.outputs import OutputFiles
+    from harmonypy.io.writers import write_array
 
     try:
         part = outdir / _part_name(rank, world)

@@ -202,7 +202,7 @@ def test_outputs_are_checked_before_harmony(copies, tmp_path, capsys, monkeypatc
     for argv, fragment in cases:
         status, _, err = run_main(argv, capsys)
         assert status == 2 and fragment in err, (argv, err)
-    monkeypatch.setattr("harmonypy.io.files.os.access", lambda path, mode: False)
+    monkeypatch.setattr("harmonypy.io.outputs.os.access", lambda path, mode: False)
     status, _, err = run_main(run + ["-o", tmp_path / "o.tsv"], capsys)
     assert status == 2 and "no permission to write" in err
     assert snapshot(tmp_path) == before

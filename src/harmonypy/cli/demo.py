@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from harmonypy.io.files import OutputSpec, check_outputs, save_figure, write_outputs
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.writers import save_figure
 from harmonypy.cli.options import PROG, HelpFormatter, add_common, add_force
 from harmonypy.cli.results import embedding_figure, outcome, replaced
 

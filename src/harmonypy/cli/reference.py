@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.files import (
-    FORMATS_HELP, OutputSpec, check_outputs, file_format, read_embedding, read_h5ad,
-    write_outputs,
-)
+from harmonypy.io.formats import FORMATS_HELP, file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_embedding, read_h5ad
 from harmonypy.cli.inputs import (
     check_columns, note_position, read_tables, refuse_h5ad_options, refuse_name_options,
     subset_mask, take_rows,

@@ -10,10 +10,11 @@ from typing import Callable
 import pandas as pd
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.files import (
-    FORMATS_HELP, OutputSpec, Table, check_outputs, file_format, read_h5ad, save_figure,
-    write_array, write_h5ad_copy, write_outputs, write_table,
-)
+from harmonypy.io.formats import FORMATS_HELP, file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_h5ad
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import save_figure, write_array, write_h5ad_copy, write_table
 from harmonypy.cli.inputs import (
     check_columns, check_plot_pcs, note_position, read_tables, refuse_name_options,
 )

@@ -48,7 +48,7 @@ from harmonypy.engine.design import check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
 from harmonypy.engine.harmony import Harmony
 from harmonypy.engine.options import default_clusters
-from harmonypy.io.files import OutputFiles
+from harmonypy.io.outputs import OutputFiles
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.mapping.projection import GeneProjection
 
@@ -218,7 +218,7 @@ class Reference:
 
     def write(self, path: str | Path) -> None:
         """Write the file straight to ``path`` (no temporary file; the command line
-        gives it the temporary path of :class:`~harmonypy.io.files.OutputFiles`)."""
+        gives it the temporary path of :class:`~harmonypy.io.outputs.OutputFiles`)."""
         _write_arrays(_to_arrays(self), path)
 
 

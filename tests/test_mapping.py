@@ -17,9 +17,11 @@ import pytest
 import torch
 
 import harmonypy as hm
+from harmonypy.engine import correction
 from harmonypy.engine.correction import LevelIndex, RidgeAnchor, RidgeSettings, ridge_correct
 from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
+from harmonypy.mapping import transfer as _transfer
 
 from reference_mapping import (
     compute_ref_cache,
@@ -266,10 +268,11 @@ def test_chunked_mapping_and_search_agree(case, monkeypatch):
     whole = hm.map_query(z_query, meta_query, ref, vars_use=["batch", "tech"], dtype="float64")
     labels = hm.transfer_labels(whole, ref, "cell_type", k=7)
     monkeypatch.setattr(_mapping, "_CHUNK", 7)
+    monkeypatch.setattr(correction, "LEVEL_CHUNK_ROWS", 7)
     monkeypatch.setattr(_mapping, "_SCORE_ELEMENTS", 1)
-    monkeypatch.setattr(_mapping, "_KNN_QUERY_CHUNK", 5)
-    monkeypatch.setattr(_mapping, "_KNN_ELEMENTS", 55)
-    monkeypatch.setattr(_mapping, "_KNN_REF_CHUNK", 11)
+    monkeypatch.setattr(_transfer, "_KNN_QUERY_CHUNK", 5)
+    monkeypatch.setattr(_transfer, "_KNN_ELEMENTS", 55)
+    monkeypatch.setattr(_transfer, "_KNN_REF_CHUNK", 11)
     pieces = hm.map_query(z_query, meta_query, ref, vars_use=["batch", "tech"], dtype="float64")
     np.testing.assert_allclose(pieces.Z_corr, whole.Z_corr, rtol=0, atol=1e-12)
     np.testing.assert_allclose(pieces.confidence, whole.confidence, rtol=1e-12)
@@ -1199,8 +1202,8 @@ def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
     q = hm.map_query(pcs[in_query], meta[in_query], ref, dtype="float64")
     reference = torch.as_tensor(ref.cells, dtype=torch.float64)
     cells = torch.as_tensor(q.result())
-    monkeypatch.setattr(_mapping, "_KNN_LIST_SIZE", 32)
-    monkeypatch.setattr(_mapping, "_KNN_FIRST_CELLS", 1)
+    monkeypatch.setattr(_transfer, "_KNN_LIST_SIZE", 32)
+    monkeypatch.setattr(_transfer, "_KNN_FIRST_CELLS", 1)
     for k in (1, 10, 30):
         index = PrunedIndex(reference, k=k, list_size=32, first_cells=1)
         assert index.counts.numel() == len(reference) // 32
@@ -1209,9 +1212,9 @@ def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
         _, brute = exact_topk(cells - reference.mean(0), centred,
                               data_sq=(centred * centred).sum(1), k=k, chunk=97)
         np.testing.assert_array_equal(pruned.numpy(), brute.numpy())
-    monkeypatch.setattr(_mapping, "_KNN_BRUTE_PAIRS", 0)
-    monkeypatch.setattr(_mapping, "_KNN_GROUP_CHUNK", 100)
-    monkeypatch.setattr(_mapping, "_KNN_ELEMENTS", 2000)
+    monkeypatch.setattr(_transfer, "_KNN_BRUTE_PAIRS", 0)
+    monkeypatch.setattr(_transfer, "_KNN_GROUP_CHUNK", 100)
+    monkeypatch.setattr(_transfer, "_KNN_ELEMENTS", 2000)
     result = hm.transfer_labels(q, ref, "cell_type", k=10, min_probability=0)
     expected, probability = knn_predict(ref.cells.T.astype(np.float64),
                                         meta.loc[~in_query, "cell_type"].to_numpy(), q.Z_corr, 10)

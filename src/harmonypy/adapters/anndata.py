@@ -14,9 +14,11 @@ functions of :mod:`harmonypy.adapters.mapping_api` when given AnnData:
 :func:`map_anndata` (``map_query(adata_query, ref, ...)``) and
 :func:`transfer_anndata` (``transfer_labels(adata_query, ref, label)`` on a
 mapped query). They read and write ``obs``/``obsm``/``uns`` and call the array
-layer (:mod:`harmonypy.mapping.reference`, :mod:`harmonypy.mapping.query`), which never
-imports this module; the gene projection they keep and apply is
-:mod:`harmonypy.mapping.projection`.
+layer (:mod:`harmonypy.mapping.reference`, :mod:`harmonypy.mapping.query`,
+:mod:`harmonypy.mapping.transfer`), which never imports this module. The gene
+projection they keep and apply is :mod:`harmonypy.mapping.projection`'s; the
+AnnData it needs (loadings, gene table, expression matrix) is read here
+(:func:`gene_projection`, :func:`read_expression`).
 """
 
 from __future__ import annotations
@@ -28,22 +30,26 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 
 from harmonypy import __version__
 from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import transfer as _transfer
 from harmonypy.mapping import reference as _reference
 from harmonypy.engine import validation as val
 from harmonypy.engine.design import check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
 from harmonypy.engine.run import run_harmony
 from harmonypy.distributed.launch import run_in_processes
-from harmonypy.mapping.projection import from_anndata, project
+from harmonypy.mapping.projection import (Expression, GeneProjection, fit_projection,
+                                          gene_scaling, kept_genes, project)
 from harmonypy.mapping.reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "get_basis", "integrate",
-           "map_anndata", "reference_from_anndata", "transfer_anndata"]
+__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "gene_projection", "get_basis",
+           "integrate", "map_anndata", "read_expression", "reference_from_anndata",
+           "transfer_anndata"]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
@@ -209,6 +215,61 @@ def get_basis(adata: Any, basis: str) -> np.ndarray:
     return np.asarray(embedding)
 
 
+def read_expression(adata: Any, layer: str | None, what: str) -> Expression:
+    """``adata.X`` or ``adata.layers[layer]`` with its gene and cell names, as
+    the array layer's :class:`~harmonypy.mapping.projection.Expression`;
+    refused when absent or not (n_obs, n_vars). ``what`` names ``adata`` in messages."""
+    if layer is not None:
+        layers = getattr(adata, "layers", None)
+        if layers is None or layer not in layers.keys():
+            available = ", ".join(repr(k) for k in (layers.keys() if layers is not None else []))
+            raise KeyError(f"layer {layer!r} not found in {what}.layers; available layers: "
+                           f"{available or 'none'}")
+        matrix, name = layers[layer], f"{what}.layers[{layer!r}]"
+    else:
+        matrix, name = getattr(adata, "X", None), f"{what}.X"
+    if matrix is None:
+        raise ValueError(f"{name} is empty (None): the expression matrix is needed to "
+                         f"project cells through the PCA loadings")
+    shape = getattr(matrix, "shape", None)
+    n_obs, n_vars = len(adata.obs), len(adata.var_names)
+    if shape is None or len(shape) != 2 or tuple(shape) != (n_obs, n_vars):
+        raise ValueError(f"{name} has shape {shape}; expected (n_obs, n_vars) = "
+                         f"({n_obs}, {n_vars})")
+    return Expression(matrix=matrix, source=name, genes=pd.Index(adata.var_names).astype(str),
+                      cells=pd.Index(adata.obs_names))
+
+
+def gene_projection(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PCs",
+                    layer: str | None = None) -> GeneProjection:
+    """The :class:`~harmonypy.mapping.projection.GeneProjection` of an AnnData
+    reference, checked on its own cells (:func:`~harmonypy.mapping.projection.fit_projection`).
+
+    Reads ``adata.varm[loadings]`` (n_vars x d, the PCA's loadings), the
+    scaling in ``adata.var["mean"]``/``["std"]`` when it was scaled, and the
+    matrix the PCA was computed from in ``X`` (or ``layers[layer]``);
+    ``pcs`` is ``adata.obsm[basis]``. Checks run in that order, each message
+    naming what is missing and how to provide it (KeyError for a missing
+    ``varm`` key or layer, ValueError otherwise).
+    """
+    varm = getattr(adata, "varm", None)
+    if varm is None or loadings not in varm.keys():
+        available = ", ".join(repr(k) for k in (varm.keys() if varm is not None else []))
+        raise KeyError(
+            f"adata.varm has no {loadings!r} (the PCA loadings, genes x PCs, which "
+            f"sc.pp.pca writes): without them query cells cannot be projected from genes; "
+            f"run sc.pp.pca on the reference, or pass loadings=None to keep no gene projection "
+            f"(queries must then be given in the reference's PC space, map_query(..., "
+            f"basis=...)); available varm keys: {available or 'none'}")
+    weights = varm[loadings]
+    weights = np.asarray(weights.toarray() if hasattr(weights, "toarray") else weights)
+    kept = kept_genes(weights, genes=pd.Index(adata.var_names).astype(str), d=pcs.shape[1],
+                      basis=basis, loadings=loadings)
+    scaling = gene_scaling(adata.var, kept)
+    return fit_projection(read_expression(adata, layer, "adata"), pcs=pcs, weights=weights,
+                          kept=kept, scaling=scaling, keys=(basis, loadings))
+
+
 def _check_obs_columns(adata: Any, keys: list[str]) -> None:
     check_columns([str(c) for c in adata.obs.columns], keys, what="batch column(s)",
                   where="adata.obs", as_list=False)
@@ -287,8 +348,8 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKey
     check_columns(adata.obs.columns, label_names, what="label column(s)", where="adata.obs",
                   as_list=False)
     projection = (None if keys.loadings is None else
-                  from_anndata(adata, basis, embedding, loadings=keys.loadings,
-                               layer=keys.layer))
+                  gene_projection(adata, basis, embedding, loadings=keys.loadings,
+                                  layer=keys.layer))
     if batch_keys:
         kwargs = {**{k: v for k, v in options.items() if v is not None}, **run_harmony_kwargs}
         kwargs.setdefault("verbose", False)
@@ -335,13 +396,14 @@ def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
     if basis is None:
         device = resolve_device(map_options.get("device"))
         dtype = resolve_dtype(map_options.get("dtype"), device)
-        cells, n_missing = project(ref.projection, adata, layer=keys.layer, device=device,
-                                   dtype=dtype)
+        cells, n_missing = project(ref.projection,
+                                   read_expression(adata, keys.layer, "adata_query"),
+                                   device=device, dtype=dtype)
     source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
               "the query projected from its genes")
     with _named_cells(source):
         q = _mapping.map_query(cells, adata.obs, ref, vars_use=batch_keys, **map_options)
-    transfers = {name: _mapping.transfer_labels(q, ref, name, k=k,
+    transfers = {name: _transfer.transfer_labels(q, ref, name, k=k,
                                                 min_probability=min_probability)
                  for name in label_names}
 
@@ -551,7 +613,7 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
                          f"reference has {ref.d} PCs: map it onto this reference with "
                          f"map_query(adata_query, ref)")
     with _named_cells(f"adata_query.obsm[{adjusted!r}]"):
-        table = _mapping.transfer_labels(cells, ref, label, k=k,
+        table = _transfer.transfer_labels(cells, ref, label, k=k,
                                          min_probability=min_probability, device=device)
     table.index = adata.obs_names if hasattr(adata, "obs_names") else adata.obs.index
     _write_transfer(adata, record, label, table, k, float(min_probability))

@@ -17,6 +17,7 @@ import pandas as pd
 
 from harmonypy.adapters import anndata as _anndata
 from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import transfer as _transfer
 from harmonypy.mapping import reference as _reference
 from harmonypy.mapping.query import MappedQuery
 from harmonypy.mapping.reference import Reference
@@ -358,4 +359,4 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     if overwrite:
         raise TypeError("overwrite: only for an AnnData query, whose obs columns label "
                         "transfer writes; for an array the labels are only returned")
-    return _mapping.transfer_labels(query, ref, label, k, min_probability, device=device)
+    return _transfer.transfer_labels(query, ref, label, k, min_probability, device=device)

@@ -63,8 +63,13 @@ class LevelIndex:
         return cls(cells, variable)
 
 
+#: Cells of one level read at once by the correction (the chunk of its sums).
+LEVEL_CHUNK_ROWS = 16384
+
+
 class _LevelReader:
-    """Rows of R and Z for one level's cells, at most ``chunk`` cells at a time.
+    """Rows of R and Z for one level's cells, at most ``chunk`` cells at a time
+    (:data:`LEVEL_CHUNK_ROWS` unless given).
 
     Gathered rows land in two scratch buffers reused for every level and chunk,
     so the correction allocates nothing per level (fresh level-sized copies cost
@@ -73,7 +78,8 @@ class _LevelReader:
     """
 
     def __init__(self, assignments: torch.Tensor, z: torch.Tensor,
-                 position: torch.Tensor | None, chunk: int = 16384):
+                 position: torch.Tensor | None, chunk: int | None = None):
+        chunk = LEVEL_CHUNK_ROWS if chunk is None else chunk
         self.assignments, self.z, self.position, self.chunk = assignments, z, position, chunk
         rows = min(chunk, assignments.shape[0])
         self._r_buffer = torch.empty((rows, assignments.shape[1]), dtype=assignments.dtype,

@@ -28,10 +28,13 @@ query cell ``x`` (one value per reference gene)::
   not all zeros (scanpy writes zero rows for genes its PCA left out, e.g.
   not highly variable).
 
-:func:`from_anndata` derives these and checks them on the reference itself
+:func:`fit_projection` derives these and checks them on the reference itself
 (its cells must project onto ``obsm[basis]``) before any work is done;
 :func:`project` applies them to a query in chunks of cells, so memory stays
-O(chunk x G) beyond the (N x d) result.
+O(chunk x G) beyond the (N x d) result. This module reads no AnnData: the
+adapter layer (:func:`harmonypy.adapters.anndata.gene_projection`,
+:func:`~harmonypy.adapters.anndata.read_expression`) hands it the loadings,
+the gene table and the expression matrix as an :class:`Expression`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["GeneProjection", "from_anndata", "project"]
+__all__ = ["Expression", "GeneProjection", "GeneScaling", "fit_projection", "gene_scaling",
+           "kept_genes", "project"]
 
 #: Values of the expression matrix handled at once (cells x genes of a chunk).
 _BLOCK_ELEMENTS = 2**22
@@ -106,105 +110,94 @@ class GeneProjection:
 
 
 # ====================================================================== build
-def expression(adata: Any, layer: str | None, what: str):
-    """``adata.X`` or ``adata.layers[layer]``, (n_obs, n_vars); refused when absent."""
-    if layer is not None:
-        layers = getattr(adata, "layers", None)
-        if layers is None or layer not in layers.keys():
-            available = ", ".join(repr(k) for k in (layers.keys() if layers is not None else []))
-            raise KeyError(f"layer {layer!r} not found in {what}.layers; available layers: "
-                           f"{available or 'none'}")
-        matrix, name = layers[layer], f"{what}.layers[{layer!r}]"
-    else:
-        matrix, name = getattr(adata, "X", None), f"{what}.X"
-    if matrix is None:
-        raise ValueError(f"{name} is empty (None): the expression matrix is needed to "
-                         f"project cells through the PCA loadings")
-    shape = getattr(matrix, "shape", None)
-    n_obs, n_vars = len(adata.obs), len(adata.var_names)
-    if shape is None or len(shape) != 2 or tuple(shape) != (n_obs, n_vars):
-        raise ValueError(f"{name} has shape {shape}; expected (n_obs, n_vars) = "
-                         f"({n_obs}, {n_vars})")
-    return matrix, name
+@dataclass(frozen=True)
+class Expression:
+    """An expression matrix as the adapter layer read it, cells x genes.
 
-
-def from_anndata(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PCs",
-                 layer: str | None = None) -> GeneProjection:
-    """The :class:`GeneProjection` of an AnnData reference, checked on its own cells.
-
-    Parameters
-    ----------
-    adata : AnnData
-        The reference, after its PCA: ``varm[loadings]`` (n_vars x d), the
-        matrix the PCA was computed from in ``X`` (or ``layers[layer]``), and,
-        when it was scaled, ``var["mean"]`` and ``var["std"]``.
-    basis : str
-        Key of the PCs in ``obsm`` (for messages).
-    pcs : ndarray (n_obs, d)
-        ``adata.obsm[basis]``.
-    loadings : str, default "PCs"
-        Key of the loadings in ``adata.varm``.
-    layer : str, optional
-        Read the expression from ``adata.layers[layer]`` instead of ``X``.
-
-    Raises
-    ------
-    KeyError
-        No ``varm[loadings]``, or ``layer`` not a layer.
-    ValueError
-        Loadings of the wrong shape or not finite, only one of ``var["mean"]``
-        / ``var["std"]``, a negative expression matrix without them (scaled by
-        something that did not record its scaling), or cells that do not
-        project onto ``obsm[basis]`` (the matrix is not the one the PCA saw).
-        Each message names what is missing and how to provide it.
+    matrix : (n_cells, n_genes) NumPy array, SciPy sparse matrix or array, or
+        an anndata backed dataset (read a block of rows at a time).
+    source : str, how messages name it (``"adata.X"``, ``"adata_query.layers['raw']"``).
+    genes : pandas.Index of str, the gene (column) names.
+    cells : pandas.Index, the cell (row) names.
     """
-    n_obs, d = pcs.shape
-    varm = getattr(adata, "varm", None)
-    if varm is None or loadings not in varm.keys():
-        available = ", ".join(repr(k) for k in (varm.keys() if varm is not None else []))
-        raise KeyError(
-            f"adata.varm has no {loadings!r} (the PCA loadings, genes x PCs, which "
-            f"sc.pp.pca writes): without them query cells cannot be projected from genes; "
-            f"run sc.pp.pca on the reference, or pass loadings=None to keep no gene projection "
-            f"(queries must then be given in the reference's PC space, map_query(..., "
-            f"basis=...)); available varm keys: {available or 'none'}")
-    weights = varm[loadings]
-    weights = np.asarray(weights.toarray() if hasattr(weights, "toarray") else weights)
-    n_vars = len(adata.var_names)
+
+    matrix: Any
+    source: str
+    genes: pd.Index
+    cells: pd.Index
+
+
+def kept_genes(weights: np.ndarray, *, genes: pd.Index, d: int, basis: str,
+               loadings: str) -> np.ndarray:
+    """Rows of the loadings (G_all x d) that take part in the projection: not all zeros.
+
+    Refuses loadings of the wrong shape, not finite or all zeros, and gene
+    names repeated among the kept rows (query genes are matched by name).
+    ``basis`` and ``loadings`` are the keys the messages name.
+    """
+    n_vars = len(genes)
     if weights.ndim != 2 or weights.shape != (n_vars, d):
         raise ValueError(f"adata.varm[{loadings!r}] has shape {weights.shape}; expected (n_vars, "
                          f"PCs of obsm[{basis!r}]) = ({n_vars}, {d}): the loadings must belong "
                          f"to the PCA that gave obsm[{basis!r}]")
     if not np.issubdtype(weights.dtype, np.number) or not np.isfinite(weights).all():
         raise ValueError(f"adata.varm[{loadings!r}] must hold finite numbers")
-    genes_kept = np.flatnonzero(np.any(weights != 0, axis=1))
-    if genes_kept.size == 0:
+    kept = np.flatnonzero(np.any(weights != 0, axis=1))
+    if kept.size == 0:
         raise ValueError(f"adata.varm[{loadings!r}] is all zeros")
-    names = pd.Index(adata.var_names).astype(str)
-    if names[genes_kept].has_duplicates:
-        repeated = names[genes_kept][names[genes_kept].duplicated()].unique()
+    if genes[kept].has_duplicates:
+        repeated = genes[kept][genes[kept].duplicated()].unique()
         raise ValueError(f"adata.var_names repeats gene names ({_shown(repeated)}"
                          f"): query genes are matched by name; call adata.var_names_make_unique() "
                          f"before the PCA")
-    mean, std, scaling = _scaling(adata, genes_kept)
-    matrix, source = expression(adata, layer, "adata")
+    return kept
 
-    # One pass over the reference: sums and range of the scaled values, and the
-    # projection of a sample of cells without its centring (checked below).
-    sample = np.unique(np.linspace(0, n_obs - 1, min(n_obs, _CHECK_CELLS)).astype(np.int64))
-    kept_weights = weights[genes_kept].astype(np.float64)
-    sums = np.zeros(genes_kept.size)
-    low, high = np.inf, -np.inf
-    projected = np.empty((sample.size, d))
-    for start, block in _blocks(matrix, genes_kept, n_obs, source):
-        if not np.isfinite(block).all():
-            raise ValueError(f"{source} has non-finite values (NaN or inf)")
-        sums += block.sum(0)
-        low, high = min(low, float(block.min())), max(high, float(block.max()))
-        rows = sample[(sample >= start) & (sample < start + block.shape[0])]
-        if rows.size:
-            projected[np.searchsorted(sample, rows)] = block[rows - start] @ kept_weights
-    if scaling == "none" and low < 0:
+
+@dataclass(frozen=True)
+class GeneScaling:
+    """The kept genes' scaling before the PCA (see :func:`gene_scaling`).
+
+    mean, std : (G,) float64; scaling : a key of :data:`SCALINGS`.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    scaling: str
+
+
+def fit_projection(expression: Expression, *, pcs: np.ndarray, weights: np.ndarray,
+                   kept: np.ndarray, scaling: GeneScaling,
+                   keys: tuple[str, str]) -> GeneProjection:
+    """The :class:`GeneProjection` of a reference, checked on its own cells.
+
+    Parameters
+    ----------
+    expression : Expression
+        The matrix the reference's PCA was computed from.
+    pcs : ndarray (n_obs, d)
+        The reference's PCs (``obsm[basis]``).
+    weights : ndarray (n_vars, d)
+        The PCA loadings; ``kept`` (:func:`kept_genes`) their rows used.
+    scaling : GeneScaling
+        The kept genes' scaling (:func:`gene_scaling`).
+    keys : (basis, loadings), the keys the messages name.
+
+    Raises
+    ------
+    ValueError
+        A negative expression matrix without a recorded scaling (scaled by
+        something that did not record it), or cells that do not project onto
+        ``pcs`` (the matrix is not the one the PCA saw). Each message names
+        what is missing and how to provide it.
+    """
+    mean, std, kind = scaling.mean, scaling.std, scaling.scaling
+    source = expression.source
+    sample = np.unique(np.linspace(0, pcs.shape[0] - 1,
+                                   min(pcs.shape[0], _CHECK_CELLS)).astype(np.int64))
+    kept_weights = weights[kept].astype(np.float64)
+    sums, low, high, projected = _reference_pass(expression, kept=kept, weights=kept_weights,
+                                                 sample=sample, n_obs=pcs.shape[0])
+    if kind == "none" and low < 0:
         raise ValueError(
             f"{source} has negative values, so the PCA was not run on expression as it is "
             f"(log-normalised), but adata.var has no 'mean' and 'std' columns (which "
@@ -212,15 +205,16 @@ def from_anndata(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PC
             f"could not be scaled the same way. Store each gene's mean and standard deviation "
             f"in adata.var['mean'] and adata.var['std'], or pass loadings=None to keep no "
             f"gene projection")
-    if scaling == "scaled" and low >= 0:
+    if kind == "scaled" and low >= 0:
         # sc.pp.scale(zero_center=False) records the mean but does not subtract it.
-        mean, scaling = np.zeros_like(mean), "scaled_uncentred"
-    scaled_mean = sums / n_obs
+        mean, kind = np.zeros_like(mean), "scaled_uncentred"
+    scaled_mean = sums / pcs.shape[0]
     pc_mean = np.asarray(pcs, dtype=np.float64).mean(0)
     residual = projected - scaled_mean @ kept_weights + pc_mean - pcs[sample]
     scale = max(float(np.abs(pcs[sample]).max()), np.finfo(np.float64).tiny)
     difference = float(np.abs(residual).max()) / scale
     if not difference <= _CHECK_TOLERANCE:
+        basis, loadings = keys
         raise ValueError(
             f"{source} projected through adata.varm[{loadings!r}] does not give "
             f"adata.obsm[{basis!r}] (largest difference {difference:.2g} of the largest PC "
@@ -228,14 +222,36 @@ def from_anndata(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PC
             f"was computed from (after sc.pp.scale when it was scaled; pass layer=KEY if it "
             f"is in a layer), and the loadings those of that PCA")
     return GeneProjection(
-        genes=names[genes_kept].to_numpy(dtype=str), loadings=kept_weights,
+        genes=expression.genes[kept].to_numpy(dtype=str), loadings=kept_weights,
         mean=mean, std=std, scaled_mean=scaled_mean, pc_mean=pc_mean,
-        clip=None if scaling == "none" else (low, high), scaling=scaling)
+        clip=None if kind == "none" else (low, high), scaling=kind)
 
 
-def _scaling(adata: Any, genes_kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(mean, std, scaling)`` of the kept genes from ``adata.var`` (see the module docstring)."""
-    var = adata.var
+def _reference_pass(expression: Expression, *, kept: np.ndarray, weights: np.ndarray,
+                    sample: np.ndarray, n_obs: int):
+    """One pass over the reference: the sums and range of its (scaled) values
+    over the kept genes, and the ``sample`` cells' projection without centring.
+
+    Returns ``(sums (G,), low, high, projected (len(sample), d))``.
+    """
+    source = expression.source
+    sums = np.zeros(kept.size)
+    low, high = np.inf, -np.inf
+    projected = np.empty((sample.size, weights.shape[1]))
+    for start, block in _blocks(expression.matrix, kept, n_obs, source):
+        if not np.isfinite(block).all():
+            raise ValueError(f"{source} has non-finite values (NaN or inf)")
+        sums += block.sum(0)
+        low, high = min(low, float(block.min())), max(high, float(block.max()))
+        rows = sample[(sample >= start) & (sample < start + block.shape[0])]
+        if rows.size:
+            projected[np.searchsorted(sample, rows)] = block[rows - start] @ weights
+    return sums, low, high, projected
+
+
+def gene_scaling(var: pd.DataFrame, genes_kept: np.ndarray) -> GeneScaling:
+    """The kept genes' scaling from the gene table ``var`` (``adata.var``): its
+    ``mean`` and ``std`` columns, or none (see the module docstring)."""
     present = [name for name in ("mean", "std") if name in var.columns]
     if len(present) == 1:
         missing = ({"mean", "std"} - set(present)).pop()
@@ -243,7 +259,7 @@ def _scaling(adata: Any, genes_kept: np.ndarray) -> tuple[np.ndarray, np.ndarray
                          f"per-gene scaling needs both (sc.pp.scale writes both)")
     n = genes_kept.size
     if not present:
-        return np.zeros(n), np.ones(n), "none"
+        return GeneScaling(np.zeros(n), np.ones(n), "none")
     values = []
     for name in ("mean", "std"):
         column = pd.to_numeric(var[name].iloc[genes_kept], errors="coerce").to_numpy(np.float64)
@@ -255,7 +271,7 @@ def _scaling(adata: Any, genes_kept: np.ndarray) -> tuple[np.ndarray, np.ndarray
     if (std <= 0).any():
         raise ValueError("adata.var['std'] has values <= 0 for genes of the PCA (sc.pp.scale "
                          "stores 1 for a constant gene)")
-    return mean, std, "scaled"
+    return GeneScaling(mean, std, "scaled")
 
 
 def _blocks(matrix, columns: np.ndarray, n_rows: int, source: str):
@@ -278,7 +294,7 @@ def _blocks(matrix, columns: np.ndarray, n_rows: int, source: str):
 
 
 # ===================================================================== project
-def project(projection: GeneProjection, adata: Any, *, layer: str | None, device, dtype,
+def project(projection: GeneProjection, expression: Expression, *, device, dtype,
             what: str = "adata_query") -> tuple[np.ndarray, int]:
     """The query's cells in the reference's PC space, (N_q, d), and the number of
     reference genes the query lacks.
@@ -286,10 +302,9 @@ def project(projection: GeneProjection, adata: Any, *, layer: str | None, device
     Genes are matched by name; a missing gene adds nothing (it is put at the
     reference's mean), with a warning that says how many of how many are
     missing. Computed in torch on ``device`` in ``dtype``, a chunk of cells at
-    a time.
+    a time. ``what`` names the query in messages.
     """
-    matrix, source = expression(adata, layer, what)
-    names = pd.Index(adata.var_names).astype(str)
+    matrix, source, names = expression.matrix, expression.source, expression.genes
     position = _gene_positions(names, projection.genes, what)
     shared = position >= 0
     n_missing = int((~shared).sum())
@@ -317,7 +332,7 @@ def project(projection: GeneProjection, adata: Any, *, layer: str | None, device
     pc_mean = tensor(projection.pc_mean)
     n_cells = matrix.shape[0]
     out = np.empty((n_cells, projection.d), dtype=np_dtype)
-    bad = _NonFinite(source, pd.Index(adata.obs_names), names[columns])
+    bad = _NonFinite(source, expression.cells, names[columns])
     with torch.no_grad():
         for start, block in _blocks(matrix, columns, n_cells, source):
             if start == 0:

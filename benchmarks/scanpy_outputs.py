@@ -10,7 +10,7 @@ harmonypy. It reads the data files directly (no harmonypy import) and writes
 * ``tests/data/scanpy_native.json``: scanpy's version and source commit, the
   Python and NumPy versions, the arguments of every run, and the signature of
   ``harmony_integrate`` (name, kind, default of each parameter) as read from
-  scanpy's source, so that ``tests/test_scanpy.py`` can check this package's
+  scanpy's source, so that ``tests/adapters/test_scanpy.py`` can check this package's
   signature against it where scanpy 1.13 is not installed.
 
 Usage::

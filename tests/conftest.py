@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+
+# tests/ mirrors the package's layers in subfolders; the helpers shared by them
+# (stored_outputs, reference_harmony, reference_mapping, ...) live here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def shared_data_dir() -> Path | None:

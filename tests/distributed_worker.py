@@ -1,4 +1,4 @@
-"""One rank of a distributed Harmony run, for tests/test_distributed.py.
+"""One rank of a distributed Harmony run, for tests/distributed/test_distributed.py.
 
 Usage: python distributed_worker.py SHARD.npz OUT.npz RANK WORLD_SIZE PORT [OPTIONS_JSON]
 

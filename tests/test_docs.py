@@ -12,8 +12,8 @@ such a folder; other shell lines (installs, benchmarks) are not run. A block opt
 on the line before its fence (counted below, so that it stays rare).
 
 Pages with a test of their own are not run twice: migrating.md
-(tests/test_migrating.py), mapping-tutorial.md (tests/test_mapping.py and
-tests/cli/test_cli_mapping.py) and convergence.md (tests/test_convergence.py).
+(tests/test_migrating.py), mapping-tutorial.md (tests/mapping/test_mapping.py and
+tests/cli/test_cli_mapping.py) and convergence.md (tests/engine/test_convergence.py).
 """
 
 from __future__ import annotations

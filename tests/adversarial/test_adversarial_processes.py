@@ -1,7 +1,7 @@
 """Multi-process runs tried adversarially (#22): interruptions, bad shards,
 unguarded scripts, the process group's start, and torchrun's parts.
 
-A catalogue in the style of ``tests/test_validation.py``: each case states the
+A catalogue in the style of ``tests/engine/test_validation.py``: each case states the
 input or the interruption, the expected exit status or error type, and the
 words (regexes) the message must contain. Every case also checks that nothing
 is left behind: no process of the run (each CLI run starts in a session of its

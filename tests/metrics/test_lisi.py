@@ -24,7 +24,7 @@ HAVE_PYNNDESCENT = importlib.util.find_spec("pynndescent") is not None
 def _shared_data_dir() -> Path | None:
     env = os.environ.get("HARMONYPY_SHARED_DATA")
     for path in ([Path(env)] if env else []) + [
-        Path(__file__).resolve().parents[2] / "shared" / "data"
+        Path(__file__).resolve().parents[3] / "shared" / "data"
     ]:
         if (path / "lisi_x.tsv.gz").is_file():
             return path

@@ -713,7 +713,7 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     """The example at the top of docs/mapping.md runs as written."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "mapping.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mapping.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/mapping.md", "exec"), {})
@@ -1122,7 +1122,7 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
     import matplotlib
 
     matplotlib.use("Agg")
-    page = Path(__file__).resolve().parents[1] / "docs" / "mapping-tutorial.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "mapping-tutorial.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
     assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)

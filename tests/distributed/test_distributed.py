@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with gloo is not available")
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "distributed_worker.py"
 GROUP_TIMEOUT = 120  # seconds for a whole group; a hang fails the test, it does not block CI
 
 

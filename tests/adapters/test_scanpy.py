@@ -24,7 +24,7 @@ from harmonypy.adapters.scanpy import SCANPY_TO_RUN_HARMONY, scanpy_default_clus
 
 from conftest import read_tsv
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 BUNDLED = Path(hm.__file__).resolve().parent / "data"
 
 

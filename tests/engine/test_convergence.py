@@ -130,7 +130,7 @@ def test_the_convergence_page_runs_as_written(capsys):
     import re
     from pathlib import Path
 
-    page = Path(__file__).resolve().parents[1] / "docs" / "convergence.md"
+    page = Path(__file__).resolve().parents[2] / "docs" / "convergence.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert len(blocks) == 2
     for block in blocks:

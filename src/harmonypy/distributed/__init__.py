@@ -1,1 +1,1 @@
-"""Runs over several processes: the local launcher (--nproc, integrate(nproc=)); the group reduction itself is the engine's reduce module."""
+"""Runs over several processes: the rank-agreement checks (checks), the distributed k-means start (start) and the local launcher (launch: --nproc, integrate(nproc=)); the group reduction itself is the engine's reduce module."""

@@ -179,7 +179,7 @@ def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
     """Positions in the metadata of each embedding cell, or None if already aligned.
 
     The one place where two lists of cell names are compared, for the API
-    (:func:`align_metadata`) and for the command line (``_io.match_cells``).
+    (:func:`align_metadata`) and for the command line (:func:`harmonypy.io.names.match_cells`).
 
     Parameters
     ----------

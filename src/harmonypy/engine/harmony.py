@@ -217,11 +217,12 @@ class Harmony:
         self._z_corr = self._z_orig  # until the first correction: no copy needed
         self._norms = clu.row_norms(self._z_orig)
         self._codes = torch.from_numpy(np.ascontiguousarray(design.codes)).to(device)
-        # The cells sorted by their level of the first variable: the order in
-        # which earlier versions stored them. An online update that starts from
-        # a fresh R (rows = cells) reads its shuffle through it, so the blocks
-        # hold the same cells as there and a given random_state gives the same
-        # result as before (up to rounding: sums now run in the caller's order).
+        # The cells sorted by their level of the first variable. An online
+        # update that starts from a fresh R (rows = cells) reads its shuffle
+        # through this order, so that a random_state draws the same blocks as
+        # in the releases that stored the cells sorted this way (CHANGELOG),
+        # and gives the same result up to rounding (sums run in the caller's
+        # order): a seed's results stay reproducible.
         self._shuffle_base = torch.from_numpy(
             np.argsort(design.codes[:, 0], kind="stable")).to(device)
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)

@@ -77,7 +77,7 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
         raise TypeError(f"label must be one label column's name (a str), got {label!r}; "
                         f"transfer several one at a time (map_query(adata_query, ref, "
                         f"labels=[...]) takes a list)")
-    mapped_onto = getattr(query, "reference_digest", None)  # None: unpickled from before
+    mapped_onto = getattr(query, "reference_digest", None)  # None: pickled without one
     if isinstance(query, MappedQuery) and mapped_onto not in (None, reference_digest(ref)):
         raise ValueError(
             f"the query was mapped onto another reference (its reference_digest "

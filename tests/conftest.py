@@ -11,8 +11,12 @@ import pytest
 
 
 # tests/ mirrors the package's layers in subfolders; the helpers shared by them
-# (stored_outputs, reference_harmony, reference_mapping, ...) live here.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# (stored_outputs, reference_harmony, reference_mapping, ...) live here, and a few
+# test modules borrow small builders from another layer's tests (test basenames
+# are unique, so every folder can be on the path).
+_TESTS = Path(__file__).resolve().parent
+for _folder in [_TESTS, *sorted(p for p in _TESTS.iterdir() if p.is_dir() and p.name != "data")]:
+    sys.path.insert(0, str(_folder))
 
 
 def shared_data_dir() -> Path | None:

@@ -34,7 +34,7 @@ _RC = {
 _MAX_LEGEND = 20
 
 
-def _pyplot():
+def require_pyplot():
     try:
         import matplotlib.pyplot as plt
     except ImportError as err:
@@ -78,7 +78,7 @@ def plot_convergence(ho: Any, ax=None):
     -------
     matplotlib.axes.Axes
     """
-    plt = _pyplot()
+    plt = require_pyplot()
     objective = np.asarray(ho.objective_kmeans, dtype=float)
     if objective.size == 0:
         raise ValueError("the Harmony object has no objective values yet: run it first")
@@ -171,7 +171,7 @@ def plot_embedding(
     -------
     matplotlib.figure.Figure
     """
-    plt = _pyplot()
+    plt = require_pyplot()
     colors = [color] if isinstance(color, str) else list(color)
     before, after, meta = _paired(before, after, meta)
     before_xy, names = _coordinates(before, basis, dims, random_state)

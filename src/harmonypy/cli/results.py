@@ -27,9 +27,9 @@ def outcome(ho) -> str:
 def embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
                       pcs: tuple[int, int] = (1, 2)):
     """The before/after scatter plot as a matplotlib Figure (not yet saved)."""
-    from harmonypy.plotting import _pyplot, embedding_figsize, plot_embedding
+    from harmonypy.plotting import require_pyplot, embedding_figsize, plot_embedding
 
-    _pyplot()  # the install hint when matplotlib is missing
+    require_pyplot()  # the install hint when matplotlib is missing
     from matplotlib.figure import Figure
 
     # A Figure outside pyplot renders to a file without choosing a GUI backend

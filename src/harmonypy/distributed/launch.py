@@ -652,9 +652,9 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
     if available is not None and need > available:
         raise MemoryError(
             f"{nproc} processes over {n_cells:,} cells x {n_dims} PCs need about "
-            f"{_memory._size(need)} of memory on this machine (the engine "
-            f"{_memory._size(engine)}, input and output in shared memory "
-            f"{_memory._size(shared)}, {nproc} x {_memory._size(_PROCESS_OVERHEAD)} to start "
-            f"the processes), {_memory._size(available)} is available: use fewer cells per "
+            f"{_memory.format_size(need)} of memory on this machine (the engine "
+            f"{_memory.format_size(engine)}, input and output in shared memory "
+            f"{_memory.format_size(shared)}, {nproc} x {_memory.format_size(_PROCESS_OVERHEAD)} to start "
+            f"the processes), {_memory.format_size(available)} is available: use fewer cells per "
             f"machine (torchrun over several machines), or check_memory=False "
             f"(--no-memory-check) to try anyway")

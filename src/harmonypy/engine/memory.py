@@ -86,7 +86,7 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The terms, one per line, largest first."""
-        return "\n".join(f"{_size(t.nbytes):>9}  {t.what}: {t.formula} ({t.phases}; {t.where})"
+        return "\n".join(f"{format_size(t.nbytes):>9}  {t.what}: {t.formula} ({t.phases}; {t.where})"
                          for t in sorted(self.terms, key=lambda t: -t.nbytes))
 
 
@@ -384,7 +384,7 @@ _HINTS = {
 }
 
 
-def _size(nbytes: float) -> str:
+def format_size(nbytes: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if abs(nbytes) < 1024 or unit == "TB":
             return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
@@ -409,8 +409,8 @@ def check_memory(estimate: MemoryEstimate, available: dict, *, context: str = ""
         name = "GPU memory" if where == "device" else "memory"
         hint = _HINTS.get(top.key, "a smaller problem")
         raise MemoryError(
-            f"run_harmony would need about {_size(need)} of {name} at its peak (estimate) "
-            f"but {_size(room)} is available{context}; the largest part is the "
-            f"{top.what}: {top.formula} = {_size(top.nbytes)}. Use {hint}, or pass "
+            f"run_harmony would need about {format_size(need)} of {name} at its peak (estimate) "
+            f"but {format_size(room)} is available{context}; the largest part is the "
+            f"{top.what}: {top.formula} = {format_size(top.nbytes)}. Use {hint}, or pass "
             f"check_memory=False to run anyway"
         )

@@ -110,7 +110,7 @@ def _shape_of(obj) -> str:
 
 
 # -------------------------------------------------------------- data_mat
-def _to_array(data_mat) -> np.ndarray:
+def to_array(data_mat) -> np.ndarray:
     """A NumPy view or copy of ``data_mat``, refusing what is not a dense real matrix."""
     if data_mat is None:
         raise TypeError("data_mat is None; expected a cells x PCs array or DataFrame")
@@ -188,7 +188,7 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
         NaN or infinite values, or cells whose vector is all zeros.
     """
     rows = rows if rows is not None else CellRows()
-    array = _to_array(data_mat)
+    array = to_array(data_mat)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(
             f"data_mat must hold real numbers, got dtype {array.dtype}; expected a float "
@@ -219,8 +219,8 @@ def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None
     if refusal:
         raise ValueError(refusal)
     if np.issubdtype(cells.dtype, np.floating):
-        _check_finite(cells, rows)
-    _check_nonzero_cells(cells, rows)
+        check_finite(cells, rows)
+    check_nonzero_cells(cells, rows)
     return cells
 
 
@@ -259,7 +259,7 @@ def warn_if_not_reduced(cells: np.ndarray, stacklevel: int = 3) -> None:
             f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=stacklevel)
 
 
-def _check_finite(cells: np.ndarray, rows: CellRows) -> None:
+def check_finite(cells: np.ndarray, rows: CellRows) -> None:
     n_bad = n_nan = 0
     bad_rows = np.zeros(cells.shape[0], dtype=bool)
     bad_cols = np.zeros(cells.shape[1], dtype=bool)
@@ -304,7 +304,7 @@ def _squared_norms_chunk(block: np.ndarray, out: np.ndarray) -> None:
         rows[risky] = np.einsum("ij,ij->i", scaled, scaled) * safe**2
 
 
-def _check_nonzero_cells(cells: np.ndarray, rows: CellRows) -> None:
+def check_nonzero_cells(cells: np.ndarray, rows: CellRows) -> None:
     zero = np.zeros(cells.shape[0], dtype=bool)
     for start in range(0, cells.shape[0], _CHUNK_ROWS):
         zero[start:start + _CHUNK_ROWS] = ~cells[start:start + _CHUNK_ROWS].any(axis=1)

@@ -306,7 +306,7 @@ def query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarray
     query's cell names when it has them.
     """
     n_cells = None if frame is None else len(frame)
-    array = val._to_array(data_mat)
+    array = val.to_array(data_mat)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f"data_mat must hold real numbers, got dtype {array.dtype}")
     if array.ndim != 2:
@@ -331,8 +331,8 @@ def query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarray
                          f"space (project them with the reference's loadings first)")
     rows = val.CellRows(names=_query_names(data_mat, frame, cells.shape[0]), min_cells=1)
     if np.issubdtype(cells.dtype, np.floating):
-        val._check_finite(cells, rows)
-    val._check_nonzero_cells(cells, rows)
+        val.check_finite(cells, rows)
+    val.check_nonzero_cells(cells, rows)
     return cells
 
 

@@ -7,6 +7,7 @@ when its helper is called (``import harmonypy`` works without them).
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 __all__ = ["ANNDATA_HINT", "PYARROW_HINT", "ZARR_HINT", "require_anndata", "require_pyarrow",
@@ -20,6 +21,15 @@ PYARROW_HINT = "pip install pyarrow"
 ZARR_HINT = "pip install zarr"
 
 
+def _import_optional(name: str, message: str) -> ModuleType:
+    """Import ``name`` on call (it is optional: ``import harmonypy`` works without it),
+    or raise ImportError with ``message``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(message) from err
+
+
 def require_anndata() -> ModuleType:
     """Import and return the ``anndata`` module.
 
@@ -28,15 +38,8 @@ def require_anndata() -> ModuleType:
     ImportError
         When anndata is not installed; the message gives :data:`ANNDATA_HINT`.
     """
-    try:
-        # Imported on call, not at the top: anndata is optional, and `import
-        # harmonypy` must work without it.
-        import anndata
-    except ImportError as err:
-        raise ImportError(
-            f"reading or writing .h5ad files needs the anndata package: {ANNDATA_HINT}"
-        ) from err
-    return anndata
+    return _import_optional(
+        "anndata", f"reading or writing .h5ad files needs the anndata package: {ANNDATA_HINT}")
 
 
 def require_pyarrow() -> None:
@@ -47,10 +50,7 @@ def require_pyarrow() -> None:
     ImportError
         When pyarrow is not installed; the message gives :data:`PYARROW_HINT`.
     """
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise ImportError(f"Parquet files need pyarrow: {PYARROW_HINT}") from None
+    _import_optional("pyarrow", f"Parquet files need pyarrow: {PYARROW_HINT}")
 
 
 def require_zarr(purpose: str) -> ModuleType:
@@ -66,8 +66,4 @@ def require_zarr(purpose: str) -> ModuleType:
     ImportError
         When zarr is not installed; the message gives :data:`ZARR_HINT`.
     """
-    try:
-        import zarr
-    except ImportError as err:
-        raise ImportError(f"{purpose} needs zarr: {ZARR_HINT}") from err
-    return zarr
+    return _import_optional("zarr", f"{purpose} needs zarr: {ZARR_HINT}")

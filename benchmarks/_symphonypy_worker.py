@@ -63,8 +63,9 @@ def gene_space(pcs: np.ndarray, names):
     import anndata
     import pandas as pd
 
-    adata = anndata.AnnData(np.ascontiguousarray(pcs, dtype=np.float64),
-                            var=pd.DataFrame(index=names))
+    adata = anndata.AnnData(
+        np.ascontiguousarray(pcs, dtype=np.float64), var=pd.DataFrame(index=names)
+    )
     adata.uns["log1p"] = {"base": None}
     return adata
 
@@ -74,12 +75,17 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--key", default="", help="comma-separated query batch columns; '' = none")
-    p.add_argument("--confidence-cells", type=int, default=0,
-                   help="also run per_cell_confidence on this many query cells")
+    p.add_argument(
+        "--confidence-cells",
+        type=int,
+        default=0,
+        help="also run per_cell_confidence on this many query cells",
+    )
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         from threadpoolctl import threadpool_limits
+
         threadpool_limits(args.threads)
 
     import pandas as pd
@@ -133,15 +139,17 @@ def main(argv=None) -> int:
     np.save(out / "Z_corr.npy", np.asarray(adata_query.obsm["X_pca_harmony"], dtype=np.float64))
     np.save(out / "R.npy", np.asarray(adata_query.obsm["X_pca_harmony_symphony_R"]))
     if args.confidence_cells:
-        subset = adata_query[:args.confidence_cells].copy()
+        subset = adata_query[: args.confidence_cells].copy()
         for basis in ("X_pca", "X_pca_harmony"):  # R's Z_orig = TRUE / symphonypy's default
             adata_ref.uns["harmony"].pop("inv_cluster_covs", None)
             adata_ref.uns["harmony"].pop("cluster_centers", None)
             t0 = time.perf_counter()
             sp.tl.per_cell_confidence(subset, adata_ref, ref_basis_adjusted=basis)
             result[f"confidence_{basis}_seconds"] = time.perf_counter() - t0
-            np.save(out / f"confidence_{basis}.npy",
-                    subset.obs["symphony_per_cell_dist"].to_numpy(dtype=np.float64))
+            np.save(
+                out / f"confidence_{basis}.npy",
+                subset.obs["symphony_per_cell_dist"].to_numpy(dtype=np.float64),
+            )
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return 0
 

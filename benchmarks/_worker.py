@@ -85,9 +85,7 @@ def as_cells_by_pcs(Z: np.ndarray, n_cells: int) -> np.ndarray:
     return np.ascontiguousarray(Z, dtype=np.float32)
 
 
-def run_harmonypy(
-    X: np.ndarray, meta: Any, args: argparse.Namespace
-) -> tuple[np.ndarray, dict]:
+def run_harmonypy(X: np.ndarray, meta: Any, args: argparse.Namespace) -> tuple[np.ndarray, dict]:
     """Call ``harmonypy.run_harmony`` (this repo, 0.2.0 or 2.1.0)."""
     import harmonypy
 
@@ -202,9 +200,12 @@ def _scanpy_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """scanpy's ``harmony_integrate`` arguments for the mode (same for both tools)."""
     kwargs: dict[str, Any] = dict(rng=args.seed)
     if args.mode == "fixed":
-        kwargs.update(max_iter_harmony=FIXED_ITER_HARMONY,
-                      max_iter_clustering=FIXED_ITER_CLUSTER,
-                      tol_harmony=NO_EARLY_STOP, tol_clustering=NO_EARLY_STOP)
+        kwargs.update(
+            max_iter_harmony=FIXED_ITER_HARMONY,
+            max_iter_clustering=FIXED_ITER_CLUSTER,
+            tol_harmony=NO_EARLY_STOP,
+            tol_clustering=NO_EARLY_STOP,
+        )
     if args.algorithm == "harmony1":
         kwargs["flavor"] = "harmony1"
     return kwargs
@@ -241,16 +242,23 @@ def run_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace) -> tuple[np.n
     t0 = time.perf_counter()
     sc.pp.harmony_integrate(adata, args.batch_key, **_scanpy_kwargs(args))
     seconds = time.perf_counter() - t0
-    info = dict(seconds=seconds, rss_before_call_gb=rss_before_call,
-                iterations=len(rounds), kmeans_rounds=rounds,
-                version=version("scanpy"), module_file=sc.__file__)
+    info = dict(
+        seconds=seconds,
+        rss_before_call_gb=rss_before_call,
+        iterations=len(rounds),
+        kmeans_rounds=rounds,
+        version=version("scanpy"),
+        module_file=sc.__file__,
+    )
     return as_cells_by_pcs(adata.obsm["X_pca_harmony"], X.shape[0]), info
 
 
-def run_harmonypy_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace
-                         ) -> tuple[np.ndarray, dict]:
+def run_harmonypy_scanpy(
+    X: np.ndarray, meta: Any, args: argparse.Namespace
+) -> tuple[np.ndarray, dict]:
     """Call this package's ``harmonypy.harmony_integrate`` (scanpy's signature)."""
     import harmonypy
+
     # Patched where harmony_integrate looks the name up (its own module's globals).
     import harmonypy.adapters.scanpy as core
 
@@ -273,32 +281,50 @@ def run_harmonypy_scanpy(X: np.ndarray, meta: Any, args: argparse.Namespace
     harmonypy.harmony_integrate(adata, args.batch_key, **kwargs)
     seconds = time.perf_counter() - t0
     rounds = [int(r) for r in fitted[-1].kmeans_rounds]
-    info = dict(seconds=seconds, rss_before_call_gb=rss_before_call,
-                iterations=len(rounds), kmeans_rounds=rounds,
-                version=harmonypy.__version__, module_file=harmonypy.__file__)
+    info = dict(
+        seconds=seconds,
+        rss_before_call_gb=rss_before_call,
+        iterations=len(rounds),
+        kmeans_rounds=rounds,
+        version=harmonypy.__version__,
+        module_file=harmonypy.__file__,
+    )
     return as_cells_by_pcs(adata.obsm["X_pca_harmony"], X.shape[0]), info
 
 
-RUNNERS = {"harmonypy": run_harmonypy, "harmony-pytorch": run_harmony_pytorch,
-           "scanpy": run_scanpy, "harmonypy-scanpy": run_harmonypy_scanpy}
+RUNNERS = {
+    "harmonypy": run_harmonypy,
+    "harmony-pytorch": run_harmony_pytorch,
+    "scanpy": run_scanpy,
+    "harmonypy-scanpy": run_harmonypy_scanpy,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line interface of the worker."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tool", choices=sorted(RUNNERS), required=True)
-    p.add_argument("--ours", dest="tool_is_ours", action="store_true",
-                   help="the harmonypy under test is this repository's")
+    p.add_argument(
+        "--ours",
+        dest="tool_is_ours",
+        action="store_true",
+        help="the harmonypy under test is this repository's",
+    )
     p.add_argument("--algorithm", choices=["harmony1", "harmony2"], default="harmony1")
     p.add_argument("--mode", choices=["defaults", "fixed"], default="defaults")
     p.add_argument("--pcs", required=True, help="cells x PCs .npy")
     p.add_argument("--meta", required=True, help="metadata .csv")
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="thread count to impose (default: the tool's own)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="harmonypy-scanpy only: dtype= of harmony_integrate (default float64)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="thread count to impose (default: the tool's own)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="harmonypy-scanpy only: dtype= of harmony_integrate (default float64)",
+    )
     p.add_argument("--out-npy", required=True)
     p.add_argument("--out-json", required=True)
     return p.parse_args(argv)
@@ -315,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     result: dict[str, Any] = dict(
-        tool=args.tool, algorithm=args.algorithm, mode=args.mode,
-        python=platform.python_version(), cpu_count=os.cpu_count(),
+        tool=args.tool,
+        algorithm=args.algorithm,
+        mode=args.mode,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
     )
     X = np.load(args.pcs)
     meta = load_meta(args.meta)
@@ -330,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotImplementedError as exc:
         result.update(status="not implemented", error=str(exc))
     except Exception as exc:  # report any tool failure as data, not a crash
-        result.update(status="error", error=f"{type(exc).__name__}: {exc}",
-                      traceback=traceback.format_exc())
+        result.update(
+            status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+        )
     else:
         np.save(args.out_npy, Z)
         result.update(info, status="ok")

@@ -39,8 +39,10 @@ def main(argv=None):
     z, meta = simulate(n_cells=args.cells, n_pcs=50, n_batches=64, seed=0)
     B, K, d = 64, 100, 50
     print(f"{args.cells:,} cells x {d} PCs, {B} batches, K = {K}; {cpus} CPUs")
-    print("| algorithm | processes x threads | seconds | with start | vs 1 process | "
-          "iterations | rounds | bytes/process | expected bytes | bytes/round | min per-PC r |")
+    print(
+        "| algorithm | processes x threads | seconds | with start | vs 1 process | "
+        "iterations | rounds | bytes/process | expected bytes | bytes/round | min per-PC r |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for algorithm in args.algorithms.split(","):
         base = None
@@ -48,26 +50,40 @@ def main(argv=None):
             threads = max(1, cpus // nproc)
             t = time.perf_counter()
             if nproc == 1:
-                ho = hm.run_harmony(z, meta, "batch", algorithm=algorithm, ncores=threads,
-                                    verbose=False)
+                ho = hm.run_harmony(
+                    z, meta, "batch", algorithm=algorithm, ncores=threads, verbose=False
+                )
                 seconds = start = time.perf_counter() - t
                 corrected, n_iter, rounds, sent = ho.result(), ho.n_iter, ho.kmeans_rounds, 0
             else:
-                run = run_in_processes(z, meta, "batch", nproc, algorithm=algorithm,
-                                       ncores=threads, verbose=False)
+                run = run_in_processes(
+                    z, meta, "batch", nproc, algorithm=algorithm, ncores=threads, verbose=False
+                )
                 start, seconds = time.perf_counter() - t, run.seconds
                 corrected, n_iter, rounds = run.corrected, run.n_iter, run.kmeans_rounds
                 sent = run.bytes_per_process
             n_rounds = sum(rounds)
-            expect = communicated_bytes(
-                rounds=n_rounds, iterations=n_iter, n_blocks=n_blocks_of(args.cells, 0.05),
-                n_levels=B, n_clusters=K, n_features=d, algorithm=algorithm) if nproc > 1 else 0
+            expect = (
+                communicated_bytes(
+                    rounds=n_rounds,
+                    iterations=n_iter,
+                    n_blocks=n_blocks_of(args.cells, 0.05),
+                    n_levels=B,
+                    n_clusters=K,
+                    n_features=d,
+                    algorithm=algorithm,
+                )
+                if nproc > 1
+                else 0
+            )
             if base is None:
                 base = (seconds, corrected.copy())
-            print(f"| {algorithm} | {nproc} x {threads} | {seconds:.1f} | {start:.1f} | "
-                  f"{seconds / base[0]:.2f}x | {n_iter} | {n_rounds} | {sent:,} | {expect:,} | "
-                  f"{sent // max(n_rounds, 1):,} | {per_pc_r(corrected, base[1]):.5f} |",
-                  flush=True)
+            print(
+                f"| {algorithm} | {nproc} x {threads} | {seconds:.1f} | {start:.1f} | "
+                f"{seconds / base[0]:.2f}x | {n_iter} | {n_rounds} | {sent:,} | {expect:,} | "
+                f"{sent // max(n_rounds, 1):,} | {per_pc_r(corrected, base[1]):.5f} |",
+                flush=True,
+            )
     return 0
 
 

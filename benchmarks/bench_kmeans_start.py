@@ -44,8 +44,9 @@ def run(X, meta, algorithm: str, kmeans_init: str) -> tuple[np.ndarray, float, f
     core.kmeans_centroids = timed
     try:
         t0 = time.perf_counter()
-        ho = hm.run_harmony(X, meta, "batch", algorithm=algorithm, kmeans_init=kmeans_init,
-                            verbose=False)
+        ho = hm.run_harmony(
+            X, meta, "batch", algorithm=algorithm, kmeans_init=kmeans_init, verbose=False
+        )
         total = time.perf_counter() - t0
     finally:
         core.kmeans_centroids = original
@@ -72,24 +73,37 @@ def main(argv: list[str] | None = None) -> int:
                 Z, start, total = run(X, meta, algorithm, init)
                 outputs[init] = Z.astype(np.float64)
                 scores = hm.compute_lisi(Z[subset], sub_meta, ["batch", "cell_type"])
-                rows.append(dict(cells=n, algorithm=algorithm, init=init, start=start, total=total,
-                                 ilisi=float(np.median(scores[:, 0])),
-                                 clisi=float(np.median(scores[:, 1])), min_r=per_pc_r(outputs["r"], outputs[init])))
+                rows.append(
+                    dict(
+                        cells=n,
+                        algorithm=algorithm,
+                        init=init,
+                        start=start,
+                        total=total,
+                        ilisi=float(np.median(scores[:, 0])),
+                        clisi=float(np.median(scores[:, 1])),
+                        min_r=per_pc_r(outputs["r"], outputs[init]),
+                    )
+                )
                 print(rows[-1], file=sys.stderr, flush=True)
 
     lines = [
-        "# The k-means start's cost", "",
+        "# The k-means start's cost",
+        "",
         f"Simulated input: cells x 50 PCs, {args.batches} batches, 10 cell types, seed 0; "
         f"`python benchmarks/bench_kmeans_start.py --cells {args.cells}`. The start runs on "
         f"{SAMPLE_SIZE:,} sampled cells. iLISI/cLISI: medians over the same random "
-        f"{args.lisi_cells:,} cells; min per-PC r against the 'r' start's result.", "",
+        f"{args.lisi_cells:,} cells; min per-PC r against the 'r' start's result.",
+        "",
         "| cells | algorithm | kmeans_init | start s | run s | start share | iLISI | cLISI | min per-PC r vs 'r' |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['cells']:,} | {row['algorithm']} | {row['init']} | {row['start']:.2f} | "
-                     f"{row['total']:.2f} | {row['start'] / row['total']:.0%} | {row['ilisi']:.3f} | "
-                     f"{row['clisi']:.3f} | {row['min_r']:.4f} |")
+        lines.append(
+            f"| {row['cells']:,} | {row['algorithm']} | {row['init']} | {row['start']:.2f} | "
+            f"{row['total']:.2f} | {row['start'] / row['total']:.0%} | {row['ilisi']:.3f} | "
+            f"{row['clisi']:.3f} | {row['min_r']:.4f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

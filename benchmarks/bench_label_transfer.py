@@ -35,13 +35,26 @@ def splits():
     sets = [("pbmcs_small", pcs.to_numpy(), meta.reset_index(drop=True), "donor")]
     cl_pcs = pd.read_csv(SHARED / "cell_lines_small_pcs.tsv.gz", sep="\t")
     cl_meta = pd.read_csv(SHARED / "cell_lines_small_meta.tsv.gz", sep="\t")
-    sets.append(("cell_lines_small", cl_pcs.select_dtypes("number").to_numpy(),
-                 cl_meta.reset_index(drop=True), "dataset"))
+    sets.append(
+        (
+            "cell_lines_small",
+            cl_pcs.select_dtypes("number").to_numpy(),
+            cl_meta.reset_index(drop=True),
+            "dataset",
+        )
+    )
     for name, X, meta, key in sets:
         for held_out in sorted(meta[key].unique()):
             query = (meta[key] == held_out).to_numpy()
-            yield (name, held_out, X[~query], meta[~query].reset_index(drop=True),
-                   X[query], meta[query].reset_index(drop=True), key)
+            yield (
+                name,
+                held_out,
+                X[~query],
+                meta[~query].reset_index(drop=True),
+                X[query],
+                meta[query].reset_index(drop=True),
+                key,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,29 +74,52 @@ def main(argv: list[str] | None = None) -> int:
             mapped = hm.map_query(qx, qmeta, ref)
             truth = qmeta["cell_type"].astype(str).to_numpy()
             for k, p in itertools.product(ks, thresholds):
-                called = hm.transfer_labels(mapped, ref, "cell_type", k=k,
-                                            min_probability=p)["label"].astype(str).to_numpy()
-                rows.append(dict(algorithm=algorithm, data=name, held_out=held_out, k=k,
-                                 min_probability=p, accuracy=float((called == truth).mean()),
-                                 unknown=float((called == "unknown").mean())))
+                called = (
+                    hm.transfer_labels(mapped, ref, "cell_type", k=k, min_probability=p)["label"]
+                    .astype(str)
+                    .to_numpy()
+                )
+                rows.append(
+                    dict(
+                        algorithm=algorithm,
+                        data=name,
+                        held_out=held_out,
+                        k=k,
+                        min_probability=p,
+                        accuracy=float((called == truth).mean()),
+                        unknown=float((called == "unknown").mean()),
+                    )
+                )
     frame = pd.DataFrame(rows)
-    mean = (frame.groupby(["algorithm", "k", "min_probability"])[["accuracy", "unknown"]]
-            .mean().reset_index())
-    lines = ["| algorithm | k | min_probability | mean accuracy | mean unknown | worst split |",
-             "|---|---|---|---|---|---|"]
+    mean = (
+        frame.groupby(["algorithm", "k", "min_probability"])[["accuracy", "unknown"]]
+        .mean()
+        .reset_index()
+    )
+    lines = [
+        "| algorithm | k | min_probability | mean accuracy | mean unknown | worst split |",
+        "|---|---|---|---|---|---|",
+    ]
     worst = frame.groupby(["algorithm", "k", "min_probability"])["accuracy"].min()
     for _, r in mean.iterrows():
-        lines.append(f"| {r.algorithm} | {r.k} | {r.min_probability:g} | {r.accuracy:.4f} | "
-                     f"{r.unknown:.4f} | {worst[(r.algorithm, r.k, r.min_probability)]:.4f} |")
+        lines.append(
+            f"| {r.algorithm} | {r.k} | {r.min_probability:g} | {r.accuracy:.4f} | "
+            f"{r.unknown:.4f} | {worst[(r.algorithm, r.k, r.min_probability)]:.4f} |"
+        )
     per_split = frame[(frame.min_probability == 0) & frame.k.isin([5, 10, 30])].pivot_table(
-        index=["algorithm", "data", "held_out"], columns="k", values="accuracy")
-    text = ("Mean over the leave-one-batch-out splits (pbmcs_small: 3 chemistries; "
-            "cell_lines_small: 3 data sets).\n\n" + "\n".join(lines) + "\n\nPer split, "
-            "no threshold:\n\n```\n" + per_split.round(4).to_string() + "\n```\n")
+        index=["algorithm", "data", "held_out"], columns="k", values="accuracy"
+    )
+    text = (
+        "Mean over the leave-one-batch-out splits (pbmcs_small: 3 chemistries; "
+        "cell_lines_small: 3 data sets).\n\n" + "\n".join(lines) + "\n\nPer split, "
+        "no threshold:\n\n```\n" + per_split.round(4).to_string() + "\n```\n"
+    )
     print(text)
     if args.out:
-        args.out.write_text("# Label transfer: k and min_probability\n\n"
-                            "`python benchmarks/bench_label_transfer.py`\n\n" + text)
+        args.out.write_text(
+            "# Label transfer: k and min_probability\n\n"
+            "`python benchmarks/bench_label_transfer.py`\n\n" + text
+        )
     return 0
 
 

@@ -43,7 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from harmonypy import neighbors
-from harmonypy.metrics import lisi as _lisi# noqa: E402
+from harmonypy.metrics import lisi as _lisi  # noqa: E402
 
 OLD_VERSION = "0.2.0"
 OLD_VENV = HERE / ".venvs" / f"harmonypy-{OLD_VERSION}"
@@ -141,7 +141,9 @@ def time_old(X, meta, timeout: float):
         try:
             out = subprocess.run(
                 [str(py), "-c", OLD_DRIVER, xp, mp, rp],
-                capture_output=True, text=True, timeout=timeout,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired:
             return None, f"> {timeout:.0f} s (timed out)"
@@ -155,33 +157,52 @@ def recall(idx_approx: np.ndarray, idx_exact: np.ndarray) -> float:
     """Fraction of the exact neighbours that the approximate search found."""
     hits = 0
     for s in range(0, len(idx_exact), 10_000):
-        a, e = idx_approx[s:s + 10_000], idx_exact[s:s + 10_000]
+        a, e = idx_approx[s : s + 10_000], idx_exact[s : s + 10_000]
         hits += int((a[:, :, None] == e[:, None, :]).any(axis=2).sum())
     return hits / idx_exact.size
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cells", type=int, default=100_000)
     ap.add_argument("--dims", type=int, default=30)
     ap.add_argument("--data", choices=["mixture", "simulate"], default="mixture")
-    ap.add_argument("--probes", default="16,32,64,96",
-                    help="comma-separated n_probe values for the IVF recall sweep ('' to skip)")
-    ap.add_argument("--old-cells", type=int, default=None,
-                    help="cells for harmonypy 0.2.0 (default: same as --cells)")
+    ap.add_argument(
+        "--probes",
+        default="16,32,64,96",
+        help="comma-separated n_probe values for the IVF recall sweep ('' to skip)",
+    )
+    ap.add_argument(
+        "--old-cells",
+        type=int,
+        default=None,
+        help="cells for harmonypy 0.2.0 (default: same as --cells)",
+    )
     ap.add_argument("--old-timeout", type=float, default=3600.0)
     ap.add_argument("--skip-old", action="store_true")
-    ap.add_argument("--million", action="store_true",
-                    help="also score 1,000,000 cells with the IVF search")
-    ap.add_argument("--pynndescent", action="store_true",
-                    help="with --million: also pynndescent at 1,000,000 cells")
-    ap.add_argument("--ten-million", action="store_true",
-                    help="recall of the default IVF search at 10,000,000 cells (sampled cells)")
+    ap.add_argument(
+        "--million", action="store_true", help="also score 1,000,000 cells with the IVF search"
+    )
+    ap.add_argument(
+        "--pynndescent",
+        action="store_true",
+        help="with --million: also pynndescent at 1,000,000 cells",
+    )
+    ap.add_argument(
+        "--ten-million",
+        action="store_true",
+        help="recall of the default IVF search at 10,000,000 cells (sampled cells)",
+    )
     args = ap.parse_args(argv)
 
     import torch
-    env = (f"{os.cpu_count()} CPU cores, torch {torch.__version__} "
-           f"({torch.get_num_threads()} threads), numpy {np.__version__}")
+
+    env = (
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), numpy {np.__version__}"
+    )
     print(env, flush=True)
     rows = []  # (cells, implementation, knn s, scores s, total s, note)
     sweep = []  # (n_probe, knn s, recall)
@@ -193,11 +214,18 @@ def main(argv=None) -> int:
 
     lisi_ivf, idx_ivf, a_knn, a_sc = time_ours(X, meta, "ivf")
     err = np.abs(lisi_ivf - lisi_exact)
-    rows.append((args.cells, f"harmonypy, IVF (default: n_probe="
-                 f"{neighbors.ivf_n_probe(neighbors.ivf_n_lists(args.cells))})", a_knn, a_sc,
-                 a_knn + a_sc,
-                 f"recall {recall(idx_ivf, idx_exact):.4f}; |LISI - exact| median "
-                 f"{np.median(err):.1e}, 99th pct {np.quantile(err, 0.99):.2g}, max {err.max():.2g}"))
+    rows.append(
+        (
+            args.cells,
+            f"harmonypy, IVF (default: n_probe="
+            f"{neighbors.ivf_n_probe(neighbors.ivf_n_lists(args.cells))})",
+            a_knn,
+            a_sc,
+            a_knn + a_sc,
+            f"recall {recall(idx_ivf, idx_exact):.4f}; |LISI - exact| median "
+            f"{np.median(err):.1e}, 99th pct {np.quantile(err, 0.99):.2g}, max {err.max():.2g}",
+        )
+    )
     print(rows[-1], flush=True)
     for n_probe in [int(p) for p in args.probes.split(",") if p.strip()]:
         _, idx_p, p_knn, _ = time_ours(X, meta, "ivf", n_probe=n_probe)
@@ -222,8 +250,16 @@ def main(argv=None) -> int:
             rows.append((n_old, f"harmonypy {OLD_VERSION}", None, None, None, old_t))
         else:
             diff = np.abs(old_lisi - ours_lisi).max()
-            rows.append((n_old, f"harmonypy {OLD_VERSION}", None, None, old_t,
-                         f"max |LISI - ours exact| {diff:.3g}"))
+            rows.append(
+                (
+                    n_old,
+                    f"harmonypy {OLD_VERSION}",
+                    None,
+                    None,
+                    old_t,
+                    f"max |LISI - ours exact| {diff:.3g}",
+                )
+            )
             old_line = (n_old, old_t, ours)
         print(rows[-1], flush=True)
 
@@ -249,9 +285,16 @@ def million(args, n: int = 1_000_000):
         probe = neighbors.ivf_n_probe(n_lists) if n_probe is None else n_probe
         kwargs = {} if n_probe is None else {"n_probe": n_probe}
         _, idx_m, m_knn, m_sc = time_ours(Xm, mm, "ivf", **kwargs)
-        rows.append((n, f"harmonypy, IVF ({what}: n_probe={probe} of {n_lists} lists)",
-                     m_knn, m_sc, m_knn + m_sc,
-                     f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells)"))
+        rows.append(
+            (
+                n,
+                f"harmonypy, IVF ({what}: n_probe={probe} of {n_lists} lists)",
+                m_knn,
+                m_sc,
+                m_knn + m_sc,
+                f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells)",
+            )
+        )
         print(rows[-1], flush=True)
         del idx_m
     if args.pynndescent:
@@ -259,17 +302,32 @@ def million(args, n: int = 1_000_000):
         if idx_m is None:
             rows.append((n, "harmonypy, pynndescent", None, None, None, m_knn))
         else:
-            rows.append((n, "harmonypy, pynndescent", m_knn, None, None,
-                         f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells); "
-                         "numba compilation included"))
+            rows.append(
+                (
+                    n,
+                    "harmonypy, pynndescent",
+                    m_knn,
+                    None,
+                    None,
+                    f"recall {recall(idx_m[sample], ex):.4f} (2,000 sampled cells); "
+                    "numba compilation included",
+                )
+            )
         print(rows[-1], flush=True)
         del idx_m
     cells = np.sort(np.random.default_rng(3).choice(n, 10_000, replace=False))
     t0 = time.perf_counter()
     neighbors.knn_of_cells(np.ascontiguousarray(Xm), cells, ex.shape[1])
-    rows.append((n, "harmonypy, exact search of 10,000 sampled cells among all",
-                 time.perf_counter() - t0, None, None,
-                 "what `evaluate(n_query=10_000)` searches; exact"))
+    rows.append(
+        (
+            n,
+            "harmonypy, exact search of 10,000 sampled cells among all",
+            time.perf_counter() - t0,
+            None,
+            None,
+            "what `evaluate(n_query=10_000)` searches; exact",
+        )
+    )
     print(rows[-1], flush=True)
     return rows
 
@@ -297,9 +355,19 @@ def time_pynndescent(X: np.ndarray, k: int):
         xp, ip = os.path.join(tmp, "x.npy"), os.path.join(tmp, "idx.npy")
         np.save(xp, X)
         out = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", PYNN_DRIVER, xp, ip, str(k),
-             str(ROOT / "src")],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-X",
+                "faulthandler",
+                "-c",
+                PYNN_DRIVER,
+                xp,
+                ip,
+                str(k),
+                str(ROOT / "src"),
+            ],
+            capture_output=True,
+            text=True,
         )
         if out.returncode != 0:
             tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -319,23 +387,30 @@ def ten_million(args, n: int = 10_000_000, n_sample: int = 1000):
     idx = neighbors.knn_ivf(X, k, cells=sample).indices
     t = time.perf_counter() - t0
     n_lists = neighbors.ivf_n_lists(n)
-    return (n, f"harmonypy, IVF (default: n_probe={neighbors.ivf_n_probe(n_lists)} of {n_lists} "
-            f"lists), {n_sample:,} sampled cells only", t, None, None,
-            f"recall {recall(idx, ex):.4f} ({n_sample:,} sampled cells); time = partition "
-            "+ search of the sampled cells, not of all cells")
+    return (
+        n,
+        f"harmonypy, IVF (default: n_probe={neighbors.ivf_n_probe(n_lists)} of {n_lists} "
+        f"lists), {n_sample:,} sampled cells only",
+        t,
+        None,
+        None,
+        f"recall {recall(idx, ex):.4f} ({n_sample:,} sampled cells); time = partition "
+        "+ search of the sampled cells, not of all cells",
+    )
 
 
 def _exact_for_queries(X: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact neighbours (self excluded) of a few query cells, by brute force."""
     import torch
+
     T = torch.from_numpy(X)
     out = np.empty((len(queries), k), dtype=np.int64)
     step = max(1, min(100, 2**28 // (8 * len(X))))  # 256 MiB of float64 distances
     for s in range(0, len(queries), step):
-        q = queries[s:s + step]
+        q = queries[s : s + step]
         d = torch.cdist(T[q], T)
         d[torch.arange(len(q)), torch.from_numpy(q)] = float("inf")
-        out[s:s + step] = torch.topk(d, k, largest=False).indices.numpy()
+        out[s : s + step] = torch.topk(d, k, largest=False).indices.numpy()
     return out
 
 
@@ -344,18 +419,25 @@ def _fmt(x):
 
 
 def write_report(rows, sweep, old_line, env, args):
-    data = ("Gaussian mixture (20 cell types, 4 batches, PC-like decreasing scales)"
-            if args.data == "mixture" else
-            "harmonypy._simulate.simulate (10 cell types, 8 batches)")
-    cmd = " ".join(["python benchmarks/bench_lisi.py", f"--cells {args.cells}"]
-                   + ([f"--data {args.data}"] if args.data != "mixture" else [])
-                   + (["--million"] if args.million else [])
-                   + (["--pynndescent"] if args.pynndescent else [])
-                   + (["--ten-million"] if args.ten_million else [])
-                   + ([f"--old-cells {args.old_cells}"] if args.old_cells else [])
-                   + (["--skip-old"] if args.skip_old else []))
+    data = (
+        "Gaussian mixture (20 cell types, 4 batches, PC-like decreasing scales)"
+        if args.data == "mixture"
+        else "harmonypy._simulate.simulate (10 cell types, 8 batches)"
+    )
+    cmd = " ".join(
+        ["python benchmarks/bench_lisi.py", f"--cells {args.cells}"]
+        + ([f"--data {args.data}"] if args.data != "mixture" else [])
+        + (["--million"] if args.million else [])
+        + (["--pynndescent"] if args.pynndescent else [])
+        + (["--ten-million"] if args.ten_million else [])
+        + ([f"--old-cells {args.old_cells}"] if args.old_cells else [])
+        + (["--skip-old"] if args.skip_old else [])
+    )
     lines = [
-        "# LISI benchmark", "", f"`{cmd}`", "",
+        "# LISI benchmark",
+        "",
+        f"`{cmd}`",
+        "",
         f"Machine: {env}; shared with other jobs, so compare timings within this table. "
         f"Data: {data}, {args.dims} dims; labels `batch` and `cell_type` scored in one "
         f"call, perplexity {PERPLEXITY}.",
@@ -373,9 +455,14 @@ def write_report(rows, sweep, old_line, env, args):
             for name, t in ours.items()
         ]
     if sweep:
-        lines += ["", f"IVF recall of the exact neighbours at {args.cells:,} cells by `n_probe` "
-                  f"({neighbors.ivf_n_lists(args.cells)} lists):", "",
-                  "| n_probe | neighbours (s) | recall |", "| ---: | ---: | ---: |"]
+        lines += [
+            "",
+            f"IVF recall of the exact neighbours at {args.cells:,} cells by `n_probe` "
+            f"({neighbors.ivf_n_lists(args.cells)} lists):",
+            "",
+            "| n_probe | neighbours (s) | recall |",
+            "| ---: | ---: | ---: |",
+        ]
         lines += [f"| {p} | {t:.2f} | {r:.4f} |" for p, t, r in sweep]
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

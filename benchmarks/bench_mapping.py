@@ -74,8 +74,7 @@ def worker(args) -> int:
     ref = hm.load_reference(folder / "reference.npz")
     # Warm-up on a few cells: torch's first calls load kernels and libraries.
     hm.map_query(cells[:256], meta[:256], ref, vars_use="batch")
-    result = {"n_query": n, "rss_after_load_gb": peak_rss_gb(),
-              "threads": torch.get_num_threads()}
+    result = {"n_query": n, "rss_after_load_gb": peak_rss_gb(), "threads": torch.get_num_threads()}
     score = args.worker == "map+score"
     t0 = time.perf_counter()
     q = hm.map_query(cells, meta, ref, vars_use="batch", confidence=score)
@@ -87,8 +86,11 @@ def worker(args) -> int:
         result["transfer_seconds"] = time.perf_counter() - t0
         result["rss_transfer_gb"] = peak_rss_gb()
         truth = pd.read_csv(folder / "query_meta.csv", nrows=n, usecols=["cell_type"])
-        result["accuracy"] = float((labels["label"].astype(str).to_numpy()
-                                    == truth["cell_type"].astype(str).to_numpy()).mean())
+        result["accuracy"] = float(
+            (
+                labels["label"].astype(str).to_numpy() == truth["cell_type"].astype(str).to_numpy()
+            ).mean()
+        )
     result["loadavg"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(result))
     return 0
@@ -109,19 +111,26 @@ def make_inputs(args) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     log(f"simulating {args.ref_cells + n_query:,} cells -> {folder}")
     X, meta = hm.datasets.simulate(args.ref_cells + n_query, args.n_pcs, 8, 10, seed=args.seed)
-    ref_pcs, ref_meta = X[:args.ref_cells], meta.iloc[:args.ref_cells].reset_index(drop=True)
+    ref_pcs, ref_meta = X[: args.ref_cells], meta.iloc[: args.ref_cells].reset_index(drop=True)
     t0 = time.perf_counter()
-    ho = hm.run_harmony(ref_pcs, ref_meta, "batch", nclust=args.nclust, verbose=False,
-                        random_state=args.seed)
+    ho = hm.run_harmony(
+        ref_pcs, ref_meta, "batch", nclust=args.nclust, verbose=False, random_state=args.seed
+    )
     log(f"reference Harmony run: {time.perf_counter() - t0:.1f} s, K = {ho.K}")
     hm.build_reference(ho, ref_meta, labels="cell_type").save(folder / "reference.npz")
-    np.save(folder / "query.npy", np.ascontiguousarray(X[args.ref_cells:]))
-    meta.iloc[args.ref_cells:].to_csv(folder / "query_meta.csv", index=False)
+    np.save(folder / "query.npy", np.ascontiguousarray(X[args.ref_cells :]))
+    meta.iloc[args.ref_cells :].to_csv(folder / "query_meta.csv", index=False)
     # symphonypy's inputs (see _symphonypy_worker.py), at its query size.
     from compare_symphonypy import write_inputs
+
     n_sym = min(args.symphonypy_cells, n_query)
-    write_inputs(folder / "symphonypy", ho, ref_pcs, X[args.ref_cells:args.ref_cells + n_sym],
-                 meta.iloc[args.ref_cells:args.ref_cells + n_sym][["batch"]].astype(str))
+    write_inputs(
+        folder / "symphonypy",
+        ho,
+        ref_pcs,
+        X[args.ref_cells : args.ref_cells + n_sym],
+        meta.iloc[args.ref_cells : args.ref_cells + n_sym][["batch"]].astype(str),
+    )
     (folder / "done").write_text("ok")
     del pd
     return folder
@@ -132,8 +141,20 @@ def log(msg: str) -> None:
 
 
 def run_child(args, folder: Path, kind: str, n: int, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-           "--inputs", str(folder), "--n-query", str(n), "--k", str(args.k), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        kind,
+        "--inputs",
+        str(folder),
+        "--n-query",
+        str(n),
+        "--k",
+        str(args.k),
+        "--out",
+        str(out),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=str(SRC))
@@ -152,14 +173,21 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads in every child (default: torch's own)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads in every child (default: torch's own)",
+    )
     p.add_argument("--symphonypy-cells", type=int, default=100000)
     p.add_argument("--no-symphonypy", action="store_true")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--name", default="mapping")
-    p.add_argument("--from-json", action="store_true",
-                   help="rebuild the report from benchmarks/results/<name>.json; run nothing")
+    p.add_argument(
+        "--from-json",
+        action="store_true",
+        help="rebuild the report from benchmarks/results/<name>.json; run nothing",
+    )
     # worker mode (internal)
     p.add_argument("--worker", choices=["map", "map+score"], help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -171,8 +199,9 @@ def main(argv=None) -> int:
     args.query_cells = [int(s.replace("_", "")) for s in args.query_cells.split(",") if s]
     if args.from_json:
         saved = json.loads((RESULTS / f"{args.name}.json").read_text())
-        runs = {(key.rsplit(" ", 1)[0], int(key.rsplit(" ", 1)[1])): rs
-                for key, rs in saved.items()}
+        runs = {
+            (key.rsplit(" ", 1)[0], int(key.rsplit(" ", 1)[1])): rs for key, rs in saved.items()
+        }
         args.repeats = max(len(rs) for rs in runs.values())
         args.query_cells = sorted({n for kind, n in runs if kind != "symphonypy"})
         write_report(args, runs, raw=False)
@@ -186,6 +215,7 @@ def main(argv=None) -> int:
     python = None
     if not args.no_symphonypy:
         from compare_symphonypy import ensure_symphonypy
+
         python = ensure_symphonypy()
     for rep in range(args.repeats):
         for n in args.query_cells:
@@ -193,14 +223,23 @@ def main(argv=None) -> int:
                 log(f"{kind} n={n:,} repeat {rep + 1}/{args.repeats}")
                 res = run_child(args, folder, kind, n, scratch / f"{kind}_{n}.json")
                 runs.setdefault((kind, n), []).append(res)
-                log("  " + ", ".join(f"{k}={v:.3g}" for k, v in res.items()
-                                      if isinstance(v, float)))
+                log(
+                    "  " + ", ".join(f"{k}={v:.3g}" for k, v in res.items() if isinstance(v, float))
+                )
         if python is not None:
             from compare_symphonypy import run_symphonypy
+
             n_sym = min(args.symphonypy_cells, max(args.query_cells))
             log(f"symphonypy map_embedding n={n_sym:,} repeat {rep + 1}/{args.repeats}")
-            res = run_symphonypy(python, folder / "symphonypy", scratch / "symphonypy", "batch",
-                                 0, args.threads, args.timeout)
+            res = run_symphonypy(
+                python,
+                folder / "symphonypy",
+                scratch / "symphonypy",
+                "batch",
+                0,
+                args.threads,
+                args.timeout,
+            )
             runs.setdefault(("symphonypy", n_sym), []).append(res)
             log(f"  {res['map_embedding_seconds']:.2f} s, peak RSS {res['rss_peak_gb']:.2f} GB")
     write_report(args, runs, raw=True)
@@ -219,8 +258,11 @@ def write_report(args, runs: dict, *, raw: bool) -> None:
         values = [r[field] for r in runs.get((kind, n), []) if field in r]
         return max(values) if values else None
 
-    sym = {n: fastest("symphonypy", n, "map_embedding_seconds") for (kind, n) in runs
-           if kind == "symphonypy"}
+    sym = {
+        n: fastest("symphonypy", n, "map_embedding_seconds")
+        for (kind, n) in runs
+        if kind == "symphonypy"
+    }
     lines = [
         f"# Reference mapping speed (`{args.name}`)",
         "",
@@ -249,45 +291,60 @@ def write_report(args, runs: dict, *, raw: bool) -> None:
             f"{worst('map+score', n, 'rss_transfer_gb'):.2f} | "
             f"{'-' if sym_s is None else f'{sym_s:.2f}'} | "
             f"{'-' if sym_s is None else f'{sym_s / map_s:.1f}x ({sym_s / score_s:.1f}x with score)'} | "
-            f"{worst('map+score', n, 'accuracy'):.4f} |")
+            f"{worst('map+score', n, 'accuracy'):.4f} |"
+        )
+
     def slowest(kind, n, field):
-        found = [(r[field], i, r.get("loadavg")) for i, r in enumerate(runs.get((kind, n), []))
-                 if field in r]
+        found = [
+            (r[field], i, r.get("loadavg"))
+            for i, r in enumerate(runs.get((kind, n), []))
+            if field in r
+        ]
         if not found:
             return "-"
         seconds, i, load = max(found)
         return f"{seconds:.2f} (repeat {i + 1}" + (
-            f", load {load:.1f})" if load is not None else ")")
+            f", load {load:.1f})" if load is not None else ")"
+        )
 
-    lines += ["", f"**Fastest of {args.repeats} repeats.** The times above are the fastest "
-                  f"repeat of each measurement: on this shared machine other processes only "
-                  f"add time, so the fastest is the closest to the cost of the code itself. "
-                  f"A single run can take much longer; the slowest repeat of each (which "
-                  f"repeat, and the 1-minute load average after it):",
-              "",
-              "| query cells | map_query (s) | map_query + score (s) | transfer_labels (s) "
-              "| symphonypy map_embedding (s) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"**Fastest of {args.repeats} repeats.** The times above are the fastest "
+        f"repeat of each measurement: on this shared machine other processes only "
+        f"add time, so the fastest is the closest to the cost of the code itself. "
+        f"A single run can take much longer; the slowest repeat of each (which "
+        f"repeat, and the 1-minute load average after it):",
+        "",
+        "| query cells | map_query (s) | map_query + score (s) | transfer_labels (s) "
+        "| symphonypy map_embedding (s) |",
+        "|---|---|---|---|---|",
+    ]
     for n in args.query_cells:
-        lines.append(f"| {n:,} | {slowest('map', n, 'map_seconds')} | "
-                     f"{slowest('map+score', n, 'map_seconds')} | "
-                     f"{slowest('map+score', n, 'transfer_seconds')} | "
-                     f"{slowest('symphonypy', n, 'map_embedding_seconds')} |")
+        lines.append(
+            f"| {n:,} | {slowest('map', n, 'map_seconds')} | "
+            f"{slowest('map+score', n, 'map_seconds')} | "
+            f"{slowest('map+score', n, 'transfer_seconds')} | "
+            f"{slowest('symphonypy', n, 'map_embedding_seconds')} |"
+        )
     loads = [r.get("loadavg", 0) for rs in runs.values() for r in rs]
-    lines += ["", f"Highest 1-minute load average seen after a run: {max(loads):.1f} "
-                  f"on {os.cpu_count()} CPUs (above that count, other processes took CPU time "
-                  f"and the times are inflated).",
-              "", f"Command: `python benchmarks/bench_mapping.py "
-                  f"--query-cells {','.join(map(str, args.query_cells))} "
-                  f"--repeats {args.repeats}"
-                  + (f" --threads {args.threads}" if args.threads else "") + "`"]
+    lines += [
+        "",
+        f"Highest 1-minute load average seen after a run: {max(loads):.1f} "
+        f"on {os.cpu_count()} CPUs (above that count, other processes took CPU time "
+        f"and the times are inflated).",
+        "",
+        f"Command: `python benchmarks/bench_mapping.py "
+        f"--query-cells {','.join(map(str, args.query_cells))} "
+        f"--repeats {args.repeats}" + (f" --threads {args.threads}" if args.threads else "") + "`",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text)
     if raw:
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(
-            {f"{kind} {n}": rs for (kind, n), rs in runs.items()}, indent=1))
+        (RESULTS / f"{args.name}.json").write_text(
+            json.dumps({f"{kind} {n}": rs for (kind, n), rs in runs.items()}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -59,17 +59,21 @@ print(json.dumps(dict(estimate=estimate, increase=status("VmHWM") - before,
 CASES = [
     dict(n=3000, d=20, levels=[1000], dtype="float32", input="float32", algorithm="harmony1"),
     dict(n=3000, d=20, levels=[4, 1000], dtype="float32", input="float32", algorithm="harmony1"),
-    dict(n=20000, d=20, levels=[20], dtype="float32", input="float32", algorithm="harmony1",
-         block_size=1e-4),
-    dict(n=20000, d=20, levels=[200, 300], dtype="float32", input="float32",
-         algorithm="harmony1"),
-    dict(n=20000, d=20, levels=[200, 300], dtype="float64", input="float64",
-         algorithm="harmony2"),
+    dict(
+        n=20000,
+        d=20,
+        levels=[20],
+        dtype="float32",
+        input="float32",
+        algorithm="harmony1",
+        block_size=1e-4,
+    ),
+    dict(n=20000, d=20, levels=[200, 300], dtype="float32", input="float32", algorithm="harmony1"),
+    dict(n=20000, d=20, levels=[200, 300], dtype="float64", input="float64", algorithm="harmony2"),
     dict(n=100000, d=50, levels=[20], dtype="float32", input="float32", algorithm="harmony1"),
     dict(n=100000, d=50, levels=[20], dtype="float32", input="float64", algorithm="harmony1"),
     dict(n=100000, d=50, levels=[20], dtype="float64", input="float64", algorithm="harmony1"),
-    dict(n=100000, d=50, levels=[20, 500], dtype="float32", input="float32",
-         algorithm="harmony2"),
+    dict(n=100000, d=50, levels=[20, 500], dtype="float32", input="float32", algorithm="harmony2"),
     dict(n=1000000, d=50, levels=[64], dtype="float32", input="float32", algorithm="harmony1"),
     dict(n=1000000, d=50, levels=[64], dtype="float32", input="float32", algorithm="harmony2"),
 ]
@@ -81,12 +85,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cases = [c for c in CASES if not (args.quick and c["n"] >= 1_000_000)]
     mb = 2**20
-    print("| cells x dims | levels | run (input) | estimate (MB) | measured (MB) | "
-          "measured / estimate | whole process peak (GB) |")
+    print(
+        "| cells x dims | levels | run (input) | estimate (MB) | measured (MB) | "
+        "measured / estimate | whole process peak (GB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for case in cases:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT / "src"), json.dumps(case)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(ROOT / "src"), json.dumps(case)],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             print(f"| {case} | failed: {out.stderr.strip().splitlines()[-1:]} |")
             continue
@@ -95,9 +104,12 @@ def main(argv=None) -> int:
         if "block_size" in case:
             run += f", block_size {case['block_size']:g}"
         levels = " + ".join(f"{b:,}" for b in case["levels"])
-        print(f"| {case['n']:,} x {case['d']} | {levels} | {run} ({case['input']} input) | "
-              f"{r['estimate'] / mb:.0f} | {r['increase'] / mb:.0f} | "
-              f"{r['increase'] / r['estimate']:.2f} | {r['peak'] / 1e9:.2f} |", flush=True)
+        print(
+            f"| {case['n']:,} x {case['d']} | {levels} | {run} ({case['input']} input) | "
+            f"{r['estimate'] / mb:.0f} | {r['increase'] / mb:.0f} | "
+            f"{r['increase'] / r['estimate']:.2f} | {r['peak'] / 1e9:.2f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -44,7 +44,9 @@ def load(name: str):
         meta = pd.read_csv(SHARED / "cell_lines_small_meta.tsv.gz", sep="\t")
         return pcs.select_dtypes("number").to_numpy(), meta, "dataset", {}
     if name.startswith("hard"):
-        X, meta = hm.datasets.simulate(int(name[4:]), 30, 5, n_cell_types=12, type_spread=2.0, seed=1)
+        X, meta = hm.datasets.simulate(
+            int(name[4:]), 30, 5, n_cell_types=12, type_spread=2.0, seed=1
+        )
         return X, meta, "batch", {}
     raise ValueError(f"unknown data set {name!r}")
 
@@ -54,30 +56,52 @@ def spread(name: str, algorithm: str, kmeans_init: str, seeds: int) -> dict:
     outputs = []
     t0 = time.perf_counter()
     for seed in range(seeds):
-        ho = hm.run_harmony(X, meta, key, algorithm=algorithm, kmeans_init=kmeans_init,
-                            random_state=seed, verbose=False, ncores=1)
+        ho = hm.run_harmony(
+            X,
+            meta,
+            key,
+            algorithm=algorithm,
+            kmeans_init=kmeans_init,
+            random_state=seed,
+            verbose=False,
+            ncores=1,
+        )
         outputs.append(ho.Z_corr.T.astype(np.float64))
     seconds = (time.perf_counter() - t0) / seeds
     pairs = [min_per_pc_r(a, b) for a, b in itertools.combinations(outputs, 2)]
-    to_r = [min_per_pc_r(o, references[algorithm]) for o in outputs] if algorithm in references else []
-    return dict(data=name, algorithm=algorithm, kmeans_init=kmeans_init,
-                median_pair=float(np.median(pairs)), worst_pair=min(pairs),
-                median_to_R=float(np.median(to_r)) if to_r else None,
-                worst_to_R=min(to_r) if to_r else None, seconds=seconds)
+    to_r = (
+        [min_per_pc_r(o, references[algorithm]) for o in outputs] if algorithm in references else []
+    )
+    return dict(
+        data=name,
+        algorithm=algorithm,
+        kmeans_init=kmeans_init,
+        median_pair=float(np.median(pairs)),
+        worst_pair=min(pairs),
+        median_to_R=float(np.median(to_r)) if to_r else None,
+        worst_to_R=min(to_r) if to_r else None,
+        seconds=seconds,
+    )
 
 
 def table(rows: list[dict], seeds: int) -> str:
     def f(v):
         return "–" if v is None else f"{v:.4f}"
 
-    lines = [f"| data | algorithm | kmeans_init | median pair | worst pair | median to R | worst to R | s per run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| data | algorithm | kmeans_init | median pair | worst pair | median to R | worst to R | s per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['data']} | {r['algorithm']} | {r['kmeans_init']} | {f(r['median_pair'])} | "
-                     f"{f(r['worst_pair'])} | {f(r['median_to_R'])} | {f(r['worst_to_R'])} | "
-                     f"{r['seconds']:.2f} |")
-    return (f"Seeds 0..{seeds - 1}: min per-PC r over the {seeds * (seeds - 1) // 2} pairs "
-            f"(median, worst), and of each run against R's output.\n\n" + "\n".join(lines) + "\n")
+        lines.append(
+            f"| {r['data']} | {r['algorithm']} | {r['kmeans_init']} | {f(r['median_pair'])} | "
+            f"{f(r['worst_pair'])} | {f(r['median_to_R'])} | {f(r['worst_to_R'])} | "
+            f"{r['seconds']:.2f} |"
+        )
+    return (
+        f"Seeds 0..{seeds - 1}: min per-PC r over the {seeds * (seeds - 1) // 2} pairs "
+        f"(median, worst), and of each run against R's output.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,14 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for name, algorithm, init in itertools.product(
-            args.data.split(","), args.algorithms.split(","), args.inits.split(",")):
+        args.data.split(","), args.algorithms.split(","), args.inits.split(",")
+    ):
         rows.append(spread(name, algorithm, init, args.seeds))
         print(rows[-1], file=sys.stderr, flush=True)
     text = table(rows, args.seeds)
     print(text)
     if args.out:
-        args.out.write_text("# Seed-to-seed spread by k-means start\n\n"
-                            "`python benchmarks/bench_seed_spread.py`\n\n" + text)
+        args.out.write_text(
+            "# Seed-to-seed spread by k-means start\n\n"
+            "`python benchmarks/bench_seed_spread.py`\n\n" + text
+        )
     return 0
 
 

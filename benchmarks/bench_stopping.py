@@ -38,25 +38,40 @@ def main(argv: list[str] | None = None) -> int:
         reference = None
         for eps in [None] + [float(e) for e in args.epsilons.split(",")]:
             t0 = time.perf_counter()
-            ho = hm.run_harmony(X, meta, "batch", algorithm=algorithm, epsilon_embedding=eps,
-                                verbose=False)
+            ho = hm.run_harmony(
+                X, meta, "batch", algorithm=algorithm, epsilon_embedding=eps, verbose=False
+            )
             seconds = time.perf_counter() - t0
             Z = ho.result().astype(np.float64)
             if reference is None:
                 reference = Z
-            rows.append(dict(algorithm=algorithm, eps=eps, n_iter=ho.n_iter, seconds=seconds,
-                             reason=ho.stop_reason, r=per_pc_r(Z, reference),
-                             objective=ho.objective_harmony[-1]))
+            rows.append(
+                dict(
+                    algorithm=algorithm,
+                    eps=eps,
+                    n_iter=ho.n_iter,
+                    seconds=seconds,
+                    reason=ho.stop_reason,
+                    r=per_pc_r(Z, reference),
+                    objective=ho.objective_harmony[-1],
+                )
+            )
             print(rows[-1], file=sys.stderr, flush=True)
-    lines = [f"# Stopping on the embedding ({args.cells:,} cells x 50 PCs, {args.batches} batches)", "",
-             f"`python benchmarks/bench_stopping.py --cells {args.cells}`; min per-PC r against "
-             f"the default run (R's objective test only) of the same algorithm.", "",
-             "| algorithm | epsilon_embedding | iterations | stop reason | seconds | last objective | min per-PC r |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Stopping on the embedding ({args.cells:,} cells x 50 PCs, {args.batches} batches)",
+        "",
+        f"`python benchmarks/bench_stopping.py --cells {args.cells}`; min per-PC r against "
+        f"the default run (R's objective test only) of the same algorithm.",
+        "",
+        "| algorithm | epsilon_embedding | iterations | stop reason | seconds | last objective | min per-PC r |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         eps = "– (R's test)" if r["eps"] is None else f"{r['eps']:g}"
-        lines.append(f"| {r['algorithm']} | {eps} | {r['n_iter']} | {r['reason']} | "
-                     f"{r['seconds']:.1f} | {r['objective']:.1f} | {r['r']:.4f} |")
+        lines.append(
+            f"| {r['algorithm']} | {eps} | {r['n_iter']} | {r['reason']} | "
+            f"{r['seconds']:.1f} | {r['objective']:.1f} | {r['r']:.4f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -44,10 +44,14 @@ sys.path.insert(0, str(BENCH.parent / "src"))
 import run as bench_run  # noqa: E402  (benchmarks/run.py: virtualenv machinery)
 
 SYMPHONYPY = bench_run.Tool(
-    "symphonypy-0.2.4", "harmony1", "symphonypy",
+    "symphonypy-0.2.4",
+    "harmony1",
+    "symphonypy",
     # harmonypy 0.0.10: the NumPy release symphonypy was written against
     # (d x N); it is only imported, the reference comes from our run.
-    ("harmonypy==0.0.10", "symphonypy==0.2.4"), import_name="symphonypy")
+    ("harmonypy==0.0.10", "symphonypy==0.2.4"),
+    import_name="symphonypy",
+)
 WORKER = BENCH / "_symphonypy_worker.py"
 WORK = BENCH / "work" / "symphonypy"
 
@@ -69,18 +73,37 @@ def write_inputs(folder: Path, ho, ref_pcs, query, query_meta) -> None:
     query_meta.to_csv(folder / "query_meta.csv", index=False)
 
 
-def run_symphonypy(python: Path, inputs: Path, out: Path, key: str, confidence_cells: int,
-                   threads: int | None = None, timeout: float = 3600) -> dict:
+def run_symphonypy(
+    python: Path,
+    inputs: Path,
+    out: Path,
+    key: str,
+    confidence_cells: int,
+    threads: int | None = None,
+    timeout: float = 3600,
+) -> dict:
     """Run the worker once; returns its result.json plus the output folder."""
-    cmd = [str(python), str(WORKER), "--inputs", str(inputs), "--out", str(out),
-           "--key", key, "--confidence-cells", str(confidence_cells)]
+    cmd = [
+        str(python),
+        str(WORKER),
+        "--inputs",
+        str(inputs),
+        "--out",
+        str(out),
+        "--key",
+        key,
+        "--confidence-cells",
+        str(confidence_cells),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=bench_run.peer_env(threads))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=bench_run.peer_env(threads)
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"symphonypy worker failed (rc={proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"symphonypy worker failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return json.loads((out / "result.json").read_text())
 
 
@@ -114,8 +137,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     python = ensure_symphonypy()
     n_ref, n_query = args.ref_cells, args.query_cells
-    X, meta = hm.datasets.simulate(n_ref + n_query, args.n_pcs, 8, 10, seed=args.seed,
-                                   second_batch=2)
+    X, meta = hm.datasets.simulate(
+        n_ref + n_query, args.n_pcs, 8, 10, seed=args.seed, second_batch=2
+    )
     X = X.astype(np.float64)
     ref_pcs, query = X[:n_ref], X[n_ref:]
     ref_meta = meta.iloc[:n_ref].reset_index(drop=True)
@@ -129,41 +153,57 @@ def main(argv=None) -> int:
     rows = []
     for key in ("", "batch", "batch,batch2"):
         out = WORK / f"out_{key.replace(',', '_') or 'none'}"
-        theirs = run_symphonypy(python, inputs, out, key,
-                                args.confidence_cells if key == "batch" else 0, args.threads)
+        theirs = run_symphonypy(
+            python, inputs, out, key, args.confidence_cells if key == "batch" else 0, args.threads
+        )
         vars_use = [k for k in key.split(",") if k] or None
         mine = {}
         for dtype in ("float32", "float64"):
             hm.map_query(query[:100], query_meta[:100], ref, vars_use=vars_use, dtype=dtype)
             t0 = time.perf_counter()
-            q = hm.map_query(query, query_meta, ref, vars_use=vars_use, dtype=dtype,
-                             confidence=False)
+            q = hm.map_query(
+                query, query_meta, ref, vars_use=vars_use, dtype=dtype, confidence=False
+            )
             mine[dtype] = (q, time.perf_counter() - t0)
         z_theirs = np.load(out / "Z_corr.npy")
         r_theirs = np.load(out / "R.npy")
-        row = {"design": key or "none (one batch)", "n_query": n_query,
-               "symphonypy_s": theirs["map_embedding_seconds"],
-               "projection_exact": theirs["projection_exact"]}
+        row = {
+            "design": key or "none (one batch)",
+            "n_query": n_query,
+            "symphonypy_s": theirs["map_embedding_seconds"],
+            "projection_exact": theirs["projection_exact"],
+        }
         for dtype, (q, seconds) in mine.items():
             r = per_pc_r(q.result().astype(np.float64), z_theirs)
-            row[dtype] = {"seconds": seconds, "r_min": float(r.min()),
-                          "r_median": float(np.median(r)),
-                          "max_abs_diff": float(np.abs(q.result() - z_theirs).max()),
-                          "max_abs_R_diff": float(np.abs(q.R.T - r_theirs).max())}
+            row[dtype] = {
+                "seconds": seconds,
+                "r_min": float(r.min()),
+                "r_median": float(np.median(r)),
+                "max_abs_diff": float(np.abs(q.result() - z_theirs).max()),
+                "max_abs_R_diff": float(np.abs(q.R.T - r_theirs).max()),
+            }
         if key == "batch":
             n = args.confidence_cells
-            q = hm.map_query(query[:n], query_meta[:n], ref, vars_use=vars_use,
-                             dtype="float64")
+            q = hm.map_query(query[:n], query_meta[:n], ref, vars_use=vars_use, dtype="float64")
             row["confidence_vs_uncorrected"] = relative(
-                q.confidence, np.load(out / "confidence_X_pca.npy"))
+                q.confidence, np.load(out / "confidence_X_pca.npy")
+            )
             row["confidence_vs_corrected"] = relative(
-                q.confidence, np.load(out / "confidence_X_pca_harmony.npy"))
+                q.confidence, np.load(out / "confidence_X_pca_harmony.npy")
+            )
             row["confidence_cells"] = n
             row["symphonypy_confidence_s"] = theirs.get("confidence_X_pca_seconds")
             # symphonypy keeps sigma in float32: with that sigma the two agree to rounding.
             same_sigma = np.asarray(ho.sigma, dtype=np.float32).astype(np.float64).ravel()
-            q = hm.map_query(query, query_meta, ref, vars_use=vars_use, dtype="float64",
-                             sigma=same_sigma, confidence=False)
+            q = hm.map_query(
+                query,
+                query_meta,
+                ref,
+                vars_use=vars_use,
+                dtype="float64",
+                sigma=same_sigma,
+                confidence=False,
+            )
             row["float32_sigma_max_abs_diff"] = float(np.abs(q.result() - z_theirs).max())
         rows.append(row)
         print(f"[compare] {row['design']}: done", file=sys.stderr, flush=True)
@@ -193,7 +233,8 @@ def main(argv=None) -> int:
                 f"{m['max_abs_diff']:.2e} | {m['max_abs_R_diff']:.2e} | "
                 f"{row['float32']['seconds']:.3f} | {row['float64']['seconds']:.3f} | "
                 f"{row['symphonypy_s']:.3f} | "
-                f"{row['symphonypy_s'] / row['float32']['seconds']:.1f}x |")
+                f"{row['symphonypy_s'] / row['float32']['seconds']:.1f}x |"
+            )
     conf = next(r for r in rows if "confidence_vs_uncorrected" in r)
     lines += [
         "",

@@ -42,15 +42,31 @@ def one_run(z, meta, *, device, algorithm, dtype, seed=0):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    ho = hm.run_harmony(z, meta, "batch", device=device, algorithm=algorithm, dtype=dtype,
-                        random_state=seed, verbose=False, check_memory=False)
+    ho = hm.run_harmony(
+        z,
+        meta,
+        "batch",
+        device=device,
+        algorithm=algorithm,
+        dtype=dtype,
+        random_state=seed,
+        verbose=False,
+        check_memory=False,
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    row = dict(device=device, algorithm=algorithm, dtype=dtype, cells=len(meta),
-               seconds=round(seconds, 3), iterations=int(ho.n_iter),
-               converged=bool(ho.converged), kmeans_rounds=list(map(int, ho.kmeans_rounds)),
-               objective=[float(x) for x in ho.objective_harmony])
+    row = dict(
+        device=device,
+        algorithm=algorithm,
+        dtype=dtype,
+        cells=len(meta),
+        seconds=round(seconds, 3),
+        iterations=int(ho.n_iter),
+        converged=bool(ho.converged),
+        kmeans_rounds=list(map(int, ho.kmeans_rounds)),
+        objective=[float(x) for x in ho.objective_harmony],
+    )
     if device.startswith("cuda"):
         row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return ho.result(dtype=np.float32).copy(), row
@@ -68,9 +84,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "device_check.jsonl", "a")
     rows = []
-    info = dict(torch=torch.__version__, cuda=torch.version.cuda,
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                cpu_threads=torch.get_num_threads())
+    info = dict(
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        cpu_threads=torch.get_num_threads(),
+    )
     print(json.dumps(info), flush=True)
     log.write(json.dumps(dict(info=info)) + "\n")
 
@@ -90,11 +109,11 @@ def main(argv=None):
         z = np.ascontiguousarray(z, dtype=np.float32)
         print(f"simulated {size} cells in {time.perf_counter() - t:.1f} s", flush=True)
         for algorithm in ["harmony2", "harmony1"]:
-            f32, row = one_run(z, meta, device=args.device, algorithm=algorithm,
-                               dtype="float32")
+            f32, row = one_run(z, meta, device=args.device, algorithm=algorithm, dtype="float32")
             if algorithm == "harmony2":
-                f64, row64 = one_run(z, meta, device=args.device, algorithm=algorithm,
-                                     dtype="float64")
+                f64, row64 = one_run(
+                    z, meta, device=args.device, algorithm=algorithm, dtype="float64"
+                )
                 row["r_vs_float64"] = row64["r_vs_float64"] = per_pc_r(f32, f64)
                 record(row)
                 record(row64)
@@ -102,21 +121,24 @@ def main(argv=None):
             else:
                 record(row)
             if size in cpu_sizes:
-                cpu, crow = one_run(z, meta, device="cpu", algorithm=algorithm,
-                                    dtype="float32")
+                cpu, crow = one_run(z, meta, device="cpu", algorithm=algorithm, dtype="float32")
                 crow["r_vs_gpu_float32"] = per_pc_r(f32, cpu)
                 record(crow)
                 del cpu
             del f32
         del z, meta
-    print("\n| device | algorithm | dtype | cells | seconds | iterations | converged | "
-          "GPU peak GB | r vs float64 | r vs GPU f32 |")
+    print(
+        "\n| device | algorithm | dtype | cells | seconds | iterations | converged | "
+        "GPU peak GB | r vs float64 | r vs GPU f32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['device']} | {r['algorithm']} | {r['dtype']} | {r['cells']:,} | "
-              f"{r['seconds']:.2f} | {r['iterations']} | {r['converged']} | "
-              f"{r.get('gpu_peak_gb', '-')} | {r.get('r_vs_float64', '-')} | "
-              f"{r.get('r_vs_gpu_float32', '-')} |")
+        print(
+            f"| {r['device']} | {r['algorithm']} | {r['dtype']} | {r['cells']:,} | "
+            f"{r['seconds']:.2f} | {r['iterations']} | {r['converged']} | "
+            f"{r.get('gpu_peak_gb', '-')} | {r.get('r_vs_float64', '-')} | "
+            f"{r.get('r_vs_gpu_float32', '-')} |"
+        )
     return 0
 
 

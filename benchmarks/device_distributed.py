@@ -48,36 +48,60 @@ def main(argv=None):
     for algorithm in ["harmony2", "harmony1"]:
         torch.cuda.synchronize()
         t = time.perf_counter()
-        single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm,
-                                verbose=False)
+        single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm, verbose=False)
         torch.cuda.synchronize()
         base = single.result().copy()
-        record(dict(run="single process", algorithm=algorithm, device="cuda",
-                    cells=args.cells, seconds=round(time.perf_counter() - t, 2),
-                    iterations=single.n_iter))
+        record(
+            dict(
+                run="single process",
+                algorithm=algorithm,
+                device="cuda",
+                cells=args.cells,
+                seconds=round(time.perf_counter() - t, 2),
+                iterations=single.n_iter,
+            )
+        )
         for nproc in sorted({1, gpus}):
             t = time.perf_counter()
-            group = run_in_processes(z, meta, "batch", nproc, device="cuda",
-                                     algorithm=algorithm, verbose=False)
-            record(dict(run=f"{nproc} process(es), {group.backend}", algorithm=algorithm,
-                        device="cuda", cells=args.cells,
-                        seconds=round(time.perf_counter() - t, 2), iterations=group.n_iter,
-                        identical=bool(np.array_equal(group.corrected, base)),
-                        r_vs_single=per_pc_r(group.corrected, base),
-                        bytes_per_process=group.bytes_per_process))
+            group = run_in_processes(
+                z, meta, "batch", nproc, device="cuda", algorithm=algorithm, verbose=False
+            )
+            record(
+                dict(
+                    run=f"{nproc} process(es), {group.backend}",
+                    algorithm=algorithm,
+                    device="cuda",
+                    cells=args.cells,
+                    seconds=round(time.perf_counter() - t, 2),
+                    iterations=group.n_iter,
+                    identical=bool(np.array_equal(group.corrected, base)),
+                    r_vs_single=per_pc_r(group.corrected, base),
+                    bytes_per_process=group.bytes_per_process,
+                )
+            )
     small = args.cells // 10
     zs, ms = z[:small], meta.iloc[:small]
     cpu = hm.run_harmony(zs, ms, "batch", device="cpu", verbose=False)
     group = run_in_processes(zs, ms, "batch", 2, device="cpu", verbose=False)
-    record(dict(run="2 processes, gloo", algorithm="harmony1", device="cpu", cells=small,
-                iterations=group.n_iter, r_vs_single=per_pc_r(group.corrected, cpu.result()),
-                bytes_per_process=group.bytes_per_process))
+    record(
+        dict(
+            run="2 processes, gloo",
+            algorithm="harmony1",
+            device="cpu",
+            cells=small,
+            iterations=group.n_iter,
+            r_vs_single=per_pc_r(group.corrected, cpu.result()),
+            bytes_per_process=group.bytes_per_process,
+        )
+    )
     print("\n| run | algorithm | device | cells | seconds | iterations | identical | r vs single |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['algorithm']} | {r['device']} | {r['cells']:,} | "
-              f"{r.get('seconds', '-')} | {r['iterations']} | {r.get('identical', '-')} | "
-              f"{r.get('r_vs_single', '-')} |")
+        print(
+            f"| {r['run']} | {r['algorithm']} | {r['device']} | {r['cells']:,} | "
+            f"{r.get('seconds', '-')} | {r['iterations']} | {r.get('identical', '-')} | "
+            f"{r.get('r_vs_single', '-')} |"
+        )
     return 0
 
 

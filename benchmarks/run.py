@@ -82,21 +82,51 @@ OURS_SC32 = "ours (harmony_integrate, float32)"
 TOOLS = [
     Tool(OURS_1, "harmony1", "harmonypy", ours=True, reference="harmonypy-0.2.0"),
     Tool(OURS_2, "harmony2", "harmonypy", ours=True, reference="harmonypy-2.1.0"),
-    Tool("harmonypy-0.2.0", "harmony1", "harmonypy",
-         (TORCH_PIN, "harmonypy==0.2.0"), reference=OURS_1),
-    Tool("harmonypy-2.1.0", "harmony2", "harmonypy",
-         ("harmonypy==2.1.0",), reference=OURS_2),
-    Tool("harmony-pytorch-0.1.8", "harmony1", "harmony-pytorch",
-         (TORCH_PIN, "harmony-pytorch==0.1.8"), import_name="harmony",
-         reference=OURS_1),
+    Tool(
+        "harmonypy-0.2.0",
+        "harmony1",
+        "harmonypy",
+        (TORCH_PIN, "harmonypy==0.2.0"),
+        reference=OURS_1,
+    ),
+    Tool("harmonypy-2.1.0", "harmony2", "harmonypy", ("harmonypy==2.1.0",), reference=OURS_2),
+    Tool(
+        "harmony-pytorch-0.1.8",
+        "harmony1",
+        "harmony-pytorch",
+        (TORCH_PIN, "harmony-pytorch==0.1.8"),
+        import_name="harmony",
+        reference=OURS_1,
+    ),
     # scanpy's own NumPy Harmony, beside this package's scanpy-compatible
     # function with scanpy's defaults (float64, 200 rounds) and in float32.
-    Tool(OURS_SC64, "harmony2", "harmonypy-scanpy", ours=True, reference="scanpy-native",
-         with_peer="scanpy-native"),
-    Tool(OURS_SC32, "harmony2", "harmonypy-scanpy", ours=True, reference="scanpy-native",
-         worker_args=("--dtype", "float32"), with_peer="scanpy-native"),
-    Tool("scanpy-native", "harmony2", "scanpy", (SCANPY_SPEC,), import_name="scanpy",
-         reference=OURS_SC64, baseline=OURS_SC64, base_python="python3.12"),
+    Tool(
+        OURS_SC64,
+        "harmony2",
+        "harmonypy-scanpy",
+        ours=True,
+        reference="scanpy-native",
+        with_peer="scanpy-native",
+    ),
+    Tool(
+        OURS_SC32,
+        "harmony2",
+        "harmonypy-scanpy",
+        ours=True,
+        reference="scanpy-native",
+        worker_args=("--dtype", "float32"),
+        with_peer="scanpy-native",
+    ),
+    Tool(
+        "scanpy-native",
+        "harmony2",
+        "scanpy",
+        (SCANPY_SPEC,),
+        import_name="scanpy",
+        reference=OURS_SC64,
+        baseline=OURS_SC64,
+        base_python="python3.12",
+    ),
 ]
 PEERS = [t.name for t in TOOLS if not t.ours]
 OURS_BY_ALGORITHM = {"harmony1": OURS_1, "harmony2": OURS_2}
@@ -121,27 +151,31 @@ def ensure_venv(tool: Tool) -> None:
     if marker.exists() and marker.read_text() == wanted and tool.python().exists():
         return
     if tool.name == "scanpy-native" and not SCANPY_SOURCE:
-        log("scanpy-native: SCANPY_SOURCE is not set; trying 'scanpy>=1.13' from the "
-            "registry (see benchmarks/README.md to build it from a source snapshot)")
+        log(
+            "scanpy-native: SCANPY_SOURCE is not set; trying 'scanpy>=1.13' from the "
+            "registry (see benchmarks/README.md to build it from a source snapshot)"
+        )
     log(f"creating virtualenv {venv} ({', '.join(tool.packages)})")
     if not tool.python().exists():
         base = sys.executable
         if tool.base_python:
             base = shutil.which(tool.base_python) or ""
             if not base:
-                raise SystemExit(f"{tool.name} needs {tool.base_python} to make its "
-                                 f"virtualenv, and it is not on PATH")
+                raise SystemExit(
+                    f"{tool.name} needs {tool.base_python} to make its "
+                    f"virtualenv, and it is not on PATH"
+                )
         subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    pip = [str(tool.python()), "-m", "pip", "install", "--quiet",
-           "--disable-pip-version-check"]
+    pip = [str(tool.python()), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     # torch first and alone, so the peer cannot drag in a different build.
     env = dict(os.environ)
     if SCANPY_SOURCE:  # a source snapshot has no git metadata for hatch-vcs
         env.setdefault("SETUPTOOLS_SCM_PRETEND_VERSION", "1.13.0.dev0")
     for spec in tool.packages:
         subprocess.run(pip + [spec], check=True, env=env)
-    subprocess.run([str(tool.python()), "-c", f"import {tool.import_name}"],
-                   check=True, env=peer_env())
+    subprocess.run(
+        [str(tool.python()), "-c", f"import {tool.import_name}"], check=True, env=peer_env()
+    )
     marker.write_text(wanted)
 
 
@@ -179,7 +213,8 @@ def load_simulate() -> Callable[..., tuple[np.ndarray, pd.DataFrame]]:
         from harmonypy._simulate import simulate
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "_bench_simulate", SRC / "harmonypy" / "_simulate.py")
+            "_bench_simulate", SRC / "harmonypy" / "_simulate.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         simulate = module.simulate
@@ -194,8 +229,9 @@ def make_inputs(n_cells: int, args: argparse.Namespace) -> dict[str, Path]:
     if not all(p.exists() for p in paths.values()):
         log(f"simulating {n_cells} cells -> {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        X, meta = load_simulate()(n_cells, args.n_pcs, args.n_batches,
-                                  args.n_cell_types, seed=args.seed)
+        X, meta = load_simulate()(
+            n_cells, args.n_pcs, args.n_batches, args.n_cell_types, seed=args.seed
+        )
         np.save(paths["pcs"], X)
         meta.to_csv(paths["meta"], index=False)
     return paths
@@ -205,17 +241,33 @@ def make_inputs(n_cells: int, args: argparse.Namespace) -> dict[str, Path]:
 # running
 
 
-def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
-             args: argparse.Namespace) -> dict[str, Any]:
+def run_once(
+    tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """Run the worker for ``tool`` once; never raises for a failing tool."""
     out_json = out_npy.with_suffix(".json")
     for p in (out_npy, out_json):
         p.unlink(missing_ok=True)
-    cmd = [str(tool.python()), str(WORKER), "--tool", tool.worker_tool,
-           "--algorithm", tool.algorithm, "--mode", mode,
-           "--pcs", str(inputs["pcs"]), "--meta", str(inputs["meta"]),
-           "--seed", str(args.seed), "--out-npy", str(out_npy),
-           "--out-json", str(out_json)]
+    cmd = [
+        str(tool.python()),
+        str(WORKER),
+        "--tool",
+        tool.worker_tool,
+        "--algorithm",
+        tool.algorithm,
+        "--mode",
+        mode,
+        "--pcs",
+        str(inputs["pcs"]),
+        "--meta",
+        str(inputs["meta"]),
+        "--seed",
+        str(args.seed),
+        "--out-npy",
+        str(out_npy),
+        "--out-json",
+        str(out_json),
+    ]
     if tool.ours:
         cmd.append("--ours")
     cmd += list(tool.worker_args)
@@ -224,8 +276,9 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
     log_path = out_npy.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log_path, "w") as fh:
-        returncode, timed_out, peak_gb = _run_measured(cmd, fh, tool_env(tool, args.threads),
-                                                       args.timeout)
+        returncode, timed_out, peak_gb = _run_measured(
+            cmd, fh, tool_env(tool, args.threads), args.timeout
+        )
     if timed_out:
         return dict(status=f"timeout (>{args.timeout:g} s)", rss_peak_gb=peak_gb)
     wall = time.perf_counter() - t0
@@ -241,8 +294,7 @@ def run_once(tool: Tool, inputs: dict[str, Path], mode: str, out_npy: Path,
     return dict(status=f"crashed (rc={returncode})", error=tail[0], rss_peak_gb=peak_gb)
 
 
-def _run_measured(cmd: list[str], log_file, env: dict, timeout: float
-                  ) -> tuple[int, bool, float]:
+def _run_measured(cmd: list[str], log_file, env: dict, timeout: float) -> tuple[int, bool, float]:
     """Run ``cmd``; return (exit code, timed out, peak RSS in GB).
 
     The peak comes from the kernel's accounting of the child (``wait4``), so it
@@ -269,8 +321,9 @@ def _run_measured(cmd: list[str], log_file, env: dict, timeout: float
     return proc.returncode, killed.is_set(), usage.ru_maxrss * factor / 1e9
 
 
-def run_tools(tools: list[Tool], inputs: dict[str, Path], mode: str, n_cells: int,
-              args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_tools(
+    tools: list[Tool], inputs: dict[str, Path], mode: str, n_cells: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Run every tool ``args.repeats`` times; keep the fastest time, first output.
 
     Repeats go round-robin (tool A, tool B, ..., then A, B, ... again), so a
@@ -293,8 +346,10 @@ def run_tools(tools: list[Tool], inputs: dict[str, Path], mode: str, n_cells: in
             res["output"] = str(out_npy)
             done.append(res)
             if res["status"] == "ok":
-                log(f"  {res['seconds']:.2f} s, {res.get('iterations')} iterations, "
-                    f"peak RSS {res['rss_peak_gb']:.2f} GB")
+                log(
+                    f"  {res['seconds']:.2f} s, {res.get('iterations')} iterations, "
+                    f"peak RSS {res['rss_peak_gb']:.2f} GB"
+                )
     return [_summarise(runs[tool.name]) for tool in tools]
 
 
@@ -306,11 +361,15 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         first["seconds"] = float(min(r["seconds"] for r in ok))
         first["seconds_median"] = float(np.median([r["seconds"] for r in ok]))
         first["seconds_all"] = [round(r["seconds"], 4) for r in ok]
-        first["loadavg_max"] = max(max(r.get("loadavg_before", 0), r.get("loadavg_after", 0))
-                                   for r in ok)
+        first["loadavg_max"] = max(
+            max(r.get("loadavg_before", 0), r.get("loadavg_after", 0)) for r in ok
+        )
         first["rss_peak_gb"] = max(r["rss_peak_gb"] for r in ok)
-        calls = [r["rss_peak_gb"] - r["rss_before_call_gb"] for r in ok
-                 if r.get("rss_before_call_gb") is not None]
+        calls = [
+            r["rss_peak_gb"] - r["rss_before_call_gb"]
+            for r in ok
+            if r.get("rss_before_call_gb") is not None
+        ]
         if calls:
             first["rss_call_gb"] = max(calls)
         if first.get("iterations"):
@@ -322,8 +381,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # quality
 
 
-def _lisi_fallback(X: np.ndarray, labels: pd.DataFrame, perplexity: float = 30
-                   ) -> np.ndarray:
+def _lisi_fallback(X: np.ndarray, labels: pd.DataFrame, perplexity: float = 30) -> np.ndarray:
     """Exact-kNN LISI (Korsunsky et al. 2019), used if compute_lisi is missing.
 
     Neighbours are the ``3 * perplexity`` nearest other cells by Euclidean
@@ -334,18 +392,18 @@ def _lisi_fallback(X: np.ndarray, labels: pd.DataFrame, perplexity: float = 30
     n = X.shape[0]
     k = min(int(3 * perplexity), n - 1)
     Xd = X.astype(np.float64)
-    sq = (Xd ** 2).sum(axis=1)
+    sq = (Xd**2).sum(axis=1)
     idx = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k))
     for lo in range(0, n, 2048):  # blocks keep the distance matrix small
-        d2 = sq[lo:lo + 2048, None] + sq[None, :] - 2 * Xd[lo:lo + 2048] @ Xd.T
+        d2 = sq[lo : lo + 2048, None] + sq[None, :] - 2 * Xd[lo : lo + 2048] @ Xd.T
         rows = np.arange(d2.shape[0])
         d2[rows, rows + lo] = np.inf  # exclude the cell itself
         part = np.argpartition(d2, k, axis=1)[:, :k]
         dpart = np.take_along_axis(d2, part, axis=1)
         order = np.argsort(dpart, axis=1)
-        idx[lo:lo + 2048] = np.take_along_axis(part, order, axis=1)
-        dist[lo:lo + 2048] = np.sqrt(np.maximum(np.take_along_axis(dpart, order, axis=1), 0))
+        idx[lo : lo + 2048] = np.take_along_axis(part, order, axis=1)
+        dist[lo : lo + 2048] = np.sqrt(np.maximum(np.take_along_axis(dpart, order, axis=1), 0))
 
     # Bisection on beta so that the entropy of the weights is log(perplexity).
     target = math.log(perplexity)
@@ -365,8 +423,7 @@ def _lisi_fallback(X: np.ndarray, labels: pd.DataFrame, perplexity: float = 30
     out = np.empty((n, labels.shape[1]))
     for j, col in enumerate(labels.columns):
         codes = pd.factorize(labels[col])[0][idx]
-        simpson = sum((np.where(codes == c, P, 0).sum(axis=1)) ** 2
-                      for c in np.unique(codes))
+        simpson = sum((np.where(codes == c, P, 0).sum(axis=1)) ** 2 for c in np.unique(codes))
         out[:, j] = 1.0 / simpson
     return out
 
@@ -376,17 +433,20 @@ def lisi_function() -> tuple[Callable, str]:
     sys.path.insert(0, str(SRC))
     try:
         from harmonypy import compute_lisi
+
         return compute_lisi, "harmonypy.compute_lisi"
     except ImportError:
         return _lisi_fallback, "local exact-kNN fallback"
 
 
-def score_lisi(Z: np.ndarray, meta: pd.DataFrame, subset: np.ndarray,
-               lisi: Callable) -> tuple[float, float]:
+def score_lisi(
+    Z: np.ndarray, meta: pd.DataFrame, subset: np.ndarray, lisi: Callable
+) -> tuple[float, float]:
     """Median iLISI (batch) and cLISI (cell type) on the scoring subset."""
     labels = meta.iloc[subset][["batch", "cell_type"]].reset_index(drop=True)
-    values = np.asarray(lisi(np.ascontiguousarray(Z[subset], dtype=np.float64),
-                             labels, ["batch", "cell_type"]))
+    values = np.asarray(
+        lisi(np.ascontiguousarray(Z[subset], dtype=np.float64), labels, ["batch", "cell_type"])
+    )
     return float(np.median(values[:, 0])), float(np.median(values[:, 1]))
 
 
@@ -398,17 +458,28 @@ def min_pc_correlation(A: np.ndarray, B: np.ndarray) -> float:
     return float(r.min())
 
 
-def add_quality(rows: list[dict], inputs: dict[str, Path], n_cells: int,
-                args: argparse.Namespace, lisi: Callable) -> None:
+def add_quality(
+    rows: list[dict],
+    inputs: dict[str, Path],
+    n_cells: int,
+    args: argparse.Namespace,
+    lisi: Callable,
+) -> None:
     """Fill iLISI, cLISI and min per-PC r into the rows of one size, in place."""
     meta = pd.read_csv(inputs["meta"], dtype=str, keep_default_na=False)
     rng = np.random.default_rng(args.seed)
     n_sub = min(n_cells, args.lisi_cells)
     # One subsample, shared by every tool, so scores are comparable.
-    subset = np.sort(rng.choice(n_cells, n_sub, replace=False)) if n_sub < n_cells \
+    subset = (
+        np.sort(rng.choice(n_cells, n_sub, replace=False))
+        if n_sub < n_cells
         else np.arange(n_cells)
-    outputs = {(r["tool"], r["mode"]): np.load(r["output"]) for r in rows
-               if r["status"] == "ok" and Path(r["output"]).exists()}
+    )
+    outputs = {
+        (r["tool"], r["mode"]): np.load(r["output"])
+        for r in rows
+        if r["status"] == "ok" and Path(r["output"]).exists()
+    }
     for row in rows:
         row["lisi_cells"] = n_sub
         Z = outputs.get((row["tool"], row["mode"]))
@@ -416,8 +487,7 @@ def add_quality(rows: list[dict], inputs: dict[str, Path], n_cells: int,
             continue
         t0 = time.perf_counter()
         row["ilisi"], row["clisi"] = score_lisi(Z, meta, subset, lisi)
-        log(f"scored {row['tool']} {row['mode']} n={n_cells} "
-            f"({time.perf_counter() - t0:.1f} s)")
+        log(f"scored {row['tool']} {row['mode']} n={n_cells} ({time.perf_counter() - t0:.1f} s)")
         ref = next((t.reference for t in TOOLS if t.name == row["tool"]), None)
         if ref is not None and (ref, row["mode"]) in outputs:
             row["r_vs"] = ref
@@ -427,16 +497,26 @@ def add_quality(rows: list[dict], inputs: dict[str, Path], n_cells: int,
             Path(row.get("output", "")).unlink(missing_ok=True)
 
 
-def input_row(inputs: dict[str, Path], n_cells: int, args: argparse.Namespace,
-              lisi: Callable) -> dict[str, Any]:
+def input_row(
+    inputs: dict[str, Path], n_cells: int, args: argparse.Namespace, lisi: Callable
+) -> dict[str, Any]:
     """A reference row scoring the uncorrected input the same way."""
-    row = dict(tool="input (uncorrected)", algorithm="-", mode="-",
-               n_cells=n_cells, status="ok", output=str(inputs["pcs"]))
+    row = dict(
+        tool="input (uncorrected)",
+        algorithm="-",
+        mode="-",
+        n_cells=n_cells,
+        status="ok",
+        output=str(inputs["pcs"]),
+    )
     meta = pd.read_csv(inputs["meta"], dtype=str, keep_default_na=False)
     rng = np.random.default_rng(args.seed)
     n_sub = min(n_cells, args.lisi_cells)
-    subset = np.sort(rng.choice(n_cells, n_sub, replace=False)) if n_sub < n_cells \
+    subset = (
+        np.sort(rng.choice(n_cells, n_sub, replace=False))
+        if n_sub < n_cells
         else np.arange(n_cells)
+    )
     row["lisi_cells"] = n_sub
     row["ilisi"], row["clisi"] = score_lisi(np.load(inputs["pcs"]), meta, subset, lisi)
     return row
@@ -446,28 +526,40 @@ def input_row(inputs: dict[str, Path], n_cells: int, args: argparse.Namespace,
 # reporting
 
 COLUMNS = [  # (key in row, header, format)
-    ("tool", "tool", "{}"), ("algorithm", "algorithm", "{}"), ("mode", "mode", "{}"),
-    ("n_cells", "cells", "{:,}"), ("seconds", "seconds", "{:.2f}"),
-    ("rss_peak_gb", "peak RSS GB", "{:.2f}"), ("rss_delta_gb", "RSS increase GB", "{:.2f}"),
+    ("tool", "tool", "{}"),
+    ("algorithm", "algorithm", "{}"),
+    ("mode", "mode", "{}"),
+    ("n_cells", "cells", "{:,}"),
+    ("seconds", "seconds", "{:.2f}"),
+    ("rss_peak_gb", "peak RSS GB", "{:.2f}"),
+    ("rss_delta_gb", "RSS increase GB", "{:.2f}"),
     ("rss_call_gb", "call RSS GB", "{:.2f}"),
-    ("iterations", "iterations", "{}"), ("seconds_per_iteration", "s/iteration", "{:.3f}"),
-    ("ilisi", "iLISI", "{:.2f}"), ("clisi", "cLISI", "{:.2f}"),
-    ("min_pc_r", "min per-PC r", "{:.4f}"), ("r_vs", "r vs", "{}"),
+    ("iterations", "iterations", "{}"),
+    ("seconds_per_iteration", "s/iteration", "{:.3f}"),
+    ("ilisi", "iLISI", "{:.2f}"),
+    ("clisi", "cLISI", "{:.2f}"),
+    ("min_pc_r", "min per-PC r", "{:.4f}"),
+    ("r_vs", "r vs", "{}"),
     ("time_ratio", "peer time / our time", "{:.2f}"),
-    ("loadavg_max", "load avg", "{:.1f}"), ("status", "status", "{}"),
+    ("loadavg_max", "load avg", "{:.1f}"),
+    ("status", "status", "{}"),
 ]
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Peer time / our time for the same algorithm, mode and size."""
-    ours = {(r["tool"], r["mode"], r["n_cells"]): r.get("seconds") for r in rows
-            if r["status"] == "ok"}
+    ours = {
+        (r["tool"], r["mode"], r["n_cells"]): r.get("seconds") for r in rows if r["status"] == "ok"
+    }
     for row in rows:
         if row.get("rss_peak_gb") is not None and row.get("rss_after_load_gb") is not None:
             row["rss_delta_gb"] = row["rss_peak_gb"] - row["rss_after_load_gb"]
         tool = next((t for t in TOOLS if t.name == row["tool"]), None)
-        our_name = (tool.baseline if tool is not None and tool.baseline
-                    else OURS_BY_ALGORITHM.get(row.get("algorithm")))
+        our_name = (
+            tool.baseline
+            if tool is not None and tool.baseline
+            else OURS_BY_ALGORITHM.get(row.get("algorithm"))
+        )
         if tool is not None and tool.ours:
             continue  # our own rows are the baselines
         if row["status"] != "ok" or row["tool"] == our_name or our_name is None:
@@ -498,13 +590,23 @@ def write_results(rows: list[dict], args: argparse.Namespace, lisi_name: str) ->
     """Write ``<name>.csv`` and ``<name>.md`` to benchmarks/results/."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / args.name
-    keep = [k for k, _, _ in COLUMNS] + ["rss_after_load_gb", "rss_before_call_gb", "seconds_median", "seconds_all",
-                                         "kmeans_rounds", "lisi_cells", "torch_threads",
-                                         "version", "error"]
+    keep = [k for k, _, _ in COLUMNS] + [
+        "rss_after_load_gb",
+        "rss_before_call_gb",
+        "seconds_median",
+        "seconds_all",
+        "kmeans_rounds",
+        "lisi_cells",
+        "torch_threads",
+        "version",
+        "error",
+    ]
     pd.DataFrame([{k: r.get(k) for k in keep} for r in rows]).to_csv(
-        stem.with_suffix(".csv"), index=False)
+        stem.with_suffix(".csv"), index=False
+    )
     notes = [
-        f"# Harmony benchmark `{args.name}`", "",
+        f"# Harmony benchmark `{args.name}`",
+        "",
         f"Simulated PCA embedding: {args.n_pcs} PCs, {args.n_batches} batches, "
         f"{args.n_cell_types} cell types, seed {args.seed} "
         "(`harmonypy._simulate.simulate`).",
@@ -524,8 +626,10 @@ def write_results(rows: list[dict], args: argparse.Namespace, lisi_name: str) ->
         "on Linux); 'RSS increase' subtracts the mark after loading the inputs, so it "
         "covers importing the tool and the call; 'call RSS' subtracts the mark after "
         "importing the tool, so it covers the call alone (importing torch alone takes "
-        "about 0.25 GB). Times cover the Harmony call only.", "",
-        markdown_table(rows), "",
+        "about 0.25 GB). Times cover the Harmony call only.",
+        "",
+        markdown_table(rows),
+        "",
     ]
     stem.with_suffix(".md").write_text("\n".join(notes))
     return stem
@@ -535,6 +639,7 @@ def plot_times(rows: list[dict]) -> Path | None:
     """Log-log plot of seconds vs cells, one line per tool and mode."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -553,10 +658,20 @@ def plot_times(rows: list[dict]) -> Path | None:
     colours = dict(zip(names, plt.get_cmap("tab10").colors))
     for (tool, mode), pts in sorted(series.items()):
         pts.sort()
-        ax.plot(*zip(*pts), marker="o", linestyle="-" if mode == "defaults" else "--",
-                color=colours[tool], label=f"{tool} [{mode}]")
-    ax.set(xscale="log", yscale="log", xlabel="cells", ylabel="seconds",
-           title="Harmony run time vs number of cells")
+        ax.plot(
+            *zip(*pts),
+            marker="o",
+            linestyle="-" if mode == "defaults" else "--",
+            color=colours[tool],
+            label=f"{tool} [{mode}]",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="cells",
+        ylabel="seconds",
+        title="Harmony run time vs number of cells",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     path = RESULTS / "time_vs_cells.png"
@@ -572,28 +687,47 @@ def plot_times(rows: list[dict]) -> Path | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line interface."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="10000,100000",
-                   help="comma-separated cell counts (default 10000,100000)")
+    p.add_argument(
+        "--sizes", default="10000,100000", help="comma-separated cell counts (default 10000,100000)"
+    )
     p.add_argument("--million", action="store_true", help="also run 1,000,000 cells")
     p.add_argument("--modes", default="defaults,fixed", help="defaults,fixed")
     p.add_argument("--peers", default="all", help=f"'all', 'none' or a subset of {PEERS}")
     p.add_argument("--no-ours", action="store_true", help="skip this repository's package")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--threads", type=int, default=None,
-                   help="thread count for every tool (default: each tool's own)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="thread count for every tool (default: each tool's own)",
+    )
     p.add_argument("--n-pcs", type=int, default=50)
     p.add_argument("--n-batches", type=int, default=8)
     p.add_argument("--n-cell-types", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lisi-cells", type=int, default=20000,
-                   help="cells subsampled for LISI scoring (default 20000)")
-    p.add_argument("--name", default=time.strftime("%Y%m%d-%H%M%S"),
-                   help="results file stem (default: timestamp)")
-    p.add_argument("--keep-outputs", action="store_true",
-                   help="keep corrected embeddings under benchmarks/work/outputs")
-    p.add_argument("--replot", default=None, metavar="CSV[,CSV...]",
-                   help="only redraw time_vs_cells.png from earlier results CSVs")
+    p.add_argument(
+        "--lisi-cells",
+        type=int,
+        default=20000,
+        help="cells subsampled for LISI scoring (default 20000)",
+    )
+    p.add_argument(
+        "--name",
+        default=time.strftime("%Y%m%d-%H%M%S"),
+        help="results file stem (default: timestamp)",
+    )
+    p.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep corrected embeddings under benchmarks/work/outputs",
+    )
+    p.add_argument(
+        "--replot",
+        default=None,
+        metavar="CSV[,CSV...]",
+        help="only redraw time_vs_cells.png from earlier results CSVs",
+    )
     args = p.parse_args(argv)
     args.sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s]
     if args.million and 1_000_000 not in args.sizes:
@@ -626,9 +760,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = pd.concat(frames).to_dict("records")
         log(f"wrote {plot_times(rows)}")
         return 0
-    tools = [t for t in TOOLS
-             if (t.ours and not args.no_ours and (t.with_peer is None or t.with_peer in args.peers))
-             or t.name in args.peers]
+    tools = [
+        t
+        for t in TOOLS
+        if (t.ours and not args.no_ours and (t.with_peer is None or t.with_peer in args.peers))
+        or t.name in args.peers
+    ]
     for tool in tools:
         ensure_venv(tool)
     lisi, lisi_name = lisi_function()
@@ -639,8 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         size_rows = [input_row(inputs, n_cells, args, lisi)]
         for mode in args.modes:
             for tool, res in zip(tools, run_tools(tools, inputs, mode, n_cells, args)):
-                res.update(tool=tool.name, algorithm=tool.algorithm, mode=mode,
-                           n_cells=n_cells)
+                res.update(tool=tool.name, algorithm=tool.algorithm, mode=mode, n_cells=n_cells)
                 size_rows.append(res)
         add_quality(size_rows[1:], inputs, n_cells, args, lisi)
         rows += size_rows

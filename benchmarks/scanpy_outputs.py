@@ -41,10 +41,16 @@ OUT = REPO / "tests" / "data"
 #: data set -> (pcs file, meta file, batch key)
 DATA_SETS = {
     "pbmc_3500": (BUNDLED / "pbmc_3500_pcs.tsv.gz", BUNDLED / "pbmc_3500_meta.tsv.gz", "donor"),
-    "pbmcs_small": (BUNDLED / "pbmcs_small_pcs.tsv.gz", BUNDLED / "pbmcs_small_meta.tsv.gz",
-                    "donor"),
-    "cell_lines_small": (SHARED / "cell_lines_small_pcs.tsv.gz",
-                         SHARED / "cell_lines_small_meta.tsv.gz", "dataset"),
+    "pbmcs_small": (
+        BUNDLED / "pbmcs_small_pcs.tsv.gz",
+        BUNDLED / "pbmcs_small_meta.tsv.gz",
+        "donor",
+    ),
+    "cell_lines_small": (
+        SHARED / "cell_lines_small_pcs.tsv.gz",
+        SHARED / "cell_lines_small_meta.tsv.gz",
+        "dataset",
+    ),
 }
 FLAVORS = ("harmony2", "harmony1")
 SEED = 0
@@ -60,18 +66,29 @@ def signature_from_source(function) -> list[dict]:
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
     for arg, default in zip(positional, defaults):
-        params.append(dict(name=arg.arg, kind="POSITIONAL_OR_KEYWORD",
-                           default=None if default is None else ast.unparse(default)))
+        params.append(
+            dict(
+                name=arg.arg,
+                kind="POSITIONAL_OR_KEYWORD",
+                default=None if default is None else ast.unparse(default),
+            )
+        )
     for arg, default in zip(args.kwonlyargs, args.kw_defaults):
-        params.append(dict(name=arg.arg, kind="KEYWORD_ONLY",
-                           default=None if default is None else ast.unparse(default)))
+        params.append(
+            dict(
+                name=arg.arg,
+                kind="KEYWORD_ONLY",
+                default=None if default is None else ast.unparse(default),
+            )
+        )
     return params
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--commit", required=True,
-                        help="the scverse/scanpy commit the environment was built from")
+    parser.add_argument(
+        "--commit", required=True, help="the scverse/scanpy commit the environment was built from"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
@@ -85,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         pcs = pd.read_csv(pcs_path, sep="\t").to_numpy(dtype=np.float64)
         meta = pd.read_csv(meta_path, sep="\t")
         for flavor in FLAVORS:
-            adata = ad.AnnData(obs=meta.astype({key: str}).set_index(
-                pd.Index([str(i) for i in range(len(meta))])))
+            adata = ad.AnnData(
+                obs=meta.astype({key: str}).set_index(pd.Index([str(i) for i in range(len(meta))]))
+            )
             adata.obsm["X_pca"] = pcs.copy()
             kwargs = dict(flavor=flavor, rng=SEED)
             start = time.perf_counter()
@@ -94,17 +112,26 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             # float32 halves the file; the tests compare correlations, not bits.
             arrays[f"{name}__{flavor}"] = np.asarray(adata.obsm["X_pca_harmony"], np.float32)
-            runs.append(dict(data_set=name, key=key, n_cells=int(pcs.shape[0]),
-                             n_pcs=int(pcs.shape[1]), kwargs=kwargs,
-                             dtype=str(adata.obsm["X_pca_harmony"].dtype),
-                             seconds=round(seconds, 3)))
+            runs.append(
+                dict(
+                    data_set=name,
+                    key=key,
+                    n_cells=int(pcs.shape[0]),
+                    n_pcs=int(pcs.shape[1]),
+                    kwargs=kwargs,
+                    dtype=str(adata.obsm["X_pca_harmony"].dtype),
+                    seconds=round(seconds, 3),
+                )
+            )
             print(f"{name} {flavor}: {seconds:.2f} s", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "scanpy_native.npz", **arrays)
     record = dict(
-        scanpy_version=version("scanpy"), scanpy_commit=args.commit,
-        python=platform.python_version(), numpy=np.__version__,
+        scanpy_version=version("scanpy"),
+        scanpy_commit=args.commit,
+        python=platform.python_version(),
+        numpy=np.__version__,
         scikit_learn=version("scikit-learn"),
         call="sc.pp.harmony_integrate(adata, key, flavor=flavor, rng=0)",
         runs=runs,

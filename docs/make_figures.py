@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import harmonypy as hm  # noqa: E402
-from harmonypy import datasets, plotting# noqa: E402
+from harmonypy import datasets, plotting  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -59,8 +59,11 @@ def _save(fig, name: str) -> None:
 
 
 def _small_data(data_dir: str | None) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    candidates = [data_dir, os.environ.get("HARMONYPY_SHARED_DATA"),
-                  HERE.parents[1] / "shared" / "data"]
+    candidates = [
+        data_dir,
+        os.environ.get("HARMONYPY_SHARED_DATA"),
+        HERE.parents[1] / "shared" / "data",
+    ]
     for folder in candidates:
         if folder and (Path(folder) / "pbmcs_small_pcs.tsv.gz").is_file():
             pcs = pd.read_csv(Path(folder) / "pbmcs_small_pcs.tsv.gz", sep="\t")

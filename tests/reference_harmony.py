@@ -19,9 +19,20 @@ def normalise_columns(x):
 class ReferenceHarmony:
     """State in the R package's orientation: Z (d x N), R (K x N), Phi (B x N)."""
 
-    def __init__(self, z, phi, theta, lamb, sigma, block_size, alpha=0.2,
-                 lambda_estimation=False, harmony2=False, level_variable=None,
-                 batch_prop_cutoff=1e-5):
+    def __init__(
+        self,
+        z,
+        phi,
+        theta,
+        lamb,
+        sigma,
+        block_size,
+        alpha=0.2,
+        lambda_estimation=False,
+        harmony2=False,
+        level_variable=None,
+        batch_prop_cutoff=1e-5,
+    ):
         self.Z_orig = np.asarray(z, dtype=np.float64)
         self.Z_corr = self.Z_orig.copy()
         self.Z_cos = normalise_columns(self.Z_orig)
@@ -30,7 +41,11 @@ class ReferenceHarmony:
         self.Phi_moe = np.vstack([np.ones((1, self.N)), self.Phi])
         self.Pr_b = self.Phi.sum(1) / self.N
         self.theta = np.asarray(theta, dtype=np.float64)
-        self.lamb = np.concatenate([[0.0], np.asarray(lamb, dtype=np.float64)]) if lamb is not None else None
+        self.lamb = (
+            np.concatenate([[0.0], np.asarray(lamb, dtype=np.float64)])
+            if lamb is not None
+            else None
+        )
         self.sigma = np.asarray(sigma, dtype=np.float64)
         self.K = self.sigma.size
         self.block_size = block_size
@@ -39,8 +54,9 @@ class ReferenceHarmony:
         self.objective_kmeans = []
         self.parts = []
         self.harmony2 = harmony2
-        self.level_variable = (np.zeros(self.B, dtype=int) if level_variable is None
-                               else np.asarray(level_variable))
+        self.level_variable = (
+            np.zeros(self.B, dtype=int) if level_variable is None else np.asarray(level_variable)
+        )
         self.batch_prop_cutoff = batch_prop_cutoff
 
     def diversity(self):
@@ -71,9 +87,10 @@ class ReferenceHarmony:
         with np.errstate(divide="ignore", invalid="ignore"):
             rlogr = np.where(self.R > 0, self.R * np.log(self.R), 0.0)
         entropy = np.sum(rlogr * self.sigma[:, None])
-        cross = np.sum((self.R * self.sigma[:, None])
-                       * ((np.tile(self.theta, (self.K, 1)) * self.cross_log())
-                          @ self.Phi))
+        cross = np.sum(
+            (self.R * self.sigma[:, None])
+            * ((np.tile(self.theta, (self.K, 1)) * self.cross_log()) @ self.Phi)
+        )
         self.parts.append((kmeans_error * norm, entropy * norm, cross * norm))
         self.objective_kmeans.append((kmeans_error + entropy + cross) * norm)
 

@@ -117,7 +117,7 @@ def weighted_cov(Z, weights):
     w = weights / weights.sum()
     center = Z @ w
     centred = (Z - center[:, None]) * np.sqrt(w)[None, :]
-    return center, centred @ centred.T / (1 - np.sum(w ** 2))
+    return center, centred @ centred.T / (1 - np.sum(w**2))
 
 
 def per_cell_mapping_metric(Z_ref, R_ref, Zq_pca, Rq):
@@ -128,8 +128,9 @@ def per_cell_mapping_metric(Z_ref, R_ref, Zq_pca, Rq):
     centre, cov))`` per cluster, averaged with the query's R.
     """
     moments = [weighted_cov(Z_ref, R_ref[k]) for k in range(R_ref.shape[0])]
-    return mapping_metric(np.array([c for c, _ in moments]),
-                          np.array([cov for _, cov in moments]), Zq_pca, Rq)
+    return mapping_metric(
+        np.array([c for c, _ in moments]), np.array([cov for _, cov in moments]), Zq_pca, Rq
+    )
 
 
 def mapping_metric(centers, covariances, Zq_pca, Rq):

@@ -30,8 +30,11 @@ import pytest
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TESTED_ELSEWHERE = {"migrating.md", "mapping-tutorial.md", "convergence.md"}
 PAGES = sorted(p.name for p in DOCS.glob("*.md") if p.name not in TESTED_ELSEWHERE)
-_FENCE = re.compile(r"(?P<skip><!-- readme-test: skip -->\n)?```(?P<lang>[a-z]*)\n"
-                    r"(?P<code>.*?)```", re.S)
+_FENCE = re.compile(
+    r"(?P<skip><!-- readme-test: skip -->\n)?```(?P<lang>[a-z]*)\n"
+    r"(?P<code>.*?)```",
+    re.S,
+)
 
 #: What a page's text says its examples start from, built before its blocks run.
 #: mapping.md's AnnData examples use the reference and query of
@@ -41,8 +44,11 @@ SETUP = {"mapping.md": "adata_pages"}
 
 def _blocks(page: str, lang: str) -> list[tuple[int, str]]:
     text = (DOCS / page).read_text(encoding="utf-8")
-    return [(text.count("\n", 0, m.start("code")) + 1, m["code"])
-            for m in _FENCE.finditer(text) if m["lang"] == lang and not m["skip"]]
+    return [
+        (text.count("\n", 0, m.start("code")) + 1, m["code"])
+        for m in _FENCE.finditer(text)
+        if m["lang"] == lang and not m["skip"]
+    ]
 
 
 def _harmonypy_commands(code: str) -> list[list[str]]:
@@ -109,8 +115,10 @@ def test_docs_have_examples():
     assert "index.md" in PAGES and "usage.md" in PAGES
     blocks = sum(len(_blocks(page, "python")) for page in PAGES)
     assert blocks >= 15
-    skipped = sum((DOCS / page).read_text(encoding="utf-8").count("<!-- readme-test: skip -->")
-                  for page in PAGES)
+    skipped = sum(
+        (DOCS / page).read_text(encoding="utf-8").count("<!-- readme-test: skip -->")
+        for page in PAGES
+    )
     assert skipped <= 1, "too many docs examples opt out of the test"
 
 
@@ -146,7 +154,7 @@ def test_usage_parameter_table_is_the_signature():
 
     text = (DOCS / "usage.md").read_text(encoding="utf-8")
     start = text.index("| parameter | default |")
-    table = text[start:text.index("\n\n", start)]
+    table = text[start : text.index("\n\n", start)]
     rows = re.findall(r"^\| `(\w+)` \| ?(`[^`]*`)? ?\|", table, re.M)
     parameters = inspect.signature(hm.run_harmony).parameters
     assert [name for name, _ in rows] == list(parameters)
@@ -173,18 +181,30 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
         exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)
 
 
-BASH_BLOCKS = [(page, line, cmds) for page in PAGES for line, code in _blocks(page, "bash")
-               if (cmds := _harmonypy_commands(code))]
+BASH_BLOCKS = [
+    (page, line, cmds)
+    for page in PAGES
+    for line, code in _blocks(page, "bash")
+    if (cmds := _harmonypy_commands(code))
+]
 
 
-@pytest.mark.parametrize("page, line, commands", BASH_BLOCKS,
-                         ids=[f"{page}:{line}" for page, line, _ in BASH_BLOCKS])
+@pytest.mark.parametrize(
+    "page, line, commands", BASH_BLOCKS, ids=[f"{page}:{line}" for page, line, _ in BASH_BLOCKS]
+)
 def test_command_line_examples_run(page, line, commands, tmp_path):
     _example_folder(tmp_path, " ".join(" ".join(words) for words in commands))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for words in commands:
-        result = subprocess.run([sys.executable, *words], cwd=tmp_path,
-                                capture_output=True, text=True, env=env, timeout=300)
+        result = subprocess.run(
+            [sys.executable, *words],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert result.returncode == 0, (
             f"docs/{page}:{line}: python {shlex.join(words)} exited with "
-            f"{result.returncode}:\n{result.stderr}")
+            f"{result.returncode}:\n{result.stderr}"
+        )

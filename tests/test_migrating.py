@@ -33,8 +33,10 @@ _OPTIONAL = ("anndata", "scanpy", "matplotlib")
 
 
 def _blocks() -> list[tuple[str, int, str]]:
-    return [(m["lang"], TEXT.count("\n", 0, m.start("code")) + 1, m["code"])
-            for m in _FENCE.finditer(TEXT)]
+    return [
+        (m["lang"], TEXT.count("\n", 0, m.start("code")) + 1, m["code"])
+        for m in _FENCE.finditer(TEXT)
+    ]
 
 
 PYTHON_BLOCKS = [(line, code) for lang, line, code in _blocks() if lang == "python"]
@@ -69,8 +71,9 @@ def test_page_has_examples_and_every_block_names_its_language():
     assert TEXT.count("```") == 2 * len(blocks), "an unmatched code fence"
 
 
-@pytest.mark.parametrize("line, code", PYTHON_BLOCKS,
-                         ids=[f"migrating.md:{line}" for line, _ in PYTHON_BLOCKS])
+@pytest.mark.parametrize(
+    "line, code", PYTHON_BLOCKS, ids=[f"migrating.md:{line}" for line, _ in PYTHON_BLOCKS]
+)
 def test_python_example_runs(line, code, tmp_path, monkeypatch):
     for module in _OPTIONAL:
         if re.search(rf"^\s*(import|from) {module}\b", code, re.M):
@@ -83,8 +86,11 @@ def test_python_example_runs(line, code, tmp_path, monkeypatch):
 def test_no_python_block_calls_another_package():
     """Other packages' calls stay in text/r blocks or comments, never in run code."""
     foreign = re.compile(r"\b(sc\.pp\.harmony_integrate|sce\.pp\.|rsc\.|harmonize\()")
-    offenders = [line for line, code in PYTHON_BLOCKS
-                 if any(foreign.search(row.split("#", 1)[0]) for row in code.splitlines())]
+    offenders = [
+        line
+        for line, code in PYTHON_BLOCKS
+        if any(foreign.search(row.split("#", 1)[0]) for row in code.splitlines())
+    ]
     assert not offenders, f"python blocks at lines {offenders} call another package"
 
 
@@ -108,18 +114,50 @@ def test_scanpy_defaults_quoted_on_the_page_are_the_functions():
     assert parameters["tol_clustering"].default == 1e-5
     assert parameters["flavor"].default == "harmony2"
     assert parameters["rng"].default is None
-    assert "README, \"Performance\", has the table" in TEXT   # speed figures point to README
+    assert 'README, "Performance", has the table' in TEXT  # speed figures point to README
 
 
 # Signatures of the PyPI releases, read from harmonypy-0.2.0-py3-none-any.whl and
 # harmonypy-2.1.0.tar.gz (harmonypy/harmony.py) when the page was written.
-HARMONYPY_020 = ["data_mat", "meta_data", "vars_use", "theta", "lamb", "sigma", "nclust", "tau",
-                 "block_size", "max_iter_harmony", "max_iter_kmeans", "epsilon_cluster",
-                 "epsilon_harmony", "alpha", "verbose", "random_state", "device"]
-HARMONYPY_210 = ["data_mat", "meta_data", "vars_use", "theta", "lamb", "sigma", "nclust", "tau",
-                 "block_size", "max_iter_harmony", "max_iter_kmeans", "epsilon_cluster",
-                 "epsilon_harmony", "alpha", "batch_prop_cutoff", "verbose", "random_state",
-                 "ncores"]
+HARMONYPY_020 = [
+    "data_mat",
+    "meta_data",
+    "vars_use",
+    "theta",
+    "lamb",
+    "sigma",
+    "nclust",
+    "tau",
+    "block_size",
+    "max_iter_harmony",
+    "max_iter_kmeans",
+    "epsilon_cluster",
+    "epsilon_harmony",
+    "alpha",
+    "verbose",
+    "random_state",
+    "device",
+]
+HARMONYPY_210 = [
+    "data_mat",
+    "meta_data",
+    "vars_use",
+    "theta",
+    "lamb",
+    "sigma",
+    "nclust",
+    "tau",
+    "block_size",
+    "max_iter_harmony",
+    "max_iter_kmeans",
+    "epsilon_cluster",
+    "epsilon_harmony",
+    "alpha",
+    "batch_prop_cutoff",
+    "verbose",
+    "random_state",
+    "ncores",
+]
 
 
 def test_every_old_harmonypy_argument_exists_here():
@@ -127,7 +165,7 @@ def test_every_old_harmonypy_argument_exists_here():
     for name in HARMONYPY_020 + HARMONYPY_210:
         assert name in parameters, name
     # The page's warning about positional order: 0.2.0's order is kept here ...
-    assert parameters[:len(HARMONYPY_020)] == HARMONYPY_020
+    assert parameters[: len(HARMONYPY_020)] == HARMONYPY_020
     # ... and 2.1.0's departs from it after alpha.
     assert parameters[:14] == HARMONYPY_210[:14]
     assert parameters[14] != HARMONYPY_210[14]

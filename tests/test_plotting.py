@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import harmonypy as hm  # noqa: E402
-from harmonypy import plotting# noqa: E402
+from harmonypy import plotting  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_convergence_plot(small_run):
     assert len(lines) == ho.n_iter + 1
     n_points = sum(len(line.get_xdata()) for line in lines)
     assert n_points == len(ho.objective_kmeans) == 1 + sum(ho.kmeans_rounds)
-    np.testing.assert_allclose(np.concatenate([ln.get_ydata() for ln in lines]),
-                               ho.objective_kmeans)
+    np.testing.assert_allclose(
+        np.concatenate([ln.get_ydata() for ln in lines]), ho.objective_kmeans
+    )
     assert "iteration" in ax.get_title()
     assert _pixels_vary(ax.figure)
 

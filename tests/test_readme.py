@@ -21,8 +21,11 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_FENCE = re.compile(r"(?P<skip><!-- readme-test: skip -->\n)?```(?P<lang>python|bash)\n"
-                    r"(?P<code>.*?)```", re.S)
+_FENCE = re.compile(
+    r"(?P<skip><!-- readme-test: skip -->\n)?```(?P<lang>python|bash)\n"
+    r"(?P<code>.*?)```",
+    re.S,
+)
 
 
 def _blocks(lang: str) -> list[tuple[int, str]]:
@@ -47,19 +50,21 @@ def _harmonypy_commands(code: str) -> list[list[str]]:
 
 
 PYTHON_BLOCKS = _blocks("python")
-BASH_BLOCKS = [(line, cmds) for line, code in _blocks("bash")
-               if (cmds := _harmonypy_commands(code))]
+BASH_BLOCKS = [
+    (line, cmds) for line, code in _blocks("bash") if (cmds := _harmonypy_commands(code))
+]
 
 
 def test_readme_has_examples():
-    assert len(PYTHON_BLOCKS) >= 4   # integrate, score, map, AnnData/scanpy
+    assert len(PYTHON_BLOCKS) >= 4  # integrate, score, map, AnnData/scanpy
     assert BASH_BLOCKS
     skipped = README.read_text(encoding="utf-8").count("<!-- readme-test: skip -->")
     assert skipped <= 2, "too many README examples opt out of this test"
 
 
-@pytest.mark.parametrize("line, code", PYTHON_BLOCKS,
-                         ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS])
+@pytest.mark.parametrize(
+    "line, code", PYTHON_BLOCKS, ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS]
+)
 def test_python_example_runs(line, code, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib
@@ -92,13 +97,21 @@ def test_first_example_converges(tmp_path, monkeypatch, capsys):
     assert min(r) > 0.999
 
 
-@pytest.mark.parametrize("line, commands", BASH_BLOCKS,
-                         ids=[f"README.md:{line}" for line, _ in BASH_BLOCKS])
+@pytest.mark.parametrize(
+    "line, commands", BASH_BLOCKS, ids=[f"README.md:{line}" for line, _ in BASH_BLOCKS]
+)
 def test_command_line_example_runs(line, commands, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for words in commands:
-        result = subprocess.run([sys.executable, "-m", "harmonypy", *words], cwd=tmp_path,
-                                capture_output=True, text=True, env=env, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "harmonypy", *words],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert result.returncode == 0, (
             f"README.md:{line}: harmonypy {shlex.join(words)} exited with "
-            f"{result.returncode}:\n{result.stderr}")
+            f"{result.returncode}:\n{result.stderr}"
+        )

@@ -29,9 +29,7 @@ def _nearest_centroid_accuracy(
         test = in_g & ~train & np.isin(labels, levels)
         if len(levels) < 2 or not test.any():
             continue
-        centroids = np.stack(
-            [X[in_g & train & (labels == lv)].mean(axis=0) for lv in levels]
-        )
+        centroids = np.stack([X[in_g & train & (labels == lv)].mean(axis=0) for lv in levels])
         d2 = ((X[test][:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
         hits += int((levels[d2.argmin(axis=1)] == labels[test]).sum())
         majority += int(pd.Series(labels[test]).value_counts().iloc[0])
@@ -111,21 +109,15 @@ def test_batches_separable_before_correction():
     types = meta["cell_type"].to_numpy()
     acc, chance = _nearest_centroid_accuracy(X, meta["batch"].astype(str).to_numpy(), types)
     assert acc > 0.9 and acc > chance + 0.3
-    acc2, chance2 = _nearest_centroid_accuracy(
-        X, meta["batch2"].astype(str).to_numpy(), types
-    )
+    acc2, chance2 = _nearest_centroid_accuracy(X, meta["batch2"].astype(str).to_numpy(), types)
     assert acc2 > chance2 + 0.1
     # Cell types, the biology to keep, are separated more than batches are.
-    acc_t, _ = _nearest_centroid_accuracy(
-        X, types, np.zeros(len(types), dtype=int)
-    )
+    acc_t, _ = _nearest_centroid_accuracy(X, types, np.zeros(len(types), dtype=int))
     assert acc_t > 0.9
 
 
 def test_no_batch_effect_means_no_batch_signal():
-    X, meta = simulate(
-        8000, 20, 4, 5, seed=6, batch_shift=0.0, type_shift=0.0
-    )
+    X, meta = simulate(8000, 20, 4, 5, seed=6, batch_shift=0.0, type_shift=0.0)
     acc, chance = _nearest_centroid_accuracy(
         X, meta["batch"].astype(str).to_numpy(), meta["cell_type"].to_numpy()
     )

@@ -29,10 +29,25 @@ def test_every_stored_output_is_recomputed(stored, recomputed):
     assert set(stored) - {"cpu"} == set(recomputed)
 
 
-@pytest.mark.parametrize("name", ["harmony1_Z_corr", "harmony1_R", "harmony1_objective",
-                                  "harmony2_Z_corr", "harmony2_R", "harmony2_objective",
-                                  "lisi", "evaluate", "reference_Y", "reference_Nr", "mapped",
-                                  "confidence", "labels", "label_probability"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "harmony1_Z_corr",
+        "harmony1_R",
+        "harmony1_objective",
+        "harmony2_Z_corr",
+        "harmony2_R",
+        "harmony2_objective",
+        "lisi",
+        "evaluate",
+        "reference_Y",
+        "reference_Nr",
+        "mapped",
+        "confidence",
+        "labels",
+        "label_probability",
+    ],
+)
 def test_output_equals_the_stored_one(stored, recomputed, name):
     if str(stored["cpu"]) == cpu_model() or stored[name].dtype.kind not in "fc":
         np.testing.assert_array_equal(recomputed[name], stored[name])

@@ -13,7 +13,7 @@ from __future__ import annotations
 # Set before the imports below: submodules read it when they are imported.
 __version__ = "1.0.0.dev0"
 
-from harmonypy import datasets# noqa: E402
+from harmonypy import datasets  # noqa: E402
 from harmonypy.adapters.anndata import integrate  # noqa: E402
 from harmonypy.engine.convergence import ConvergenceWarning, IterationReport  # noqa: E402
 from harmonypy.metrics.evaluate import IntegrationScores, evaluate  # noqa: E402

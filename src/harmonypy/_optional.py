@@ -10,8 +10,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["ANNDATA_HINT", "PYARROW_HINT", "ZARR_HINT", "require_anndata", "require_pyarrow",
-           "require_zarr"]
+__all__ = [
+    "ANNDATA_HINT",
+    "PYARROW_HINT",
+    "ZARR_HINT",
+    "require_anndata",
+    "require_pyarrow",
+    "require_zarr",
+]
 
 #: How to install anndata (reading and writing ``.h5ad`` files).
 ANNDATA_HINT = "pip install harmonypy[anndata]"
@@ -39,7 +45,8 @@ def require_anndata() -> ModuleType:
         When anndata is not installed; the message gives :data:`ANNDATA_HINT`.
     """
     return _import_optional(
-        "anndata", f"reading or writing .h5ad files needs the anndata package: {ANNDATA_HINT}")
+        "anndata", f"reading or writing .h5ad files needs the anndata package: {ANNDATA_HINT}"
+    )
 
 
 def require_pyarrow() -> None:

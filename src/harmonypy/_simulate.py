@@ -61,9 +61,7 @@ def _presence_mask(
     return present
 
 
-def _cell_counts(
-    rng: np.random.Generator, n_cells: int, present: np.ndarray
-) -> np.ndarray:
+def _cell_counts(rng: np.random.Generator, n_cells: int, present: np.ndarray) -> np.ndarray:
     """Integer (batches x types) cell counts summing to ``n_cells``.
 
     Batch sizes and per-batch type proportions are Dirichlet draws, so the
@@ -213,9 +211,7 @@ def simulate(
     # Per-(batch, type) mean = type centre + batch shift + interaction shift.
     centres = rng.normal(size=(n_cell_types, n_pcs)) * (scales["type_spread"] * profile)
     b_shift = rng.normal(size=(n_batches, n_pcs)) * (scales["batch_shift"] * profile)
-    bt_shift = rng.normal(size=(n_batches, n_cell_types, n_pcs)) * (
-        scales["type_shift"] * profile
-    )
+    bt_shift = rng.normal(size=(n_batches, n_cell_types, n_pcs)) * (scales["type_shift"] * profile)
     means = centres[None, :, :] + b_shift[:, None, :] + bt_shift
     # Later PCs of real data are mostly noise, so noise decays more slowly.
     noise_sd = scales["noise"] * (0.5 + 0.5 * profile)
@@ -237,9 +233,7 @@ def simulate(
             "batch": pd.Categorical.from_codes(
                 batch_idx, categories=[f"b{b}" for b in range(n_batches)]
             ),
-            "cell_type": np.array([f"t{t}" for t in range(n_cell_types)], dtype=object)[
-                type_idx
-            ],
+            "cell_type": np.array([f"t{t}" for t in range(n_cell_types)], dtype=object)[type_idx],
         }
     )
 
@@ -249,9 +243,7 @@ def simulate(
         cum = np.cumsum(level_probs, axis=1)[batch_idx]
         u = rng.random(n_cells)[:, None]
         batch2_idx = np.minimum((u > cum).sum(axis=1), second_batch - 1)
-        b2_shift = rng.normal(size=(second_batch, n_pcs)) * (
-            scales["batch2_shift"] * profile
-        )
+        b2_shift = rng.normal(size=(second_batch, n_pcs)) * (scales["batch2_shift"] * profile)
         X += b2_shift.astype(dtype)[batch2_idx]
         meta["batch2"] = pd.Categorical.from_codes(
             batch2_idx, categories=[f"tech{k}" for k in range(second_batch)]

@@ -22,8 +22,13 @@ from harmonypy.io.outputs import OutputFiles, OutputSpec, check_outputs
 from harmonypy.io.tables import Table
 from harmonypy.io.writers import write_table
 
-__all__ = ["load_pbmc_3500", "load_pbmc_3500_harmony2_reference", "load_pbmcs_small",
-           "save_example", "simulate"]
+__all__ = [
+    "load_pbmc_3500",
+    "load_pbmc_3500_harmony2_reference",
+    "load_pbmcs_small",
+    "save_example",
+    "simulate",
+]
 
 
 def _read(name: str) -> pd.DataFrame:
@@ -43,8 +48,11 @@ def load_pbmc_3500() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     reference : DataFrame, (3500, 30)
         The same PCs corrected by R harmony 1.2.4 with its defaults.
     """
-    return (_read("pbmc_3500_pcs.tsv.gz"), _read("pbmc_3500_meta.tsv.gz"),
-            _read("pbmc_3500_pcs_harmonized.tsv.gz"))
+    return (
+        _read("pbmc_3500_pcs.tsv.gz"),
+        _read("pbmc_3500_meta.tsv.gz"),
+        _read("pbmc_3500_pcs_harmonized.tsv.gz"),
+    )
 
 
 def load_pbmc_3500_harmony2_reference() -> pd.DataFrame:
@@ -96,15 +104,21 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
     folder = Path(folder)
     pcs, meta = load_pbmcs_small()
     names = pd.Index(meta["cell_id"], name="cell_id")
-    tables = {"pcs": Table(pcs.set_axis(names), True),
-              "meta": Table(meta.set_index("cell_id"), True)}
+    tables = {
+        "pcs": Table(pcs.set_axis(names), True),
+        "meta": Table(meta.set_index("cell_id"), True),
+    }
     paths = {key: folder / f"{key}.tsv.gz" for key in tables}
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist(s) in {folder}; pass "
-                              f"overwrite=True to replace")
-    check_outputs([OutputSpec(f"save_example {key}", path, ("tsv",))
-                   for key, path in paths.items()], {}, force=True)
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s) in {folder}; pass overwrite=True to replace"
+        )
+    check_outputs(
+        [OutputSpec(f"save_example {key}", path, ("tsv",)) for key, path in paths.items()],
+        {},
+        force=True,
+    )
     with OutputFiles() as files:
         for key, table in tables.items():
             write_table(table, files.stage(paths[key]))

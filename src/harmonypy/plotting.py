@@ -18,8 +18,10 @@ from harmonypy.engine.cellnames import align_to_names, carries_names, match_orde
 
 logger = logging.getLogger(__name__)
 
-_REMEDY = ("Give the embeddings and meta the same cells (e.g. meta.loc[ho.cell_names]), or "
-           "drop their names to pair rows by position (meta.reset_index(drop=True))")
+_REMEDY = (
+    "Give the embeddings and meta the same cells (e.g. meta.loc[ho.cell_names]), or "
+    "drop their names to pair rows by position (meta.reset_index(drop=True))"
+)
 
 __all__ = ["plot_convergence", "plot_embedding", "embedding_figsize"]
 
@@ -100,8 +102,14 @@ def plot_convergence(ho: Any, ax=None):
         ax.set_ylabel("objective")
         ax.set_title(_convergence_title(ho))
         if n_colors > 1:
-            ax.legend(title="Harmony\niteration", fontsize="small", title_fontsize="small",
-                      loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+            ax.legend(
+                title="Harmony\niteration",
+                fontsize="small",
+                title_fontsize="small",
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0,
+            )
     return ax
 
 
@@ -204,8 +212,9 @@ def embedding_figsize(n_rows: int) -> tuple[float, float]:
     return (8.4, 3.4 * n_rows)
 
 
-def _coordinates(data: Any, basis: str, dims: tuple[int, int],
-                 random_state: int) -> tuple[np.ndarray, list[str]]:
+def _coordinates(
+    data: Any, basis: str, dims: tuple[int, int], random_state: int
+) -> tuple[np.ndarray, list[str]]:
     """The two columns to plot, (N, 2), and their axis names."""
     if hasattr(data, "Z_corr") and hasattr(data, "objective_harmony"):
         data = data.Z_corr.T
@@ -215,8 +224,10 @@ def _coordinates(data: Any, basis: str, dims: tuple[int, int],
         data = data.to_numpy(dtype=float)
     data = np.asarray(data, dtype=float)
     if data.ndim != 2 or data.shape[1] < 2:
-        raise ValueError(f"an embedding with cells in rows and at least 2 columns is needed, "
-                         f"got shape {data.shape}")
+        raise ValueError(
+            f"an embedding with cells in rows and at least 2 columns is needed, "
+            f"got shape {data.shape}"
+        )
     if basis == "pcs":
         dims = tuple(int(d) for d in dims)
         if len(dims) != 2 or not all(0 <= d < data.shape[1] for d in dims):
@@ -251,13 +262,19 @@ def _paired(before: Any, after: Any, meta: Any) -> tuple[Any, Any, Any]:
         names, cells_from = before_names, before_from.format("before")
         other, other_names, other_from = after, None, ""
     if other_names is not None:
-        order = match_order(pd.Index(names), other_names, cells_from=cells_from,
-                            meta_from=other_from, remedy=_REMEDY)
+        order = match_order(
+            pd.Index(names),
+            other_names,
+            cells_from=cells_from,
+            meta_from=other_from,
+            remedy=_REMEDY,
+        )
         if order is not None:
             other = other.iloc[order]
     if isinstance(meta, (pd.DataFrame, pd.Series)):
-        meta = align_to_names(pd.Index(names), meta, cells_from=cells_from, meta_name="meta",
-                              remedy=_REMEDY)[0]
+        meta = align_to_names(
+            pd.Index(names), meta, cells_from=cells_from, meta_name="meta", remedy=_REMEDY
+        )[0]
     return (other, after, meta) if after_names is not None else (before, other, meta)
 
 
@@ -275,12 +292,16 @@ def _check_inputs(before: np.ndarray, after: np.ndarray, meta: Any, colors: list
     if not colors:
         raise ValueError("color must name at least one column of meta")
     if not (len(before) == len(after) == len(meta)):
-        raise ValueError(f"before ({len(before)} cells), after ({len(after)}) and meta "
-                         f"({len(meta)} rows) must have the same number of cells")
+        raise ValueError(
+            f"before ({len(before)} cells), after ({len(after)}) and meta "
+            f"({len(meta)} rows) must have the same number of cells"
+        )
     missing = [c for c in colors if c not in meta.columns]
     if missing:
-        raise KeyError(f"color column(s) {', '.join(map(repr, missing))} not in meta; "
-                       f"available: {', '.join(map(repr, map(str, meta.columns)))}")
+        raise KeyError(
+            f"color column(s) {', '.join(map(repr, missing))} not in meta; "
+            f"available: {', '.join(map(repr, map(str, meta.columns)))}"
+        )
 
 
 def _is_numeric(values: np.ndarray) -> bool:
@@ -297,12 +318,12 @@ def _palette(n: int, plt) -> list:
 
 def _scatter(ax, xy: np.ndarray, values: np.ndarray, size: float, plt):
     if _is_numeric(values):
-        return ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, cmap="viridis",
-                          linewidths=0, rasterized=True)
+        return ax.scatter(
+            xy[:, 0], xy[:, 1], c=values, s=size, cmap="viridis", linewidths=0, rasterized=True
+        )
     categories, codes = np.unique(values.astype(str), return_inverse=True)
     colors = np.asarray(_palette(len(categories), plt))
-    return ax.scatter(xy[:, 0], xy[:, 1], c=colors[codes], s=size, linewidths=0,
-                      rasterized=True)
+    return ax.scatter(xy[:, 0], xy[:, 1], c=colors[codes], s=size, linewidths=0, rasterized=True)
 
 
 def _legend(ax, values: np.ndarray, handle, column: str, fig, plt) -> None:
@@ -317,6 +338,14 @@ def _legend(ax, values: np.ndarray, handle, column: str, fig, plt) -> None:
     if len(categories) > _MAX_LEGEND:
         handles.append(plt.Line2D([], [], ls=""))
         labels.append(f"... {len(categories) - _MAX_LEGEND} more")
-    ax.legend(handles, labels, title=column, fontsize="small", title_fontsize="small",
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-              handletextpad=0.2)
+    ax.legend(
+        handles,
+        labels,
+        title=column,
+        fontsize="small",
+        title_fontsize="small",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        borderaxespad=0,
+        handletextpad=0.2,
+    )

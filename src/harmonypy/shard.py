@@ -52,24 +52,54 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="python -m harmonypy.shard",
-        description="One rank of a distributed Harmony run (launch with torchrun).")
-    p.add_argument("embedding", metavar="EMBEDDING",
-                   help="cells x PCs, .npy; or an .h5ad (obsm[--basis], batch columns in obs)")
-    p.add_argument("meta", metavar="META", nargs="?",
-                   help="metadata table, one row per cell, same order (not for .h5ad)")
-    p.add_argument("--basis", default="X_pca", metavar="KEY",
-                   help=".h5ad input: obsm key of the embedding (default: X_pca)")
-    p.add_argument("--vars", dest="vars_use", type=name_list, required=True,
-                   metavar="COL[,COL...]", help="batch column(s)")
-    p.add_argument("-o", "--outdir", required=True, metavar="OUTDIR",
-                   help="folder for part-RANK-of-WORLD.npy, manifest.json and summary.json; "
-                        "refused when it holds those of an earlier run (see --force)")
-    p.add_argument("--force", action="store_true",
-                   help="first remove an earlier run's parts (of any world size), manifest "
-                        "and summary from OUTDIR")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                   help="auto: NCCL when every process on each machine has a GPU of its "
-                        "own (--nproc-per-node <= GPUs), else gloo on the CPUs")
+        description="One rank of a distributed Harmony run (launch with torchrun).",
+    )
+    p.add_argument(
+        "embedding",
+        metavar="EMBEDDING",
+        help="cells x PCs, .npy; or an .h5ad (obsm[--basis], batch columns in obs)",
+    )
+    p.add_argument(
+        "meta",
+        metavar="META",
+        nargs="?",
+        help="metadata table, one row per cell, same order (not for .h5ad)",
+    )
+    p.add_argument(
+        "--basis",
+        default="X_pca",
+        metavar="KEY",
+        help=".h5ad input: obsm key of the embedding (default: X_pca)",
+    )
+    p.add_argument(
+        "--vars",
+        dest="vars_use",
+        type=name_list,
+        required=True,
+        metavar="COL[,COL...]",
+        help="batch column(s)",
+    )
+    p.add_argument(
+        "-o",
+        "--outdir",
+        required=True,
+        metavar="OUTDIR",
+        help="folder for part-RANK-of-WORLD.npy, manifest.json and summary.json; "
+        "refused when it holds those of an earlier run (see --force)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="first remove an earlier run's parts (of any world size), manifest "
+        "and summary from OUTDIR",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="auto: NCCL when every process on each machine has a GPU of its "
+        "own (--nproc-per-node <= GPUs), else gloo on the CPUs",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress (rank 0)")
     add_harmony_options(p)
     return p
@@ -86,8 +116,10 @@ def _npy_rows(path, meta_path, world: int, rank: int):
     start, stop = bounds[rank]
     meta = read_meta(meta_path).frame
     if len(meta) != cells.shape[0]:
-        raise ValueError(f"{meta_path} has {len(meta):,} rows, {path} {cells.shape[0]:,}: "
-                         f"expected one metadata row per cell")
+        raise ValueError(
+            f"{meta_path} has {len(meta):,} rows, {path} {cells.shape[0]:,}: "
+            f"expected one metadata row per cell"
+        )
     return bounds, np.ascontiguousarray(cells[start:stop]), meta.iloc[start:stop]
 
 
@@ -105,8 +137,7 @@ def _h5ad_rows(path, basis: str, world: int, rank: int):
         obsm = f.get("obsm")
         if obsm is None or basis not in obsm or not isinstance(obsm[basis], h5py.Dataset):
             available = ", ".join(repr(k) for k in (obsm or {}).keys()) or "none"
-            raise KeyError(f"{path}: no dense obsm[{basis!r}]; available obsm keys: "
-                           f"{available}")
+            raise KeyError(f"{path}: no dense obsm[{basis!r}]; available obsm keys: {available}")
         node = obsm[basis]
         bounds = shard_bounds(node.shape[0], world)
         start, stop = bounds[rank]
@@ -125,15 +156,21 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit("harmonypy.shard: RANK and WORLD_SIZE are not set: launch it with "
-                         "torchrun (see the module's help)")
+        raise SystemExit(
+            "harmonypy.shard: RANK and WORLD_SIZE are not set: launch it with "
+            "torchrun (see the module's help)"
+        )
     fmt = file_format(args.embedding)
     if fmt not in ("npy", "h5ad"):
-        raise SystemExit(f"harmonypy.shard: EMBEDDING must be an .npy or .h5ad file (each "
-                         f"rank reads only its rows), got {args.embedding}")
+        raise SystemExit(
+            f"harmonypy.shard: EMBEDDING must be an .npy or .h5ad file (each "
+            f"rank reads only its rows), got {args.embedding}"
+        )
     if (fmt == "npy") != (args.meta is not None):
-        raise SystemExit("harmonypy.shard: META is needed with an .npy embedding and not "
-                         "used with .h5ad (the batch columns come from obs)")
+        raise SystemExit(
+            "harmonypy.shard: META is needed with an .npy embedding and not "
+            "used with .h5ad (the batch columns come from obs)"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -142,19 +179,24 @@ def main(argv=None) -> int:
     # every machine, on the others too); a mix of backends would hang.
     wants_gpu = args.device is None or str(args.device).startswith("cuda")
     if args.backend == "nccl" and local_world > gpus:
-        raise SystemExit(f"harmonypy.shard: --backend nccl needs a GPU per process: "
-                         f"{local_world} processes on this machine, {gpus} GPU(s)")
-    on_gpu = (args.backend == "nccl" or
-              (args.backend == "auto" and wants_gpu and 0 < local_world <= gpus))
+        raise SystemExit(
+            f"harmonypy.shard: --backend nccl needs a GPU per process: "
+            f"{local_world} processes on this machine, {gpus} GPU(s)"
+        )
+    on_gpu = args.backend == "nccl" or (
+        args.backend == "auto" and wants_gpu and 0 < local_world <= gpus
+    )
     if on_gpu:
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"
     elif args.device is None:
         args.device = "cpu"
     elif str(args.device).startswith("cuda"):
-        raise SystemExit(f"harmonypy.shard: --device {args.device} with gloo: {local_world} "
-                         f"processes on this machine but {gpus} GPU(s); run at most one "
-                         f"process per GPU (--nproc-per-node), or --device cpu")
+        raise SystemExit(
+            f"harmonypy.shard: --device {args.device} with gloo: {local_world} "
+            f"processes on this machine but {gpus} GPU(s); run at most one "
+            f"process per GPU (--nproc-per-node), or --device cpu"
+        )
     dist.init_process_group("nccl" if on_gpu else "gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -164,10 +206,17 @@ def main(argv=None) -> int:
             bounds, cells, meta = _npy_rows(args.embedding, args.meta, world, rank)
         else:
             bounds, cells, meta = _h5ad_rows(args.embedding, args.basis, world, rank)
-        ho = run_harmony(cells, meta, args.vars_use, distributed=True,
-                         verbose=not args.quiet, **harmony_kwargs(args))
-        _write_parts(outdir, ho, rank=rank, world=world, bounds=bounds,
-                     backend=str(dist.get_backend()))
+        ho = run_harmony(
+            cells,
+            meta,
+            args.vars_use,
+            distributed=True,
+            verbose=not args.quiet,
+            **harmony_kwargs(args),
+        )
+        _write_parts(
+            outdir, ho, rank=rank, world=world, bounds=bounds, backend=str(dist.get_backend())
+        )
     finally:
         dist.destroy_process_group()
     return 0
@@ -182,10 +231,17 @@ def _earlier_outputs(outdir: Path) -> list[str]:
     manifest, summary, and temporary files a killed run left)."""
     if not outdir.is_dir():
         return []
-    return sorted(p.name for p in outdir.iterdir()
-                  if _PART.fullmatch(p.name) or p.name in (MANIFEST, "summary.json")
-                  or re.fullmatch(r"\.(part-\d+-of-\d+\.npy|manifest\.json|summary\.json)"
-                                  r"\..*\.tmp.*", p.name))
+    return sorted(
+        p.name
+        for p in outdir.iterdir()
+        if _PART.fullmatch(p.name)
+        or p.name in (MANIFEST, "summary.json")
+        or re.fullmatch(
+            r"\.(part-\d+-of-\d+\.npy|manifest\.json|summary\.json)"
+            r"\..*\.tmp.*",
+            p.name,
+        )
+    )
 
 
 def _all_ok(verdict, *, rank: int, world: int) -> list:
@@ -213,7 +269,8 @@ def _prepare_outdir(outdir: Path, *, force: bool, rank: int, world: int) -> None
             raise FileExistsError(
                 f"{outdir} already holds an earlier run's outputs ({', '.join(earlier[:4])}"
                 f"{', ...' if len(earlier) > 4 else ''}; {len(earlier)} in all): choose "
-                f"another --outdir, or pass --force to remove them first")
+                f"another --outdir, or pass --force to remove them first"
+            )
         for name in earlier:
             (outdir / name).unlink(missing_ok=True)  # another rank may share the folder
         verdict = ("ok", None)
@@ -222,8 +279,7 @@ def _prepare_outdir(outdir: Path, *, force: bool, rank: int, world: int) -> None
     _all_ok(verdict, rank=rank, world=world)
 
 
-def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list,
-                 backend: str) -> None:
+def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list, backend: str) -> None:
     """Write this rank's part; rank 0 then writes the manifest and the summary,
     once every rank's part is in place (a failed rank stops every rank)."""
     from harmonypy.io.outputs import OutputFiles
@@ -234,8 +290,13 @@ def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list,
         with OutputFiles() as files:
             staged = files.stage(part)
             write_array(staged, (ho.N, ho.d), ho.numpy_dtype, lambda out: ho.result(out=out))
-            entry = dict(file=part.name, rank=rank, rows=list(bounds[rank]),
-                         bytes=staged.stat().st_size, sha256=_sha256(staged))
+            entry = dict(
+                file=part.name,
+                rank=rank,
+                rows=list(bounds[rank]),
+                bytes=staged.stat().st_size,
+                sha256=_sha256(staged),
+            )
             files.commit()
         verdict = ("ok", entry)
     except Exception as err:  # noqa: BLE001 - every rank raises it below
@@ -243,14 +304,26 @@ def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list,
     entries = _all_ok(verdict, rank=rank, world=world)
     if rank != 0:
         return
-    manifest = dict(format=_FORMAT, version=1, world_size=world, n_cells=bounds[-1][1],
-                    d=ho.d, dtype=np.dtype(ho.numpy_dtype).name, parts=entries)
-    summary = dict(world_size=world, backend=backend,
-                   rows=[list(b) for b in bounds], n_cells=bounds[-1][1],
-                   n_iter=ho.n_iter, converged=ho.converged,
-                   objective_harmony=list(ho.objective_harmony),
-                   kmeans_rounds=list(ho.kmeans_rounds),
-                   bytes_reduced_per_rank=ho.bytes_reduced)
+    manifest = dict(
+        format=_FORMAT,
+        version=1,
+        world_size=world,
+        n_cells=bounds[-1][1],
+        d=ho.d,
+        dtype=np.dtype(ho.numpy_dtype).name,
+        parts=entries,
+    )
+    summary = dict(
+        world_size=world,
+        backend=backend,
+        rows=[list(b) for b in bounds],
+        n_cells=bounds[-1][1],
+        n_iter=ho.n_iter,
+        converged=ho.converged,
+        objective_harmony=list(ho.objective_harmony),
+        kmeans_rounds=list(ho.kmeans_rounds),
+        bytes_reduced_per_rank=ho.bytes_reduced,
+    )
     with OutputFiles() as files:
         files.stage(outdir / "summary.json").write_text(json.dumps(summary, indent=1))
         files.stage(outdir / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -299,12 +372,15 @@ def read_parts(folder, *, verify: bool = True) -> np.ndarray:
     folder = Path(folder)
     manifest = _read_manifest(folder)
     listed = {entry["file"] for entry in manifest["parts"]}
-    extra = sorted(p.name for p in folder.iterdir() if _PART.fullmatch(p.name)
-                   and p.name not in listed)
+    extra = sorted(
+        p.name for p in folder.iterdir() if _PART.fullmatch(p.name) and p.name not in listed
+    )
     if extra:
-        raise ValueError(f"{folder}: part(s) {', '.join(extra)} are not in {MANIFEST} "
-                         f"(a run of {manifest['world_size']} process(es)): left by another "
-                         f"run? Remove them, or rerun with --force")
+        raise ValueError(
+            f"{folder}: part(s) {', '.join(extra)} are not in {MANIFEST} "
+            f"(a run of {manifest['world_size']} process(es)): left by another "
+            f"run? Remove them, or rerun with --force"
+        )
     out = np.empty((manifest["n_cells"], manifest["d"]), dtype=np.dtype(manifest["dtype"]))
     for entry in manifest["parts"]:
         start, stop = entry["rows"]
@@ -316,30 +392,37 @@ def _read_manifest(folder: Path) -> dict:
     """``folder``'s manifest, its fields checked; errors name the folder."""
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (the --outdir of a "
-                                f"harmonypy.shard run)")
+        raise FileNotFoundError(f"{folder}: no such folder (the --outdir of a harmonypy.shard run)")
     if not path.is_file():
         found = sorted(p.name for p in folder.iterdir() if _PART.fullmatch(p.name))
         raise FileNotFoundError(
             f"{folder}: no {MANIFEST}, so its parts ({', '.join(found[:4]) or 'none'}"
             f"{', ...' if len(found) > 4 else ''}) cannot be checked: the run did not "
-            f"finish (rank 0 writes it last), or an older harmonypy wrote them")
+            f"finish (rank 0 writes it last), or an older harmonypy wrote them"
+        )
     try:
         manifest = json.loads(path.read_text())
         parts = manifest["parts"]
-        ok = (manifest.get("format") == _FORMAT and isinstance(parts, list)
-              and len(parts) == manifest["world_size"] and manifest["n_cells"] >= 0
-              and manifest["d"] >= 1 and np.dtype(manifest["dtype"]).kind == "f"
-              and [p["rank"] for p in parts] == list(range(len(parts)))
-              and all(_PART.fullmatch(p["file"]) for p in parts))
+        ok = (
+            manifest.get("format") == _FORMAT
+            and isinstance(parts, list)
+            and len(parts) == manifest["world_size"]
+            and manifest["n_cells"] >= 0
+            and manifest["d"] >= 1
+            and np.dtype(manifest["dtype"]).kind == "f"
+            and [p["rank"] for p in parts] == list(range(len(parts)))
+            and all(_PART.fullmatch(p["file"]) for p in parts)
+        )
         rows = [tuple(p["rows"]) for p in parts]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a readable harmonypy.shard manifest ({err})") from None
     edges = [0] + [stop for _, stop in rows]
     if not ok or [start for start, _ in rows] != edges[:-1] or edges[-1] != manifest["n_cells"]:
-        raise ValueError(f"{path}: not a valid harmonypy.shard manifest (format, world size, "
-                         f"ranks, part names, or row ranges that do not cover 0..n_cells in "
-                         f"order)")
+        raise ValueError(
+            f"{path}: not a valid harmonypy.shard manifest (format, world size, "
+            f"ranks, part names, or row ranges that do not cover 0..n_cells in "
+            f"order)"
+        )
     return manifest
 
 
@@ -347,25 +430,32 @@ def _checked_part(folder: Path, entry: dict, manifest: dict, *, verify: bool) ->
     """One part, memory-mapped, after checking it against its manifest entry."""
     path = folder / entry["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: part {entry['file']} (rank {entry['rank']} of "
-                                f"{manifest['world_size']}) is missing")
+        raise FileNotFoundError(
+            f"{folder}: part {entry['file']} (rank {entry['rank']} of "
+            f"{manifest['world_size']}) is missing"
+        )
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise ValueError(f"{folder}: part {entry['file']} has {size:,} bytes, the manifest "
-                         f"says {entry['bytes']:,}: truncated or replaced since the run")
+        raise ValueError(
+            f"{folder}: part {entry['file']} has {size:,} bytes, the manifest "
+            f"says {entry['bytes']:,}: truncated or replaced since the run"
+        )
     if verify and _sha256(path) != entry["sha256"]:
-        raise ValueError(f"{folder}: part {entry['file']} does not match the SHA-256 in "
-                         f"{MANIFEST}: rewritten since the run (by another run?)")
+        raise ValueError(
+            f"{folder}: part {entry['file']} does not match the SHA-256 in "
+            f"{MANIFEST}: rewritten since the run (by another run?)"
+        )
     try:
         part = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{folder}: part {entry['file']} is not a readable .npy ({err})") \
-            from None
+        raise ValueError(f"{folder}: part {entry['file']} is not a readable .npy ({err})") from None
     start, stop = entry["rows"]
     expected = (stop - start, manifest["d"])
     if part.shape != expected or part.dtype != np.dtype(manifest["dtype"]):
-        raise ValueError(f"{folder}: part {entry['file']} holds {part.shape} {part.dtype}, the "
-                         f"manifest says {expected} {manifest['dtype']}")
+        raise ValueError(
+            f"{folder}: part {entry['file']} holds {part.shape} {part.dtype}, the "
+            f"manifest says {expected} {manifest['dtype']}"
+        )
     return part
 
 

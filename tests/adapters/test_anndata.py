@@ -142,8 +142,9 @@ def test_scanpy_wrapper_matches_integrate(pbmcs_small):
     integrate(ours, "donor", random_state=7, **FAST)
     # scanpy casts X_pca to float64 and calls harmonypy.run_harmony(x, obs, key, **kwargs).
     sce.pp.harmony_integrate(theirs, "donor", random_state=7, **FAST)
-    np.testing.assert_array_equal(np.asarray(theirs.obsm["X_pca_harmony"], dtype=np.float32),
-                                  ours.obsm["X_pca_harmony"])
+    np.testing.assert_array_equal(
+        np.asarray(theirs.obsm["X_pca_harmony"], dtype=np.float32), ours.obsm["X_pca_harmony"]
+    )
 
 
 def test_scanpy_wrapper_defaults(pbmcs_small):
@@ -172,14 +173,15 @@ def test_every_writer_refuses_adjusted_basis_equal_to_basis_alike(mapping_case):
     ref, pcs, meta = mapping_case
     calls = {
         "integrate": lambda a: integrate(a, "donor", adjusted_basis="X_pca", **FAST),
-        "harmony_integrate": lambda a: hm.harmony_integrate(a, "donor",
-                                                            adjusted_basis="X_pca"),
+        "harmony_integrate": lambda a: hm.harmony_integrate(a, "donor", adjusted_basis="X_pca"),
         "build_reference": lambda a: hm.build_reference(a, None, adjusted_basis="X_pca"),
         "map_query": lambda a: hm.map_query(a, ref, basis="X_pca", adjusted_basis="X_pca"),
     }
-    expected = (r"^adjusted_basis must differ from basis \('X_pca'\): writing the corrected "
-                r"embedding there would replace the only copy of the uncorrected one; use e\.g\. "
-                r"adjusted_basis='X_pca_harmony'$")
+    expected = (
+        r"^adjusted_basis must differ from basis \('X_pca'\): writing the corrected "
+        r"embedding there would replace the only copy of the uncorrected one; use e\.g\. "
+        r"adjusted_basis='X_pca_harmony'$"
+    )
     for name, call in calls.items():
         adata = _duck(pcs, meta)
         with pytest.raises(ValueError, match=expected):
@@ -192,19 +194,29 @@ def test_missing_columns_raise_one_error_type_everywhere(mapping_case):
     and a ValueError, so either ``except`` still catches it) from every layer."""
     ref, pcs, meta = mapping_case
     cases = [
-        (lambda: hm.run_harmony(pcs, meta, "dnor", **FAST),
-         r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean: "
-         r"'dnor' -> 'donor'\?\); available columns: \['donor', 'nUMI', .*'cell_type'"),
-        (lambda: hm.map_query(pcs, meta, ref, vars_use="dnor"),
-         r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean"),
-        (lambda: hm.build_reference(pcs, meta, labels="celltype"),
-         r"labels names column\(s\) \['celltype'\] not found in meta_data \(did you mean: "
-         r"'celltype' -> 'cell_type'\?\)"),
-        (lambda: integrate(_duck(pcs, meta), "dnor", **FAST),
-         r"batch column\(s\) 'dnor' not found in adata\.obs \(did you mean: 'dnor' -> "
-         r"'donor'\?\); available columns: 'donor', 'nUMI', .*'cell_type'"),
-        (lambda: hm.build_reference(_duck(pcs, meta), None, labels="celltype"),
-         r"label column\(s\) 'celltype' not found in adata\.obs"),
+        (
+            lambda: hm.run_harmony(pcs, meta, "dnor", **FAST),
+            r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean: "
+            r"'dnor' -> 'donor'\?\); available columns: \['donor', 'nUMI', .*'cell_type'",
+        ),
+        (
+            lambda: hm.map_query(pcs, meta, ref, vars_use="dnor"),
+            r"vars_use names column\(s\) \['dnor'\] not found in meta_data \(did you mean",
+        ),
+        (
+            lambda: hm.build_reference(pcs, meta, labels="celltype"),
+            r"labels names column\(s\) \['celltype'\] not found in meta_data \(did you mean: "
+            r"'celltype' -> 'cell_type'\?\)",
+        ),
+        (
+            lambda: integrate(_duck(pcs, meta), "dnor", **FAST),
+            r"batch column\(s\) 'dnor' not found in adata\.obs \(did you mean: 'dnor' -> "
+            r"'donor'\?\); available columns: 'donor', 'nUMI', .*'cell_type'",
+        ),
+        (
+            lambda: hm.build_reference(_duck(pcs, meta), None, labels="celltype"),
+            r"label column\(s\) 'celltype' not found in adata\.obs",
+        ),
     ]
     for call, pattern in cases:
         with pytest.raises(ColumnNotFoundError, match=pattern) as info:
@@ -222,8 +234,9 @@ def mapping_case():
     meta = meta.set_index("cell_id")
     pcs = pcs.set_axis(meta.index).to_numpy(np.float32)
     in_ref = (meta["donor"] == "3pv2").to_numpy()
-    ref = hm.build_reference(pcs[in_ref], meta[in_ref], labels="cell_type", nclust=10,
-                             random_state=0)
+    ref = hm.build_reference(
+        pcs[in_ref], meta[in_ref], labels="cell_type", nclust=10, random_state=0
+    )
     return ref, pcs[~in_ref], meta[~in_ref]
 
 
@@ -246,8 +259,14 @@ def test_mapping_never_replaces_what_it_did_not_write(mapping_case):
     with pytest.raises(ValueError) as info:
         hm.map_query(query, ref, "donor", basis="X_pca", labels="cell_type")
     message = str(info.value)
-    for fact in ["obsm['X_pca_harmony']", "obs['mapping_score']", "no earlier mapping",
-                 "hm.integrate", "adjusted_basis=", "overwrite=True"]:
+    for fact in [
+        "obsm['X_pca_harmony']",
+        "obs['mapping_score']",
+        "no earlier mapping",
+        "hm.integrate",
+        "adjusted_basis=",
+        "overwrite=True",
+    ]:
         assert fact in message, (fact, message)
     np.testing.assert_array_equal(query.obsm["X_pca_harmony"], own)
     pd.testing.assert_frame_equal(query.obs, before[0])
@@ -256,14 +275,22 @@ def test_mapping_never_replaces_what_it_did_not_write(mapping_case):
     with pytest.raises(ValueError, match=r"obs\['mapping_score'\]") as info:
         hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped")
     assert "obsm" not in str(info.value)
-    q = hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped",
-                     confidence=False)
+    q = hm.map_query(
+        query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped", confidence=False
+    )
     np.testing.assert_array_equal(query.obsm["X_pca_harmony"], own)
     np.testing.assert_array_equal(query.obsm["X_mapped"], q.result().astype(np.float32))
     assert (query.obs["mapping_score"] == 1.0).all()
     # Mapping again replaces the earlier mapping's own outputs without asking.
-    hm.map_query(query, ref, "donor", basis="X_pca", adjusted_basis="X_mapped",
-                 confidence=False, labels="cell_type")
+    hm.map_query(
+        query,
+        ref,
+        "donor",
+        basis="X_pca",
+        adjusted_basis="X_mapped",
+        confidence=False,
+        labels="cell_type",
+    )
     hm.transfer_labels(query, ref, "cell_type", k=5)
     assert query.uns["harmony_mapping"]["k"] == [5]
     # overwrite=True replaces what it was told to.
@@ -283,8 +310,10 @@ def test_transfer_labels_never_replaces_columns_it_did_not_write(mapping_case):
     for fact in ["obs['cell_type_probability']", "no earlier mapping", "overwrite=True"]:
         assert fact in message, (fact, message)
     assert "adjusted_basis" not in message  # not a remedy for an obs column
-    assert "cell_type_predicted" not in query.obs and (query.obs["cell_type_probability"]
-                                                       == 0.25).all()
+    assert (
+        "cell_type_predicted" not in query.obs
+        and (query.obs["cell_type_probability"] == 0.25).all()
+    )
     table = hm.transfer_labels(query, ref, "cell_type", overwrite=True)
     np.testing.assert_array_equal(query.obs["cell_type_probability"], table["probability"])
     # overwrite is for an AnnData query only.
@@ -302,10 +331,14 @@ def test_mapping_errors_name_the_anndata_entry(mapping_case):
     query.obsm["X_pca"][3, 2] = np.nan
     query.obsm["X_short"] = query.obsm["X_pca"][:, :5]
     cases = [
-        (dict(basis="X_pca"), [r"adata_query\.obsm\['X_pca'\] has 1 non-finite",
-                               r"cell\(s\) 3 \('threepv1_\w+'\)"]),
-        (dict(basis="X_short"), [r"adata_query\.obsm\['X_short'\] has 5 dimensions per cell",
-                                 r"built on 20"]),
+        (
+            dict(basis="X_pca"),
+            [r"adata_query\.obsm\['X_pca'\] has 1 non-finite", r"cell\(s\) 3 \('threepv1_\w+'\)"],
+        ),
+        (
+            dict(basis="X_short"),
+            [r"adata_query\.obsm\['X_short'\] has 5 dimensions per cell", r"built on 20"],
+        ),
     ]
     for kwargs, facts in cases:
         with pytest.raises(ValueError) as info:
@@ -319,7 +352,11 @@ def test_mapping_errors_name_the_anndata_entry(mapping_case):
 
 # The adapter layer: the modules that know AnnData objects (besides the file
 # formats in _io). Only the command line and the package's front page sit above it.
-ADAPTERS = {"harmonypy.adapters.anndata", "harmonypy.adapters.mapping_api", "harmonypy.adapters.scanpy"}
+ADAPTERS = {
+    "harmonypy.adapters.anndata",
+    "harmonypy.adapters.mapping_api",
+    "harmonypy.adapters.scanpy",
+}
 ABOVE_ADAPTERS = {"harmonypy", "harmonypy.cli"}
 
 
@@ -332,8 +369,10 @@ def _package_imports(path: Path, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from the module's own package
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                                + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1]
+                    + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return {name for name in found if name.startswith("harmonypy.")}

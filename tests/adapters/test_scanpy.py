@@ -46,12 +46,21 @@ def small():
 
 def _real_sets(shared_data: Path) -> dict[str, tuple[np.ndarray, pd.DataFrame, str]]:
     return {
-        "pbmc_3500": (read_tsv(BUNDLED / "pbmc_3500_pcs.tsv.gz").to_numpy(),
-                      read_tsv(BUNDLED / "pbmc_3500_meta.tsv.gz"), "donor"),
-        "pbmcs_small": (read_tsv(BUNDLED / "pbmcs_small_pcs.tsv.gz").to_numpy(),
-                        read_tsv(BUNDLED / "pbmcs_small_meta.tsv.gz"), "donor"),
-        "cell_lines_small": (read_tsv(shared_data / "cell_lines_small_pcs.tsv.gz").to_numpy(),
-                             read_tsv(shared_data / "cell_lines_small_meta.tsv.gz"), "dataset"),
+        "pbmc_3500": (
+            read_tsv(BUNDLED / "pbmc_3500_pcs.tsv.gz").to_numpy(),
+            read_tsv(BUNDLED / "pbmc_3500_meta.tsv.gz"),
+            "donor",
+        ),
+        "pbmcs_small": (
+            read_tsv(BUNDLED / "pbmcs_small_pcs.tsv.gz").to_numpy(),
+            read_tsv(BUNDLED / "pbmcs_small_meta.tsv.gz"),
+            "donor",
+        ),
+        "cell_lines_small": (
+            read_tsv(shared_data / "cell_lines_small_pcs.tsv.gz").to_numpy(),
+            read_tsv(shared_data / "cell_lines_small_meta.tsv.gz"),
+            "dataset",
+        ),
     }
 
 
@@ -73,22 +82,30 @@ def _scanpy_signature() -> tuple[list[dict], str]:
     if not path:
         try:
             from scanpy.preprocessing import _harmony  # scanpy >= 1.13
+
             path = _harmony.__file__
         except Exception:  # not installed, older, or broken: use the stored copy
             path = None
     if path:
         tree = ast.parse(Path(path).read_text())
-        node = next(n for n in tree.body
-                    if isinstance(n, ast.FunctionDef) and n.name == "harmony_integrate")
+        node = next(
+            n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "harmony_integrate"
+        )
         a = node.args
         positional = a.posonlyargs + a.args
         defaults = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
-        params = [dict(name=x.arg, kind="POSITIONAL_OR_KEYWORD",
-                       default=None if d is None else ast.unparse(d))
-                  for x, d in zip(positional, defaults)]
-        params += [dict(name=x.arg, kind="KEYWORD_ONLY",
-                        default=None if d is None else ast.unparse(d))
-                   for x, d in zip(a.kwonlyargs, a.kw_defaults)]
+        params = [
+            dict(
+                name=x.arg,
+                kind="POSITIONAL_OR_KEYWORD",
+                default=None if d is None else ast.unparse(d),
+            )
+            for x, d in zip(positional, defaults)
+        ]
+        params += [
+            dict(name=x.arg, kind="KEYWORD_ONLY", default=None if d is None else ast.unparse(d))
+            for x, d in zip(a.kwonlyargs, a.kw_defaults)
+        ]
         return params, str(path)
     record = json.loads((DATA / "scanpy_native.json").read_text())
     return record["signature"], f"stored signature of scanpy {record['scanpy_commit'][:8]}"
@@ -118,7 +135,7 @@ def test_every_scanpy_parameter_with_its_default():
             assert ours[name].default == expected, (name, ours[name].default, expected)
             assert type(ours[name].default) is type(expected), name
     # This package's own options come after scanpy's and are keyword-only.
-    extra = names[len(scanpy_params):]
+    extra = names[len(scanpy_params) :]
     assert set(extra) == {"device", "verbose", "ncores", "callback"}
     assert all(ours[n].kind is inspect.Parameter.KEYWORD_ONLY for n in extra)
 
@@ -160,16 +177,22 @@ def test_writes_only_obsm_in_the_requested_dtype(small):
     pcs, meta = small
     adata = _duck(pcs, meta)
     obs_before = adata.obs.copy()
-    assert hm.harmony_integrate(adata, "donor", rng=0, max_iter_harmony=2,
-                                verbose=False) is None
+    assert hm.harmony_integrate(adata, "donor", rng=0, max_iter_harmony=2, verbose=False) is None
     assert set(adata.obsm) == {"X_pca", "X_pca_harmony"}
     assert adata.uns == {}
     pd.testing.assert_frame_equal(adata.obs, obs_before)
     np.testing.assert_array_equal(adata.obsm["X_pca"], pcs)
     out = adata.obsm["X_pca_harmony"]
     assert out.dtype == np.float64 and out.shape == pcs.shape and out.flags.c_contiguous
-    hm.harmony_integrate(adata, "donor", dtype=np.float32, adjusted_basis="X_f32", rng=0,
-                         max_iter_harmony=2, verbose=False)
+    hm.harmony_integrate(
+        adata,
+        "donor",
+        dtype=np.float32,
+        adjusted_basis="X_f32",
+        rng=0,
+        max_iter_harmony=2,
+        verbose=False,
+    )
     assert adata.obsm["X_f32"].dtype == np.float32
     assert _per_pc_r(adata.obsm["X_f32"], out).min() > 0.999
 
@@ -178,20 +201,35 @@ def test_equals_run_harmony_with_the_translated_defaults(small):
     pcs, meta = small
     adata = _duck(pcs, meta)
     hm.harmony_integrate(adata, "donor", rng=3, verbose=False)
-    ho = hm.run_harmony(pcs, meta, "donor", algorithm="harmony2", dtype="float64",
-                        nclust=scanpy_default_clusters(len(meta)), max_iter_harmony=10,
-                        max_iter_kmeans=200, epsilon_harmony=1e-4, epsilon_cluster=1e-5,
-                        sigma=0.1, theta=2.0, tau=0, lamb=-1, alpha=0.2,
-                        batch_prop_cutoff=1e-5, block_size=0.05, random_state=3,
-                        verbose=False)
+    ho = hm.run_harmony(
+        pcs,
+        meta,
+        "donor",
+        algorithm="harmony2",
+        dtype="float64",
+        nclust=scanpy_default_clusters(len(meta)),
+        max_iter_harmony=10,
+        max_iter_kmeans=200,
+        epsilon_harmony=1e-4,
+        epsilon_cluster=1e-5,
+        sigma=0.1,
+        theta=2.0,
+        tau=0,
+        lamb=-1,
+        alpha=0.2,
+        batch_prop_cutoff=1e-5,
+        block_size=0.05,
+        random_state=3,
+        verbose=False,
+    )
     np.testing.assert_array_equal(adata.obsm["X_pca_harmony"], ho.Z_corr.T)
 
 
 def test_scanpy_default_clusters_truncates():
     assert scanpy_default_clusters(1200) == 40
-    assert scanpy_default_clusters(1229) == 40      # R would round to 41
+    assert scanpy_default_clusters(1229) == 40  # R would round to 41
     assert scanpy_default_clusters(100_000) == 100
-    assert scanpy_default_clusters(40) == 2          # scanpy's floor of 2
+    assert scanpy_default_clusters(40) == 2  # scanpy's floor of 2
 
 
 # ----------------------------------------- each argument, one at a time
@@ -218,11 +256,24 @@ ONE_AT_A_TIME = [
 
 def _translated(meta: pd.DataFrame, **changes) -> dict:
     """run_harmony arguments of harmony_integrate's defaults (flavor harmony2), changed."""
-    kwargs = dict(algorithm="harmony2", dtype="float64",
-                  nclust=scanpy_default_clusters(len(meta)), max_iter_harmony=2,
-                  max_iter_kmeans=200, epsilon_harmony=1e-4, epsilon_cluster=1e-5,
-                  sigma=0.1, theta=2.0, tau=0, lamb=-1, alpha=0.2, batch_prop_cutoff=1e-5,
-                  block_size=0.05, random_state=0, verbose=False)
+    kwargs = dict(
+        algorithm="harmony2",
+        dtype="float64",
+        nclust=scanpy_default_clusters(len(meta)),
+        max_iter_harmony=2,
+        max_iter_kmeans=200,
+        epsilon_harmony=1e-4,
+        epsilon_cluster=1e-5,
+        sigma=0.1,
+        theta=2.0,
+        tau=0,
+        lamb=-1,
+        alpha=0.2,
+        batch_prop_cutoff=1e-5,
+        block_size=0.05,
+        random_state=0,
+        verbose=False,
+    )
     kwargs.update(changes)
     return kwargs
 
@@ -235,10 +286,10 @@ def default_output(small):
     return adata.obsm["X_pca_harmony"]
 
 
-@pytest.mark.parametrize("argument, value, expected",
-                         ONE_AT_A_TIME, ids=[f"{a}={v}" for a, v, _ in ONE_AT_A_TIME])
-def test_each_argument_maps_onto_run_harmony(small, default_output, argument, value,
-                                             expected):
+@pytest.mark.parametrize(
+    "argument, value, expected", ONE_AT_A_TIME, ids=[f"{a}={v}" for a, v, _ in ONE_AT_A_TIME]
+)
+def test_each_argument_maps_onto_run_harmony(small, default_output, argument, value, expected):
     pcs, meta = small
     adata = _duck(pcs, meta)
     hm.harmony_integrate(adata, "donor", **{**BASE, argument: value})
@@ -256,8 +307,12 @@ def test_harmony1_flavor_uses_ridge_lambda(small):
     for lam in (1.0, 5.0):
         adata = _duck(pcs, meta)
         hm.harmony_integrate(adata, "donor", flavor="harmony1", ridge_lambda=lam, **BASE)
-        ho = hm.run_harmony(pcs, meta, "donor", **_translated(
-            meta, algorithm="harmony1", lamb=lam, batch_prop_cutoff=1e-5))
+        ho = hm.run_harmony(
+            pcs,
+            meta,
+            "donor",
+            **_translated(meta, algorithm="harmony1", lamb=lam, batch_prop_cutoff=1e-5),
+        )
         np.testing.assert_array_equal(adata.obsm["X_pca_harmony"], ho.Z_corr.T)
         outputs[lam] = adata.obsm["X_pca_harmony"]
     # A larger ridge penalty corrects less: the output stays closer to the input.
@@ -318,16 +373,20 @@ def test_caller_global_random_state_untouched(small):
 
 
 # --------------------------------------------------------------- warnings
-@pytest.mark.parametrize("flavor, kwargs, message", [
-    ("harmony2", dict(ridge_lambda=2.0), "ridge_lambda is ignored"),
-    ("harmony1", dict(alpha=0.5), "alpha is ignored"),
-    ("harmony1", dict(batch_prune_threshold=0.1), "batch_prune_threshold is ignored"),
-])
+@pytest.mark.parametrize(
+    "flavor, kwargs, message",
+    [
+        ("harmony2", dict(ridge_lambda=2.0), "ridge_lambda is ignored"),
+        ("harmony1", dict(alpha=0.5), "alpha is ignored"),
+        ("harmony1", dict(batch_prune_threshold=0.1), "batch_prune_threshold is ignored"),
+    ],
+)
 def test_ignored_arguments_warn_like_scanpy(small, flavor, kwargs, message):
     pcs, meta = small
     with pytest.warns(UserWarning, match=message):
-        hm.harmony_integrate(_duck(pcs, meta), "donor", flavor=flavor,
-                             **{**BASE, "max_iter_harmony": 1}, **kwargs)
+        hm.harmony_integrate(
+            _duck(pcs, meta), "donor", flavor=flavor, **{**BASE, "max_iter_harmony": 1}, **kwargs
+        )
 
 
 # ----------------------------------------------------------------- errors
@@ -351,18 +410,21 @@ def test_unknown_keyword_is_a_type_error(small):
         hm.harmony_integrate(_duck(pcs, meta), "donor", "X_pca")  # basis is keyword-only
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(flavor="harmony3"), ValueError, "flavor must be 'harmony1' or 'harmony2'"),
-    (dict(correction_method="original"), ValueError, "correction_method must be 'fast'"),
-    (dict(dtype=np.int32), ValueError, "dtype must be np.float32 or np.float64"),
-    (dict(dtype="not a dtype"), TypeError, "dtype"),
-    (dict(adjusted_basis="X_pca"), ValueError, "adjusted_basis must differ"),
-    (dict(rng=-1), ValueError, "rng must be >= 0"),
-    (dict(rng="seed"), TypeError, "rng must be"),
-    (dict(sigma=0), ValueError, "sigma"),
-    (dict(n_clusters=0), ValueError, "nclust"),
-    (dict(block_proportion=2), ValueError, "block_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(flavor="harmony3"), ValueError, "flavor must be 'harmony1' or 'harmony2'"),
+        (dict(correction_method="original"), ValueError, "correction_method must be 'fast'"),
+        (dict(dtype=np.int32), ValueError, "dtype must be np.float32 or np.float64"),
+        (dict(dtype="not a dtype"), TypeError, "dtype"),
+        (dict(adjusted_basis="X_pca"), ValueError, "adjusted_basis must differ"),
+        (dict(rng=-1), ValueError, "rng must be >= 0"),
+        (dict(rng="seed"), TypeError, "rng must be"),
+        (dict(sigma=0), ValueError, "sigma"),
+        (dict(n_clusters=0), ValueError, "nclust"),
+        (dict(block_proportion=2), ValueError, "block_size"),
+    ],
+)
 def test_bad_values_are_refused_before_any_work(small, kwargs, error, match):
     pcs, meta = small
     adata = _duck(pcs, meta)

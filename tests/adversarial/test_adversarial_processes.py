@@ -34,11 +34,14 @@ import torch
 import harmonypy as hm
 
 pytestmark = [
-    pytest.mark.skipif(not (torch.distributed.is_available()
-                            and torch.distributed.is_gloo_available()),
-                       reason="torch.distributed with gloo is not available"),
-    pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                       reason="needs /proc to find the processes a run leaves"),
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="torch.distributed with gloo is not available",
+    ),
+    pytest.mark.skipif(
+        not Path("/proc/self/stat").exists(),
+        reason="needs /proc to find the processes a run leaves",
+    ),
 ]
 
 SRC = str(Path(hm.__file__).resolve().parents[1])
@@ -47,8 +50,10 @@ STOPPED_WITHIN = 10.0  # seconds from the signal to the exit of the whole run
 
 # The CLI with Python's own SIGINT handler even when this test runs with SIGINT
 # ignored (background jobs of a non-interactive shell), as the user's terminal has it.
-_INTERRUPTIBLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                  "runpy.run_module('harmonypy', run_name='__main__', alter_sys=True)")
+_INTERRUPTIBLE = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('harmonypy', run_name='__main__', alter_sys=True)"
+)
 
 
 def _env() -> dict:
@@ -64,7 +69,7 @@ def _stat(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def _live(select) -> list[int]:
@@ -166,12 +171,18 @@ class CliRun:
 
     def __init__(self, argv, folder: Path):
         self.folder = folder
-        self.proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, *map(str, argv)],
-                                     env=_env(), start_new_session=True, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _INTERRUPTIBLE, *map(str, argv)],
+            env=_env(),
+            start_new_session=True,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self._lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self._lines.extend(self.proc.stderr),
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=lambda: self._lines.extend(self.proc.stderr), daemon=True
+        )
         self._reader.start()
 
     def stderr(self) -> str:
@@ -211,28 +222,99 @@ TERMINATED = r"harmonypy: terminated \(SIGTERM\)\s*$"
 # name: (--nproc, output, signal, sent to, when, exit status, words in stderr)
 INTERRUPTIONS = {
     "Ctrl-C (terminal group) while the processes import": (
-        2, "out.npy", SIGINT, "group", _spawned(2), 130, [INTERRUPTED]),
+        2,
+        "out.npy",
+        SIGINT,
+        "group",
+        _spawned(2),
+        130,
+        [INTERRUPTED],
+    ),
     "Ctrl-C reaching the launcher and rank 1 only (the other past its import; #22's hang)": (
-        2, "out.npy", SIGINT, "launcher, rank 1", _spawned(2), 130, [INTERRUPTED]),
+        2,
+        "out.npy",
+        SIGINT,
+        "launcher, rank 1",
+        _spawned(2),
+        130,
+        [INTERRUPTED],
+    ),
     "Ctrl-C (terminal group) mid-run": (
-        2, "out.npy", SIGINT, "group", _running, 130, [INTERRUPTED]),
+        2,
+        "out.npy",
+        SIGINT,
+        "group",
+        _running,
+        130,
+        [INTERRUPTED],
+    ),
     "SIGTERM (group, as `timeout` sends it) while the processes import": (
-        2, "out.npy", SIGTERM, "group", _spawned(1), 143, [TERMINATED]),
+        2,
+        "out.npy",
+        SIGTERM,
+        "group",
+        _spawned(1),
+        143,
+        [TERMINATED],
+    ),
     "SIGTERM to the launcher only, mid-run": (
-        2, "out.npy", SIGTERM, "launcher", _running, 143, [TERMINATED]),
+        2,
+        "out.npy",
+        SIGTERM,
+        "launcher",
+        _running,
+        143,
+        [TERMINATED],
+    ),
     "SIGTERM while the output is written (2 processes)": (
-        2, "out.tsv.gz", SIGTERM, "launcher", _writing, 143, [TERMINATED]),
+        2,
+        "out.tsv.gz",
+        SIGTERM,
+        "launcher",
+        _writing,
+        143,
+        [TERMINATED],
+    ),
     "SIGTERM while the output is written (1 process)": (
-        1, "out.tsv.gz", SIGTERM, "launcher", _writing, 143, [TERMINATED]),
+        1,
+        "out.tsv.gz",
+        SIGTERM,
+        "launcher",
+        _writing,
+        143,
+        [TERMINATED],
+    ),
     "SIGKILL of the launcher mid-run (no handler can run)": (
-        2, "out.npy", SIGKILL, "launcher", _running, -9, []),
+        2,
+        "out.npy",
+        SIGKILL,
+        "launcher",
+        _running,
+        -9,
+        [],
+    ),
     "SIGKILL of rank 1 while the processes start": (
-        2, "out.npy", SIGKILL, "rank 1", _spawned(2), 1,
-        [r"rank 1 of 2 was killed by signal SIGKILL while starting", r"other processes were "
-         r"stopped"]),
+        2,
+        "out.npy",
+        SIGKILL,
+        "rank 1",
+        _spawned(2),
+        1,
+        [
+            r"rank 1 of 2 was killed by signal SIGKILL while starting",
+            r"other processes were "
+            r"stopped",
+        ],
+    ),
     "SIGKILL of rank 1 mid-run (e.g. the OOM killer)": (
-        2, "out.npy", SIGKILL, "rank 1", _running, 1,
-        [r"rank 1 of 2 was killed by signal SIGKILL during the run", r"out of memory"]),
+        2,
+        "out.npy",
+        SIGKILL,
+        "rank 1",
+        _running,
+        1,
+        [r"rank 1 of 2 was killed by signal SIGKILL during the run", r"out of memory"],
+    ),
 }
 
 
@@ -242,8 +324,9 @@ def test_interruptions_stop_every_process_within_seconds(inputs, tmp_path, case)
     nproc, output, signum, target, moment, status, words = INTERRUPTIONS[case]
     pcs, meta = inputs
     out = tmp_path / output
-    run = CliRun(["run", pcs, meta, "--vars", "batch", "-o", out, "--nproc", nproc, *LONG],
-                 tmp_path)
+    run = CliRun(
+        ["run", pcs, meta, "--vars", "batch", "-o", out, "--nproc", nproc, *LONG], tmp_path
+    )
     run.wait_for(moment)
     held = shm_held(session_processes(run.proc.pid))
     sent = time.monotonic()
@@ -277,26 +360,73 @@ def _with(z: np.ndarray, row: int, value) -> np.ndarray:
 # name: (data_mat, meta_data, vars_use, nproc, env, error type, words)
 BAD_INPUTS = {
     "NaN in global cell 30 (row 10 of rank 1's shard), named cells": (
-        _with(_cells(40), (30, 1), np.nan), _named(40), "batch", 2, {}, ValueError,
-        [r"rank 1 of 2 refused its input", r"1 cell\(s\) 30 \('cell30'\)", r"NaN"]),
+        _with(_cells(40), (30, 1), np.nan),
+        _named(40),
+        "batch",
+        2,
+        {},
+        ValueError,
+        [r"rank 1 of 2 refused its input", r"1 cell\(s\) 30 \('cell30'\)", r"NaN"],
+    ),
     "all-zero global cells 25 and 38, unnamed": (
-        _with(_with(_cells(40), 25, 0.0), 38, 0.0), _named(40).reset_index(drop=True),
-        "batch", 2, {}, ValueError, [r"rank 1 of 2", r"2 all-zero cell\(s\) 25, 38\b"]),
+        _with(_with(_cells(40), 25, 0.0), 38, 0.0),
+        _named(40).reset_index(drop=True),
+        "batch",
+        2,
+        {},
+        ValueError,
+        [r"rank 1 of 2", r"2 all-zero cell\(s\) 25, 38\b"],
+    ),
     "5 cells over 2 processes (the total is what counts)": (
-        _cells(5), _named(5), "batch", 2, {}, ValueError,
-        [r"at least 6 cells", r"2 processes hold 5 in all", r"rank 0: 2, rank 1: 3"]),
+        _cells(5),
+        _named(5),
+        "batch",
+        2,
+        {},
+        ValueError,
+        [r"at least 6 cells", r"2 processes hold 5 in all", r"rank 0: 2, rank 1: 3"],
+    ),
     "a batch column that is not in meta_data": (
-        _cells(40), _named(40), "nope", 2, {}, ValueError,
-        [r"rank 0 of 2 refused its input", r"\['nope'\] not found", r"available columns: "
-         r"\['batch'\]"]),
+        _cells(40),
+        _named(40),
+        "nope",
+        2,
+        {},
+        ValueError,
+        [
+            r"rank 0 of 2 refused its input",
+            r"\['nope'\] not found",
+            r"available columns: "
+            r"\['batch'\]",
+        ],
+    ),
     "meta_data with one row fewer than the cells (before any process starts)": (
-        _cells(40), _named(39), "batch", 2, {}, ValueError,
-        [r"meta_data has 39 rows", r"40 cells"]),
+        _cells(40),
+        _named(39),
+        "batch",
+        2,
+        {},
+        ValueError,
+        [r"meta_data has 39 rows", r"40 cells"],
+    ),
     "more processes than cells": (
-        _cells(6), _named(6), "batch", 7, {}, ValueError, [r"nproc=7", r"6"]),
+        _cells(6),
+        _named(6),
+        "batch",
+        7,
+        {},
+        ValueError,
+        [r"nproc=7", r"6"],
+    ),
     "HARMONYPY_START_TIMEOUT that is not a number of seconds": (
-        _cells(40), _named(40), "batch", 2, {"HARMONYPY_START_TIMEOUT": "soon"}, ValueError,
-        [r"HARMONYPY_START_TIMEOUT", r"positive number of seconds", r"'soon'"]),
+        _cells(40),
+        _named(40),
+        "batch",
+        2,
+        {"HARMONYPY_START_TIMEOUT": "soon"},
+        ValueError,
+        [r"HARMONYPY_START_TIMEOUT", r"positive number of seconds", r"'soon'"],
+    ),
 }
 
 
@@ -350,9 +480,14 @@ def test_a_script_without_the_main_guard_runs_once(tmp_path):
     marker = tmp_path / "marker.txt"
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED.format(marker=str(marker)))
-    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=LIMIT)
     except subprocess.TimeoutExpired:
@@ -367,19 +502,25 @@ def test_a_script_without_the_main_guard_runs_once(tmp_path):
 def test_a_group_that_cannot_form_gives_up_after_the_start_timeout():
     """Rank 0 of 2 with no rank 1 (it died while importing): refused after the
     start timeout (here 1 s), not torch.distributed's 30 minutes."""
-    probe = ("import sys, time; from harmonypy.distributed.launch import join_group, _free_port\n"
-             "began = time.monotonic()\n"
-             "try:\n"
-             "    join_group(rank=0, world_size=2, port=_free_port(), backend='gloo', timeout=1)\n"
-             "except RuntimeError as err:\n"
-             "    print(f'{time.monotonic() - began:.1f}|{err}')\n")
-    done = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True,
-                          text=True, timeout=LIMIT)
+    probe = (
+        "import sys, time; from harmonypy.distributed.launch import join_group, _free_port\n"
+        "began = time.monotonic()\n"
+        "try:\n"
+        "    join_group(rank=0, world_size=2, port=_free_port(), backend='gloo', timeout=1)\n"
+        "except RuntimeError as err:\n"
+        "    print(f'{time.monotonic() - began:.1f}|{err}')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=LIMIT
+    )
     seconds, _, message = done.stdout.partition("|")
     assert message, done.stdout + done.stderr
     assert float(seconds) < 10, seconds
-    for word in [r"rank 0 of 2 could not form the process group", r"within 1 s",
-                 r"HARMONYPY_START_TIMEOUT"]:
+    for word in [
+        r"rank 0 of 2 could not form the process group",
+        r"within 1 s",
+        r"HARMONYPY_START_TIMEOUT",
+    ]:
         assert re.search(word, message), message
 
 
@@ -387,11 +528,34 @@ def test_a_group_that_cannot_form_gives_up_after_the_start_timeout():
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 
 
-def _torchrun(nproc: int, pcs: Path, meta: Path, outdir: Path, *extra) -> subprocess.CompletedProcess:
+def _torchrun(
+    nproc: int, pcs: Path, meta: Path, outdir: Path, *extra
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "-m", "harmonypy.shard",
-         pcs, meta, "--vars", "batch", "-o", outdir, "--threads", "1", "-q", *extra],
-        env=_env(), capture_output=True, text=True, timeout=LIMIT, start_new_session=True)
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "harmonypy.shard",
+            pcs,
+            meta,
+            "--vars",
+            "batch",
+            "-o",
+            outdir,
+            "--threads",
+            "1",
+            "-q",
+            *extra,
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -421,15 +585,22 @@ def test_an_earlier_runs_parts_are_refused_unless_force(parts, tmp_path):
     before = {p.name: p.read_bytes() for p in outdir.iterdir()}
     done = _torchrun(1, parts / "pcs.npy", parts / "meta.tsv", outdir)
     assert done.returncode != 0
-    for word in [re.escape(str(outdir)), r"already holds an earlier run's outputs",
-                 r"part-00000-of-00002\.npy", r"--force"]:
+    for word in [
+        re.escape(str(outdir)),
+        r"already holds an earlier run's outputs",
+        r"part-00000-of-00002\.npy",
+        r"--force",
+    ]:
         assert re.search(word, done.stderr), done.stderr
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before  # untouched
 
     done = _torchrun(1, parts / "pcs.npy", parts / "meta.tsv", outdir, "--force")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in outdir.iterdir()) == [
-        "manifest.json", "part-00000-of-00001.npy", "summary.json"]
+        "manifest.json",
+        "part-00000-of-00001.npy",
+        "summary.json",
+    ]
     assert read_parts(outdir).shape == (600, 8)
 
 
@@ -452,31 +623,47 @@ def _manifest_field(field, value):
         manifest = json.loads((outdir / "manifest.json").read_text())
         manifest[field] = value
         (outdir / "manifest.json").write_text(json.dumps(manifest))
+
     return damage
 
 
 # name: (damage to a finished run's folder, error type, words)
 DAMAGED_PARTS = {
     "a part missing": (
-        lambda d: (d / "part-00001-of-00002.npy").unlink(), FileNotFoundError,
-        [r"part-00001-of-00002\.npy", r"rank 1 of 2", r"missing", r"/out\b"]),
+        lambda d: (d / "part-00001-of-00002.npy").unlink(),
+        FileNotFoundError,
+        [r"part-00001-of-00002\.npy", r"rank 1 of 2", r"missing", r"/out\b"],
+    ),
     "an extra part of another run (world size 3)": (
         lambda d: shutil.copy(d / "part-00000-of-00002.npy", d / "part-00002-of-00003.npy"),
-        ValueError, [r"part-00002-of-00003\.npy", r"not in manifest\.json", r"--force"]),
+        ValueError,
+        [r"part-00002-of-00003\.npy", r"not in manifest\.json", r"--force"],
+    ),
     "a truncated part": (
-        lambda d: os.truncate(d / "part-00000-of-00002.npy", 1000), ValueError,
-        [r"part-00000-of-00002\.npy", r"1,000 bytes", r"truncated"]),
+        lambda d: os.truncate(d / "part-00000-of-00002.npy", 1000),
+        ValueError,
+        [r"part-00000-of-00002\.npy", r"1,000 bytes", r"truncated"],
+    ),
     "a part rewritten since the run (same size)": (
-        _rewrite_part, ValueError, [r"part-00001-of-00002\.npy", r"SHA-256"]),
+        _rewrite_part,
+        ValueError,
+        [r"part-00001-of-00002\.npy", r"SHA-256"],
+    ),
     "no manifest (an unfinished run)": (
-        lambda d: (d / "manifest.json").unlink(), FileNotFoundError,
-        [r"no manifest\.json", r"part-00000-of-00002\.npy", r"did not finish"]),
+        lambda d: (d / "manifest.json").unlink(),
+        FileNotFoundError,
+        [r"no manifest\.json", r"part-00000-of-00002\.npy", r"did not finish"],
+    ),
     "a manifest that is not JSON": (
-        lambda d: (d / "manifest.json").write_text("{parts: "), ValueError,
-        [r"manifest\.json", r"not a readable harmonypy\.shard manifest"]),
+        lambda d: (d / "manifest.json").write_text("{parts: "),
+        ValueError,
+        [r"manifest\.json", r"not a readable harmonypy\.shard manifest"],
+    ),
     "a manifest whose rows do not cover the cells": (
-        _manifest_field("n_cells", 601), ValueError,
-        [r"manifest\.json", r"row ranges"]),
+        _manifest_field("n_cells", 601),
+        ValueError,
+        [r"manifest\.json", r"row ranges"],
+    ),
 }
 
 
@@ -500,6 +687,7 @@ def test_read_parts_gives_the_run_in_the_inputs_order(parts):
     assert corrected.shape == (600, 8) and corrected.dtype == np.float32
     assert manifest["world_size"] == 2 and manifest["n_cells"] == 600 and manifest["d"] == 8
     assert [p["rows"] for p in manifest["parts"]] == [[0, 300], [300, 600]]
-    np.testing.assert_array_equal(corrected, np.concatenate(
-        [np.load(parts / "out" / p["file"]) for p in manifest["parts"]]))
+    np.testing.assert_array_equal(
+        corrected, np.concatenate([np.load(parts / "out" / p["file"]) for p in manifest["parts"]])
+    )
     assert np.isfinite(corrected).all()

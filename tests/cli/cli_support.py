@@ -30,8 +30,14 @@ CLOSE = dict(rtol=1e-4, atol=1e-4)
 
 def harmonypy(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "harmonypy", *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "harmonypy", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def run_main(argv, capsys) -> tuple[int, str, str]:
@@ -55,12 +61,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 @pytest.fixture(scope="module")
 def small(shared_data):
-    return (shared_data / PCS, shared_data / META, read_tsv(shared_data / PCS),
-            read_tsv(shared_data / META))
+    return (
+        shared_data / PCS,
+        shared_data / META,
+        read_tsv(shared_data / PCS),
+        read_tsv(shared_data / META),
+    )
 
 
 def no_harmony(monkeypatch):
     """Make any Harmony run fail loudly: checks must refuse before it (exit 2, not 1)."""
+
     def boom(*args, **kwargs):
         raise RuntimeError("Harmony ran although the command should have been refused")
 

@@ -32,7 +32,7 @@ def test_example_data_writes_the_bundled_example_and_keeps_existing_files(tmp_pa
     assert pcs.shape == (1200, 20) and pcs.index.equals(meta.index)
     assert {"donor", "cell_type"} <= set(meta.columns)
     before = (tmp_path / "pcs.tsv.gz").read_bytes()
-    assert cli.main(["example-data", str(tmp_path)]) == 2          # refused: files exist
+    assert cli.main(["example-data", str(tmp_path)]) == 2  # refused: files exist
     assert (tmp_path / "pcs.tsv.gz").read_bytes() == before
     assert cli.main(["example-data", str(tmp_path), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.tsv.gz", "pcs.tsv.gz"]

@@ -14,13 +14,35 @@ from cli_support import small  # noqa: F401 - fixtures
 def test_evaluate(small, tmp_path, capsys):
     pcs_path, meta_path, _, _ = small
     out = tmp_path / "lisi.tsv"
-    status, stdout, err = run_main(["evaluate", pcs_path, meta_path, "--batch", "donor",
-                                    "--label", "cell_type", "--perplexity", "20", "-o", out],
-                                   capsys)
+    status, stdout, err = run_main(
+        [
+            "evaluate",
+            pcs_path,
+            meta_path,
+            "--batch",
+            "donor",
+            "--label",
+            "cell_type",
+            "--perplexity",
+            "20",
+            "-o",
+            out,
+        ],
+        capsys,
+    )
     assert status == 0, err
     header, ilisi, clisi = stdout.strip().splitlines()
-    assert header.split() == ["score", "column", "levels", "best", "median", "scaled", "mean",
-                              "q05", "q95"]
+    assert header.split() == [
+        "score",
+        "column",
+        "levels",
+        "best",
+        "median",
+        "scaled",
+        "mean",
+        "q05",
+        "q95",
+    ]
     assert ilisi.split()[:4] == ["iLISI", "donor", "3", "3"]
     assert clisi.split()[:4] == ["cLISI", "cell_type", "9", "1"]
     # The medians and scaled scores agree with harmonypy.evaluate.

@@ -19,15 +19,22 @@ from harmonypy import cli
 from harmonypy.cli import run as cli_run
 
 from cli_support import (
-    FAST, HAS_ANNDATA, assert_one_line_error, harmonypy, no_harmony, run_main, snapshot,
+    FAST,
+    HAS_ANNDATA,
+    assert_one_line_error,
+    harmonypy,
+    no_harmony,
+    run_main,
+    snapshot,
 )
 from cli_support import copies, small  # noqa: F401 - fixtures
 
 
 def test_missing_column(small, tmp_path):
     pcs_path, meta_path, _, _ = small
-    proc = harmonypy("run", pcs_path, meta_path, "--vars", "donor,batch", "-o",
-                     tmp_path / "out.tsv")
+    proc = harmonypy(
+        "run", pcs_path, meta_path, "--vars", "donor,batch", "-o", tmp_path / "out.tsv"
+    )
     assert_one_line_error(proc, "batch", "available: cell_id, donor")
     assert not (tmp_path / "out.tsv").exists()
 
@@ -36,17 +43,47 @@ def test_bad_inputs_in_process(small, tmp_path, capsys):
     """Usage and input errors: one line, exit status 2 (in-process for speed)."""
     pcs_path, meta_path, _, _ = small
     cases = [
-        (["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "o.xyz"],
-         "cannot tell the format"),
-        (["run", pcs_path, tmp_path / "nope.tsv", "--vars", "donor", "-o", tmp_path / "o.tsv"],
-         "metadata file not found"),
+        (
+            ["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "o.xyz"],
+            "cannot tell the format",
+        ),
+        (
+            ["run", pcs_path, tmp_path / "nope.tsv", "--vars", "donor", "-o", tmp_path / "o.tsv"],
+            "metadata file not found",
+        ),
         (["run", pcs_path, "--vars", "donor", "-o", tmp_path / "o.tsv"], "META"),
-        (["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "no" / "o.tsv"],
-         "output folder does not exist"),
-        (["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "o.tsv",
-          "--theta", "1,2"], "theta"),
-        (["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "o.tsv",
-          "--theta", "abc"], "argument --theta"),
+        (
+            ["run", pcs_path, meta_path, "--vars", "donor", "-o", tmp_path / "no" / "o.tsv"],
+            "output folder does not exist",
+        ),
+        (
+            [
+                "run",
+                pcs_path,
+                meta_path,
+                "--vars",
+                "donor",
+                "-o",
+                tmp_path / "o.tsv",
+                "--theta",
+                "1,2",
+            ],
+            "theta",
+        ),
+        (
+            [
+                "run",
+                pcs_path,
+                meta_path,
+                "--vars",
+                "donor",
+                "-o",
+                tmp_path / "o.tsv",
+                "--theta",
+                "abc",
+            ],
+            "argument --theta",
+        ),
         (["run", pcs_path, meta_path, "-o", tmp_path / "o.tsv"], "--vars"),
         (["evaluate", pcs_path, meta_path, "--batch", "plate"], "plate"),
         ([], "COMMAND"),
@@ -66,12 +103,12 @@ def test_unexpected_error_exit_1(monkeypatch, capsys, small, tmp_path):
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr("harmonypy.engine.run.run_harmony", boom)
-    argv = ["run", str(pcs_path), str(meta_path), "--vars", "donor", "-o",
-            str(tmp_path / "o.tsv")]
+    argv = ["run", str(pcs_path), str(meta_path), "--vars", "donor", "-o", str(tmp_path / "o.tsv")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert err.strip() == ("harmonypy: error: RuntimeError: out of memory "
-                           "(run with --debug for the traceback)")
+    assert err.strip() == (
+        "harmonypy: error: RuntimeError: out of memory (run with --debug for the traceback)"
+    )
     with pytest.raises(RuntimeError):
         cli.main(["--debug"] + argv)
 
@@ -80,14 +117,39 @@ def test_help_documents_every_option(capsys):
     status, out, _ = run_main(["run", "--help"], capsys)
     assert status == 0
     text = " ".join(out.split())
-    for option in ["--vars", "--output", "--basis", "--adjusted-basis", "--plot", "--quiet",
-                   "--theta", "--lamb", "--sigma", "--nclust", "--tau", "--block-size",
-                   "--max-iter-harmony", "--max-iter-kmeans", "--epsilon-cluster",
-                   "--epsilon-harmony", "--alpha", "--algorithm", "--device", "--dtype",
-                   "--seed", "--threads", "--batch-prop-cutoff"]:
+    for option in [
+        "--vars",
+        "--output",
+        "--basis",
+        "--adjusted-basis",
+        "--plot",
+        "--quiet",
+        "--theta",
+        "--lamb",
+        "--sigma",
+        "--nclust",
+        "--tau",
+        "--block-size",
+        "--max-iter-harmony",
+        "--max-iter-kmeans",
+        "--epsilon-cluster",
+        "--epsilon-harmony",
+        "--alpha",
+        "--algorithm",
+        "--device",
+        "--dtype",
+        "--seed",
+        "--threads",
+        "--batch-prop-cutoff",
+    ]:
         assert option in text, option
-    for default in ["(default: 0.1)", "(default: 10)", "(default: 20; harmony2: 4)",
-                    "(default: harmony1)", "(default: X_pca)"]:
+    for default in [
+        "(default: 0.1)",
+        "(default: 10)",
+        "(default: 20; harmony2: 4)",
+        "(default: harmony1)",
+        "(default: X_pca)",
+    ]:
         assert default in text, default
     status, out, _ = run_main(["--help"], capsys)
     assert status == 0 and all(c in out for c in ("run", "demo", "evaluate"))
@@ -110,8 +172,12 @@ def test_version():
 
 def test_python_m_harmonypy_cli_runs_the_command_line():
     """``python -m harmonypy.cli`` runs it as ``python -m harmonypy`` does."""
-    proc = subprocess.run([sys.executable, "-m", "harmonypy.cli", "--version"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harmonypy.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"harmonypy {hm.__version__}"
 
@@ -128,10 +194,16 @@ def test_output_that_is_an_input_is_refused(copies, tmp_path, capsys, monkeypatc
         (run + ["-o", pcs], "-o/--output", "is the input EMBEDDING"),
         (run + ["-o", tmp_path / "link.tsv.gz"], "-o/--output", "is the input META"),
         (run + ["-o", tmp_path / "x.tsv", "--plot", pcs], "--plot", "is the input EMBEDDING"),
-        (run + ["-o", tmp_path / "x.tsv", "--plot", tmp_path / "x.tsv"], "--plot",
-         "name the same file"),
-        (["evaluate", pcs, meta, "--batch", "donor", "-o", pcs], "-o/--output",
-         "is the input EMBEDDING"),
+        (
+            run + ["-o", tmp_path / "x.tsv", "--plot", tmp_path / "x.tsv"],
+            "--plot",
+            "name the same file",
+        ),
+        (
+            ["evaluate", pcs, meta, "--batch", "donor", "-o", pcs],
+            "-o/--output",
+            "is the input EMBEDDING",
+        ),
     ]
     for argv, option, fragment in cases:
         status, _, err = run_main(argv, capsys)
@@ -141,29 +213,46 @@ def test_output_that_is_an_input_is_refused(copies, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
-def test_h5ad_output_that_is_the_input_and_same_basis_are_refused(small, tmp_path, capsys,
-                                                                   monkeypatch):
+def test_h5ad_output_that_is_the_input_and_same_basis_are_refused(
+    small, tmp_path, capsys, monkeypatch
+):
     import anndata
 
     no_harmony(monkeypatch)
     _, _, pcs, meta = small
-    adata = anndata.AnnData(obs=meta.set_index("cell_id"),
-                            obsm={"X_pca": pcs.to_numpy(np.float32)})
+    adata = anndata.AnnData(obs=meta.set_index("cell_id"), obsm={"X_pca": pcs.to_numpy(np.float32)})
     adata.write_h5ad(tmp_path / "in.h5ad")
     before = snapshot(tmp_path)
-    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
-                               tmp_path / "in.h5ad"], capsys)
+    status, _, err = run_main(
+        ["run", tmp_path / "in.h5ad", "--vars", "donor", "-o", tmp_path / "in.h5ad"], capsys
+    )
     assert status == 2 and "is the input EMBEDDING" in err
-    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
-                               tmp_path / "out.h5ad", "--adjusted-basis", "X_pca"], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "in.h5ad",
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "out.h5ad",
+            "--adjusted-basis",
+            "X_pca",
+        ],
+        capsys,
+    )
     assert status == 2 and "--adjusted-basis must differ from --basis ('X_pca')" in err
-    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "dnor", "-o",
-                               tmp_path / "out.h5ad"], capsys)
+    status, _, err = run_main(
+        ["run", tmp_path / "in.h5ad", "--vars", "dnor", "-o", tmp_path / "out.h5ad"], capsys
+    )
     assert status == 2
-    assert ("--vars: column(s) 'dnor' not found in adata.obs of " in err
-            and "(did you mean 'donor'?)" in err), err
-    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
-                               tmp_path / "out.h5ad", "--no-names"], capsys)
+    assert (
+        "--vars: column(s) 'dnor' not found in adata.obs of " in err
+        and "(did you mean 'donor'?)" in err
+    ), err
+    status, _, err = run_main(
+        ["run", tmp_path / "in.h5ad", "--vars", "donor", "-o", tmp_path / "out.h5ad", "--no-names"],
+        capsys,
+    )
     assert status == 2 and "--no-names: not used with .h5ad input" in err
     assert snapshot(tmp_path) == before
 
@@ -192,8 +281,10 @@ def test_outputs_are_checked_before_harmony(copies, tmp_path, capsys, monkeypatc
     run = ["run", pcs, meta, "--vars", "donor"]
     cases = [
         (run + ["-o", tmp_path / "o.tsv", "--plot", tmp_path / "p.xyz"], "matplotlib cannot"),
-        (run + ["-o", tmp_path / "o.tsv", "--plot", tmp_path / "p.png", "--plot-pcs", "1,21"],
-         "--plot-pcs 1,21: the embedding has only 20 PCs"),
+        (
+            run + ["-o", tmp_path / "o.tsv", "--plot", tmp_path / "p.png", "--plot-pcs", "1,21"],
+            "--plot-pcs 1,21: the embedding has only 20 PCs",
+        ),
         (run + ["-o", tmp_path / "folder.tsv"], "is a folder"),
         (run + ["-o", tmp_path / "o.h5ad"], "format 'h5ad' not possible"),
         (["demo", "--plot", tmp_path / "demo.txt"], "matplotlib cannot"),
@@ -220,8 +311,9 @@ def test_all_outputs_or_none(copies, tmp_path, capsys, monkeypatch):
 
     pytest.importorskip("matplotlib")
     monkeypatch.setattr("matplotlib.figure.Figure.savefig", broken_savefig)
-    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--plot", png,
-                               *FAST], capsys)
+    status, _, err = run_main(
+        ["run", pcs, meta, "--vars", "donor", "-o", out, "--plot", png, *FAST], capsys
+    )
     assert status == 1 and "OSError: [Errno 28] No space left on device" in err
     assert not out.exists() and not png.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -232,11 +324,16 @@ def test_corrupt_gzip_input_names_the_file(copies, tmp_path, capsys):
     data = pcs.read_bytes()
     truncated = tmp_path / "truncated.tsv.gz"
     truncated.write_bytes(data[: len(data) // 2])
-    status, _, err = run_main(["run", truncated, meta, "--vars", "donor", "-o",
-                               tmp_path / "o.tsv"], capsys)
+    status, _, err = run_main(
+        ["run", truncated, meta, "--vars", "donor", "-o", tmp_path / "o.tsv"], capsys
+    )
     assert status == 2, err
-    assert err.startswith(f"harmonypy: error: cannot read {truncated} (embedding): the "
-                          f"compressed data ends early") and err.count("\n") == 1
+    assert (
+        err.startswith(
+            f"harmonypy: error: cannot read {truncated} (embedding): the compressed data ends early"
+        )
+        and err.count("\n") == 1
+    )
     bad_meta = tmp_path / "bad_meta.tsv"
     bad_meta.write_bytes("donor\n\xe9\n".encode("latin-1"))
     status, _, err = run_main(["evaluate", pcs, bad_meta, "--batch", "donor"], capsys)
@@ -247,38 +344,68 @@ def test_missing_columns_name_option_file_and_close_match(copies, capsys, monkey
     no_harmony(monkeypatch)
     pcs, meta = copies
     cases = [
-        (["run", pcs, meta, "--vars", "Donor", "-o", meta.parent / "o.tsv"], "--vars", "Donor",
-         "donor"),
-        (["run", pcs, meta, "--vars", "donor", "--color", "cell_typ", "--plot",
-          meta.parent / "p.png", "-o", meta.parent / "o.tsv"], "--color", "cell_typ",
-         "cell_type"),
+        (
+            ["run", pcs, meta, "--vars", "Donor", "-o", meta.parent / "o.tsv"],
+            "--vars",
+            "Donor",
+            "donor",
+        ),
+        (
+            [
+                "run",
+                pcs,
+                meta,
+                "--vars",
+                "donor",
+                "--color",
+                "cell_typ",
+                "--plot",
+                meta.parent / "p.png",
+                "-o",
+                meta.parent / "o.tsv",
+            ],
+            "--color",
+            "cell_typ",
+            "cell_type",
+        ),
         (["evaluate", pcs, meta, "--batch", "donr"], "--batch", "donr", "donor"),
-        (["evaluate", pcs, meta, "--batch", "donor", "--label", "celltype"], "--label",
-         "celltype", "cell_type"),
+        (
+            ["evaluate", pcs, meta, "--batch", "donor", "--label", "celltype"],
+            "--label",
+            "celltype",
+            "cell_type",
+        ),
     ]
     for argv, option, wrong, right in cases:
         status, _, err = run_main(argv, capsys)
         assert status == 2, err
-        assert err.startswith(f"harmonypy: error: {option}: column(s) '{wrong}' not found in "
-                              f"the metadata {meta} (did you mean '{right}'?); available: "
-                              f"cell_id, donor"), err
+        assert err.startswith(
+            f"harmonypy: error: {option}: column(s) '{wrong}' not found in "
+            f"the metadata {meta} (did you mean '{right}'?); available: "
+            f"cell_id, donor"
+        ), err
 
 
 def test_library_parameter_names_become_options(copies, capsys):
     pcs, meta = copies
-    status, _, err = run_main(["run", pcs, meta, "--vars", "donor,donor", "-o",
-                               meta.parent / "o.tsv", *FAST], capsys)
+    status, _, err = run_main(
+        ["run", pcs, meta, "--vars", "donor,donor", "-o", meta.parent / "o.tsv", *FAST], capsys
+    )
     assert status == 2
     assert "--vars names column(s) ['donor'] more than once" in err and "vars_use" not in err
-    assert cli._message(ValueError("max_iter_harmony must be >= 1; see vars_use"), "run") == \
-        "--max-iter-harmony must be >= 1; see --vars"
+    assert (
+        cli._message(ValueError("max_iter_harmony must be >= 1; see vars_use"), "run")
+        == "--max-iter-harmony must be >= 1; see --vars"
+    )
 
 
 # Start the CLI with Python's own SIGINT handler even if this test runs with
 # SIGINT ignored (as background jobs of a non-interactive shell do): Python
 # would then leave it ignored in the child and the test would wait in vain.
-_INTERRUPTIBLE = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                  "runpy.run_module('harmonypy', run_name='__main__', alter_sys=True)")
+_INTERRUPTIBLE = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('harmonypy', run_name='__main__', alter_sys=True)"
+)
 
 
 def _has_open(pid: int, path: Path) -> bool:
@@ -298,8 +425,13 @@ def _interrupt_when(argv, ready, limit: float = 60.0) -> tuple[int, str]:
     import time
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, *map(str, argv)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTIBLE, *map(str, argv)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -336,11 +468,13 @@ def test_ctrl_c_leaves_previous_output_or_nothing(tmp_path):
     pcs = rng.standard_normal((n_cells, 10)).astype(np.float32)
     pcs[:, 0] += 2 * batch
     text = pd.DataFrame(pcs, columns=[f"PC{i}" for i in range(1, 11)]).to_csv(
-        sep="\t", index=False, float_format="%.4f")
+        sep="\t", index=False, float_format="%.4f"
+    )
     (inputs / "pcs.tsv").write_text(text)
     (inputs / "pcs.tsv.gz").write_bytes(gzip.compress(text.encode(), compresslevel=1))
-    pd.DataFrame({"donor": np.where(batch, "a", "b")}).to_csv(inputs / "meta.tsv", sep="\t",
-                                                               index=False)
+    pd.DataFrame({"donor": np.where(batch, "a", "b")}).to_csv(
+        inputs / "meta.tsv", sep="\t", index=False
+    )
     previous = b"PC1_harmony\n0.5\n"  # an earlier result that must survive
 
     def temporary_file(pid, err):
@@ -366,9 +500,26 @@ def test_ctrl_c_leaves_previous_output_or_nothing(tmp_path):
         if has_previous:
             (outputs / output).write_bytes(previous)
         status, err = _interrupt_when(
-            ["run", inputs / embedding, inputs / "meta.tsv", "--vars", "donor", "-o",
-             outputs / output, "--force", "--nclust", "10", "--max-iter-harmony", "4",
-             "--max-iter-kmeans", "3", "--seed", "1"], when)
+            [
+                "run",
+                inputs / embedding,
+                inputs / "meta.tsv",
+                "--vars",
+                "donor",
+                "-o",
+                outputs / output,
+                "--force",
+                "--nclust",
+                "10",
+                "--max-iter-harmony",
+                "4",
+                "--max-iter-kmeans",
+                "3",
+                "--seed",
+                "1",
+            ],
+            when,
+        )
         moment = f"{embedding} -> {output}, {when.__name__}: {err}"
         assert status == 130, moment
         assert err.rstrip().endswith("harmonypy: interrupted"), moment
@@ -380,8 +531,9 @@ def test_ctrl_c_leaves_previous_output_or_nothing(tmp_path):
             assert "Harmony: " not in err, moment  # stopped during the read
 
 
-def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_path, capsys,
-                                                                   monkeypatch):
+def test_sigterm_while_writing_removes_the_temporary_file_exit_143(
+    copies, tmp_path, capsys, monkeypatch
+):
     """SIGTERM (a scheduler's stop, ``timeout``) is handled as Ctrl-C is: the
     half-written temporary file is removed, a previous output is untouched,
     exit status 143. SIGTERM during the final renames waits for them."""
@@ -398,8 +550,9 @@ def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_p
 
     monkeypatch.setattr(cli_run, "write_table", terminated_while_writing)
     previous = signal.getsignal(signal.SIGTERM)
-    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--force",
-                               *FAST], capsys)
+    status, _, err = run_main(
+        ["run", pcs, meta, "--vars", "donor", "-o", out, "--force", *FAST], capsys
+    )
     assert status == 143 and err.strip() == "harmonypy: terminated (SIGTERM)", err
     assert out.read_text() == "previous\n"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -413,8 +566,9 @@ def test_sigterm_while_writing_removes_the_temporary_file_exit_143(copies, tmp_p
         real_replace(source, destination)
 
     monkeypatch.setattr(os, "replace", terminated_while_renaming)
-    status, _, err = run_main(["run", pcs, meta, "--vars", "donor", "-o", out, "--force",
-                               *FAST], capsys)
+    status, _, err = run_main(
+        ["run", pcs, meta, "--vars", "donor", "-o", out, "--force", *FAST], capsys
+    )
     assert status == 143, err
     assert out.read_text().startswith("cell_id\tPC1_harmony")  # the new output, complete
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
@@ -424,9 +578,17 @@ def test_memory_guard_is_exit_2_and_no_memory_check_lifts_it(tmp_path, capsys, m
     from harmonypy.engine import memory as _memory
 
     assert cli.main(["example-data", str(tmp_path)]) == 0
-    monkeypatch.setattr(_memory, "host_available", lambda: 1_000_000)   # 1 MB free
-    args = ["run", tmp_path / "pcs.tsv.gz", tmp_path / "meta.tsv.gz", "--vars", "donor",
-            "-o", tmp_path / "out.tsv", "--quiet"]
+    monkeypatch.setattr(_memory, "host_available", lambda: 1_000_000)  # 1 MB free
+    args = [
+        "run",
+        tmp_path / "pcs.tsv.gz",
+        tmp_path / "meta.tsv.gz",
+        "--vars",
+        "donor",
+        "-o",
+        tmp_path / "out.tsv",
+        "--quiet",
+    ]
     status, _, err = run_main(args, capsys)
     assert status == 2 and "--no-memory-check" in err and "check_memory" not in err
     assert not (tmp_path / "out.tsv").exists()

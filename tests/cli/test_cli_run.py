@@ -17,7 +17,14 @@ from harmonypy import cli
 from harmonypy.cli.options import harmony_kwargs
 
 from cli_support import (
-    CLOSE, FAST, FAST_KW, HAS_ANNDATA, assert_one_line_error, harmonypy, no_harmony, run_main,
+    CLOSE,
+    FAST,
+    FAST_KW,
+    HAS_ANNDATA,
+    assert_one_line_error,
+    harmonypy,
+    no_harmony,
+    run_main,
 )
 from cli_support import small  # noqa: F401 - fixtures
 
@@ -25,8 +32,24 @@ from cli_support import small  # noqa: F401 - fixtures
 def test_run_tsv_matches_library_and_plots(small, tmp_path):
     pcs_path, meta_path, pcs, meta = small
     out, png = tmp_path / "out.tsv.gz", tmp_path / "before_after.png"
-    proc = harmonypy("run", pcs_path, meta_path, "--vars", "donor", "-o", out, "--theta", "1.5",
-                     "--plot", png, "--color", "donor,cell_type", "--plot-pcs", "1,4", *FAST)
+    proc = harmonypy(
+        "run",
+        pcs_path,
+        meta_path,
+        "--vars",
+        "donor",
+        "-o",
+        out,
+        "--theta",
+        "1.5",
+        "--plot",
+        png,
+        "--color",
+        "donor,cell_type",
+        "--plot-pcs",
+        "1,4",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet
 
@@ -46,8 +69,19 @@ def test_run_npy(small, tmp_path, capsys):
     # In-process: the subprocess path is covered above; this checks the format.
     pcs_path, meta_path, pcs, meta = small
     np.save(tmp_path / "pcs.npy", pcs.to_numpy(np.float32))
-    status, _, err = run_main(["run", tmp_path / "pcs.npy", meta_path, "--vars", "donor",
-                               "-o", tmp_path / "out.npy", *FAST], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "pcs.npy",
+            meta_path,
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "out.npy",
+            *FAST,
+        ],
+        capsys,
+    )
     assert status == 0, err
     result = np.load(tmp_path / "out.npy")
     assert result.shape == (1200, 20) and result.dtype == np.float32
@@ -55,14 +89,27 @@ def test_run_npy(small, tmp_path, capsys):
     np.testing.assert_allclose(result, expected, **CLOSE)
     # float64 in, float64 out (written chunk by chunk into the memory-mapped file)
     np.save(tmp_path / "pcs64.npy", pcs.to_numpy(np.float64))
-    status, _, err = run_main(["run", tmp_path / "pcs64.npy", meta_path, "--vars", "donor",
-                               "--dtype", "float64", "-o", tmp_path / "out64.npy", *FAST],
-                              capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "pcs64.npy",
+            meta_path,
+            "--vars",
+            "donor",
+            "--dtype",
+            "float64",
+            "-o",
+            tmp_path / "out64.npy",
+            *FAST,
+        ],
+        capsys,
+    )
     assert status == 0, err
     result64 = np.load(tmp_path / "out64.npy")
     assert result64.dtype == np.float64
-    expected64 = hm.run_harmony(pcs.to_numpy(np.float64), meta, "donor", dtype="float64",
-                                **FAST_KW).Z_corr.T
+    expected64 = hm.run_harmony(
+        pcs.to_numpy(np.float64), meta, "donor", dtype="float64", **FAST_KW
+    ).Z_corr.T
     np.testing.assert_array_equal(result64, expected64)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.npy")]
 
@@ -92,8 +139,19 @@ def test_run_csv_cell_names_align_metadata(small, tmp_path, capsys):
     table.insert(0, "cell", meta["cell_id"])
     table.to_csv(tmp_path / "pcs.csv", index=False)
     meta.iloc[::-1].to_csv(tmp_path / "meta.csv", index=False)
-    status, _, err = run_main(["run", tmp_path / "pcs.csv", tmp_path / "meta.csv", "--vars",
-                               "donor", "-o", tmp_path / "out.csv", *FAST], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "pcs.csv",
+            tmp_path / "meta.csv",
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "out.csv",
+            *FAST,
+        ],
+        capsys,
+    )
     assert status == 0, err
     result = pd.read_csv(tmp_path / "out.csv", index_col=0)
     assert result.index.name == "cell"
@@ -108,12 +166,24 @@ def test_run_csv_cell_names_mismatch(small, tmp_path, capsys):
     table.insert(0, "cell", meta["cell_id"])
     table.to_csv(tmp_path / "pcs.csv", index=False)
     meta.iloc[1:].to_csv(tmp_path / "meta.csv", index=False)  # one cell short
-    status, _, err = run_main(["run", tmp_path / "pcs.csv", tmp_path / "meta.csv", "--vars",
-                               "donor", "-o", tmp_path / "out.csv"], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "pcs.csv",
+            tmp_path / "meta.csv",
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "out.csv",
+        ],
+        capsys,
+    )
     assert status == 2
-    assert ("(column 'cell_id') name different cells: 1,199 of the embedding's 1,200 cells "
-            "(99%) are in the metadata; 1 embedding cell(s) are not in the metadata "
-            f"('{meta['cell_id'][0]}')") in err
+    assert (
+        "(column 'cell_id') name different cells: 1,199 of the embedding's 1,200 cells "
+        "(99%) are in the metadata; 1 embedding cell(s) are not in the metadata "
+        f"('{meta['cell_id'][0]}')"
+    ) in err
 
 
 @pytest.mark.skipif(not HAS_ANNDATA, reason="anndata not installed")
@@ -121,11 +191,19 @@ def test_run_h5ad(small, tmp_path):
     import anndata
 
     _, _, pcs, meta = small
-    adata = anndata.AnnData(obs=meta.set_index("cell_id"),
-                            obsm={"X_pca": pcs.to_numpy(np.float32)})
+    adata = anndata.AnnData(obs=meta.set_index("cell_id"), obsm={"X_pca": pcs.to_numpy(np.float32)})
     adata.write_h5ad(tmp_path / "in.h5ad")
-    proc = harmonypy("run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
-                     tmp_path / "out.h5ad", "--adjusted-basis", "X_harmony", *FAST)
+    proc = harmonypy(
+        "run",
+        tmp_path / "in.h5ad",
+        "--vars",
+        "donor",
+        "-o",
+        tmp_path / "out.h5ad",
+        "--adjusted-basis",
+        "X_harmony",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert out.obsm["X_harmony"].shape == (1200, 20)
@@ -134,8 +212,16 @@ def test_run_h5ad(small, tmp_path):
     expected = hm.run_harmony(pcs.to_numpy(np.float32), meta, "donor", **FAST_KW).Z_corr.T
     np.testing.assert_allclose(out.obsm["X_harmony"], expected, **CLOSE)
 
-    proc = harmonypy("run", tmp_path / "in.h5ad", "--vars", "donor", "--basis", "X_scvi",
-                     "-o", tmp_path / "x.h5ad")
+    proc = harmonypy(
+        "run",
+        tmp_path / "in.h5ad",
+        "--vars",
+        "donor",
+        "--basis",
+        "X_scvi",
+        "-o",
+        tmp_path / "x.h5ad",
+    )
     assert_one_line_error(proc, "'X_scvi'", "'X_pca'")
 
 
@@ -151,10 +237,12 @@ def test_run_h5ad_leaves_x_on_disk_and_copies_the_rest(small, tmp_path):
     _, _, pcs, meta = small
     rng = np.random.default_rng(0)
     x = rng.random((1200, 50_000), dtype=np.float32)  # 240 MB
-    adata = anndata.AnnData(X=x, obs=meta.set_index("cell_id"),
-                            obsm={"X_pca": pcs.to_numpy(np.float32),
-                                  "X_umap": rng.random((1200, 2))},
-                            uns={"note": "kept", "harmony": {"old": 1}})
+    adata = anndata.AnnData(
+        X=x,
+        obs=meta.set_index("cell_id"),
+        obsm={"X_pca": pcs.to_numpy(np.float32), "X_umap": rng.random((1200, 2))},
+        uns={"note": "kept", "harmony": {"old": 1}},
+    )
     adata.write_h5ad(tmp_path / "in.h5ad")
     del x
     code = (
@@ -165,18 +253,41 @@ def test_run_h5ad_leaves_x_on_disk_and_copies_the_rest(small, tmp_path):
         "except SystemExit as e:\n"
         "    code = e.code\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-        "print(int(hwm.split()[1]) * 1024, code)\n")
+        "print(int(hwm.split()[1]) * 1024, code)\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", code, "run", str(tmp_path / "in.h5ad"), "--vars", "donor",
-         "-o", str(tmp_path / "out.h5ad"), *FAST], capture_output=True, text=True,
-        timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            "-c",
+            code,
+            "run",
+            str(tmp_path / "in.h5ad"),
+            "--vars",
+            "donor",
+            "-o",
+            str(tmp_path / "out.h5ad"),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     peak, status = proc.stdout.split()[-2:]
     assert status in ("0", "None"), proc.stderr
     # torch and pandas alone take ~0.3 GB; loading X would add 0.24 GB on top
     baseline = subprocess.run(
-        [sys.executable, "-c", "import harmonypy, anndata, torch; "
-         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
-         "if l.startswith('VmHWM')][0])"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import harmonypy, anndata, torch; "
+            "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+            "if l.startswith('VmHWM')][0])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert int(peak) - int(baseline.stdout) < 0.12 * 2**30, (peak, baseline.stdout)
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     original = anndata.read_h5ad(tmp_path / "in.h5ad")
@@ -190,32 +301,94 @@ def test_run_h5ad_leaves_x_on_disk_and_copies_the_rest(small, tmp_path):
 
 def test_h5ad_without_anndata_gives_install_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "anndata", None)  # makes `import anndata` fail
-    status, _, err = run_main(["run", tmp_path / "in.h5ad", "--vars", "donor", "-o",
-                               tmp_path / "out.h5ad"], capsys)
+    status, _, err = run_main(
+        ["run", tmp_path / "in.h5ad", "--vars", "donor", "-o", tmp_path / "out.h5ad"], capsys
+    )
     assert status == 2
-    assert err == ("harmonypy: error: reading or writing .h5ad files needs the anndata "
-                   "package: pip install harmonypy[anndata]\n")
+    assert err == (
+        "harmonypy: error: reading or writing .h5ad files needs the anndata "
+        "package: pip install harmonypy[anndata]\n"
+    )
 
 
 def test_options_map_to_run_harmony():
     args = cli.build_parser().parse_args(
-        ["run", "e.tsv", "m.tsv", "--vars", "a,b", "-o", "o.tsv", "--theta", "2,1",
-         "--lamb=-1", "--sigma", "0.2", "--nclust", "7", "--tau", "5", "--block-size", "0.1",
-         "--max-iter-harmony", "4", "--max-iter-kmeans", "9", "--epsilon-cluster", "1e-3",
-         "--epsilon-harmony=-inf", "--alpha", "0.3", "--algorithm", "harmony2",
-         "--device", "cpu", "--dtype", "float64", "--seed", "11", "--threads", "1",
-         "--batch-prop-cutoff", "0.01"])
+        [
+            "run",
+            "e.tsv",
+            "m.tsv",
+            "--vars",
+            "a,b",
+            "-o",
+            "o.tsv",
+            "--theta",
+            "2,1",
+            "--lamb=-1",
+            "--sigma",
+            "0.2",
+            "--nclust",
+            "7",
+            "--tau",
+            "5",
+            "--block-size",
+            "0.1",
+            "--max-iter-harmony",
+            "4",
+            "--max-iter-kmeans",
+            "9",
+            "--epsilon-cluster",
+            "1e-3",
+            "--epsilon-harmony=-inf",
+            "--alpha",
+            "0.3",
+            "--algorithm",
+            "harmony2",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float64",
+            "--seed",
+            "11",
+            "--threads",
+            "1",
+            "--batch-prop-cutoff",
+            "0.01",
+        ]
+    )
     assert args.vars_use == ["a", "b"]
     assert harmony_kwargs(args) == dict(
-        theta=[2.0, 1.0], lamb=-1.0, sigma=0.2, nclust=7, tau=5.0, block_size=0.1,
-        max_iter_harmony=4, max_iter_kmeans=9, epsilon_cluster=1e-3,
-        epsilon_harmony=-np.inf, alpha=0.3, random_state=11, device="cpu", dtype="float64",
-        algorithm="harmony2", batch_prop_cutoff=0.01, ncores=1)
+        theta=[2.0, 1.0],
+        lamb=-1.0,
+        sigma=0.2,
+        nclust=7,
+        tau=5.0,
+        block_size=0.1,
+        max_iter_harmony=4,
+        max_iter_kmeans=9,
+        epsilon_cluster=1e-3,
+        epsilon_harmony=-np.inf,
+        alpha=0.3,
+        random_state=11,
+        device="cpu",
+        dtype="float64",
+        algorithm="harmony2",
+        batch_prop_cutoff=0.01,
+        ncores=1,
+    )
     # Unset options are left out, so run_harmony's (and Harmony2's) defaults apply.
-    defaults = harmony_kwargs(cli.build_parser().parse_args(
-        ["run", "e.tsv", "--vars", "a", "-o", "o.tsv"]))
-    assert not {"theta", "lamb", "nclust", "max_iter_kmeans", "epsilon_cluster",
-                "epsilon_harmony", "device", "ncores"} & set(defaults)
+    defaults = harmony_kwargs(
+        cli.build_parser().parse_args(["run", "e.tsv", "--vars", "a", "-o", "o.tsv"])
+    )
+    assert not {
+        "theta",
+        "lamb",
+        "nclust",
+        "max_iter_kmeans",
+        "epsilon_cluster",
+        "epsilon_harmony",
+        "device",
+        "ncores",
+    } & set(defaults)
 
 
 def embedding_with(pcs: pd.DataFrame, column: str, values) -> pd.DataFrame:
@@ -230,14 +403,23 @@ def test_integer_cell_id_column_is_not_a_pc(small, tmp_path, capsys):
     ids = np.random.default_rng(0).choice(10**6, len(pcs), replace=False)
     embedding_with(pcs, "cell_id", ids).to_csv(tmp_path / "pcs.tsv", sep="\t", index=False)
     shuffled = np.random.default_rng(1).permutation(len(meta))
-    meta.assign(cell_id=ids).iloc[shuffled].to_csv(tmp_path / "meta.tsv", sep="\t",
-                                                   index=False)
-    argv = ["run", tmp_path / "pcs.tsv", tmp_path / "meta.tsv", "--vars", "donor", "-o",
-            tmp_path / "out.tsv", *FAST[:-1]]  # not --quiet: the reorder note is shown
+    meta.assign(cell_id=ids).iloc[shuffled].to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
+    argv = [
+        "run",
+        tmp_path / "pcs.tsv",
+        tmp_path / "meta.tsv",
+        "--vars",
+        "donor",
+        "-o",
+        tmp_path / "out.tsv",
+        *FAST[:-1],
+    ]  # not --quiet: the reorder note is shown
     status, _, err = run_main(argv, capsys)
     assert status == 0, err
-    assert ("harmonypy: metadata matched by cell name (column 'cell_id'): 1,200 rows, "
-            "reordered to the embedding") in err
+    assert (
+        "harmonypy: metadata matched by cell name (column 'cell_id'): 1,200 rows, "
+        "reordered to the embedding"
+    ) in err
     result = pd.read_csv(tmp_path / "out.tsv", sep="\t", index_col=0)
     assert result.index.name == "cell_id" and list(result.index) == list(ids)
     assert list(result.columns) == [f"PC{i}_harmony" for i in range(1, 21)]
@@ -253,8 +435,18 @@ def test_repeated_or_partly_shared_names_are_errors(small, tmp_path, capsys, mon
     repeated[10:13] = names[0]
     embedding_with(pcs, "cell", repeated).to_csv(tmp_path / "dup.csv", index=False)
     meta.to_csv(tmp_path / "meta.csv", index=False)
-    status, _, err = run_main(["run", tmp_path / "dup.csv", tmp_path / "meta.csv", "--vars",
-                               "donor", "-o", tmp_path / "o.csv"], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "dup.csv",
+            tmp_path / "meta.csv",
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "o.csv",
+        ],
+        capsys,
+    )
     assert status == 2
     assert f"1 name(s) occur more than once ('{names[0]}' (4 times))" in err
 
@@ -263,8 +455,18 @@ def test_repeated_or_partly_shared_names_are_errors(small, tmp_path, capsys, mon
     partial = np.concatenate([names[:shared], [f"other{i}" for i in range(len(meta) - shared)]])
     embedding_with(pcs, "cell", names).to_csv(tmp_path / "pcs.csv", index=False)
     meta.assign(cell_id=partial).to_csv(tmp_path / "partial.csv", index=False)
-    status, _, err = run_main(["run", tmp_path / "pcs.csv", tmp_path / "partial.csv",
-                               "--vars", "donor", "-o", tmp_path / "o.csv"], capsys)
+    status, _, err = run_main(
+        [
+            "run",
+            tmp_path / "pcs.csv",
+            tmp_path / "partial.csv",
+            "--vars",
+            "donor",
+            "-o",
+            tmp_path / "o.csv",
+        ],
+        capsys,
+    )
     assert status == 2
     assert f"{shared} of the embedding's 1,200 cells (37%) are in the metadata" in err
     assert f"756 embedding cell(s) are not in the metadata ('{names[shared]}'" in err
@@ -281,20 +483,24 @@ def test_name_options(small, tmp_path, capsys):
     table.to_csv(tmp_path / "pcs.csv", index=False)
     reverse.rename(columns={"cell_id": "bc"}).to_csv(tmp_path / "meta.csv", index=False)
     run = ["run", tmp_path / "pcs.csv", tmp_path / "meta.csv", "--vars", "donor", *FAST]
-    status, _, err = run_main(run + ["-o", tmp_path / "a.csv", "--names", "barcode_text",
-                                     "--meta-names", "bc"], capsys)
+    status, _, err = run_main(
+        run + ["-o", tmp_path / "a.csv", "--names", "barcode_text", "--meta-names", "bc"], capsys
+    )
     assert status == 0, err
     result = pd.read_csv(tmp_path / "a.csv", index_col=0)
     assert list(result.index) == list(names) and result.columns[0] == "depth_harmony"
     # --no-names pairs by position: the reversed metadata then gives other labels.
-    status, _, err = run_main(run + ["-o", tmp_path / "b.csv", "--names", "barcode_text",
-                                     "--no-names"], capsys)
+    status, _, err = run_main(
+        run + ["-o", tmp_path / "b.csv", "--names", "barcode_text", "--no-names"], capsys
+    )
     assert status == 0, err
     assert not np.allclose(pd.read_csv(tmp_path / "b.csv", index_col=0), result)
-    status, _, err = run_main(run + ["-o", tmp_path / "c.csv", "--names", "barcode",
-                                     "--meta-names", "bc"], capsys)
+    status, _, err = run_main(
+        run + ["-o", tmp_path / "c.csv", "--names", "barcode", "--meta-names", "bc"], capsys
+    )
     assert status == 2 and "--names: column 'barcode' not found" in err
     assert "did you mean 'barcode_text'?" in err
-    status, _, err = run_main(run + ["-o", tmp_path / "c.csv", "--meta-names", "bc",
-                                     "--no-names"], capsys)
+    status, _, err = run_main(
+        run + ["-o", tmp_path / "c.csv", "--meta-names", "bc", "--no-names"], capsys
+    )
     assert status == 2 and "not allowed with argument" in err

@@ -28,7 +28,8 @@ from test_harmony import per_pc_correlation
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with gloo is not available")
+    reason="torch.distributed with gloo is not available",
+)
 
 WORKER = Path(__file__).resolve().parents[1] / "distributed_worker.py"
 GROUP_TIMEOUT = 120  # seconds for a whole group; a hang fails the test, it does not block CI
@@ -50,13 +51,29 @@ def run_group(tmp_path, z, meta, shards, **options):
     for rank, cells in enumerate(shards):
         shard, out = tmp_path / f"shard{rank}.npz", tmp_path / f"out{rank}.npz"
         out.unlink(missing_ok=True)
-        np.savez(shard, z=np.ascontiguousarray(z[cells]),
-                 batch=meta["batch"].astype(str).to_numpy()[cells].astype("U"),
-                 tech=meta["tech"].astype(str).to_numpy()[cells].astype("U"))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), str(shard), str(out), str(rank), str(len(shards)),
-             str(port), json.dumps(options)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        np.savez(
+            shard,
+            z=np.ascontiguousarray(z[cells]),
+            batch=meta["batch"].astype(str).to_numpy()[cells].astype("U"),
+            tech=meta["tech"].astype(str).to_numpy()[cells].astype("U"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(WORKER),
+                    str(shard),
+                    str(out),
+                    str(rank),
+                    str(len(shards)),
+                    str(port),
+                    json.dumps(options),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
         outs.append(out)
     try:
         logs = [p.communicate(timeout=GROUP_TIMEOUT)[0].decode(errors="replace") for p in procs]
@@ -134,9 +151,14 @@ def test_communicated_bytes_follow_the_formula(tmp_path, data, algorithm):
     shards = uneven_shards(meta, 2, seed=6)
     results = run_group(tmp_path, z, meta, shards, algorithm=algorithm)
     expected = communicated_bytes(
-        algorithm=algorithm, rounds=int(results[0]["kmeans_rounds"].sum()),
-        iterations=int(results[0]["n_iter"]), n_blocks=n_blocks_of(len(meta), 0.05),
-        n_levels=5, n_clusters=int(results[0]["k"]), n_features=z.shape[1])
+        algorithm=algorithm,
+        rounds=int(results[0]["kmeans_rounds"].sum()),
+        iterations=int(results[0]["n_iter"]),
+        n_blocks=n_blocks_of(len(meta), 0.05),
+        n_levels=5,
+        n_clusters=int(results[0]["k"]),
+        n_features=z.shape[1],
+    )
     assert int(results[0]["bytes"]) == int(results[1]["bytes"]) == expected
 
 
@@ -153,7 +175,7 @@ def test_a_group_of_one_is_a_single_process_run(tmp_path, data):
     z, meta = data
     everything = [np.arange(len(meta))]
     # One thread on both sides: a matrix product's rounding can follow the thread count.
-    result, = run_group(tmp_path, z, meta, everything, algorithm="harmony1", ncores=1)
+    (result,) = run_group(tmp_path, z, meta, everything, algorithm="harmony1", ncores=1)
     single = hm.run_harmony(z, meta, "batch", verbose=False, ncores=1)
     np.testing.assert_array_equal(result["z_corr"], single.Z_corr.T)
     np.testing.assert_array_equal(result["objective"], single.objective_harmony)
@@ -167,12 +189,14 @@ def test_a_group_of_one_says_one_process(tmp_path, caplog):
     import torch.distributed as dist
 
     z, meta = simulate(n_cells=300, n_pcs=5, n_batches=2, seed=0)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
         with caplog.at_level(logging.INFO, logger="harmonypy"):
-            hm.run_harmony(z, meta, "batch", distributed=True, verbose=True,
-                           max_iter_harmony=1, ncores=1)
+            hm.run_harmony(
+                z, meta, "batch", distributed=True, verbose=True, max_iter_harmony=1, ncores=1
+            )
     finally:
         dist.destroy_process_group()
     assert "; 1 process (gloo)" in caplog.text, caplog.text
@@ -188,13 +212,19 @@ def test_a_killed_process_is_named_before_the_errors_it_caused():
     error = _group_error([0, 1], [1, -9], [[("joined",), gloo], [("joined",)]])
     assert type(error) is RuntimeError
     assert str(error).startswith("rank 1 of 2 was killed by signal SIGKILL during the run")
-    refused = ("error", "RuntimeError", "distributed Harmony stopped: rank 1 of 2 refused its "
-               "input: ValueError: data_mat has 1 non-finite value(s)", "trace")
+    refused = (
+        "error",
+        "RuntimeError",
+        "distributed Harmony stopped: rank 1 of 2 refused its "
+        "input: ValueError: data_mat has 1 non-finite value(s)",
+        "trace",
+    )
     error = _group_error([0, 1], [1, 1], [[("joined",), refused], [("joined",)]])
     assert type(error) is ValueError and "rank 1 of 2 refused its input" in str(error)
     error = _group_error([1], [None, 1], [[], []])
-    assert str(error).startswith("rank 1 of 2 exited with status 1 while starting (before "
-                                 "it joined the group)")
+    assert str(error).startswith(
+        "rank 1 of 2 exited with status 1 while starting (before it joined the group)"
+    )
 
 
 def test_rerun_is_bit_identical(tmp_path, data):
@@ -250,17 +280,34 @@ def _write_inputs(tmp_path, z, meta):
 
 def _cli(*args, timeout=GROUP_TIMEOUT, module="harmonypy"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(hm.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_nproc_runs_one_group_over_shards(tmp_path, data):
     z, meta = data
     pcs, table = _write_inputs(tmp_path, z, meta)
-    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
-                "--nproc", "2", "--threads", "1")
+    done = _cli(
+        "run",
+        pcs,
+        table,
+        "--vars",
+        "batch",
+        "-o",
+        tmp_path / "out.npy",
+        "--nproc",
+        "2",
+        "--threads",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     assert "2 processes (gloo)" in done.stderr
     corrected = np.load(tmp_path / "out.npy")
@@ -274,26 +321,59 @@ def test_cli_nproc_names_the_failing_rank(tmp_path, data):
     z = z.copy()
     z[-3, 0] = np.inf  # in the last shard
     pcs, table = _write_inputs(tmp_path, z, meta)
-    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
-                "--nproc", "2", "--threads", "1")
+    done = _cli(
+        "run",
+        pcs,
+        table,
+        "--vars",
+        "batch",
+        "-o",
+        tmp_path / "out.npy",
+        "--nproc",
+        "2",
+        "--threads",
+        "1",
+    )
     assert done.returncode == 2, done.stderr  # bad input, whichever rank failed first
     assert "rank 1 of 2 refused its input: ValueError" in done.stderr, done.stderr
     assert not (tmp_path / "out.npy").exists()
 
 
-@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
-                    reason="torchrun is not installed beside this Python")
+@pytest.mark.skipif(
+    not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+    reason="torchrun is not installed beside this Python",
+)
 def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
     z, meta = data
     pcs, table = _write_inputs(tmp_path, z, meta)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(hm.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     done = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harmonypy.shard", pcs,
-         table, "--vars", "batch", "-o", tmp_path / "parts", "--threads", "1", "-q"],
-        env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "harmonypy.shard",
+            pcs,
+            table,
+            "--vars",
+            "batch",
+            "-o",
+            tmp_path / "parts",
+            "--threads",
+            "1",
+            "-q",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=GROUP_TIMEOUT,
+    )
     assert done.returncode == 0, done.stderr
     parts = sorted((tmp_path / "parts").glob("part-*.npy"))
     assert [p.name for p in parts] == ["part-00000-of-00002.npy", "part-00001-of-00002.npy"]
@@ -301,18 +381,34 @@ def test_torchrun_recipe_writes_one_part_per_rank(tmp_path, data):
     assert summary["rows"] == [[0, 3000], [3000, 6000]] and summary["world_size"] == 2
     manifest = json.loads((tmp_path / "parts" / "manifest.json").read_text())
     assert [(p["file"], p["rows"]) for p in manifest["parts"]] == [
-        ("part-00000-of-00002.npy", [0, 3000]), ("part-00001-of-00002.npy", [3000, 6000])]
+        ("part-00000-of-00002.npy", [0, 3000]),
+        ("part-00001-of-00002.npy", [3000, 6000]),
+    ]
     assert (manifest["n_cells"], manifest["d"], manifest["dtype"]) == (6000, 20, "float32")
     corrected = read_parts(tmp_path / "parts")  # the README's recipe
     # The same group as `harmonypy run --nproc 2` (same shards, same seeds).
-    done = _cli("run", pcs, table, "--vars", "batch", "-o", tmp_path / "out.npy",
-                "--nproc", "2", "--threads", "1", "-q")
+    done = _cli(
+        "run",
+        pcs,
+        table,
+        "--vars",
+        "batch",
+        "-o",
+        tmp_path / "out.npy",
+        "--nproc",
+        "2",
+        "--threads",
+        "1",
+        "-q",
+    )
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(corrected, np.load(tmp_path / "out.npy"))
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
-                    reason="no CUDA device with NCCL on this machine")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.distributed.is_nccl_available()),
+    reason="no CUDA device with NCCL on this machine",
+)
 @pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
 def test_nccl_group_on_every_gpu(data, algorithm):
     """One process per GPU (NCCL): a group of one equals the single CUDA run bit
@@ -320,11 +416,11 @@ def test_nccl_group_on_every_gpu(data, algorithm):
     from harmonypy.distributed.launch import run_in_processes
 
     z, meta = data
-    single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm,
-                            verbose=False)
+    single = hm.run_harmony(z, meta, "batch", device="cuda", algorithm=algorithm, verbose=False)
     gpus = torch.cuda.device_count()
-    run = run_in_processes(z, meta, "batch", gpus, device="cuda", algorithm=algorithm,
-                           verbose=False)
+    run = run_in_processes(
+        z, meta, "batch", gpus, device="cuda", algorithm=algorithm, verbose=False
+    )
     assert run.backend == "nccl"
     if gpus == 1:
         np.testing.assert_array_equal(run.corrected, single.result())
@@ -335,8 +431,9 @@ def test_nccl_group_on_every_gpu(data, algorithm):
 def test_integrate_with_nproc_writes_what_a_single_run_writes(data):
     anndata = pytest.importorskip("anndata")
     z, meta = data
-    adata = anndata.AnnData(obs=meta.astype({"batch": "category"}).set_axis(
-        [f"c{i}" for i in range(len(meta))]))
+    adata = anndata.AnnData(
+        obs=meta.astype({"batch": "category"}).set_axis([f"c{i}" for i in range(len(meta))])
+    )
     adata.obsm["X_pca"] = z
     single = adata.copy()
     ho = hm.integrate(adata, "batch", nproc=2, ncores=1, verbose=False)
@@ -357,16 +454,21 @@ def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
 
     z, meta = data
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": {"host": 2**20})
-    with pytest.raises(MemoryError, match=r"2 processes over 6,000 cells.*shared memory.*"
-                                          r"check_memory=False"):
+    with pytest.raises(
+        MemoryError,
+        match=r"2 processes over 6,000 cells.*shared memory.*"
+        r"check_memory=False",
+    ):
         run_in_processes(z, meta, "batch", 2)
 
 
 def test_child_errors_keep_the_refused_ranks_error_type():
     from harmonypy.distributed.launch import _child_error
 
-    trace = ("Traceback (most recent call last):\n  File x\nRuntimeError: distributed "
-             "Harmony stopped: rank 1 of 2 refused its input: ValueError: data_mat has NaN")
+    trace = (
+        "Traceback (most recent call last):\n  File x\nRuntimeError: distributed "
+        "Harmony stopped: rank 1 of 2 refused its input: ValueError: data_mat has NaN"
+    )
     error = _child_error(trace)
     assert type(error) is ValueError and "rank 1 of 2" in str(error)
     assert type(_child_error("Traceback\nKeyError: 'x'")) is KeyError
@@ -374,8 +476,10 @@ def test_child_errors_keep_the_refused_ranks_error_type():
     assert type(_child_error("no colon here")) is RuntimeError
 
 
-@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
-                    reason="torchrun is not installed beside this Python")
+@pytest.mark.skipif(
+    not shutil.which("torchrun", path=os.path.dirname(sys.executable)),
+    reason="torchrun is not installed beside this Python",
+)
 def test_torchrun_recipe_reads_its_rows_of_an_h5ad(tmp_path, data):
     anndata = pytest.importorskip("anndata")
     z, meta = data
@@ -384,15 +488,34 @@ def test_torchrun_recipe_reads_its_rows_of_an_h5ad(tmp_path, data):
     adata.write_h5ad(tmp_path / "a.h5ad")
     pcs, table = _write_inputs(tmp_path, z, meta)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(hm.__file__).resolve().parents[1]),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(hm.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     parts = {}
     for name, inputs in [("h5ad", [tmp_path / "a.h5ad"]), ("npy", [pcs, table])]:
         done = subprocess.run(
-            [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "harmonypy.shard",
-             *inputs, "--vars", "batch", "-o", tmp_path / name, "--threads", "1", "-q"],
-            env=env, capture_output=True, text=True, timeout=GROUP_TIMEOUT)
+            [
+                torchrun,
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "harmonypy.shard",
+                *inputs,
+                "--vars",
+                "batch",
+                "-o",
+                tmp_path / name,
+                "--threads",
+                "1",
+                "-q",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GROUP_TIMEOUT,
+        )
         assert done.returncode == 0, done.stderr
         parts[name] = read_parts(tmp_path / name)
     np.testing.assert_array_equal(parts["h5ad"], parts["npy"])

@@ -25,8 +25,9 @@ def _accelerators():
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         found.append("mps")
-    return found or [pytest.param("none", marks=pytest.mark.skip(
-        reason="no CUDA or MPS device on this machine"))]
+    return found or [
+        pytest.param("none", marks=pytest.mark.skip(reason="no CUDA or MPS device on this machine"))
+    ]
 
 
 @pytest.fixture(params=_accelerators())
@@ -42,10 +43,12 @@ def _dtypes(device):
 def test_agrees_with_cpu(device, algorithm):
     z, meta = simulated(n_cells=3000, n_dims=20, n_batches=4)
     for dtype in _dtypes(device):
-        cpu = hm.run_harmony(z, meta, "batch", verbose=False, device="cpu", dtype=dtype,
-                             algorithm=algorithm)
-        acc = hm.run_harmony(z, meta, "batch", verbose=False, device=device, dtype=dtype,
-                             algorithm=algorithm)
+        cpu = hm.run_harmony(
+            z, meta, "batch", verbose=False, device="cpu", dtype=dtype, algorithm=algorithm
+        )
+        acc = hm.run_harmony(
+            z, meta, "batch", verbose=False, device=device, dtype=dtype, algorithm=algorithm
+        )
         assert isinstance(acc.Z_corr, np.ndarray) and acc.Z_corr.shape == (20, 3000)
         assert np.isfinite(acc.Z_corr).all()
         r = per_pc_correlation(cpu.Z_corr.T, acc.Z_corr.T)
@@ -65,10 +68,12 @@ def test_several_variables_and_estimated_lambda(device):
 def test_reproducible_for_a_fixed_seed(device):
     z, meta = simulated(n_cells=5000, n_dims=20, n_batches=6)
     for algorithm in ["harmony1", "harmony2"]:
-        a = hm.run_harmony(z, meta, "batch", verbose=False, device=device, random_state=3,
-                           algorithm=algorithm)
-        b = hm.run_harmony(z, meta, "batch", verbose=False, device=device, random_state=3,
-                           algorithm=algorithm)
+        a = hm.run_harmony(
+            z, meta, "batch", verbose=False, device=device, random_state=3, algorithm=algorithm
+        )
+        b = hm.run_harmony(
+            z, meta, "batch", verbose=False, device=device, random_state=3, algorithm=algorithm
+        )
         np.testing.assert_array_equal(a.Z_corr, b.Z_corr)
         assert a.objective_harmony == b.objective_harmony
 
@@ -76,11 +81,12 @@ def test_reproducible_for_a_fixed_seed(device):
 def test_matches_r_on_pbmc(device, shared_data):
     meta = read_tsv(shared_data / "pbmc_3500_meta.tsv.gz")
     pcs = read_tsv(shared_data / "pbmc_3500_pcs.tsv.gz")
-    for algorithm, name in [("harmony1", "pbmc_3500_pcs_harmonized.tsv.gz"),
-                            ("harmony2", "pbmc_3500_pcs_harmonized_harmony2.tsv.gz")]:
+    for algorithm, name in [
+        ("harmony1", "pbmc_3500_pcs_harmonized.tsv.gz"),
+        ("harmony2", "pbmc_3500_pcs_harmonized_harmony2.tsv.gz"),
+    ]:
         ref = read_tsv(shared_data / name).to_numpy()
-        ho = hm.run_harmony(pcs, meta, ["donor"], verbose=False, device=device,
-                            algorithm=algorithm)
+        ho = hm.run_harmony(pcs, meta, ["donor"], verbose=False, device=device, algorithm=algorithm)
         r = per_pc_correlation(ho.Z_corr.T, ref)
         assert r.min() >= (0.995 if algorithm == "harmony1" else 0.99), (algorithm, r.min())
 

@@ -69,7 +69,9 @@ def test_partial_overlap_is_an_error_naming_cells(named):
     pcs, meta = named
     other = meta.copy()
     other.index = [f"other{i}" for i in range(100)] + list(meta.index[100:])
-    with pytest.raises(ValueError, match=r"200 of the embedding's 300 cells \(67%\).*'cell0000'.*'other0'"):
+    with pytest.raises(
+        ValueError, match=r"200 of the embedding's 300 cells \(67%\).*'cell0000'.*'other0'"
+    ):
         _run(pcs, other)
 
 
@@ -107,8 +109,10 @@ def test_names_sharing_nothing_are_an_error_not_row_order(named, where):
     with pytest.raises(ValueError) as info:
         _run(pcs, other)
     message = str(info.value)
-    assert (f"data_mat's index and {source} name different cells: 0 of the embedding's 300 "
-            f"cells (0%) are in the metadata") in message
+    assert (
+        f"data_mat's index and {source} name different cells: 0 of the embedding's 300 "
+        f"cells (0%) are in the metadata"
+    ) in message
     assert "('cell0000', 'cell0001'," in message and "('c0299', 'c0298'," in message
     assert "reset_index(drop=True)" in message
     # The remedy works: without data_mat's names the rows pair by position.
@@ -127,10 +131,12 @@ def test_positions_are_not_names_against_a_name_column(named):
     pcs, meta = named
     other = _stripped(meta).reset_index(names="cell_id")
     expected = _run(pcs.to_numpy(), other).Z_corr
-    for plain in (pcs.reset_index(drop=True),                      # RangeIndex
-                  pcs.set_axis(pd.Index(np.arange(300)), axis=0),  # integers 0..N-1
-                  pcs.set_axis(pd.Index(np.arange(300) * 2), axis=0),  # a filtered frame's
-                  pcs.set_axis(pd.Index([str(i) for i in range(300)]), axis=0)):  # anndata's
+    for plain in (
+        pcs.reset_index(drop=True),  # RangeIndex
+        pcs.set_axis(pd.Index(np.arange(300)), axis=0),  # integers 0..N-1
+        pcs.set_axis(pd.Index(np.arange(300) * 2), axis=0),  # a filtered frame's
+        pcs.set_axis(pd.Index([str(i) for i in range(300)]), axis=0),
+    ):  # anndata's
         np.testing.assert_array_equal(_run(plain, other).Z_corr, expected)
     # A "name" column repeating sample names is not cell names.
     samples = meta.assign(name=meta["donor"]).reset_index(drop=True)
@@ -138,21 +144,24 @@ def test_positions_are_not_names_against_a_name_column(named):
 
 
 def test_bundled_data_pairs_by_position():
-    pcs, meta = hm.datasets.load_pbmcs_small()   # RangeIndex, meta has a cell_id column
+    pcs, meta = hm.datasets.load_pbmcs_small()  # RangeIndex, meta has a cell_id column
     assert align_metadata(pcs, meta) is meta
     pcs, meta, _ = hm.datasets.load_pbmc_3500()  # meta has a cell column
     assert align_metadata(pcs, meta) is meta
 
 
-@pytest.mark.parametrize("names, expected", [
-    (pd.Index(["AAAC-1", "AAAG-1"]), True),
-    (pd.Index(["0", "1", "2"]), False),
-    (pd.Index([3, 5, 9]), False),
-    (pd.Index(["7", "x"]), True),
-    (pd.Index(pd.Categorical(["a", "b"])), True),
-    (pd.Index(pd.Categorical([1, 2])), False),
-    (pd.Index([], dtype=object), False),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (pd.Index(["AAAC-1", "AAAG-1"]), True),
+        (pd.Index(["0", "1", "2"]), False),
+        (pd.Index([3, 5, 9]), False),
+        (pd.Index(["7", "x"]), True),
+        (pd.Index(pd.Categorical(["a", "b"])), True),
+        (pd.Index(pd.Categorical([1, 2])), False),
+        (pd.Index([], dtype=object), False),
+    ],
+)
 def test_text_names(names, expected):
     assert text_names(names) is expected
 
@@ -165,13 +174,16 @@ def test_lisi_matches_cells_by_name(named):
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("index, expected", [
-    (pd.RangeIndex(5), False),
-    (pd.Index([0, 1, 2, 3, 4]), False),
-    (pd.RangeIndex(5, 10), True),
-    (pd.Index([0, 2, 4, 6, 8]), True),
-    (pd.Index(list("abcde")), True),
-])
+@pytest.mark.parametrize(
+    "index, expected",
+    [
+        (pd.RangeIndex(5), False),
+        (pd.Index([0, 1, 2, 3, 4]), False),
+        (pd.RangeIndex(5, 10), True),
+        (pd.Index([0, 2, 4, 6, 8]), True),
+        (pd.Index(list("abcde")), True),
+    ],
+)
 def test_carries_names(index, expected):
     assert carries_names(index) is expected
 

@@ -39,15 +39,18 @@ def test_callback_sees_every_iteration_and_stops_the_run(pbmc):
     assert (ho.n_iter, ho.stop_reason, ho.converged) == (3, "callback", False)
     assert [r.objective for r in reports] == ho.objective_harmony[1:]
     assert [r.kmeans_rounds for r in reports] == ho.kmeans_rounds
-    assert reports[-1].objective_parts == (ho.objective_kmeans_dist[-1],
-                                           ho.objective_kmeans_entropy[-1],
-                                           ho.objective_kmeans_cross[-1])
+    assert reports[-1].objective_parts == (
+        ho.objective_kmeans_dist[-1],
+        ho.objective_kmeans_entropy[-1],
+        ho.objective_kmeans_cross[-1],
+    )
     np.testing.assert_array_equal(reports[-1].Z_corr, ho.Z_corr)
     assert reports[-1].Z_corr.shape == (pbmc[0].shape[1], pbmc[0].shape[0])
 
 
-@pytest.mark.parametrize("answer, error", [(1, "got 1 \\(int\\) at iteration 1"),
-                                           ("stop", "got 'stop'")])
+@pytest.mark.parametrize(
+    "answer, error", [(1, "got 1 \\(int\\) at iteration 1"), ("stop", "got 'stop'")]
+)
 def test_callback_answers_other_than_true_false_none_are_refused(pbmc, answer, error):
     with pytest.raises(TypeError, match=f"callback must return True.*{error}"):
         run(pbmc, callback=lambda report: answer, max_iter_harmony=2)
@@ -59,8 +62,11 @@ def test_a_callback_that_is_not_callable_is_refused_before_any_work(pbmc):
 
 
 def test_iteration_limit_warns_and_says_so(pbmc):
-    with pytest.warns(ConvergenceWarning, match=r"did not converge in 2 iteration\(s\).*"
-                                                r"epsilon_harmony=0.0001.*ho.harmonize\(n\)"):
+    with pytest.warns(
+        ConvergenceWarning,
+        match=r"did not converge in 2 iteration\(s\).*"
+        r"epsilon_harmony=0.0001.*ho.harmonize\(n\)",
+    ):
         ho = run(pbmc, max_iter_harmony=2)
     assert (ho.stop_reason, ho.converged) == ("max_iter_harmony", False)
 
@@ -101,11 +107,17 @@ def test_embedding_test_stops_early_without_changing_the_trajectory(pbmc):
 def test_embedding_change_is_the_relative_change_of_the_corrected_cells(pbmc):
     seen = []
     with pytest.warns(ConvergenceWarning, match="embedding's relative change"):
-        ho = run(pbmc, epsilon_embedding=1e-12, max_iter_harmony=3, epsilon_harmony=-np.inf,
-                 callback=lambda r: seen.append(r.Z_corr.copy()))
+        ho = run(
+            pbmc,
+            epsilon_embedding=1e-12,
+            max_iter_harmony=3,
+            epsilon_harmony=-np.inf,
+            callback=lambda r: seen.append(r.Z_corr.copy()),
+        )
     for before, after, change in zip(seen, seen[1:], ho.embedding_change[1:]):
-        assert change == pytest.approx(np.linalg.norm(after - before) / np.linalg.norm(before),
-                                       rel=1e-5)
+        assert change == pytest.approx(
+            np.linalg.norm(after - before) / np.linalg.norm(before), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize("value", [0, -1e-3, np.nan, "1e-3"])
@@ -121,8 +133,12 @@ def test_callback_reaches_the_engine_from_the_anndata_front_ends(pbmc):
         adata = anndata.AnnData(obs=meta.set_axis(meta.index.astype(str)))
         adata.obsm["X_pca"] = pcs
         seen = []
-        front_end(adata, "donor", callback=lambda r: seen.append(r.iteration) or r.iteration == 2,
-                  verbose=False)
+        front_end(
+            adata,
+            "donor",
+            callback=lambda r: seen.append(r.iteration) or r.iteration == 2,
+            verbose=False,
+        )
         assert seen == [1, 2]
 
 

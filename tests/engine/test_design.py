@@ -21,22 +21,26 @@ def embedding(n_cells: int = N, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n_cells, 4))
 
 
-@pytest.mark.parametrize("values, levels", [
-    (["b", "a", "c", "a"] * 3, ["a", "b", "c"]),                      # strings: sorted
-    ([10, 2, 1, 2] * 3, [1, 2, 10]),                                  # numbers: numeric order
-    ([2.5, 1.0, 2.5, 1.0] * 3, [1.0, 2.5]),
-    ([True, False, True, True] * 3, [False, True]),                   # booleans
-    (np.array([3, 1, 3, 1] * 3, dtype=np.uint8), [1, 3]),
-    (pd.array([2, 1, 1, 2] * 3, dtype="Int64"), [1, 2]),              # nullable ints
-    (pd.array(["y", "x", "x", "y"] * 3, dtype="string"), ["x", "y"]),
-    (["1", 1, "1", 1] * 3, [1, "1"]),                                 # mixed: int before str
-    ([1, "b", 2.5, "a"] * 3, [2.5, 1, "a", "b"]),                     # grouped by type name
-])
+@pytest.mark.parametrize(
+    "values, levels",
+    [
+        (["b", "a", "c", "a"] * 3, ["a", "b", "c"]),  # strings: sorted
+        ([10, 2, 1, 2] * 3, [1, 2, 10]),  # numbers: numeric order
+        ([2.5, 1.0, 2.5, 1.0] * 3, [1.0, 2.5]),
+        ([True, False, True, True] * 3, [False, True]),  # booleans
+        (np.array([3, 1, 3, 1] * 3, dtype=np.uint8), [1, 3]),
+        (pd.array([2, 1, 1, 2] * 3, dtype="Int64"), [1, 2]),  # nullable ints
+        (pd.array(["y", "x", "x", "y"] * 3, dtype="string"), ["x", "y"]),
+        (["1", 1, "1", 1] * 3, [1, "1"]),  # mixed: int before str
+        ([1, "b", 2.5, "a"] * 3, [2.5, 1, "a", "b"]),  # grouped by type name
+    ],
+)
 def test_level_order(values, levels):
     design = design_of(values)
     assert [type(x)(x) for x in design.levels[0]] == levels
-    assert list(design.counts) == [list(pd.Series(values).astype(object)).count(lv)
-                                   for lv in design.levels[0]]
+    assert list(design.counts) == [
+        list(pd.Series(values).astype(object)).count(lv) for lv in design.levels[0]
+    ]
 
 
 def test_categorical_keeps_order_and_drops_unused_categories():
@@ -72,14 +76,17 @@ def test_non_string_column_names():
     assert design.n_levels == 5
 
 
-@pytest.mark.parametrize("values", [
-    ["b", "a"] * 6,
-    [1, 2] * 6,
-    [True, False] * 6,
-    pd.Categorical(["b", "a"] * 6, categories=["a", "b", "unused"]),
-    ["1", 1] * 6,
-    [1, "a", 2.5] * 4,
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["b", "a"] * 6,
+        [1, 2] * 6,
+        [True, False] * 6,
+        pd.Categorical(["b", "a"] * 6, categories=["a", "b", "unused"]),
+        ["1", 1] * 6,
+        [1, "a", 2.5] * 4,
+    ],
+)
 def test_odd_label_types_run(values):
     meta = pd.DataFrame({"v": values, "other": range(N)})
     ho = hm.run_harmony(embedding(), meta, "v", **FAST)
@@ -92,9 +99,12 @@ def test_same_partition_same_result_whatever_the_label_type():
     z = embedding(30)
     base = np.arange(30) % 3
     outputs = []
-    for labels in (base, base.astype(str), np.array(["a", "b", "c"])[base],
-                   pd.Categorical(np.array(["a", "b", "c", "d"])[base],
-                                  categories=["a", "b", "c", "d"])):
+    for labels in (
+        base,
+        base.astype(str),
+        np.array(["a", "b", "c"])[base],
+        pd.Categorical(np.array(["a", "b", "c", "d"])[base], categories=["a", "b", "c", "d"]),
+    ):
         ho = hm.run_harmony(z, pd.DataFrame({"v": labels}), "v", **FAST)
         outputs.append(ho.Z_corr)
     for out in outputs[1:]:
@@ -104,8 +114,14 @@ def test_same_partition_same_result_whatever_the_label_type():
 def test_column_order_of_meta_data_does_not_matter():
     z = embedding(40)
     rng = np.random.default_rng(3)
-    meta = pd.DataFrame({"a": rng.choice(["p", "q"], 40), "b": rng.integers(0, 3, 40),
-                         "c": rng.random(40), "d": ["x"] * 40})
+    meta = pd.DataFrame(
+        {
+            "a": rng.choice(["p", "q"], 40),
+            "b": rng.integers(0, 3, 40),
+            "c": rng.random(40),
+            "d": ["x"] * 40,
+        }
+    )
     first = hm.run_harmony(z, meta, ["a", "b"], **FAST)
     second = hm.run_harmony(z, meta[["d", "c", "b", "a"]], ["a", "b"], **FAST)
     np.testing.assert_array_equal(first.Z_corr, second.Z_corr)
@@ -139,27 +155,35 @@ def test_cell_identifier_column_is_refused(vars_use):
     """One level per cell (``--vars "donor, cell"``) is a cell identifier, not a batch."""
     n = 2500
     meta = pd.DataFrame({"donor": np.arange(n) % 4, "cell": [f"c{i}" for i in range(n)]})
-    message = (r"batch variable 'cell' has 2,500 levels for 2,500 cells \(1\.0 cells per "
-               r"level\): it looks like a cell identifier, not a batch; expected at most N/2 "
-               r"levels \(1,250 here")
+    message = (
+        r"batch variable 'cell' has 2,500 levels for 2,500 cells \(1\.0 cells per "
+        r"level\): it looks like a cell identifier, not a batch; expected at most N/2 "
+        r"levels \(1,250 here"
+    )
     with pytest.raises(ValueError, match=message):
         build_design(meta, vars_use)
     with pytest.raises(ValueError, match=message):
         hm.run_harmony(embedding(n), meta, vars_use, verbose=False)
 
 
-@pytest.mark.parametrize("n_cells, n_levels, refused", [
-    (100, 50, False),   # N/2: two cells per level on average is allowed
-    (100, 51, True),
-    (3000, 1000, False),
-    (20, 16, False),    # up to 16 levels are always allowed (tiny designs)
-    (20, 17, True),
-    (6, 6, False),
-])
+@pytest.mark.parametrize(
+    "n_cells, n_levels, refused",
+    [
+        (100, 50, False),  # N/2: two cells per level on average is allowed
+        (100, 51, True),
+        (3000, 1000, False),
+        (20, 16, False),  # up to 16 levels are always allowed (tiny designs)
+        (20, 17, True),
+        (6, 6, False),
+    ],
+)
 def test_level_count_rule(n_cells, n_levels, refused):
     values = np.arange(n_cells) % n_levels
-    for column in (values, values.astype(str),
-                   pd.Categorical(values, categories=range(n_levels + 5))):
+    for column in (
+        values,
+        values.astype(str),
+        pd.Categorical(values, categories=range(n_levels + 5)),
+    ):
         if refused:
             with pytest.raises(ValueError, match="looks like a cell identifier"):
                 design_of(column, "v")

@@ -47,18 +47,36 @@ def replayed_blocks(generator, rows, n_rounds, n_cells, base):
         yield cells.numpy()
 
 
-def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, theta=2.0,
-          sigma=None):
+def _pair(z, meta, variables, *, lamb, dtype, n_clusters=6, block_size=0.1, theta=2.0, sigma=None):
     design = build_design(meta, variables)
     theta_levels = np.full(design.n_levels, theta)
     lamb_levels = None if lamb is None else np.full(design.n_levels, lamb)
     sigma = np.full(n_clusters, 0.1) if sigma is None else sigma
-    ho = Harmony(z, design, theta=theta_levels, lamb=lamb_levels, sigma=sigma,
-                 n_clusters=n_clusters, block_size=block_size, max_iter_kmeans=3,
-                 epsilon_cluster=-np.inf, epsilon_harmony=-np.inf, alpha=0.2, seed=3,
-                 device=torch.device("cpu"), dtype=dtype)
-    ref = ReferenceHarmony(z.T, design.one_hot(), theta_levels, lamb_levels, sigma,
-                           block_size, lambda_estimation=lamb is None)
+    ho = Harmony(
+        z,
+        design,
+        theta=theta_levels,
+        lamb=lamb_levels,
+        sigma=sigma,
+        n_clusters=n_clusters,
+        block_size=block_size,
+        max_iter_kmeans=3,
+        epsilon_cluster=-np.inf,
+        epsilon_harmony=-np.inf,
+        alpha=0.2,
+        seed=3,
+        device=torch.device("cpu"),
+        dtype=dtype,
+    )
+    ref = ReferenceHarmony(
+        z.T,
+        design.one_hot(),
+        theta_levels,
+        lamb_levels,
+        sigma,
+        block_size,
+        lambda_estimation=lamb is None,
+    )
     return ho, ref
 
 
@@ -99,8 +117,9 @@ def _replay(dtype, tol, n_vars, lamb, sigma=None):
         np.testing.assert_allclose(ho.R, ref.R, atol=tol)
         np.testing.assert_allclose(ho.O, ref.O, rtol=tol, atol=tol * ref.N)
         np.testing.assert_allclose(ho.E, ref.E, rtol=tol, atol=tol * ref.N)
-        ours = np.array([ho.objective_kmeans_dist, ho.objective_kmeans_entropy,
-                         ho.objective_kmeans_cross]).T[-3:]
+        ours = np.array(
+            [ho.objective_kmeans_dist, ho.objective_kmeans_entropy, ho.objective_kmeans_cross]
+        ).T[-3:]
         np.testing.assert_allclose(ours, np.array(ref.parts[-3:]), rtol=10 * tol, atol=tol)
         ho.moe_correct_ridge()
         ref.moe_correct_ridge()
@@ -115,5 +134,7 @@ def test_objective_terms_match_formula_after_init():
     ho.init_cluster()
     ref.init_cluster(ho.Y)
     np.testing.assert_allclose(
-        [ho.objective_kmeans_dist[0], ho.objective_kmeans_entropy[0],
-         ho.objective_kmeans_cross[0]], ref.parts[0], rtol=1e-10)
+        [ho.objective_kmeans_dist[0], ho.objective_kmeans_entropy[0], ho.objective_kmeans_cross[0]],
+        ref.parts[0],
+        rtol=1e-10,
+    )

@@ -34,10 +34,18 @@ def simulated(n_cells=300, n_dims=10, seed=0, n_batches=3):
     rng = np.random.default_rng(seed)
     types = rng.integers(0, 3, n_cells)
     batches = rng.integers(0, n_batches, n_cells)
-    z = (rng.normal(0, 4, (3, n_dims))[types] + rng.normal(0, 2, (n_batches, n_dims))[batches]
-         + rng.normal(0, 0.5, (n_cells, n_dims)))
-    meta = pd.DataFrame({"batch": [f"b{b}" for b in batches], "type": types,
-                         "tech": rng.choice(["x", "y"], n_cells)})
+    z = (
+        rng.normal(0, 4, (3, n_dims))[types]
+        + rng.normal(0, 2, (n_batches, n_dims))[batches]
+        + rng.normal(0, 0.5, (n_cells, n_dims))
+    )
+    meta = pd.DataFrame(
+        {
+            "batch": [f"b{b}" for b in batches],
+            "type": types,
+            "tech": rng.choice(["x", "y"], n_cells),
+        }
+    )
     return z, meta
 
 
@@ -74,10 +82,21 @@ def test_attribute_shapes_and_invariants(pbmc_run):
     ho = pbmc_run
     N, d, K, B = 3500, 30, 100, 3
     assert (ho.N, ho.d, ho.K, ho.B) == (N, d, K, B)
-    shapes = {"Z_corr": (d, N), "Z_orig": (d, N), "Z_cos": (d, N), "R": (K, N),
-              "Y": (d, K), "O": (K, B), "E": (K, B), "Phi": (B, N),
-              "Phi_moe": (B + 1, N), "Pr_b": (B,), "theta": (B,), "sigma": (K,),
-              "lamb": (B + 1,)}
+    shapes = {
+        "Z_corr": (d, N),
+        "Z_orig": (d, N),
+        "Z_cos": (d, N),
+        "R": (K, N),
+        "Y": (d, K),
+        "O": (K, B),
+        "E": (K, B),
+        "Phi": (B, N),
+        "Phi_moe": (B + 1, N),
+        "Pr_b": (B,),
+        "theta": (B,),
+        "sigma": (K,),
+        "lamb": (B + 1,),
+    }
     for name, shape in shapes.items():
         value = getattr(ho, name)
         assert isinstance(value, np.ndarray), name
@@ -103,8 +122,9 @@ def test_objective_bookkeeping(pbmc_run):
     assert len(ho.objective_harmony) == ho.n_iter + 1
     assert len(ho.kmeans_rounds) == ho.n_iter
     assert len(ho.objective_kmeans) == 1 + sum(ho.kmeans_rounds)
-    parts = np.array([ho.objective_kmeans_dist, ho.objective_kmeans_entropy,
-                      ho.objective_kmeans_cross]).sum(0)
+    parts = np.array(
+        [ho.objective_kmeans_dist, ho.objective_kmeans_entropy, ho.objective_kmeans_cross]
+    ).sum(0)
     np.testing.assert_allclose(parts, ho.objective_kmeans)
     # each Harmony objective is the last clustering objective of its iteration
     ends = np.cumsum(ho.kmeans_rounds)
@@ -186,20 +206,23 @@ def test_tau_shrinks_theta_of_small_batches():
     z, meta = simulated()
     counts = meta["batch"].value_counts().sort_index().to_numpy()
     ho = hm.run_harmony(z, meta, "batch", tau=5, nclust=10, verbose=False, max_iter_harmony=1)
-    expected = 2 * (1 - np.exp(-(counts / (10 * 5)) ** 2))
+    expected = 2 * (1 - np.exp(-((counts / (10 * 5)) ** 2)))
     np.testing.assert_allclose(ho.theta, expected)
 
 
 def test_theta_per_level_and_per_variable():
     z, meta = simulated()
-    per_level = hm.run_harmony(z, meta, ["batch", "tech"], theta=[1, 2, 3, 0.5, 0],
-                               verbose=False, max_iter_harmony=1)
+    per_level = hm.run_harmony(
+        z, meta, ["batch", "tech"], theta=[1, 2, 3, 0.5, 0], verbose=False, max_iter_harmony=1
+    )
     np.testing.assert_allclose(per_level.theta, [1, 2, 3, 0.5, 0])
-    per_var = hm.run_harmony(z, meta, ["batch", "tech"], theta=[1, 4], verbose=False,
-                             max_iter_harmony=1)
+    per_var = hm.run_harmony(
+        z, meta, ["batch", "tech"], theta=[1, 4], verbose=False, max_iter_harmony=1
+    )
     np.testing.assert_allclose(per_var.theta, [1, 1, 1, 4, 4])
-    lamb = hm.run_harmony(z, meta, ["batch", "tech"], lamb=[0.5, 2], verbose=False,
-                          max_iter_harmony=1)
+    lamb = hm.run_harmony(
+        z, meta, ["batch", "tech"], lamb=[0.5, 2], verbose=False, max_iter_harmony=1
+    )
     np.testing.assert_allclose(lamb.lamb, [0, 0.5, 0.5, 0.5, 2, 2])
 
 
@@ -235,16 +258,23 @@ def test_fewer_than_six_cells_refused():
 def test_sigma_per_cluster_and_nclust():
     z, meta = simulated()
     sigma = np.linspace(0.05, 0.2, 7)
-    ho = hm.run_harmony(z, meta, "batch", nclust=7, sigma=sigma, verbose=False,
-                        max_iter_harmony=2)
+    ho = hm.run_harmony(z, meta, "batch", nclust=7, sigma=sigma, verbose=False, max_iter_harmony=2)
     assert ho.K == 7 and ho.R.shape == (7, 300)
     np.testing.assert_allclose(ho.sigma, sigma)
 
 
 def test_epsilon_minus_inf_runs_all_iterations():
     z, meta = simulated()
-    ho = hm.run_harmony(z, meta, "batch", verbose=False, max_iter_harmony=3,
-                        max_iter_kmeans=6, epsilon_cluster=-np.inf, epsilon_harmony=-np.inf)
+    ho = hm.run_harmony(
+        z,
+        meta,
+        "batch",
+        verbose=False,
+        max_iter_harmony=3,
+        max_iter_kmeans=6,
+        epsilon_cluster=-np.inf,
+        epsilon_harmony=-np.inf,
+    )
     assert ho.n_iter == 3 and ho.kmeans_rounds == [6, 6, 6] and not ho.converged
 
 
@@ -258,8 +288,9 @@ def test_meta_as_series():
 def test_device_argument_cpu():
     z, meta = simulated()
     a = hm.run_harmony(z, meta, "batch", verbose=False, device="cpu", max_iter_harmony=2)
-    b = hm.run_harmony(z, meta, "batch", verbose=False, device=torch.device("cpu"),
-                       max_iter_harmony=2)
+    b = hm.run_harmony(
+        z, meta, "batch", verbose=False, device=torch.device("cpu"), max_iter_harmony=2
+    )
     np.testing.assert_array_equal(a.Z_corr, b.Z_corr)
 
 
@@ -271,8 +302,10 @@ def test_cuda_agrees_with_cpu():
     assert per_pc_correlation(cpu.Z_corr.T, gpu.Z_corr.T).min() > 0.99
 
 
-@pytest.mark.skipif(not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
-                    reason="no Apple MPS device on this machine")
+@pytest.mark.skipif(
+    not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    reason="no Apple MPS device on this machine",
+)
 def test_mps_agrees_with_cpu():
     z, meta = simulated()
     cpu = hm.run_harmony(z, meta, "batch", verbose=False, device="cpu")
@@ -293,8 +326,9 @@ def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
     cast = np.full((300, 10), np.nan, dtype=np.float32)
     assert ho.result(out=cast) is cast
     np.testing.assert_array_equal(cast, expected.astype(np.float32))
-    on_disk = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=np.float32,
-                                        shape=(300, 10))
+    on_disk = np.lib.format.open_memmap(
+        tmp_path / "z.npy", mode="w+", dtype=np.float32, shape=(300, 10)
+    )
     ho.result(out=on_disk)
     on_disk.flush()
     np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), expected.astype(np.float32))
@@ -303,11 +337,14 @@ def test_result_into_a_callers_array_in_chunks(monkeypatch, tmp_path):
     np.testing.assert_array_equal(ho.result(), expected)
 
 
-@pytest.mark.parametrize("out, error, match", [
-    (np.empty((10, 300)), ValueError, r"shape \(300, 10\)"),
-    (np.empty((300, 10), dtype=np.int64), ValueError, "float dtype"),
-    ([[0.0] * 10] * 300, TypeError, "NumPy array"),
-])
+@pytest.mark.parametrize(
+    "out, error, match",
+    [
+        (np.empty((10, 300)), ValueError, r"shape \(300, 10\)"),
+        (np.empty((300, 10), dtype=np.int64), ValueError, "float dtype"),
+        ([[0.0] * 10] * 300, TypeError, "NumPy array"),
+    ],
+)
 def test_result_out_is_checked(out, error, match):
     x, meta = simulated(n_cells=300)
     ho = hm.run_harmony(x, meta, "batch", max_iter_harmony=1, verbose=False)
@@ -347,8 +384,11 @@ def test_converted_input_gives_the_same_result_as_the_callers_conversion():
     the same numbers as converting it first."""
     x, meta = _lean_problem()
     ref = hm.run_harmony(x, meta, "batch", verbose=False, max_iter_harmony=2)
-    for variant, copied in ((x.astype(np.float64), True), (np.asfortranarray(x), True),
-                            (x.T, False)):  # PCs x cells of a C array: cells x PCs as is
+    for variant, copied in (
+        (x.astype(np.float64), True),
+        (np.asfortranarray(x), True),
+        (x.T, False),
+    ):  # PCs x cells of a C array: cells x PCs as is
         ho = hm.run_harmony(variant, meta, "batch", verbose=False, max_iter_harmony=2)
         np.testing.assert_array_equal(ho.Z_corr, ref.Z_corr)
         assert np.shares_memory(ho.Z_orig, variant) is not copied
@@ -367,9 +407,12 @@ def test_input_array_is_used_not_written():
     # Z_cos is computed from it: unit rows in the direction of Z_corr's.
     z_cos = ho.Z_cos.T
     np.testing.assert_allclose(np.linalg.norm(z_cos, axis=1), 1, rtol=1e-5)
-    np.testing.assert_allclose(z_cos, ho.Z_corr.T / np.linalg.norm(ho.Z_corr.T, axis=1,
-                                                                   keepdims=True), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        z_cos,
+        ho.Z_corr.T / np.linalg.norm(ho.Z_corr.T, axis=1, keepdims=True),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["harmony1", "harmony2"])
@@ -380,8 +423,9 @@ def test_result_does_not_depend_on_cells_being_sorted_by_batch(algorithm):
     order = np.argsort(meta["batch"].to_numpy(), kind="stable")
     kwargs = dict(verbose=False, algorithm=algorithm, dtype="float64", max_iter_harmony=3)
     plain = hm.run_harmony(x, meta, "batch", **kwargs)
-    sorted_run = hm.run_harmony(x[order], meta.iloc[order].reset_index(drop=True), "batch",
-                                **kwargs)
+    sorted_run = hm.run_harmony(
+        x[order], meta.iloc[order].reset_index(drop=True), "batch", **kwargs
+    )
     back = np.empty_like(plain.Z_corr)
     back[:, order] = sorted_run.Z_corr
     assert plain.kmeans_rounds == sorted_run.kmeans_rounds
@@ -409,11 +453,16 @@ def test_run_options_are_run_harmonys_keyword_options():
     from harmonypy.engine.options import RunOptions
 
     parameters = set(inspect.signature(hm.run_harmony).parameters)
-    not_options = {"data_mat", "meta_data", "vars_use", "distributed", "process_group",
-                   "callback"}
+    not_options = {"data_mat", "meta_data", "vars_use", "distributed", "process_group", "callback"}
     assert {f.name for f in dataclasses.fields(RunOptions)} == parameters - not_options
     options = RunOptions(**{name: 1 for name in parameters - not_options})
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.theta = 2
     assert set(options.shared_settings()) == parameters - not_options - {
-        "verbose", "random_state", "device", "dtype", "ncores", "check_memory"}
+        "verbose",
+        "random_state",
+        "device",
+        "dtype",
+        "ncores",
+        "check_memory",
+    }

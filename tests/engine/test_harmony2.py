@@ -29,8 +29,9 @@ def pbmc2(shared_data):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_r_harmony2(pbmc2, seed):
     pcs, meta, ref = pbmc2
-    ho = hm.run_harmony(pcs, meta, ["donor"], algorithm="harmony2", random_state=seed,
-                        verbose=False)
+    ho = hm.run_harmony(
+        pcs, meta, ["donor"], algorithm="harmony2", random_state=seed, verbose=False
+    )
     assert per_pc_correlation(ho.Z_corr.T, ref).min() >= 0.99
 
 
@@ -41,9 +42,17 @@ def test_harmony2_defaults_apply_only_to_parameters_not_passed():
     assert ho.epsilon_cluster == 1e-3 and ho.epsilon_harmony == 1e-2
     assert (ho.lamb[1:] == -1).all()  # estimated
     assert all(r <= 4 for r in ho.kmeans_rounds)
-    explicit = hm.run_harmony(z, meta, "batch", algorithm="harmony2", verbose=False,
-                              max_iter_kmeans=20, epsilon_cluster=1e-5, lamb=1.0,
-                              epsilon_harmony=1e-4)
+    explicit = hm.run_harmony(
+        z,
+        meta,
+        "batch",
+        algorithm="harmony2",
+        verbose=False,
+        max_iter_kmeans=20,
+        epsilon_cluster=1e-5,
+        lamb=1.0,
+        epsilon_harmony=1e-4,
+    )
     assert explicit.max_iter_kmeans == 20 and explicit.epsilon_cluster == 1e-5
     assert explicit.epsilon_harmony == 1e-4 and (explicit.lamb[1:] == 1).all()
     # and Harmony 1 keeps the seed's defaults
@@ -54,8 +63,9 @@ def test_harmony2_defaults_apply_only_to_parameters_not_passed():
 def test_harmony2_accepts_harmonypy2_arguments():
     z, meta = simulated()
     before = torch.get_num_threads()
-    ho = hm.run_harmony(z, meta, "batch", algorithm="harmony2", batch_prop_cutoff=1e-4,
-                        ncores=1, verbose=False)
+    ho = hm.run_harmony(
+        z, meta, "batch", algorithm="harmony2", batch_prop_cutoff=1e-4, ncores=1, verbose=False
+    )
     assert ho.batch_prop_cutoff == 1e-4
     assert torch.get_num_threads() == before
 
@@ -73,20 +83,44 @@ def test_harmony2_replays_reference(dtype, tol, n_vars):
     """Every Harmony2 step, including the batch filter, against the literal reference."""
     z, meta = _data(n_vars=n_vars, n_cells=300)
     # Make one level rare so that the batch filter drops it in some clusters.
-    meta.loc[meta.index[:297], "batch"] = np.where(meta["batch"][:297] == "b2", "b0",
-                                                    meta["batch"][:297])
+    meta.loc[meta.index[:297], "batch"] = np.where(
+        meta["batch"][:297] == "b2", "b0", meta["batch"][:297]
+    )
     variables = ["batch", "tech"][:n_vars]
     design = build_design(meta, variables)
     theta = np.full(design.n_levels, 2.0)
     sigma = np.full(8, 0.1)
     cutoff = 0.05
-    ho = Harmony(z, design, theta=theta, lamb=None, sigma=sigma, n_clusters=8,
-                 block_size=0.1, max_iter_kmeans=3, epsilon_cluster=-np.inf,
-                 epsilon_harmony=-np.inf, alpha=0.2, seed=5, device=torch.device("cpu"),
-                 dtype=dtype, algorithm="harmony2", batch_prop_cutoff=cutoff)
-    ref = ReferenceHarmony(z.T, design.one_hot(), theta, None, sigma, 0.1,
-                           lambda_estimation=True, harmony2=True,
-                           level_variable=design.level_variable, batch_prop_cutoff=cutoff)
+    ho = Harmony(
+        z,
+        design,
+        theta=theta,
+        lamb=None,
+        sigma=sigma,
+        n_clusters=8,
+        block_size=0.1,
+        max_iter_kmeans=3,
+        epsilon_cluster=-np.inf,
+        epsilon_harmony=-np.inf,
+        alpha=0.2,
+        seed=5,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        algorithm="harmony2",
+        batch_prop_cutoff=cutoff,
+    )
+    ref = ReferenceHarmony(
+        z.T,
+        design.one_hot(),
+        theta,
+        None,
+        sigma,
+        0.1,
+        lambda_estimation=True,
+        harmony2=True,
+        level_variable=design.level_variable,
+        batch_prop_cutoff=cutoff,
+    )
     ho.init_cluster()
     ref.init_cluster(ho.Y.astype(np.float64))
     dropped = 0
@@ -155,8 +189,12 @@ def test_batch_filter_rules():
     # 2 clusters; variable 0 has levels 0-2, variable 1 has levels 3-4.
     counts = torch.tensor([100.0, 100.0, 100.0, 150.0, 150.0])
     level_variable = torch.tensor([0, 0, 0, 1, 1])
-    observed = torch.tensor([[50.0, 0.0, 30.0, 40.0, 40.0],    # level 1 absent
-                             [50.0, 0.0, 0.0, 60.0, 1e-6]])    # one level left in var 0
+    observed = torch.tensor(
+        [
+            [50.0, 0.0, 30.0, 40.0, 40.0],  # level 1 absent
+            [50.0, 0.0, 0.0, 60.0, 1e-6],
+        ]
+    )  # one level left in var 0
     keep = batch_filter(observed, counts, level_variable, 1e-5)
     assert keep[0].tolist() == [True, False, True, True, True]
     # cluster 1: variable 0 keeps a single level -> dropped whole; level 4 below cutoff
@@ -172,10 +210,23 @@ def test_absent_level_cells_keep_their_coordinates_for_that_cluster():
     z[90:180] += 2  # level b is shifted
     labels = np.array(["a"] * 90 + ["b"] * 90 + ["c"] * 20)
     design = build_design(pd.DataFrame({"batch": labels}), ["batch"])
-    ho = Harmony(z, design, theta=np.full(3, 2.0), lamb=None, sigma=np.full(2, 0.1),
-                 n_clusters=2, block_size=0.1, max_iter_kmeans=2, epsilon_cluster=-np.inf,
-                 epsilon_harmony=-np.inf, alpha=0.2, seed=0, device=torch.device("cpu"),
-                 dtype=torch.float64, algorithm="harmony2")
+    ho = Harmony(
+        z,
+        design,
+        theta=np.full(3, 2.0),
+        lamb=None,
+        sigma=np.full(2, 0.1),
+        n_clusters=2,
+        block_size=0.1,
+        max_iter_kmeans=2,
+        epsilon_cluster=-np.inf,
+        epsilon_harmony=-np.inf,
+        alpha=0.2,
+        seed=0,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        algorithm="harmony2",
+    )
     ho.init_cluster()
     # Cluster 0 holds the cells of a and b and a sliver (1e-9) of each c cell;
     # cluster 1 holds only c, so its one variable has a single level left.
@@ -187,8 +238,8 @@ def test_absent_level_cells_keep_their_coordinates_for_that_cluster():
     ho.moe_correct_ridge()
     assert ho.kept_levels.tolist() == [[True, True, False], [False, False, False]]
     moved = np.abs(ho.Z_orig.T - ho.Z_corr.T).max(1)
-    assert moved[:180].min() > 0.1           # a and b are aligned with each other
-    assert (moved[180:] == 0).all()          # c is in no regression: untouched
+    assert moved[:180].min() > 0.1  # a and b are aligned with each other
+    assert (moved[180:] == 0).all()  # c is in no regression: untouched
     # Harmony 1 has no filter: the same sliver moves c, if only a little.
     ho.algorithm = "harmony1"
     ho.moe_correct_ridge()

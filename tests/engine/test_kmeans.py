@@ -9,17 +9,24 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy.engine.kmeans import KMeansStart, _kmeans_plusplus, _lloyd, kmeans_centroids, start_for
+from harmonypy.engine.kmeans import (
+    KMeansStart,
+    _kmeans_plusplus,
+    _lloyd,
+    kmeans_centroids,
+    start_for,
+)
 
 
-def blobs(n_blobs: int = 12, per_blob: int = 60, d: int = 5, seed: int = 0,
-          spread: float = 0.05) -> tuple[torch.Tensor, np.ndarray]:
+def blobs(
+    n_blobs: int = 12, per_blob: int = 60, d: int = 5, seed: int = 0, spread: float = 0.05
+) -> tuple[torch.Tensor, np.ndarray]:
     """Well separated blobs of unequal sizes; returns (points, the blobs' means)."""
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 1, (n_blobs, d))
     sizes = per_blob // 2 + rng.integers(0, per_blob, n_blobs)
     x = np.concatenate([m + spread * rng.normal(size=(s, d)) for m, s in zip(means, sizes)])
-    exact = np.stack([x[sum(sizes[:i]):sum(sizes[:i + 1])].mean(0) for i in range(n_blobs)])
+    exact = np.stack([x[sum(sizes[:i]) : sum(sizes[: i + 1])].mean(0) for i in range(n_blobs)])
     return torch.from_numpy(x).float(), exact
 
 
@@ -35,11 +42,12 @@ def matches(centers: torch.Tensor, exact: np.ndarray, tol: float = 1e-4) -> bool
 
 def test_runs_side_by_side_equal_each_run_alone():
     x, _ = blobs()
-    seedings = _kmeans_plusplus(x, 12, generator=torch.Generator().manual_seed(3), n_seedings=4,
-                                local_trials=1)
+    seedings = _kmeans_plusplus(
+        x, 12, generator=torch.Generator().manual_seed(3), n_seedings=4, local_trials=1
+    )
     together, inertias = _lloyd(x, seedings, max_iter=25)
     for run in range(4):
-        alone, alone_inertia = _lloyd(x, seedings[run:run + 1], max_iter=25)
+        alone, alone_inertia = _lloyd(x, seedings[run : run + 1], max_iter=25)
         torch.testing.assert_close(together[run], alone[0], rtol=1e-6, atol=1e-6)
         assert inertias[run].item() == pytest.approx(alone_inertia.item(), rel=1e-6)
         assert inertias[run].item() == pytest.approx(inertia(x, together[run]), rel=1e-5)
@@ -50,10 +58,14 @@ def test_lowest_final_inertia_wins_and_restarts_find_the_blobs():
     complete runs with the best kept (R's nstart = 10) find every blob for all."""
     x, exact = blobs()
     one, ten = KMeansStart(n_init=1, max_iter=25), KMeansStart(n_init=10, max_iter=25)
-    single = [kmeans_centroids(x, 12, generator=torch.Generator().manual_seed(s), start=one)
-              for s in range(20)]
-    best = [kmeans_centroids(x, 12, generator=torch.Generator().manual_seed(s), start=ten)
-            for s in range(20)]
+    single = [
+        kmeans_centroids(x, 12, generator=torch.Generator().manual_seed(s), start=one)
+        for s in range(20)
+    ]
+    best = [
+        kmeans_centroids(x, 12, generator=torch.Generator().manual_seed(s), start=ten)
+        for s in range(20)
+    ]
     assert not all(matches(c, exact) for c in single)
     assert all(matches(c, exact) for c in best)
     assert max(inertia(x, c) for c in best) <= min(inertia(x, c) for c in single) * (1 + 1e-5)
@@ -61,10 +73,16 @@ def test_lowest_final_inertia_wins_and_restarts_find_the_blobs():
 
 def test_greedy_seeding_starts_lower_than_plain():
     x, _ = blobs(n_blobs=20, per_blob=40, spread=0.3)
-    plain = _kmeans_plusplus(x, 20, generator=torch.Generator().manual_seed(0), n_seedings=20,
-                             local_trials=1)
-    greedy = _kmeans_plusplus(x, 20, generator=torch.Generator().manual_seed(0), n_seedings=20,
-                              local_trials=start_for("harmony1", "greedy", 20).local_trials)
+    plain = _kmeans_plusplus(
+        x, 20, generator=torch.Generator().manual_seed(0), n_seedings=20, local_trials=1
+    )
+    greedy = _kmeans_plusplus(
+        x,
+        20,
+        generator=torch.Generator().manual_seed(0),
+        n_seedings=20,
+        local_trials=start_for("harmony1", "greedy", 20).local_trials,
+    )
     assert np.mean([inertia(x, c) for c in greedy]) < 0.9 * np.mean([inertia(x, c) for c in plain])
 
 
@@ -72,8 +90,12 @@ def test_greedy_seeding_starts_lower_than_plain():
 def test_same_seed_same_bits_and_the_sample_above_its_size(init):
     x, _ = blobs(per_blob=600)
     start = start_for("harmony1", init, 12)
-    runs = [kmeans_centroids(x, 12, generator=torch.Generator().manual_seed(5), start=start,
-                             sample_size=2_000) for _ in range(2)]
+    runs = [
+        kmeans_centroids(
+            x, 12, generator=torch.Generator().manual_seed(5), start=start, sample_size=2_000
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert torch.isfinite(runs[0]).all()
 
@@ -81,16 +103,18 @@ def test_same_seed_same_bits_and_the_sample_above_its_size(init):
 def test_more_clusters_than_distinct_points_stays_finite():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).repeat(10, 1)
     for init in ("greedy", "r"):
-        centers = kmeans_centroids(x, 5, generator=torch.Generator().manual_seed(0),
-                                   start=start_for("harmony1", init, 5))
+        centers = kmeans_centroids(
+            x, 5, generator=torch.Generator().manual_seed(0), start=start_for("harmony1", init, 5)
+        )
         assert centers.shape == (5, 2) and torch.isfinite(centers).all()
 
 
 def test_starts_of_each_algorithm():
     assert start_for("harmony1", "r", 100) == KMeansStart(n_init=10, max_iter=25)  # R 1.2.4
     assert start_for("harmony2", "r", 100) == KMeansStart(n_init=1, max_iter=10)  # R 2.0
-    assert start_for("harmony2", "greedy", 100) == KMeansStart(n_init=10, max_iter=25,
-                                                               local_trials=6)
+    assert start_for("harmony2", "greedy", 100) == KMeansStart(
+        n_init=10, max_iter=25, local_trials=6
+    )
 
 
 def test_kmeans_init_is_checked_before_any_work():
@@ -105,8 +129,12 @@ def test_default_start_is_steady_across_seeds_on_real_data(algorithm):
     with one k-means++ seeding (R 2.0's start) Harmony2's seed pairs reached
     down to min per-PC r 0.89 (benchmarks/results/seed_spread.md)."""
     pcs, meta = hm.datasets.load_pbmcs_small()
-    out = [hm.run_harmony(pcs, meta, "donor", algorithm=algorithm, random_state=s,
-                          verbose=False).Z_corr.T.astype(np.float64) for s in range(4)]
+    out = [
+        hm.run_harmony(
+            pcs, meta, "donor", algorithm=algorithm, random_state=s, verbose=False
+        ).Z_corr.T.astype(np.float64)
+        for s in range(4)
+    ]
     for a, b in itertools.combinations(out, 2):
         r = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]
         assert min(r) > 0.97

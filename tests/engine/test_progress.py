@@ -45,11 +45,15 @@ def test_configured_logging_receives_records_without_duplicates(caplog, capsys):
 def test_logging_configuration_untouched():
     logger = logging.getLogger("harmonypy")
     root = logging.getLogger()
-    before = (list(logger.handlers), logger.level, logger.propagate, list(root.handlers),
-              root.level)
+    before = (
+        list(logger.handlers),
+        logger.level,
+        logger.propagate,
+        list(root.handlers),
+        root.level,
+    )
     _run(verbose=True)
-    after = (list(logger.handlers), logger.level, logger.propagate, list(root.handlers),
-             root.level)
+    after = (list(logger.handlers), logger.level, logger.propagate, list(root.handlers), root.level)
     assert before == after
 
 

@@ -42,10 +42,14 @@ def small_problem(n_cells: int = 90, n_dims: int = 6, seed: int = 0):
     rng = np.random.default_rng(seed)
     batch = np.arange(n_cells) % 3
     group = (np.arange(n_cells) // 3) % 2
-    z = (rng.normal(0, 3, (2, n_dims))[group] + rng.normal(0, 1, (3, n_dims))[batch]
-         + rng.normal(0, 0.3, (n_cells, n_dims)))
-    meta = pd.DataFrame({"batch": np.array(["b0", "b1", "b2"])[batch],
-                         "group": group, "noise": rng.random(n_cells)})
+    z = (
+        rng.normal(0, 3, (2, n_dims))[group]
+        + rng.normal(0, 1, (3, n_dims))[batch]
+        + rng.normal(0, 0.3, (n_cells, n_dims))
+    )
+    meta = pd.DataFrame(
+        {"batch": np.array(["b0", "b1", "b2"])[batch], "group": group, "noise": rng.random(n_cells)}
+    )
     return z, meta
 
 
@@ -78,8 +82,16 @@ def _labels(kind: str, codes: np.ndarray, n_levels: int, rng: np.random.Generato
     raise AssertionError(kind)
 
 
-LABEL_KINDS = ["str", "int", "float", "bool", "category_unused", "mixed", "string_dtype",
-               "nullable_int"]
+LABEL_KINDS = [
+    "str",
+    "int",
+    "float",
+    "bool",
+    "category_unused",
+    "mixed",
+    "string_dtype",
+    "nullable_int",
+]
 
 
 @st.composite
@@ -163,8 +175,7 @@ def test_same_seed_same_bytes_whatever_the_global_rng_state():
         torch.manual_seed(global_seed)
         np.random.seed(global_seed)
         random.seed(global_seed)
-        outputs.append(digest(hm.run_harmony(z, meta, "batch", random_state=7,
-                                             **FAST).Z_corr))
+        outputs.append(digest(hm.run_harmony(z, meta, "batch", random_state=7, **FAST).Z_corr))
     assert outputs[0] == outputs[1]
     other = hm.run_harmony(z, meta, "batch", random_state=8, **FAST).Z_corr
     assert digest(other) != outputs[0]
@@ -197,8 +208,13 @@ def test_bit_identical_across_processes():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     digests = []
     for global_seed in ("1", "99"):
-        out = subprocess.run([sys.executable, "-c", _CHILD, global_seed], env=env,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, global_seed],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         digests.append(out.stdout.strip().splitlines()[-1])
     assert digests[0] == digests[1]
@@ -207,17 +223,18 @@ def test_bit_identical_across_processes():
     batch = np.arange(90) % 3
     z = rng.normal(size=(90, 6)) + rng.normal(0, 2, (3, 6))[batch]
     meta = pd.DataFrame({"batch": np.array(["b0", "b1", "b2"])[batch]})
-    ho = hm.run_harmony(z, meta, "batch", random_state=3, verbose=False, ncores=1,
-                        max_iter_harmony=3, nclust=3)
+    ho = hm.run_harmony(
+        z, meta, "batch", random_state=3, verbose=False, ncores=1, max_iter_harmony=3, nclust=3
+    )
     assert digest(ho.Z_corr) == digests[0]
 
 
 # ------------------------------------------------------------------ hygiene
 def _logging_state():
     loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    return {lg.name: (tuple(lg.handlers), lg.level, lg.propagate, lg.disabled)
-            for lg in loggers}
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return {lg.name: (tuple(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers}
 
 
 def _global_state():
@@ -241,8 +258,15 @@ def _assert_same_state(before, after):
     b_np, a_np = before["numpy_rng"], after["numpy_rng"]
     assert b_np[0] == a_np[0] and np.array_equal(b_np[1], a_np[1]) and b_np[2:] == a_np[2:]
     assert before["python_rng"] == after["python_rng"]
-    for key in ("threads", "interop", "grad", "default_dtype", "deterministic", "numpy_err",
-                "logging_disable"):
+    for key in (
+        "threads",
+        "interop",
+        "grad",
+        "default_dtype",
+        "deterministic",
+        "numpy_err",
+        "logging_disable",
+    ):
         assert before[key] == after[key], key
     for name, state in before["logging"].items():
         assert after["logging"].get(name, state) == state, name
@@ -268,8 +292,14 @@ def test_call_leaves_inputs_and_global_state_unchanged(threads_three, verbose, c
     z_copy, meta_copy, frame_copy = z.copy(), meta.copy(), z_frame.copy()
     before = _global_state()
     for data in (z, z.T, z_frame):
-        hm.run_harmony(data, meta, ["batch", "group"], ncores=1, random_state=None,
-                       **{**FAST, "verbose": verbose})
+        hm.run_harmony(
+            data,
+            meta,
+            ["batch", "group"],
+            ncores=1,
+            random_state=None,
+            **{**FAST, "verbose": verbose},
+        )
     _assert_same_state(before, _global_state())
     np.testing.assert_array_equal(z, z_copy)
     pd.testing.assert_frame_equal(meta, meta_copy)
@@ -291,8 +321,10 @@ def test_call_that_raises_leaves_everything_unchanged(threads_three, monkeypatch
     z, meta = small_problem()
     z_copy, meta_copy = z.copy(), meta.copy()
     if failure == "engine":
+
         def broken(self):
             raise RuntimeError("injected failure")
+
         monkeypatch.setattr(engine.Harmony, "moe_correct_ridge", broken)
         expected, kwargs = RuntimeError, {}
     else:
@@ -366,15 +398,18 @@ def test_non_finite_correction_stops_with_an_error(monkeypatch):
     assert "Z_corr" in message and "correction" in message and "iteration 1" in message
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(sigma=1e-4),                      # hard assignments, exact zeros in R
-    dict(nclust=90),                       # K = N
-    dict(theta=50.0),                      # extreme diversity penalty
-    dict(lamb=1e-8),                       # almost no ridge penalty
-    dict(lamb=-1, alpha=1e-6),
-    dict(vars_use=["batch", "group"], sigma=1e-4, nclust=30),
-    dict(algorithm="harmony2", nclust=60, sigma=1e-3),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(sigma=1e-4),  # hard assignments, exact zeros in R
+        dict(nclust=90),  # K = N
+        dict(theta=50.0),  # extreme diversity penalty
+        dict(lamb=1e-8),  # almost no ridge penalty
+        dict(lamb=-1, alpha=1e-6),
+        dict(vars_use=["batch", "group"], sigma=1e-4, nclust=30),
+        dict(algorithm="harmony2", nclust=60, sigma=1e-3),
+    ],
+)
 def test_extreme_but_valid_parameters_stay_finite(kwargs):
     z, meta = small_problem()
     z = z[np.arange(90) % 9]  # only nine distinct cells
@@ -402,13 +437,18 @@ def _whole_data_block():
 
 
 def _zero_objective():
-    return np.ones((6, 1)), pd.DataFrame({"b": [0, 1] * 3}), dict(nclust=1, theta=0,
-                                                                 max_iter_harmony=2)
+    return (
+        np.ones((6, 1)),
+        pd.DataFrame({"b": [0, 1] * 3}),
+        dict(nclust=1, theta=0, max_iter_harmony=2),
+    )
 
 
-@pytest.mark.parametrize("make", [_one_dimensional_two_signs, _whole_data_block,
-                                  _zero_objective],
-                         ids=["cluster-inside-one-block", "block_size-1", "zero-objective"])
+@pytest.mark.parametrize(
+    "make",
+    [_one_dimensional_two_signs, _whole_data_block, _zero_objective],
+    ids=["cluster-inside-one-block", "block_size-1", "zero-objective"],
+)
 def test_degenerate_valid_problems_finish_with_finite_output(make):
     z, meta, params = make()
     vars_use = "b" if "b" in meta else "batch"

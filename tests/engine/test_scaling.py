@@ -33,8 +33,15 @@ import torch
 import harmonypy as hm
 from harmonypy.engine import memory as _memory
 from harmonypy.engine.clustering import block_bounds, n_blocks_of
-from harmonypy.engine.correction import (LevelIndex, RidgeSystem, _dense_system, _solve_several,
-                                   batch_filter, solve_arrowhead, solve_dense)
+from harmonypy.engine.correction import (
+    LevelIndex,
+    RidgeSystem,
+    _dense_system,
+    _solve_several,
+    batch_filter,
+    solve_arrowhead,
+    solve_dense,
+)
 from harmonypy.engine.design import build_design
 
 MB = 2**20
@@ -78,8 +85,9 @@ def run_child(setup: str, call: str, timeout: float = 120) -> dict:
     # whether one is touched moved the measured peak by up to 64 MB between
     # identical runs (0.66-1.39x the estimate at 3,000 cells; 0.87-0.96x with one).
     env = dict(os.environ, MALLOC_ARENA_MAX="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=timeout, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -113,7 +121,9 @@ def test_identifier_column_is_refused_at_once_and_small():
         meta = pd.DataFrame({"donor": np.arange(n) % 4, "cell": [f"c{i}" for i in range(n)]})
         hm.run_harmony(z[:100], meta[:100], ["donor"], verbose=False, max_iter_harmony=1)
         """,
-        'hm.run_harmony(z, meta, ["cell"], verbose=False)', timeout=60)
+        'hm.run_harmony(z, meta, ["cell"], verbose=False)',
+        timeout=60,
+    )
     assert result["error"] is not None and "looks like a cell identifier" in result["error"]
     assert "'cell'" in result["error"]
     assert result["wall"] < 1.0
@@ -131,8 +141,8 @@ def test_one_variable_with_1000_levels_runs_in_modest_memory():
         meta = pd.DataFrame({"plate": np.arange(n) % 1000})
         extra = _memory.estimate_memory(_memory.RunSize(n, 20, 100, [1000], n_blocks=20)).peak()
         """,
-        'hm.run_harmony(z, meta, "plate", verbose=False, max_iter_harmony=2, '
-        'max_iter_kmeans=3)')
+        'hm.run_harmony(z, meta, "plate", verbose=False, max_iter_harmony=2, max_iter_kmeans=3)',
+    )
     assert result["error"] is None, result["error"]
     assert result["increase"] < 0.25 * 2**30
     assert result["increase"] < 1.2 * result["extra"]
@@ -150,7 +160,8 @@ def test_several_variables_with_1000_levels_run_in_modest_memory():
         extra = _memory.estimate_memory(_memory.RunSize(n, 20, 100, [4, 1000], n_blocks=20)).peak()
         """,
         'hm.run_harmony(z, meta, ["donor", "plate"], verbose=False, max_iter_harmony=1, '
-        'max_iter_kmeans=2)')
+        "max_iter_kmeans=2)",
+    )
     assert result["error"] is None, result["error"]
     assert result["increase"] < 0.25 * 2**30
     assert result["increase"] < 1.2 * result["extra"]
@@ -175,8 +186,17 @@ def _system(sizes, n_cells=600, n_clusters=5, d=4, seed=1, cutoff=None):
         cutoff = float(torch.quantile((observed / counts).flatten(), cutoff))
         keep = batch_filter(observed, counts, torch.tensor(design.level_variable), cutoff)
         assert 0 < int((~keep).sum()) < keep.numel()
-    return dict(total=r.sum(0), observed=observed, penalty=penalty, rhs0=r.T @ z, rhs=rhs,
-                codes=codes, r=r, levels=levels, keep=keep)
+    return dict(
+        total=r.sum(0),
+        observed=observed,
+        penalty=penalty,
+        rhs0=r.T @ z,
+        rhs=rhs,
+        codes=codes,
+        r=r,
+        levels=levels,
+        keep=keep,
+    )
 
 
 @pytest.mark.parametrize("sizes", [(3,), (40,), (3, 2), (2, 7), (5, 4, 3), (40, 3, 6)])
@@ -185,17 +205,38 @@ def test_closed_form_solves_equal_the_dense_solve(sizes, cutoff):
     """Arrowhead (one variable) and bordered (several) solves against the dense
     (B+1) x (B+1) solve, float64, with and without Harmony2's level filter."""
     sys_ = _system(sizes, cutoff=cutoff)
-    cov = _dense_system(sys_["total"], sys_["observed"], sys_["penalty"], sys_["codes"],
-                        sys_["r"], sys_["levels"], torch.device("cpu"), torch.float64)
+    cov = _dense_system(
+        sys_["total"],
+        sys_["observed"],
+        sys_["penalty"],
+        sys_["codes"],
+        sys_["r"],
+        sys_["levels"],
+        torch.device("cpu"),
+        torch.float64,
+    )
     expected = solve_dense(cov, sys_["rhs0"], sys_["rhs"], sys_["keep"])
     if len(sizes) == 1:
-        got = solve_arrowhead(sys_["total"], sys_["observed"], sys_["penalty"], sys_["rhs0"],
-                              sys_["rhs"], sys_["keep"])
+        got = solve_arrowhead(
+            sys_["total"],
+            sys_["observed"],
+            sys_["penalty"],
+            sys_["rhs0"],
+            sys_["rhs"],
+            sys_["keep"],
+        )
     else:
-        system = RidgeSystem(sys_["total"], sys_["observed"], sys_["penalty"], sys_["rhs0"],
-                             sys_["rhs"], sys_["keep"])
-        got = _solve_several(system, codes=sys_["codes"], assignments=sys_["r"],
-                             levels=sys_["levels"])
+        system = RidgeSystem(
+            sys_["total"],
+            sys_["observed"],
+            sys_["penalty"],
+            sys_["rhs0"],
+            sys_["rhs"],
+            sys_["keep"],
+        )
+        got = _solve_several(
+            system, codes=sys_["codes"], assignments=sys_["r"], levels=sys_["levels"]
+        )
     for ours, dense in zip(got, expected):
         scale = float(dense.abs().max())
         np.testing.assert_allclose(ours, dense, rtol=0, atol=1e-9 * scale)
@@ -255,16 +296,17 @@ def test_estimate_is_linear_in_the_levels_of_one_variable():
 
     assert peak(4000) - peak(2000) == pytest.approx(2 * (peak(2000) - peak(1000)), abs=4)
     # several variables: quadratic only in the levels of the smaller ones
-    big = [_memory.estimate_memory(_memory.RunSize(100_000, 30, 100, [20, b])).peak()
-           for b in (1000, 2000, 4000)]
+    big = [
+        _memory.estimate_memory(_memory.RunSize(100_000, 30, 100, [20, b])).peak()
+        for b in (1000, 2000, 4000)
+    ]
     assert big[2] - big[1] == pytest.approx(2 * (big[1] - big[0]), abs=4)
 
 
 def test_estimate_names_the_dominant_term():
     many = _memory.estimate_memory(_memory.RunSize(50_000, 30, 100, [800, 900], n_blocks=20))
     assert many.dominant().key in ("systems", "border", "pair sums")
-    small_blocks = _memory.estimate_memory(
-        _memory.RunSize(50_000, 30, 100, [20], n_blocks=50_000))
+    small_blocks = _memory.estimate_memory(_memory.RunSize(50_000, 30, 100, [20], n_blocks=50_000))
     assert small_blocks.dominant().key == "block sums"
     cells = _memory.estimate_memory(_memory.RunSize(2_000_000, 50, 100, [20], n_blocks=20))
     assert cells.dominant().key in ("embedding", "assignments")
@@ -284,7 +326,8 @@ def test_estimate_bounds_the_measured_peak():
                                         copies_input=False).peak()
         """,
         'hm.run_harmony(z, meta, "batch", nclust=20, verbose=False, max_iter_harmony=1, '
-        'max_iter_kmeans=2)')
+        "max_iter_kmeans=2)",
+    )
     assert result["error"] is None, result["error"]
     assert 0.5 * result["extra"] < result["increase"] < 1.1 * result["extra"]
 

@@ -108,8 +108,9 @@ class FakeMachine:
         self.write()
 
     def load(self, cpus=None):
-        return CpuLoad(cpus=cpus, stat_path=str(self.path), clock=lambda: self.now,
-                       own_cpu=lambda: self.own)
+        return CpuLoad(
+            cpus=cpus, stat_path=str(self.path), clock=lambda: self.now, own_cpu=lambda: self.own
+        )
 
 
 def test_cpu_load_counts_other_processes_not_this_one(tmp_path):
@@ -143,8 +144,7 @@ def test_cpu_load_unreadable_gives_none(tmp_path):
 def test_policy_starts_on_one_thread_then_follows_the_load(tmp_path, threads_3):
     m = FakeMachine(tmp_path)
     # No start-of-run count (runnable=None): one thread until measured.
-    policy = AutoThreads(None, BIG, CPU, load=m.load(cpus={0, 1}), runnable=lambda: None,
-                         cpus=2)
+    policy = AutoThreads(None, BIG, CPU, load=m.load(cpus={0, 1}), runnable=lambda: None, cpus=2)
     with policy:
         assert policy.threads == 1 and torch.get_num_threads() == 1
         _threads.checkpoint()  # no time has passed: no decision
@@ -161,8 +161,9 @@ def test_policy_starts_on_one_thread_then_follows_the_load(tmp_path, threads_3):
 
 
 @pytest.mark.parametrize("others, expected", [(0.0, 2), (0.1, 2), (1.0, 1), (3.0, 1)])
-def test_policy_start_follows_other_processes_runnable_threads(tmp_path, threads_3,
-                                                                others, expected):
+def test_policy_start_follows_other_processes_runnable_threads(
+    tmp_path, threads_3, others, expected
+):
     m = FakeMachine(tmp_path)
     with AutoThreads(None, BIG, CPU, load=m.load(), runnable=lambda: others, cpus=2) as policy:
         assert policy.threads == expected == torch.get_num_threads()
@@ -184,8 +185,9 @@ def test_runnable_others_subtracts_this_process(tmp_path):
 
     sleep(0)
     sleeps.clear()
-    got = _threads.runnable_others(samples=4, gap=0.001, loadavg_path=str(loadavg),
-                                   tasks_path=str(tasks), sleep=sleep)
+    got = _threads.runnable_others(
+        samples=4, gap=0.001, loadavg_path=str(loadavg), tasks_path=str(tasks), sleep=sleep
+    )
     scale = min(1.0, _threads.usable_cpus() / (os.cpu_count() or 1))
     assert got == pytest.approx((1 + 1 + 2 + 0) / 4 * scale)
     assert sleeps == [0.001] * 3
@@ -221,8 +223,7 @@ def test_run_harmony_reports_the_choice_without_printing(small, threads_3, caplo
     with caplog.at_level(logging.INFO, logger="harmonypy"):
         ho = hm.run_harmony(X, meta, "batch", max_iter_harmony=2, verbose=False)
     assert ho.n_threads == 1  # 240 cells x 8 clusters: small
-    assert any(r.getMessage().startswith("CPU threads: 1 (small problem")
-               for r in caplog.records)
+    assert any(r.getMessage().startswith("CPU threads: 1 (small problem") for r in caplog.records)
     assert capsys.readouterr() == ("", "")
     ho = hm.run_harmony(X, meta, "batch", max_iter_harmony=2, verbose=False, ncores=2)
     assert ho.n_threads == 2  # explicit ncores overrides the policy
@@ -300,6 +301,5 @@ def test_results_do_not_depend_on_the_thread_count():
     two = hm.run_harmony(X, meta, "batch", max_iter_harmony=2, verbose=False, ncores=2)
     # Bit for bit on some CPUs (AMD EPYC here earlier); MKL on Intel Xeon splits a
     # matrix product's sums by thread, so only rounding may differ (1e-6 seen).
-    np.testing.assert_allclose(np.asarray(one.Z_corr), np.asarray(two.Z_corr),
-                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(one.Z_corr), np.asarray(two.Z_corr), rtol=0, atol=1e-4)
     assert one.n_iter == two.n_iter

@@ -25,12 +25,14 @@ def make_inputs(n_cells: int = N_CELLS, n_dims: int = 5, seed: int = 0):
     """A small embedding (cells x dims) and a metadata table with three batch columns."""
     rng = np.random.default_rng(seed)
     z = rng.normal(size=(n_cells, n_dims))
-    meta = pd.DataFrame({
-        "batch": np.array(["a", "b", "c"])[np.arange(n_cells) % 3],
-        "donor": np.arange(n_cells) % 2,
-        "tech": np.array(["x", "y", "z", "w"])[np.arange(n_cells) % 4],
-        "const": ["same"] * n_cells,
-    })
+    meta = pd.DataFrame(
+        {
+            "batch": np.array(["a", "b", "c"])[np.arange(n_cells) % 3],
+            "donor": np.arange(n_cells) % 2,
+            "tech": np.array(["x", "y", "z", "w"])[np.arange(n_cells) % 4],
+            "const": ["same"] * n_cells,
+        }
+    )
     return z, meta
 
 
@@ -41,8 +43,9 @@ def run(z=_DEFAULT, meta=_DEFAULT, vars_use="batch", **kwargs):
     """run_harmony on the small inputs, with any argument replaced."""
     z0, meta0 = make_inputs()
     params = {**FAST, **kwargs}
-    return hm.run_harmony(z0 if z is _DEFAULT else z, meta0 if meta is _DEFAULT else meta,
-                          vars_use, **params)
+    return hm.run_harmony(
+        z0 if z is _DEFAULT else z, meta0 if meta is _DEFAULT else meta, vars_use, **params
+    )
 
 
 def check_raises(error, facts, **call):
@@ -75,33 +78,58 @@ DATA_CASES = {
     "strings": (np.full((N_CELLS, 5), "x"), TypeError, [r"data_mat", r"real numbers", r"<U1"]),
     "non-numeric column": (
         pd.DataFrame({"pc1": np.arange(N_CELLS, dtype=float), "name": ["c"] * N_CELLS}),
-        TypeError, [r"data_mat", r"non-numeric column", r"'name'", r"numeric PC columns"]),
+        TypeError,
+        [r"data_mat", r"non-numeric column", r"'name'", r"numeric PC columns"],
+    ),
     "bool dtype": (np.ones((N_CELLS, 5), dtype=bool), TypeError, [r"data_mat", r"bool"]),
     "object junk": (np.array([[object()] * 5] * N_CELLS), TypeError, [r"data_mat", r"object"]),
     "None": (None, TypeError, [r"data_mat is None"]),
-    "nan": (_with((3, 1), np.nan), ValueError,
-            [r"data_mat", r"1 non-finite", r"1 NaN", r"cell\(s\) 3\b", r"column\(s\) 1\b"]),
-    "inf": (_with((slice(10, 13), 2), np.inf), ValueError,
-            [r"3 non-finite", r"0 NaN, 3 infinite", r"3 cell\(s\) 10, 11, 12", r"column\(s\) 2"]),
-    "-inf many": (_with((slice(0, 20), 0), -np.inf), ValueError,
-                  [r"20 non-finite", r"\(20 in all\)"]),
-    "shape mismatch": (np.zeros((7, 5)) + 1, ValueError,
-                       [r"data_mat has shape \(7, 5\)", r"meta_data has shape \(60, 4\)",
-                        r"number of cells \(60\)"]),
-    "zero cells": (_with((slice(4, 6), slice(None)), 0.0), ValueError,
-                   [r"2 all-zero", r"cell\(s\) 4, 5", r"cosine-normalised"]),
+    "nan": (
+        _with((3, 1), np.nan),
+        ValueError,
+        [r"data_mat", r"1 non-finite", r"1 NaN", r"cell\(s\) 3\b", r"column\(s\) 1\b"],
+    ),
+    "inf": (
+        _with((slice(10, 13), 2), np.inf),
+        ValueError,
+        [r"3 non-finite", r"0 NaN, 3 infinite", r"3 cell\(s\) 10, 11, 12", r"column\(s\) 2"],
+    ),
+    "-inf many": (
+        _with((slice(0, 20), 0), -np.inf),
+        ValueError,
+        [r"20 non-finite", r"\(20 in all\)"],
+    ),
+    "shape mismatch": (
+        np.zeros((7, 5)) + 1,
+        ValueError,
+        [
+            r"data_mat has shape \(7, 5\)",
+            r"meta_data has shape \(60, 4\)",
+            r"number of cells \(60\)",
+        ],
+    ),
+    "zero cells": (
+        _with((slice(4, 6), slice(None)), 0.0),
+        ValueError,
+        [r"2 all-zero", r"cell\(s\) 4, 5", r"cosine-normalised"],
+    ),
     "1-D": (np.ones(N_CELLS), ValueError, [r"2-D", r"shape \(60,\)"]),
     "3-D": (np.ones((N_CELLS, 5, 2)), ValueError, [r"2-D", r"shape \(60, 5, 2\)"]),
     "empty pcs": (np.ones((N_CELLS, 0)), ValueError, [r"data_mat is empty", r"\(60, 0\)"]),
     "empty cells": (np.ones((0, 5)), ValueError, [r"data_mat is empty", r"\(0, 5\)"]),
     "sparse": (_Sparse(), TypeError, [r"data_mat is a sparse matrix", r"toarray\(\)"]),
-    "torch sparse": (torch.ones(N_CELLS, 5).to_sparse(), TypeError,
-                     [r"sparse matrix", r"to_dense\(\)"]),
+    "torch sparse": (
+        torch.ones(N_CELLS, 5).to_sparse(),
+        TypeError,
+        [r"sparse matrix", r"to_dense\(\)"],
+    ),
     "series": (pd.Series(np.ones(N_CELLS)), TypeError, [r"data_mat", r"Series", r"2-D"]),
-    "float32 overflow": (np.full((N_CELLS, 5), 1e30), ValueError,
-                         [r"60 cell\(s\)", r"float32", r"rescale", r"dtype='float64'"]),
-    "float32 underflow": (np.full((N_CELLS, 5), 1e-25), ValueError,
-                          [r"float32", r"outside"]),
+    "float32 overflow": (
+        np.full((N_CELLS, 5), 1e30),
+        ValueError,
+        [r"60 cell\(s\)", r"float32", r"rescale", r"dtype='float64'"],
+    ),
+    "float32 underflow": (np.full((N_CELLS, 5), 1e-25), ValueError, [r"float32", r"outside"]),
 }
 
 
@@ -156,40 +184,82 @@ def _with_missing(value, count=3):
 
 
 META_CASES = {
-    "missing column": (dict(vars_use=["batch", "plate"]), ValueError,
-                       [r"\['plate'\] not found", r"available columns: \['batch', 'donor'"]),
+    "missing column": (
+        dict(vars_use=["batch", "plate"]),
+        ValueError,
+        [r"\['plate'\] not found", r"available columns: \['batch', 'donor'"],
+    ),
     "typo hint": (dict(vars_use="Batch"), ValueError, [r"did you mean", r"'batch'"]),
-    "None labels": (dict(meta=_meta(lab=_with_missing(None, 3)), vars_use="lab"), ValueError,
-                    [r"'lab'", r"3 missing value", r"out of 60"]),
-    "NaN labels": (dict(meta=_meta(lab=_with_missing(np.nan, 4)), vars_use="lab"), ValueError,
-                   [r"'lab'", r"4 missing"]),
-    "pd.NA labels": (dict(meta=_meta(lab=_with_missing(pd.NA, 2).astype("string")),
-                          vars_use="lab"), ValueError, [r"'lab'", r"2 missing"]),
-    "float NaN labels": (dict(meta=_meta(lab=np.where(np.arange(N_CELLS) < 5, np.nan, 1.0)),
-                              vars_use="lab"), ValueError, [r"5 missing"]),
-    "categorical NaN": (dict(meta=_meta(lab=pd.Categorical(_with_missing(None, 1))),
-                             vars_use="lab"), ValueError, [r"1 missing"]),
-    "single level": (dict(vars_use=["batch", "const"]), ValueError,
-                     [r"'const'", r"single level \('same'\)", r"60 cells", r"at least 2"]),
+    "None labels": (
+        dict(meta=_meta(lab=_with_missing(None, 3)), vars_use="lab"),
+        ValueError,
+        [r"'lab'", r"3 missing value", r"out of 60"],
+    ),
+    "NaN labels": (
+        dict(meta=_meta(lab=_with_missing(np.nan, 4)), vars_use="lab"),
+        ValueError,
+        [r"'lab'", r"4 missing"],
+    ),
+    "pd.NA labels": (
+        dict(meta=_meta(lab=_with_missing(pd.NA, 2).astype("string")), vars_use="lab"),
+        ValueError,
+        [r"'lab'", r"2 missing"],
+    ),
+    "float NaN labels": (
+        dict(meta=_meta(lab=np.where(np.arange(N_CELLS) < 5, np.nan, 1.0)), vars_use="lab"),
+        ValueError,
+        [r"5 missing"],
+    ),
+    "categorical NaN": (
+        dict(meta=_meta(lab=pd.Categorical(_with_missing(None, 1))), vars_use="lab"),
+        ValueError,
+        [r"1 missing"],
+    ),
+    "single level": (
+        dict(vars_use=["batch", "const"]),
+        ValueError,
+        [r"'const'", r"single level \('same'\)", r"60 cells", r"at least 2"],
+    ),
     "single used category": (
-        dict(meta=_meta(lab=pd.Categorical(["a"] * N_CELLS, categories=["a", "b"])),
-             vars_use="lab"), ValueError, [r"'lab'", r"single level"]),
-    "duplicate vars_use": (dict(vars_use=["batch", "donor", "batch"]), ValueError,
-                           [r"\['batch'\] more than once"]),
+        dict(
+            meta=_meta(lab=pd.Categorical(["a"] * N_CELLS, categories=["a", "b"])), vars_use="lab"
+        ),
+        ValueError,
+        [r"'lab'", r"single level"],
+    ),
+    "duplicate vars_use": (
+        dict(vars_use=["batch", "donor", "batch"]),
+        ValueError,
+        [r"\['batch'\] more than once"],
+    ),
     "empty vars_use": (dict(vars_use=[]), ValueError, [r"vars_use is empty", r"available"]),
-    "vars_use None, several columns": (dict(vars_use=None), ValueError,
-                                       [r"vars_use is required", r"'batch', 'donor'"]),
+    "vars_use None, several columns": (
+        dict(vars_use=None),
+        ValueError,
+        [r"vars_use is required", r"'batch', 'donor'"],
+    ),
     "vars_use wrong type": (dict(vars_use=3.5), TypeError, [r"vars_use", r"float"]),
     "vars_use unhashable": (dict(vars_use=[["batch"]]), TypeError, [r"vars_use"]),
-    "meta wrong type": (dict(meta={"batch": [1, 2]}), TypeError,
-                        [r"meta_data must be a pandas DataFrame", r"dict"]),
-    "meta 2-D array": (dict(meta=np.zeros((N_CELLS, 2))), TypeError,
-                       [r"meta_data", r"1-D", r"\(60, 2\)"]),
-    "unhashable labels": (dict(meta=_meta(lab=[[1]] * N_CELLS), vars_use="lab"), TypeError,
-                          [r"'lab'", r"cannot be compared", r"list"]),
+    "meta wrong type": (
+        dict(meta={"batch": [1, 2]}),
+        TypeError,
+        [r"meta_data must be a pandas DataFrame", r"dict"],
+    ),
+    "meta 2-D array": (
+        dict(meta=np.zeros((N_CELLS, 2))),
+        TypeError,
+        [r"meta_data", r"1-D", r"\(60, 2\)"],
+    ),
+    "unhashable labels": (
+        dict(meta=_meta(lab=[[1]] * N_CELLS), vars_use="lab"),
+        TypeError,
+        [r"'lab'", r"cannot be compared", r"list"],
+    ),
     "duplicate column names": (
         dict(meta=pd.concat([make_inputs()[1][["batch"]]] * 2, axis=1), vars_use="batch"),
-        ValueError, [r"2 columns named 'batch'"]),
+        ValueError,
+        [r"2 columns named 'batch'"],
+    ),
 }
 
 
@@ -201,59 +271,101 @@ def test_bad_meta_data(case):
 
 # ----------------------------------------------------------------- parameters
 PARAM_CASES = {
-    "theta length": (dict(theta=[1, 2]), ValueError,
-                     [r"theta has 2 values", r"expected 1", r"1 \(one per batch variable",
-                      r"3 \(one per batch level"]),
-    "theta length 2 vars": (dict(vars_use=["batch", "donor"], theta=[1, 2, 3]), ValueError,
-                            [r"theta has 3 values", r"2 \(one per batch variable",
-                             r"5 \(one per batch level"]),
+    "theta length": (
+        dict(theta=[1, 2]),
+        ValueError,
+        [
+            r"theta has 2 values",
+            r"expected 1",
+            r"1 \(one per batch variable",
+            r"3 \(one per batch level",
+        ],
+    ),
+    "theta length 2 vars": (
+        dict(vars_use=["batch", "donor"], theta=[1, 2, 3]),
+        ValueError,
+        [r"theta has 3 values", r"2 \(one per batch variable", r"5 \(one per batch level"],
+    ),
     "lamb length": (dict(lamb=[1, 2]), ValueError, [r"lamb has 2 values", r"expected 1"]),
-    "sigma length": (dict(sigma=[0.1, 0.2]), ValueError,
-                     [r"sigma has 2 values", r"one per cluster \(nclust = 3\)"]),
-    "negative theta": (dict(theta=-1), ValueError, [r"theta must be >= 0", r"-1\.0",
-                                                    r"batch=a"]),
-    "negative theta per level": (dict(theta=[1, -0.5, 2]), ValueError,
-                                 [r"theta must be >= 0", r"\[-0\.5\]", r"batch=b"]),
+    "sigma length": (
+        dict(sigma=[0.1, 0.2]),
+        ValueError,
+        [r"sigma has 2 values", r"one per cluster \(nclust = 3\)"],
+    ),
+    "negative theta": (dict(theta=-1), ValueError, [r"theta must be >= 0", r"-1\.0", r"batch=a"]),
+    "negative theta per level": (
+        dict(theta=[1, -0.5, 2]),
+        ValueError,
+        [r"theta must be >= 0", r"\[-0\.5\]", r"batch=b"],
+    ),
     "nan theta": (dict(theta=float("nan")), ValueError, [r"theta must be finite"]),
     "string theta": (dict(theta="2"), TypeError, [r"theta"]),
     "sigma zero": (dict(sigma=0), ValueError, [r"sigma must be > 0", r"0\.0"]),
     "sigma negative list": (dict(sigma=[0.1, -0.1, 0.1]), ValueError, [r"sigma must be > 0"]),
     "sigma inf": (dict(sigma=float("inf")), ValueError, [r"sigma must be finite"]),
-    "sigma unrepresentable": (dict(sigma=1e-300), ValueError, [r"sigma must be between",
-                                                               r"float32"]),
-    "lamb negative": (dict(lamb=-2), ValueError,
-                      [r"lamb must be > 0", r"-2\.0", r"lamb=-1, a scalar, estimates"]),
+    "sigma unrepresentable": (
+        dict(sigma=1e-300),
+        ValueError,
+        [r"sigma must be between", r"float32"],
+    ),
+    "lamb negative": (
+        dict(lamb=-2),
+        ValueError,
+        [r"lamb must be > 0", r"-2\.0", r"lamb=-1, a scalar, estimates"],
+    ),
     "lamb zero": (dict(lamb=0), ValueError, [r"lamb must be > 0"]),
     "lamb -1 in list": (dict(lamb=[-1, 1, 1]), ValueError, [r"lamb must be > 0"]),
     "nclust zero": (dict(nclust=0), ValueError, [r"nclust must be at least 1", r"got 0"]),
-    "nclust too big": (dict(nclust=61), ValueError,
-                       [r"nclust", r"at most 60 \(the number of cells\)", r"got 61"]),
+    "nclust too big": (
+        dict(nclust=61),
+        ValueError,
+        [r"nclust", r"at most 60 \(the number of cells\)", r"got 61"],
+    ),
     "nclust float": (dict(nclust=2.5), TypeError, [r"nclust must be an integer", r"2\.5"]),
     "block_size zero": (dict(block_size=0), ValueError, [r"block_size must be in \(0, 1\]"]),
     "block_size big": (dict(block_size=1.5), ValueError, [r"block_size", r"1\.5"]),
-    "max_iter_harmony 0": (dict(max_iter_harmony=0), ValueError,
-                           [r"max_iter_harmony must be at least 1", r"got 0"]),
-    "max_iter_kmeans 0": (dict(max_iter_kmeans=0), ValueError,
-                          [r"max_iter_kmeans must be at least 1"]),
+    "max_iter_harmony 0": (
+        dict(max_iter_harmony=0),
+        ValueError,
+        [r"max_iter_harmony must be at least 1", r"got 0"],
+    ),
+    "max_iter_kmeans 0": (
+        dict(max_iter_kmeans=0),
+        ValueError,
+        [r"max_iter_kmeans must be at least 1"],
+    ),
     "max_iter_kmeans str": (dict(max_iter_kmeans="5"), TypeError, [r"max_iter_kmeans"]),
-    "epsilon_cluster nan": (dict(epsilon_cluster=float("nan")), ValueError,
-                            [r"epsilon_cluster must be finite", r"-inf"]),
-    "epsilon_harmony +inf": (dict(epsilon_harmony=float("inf")), ValueError,
-                             [r"epsilon_harmony must be finite", r"-inf to never stop"]),
+    "epsilon_cluster nan": (
+        dict(epsilon_cluster=float("nan")),
+        ValueError,
+        [r"epsilon_cluster must be finite", r"-inf"],
+    ),
+    "epsilon_harmony +inf": (
+        dict(epsilon_harmony=float("inf")),
+        ValueError,
+        [r"epsilon_harmony must be finite", r"-inf to never stop"],
+    ),
     "alpha zero": (dict(alpha=0), ValueError, [r"alpha must be > 0"]),
     "tau negative": (dict(tau=-1), ValueError, [r"tau must be >= 0", r"-1\.0"]),
-    "batch_prop_cutoff": (dict(batch_prop_cutoff=1.0), ValueError,
-                          [r"batch_prop_cutoff must be in \[0, 1\)"]),
-    "device unknown": (dict(device="gpu"), ValueError,
-                       [r"device='gpu'", r"available here: .*cpu"]),
-    "device unsupported": (dict(device="meta"), ValueError,
-                           [r"device='meta' is not supported", r"available here"]),
+    "batch_prop_cutoff": (
+        dict(batch_prop_cutoff=1.0),
+        ValueError,
+        [r"batch_prop_cutoff must be in \[0, 1\)"],
+    ),
+    "device unknown": (dict(device="gpu"), ValueError, [r"device='gpu'", r"available here: .*cpu"]),
+    "device unsupported": (
+        dict(device="meta"),
+        ValueError,
+        [r"device='meta' is not supported", r"available here"],
+    ),
     "device type": (dict(device=1.5), TypeError, [r"device must be", r"float"]),
-    "dtype": (dict(dtype="float16"), ValueError, [r"dtype='float16' is not supported",
-                                                  r"float32"]),
+    "dtype": (dict(dtype="float16"), ValueError, [r"dtype='float16' is not supported", r"float32"]),
     "dtype type": (dict(dtype=3), TypeError, [r"dtype=3"]),
-    "random_state float": (dict(random_state=1.5), TypeError,
-                           [r"random_state must be an int, None or a numpy Generator", r"1\.5"]),
+    "random_state float": (
+        dict(random_state=1.5),
+        TypeError,
+        [r"random_state must be an int, None or a numpy Generator", r"1\.5"],
+    ),
     "random_state str": (dict(random_state="0"), TypeError, [r"random_state"]),
     "random_state negative": (dict(random_state=-1), ValueError, [r"random_state must be >= 0"]),
     "random_state global module": (dict(random_state=np.random), TypeError, [r"random_state"]),
@@ -270,8 +382,11 @@ def test_bad_parameters(case):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_unavailable_device_names_what_is_available():
-    check_raises(ValueError, [r"device='cuda'", r"not available on this machine",
-                              r"available here: cpu"], device="cuda")
+    check_raises(
+        ValueError,
+        [r"device='cuda'", r"not available on this machine", r"available here: cpu"],
+        device="cuda",
+    )
 
 
 # ------------------------------------------------------------ accepted forms
@@ -301,14 +416,18 @@ def test_lamb_minus_one_estimates():
         assert np.all(run(lamb=sentinel).lamb[1:] == -1)
 
 
-@pytest.mark.parametrize("random_state", [None, 0, np.int64(5), np.random.default_rng(1),
-                                          np.random.RandomState(2), 2**70])
+@pytest.mark.parametrize(
+    "random_state",
+    [None, 0, np.int64(5), np.random.default_rng(1), np.random.RandomState(2), 2**70],
+)
 def test_random_state_forms_accepted(random_state):
     assert np.isfinite(run(random_state=random_state).Z_corr).all()
 
 
-@pytest.mark.parametrize("dtype", [None, "float32", "float64", "double", torch.float64,
-                                   np.float32, float, np.dtype("float64")])
+@pytest.mark.parametrize(
+    "dtype",
+    [None, "float32", "float64", "double", torch.float64, np.float32, float, np.dtype("float64")],
+)
 def test_dtype_forms_accepted(dtype):
     ho = run(dtype=dtype)
     assert ho.Z_corr.dtype in (np.float32, np.float64)
@@ -335,17 +454,16 @@ def test_series_meta_data_is_accepted_like_a_dataframe():
     z, meta = make_inputs()
     reference = hm.run_harmony(z, meta, ["batch"], **FAST)
     for labels, vars_use in [
-        (meta["batch"], None),                       # Series, its name is used
+        (meta["batch"], None),  # Series, its name is used
         (meta["batch"], "batch"),
-        (meta["batch"].to_numpy(), None),            # array of labels
-        (list(meta["batch"]), ["batch"]),            # list of labels
-        (pd.Categorical(meta["batch"]), None),       # Categorical
+        (meta["batch"].to_numpy(), None),  # array of labels
+        (list(meta["batch"]), ["batch"]),  # list of labels
+        (pd.Categorical(meta["batch"]), None),  # Categorical
         (pd.Index(meta["batch"]), None),
     ]:
         ho = hm.run_harmony(z, labels, vars_use, **FAST)
         np.testing.assert_array_equal(ho.Z_corr, reference.Z_corr)
-    assert hm.run_harmony(z, meta["batch"].rename(None), None, **FAST).batch_levels[0] \
-        == "batch=a"
+    assert hm.run_harmony(z, meta["batch"].rename(None), None, **FAST).batch_levels[0] == "batch=a"
 
 
 def test_series_with_unrelated_index_is_positional():
@@ -365,8 +483,14 @@ def test_validation_happens_before_heavy_work(monkeypatch):
         raise AssertionError("engine started before validation finished")
 
     monkeypatch.setattr(engine.Harmony, "__init__", fail)
-    for call in ({"sigma": -1}, {"theta": [1, 2]}, {"nclust": 1000}, {"device": "gpu"},
-                 {"random_state": "x"}, {"lamb": -3}):
+    for call in (
+        {"sigma": -1},
+        {"theta": [1, 2]},
+        {"nclust": 1000},
+        {"device": "gpu"},
+        {"random_state": "x"},
+        {"lamb": -3},
+    ):
         with pytest.raises((TypeError, ValueError)):
             run(**call)
 
@@ -381,8 +505,9 @@ def test_bfloat16_tensor_is_accepted_like_float16():
 
 @pytest.mark.parametrize("verbose", ["no", "yes", 2, None, 0.5])
 def test_verbose_must_be_a_flag(verbose, capsys):
-    check_raises(TypeError, [r"verbose must be True or False", re.escape(repr(verbose))],
-                 verbose=verbose)
+    check_raises(
+        TypeError, [r"verbose must be True or False", re.escape(repr(verbose))], verbose=verbose
+    )
     assert capsys.readouterr().err == ""  # refused before any progress line
 
 
@@ -406,8 +531,11 @@ def test_wide_matrix_warns():
 
 def test_pcs_do_not_warn(recwarn):
     run()
-    assert not [w for w in recwarn if issubclass(w.category, UserWarning)
-                and not issubclass(w.category, hm.ConvergenceWarning)]
+    assert not [
+        w
+        for w in recwarn
+        if issubclass(w.category, UserWarning) and not issubclass(w.category, hm.ConvergenceWarning)
+    ]
 
 
 def test_warnings_point_at_the_callers_line():

@@ -55,9 +55,9 @@ def corrupt_inputs(folder) -> dict[str, bytes]:
     flipped = bytearray(packed)
     flipped[len(packed) // 2] ^= 0xFF
     return {
-        "truncated.tsv.gz": packed[: len(packed) // 2],   # EOFError
-        "not_gzip.tsv.gz": text,                          # gzip.BadGzipFile
-        "flipped.tsv.gz": bytes(flipped),                 # zlib.error / bad CRC
+        "truncated.tsv.gz": packed[: len(packed) // 2],  # EOFError
+        "not_gzip.tsv.gz": text,  # gzip.BadGzipFile
+        "flipped.tsv.gz": bytes(flipped),  # zlib.error / bad CRC
         "latin1.tsv": "cell\tPC1\n\xe9t\xe9\t1.0\n".encode("latin-1"),
         "empty.tsv": b"",
         "ragged.csv": b"PC1,PC2\n1,2\n1,2,3,4\n",
@@ -139,7 +139,8 @@ def test_text_column_r_and_pandas_row_names(tmp_path):
     assert list(table.names) == names and table.frame.index.name == "cell"
     # R's write.table: a header one field shorter than the rows.
     lines = ["\t".join(frame.columns)] + [
-        "\t".join([n, *map(str, row)]) for n, row in zip(names, frame.to_numpy())]
+        "\t".join([n, *map(str, row)]) for n, row in zip(names, frame.to_numpy())
+    ]
     (tmp_path / "r.tsv").write_text("\n".join(lines) + "\n")
     r_table = read_embedding(tmp_path / "r.tsv")
     assert list(r_table.names) == names and r_table.names_from == "row names"
@@ -211,8 +212,11 @@ def test_repeated_names_are_an_error():
     message = str(info.value)
     assert "the embedding pcs.tsv" in message and "2 name(s) occur more than once" in message
     assert "'cell000' (2 times)" in message and "--no-names" in message
-    with pytest.raises(ValueError, match=r"metadata meta.tsv \(column 'cell'\) names cells, "
-                                         r"but 2 name"):
+    with pytest.raises(
+        ValueError,
+        match=r"metadata meta.tsv \(column 'cell'\) names cells, "
+        r"but 2 name",
+    ):
         match(named(CELLS), meta_table(cell=repeated))
 
 
@@ -223,8 +227,10 @@ def test_partial_overlap_is_an_error():
         match(named(CELLS), meta_table(cell_id=meta_names))
     message = str(info.value)
     assert "37 of the embedding's 100 cells (37%) are in the metadata" in message
-    assert "63 embedding cell(s) are not in the metadata ('cell037', 'cell038', 'cell039', " \
-           "'cell040', 'cell041', ...)" in message
+    assert (
+        "63 embedding cell(s) are not in the metadata ('cell037', 'cell038', 'cell039', "
+        "'cell040', 'cell041', ...)" in message
+    )
     assert "63 metadata name(s) are not in the embedding ('other000'" in message
 
 
@@ -271,8 +277,10 @@ def test_row_order_says_so_and_carries_the_metadatas_names(caplog):
     result = match(unnamed, rows)
     assert list(result.names) == CELLS and "metadata's row names" in result.describe()
     # Metadata without names (or with repeated ones): paired by position, said so.
-    for meta in (meta_table(donor=donor),
-                 Table(pd.DataFrame({"donor": donor}, index=CELLS[:50] * 2), True)):
+    for meta in (
+        meta_table(donor=donor),
+        Table(pd.DataFrame({"donor": donor}, index=CELLS[:50] * 2), True),
+    ):
         result = match(unnamed, meta)
         assert result.names is None and "by position" in result.describe()
         assert "named by" not in result.describe()
@@ -296,9 +304,11 @@ def test_names_sharing_nothing_are_an_error_not_row_order(tmp_path):
     with pytest.raises(ValueError) as info:
         match(embedding, metadata)
     message = str(info.value)
-    assert ("the embedding pcs.tsv (column 'cell_id') and the metadata meta.tsv (column "
-            "'cell_id') name different cells: 0 of the embedding's 100 cells (0%) are in the "
-            "metadata") in message
+    assert (
+        "the embedding pcs.tsv (column 'cell_id') and the metadata meta.tsv (column "
+        "'cell_id') name different cells: 0 of the embedding's 100 cells (0%) are in the "
+        "metadata"
+    ) in message
     assert "100 embedding cell(s) are not in the metadata ('AAAC0-1', 'AAAC1-1'," in message
     assert "100 metadata name(s) are not in the embedding ('AAAC99', 'AAAC98'," in message
     assert "--names/--meta-names" in message and "--no-names" in message
@@ -307,13 +317,17 @@ def test_names_sharing_nothing_are_an_error_not_row_order(tmp_path):
     assert not result.by_name and result.meta["cell_id"].iloc[0] == "AAAC99"
 
 
-@pytest.mark.parametrize("meta", [
-    Table(pd.DataFrame({"donor": ["a"] * 100}, index=STRIPPED), True, "row names"),
-    meta_table(barcode=STRIPPED, donor=["a"] * 100),
-    meta_table(**{"Cell ID": pd.Categorical(STRIPPED)}),
-    # Integer row names (positions) next to a name column: the column counts.
-    Table(pd.DataFrame({"obs_names": STRIPPED}, index=range(1, 201, 2)), True, "row names"),
-], ids=["row names", "barcode", "categorical Cell ID", "obs_names beside integer row names"])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        Table(pd.DataFrame({"donor": ["a"] * 100}, index=STRIPPED), True, "row names"),
+        meta_table(barcode=STRIPPED, donor=["a"] * 100),
+        meta_table(**{"Cell ID": pd.Categorical(STRIPPED)}),
+        # Integer row names (positions) next to a name column: the column counts.
+        Table(pd.DataFrame({"obs_names": STRIPPED}, index=range(1, 201, 2)), True, "row names"),
+    ],
+    ids=["row names", "barcode", "categorical Cell ID", "obs_names beside integer row names"],
+)
 def test_names_sharing_nothing_in_any_source_are_an_error(meta):
     with pytest.raises(ValueError, match=r"0 of the embedding's 100 cells \(0%\).*'AAAC0-1'"):
         match(named(BARCODES), meta)
@@ -329,8 +343,9 @@ def test_row_numbers_are_not_names():
 def test_integer_names_ignore_integer_data_columns():
     ids = list(range(5000, 5100))
     shuffled = np.random.default_rng(3).permutation(ids)
-    meta = meta_table(n_genes=np.arange(5050, 5150), leiden=[str(i % 7) for i in range(100)],
-                      cell_id=shuffled)
+    meta = meta_table(
+        n_genes=np.arange(5050, 5150), leiden=[str(i % 7) for i in range(100)], cell_id=shuffled
+    )
     result = match(named(ids), meta)
     assert result.names_from == "column 'cell_id'" and list(result.meta["cell_id"]) == ids
     # Without an identifier column the overlapping counts are not names.
@@ -365,11 +380,16 @@ def test_output_that_is_an_input_is_refused(tmp_path):
     (tmp_path / "sub").mkdir()
     os.symlink(meta, tmp_path / "link.tsv")
     os.link(meta, tmp_path / "hard.tsv")
-    for output in (meta, tmp_path / "sub" / ".." / "meta.tsv", tmp_path / "link.tsv",
-                   tmp_path / "hard.tsv"):
+    for output in (
+        meta,
+        tmp_path / "sub" / ".." / "meta.tsv",
+        tmp_path / "link.tsv",
+        tmp_path / "hard.tsv",
+    ):
         with pytest.raises(ValueError, match="is the input META"):
-            check_outputs([spec(output)], {"EMBEDDING": tmp_path / "pcs.tsv", "META": meta},
-                          force=True)
+            check_outputs(
+                [spec(output)], {"EMBEDDING": tmp_path / "pcs.tsv", "META": meta}, force=True
+            )
     assert meta.read_text() == "donor\na\n"
 
 
@@ -511,9 +531,9 @@ def test_file_modes_and_symlinks(tmp_path):
             for path in (old, new, tmp_path / "link.csv"):
                 write_table(Table(pcs_frame(), False), files.stage(path))
             files.commit()
-        assert stat.S_IMODE(old.stat().st_mode) == 0o640   # kept
-        assert stat.S_IMODE(new.stat().st_mode) == 0o644   # 0o666 less the umask
-        assert (tmp_path / "link.csv").is_symlink()        # the link's target is replaced
+        assert stat.S_IMODE(old.stat().st_mode) == 0o640  # kept
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # 0o666 less the umask
+        assert (tmp_path / "link.csv").is_symlink()  # the link's target is replaced
         assert target.read_text().startswith("PC1") and files.replaced[-1] == target
     finally:
         os.umask(umask)
@@ -554,8 +574,9 @@ def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
             try:
                 signal_module.raise_signal(signal_module.SIGINT)
             except KeyboardInterrupt:
-                raise pd.errors.ParserError("Error tokenizing data. C error: Calling "
-                                            "read(nbytes) on source failed") from None
+                raise pd.errors.ParserError(
+                    "Error tokenizing data. C error: Calling read(nbytes) on source failed"
+                ) from None
     with pytest.raises(ValueError, match="cannot read .* malformed table"):
         with readers._reading(path, "embedding"):
             raise pd.errors.ParserError("bad")
@@ -567,12 +588,14 @@ def test_zarr_embedding_gives_the_npy_result(tmp_path):
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(500, 6)).astype(np.float32)
-    array = zarr.create_array(str(tmp_path / "pcs.zarr"), shape=z.shape, dtype=z.dtype,
-                              chunks=(64, 6))
+    array = zarr.create_array(
+        str(tmp_path / "pcs.zarr"), shape=z.shape, dtype=z.dtype, chunks=(64, 6)
+    )
     array[...] = z
     group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
-    inner = group.require_group("obsm").create_array("X_pca", shape=z.shape, dtype=z.dtype,
-                                                      chunks=(64, 6))
+    inner = group.require_group("obsm").create_array(
+        "X_pca", shape=z.shape, dtype=z.dtype, chunks=(64, 6)
+    )
     inner[...] = z
     assert file_format(tmp_path / "adata.zarr" / "obsm" / "X_pca") == "zarr"
     for path in [tmp_path / "pcs.zarr", tmp_path / "adata.zarr" / "obsm" / "X_pca"]:
@@ -589,10 +612,14 @@ def test_zarr_embedding_gives_the_npy_result(tmp_path):
 
 
 def test_header_only_embedding_is_empty_not_non_numeric(tmp_path):
-    pd.DataFrame(columns=["cell", "PC1", "PC2"]).to_csv(tmp_path / "empty.tsv", sep="\t",
-                                                       index=False)
-    with pytest.raises(ValueError, match=r"embedding .*empty\.tsv has no cells \(only a "
-                                         r"header\)"):
+    pd.DataFrame(columns=["cell", "PC1", "PC2"]).to_csv(
+        tmp_path / "empty.tsv", sep="\t", index=False
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"embedding .*empty\.tsv has no cells \(only a "
+        r"header\)",
+    ):
         read_embedding(tmp_path / "empty.tsv")
 
 
@@ -602,9 +629,15 @@ def test_zarr_group_hint_suggests_embeddings_first(tmp_path):
     zarr = pytest.importorskip("zarr")
 
     group = zarr.open_group(str(tmp_path / "adata.zarr"), mode="w")
-    for path, shape in [("X", (50, 30)), ("layers/counts", (50, 30)), ("obs/_index", (50,)),
-                        ("obs/n_genes", (50,)), ("obsm/X_pca", (50, 6)),
-                        ("obsm/X_umap", (50, 2)), ("varm/PCs", (30, 6))]:
+    for path, shape in [
+        ("X", (50, 30)),
+        ("layers/counts", (50, 30)),
+        ("obs/_index", (50,)),
+        ("obs/n_genes", (50,)),
+        ("obsm/X_pca", (50, 6)),
+        ("obsm/X_umap", (50, 2)),
+        ("varm/PCs", (30, 6)),
+    ]:
         folder, _, name = path.rpartition("/")
         parent = group.require_group(folder) if folder else group
         parent.create_array(name, shape=shape, dtype=np.float32)

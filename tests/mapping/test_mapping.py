@@ -59,9 +59,13 @@ def case():
     ref_batches = rng.integers(0, 2, 240)
     z_ref = _cells(rng, ref_types, ref_batches, centres, shifts, d)
     noisy = np.where(rng.random(240) < 0.4, rng.integers(0, 4, 240), ref_types)
-    meta_ref = pd.DataFrame({"batch": [f"r{b}" for b in ref_batches],
-                             "cell_type": [f"t{t}" for t in ref_types],
-                             "noisy": [f"t{t}" for t in noisy]})
+    meta_ref = pd.DataFrame(
+        {
+            "batch": [f"r{b}" for b in ref_batches],
+            "cell_type": [f"t{t}" for t in ref_types],
+            "noisy": [f"t{t}" for t in noisy],
+        }
+    )
     q_batches = rng.integers(2, 4, 90)
     q_types = rng.integers(0, 4, 90)
     q_types[:20], q_batches[:20] = 0, 4
@@ -70,9 +74,14 @@ def case():
     z_query = _cells(rng, q_types, q_batches, centres, shifts, d)
     tech = rng.integers(0, 2, 90)
     z_query += rng.normal(0, 0.8, (2, d))[tech]
-    meta_query = pd.DataFrame({"batch": [f"q{b - 2}" for b in q_batches],
-                               "tech": np.where(tech == 1, "x", "y"),
-                               "site": "A", "cell_type": [f"t{t}" for t in q_types]})
+    meta_query = pd.DataFrame(
+        {
+            "batch": [f"q{b - 2}" for b in q_batches],
+            "tech": np.where(tech == 1, "x", "y"),
+            "site": "A",
+            "cell_type": [f"t{t}" for t in q_types],
+        }
+    )
     return z_ref, meta_ref, z_query, meta_query
 
 
@@ -83,9 +92,17 @@ def _reference_run(case, algorithm, dtype):
     key = (algorithm, dtype)
     if key not in _RUNS:
         z_ref, meta_ref, _, _ = case
-        _RUNS[key] = hm.run_harmony(z_ref, meta_ref, "batch", nclust=5, max_iter_harmony=3,
-                                    algorithm=algorithm, dtype=dtype, verbose=False,
-                                    batch_prop_cutoff=1e-3)
+        _RUNS[key] = hm.run_harmony(
+            z_ref,
+            meta_ref,
+            "batch",
+            nclust=5,
+            max_iter_harmony=3,
+            algorithm=algorithm,
+            dtype=dtype,
+            verbose=False,
+            batch_prop_cutoff=1e-3,
+        )
     return _RUNS[key]
 
 
@@ -94,8 +111,11 @@ def _literal(ho, z_query, meta_query, names, lamb=None):
     R = ho.R.astype(np.float64)
     Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
     harmony2 = ho.algorithm == "harmony2"
-    Y = cosine_normalize_columns(ho.W_intercept.astype(np.float64)) if harmony2 \
+    Y = (
+        cosine_normalize_columns(ho.W_intercept.astype(np.float64))
+        if harmony2
         else reference_centroids(C)
+    )
     Zq = z_query.T.astype(np.float64)
     Rq = soft_cluster(Y, Zq, ho.sigma)
     Xq = query_design(meta_query, names)
@@ -116,8 +136,9 @@ def _relative(actual, expected):
 # ------------------------------------------------------------- exactness
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("names", [[], ["batch"], ["batch", "tech"]],
-                         ids=["one-batch", "one-variable", "two-variables"])
+@pytest.mark.parametrize(
+    "names", [[], ["batch"], ["batch", "tech"]], ids=["one-batch", "one-variable", "two-variables"]
+)
 def test_map_query_matches_symphony_formulas(case, algorithm, dtype, names):
     _, _, z_query, meta_query = case
     ho = _reference_run(case, algorithm, dtype)
@@ -133,9 +154,11 @@ def test_map_query_matches_symphony_formulas(case, algorithm, dtype, names):
         np.testing.assert_array_equal(q.kept_levels, keep)
         if names == ["batch"]:
             assert not keep.all()  # q2 (type 0 only) is left out of other clusters
-    assert q.batch_levels == (["query"] if not names else
-                              [f"{v}={lv}" for v in names
-                               for lv in sorted(set(meta_query[v]))])
+    assert q.batch_levels == (
+        ["query"]
+        if not names
+        else [f"{v}={lv}" for v in names for lv in sorted(set(meta_query[v]))]
+    )
 
 
 @pytest.mark.parametrize("n_variables", [1, 2])
@@ -156,13 +179,18 @@ def test_ridge_correct_with_anchor_is_symphonys_moe_correct_ref(n_variables):
     codes = torch.from_numpy(design.codes[order])
     counts = torch.as_tensor(design.counts, dtype=torch.float64)
     settings = RidgeSettings(torch.as_tensor(lamb), 0.2, counts / n, torch.float64)
-    result = ridge_correct(torch.from_numpy(z[order]), torch.from_numpy(R[order]), codes=codes,
-                           levels=LevelIndex.from_codes(codes, design.offsets),
-                           settings=settings,
-                           anchor=RidgeAnchor(sizes=torch.as_tensor(Nr), sums=torch.as_tensor(C)))
+    result = ridge_correct(
+        torch.from_numpy(z[order]),
+        torch.from_numpy(R[order]),
+        codes=codes,
+        levels=LevelIndex.from_codes(codes, design.offsets),
+        settings=settings,
+        anchor=RidgeAnchor(sizes=torch.as_tensor(Nr), sums=torch.as_tensor(C)),
+    )
     expected, intercepts = moe_correct_ref(z.T, query_design(meta, names), R.T, Nr, C, lamb)
-    np.testing.assert_allclose(result.z_corr.numpy()[np.argsort(order)], expected.T, rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        result.z_corr.numpy()[np.argsort(order)], expected.T, rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_allclose(result.intercept.numpy(), intercepts, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(result.penalty.numpy(), np.broadcast_to(lamb, (K, len(lamb))))
 
@@ -175,10 +203,15 @@ def pbmc_case():
     pcs, meta = hm.datasets.load_pbmcs_small()
     in_query = (meta["donor"] == "5p").to_numpy()
     meta_query = meta[in_query].reset_index(drop=True)
-    meta_query["depth"] = np.where(meta_query["nUMI"] > meta_query["nUMI"].median(),
-                                   "deep", "shallow")
-    return (pcs[~in_query].to_numpy(), meta[~in_query].reset_index(drop=True),
-            pcs[in_query].to_numpy(), meta_query)
+    meta_query["depth"] = np.where(
+        meta_query["nUMI"] > meta_query["nUMI"].median(), "deep", "shallow"
+    )
+    return (
+        pcs[~in_query].to_numpy(),
+        meta[~in_query].reset_index(drop=True),
+        pcs[in_query].to_numpy(),
+        meta_query,
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -195,8 +228,7 @@ def test_map_query_matches_symphony_formulas_on_pbmcs(pbmc_case, algorithm, dtyp
     simulated case: one Harmony2 cluster's covariance has condition number
     ~2e6, which magnifies the covariances' last-digit differences."""
     z_ref, meta_ref, z_query, meta_query = pbmc_case
-    ho = hm.run_harmony(z_ref, meta_ref, "donor", algorithm=algorithm, dtype=dtype,
-                        verbose=False)
+    ho = hm.run_harmony(z_ref, meta_ref, "donor", algorithm=algorithm, dtype=dtype, verbose=False)
     ref = hm.build_reference(ho)
     tol = 1e-10 if dtype == "float64" else 100 * float(np.finfo(np.float32).eps)
     for k in range(ref.K):
@@ -228,8 +260,7 @@ def test_explicit_lamb_matches_formulas(case, algorithm):
     assert _relative(q.Z_corr, Zq_corr) < 1e-10
     # lamb=-1 on a Harmony 1 reference: the estimated penalty.
     q = hm.map_query(z_query, meta_query, ref, vars_use="batch", lamb=-1, dtype="float64")
-    Rq = soft_cluster(ho.Y if algorithm == "harmony1" else ref.centroids.T,
-                      z_query.T, ho.sigma)
+    Rq = soft_cluster(ho.Y if algorithm == "harmony1" else ref.centroids.T, z_query.T, ho.sigma)
     expected = harmony2_penalty(q.R, query_design(meta_query, ["batch"]), ref.Nr, 0.2)
     np.testing.assert_allclose(q.lamb, expected, rtol=1e-12)
     assert Rq.shape == q.R.shape
@@ -286,8 +317,9 @@ def test_transfer_labels_matches_knn(case):
     ref = hm.build_reference(ho, meta_ref, labels="noisy")
     q = hm.map_query(z_query, meta_query, ref, vars_use="batch", dtype="float64")
     result = hm.transfer_labels(q, ref, "noisy", k=9, min_probability=0)
-    expected, probability = knn_predict(ref.cells.T.astype(np.float64),
-                                        meta_ref["noisy"].to_numpy(), q.Z_corr, 9)
+    expected, probability = knn_predict(
+        ref.cells.T.astype(np.float64), meta_ref["noisy"].to_numpy(), q.Z_corr, 9
+    )
     np.testing.assert_array_equal(result["label"].astype(str).to_numpy(), expected)
     np.testing.assert_allclose(result["probability"].to_numpy(), probability)
     strict = hm.transfer_labels(q, ref, "noisy", k=9, min_probability=0.7)
@@ -314,8 +346,9 @@ def test_transfer_labels_refusals(case):
 
 def test_cell_names_follow_the_query(case):
     _, meta_ref, z_query, meta_query = case
-    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"), meta_ref,
-                             labels="cell_type")
+    ref = hm.build_reference(
+        _reference_run(case, "harmony1", "float64"), meta_ref, labels="cell_type"
+    )
     names = [f"cell{i}" for i in range(len(z_query))]
     frame = pd.DataFrame(z_query, index=names)
     shuffled = meta_query.set_axis(names).iloc[::-1]  # paired by name
@@ -348,9 +381,11 @@ def test_reference_cells_map_onto_themselves():
 
     once = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor").Z_corr)
     three = per_pc_r(hm.map_query(pcs, meta, ref, vars_use="donor", iterations=3).Z_corr)
-    print(f"\nself-consistency per-PC r: one round min {once.min():.4f} median "
-          f"{np.median(once):.4f}; three rounds min {three.min():.4f} median "
-          f"{np.median(three):.4f}")
+    print(
+        f"\nself-consistency per-PC r: one round min {once.min():.4f} median "
+        f"{np.median(once):.4f}; three rounds min {three.min():.4f} median "
+        f"{np.median(three):.4f}"
+    )
     assert three.min() >= 0.99, three  # the issue's criterion, on the documented path
     assert once.min() >= 0.987 and np.median(once) >= 0.998, once  # Symphony's one round
     assert three.min() > once.min() + 0.002
@@ -382,9 +417,15 @@ def test_harmony2_reference_cells_map_onto_themselves():
     R = ho.R.astype(np.float64)
     Nr, C = compute_ref_cache(R, ho.Z_corr.astype(np.float64))
     design = query_design(meta, ["donor"])
-    same_r, _ = moe_correct_ref(pcs.to_numpy().T, design, R, Nr, C,
-                                harmony2_penalty(R, design, Nr, ho.alpha),
-                                harmony2_keep(R, design, ho.batch_prop_cutoff))
+    same_r, _ = moe_correct_ref(
+        pcs.to_numpy().T,
+        design,
+        R,
+        Nr,
+        C,
+        harmony2_penalty(R, design, Nr, ho.alpha),
+        harmony2_keep(R, design, ho.batch_prop_cutoff),
+    )
     exact = [np.corrcoef(same_r[i], ho.Z_corr[i])[0, 1] for i in range(ho.d)]
     assert min(exact) > 0.9999, exact
 
@@ -404,8 +445,9 @@ def test_missing_cell_type_scores_high():
 def test_iterations_match_formulas(case):
     _, _, z_query, meta_query = case
     ho = _reference_run(case, "harmony1", "float64")
-    q = hm.map_query(z_query, meta_query, hm.build_reference(ho), vars_use="batch",
-                     dtype="float64", iterations=2)
+    q = hm.map_query(
+        z_query, meta_query, hm.build_reference(ho), vars_use="batch", dtype="float64", iterations=2
+    )
     Nr, C = compute_ref_cache(ho.R, ho.Z_corr)
     Y, Zq, Xq = reference_centroids(C), z_query.T, query_design(meta_query, ["batch"])
     first = soft_cluster(Y, Zq, ho.sigma)
@@ -440,21 +482,24 @@ def leave_one_batch_out():
         for held_out in ("3pv1", "3pv2", "5p"):
             query = (meta["donor"] == held_out).to_numpy()
             meta_ref, meta_query = meta[~query], meta[query]
-            ho = hm.run_harmony(pcs[~query], meta_ref, "donor", algorithm=algorithm,
-                                verbose=False)
+            ho = hm.run_harmony(pcs[~query], meta_ref, "donor", algorithm=algorithm, verbose=False)
             ref = hm.build_reference(ho, meta_ref, labels="cell_type")
             mapped = hm.map_query(pcs[query], meta_query, ref)
             truth = meta_query["cell_type"].to_numpy()
             # The same classifier on the de novo run's coordinates.
             de_novo_ref = dataclasses.replace(ref, cells=corrected[~query].astype(np.float32))
-            rows.append({
-                "algorithm": algorithm, "query": held_out,
-                "accuracy_mapped": _accuracy(ref, mapped, truth),
-                "accuracy_de_novo": _accuracy(de_novo_ref, corrected[query], truth),
-                "ilisi_mapped": _ilisi(np.vstack([ref.cells, mapped.result()]),
-                                       pd.concat([meta_ref, meta_query])),
-                "ilisi_de_novo": ilisi_de_novo,
-            })
+            rows.append(
+                {
+                    "algorithm": algorithm,
+                    "query": held_out,
+                    "accuracy_mapped": _accuracy(ref, mapped, truth),
+                    "accuracy_de_novo": _accuracy(de_novo_ref, corrected[query], truth),
+                    "ilisi_mapped": _ilisi(
+                        np.vstack([ref.cells, mapped.result()]), pd.concat([meta_ref, meta_query])
+                    ),
+                    "ilisi_de_novo": ilisi_de_novo,
+                }
+            )
     table = pd.DataFrame(rows)
     print("\n" + table.to_string(float_format=lambda x: f"{x:.4f}"))
     return table
@@ -493,8 +538,9 @@ def test_one_batch_reference():
     de_novo_ref = dataclasses.replace(ref, cells=full[in_ref[both]].astype(np.float32))
     accuracy = _accuracy(ref, mapped, truth)
     de_novo = _accuracy(de_novo_ref, full[in_query[both]], truth)
-    print(f"\none-batch reference 3pv2 -> 5p: accuracy mapped {accuracy:.4f}, "
-          f"de novo {de_novo:.4f}")
+    print(
+        f"\none-batch reference 3pv2 -> 5p: accuracy mapped {accuracy:.4f}, de novo {de_novo:.4f}"
+    )
     assert accuracy >= de_novo - 0.05
 
 
@@ -515,8 +561,9 @@ def _assert_same_reference(a, b):
 def test_save_load_round_trip(case, tmp_path, algorithm):
     z_ref, meta_ref, z_query, meta_query = case
     named = meta_ref.set_axis([f"c{i}" for i in range(len(meta_ref))])
-    ref = hm.build_reference(_reference_run(case, algorithm, "float32"), named,
-                             labels=["cell_type", "batch"])
+    ref = hm.build_reference(
+        _reference_run(case, algorithm, "float32"), named, labels=["cell_type", "batch"]
+    )
     path = ref.save(tmp_path / "ref.npz")
     loaded = hm.load_reference(path)
     _assert_same_reference(ref, loaded)
@@ -534,8 +581,11 @@ def test_save_load_round_trip(case, tmp_path, algorithm):
 def test_save_writes_one_temporary_file_with_its_extension_once(case, tmp_path, monkeypatch):
     """The temporary file of ref.npz is .ref.XXXXXXXX.tmp.npz (was .ref.npz.XXXXXXXX.tmp.npz)."""
     names, write = [], _reference._write_arrays
-    monkeypatch.setattr(_reference, "_write_arrays",
-                        lambda arrays, path: (names.append(path.name), write(arrays, path)))
+    monkeypatch.setattr(
+        _reference,
+        "_write_arrays",
+        lambda arrays, path: (names.append(path.name), write(arrays, path)),
+    )
     hm.build_reference(_reference_run(case, "harmony1", "float32")).save(tmp_path / "ref.npz")
     assert len(names) == 1 and re.fullmatch(r"\.ref\.[^.]+\.tmp\.npz", names[0]), names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
@@ -550,18 +600,23 @@ def test_build_reference_pairs_metadata_by_name():
     in_query = (meta["donor"] == "5p").to_numpy()
     ho = hm.run_harmony(pcs[~in_query], meta[~in_query], "donor", verbose=False)
     ordered = hm.build_reference(ho, meta[~in_query], labels="cell_type")
-    shuffled = hm.build_reference(ho, meta[~in_query].sample(frac=1.0, random_state=0),
-                                  labels="cell_type")
+    shuffled = hm.build_reference(
+        ho, meta[~in_query].sample(frac=1.0, random_state=0), labels="cell_type"
+    )
     np.testing.assert_array_equal(shuffled.cell_names, meta.index[~in_query])
     pd.testing.assert_frame_equal(shuffled.labels, ordered.labels)
     q = hm.map_query(pcs[in_query], meta[in_query], shuffled)
     predicted = hm.transfer_labels(q, shuffled, "cell_type", k=10)["label"].astype(str)
     accuracy = (predicted.to_numpy() == meta.loc[in_query, "cell_type"].to_numpy()).mean()
     assert accuracy > 0.9, accuracy
-    with pytest.raises(ValueError, match=r"ho\.cell_names\) and meta_data's index name different "
-                                         r"cells: 0 of the embedding's 770 cells"):
-        hm.build_reference(ho, meta[~in_query].set_axis([f"x{i}" for i in range(770)]),
-                           labels="cell_type")
+    with pytest.raises(
+        ValueError,
+        match=r"ho\.cell_names\) and meta_data's index name different "
+        r"cells: 0 of the embedding's 770 cells",
+    ):
+        hm.build_reference(
+            ho, meta[~in_query].set_axis([f"x{i}" for i in range(770)]), labels="cell_type"
+        )
 
 
 def _rewrite(path, change):
@@ -575,20 +630,21 @@ def _rewrite(path, change):
 
 def test_load_refuses_bad_files(case, tmp_path):
     z_ref, meta_ref, _, _ = case
-    ref = hm.build_reference(_reference_run(case, "harmony1", "float64"), meta_ref,
-                             labels="cell_type")
+    ref = hm.build_reference(
+        _reference_run(case, "harmony1", "float64"), meta_ref, labels="cell_type"
+    )
     good = ref.save(tmp_path / "good.npz")
     data = good.read_bytes()
 
     truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(data[:len(data) // 2])
+    truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated\.npz.*truncated, corrupt"):
         hm.load_reference(truncated)
 
     corrupt = tmp_path / "corrupt.npz"
     middle = bytearray(data)
     start = data.index(b"cells.npy") + 200  # inside the cells array's data
-    middle[start:start + 64] = bytes(64)
+    middle[start : start + 64] = bytes(64)
     corrupt.write_bytes(bytes(middle))
     with pytest.raises(ValueError, match=r"corrupt\.npz.*'cells' cannot be read"):
         hm.load_reference(corrupt)
@@ -675,14 +731,18 @@ def test_transfer_labels_refuses_a_query_mapped_onto_another_reference(case):
     ho = _reference_run(case, "harmony1", "float64")
     ref = hm.build_reference(ho, meta_ref, labels="cell_type")
     q = hm.map_query(z_query, meta_query, ref, "batch")
-    other = hm.build_reference(_reference_run(case, "harmony2", "float64"), meta_ref,
-                               labels="cell_type")
+    other = hm.build_reference(
+        _reference_run(case, "harmony2", "float64"), meta_ref, labels="cell_type"
+    )
     narrow = hm.build_reference(ho.Z_corr.T[:, :4], meta_ref, labels="cell_type", nclust=3)
     for wrong in (other, narrow):
         with pytest.raises(ValueError, match=r"mapped onto another reference.*reference_digest"):
             hm.transfer_labels(q, wrong, "cell_type")
-    with pytest.raises(TypeError, match=r"label must be one label column's name \(a str\), "
-                                        r"got \['cell_type'\]"):
+    with pytest.raises(
+        TypeError,
+        match=r"label must be one label column's name \(a str\), "
+        r"got \['cell_type'\]",
+    ):
         hm.transfer_labels(q, ref, ["cell_type"])
     assert len(hm.transfer_labels(q, dataclasses.replace(ref), "cell_type")) == len(z_query)
 
@@ -693,10 +753,11 @@ def test_lamb_of_a_one_batch_query(case):
     one value, > 0 or -1, checked like a variable's (no IndexError)."""
     _, _, z_query, meta_query = case
     ref = hm.build_reference(_reference_run(case, "harmony1", "float64"))
-    for lamb, facts in [(0, [r"lamb must be > 0", r"\[0\.0\]", r"one batch",
-                             r"without vars_use", r"lamb=-1"]),
-                        (-2, [r"lamb must be > 0", r"\[-2\.0\]", r"one batch"]),
-                        ([1, 2], [r"lamb has 2 values", r"one batch", r"vars_use"])]:
+    for lamb, facts in [
+        (0, [r"lamb must be > 0", r"\[0\.0\]", r"one batch", r"without vars_use", r"lamb=-1"]),
+        (-2, [r"lamb must be > 0", r"\[-2\.0\]", r"one batch"]),
+        ([1, 2], [r"lamb has 2 values", r"one batch", r"vars_use"]),
+    ]:
         with pytest.raises(ValueError) as info:
             hm.map_query(z_query, meta_query, ref, lamb=lamb)
         for fact in facts:
@@ -730,8 +791,10 @@ def _expression(seed, n_cells, batches, n_genes=60, n_types=4):
     kind, batch = rng.integers(0, n_types, n_cells), rng.choice(batches, n_cells)
     counts = rng.poisson(profiles[kind] * effects[batch] * rng.lognormal(0, 0.2, (n_cells, 1)))
     log = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
-    obs = pd.DataFrame({"batch": [f"b{b}" for b in batch], "cell_type": [f"t{k}" for k in kind]},
-                       index=[f"s{seed}_{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"batch": [f"b{b}" for b in batch], "cell_type": [f"t{k}" for k in kind]},
+        index=[f"s{seed}_{i}" for i in range(n_cells)],
+    )
     return log.astype(np.float32), obs
 
 
@@ -793,8 +856,9 @@ def _literal_projection(log, ref_adata, shared):
     std = ref_adata.var["std"].to_numpy()[shared]
     scaled = np.clip((log[:, shared] - mean) / std, x[:, 10:].min(), x[:, 10:].max())
     loadings = ref_adata.varm["PCs"][shared].astype(np.float64)
-    return ((scaled - x[:, shared].mean(0)) @ loadings
-            + ref_adata.obsm["X_pca"].astype(np.float64).mean(0))
+    return (scaled - x[:, shared].mean(0)) @ loadings + ref_adata.obsm["X_pca"].astype(
+        np.float64
+    ).mean(0)
 
 
 def test_anndata_reference_keeps_the_gene_projection(gene_case):
@@ -826,8 +890,11 @@ def test_reference_cells_project_onto_their_own_pcs(gene_case):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no gene is missing, nothing looks wrong
         q = hm.map_query(own, ref, "batch", dtype="float64")
-    np.testing.assert_allclose(own.obsm["X_pca_reference"], adata.obsm["X_pca"],
-                               atol=1e-4 * np.abs(adata.obsm["X_pca"]).max())
+    np.testing.assert_allclose(
+        own.obsm["X_pca_reference"],
+        adata.obsm["X_pca"],
+        atol=1e-4 * np.abs(adata.obsm["X_pca"]).max(),
+    )
     # Mapped with their own batches, they land near their corrected coordinates.
     r = [np.corrcoef(q.Z_corr[j], ref.Z_corr[j])[0, 1] for j in range(ref.d)]
     assert min(r) > 0.99
@@ -839,23 +906,31 @@ def test_anndata_query_equals_projection_then_map_query(gene_case):
     order = np.random.default_rng(3).permutation(60)
     keep = order[order >= 15]  # g10..g14 of the reference missing; g0..g9 not used
     extra = np.random.default_rng(4).random((len(obs_query), 1)).astype(np.float32)
-    query = _query_adata(np.hstack([log_query[:, keep], extra]), obs_query,
-                         list(genes[keep]) + ["not_in_reference"], sparse=True)
-    with pytest.warns(UserWarning, match=r"5 of the reference's 50 genes are missing from "
-                                         r"adata_query \(e\.g\. 'g1[0-4]'"):
+    query = _query_adata(
+        np.hstack([log_query[:, keep], extra]),
+        obs_query,
+        list(genes[keep]) + ["not_in_reference"],
+        sparse=True,
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"5 of the reference's 50 genes are missing from "
+        r"adata_query \(e\.g\. 'g1[0-4]'",
+    ):
         q = hm.map_query(query, ref, key="batch", labels="cell_type", k=10, dtype="float64")
     # Missing genes add nothing; the others are scaled, clipped, projected.
     projected = _literal_projection(log_query, adata, np.arange(15, 60))
-    np.testing.assert_allclose(query.obsm["X_pca_reference"], projected, rtol=1e-5,
-                               atol=1e-5 * np.abs(projected).max())
-    direct = hm.map_query(query.obsm["X_pca_reference"], obs_query, ref, vars_use="batch",
-                          dtype="float64")
+    np.testing.assert_allclose(
+        query.obsm["X_pca_reference"], projected, rtol=1e-5, atol=1e-5 * np.abs(projected).max()
+    )
+    direct = hm.map_query(
+        query.obsm["X_pca_reference"], obs_query, ref, vars_use="batch", dtype="float64"
+    )
     np.testing.assert_allclose(query.obsm["X_pca_harmony"], direct.Z_corr.T, atol=1e-5)
     np.testing.assert_allclose(q.Z_corr, direct.Z_corr, atol=1e-5)  # obsm is float32
     np.testing.assert_array_equal(query.obs["mapping_score"], q.confidence)
     expected = hm.transfer_labels(q, ref, "cell_type", k=10)
-    assert list(query.obs["cell_type_predicted"].astype(str)) == \
-        list(expected["label"].astype(str))
+    assert list(query.obs["cell_type_predicted"].astype(str)) == list(expected["label"].astype(str))
     np.testing.assert_array_equal(query.obs["cell_type_probability"], expected["probability"])
     assert (query.obs["cell_type_predicted"].astype(str) == obs_query["cell_type"]).mean() > 0.9
     record = query.uns["harmony_mapping"]
@@ -867,9 +942,11 @@ def test_anndata_query_equals_projection_then_map_query(gene_case):
     dense.layers["log"] = dense.X.copy()
     dense.X = np.zeros_like(dense.X)
     hm.map_query(dense, ref, layer="log", confidence=False)
-    np.testing.assert_allclose(dense.obsm["X_pca_reference"],
-                               _literal_projection(log_query, adata, np.arange(10, 60)),
-                               atol=1e-4 * np.abs(projected).max())
+    np.testing.assert_allclose(
+        dense.obsm["X_pca_reference"],
+        _literal_projection(log_query, adata, np.arange(10, 60)),
+        atol=1e-4 * np.abs(projected).max(),
+    )
     assert "mapping_score" not in dense.obs
 
 
@@ -889,13 +966,16 @@ def test_transfer_labels_onto_a_mapped_anndata(gene_case, tmp_path):
     for column in ("cell_type_predicted", "cell_type_probability"):
         pd.testing.assert_series_equal(later.obs[column], at_once.obs[column])
     assert table.index.equals(later.obs_names)
-    np.testing.assert_array_equal(table["label"].astype(str),
-                                  later.obs["cell_type_predicted"].astype(str))
+    np.testing.assert_array_equal(
+        table["label"].astype(str), later.obs["cell_type_predicted"].astype(str)
+    )
     assert (table["label"].astype(str) == obs_query["cell_type"].to_numpy()).mean() > 0.9
     record = later.uns["harmony_mapping"]
-    assert (record["labels"], record["k"], record["min_probability"]) == \
-        (["cell_type"], [10], [0.6]) == \
-        tuple(at_once.uns["harmony_mapping"][key] for key in ("labels", "k", "min_probability"))
+    assert (
+        (record["labels"], record["k"], record["min_probability"])
+        == (["cell_type"], [10], [0.6])
+        == tuple(at_once.uns["harmony_mapping"][key] for key in ("labels", "k", "min_probability"))
+    )
     # Through an .h5ad file and a saved reference: same digest, labels replaced.
     later.write_h5ad(tmp_path / "mapped.h5ad")
     read = anndata.read_h5ad(tmp_path / "mapped.h5ad")
@@ -904,15 +984,20 @@ def test_transfer_labels_onto_a_mapped_anndata(gene_case, tmp_path):
     assert set(one["probability"]) == {1.0}
     np.testing.assert_array_equal(read.obs["cell_type_probability"], 1.0)
     record = read.uns["harmony_mapping"]
-    assert (list(record["labels"]), list(record["k"]), list(record["min_probability"])) == \
-        (["cell_type"], [1], [0.0])
+    assert (list(record["labels"]), list(record["k"]), list(record["min_probability"])) == (
+        ["cell_type"],
+        [1],
+        [0.0],
+    )
 
     unmapped = _query_adata(log_query, obs_query, genes)
     with pytest.raises(ValueError, match=r"has not been mapped.*map_query\(adata_query, ref\)"):
         hm.transfer_labels(unmapped, ref, "cell_type")
     other = hm.build_reference(
         hm.run_harmony(adata.obsm["X_pca"], adata.obs, "batch", nclust=5, verbose=False),
-        adata.obs, labels="cell_type")
+        adata.obs,
+        labels="cell_type",
+    )
     before = later.obs.copy()
     with pytest.raises(ValueError, match="mapped onto another reference"):
         hm.transfer_labels(later, other, "cell_type")
@@ -939,8 +1024,14 @@ def test_non_finite_expression_names_the_cells_and_genes(gene_case):
         with pytest.raises(ValueError) as info:
             hm.map_query(query, ref)
         message = str(info.value)
-        for fact in [r"adata_query\.X has 2 non-finite value\(s\)", r"2 cell\(s\)",
-                     rf"{obs_query.index[7]!r}", r"'g20'", r"'g33'", r"remove or impute"]:
+        for fact in [
+            r"adata_query\.X has 2 non-finite value\(s\)",
+            r"2 cell\(s\)",
+            rf"{obs_query.index[7]!r}",
+            r"'g20'",
+            r"'g33'",
+            r"remove or impute",
+        ]:
             assert re.search(fact, message), (fact, message)
         assert "X_pca_reference" not in query.obsm and "harmony_mapping" not in query.uns
 
@@ -950,8 +1041,13 @@ def test_anndata_query_in_the_reference_pc_space(gene_case):
     anndata = pytest.importorskip("anndata")
     pcs, meta = adata.obsm["X_pca"], adata.obs[["batch"]]
     # A reference built without the projection needs the query's PCs (basis=).
-    no_genes = hm.build_reference(_scanpy_like(*_expression(11, 400, [0, 1]), max_value=2.0),
-                                  "batch", nclust=6, loadings=None, verbose=False)
+    no_genes = hm.build_reference(
+        _scanpy_like(*_expression(11, 400, [0, 1]), max_value=2.0),
+        "batch",
+        nclust=6,
+        loadings=None,
+        verbose=False,
+    )
     assert no_genes.projection is None
     query = anndata.AnnData(obs=meta.copy(), obsm={"X_pca": pcs.copy()})
     with pytest.raises(ValueError, match="keeps no gene projection.*basis=KEY"):
@@ -975,8 +1071,11 @@ def test_unscaled_and_uncentred_references(gene_case):
     assert (p.mean == 0).all() and (p.std == 1).all()
     own = _query_adata(log_ref, obs_ref, unscaled.var_names)
     hm.map_query(own, ref, "batch")
-    np.testing.assert_allclose(own.obsm["X_pca_reference"], unscaled.obsm["X_pca"],
-                               atol=1e-4 * np.abs(unscaled.obsm["X_pca"]).max())
+    np.testing.assert_allclose(
+        own.obsm["X_pca_reference"],
+        unscaled.obsm["X_pca"],
+        atol=1e-4 * np.abs(unscaled.obsm["X_pca"]).max(),
+    )
     # sc.pp.scale(zero_center=False): var["mean"] recorded but not subtracted.
     uncentred = _scanpy_like(log_ref, obs_ref, scale=False)
     std = log_ref.astype(np.float64).std(0, ddof=1)
@@ -989,8 +1088,11 @@ def test_unscaled_and_uncentred_references(gene_case):
     assert ref.projection.scaling == "scaled_uncentred" and (ref.projection.mean == 0).all()
     own = _query_adata(log_ref, obs_ref, uncentred.var_names)
     hm.map_query(own, ref, "batch")
-    np.testing.assert_allclose(own.obsm["X_pca_reference"], uncentred.obsm["X_pca"],
-                               atol=1e-4 * np.abs(uncentred.obsm["X_pca"]).max())
+    np.testing.assert_allclose(
+        own.obsm["X_pca_reference"],
+        uncentred.obsm["X_pca"],
+        atol=1e-4 * np.abs(uncentred.obsm["X_pca"]).max(),
+    )
 
 
 def test_anndata_refusals_come_before_any_work(gene_case, monkeypatch):
@@ -1010,13 +1112,25 @@ def test_anndata_refusals_come_before_any_work(gene_case, monkeypatch):
     cases.append((half, {}, ValueError, r"has a 'mean' column but no 'std'"))
     negative = fresh.copy()
     negative.var = negative.var.drop(columns=["mean", "std"])
-    cases.append((negative, {}, ValueError,
-                  r"adata\.X has negative values.*adata\.var\['mean'\] and adata\.var\['std'\]"))
+    cases.append(
+        (
+            negative,
+            {},
+            ValueError,
+            r"adata\.X has negative values.*adata\.var\['mean'\] and adata\.var\['std'\]",
+        )
+    )
     restored = fresh.copy()
     restored.X = log_ref.copy()  # X back to log-normalised after the scaled PCA
-    cases.append((restored, {}, ValueError,
-                  r"adata\.X projected through adata\.varm\['PCs'\] does not give "
-                  r"adata\.obsm\['X_pca'\]"))
+    cases.append(
+        (
+            restored,
+            {},
+            ValueError,
+            r"adata\.X projected through adata\.varm\['PCs'\] does not give "
+            r"adata\.obsm\['X_pca'\]",
+        )
+    )
     cases.append((fresh, {"layer": "nothing"}, KeyError, r"layer 'nothing' not found"))
     cases.append((fresh, {"labels": "celltype"}, KeyError, r"'celltype' not found in adata\.obs"))
     cases.append((fresh, {"loadings": "PCA"}, KeyError, r"no 'PCA'"))
@@ -1073,17 +1187,27 @@ def test_gene_projection_file_round_trip(gene_case, tmp_path):
     broken = tmp_path / "broken.npz"
     broken.write_bytes((tmp_path / "genes.npz").read_bytes())
     _rewrite(broken, lambda m, a: m["projection"].update(n_genes=49))
-    with pytest.raises(ValueError, match=r"broken\.npz' has an array 'genes' of <U3 \(50,\); "
-                                         r"expected text \(49,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"broken\.npz' has an array 'genes' of <U3 \(50,\); "
+        r"expected text \(49,\)",
+    ):
         hm.load_reference(broken)
     _rewrite(broken, lambda m, a: m["projection"].update(n_genes=50, clip=[3, -3]))
-    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid metadata field "
-                                         r"'projection.clip': \[3, -3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"broken\.npz' has an invalid metadata field "
+        r"'projection.clip': \[3, -3\]",
+    ):
         hm.load_reference(broken)
-    _rewrite(broken, lambda m, a: (m["projection"].update(clip=None),
-                                   a.update(gene_std=np.zeros(50))))
-    with pytest.raises(ValueError, match=r"broken\.npz' has an invalid array 'gene_std': "
-                                         r"values <= 0"):
+    _rewrite(
+        broken, lambda m, a: (m["projection"].update(clip=None), a.update(gene_std=np.zeros(50)))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"broken\.npz' has an invalid array 'gene_std': "
+        r"values <= 0",
+    ):
         hm.load_reference(broken)
 
 
@@ -1097,8 +1221,9 @@ def test_scanpy_workflow_projects_exactly():
     anndata = pytest.importorskip("anndata")
 
     log_ref, obs_ref = _expression(21, 300, [0, 1], n_genes=80)
-    reference = anndata.AnnData(log_ref.copy(), obs=obs_ref,
-                                var=pd.DataFrame(index=[f"g{i}" for i in range(80)]))
+    reference = anndata.AnnData(
+        log_ref.copy(), obs=obs_ref, var=pd.DataFrame(index=[f"g{i}" for i in range(80)])
+    )
     sc.pp.highly_variable_genes(reference, n_top_genes=40)
     sc.pp.scale(reference, max_value=2.5)
     sc.pp.pca(reference, n_comps=10, mask_var="highly_variable")
@@ -1107,8 +1232,11 @@ def test_scanpy_workflow_projects_exactly():
     assert sorted(ref.projection.genes) == sorted(hvg)
     own = _query_adata(log_ref, obs_ref, reference.var_names, sparse=True)
     hm.map_query(own, ref, "batch")
-    np.testing.assert_allclose(own.obsm["X_pca_reference"], reference.obsm["X_pca"],
-                               atol=1e-4 * np.abs(reference.obsm["X_pca"]).max())
+    np.testing.assert_allclose(
+        own.obsm["X_pca_reference"],
+        reference.obsm["X_pca"],
+        atol=1e-4 * np.abs(reference.obsm["X_pca"]).max(),
+    )
 
 
 def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
@@ -1130,11 +1258,14 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)
     out = capsys.readouterr().out
-    for shown in ["95.1% of the 5' cells get their annotated type, 1 are unknown",
-                  "k=10: 95.8%, dendritic cells 100%", "de novo: 95.1%",
-                  "full reference: median score of the monocytes 10, of the other cells 12",
-                  "without monocytes: median score of the monocytes 498, of the other cells 11",
-                  "['X_pca_reference', 'X_pca_harmony']"]:
+    for shown in [
+        "95.1% of the 5' cells get their annotated type, 1 are unknown",
+        "k=10: 95.8%, dendritic cells 100%",
+        "de novo: 95.1%",
+        "full reference: median score of the monocytes 10, of the other cells 12",
+        "without monocytes: median score of the monocytes 498, of the other cells 11",
+        "['X_pca_reference', 'X_pca_harmony']",
+    ]:
         assert shown in out, shown
     assert (tmp_path / "pbmc_reference.npz").exists()
     assert (tmp_path / "mapping_query_over_reference.png").stat().st_size > 10_000
@@ -1209,14 +1340,16 @@ def test_pruned_neighbour_search_matches_brute_force(monkeypatch):
         assert index.counts.numel() == len(reference) // 32
         pruned = index.search(cells)
         centred = reference - reference.mean(0)
-        _, brute = exact_topk(cells - reference.mean(0), centred,
-                              data_sq=(centred * centred).sum(1), k=k, chunk=97)
+        _, brute = exact_topk(
+            cells - reference.mean(0), centred, data_sq=(centred * centred).sum(1), k=k, chunk=97
+        )
         np.testing.assert_array_equal(pruned.numpy(), brute.numpy())
     monkeypatch.setattr(_transfer, "_KNN_BRUTE_PAIRS", 0)
     monkeypatch.setattr(_transfer, "_KNN_GROUP_CHUNK", 100)
     monkeypatch.setattr(_transfer, "_KNN_ELEMENTS", 2000)
     result = hm.transfer_labels(q, ref, "cell_type", k=10, min_probability=0)
-    expected, probability = knn_predict(ref.cells.T.astype(np.float64),
-                                        meta.loc[~in_query, "cell_type"].to_numpy(), q.Z_corr, 10)
+    expected, probability = knn_predict(
+        ref.cells.T.astype(np.float64), meta.loc[~in_query, "cell_type"].to_numpy(), q.Z_corr, 10
+    )
     np.testing.assert_array_equal(result["label"].astype(str).to_numpy(), expected)
     np.testing.assert_allclose(result["probability"].to_numpy(), probability)

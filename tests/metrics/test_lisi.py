@@ -35,7 +35,9 @@ def _shared_data_dir() -> Path | None:
 def r_lisi():
     path = _shared_data_dir()
     if path is None:
-        pytest.skip("R reference data lisi_*.tsv.gz not found (../shared/data or $HARMONYPY_SHARED_DATA)")
+        pytest.skip(
+            "R reference data lisi_*.tsv.gz not found (../shared/data or $HARMONYPY_SHARED_DATA)"
+        )
     X = pd.read_csv(path / "lisi_x.tsv.gz", sep="\t")
     meta = pd.read_csv(path / "lisi_metadata.tsv.gz", sep="\t")
     expected = pd.read_csv(path / "lisi_lisi.tsv.gz", sep="\t", index_col=0)
@@ -104,7 +106,9 @@ def test_many_categories_path_matches_table_path():
     P /= P.sum(1, keepdims=True)
     codes = rng.integers(0, 100, size=(50, 40))
     table = _lisi._simpson(P, codes, 100)  # > 64 categories: run-length path
-    expected = np.array([sum(P[i, codes[i] == c].sum() ** 2 for c in range(100)) for i in range(50)])
+    expected = np.array(
+        [sum(P[i, codes[i] == c].sum() ** 2 for c in range(100)) for i in range(50)]
+    )
     np.testing.assert_allclose(table, expected, rtol=1e-12)
     small = codes % 5
     expected5 = np.array([sum(P[i, small[i] == c].sum() ** 2 for c in range(5)) for i in range(50)])
@@ -136,8 +140,9 @@ def test_lisi_bounds_and_label_invariance(seed, n_cells, n_categories, perplexit
 
     # permuting the cells permutes the result
     order = rng.permutation(n_cells)
-    got_perm = hm.compute_lisi(X[order], meta.iloc[order].reset_index(drop=True), ["names"],
-                               perplexity=perplexity)
+    got_perm = hm.compute_lisi(
+        X[order], meta.iloc[order].reset_index(drop=True), ["names"], perplexity=perplexity
+    )
     np.testing.assert_allclose(got_perm[:, 0], got[order, 1], rtol=0, atol=1e-9)
 
 
@@ -261,7 +266,9 @@ def test_auto_switches_to_ivf_above_threshold(monkeypatch, small):
 # Approximate backend
 # --------------------------------------------------------------------------- #
 @pytest.mark.slow  # pynndescent's numba compilation takes ~30 s or more on first use
-@pytest.mark.skipif(not HAVE_PYNNDESCENT, reason="pynndescent not installed (pip install harmonypy[ann])")
+@pytest.mark.skipif(
+    not HAVE_PYNNDESCENT, reason="pynndescent not installed (pip install harmonypy[ann])"
+)
 def test_approx_agrees_with_exact():
     rng = np.random.default_rng(5)
     X, lab = _blobs(500, 4, dims=10, sep=4.0)
@@ -297,9 +304,10 @@ def test_ivf_scores_close_to_exact(clustered_20k):
     np.testing.assert_allclose(np.median(iv, axis=0), np.median(ex, axis=0), rtol=1e-3)
 
 
-@pytest.mark.parametrize("n_jobs, error", [(0, ValueError), (-2, ValueError),
-                                           (1.5, TypeError), ("4", TypeError),
-                                           (True, TypeError)])
+@pytest.mark.parametrize(
+    "n_jobs, error",
+    [(0, ValueError), (-2, ValueError), (1.5, TypeError), ("4", TypeError), (True, TypeError)],
+)
 def test_bad_n_jobs_is_named(n_jobs, error):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 3))
@@ -343,14 +351,17 @@ def test_evaluate_sample_of_every_cell_is_the_full_score(sim_3000):
     assert "sample" not in repr(whole)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"n_query": 0}, ValueError, "n_query must be a positive"),
-    ({"n_query": 1.5}, TypeError, "n_query must be an integer"),
-    ({"n_query": True}, TypeError, "n_query must be an integer"),
-    ({"n_query": 10, "seed": -1}, ValueError, "seed must be a non-negative"),
-    ({"n_query": 10, "seed": "0"}, TypeError, "seed must be an integer"),
-    ({"n_query": 10, "neighbors": "ivf"}, ValueError, "n_query.*neighbors='ivf'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n_query": 0}, ValueError, "n_query must be a positive"),
+        ({"n_query": 1.5}, TypeError, "n_query must be an integer"),
+        ({"n_query": True}, TypeError, "n_query must be an integer"),
+        ({"n_query": 10, "seed": -1}, ValueError, "seed must be a non-negative"),
+        ({"n_query": 10, "seed": "0"}, TypeError, "seed must be an integer"),
+        ({"n_query": 10, "neighbors": "ivf"}, ValueError, "n_query.*neighbors='ivf'"),
+    ],
+)
 def test_evaluate_sample_arguments_named(small, kwargs, error, match):
     X, meta = small
     with pytest.raises(error, match=match):

@@ -27,8 +27,8 @@ def _numpy_knn(X, k, cells=None):
     cells = np.arange(len(X)) if cells is None else cells
     d = np.empty((len(cells), len(X)))
     for s in range(0, len(cells), 64):  # bounded memory: 64 x n x dims at once
-        diff = X[cells[s:s + 64], None, :] - X[None, :, :]
-        d[s:s + 64] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        diff = X[cells[s : s + 64], None, :] - X[None, :, :]
+        d[s : s + 64] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
     d[np.arange(len(cells)), cells] = np.inf
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, order, axis=1), order
@@ -185,8 +185,9 @@ def test_ivf_recall_against_numpy(sim_20k):
     assert not np.any(found.indices == np.arange(len(X))[:, None]), "a cell is its own neighbour"
     # distances are exact float64 for the neighbours found, sorted ascending
     diff = X[found.indices[cells]] - X[cells, None, :]
-    np.testing.assert_allclose(found.distances[cells], np.sqrt((diff**2).sum(-1)),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        found.distances[cells], np.sqrt((diff**2).sum(-1)), rtol=1e-12, atol=1e-12
+    )
     assert np.all(np.diff(found.distances, axis=1) >= 0)
     assert np.all(found.distances[cells] >= d_np - 1e-12)  # approximate k-th can only be larger
 

@@ -41,15 +41,30 @@ from harmonypy.engine.design import check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
 from harmonypy.engine.run import run_harmony
 from harmonypy.distributed.launch import run_in_processes
-from harmonypy.mapping.projection import (Expression, GeneProjection, fit_projection,
-                                          gene_scaling, kept_genes, project)
+from harmonypy.mapping.projection import (
+    Expression,
+    GeneProjection,
+    fit_projection,
+    gene_scaling,
+    kept_genes,
+    project,
+)
 from harmonypy.mapping.reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelRequest", "ObsmKeys", "check_distinct_bases", "gene_projection", "get_basis",
-           "integrate", "map_anndata", "read_expression", "reference_from_anndata",
-           "transfer_anndata"]
+__all__ = [
+    "LabelRequest",
+    "ObsmKeys",
+    "check_distinct_bases",
+    "gene_projection",
+    "get_basis",
+    "integrate",
+    "map_anndata",
+    "read_expression",
+    "reference_from_anndata",
+    "transfer_anndata",
+]
 
 #: ``obsm`` key of a query projected from genes (its uncorrected reference PCs).
 PROJECTED_BASIS = "X_pca_reference"
@@ -57,6 +72,7 @@ PROJECTED_BASIS = "X_pca_reference"
 SCORE_COLUMN = "mapping_score"
 #: ``uns`` key of what :func:`map_anndata` did.
 MAPPING_KEY = "harmony_mapping"
+
 
 def integrate(
     adata: Any,
@@ -140,8 +156,7 @@ def integrate(
 
     nproc = _check_nproc(nproc, len(adata.obs))
     if nproc > 1:
-        ho = run_in_processes(np.asarray(embedding), adata.obs, keys, nproc,
-                              **run_harmony_kwargs)
+        ho = run_in_processes(np.asarray(embedding), adata.obs, keys, nproc, **run_harmony_kwargs)
     else:
         ho = run_harmony(embedding, adata.obs, keys, **run_harmony_kwargs)
     # float32 (the usual dtype of X_pca and what scanpy's own wrapper stores):
@@ -172,11 +187,13 @@ def _check_adata(adata: Any, caller: str = "integrate()") -> None:
     if missing:
         raise TypeError(
             f"{caller} needs an AnnData object (with .obsm, .obs and .uns); "
-            f"got {type(adata).__name__} without {', '.join('.' + m for m in missing)}")
+            f"got {type(adata).__name__} without {', '.join('.' + m for m in missing)}"
+        )
 
 
-def check_distinct_bases(basis: str, adjusted_basis: str, *,
-                         names: tuple[str, str] = ("basis", "adjusted_basis")) -> None:
+def check_distinct_bases(
+    basis: str, adjusted_basis: str, *, names: tuple[str, str] = ("basis", "adjusted_basis")
+) -> None:
     """Refuse to write the corrected embedding over the only uncorrected copy.
 
     Every writer of a corrected embedding into ``obsm`` checks this (the
@@ -189,7 +206,8 @@ def check_distinct_bases(basis: str, adjusted_basis: str, *,
         raise ValueError(
             f"{adjusted_name} must differ from {basis_name} ({basis!r}): writing the corrected "
             f"embedding there would replace the only copy of the uncorrected one; use e.g. "
-            f"{adjusted_name}{assign}{basis + '_harmony'!r}")
+            f"{adjusted_name}{assign}{basis + '_harmony'!r}"
+        )
 
 
 def _as_keys(key: Any) -> list[str]:
@@ -206,8 +224,9 @@ def get_basis(adata: Any, basis: str) -> np.ndarray:
     if basis not in obsm_keys:
         available = ", ".join(repr(k) for k in obsm_keys) or "none"
         hint = " (run scanpy.pp.pca first)" if basis == "X_pca" else ""
-        raise KeyError(f"basis {basis!r} not found in adata.obsm{hint}; available obsm keys: "
-                       f"{available}")
+        raise KeyError(
+            f"basis {basis!r} not found in adata.obsm{hint}; available obsm keys: {available}"
+        )
     embedding = adata.obsm[basis]
     # obsm may hold a DataFrame or a sparse matrix; Harmony wants dense numbers.
     if hasattr(embedding, "toarray"):
@@ -223,25 +242,35 @@ def read_expression(adata: Any, layer: str | None, what: str) -> Expression:
         layers = getattr(adata, "layers", None)
         if layers is None or layer not in layers.keys():
             available = ", ".join(repr(k) for k in (layers.keys() if layers is not None else []))
-            raise KeyError(f"layer {layer!r} not found in {what}.layers; available layers: "
-                           f"{available or 'none'}")
+            raise KeyError(
+                f"layer {layer!r} not found in {what}.layers; available layers: "
+                f"{available or 'none'}"
+            )
         matrix, name = layers[layer], f"{what}.layers[{layer!r}]"
     else:
         matrix, name = getattr(adata, "X", None), f"{what}.X"
     if matrix is None:
-        raise ValueError(f"{name} is empty (None): the expression matrix is needed to "
-                         f"project cells through the PCA loadings")
+        raise ValueError(
+            f"{name} is empty (None): the expression matrix is needed to "
+            f"project cells through the PCA loadings"
+        )
     shape = getattr(matrix, "shape", None)
     n_obs, n_vars = len(adata.obs), len(adata.var_names)
     if shape is None or len(shape) != 2 or tuple(shape) != (n_obs, n_vars):
-        raise ValueError(f"{name} has shape {shape}; expected (n_obs, n_vars) = "
-                         f"({n_obs}, {n_vars})")
-    return Expression(matrix=matrix, source=name, genes=pd.Index(adata.var_names).astype(str),
-                      cells=pd.Index(adata.obs_names))
+        raise ValueError(
+            f"{name} has shape {shape}; expected (n_obs, n_vars) = ({n_obs}, {n_vars})"
+        )
+    return Expression(
+        matrix=matrix,
+        source=name,
+        genes=pd.Index(adata.var_names).astype(str),
+        cells=pd.Index(adata.obs_names),
+    )
 
 
-def gene_projection(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PCs",
-                    layer: str | None = None) -> GeneProjection:
+def gene_projection(
+    adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = "PCs", layer: str | None = None
+) -> GeneProjection:
     """The :class:`~harmonypy.mapping.projection.GeneProjection` of an AnnData
     reference, checked on its own cells (:func:`~harmonypy.mapping.projection.fit_projection`).
 
@@ -260,19 +289,36 @@ def gene_projection(adata: Any, basis: str, pcs: np.ndarray, *, loadings: str = 
             f"sc.pp.pca writes): without them query cells cannot be projected from genes; "
             f"run sc.pp.pca on the reference, or pass loadings=None to keep no gene projection "
             f"(queries must then be given in the reference's PC space, map_query(..., "
-            f"basis=...)); available varm keys: {available or 'none'}")
+            f"basis=...)); available varm keys: {available or 'none'}"
+        )
     weights = varm[loadings]
     weights = np.asarray(weights.toarray() if hasattr(weights, "toarray") else weights)
-    kept = kept_genes(weights, genes=pd.Index(adata.var_names).astype(str), d=pcs.shape[1],
-                      basis=basis, loadings=loadings)
+    kept = kept_genes(
+        weights,
+        genes=pd.Index(adata.var_names).astype(str),
+        d=pcs.shape[1],
+        basis=basis,
+        loadings=loadings,
+    )
     scaling = gene_scaling(adata.var, kept)
-    return fit_projection(read_expression(adata, layer, "adata"), pcs=pcs, weights=weights,
-                          kept=kept, scaling=scaling, keys=(basis, loadings))
+    return fit_projection(
+        read_expression(adata, layer, "adata"),
+        pcs=pcs,
+        weights=weights,
+        kept=kept,
+        scaling=scaling,
+        keys=(basis, loadings),
+    )
 
 
 def _check_obs_columns(adata: Any, keys: list[str]) -> None:
-    check_columns([str(c) for c in adata.obs.columns], keys, what="batch column(s)",
-                  where="adata.obs", as_list=False)
+    check_columns(
+        [str(c) for c in adata.obs.columns],
+        keys,
+        what="batch column(s)",
+        where="adata.obs",
+        as_list=False,
+    )
 
 
 def _storable(value: Any) -> Any:
@@ -323,8 +369,16 @@ class LabelRequest:
     min_probability: float | None = None
 
 
-def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKeys,
-                           options: dict[str, Any], run_harmony_kwargs: dict[str, Any]):
+def reference_from_anndata(
+    adata: Any,
+    key,
+    *,
+    labels,
+    keep_cells,
+    keys: ObsmKeys,
+    options: dict[str, Any],
+    run_harmony_kwargs: dict[str, Any],
+):
     """``build_reference(adata, key, ...)``: Harmony through :func:`integrate`, plus
     the gene projection (see :func:`harmonypy.build_reference`).
 
@@ -343,26 +397,32 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKey
     keep_cells = val.check_flag("keep_cells", keep_cells)
     label_names = _reference.label_names(labels)
     if label_names and not keep_cells:
-        raise ValueError(f"labels={label_names} needs keep_cells=True: labels are kept per "
-                         f"reference cell")
-    check_columns(adata.obs.columns, label_names, what="label column(s)", where="adata.obs",
-                  as_list=False)
-    projection = (None if keys.loadings is None else
-                  gene_projection(adata, basis, embedding, loadings=keys.loadings,
-                                  layer=keys.layer))
+        raise ValueError(
+            f"labels={label_names} needs keep_cells=True: labels are kept per reference cell"
+        )
+    check_columns(
+        adata.obs.columns, label_names, what="label column(s)", where="adata.obs", as_list=False
+    )
+    projection = (
+        None
+        if keys.loadings is None
+        else gene_projection(adata, basis, embedding, loadings=keys.loadings, layer=keys.layer)
+    )
     if batch_keys:
         kwargs = {**{k: v for k, v in options.items() if v is not None}, **run_harmony_kwargs}
         kwargs.setdefault("verbose", False)
         ho = integrate(adata, batch_keys, basis=basis, adjusted_basis=adjusted_basis, **kwargs)
-        ref = _reference.build_reference(ho, adata.obs, labels=label_names,
-                                         keep_cells=keep_cells)
+        ref = _reference.build_reference(ho, adata.obs, labels=label_names, keep_cells=keep_cells)
     else:
         run_harmony_kwargs = {k: v for k, v in run_harmony_kwargs.items() if k != "verbose"}
         if run_harmony_kwargs:
-            raise TypeError(f"{', '.join(run_harmony_kwargs)}: Harmony parameters, but key is "
-                            f"None (one batch: the cells are clustered, not integrated)")
-        ref = _reference.build_reference(embedding, adata.obs, labels=label_names,
-                                         keep_cells=keep_cells, **options)
+            raise TypeError(
+                f"{', '.join(run_harmony_kwargs)}: Harmony parameters, but key is "
+                f"None (one batch: the cells are clustered, not integrated)"
+            )
+        ref = _reference.build_reference(
+            embedding, adata.obs, labels=label_names, keep_cells=keep_cells, **options
+        )
         # The cells are their own corrected embedding: stored under adjusted_basis
         # so that reference and mapped query share one key.
         adata.obsm[adjusted_basis] = np.ascontiguousarray(embedding, dtype=np.float32)
@@ -370,8 +430,16 @@ def reference_from_anndata(adata: Any, key, *, labels, keep_cells, keys: ObsmKey
     return ref
 
 
-def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
-                map_options: dict[str, Any], overwrite: bool = False):
+def map_anndata(
+    adata: Any,
+    ref,
+    key,
+    *,
+    keys: ObsmKeys,
+    transfer: LabelRequest,
+    map_options: dict[str, Any],
+    overwrite: bool = False,
+):
     """``map_query(adata_query, ref, key, ...)``: project (or read) the query's
     PCs, map them, and write the results into ``adata``.
 
@@ -383,37 +451,47 @@ def map_anndata(adata: Any, ref, key, *, keys: ObsmKeys, transfer: LabelRequest,
     batch_keys, adjusted = _check_map_target(adata, ref, key, keys)
     basis = keys.basis
     label_names = _reference.label_names(transfer.labels)
-    k, min_probability = _transfer_options(ref, label_names, transfer.k,
-                                           transfer.min_probability)
+    k, min_probability = _transfer_options(ref, label_names, transfer.k, transfer.min_probability)
     confidence = val.check_flag("confidence", map_options.get("confidence", True))
     cells = None if basis is None else get_basis(adata, basis)
     _check_replaceable(
-        adata, ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
+        adata,
+        ([PROJECTED_BASIS] if basis is None else []) + [adjusted],
         ([SCORE_COLUMN] if confidence else []) + _label_columns(label_names),
-        overwrite=overwrite, adjusted_basis=adjusted)
+        overwrite=overwrite,
+        adjusted_basis=adjusted,
+    )
 
     n_missing = None
     if basis is None:
         device = resolve_device(map_options.get("device"))
         dtype = resolve_dtype(map_options.get("dtype"), device)
-        cells, n_missing = project(ref.projection,
-                                   read_expression(adata, keys.layer, "adata_query"),
-                                   device=device, dtype=dtype)
-    source = (f"adata_query.obsm[{basis!r}]" if basis is not None else
-              "the query projected from its genes")
+        cells, n_missing = project(
+            ref.projection,
+            read_expression(adata, keys.layer, "adata_query"),
+            device=device,
+            dtype=dtype,
+        )
+    source = (
+        f"adata_query.obsm[{basis!r}]"
+        if basis is not None
+        else "the query projected from its genes"
+    )
     with _named_cells(source):
         q = _mapping.map_query(cells, adata.obs, ref, vars_use=batch_keys, **map_options)
-    transfers = {name: _transfer.transfer_labels(q, ref, name, k=k,
-                                                min_probability=min_probability)
-                 for name in label_names}
+    transfers = {
+        name: _transfer.transfer_labels(q, ref, name, k=k, min_probability=min_probability)
+        for name in label_names
+    }
 
     if basis is None:
         adata.obsm[PROJECTED_BASIS] = np.ascontiguousarray(cells, dtype=np.float32)
     adata.obsm[adjusted] = np.ascontiguousarray(q.result(), dtype=np.float32)
     if q.confidence is not None:
         adata.obs[SCORE_COLUMN] = np.asarray(q.confidence, dtype=np.float64)
-    record = _mapping_record(q, ref, basis=basis, adjusted=adjusted, keys=batch_keys,
-                             n_missing=n_missing)
+    record = _mapping_record(
+        q, ref, basis=basis, adjusted=adjusted, keys=batch_keys, n_missing=n_missing
+    )
     for name, table in transfers.items():
         _write_transfer(adata, record, name, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record
@@ -425,11 +503,14 @@ def _check_map_target(adata: Any, ref, key, keys: ObsmKeys) -> tuple[list[str] |
     checking the query, the reference and where the cells come from."""
     _check_adata(adata, "map_query(adata_query, ...)")
     if len(adata.obs) == 0:
-        raise ValueError("adata_query has no cells (0 rows in obs); expected at least one "
-                         "cell to map")
+        raise ValueError(
+            "adata_query has no cells (0 rows in obs); expected at least one cell to map"
+        )
     if not isinstance(ref, Reference):
-        raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
-                        f"load_reference), not {type(ref).__name__}")
+        raise TypeError(
+            f"ref must be a harmonypy Reference (build_reference or "
+            f"load_reference), not {type(ref).__name__}"
+        )
     batch_keys = None if key is None else _as_keys(key)
     if batch_keys:
         _check_obs_columns(adata, batch_keys)
@@ -443,13 +524,18 @@ def _check_map_target(adata: Any, ref, key, keys: ObsmKeys) -> tuple[list[str] |
                 "the reference keeps no gene projection (it was built from an embedding or a "
                 "Harmony run, or with loadings=None), so the query cannot be projected from "
                 "its genes: give the query's cells in the reference's PC space with basis=KEY "
-                "(an obsm key)")
+                "(an obsm key)"
+            )
         if adjusted == PROJECTED_BASIS:
-            raise ValueError(f"adjusted_basis {adjusted!r} is where the projected, uncorrected "
-                             f"query goes; choose another key")
+            raise ValueError(
+                f"adjusted_basis {adjusted!r} is where the projected, uncorrected "
+                f"query goes; choose another key"
+            )
     elif layer is not None:
-        raise ValueError(f"layer={layer!r} is for a query projected from genes; with "
-                         f"basis={basis!r} the cells are read from obsm")
+        raise ValueError(
+            f"layer={layer!r} is for a query projected from genes; with "
+            f"basis={basis!r} the cells are read from obsm"
+        )
     return batch_keys, adjusted
 
 
@@ -478,20 +564,24 @@ def _transfer_options(ref, label_names, k, min_probability) -> tuple[int, float]
     each a label column of ``ref`` with at least ``k`` labelled cells."""
     for name in label_names:
         if name not in ref.label_columns:
-            raise ValueError(f"label {name!r} is not a label column of the reference; it has "
-                             f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
+            raise ValueError(
+                f"label {name!r} is not a label column of the reference; it has "
+                f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))"
+            )
     if label_names and ref.cells is None:
-        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
-                         "transfer needs them; rebuild it with keep_cells=True")
+        raise ValueError(
+            "the reference keeps no cells (built with keep_cells=False): label "
+            "transfer needs them; rebuild it with keep_cells=True"
+        )
     k = 5 if k is None else val.check_int("k", k, 1)
     for name in label_names:
         labelled = int((ref.labels[name].cat.codes >= 0).sum())
         if labelled == 0:
             raise ValueError(f"no reference cell has a {name!r} label")
-        val.check_int("k", k, 1, labelled, maximum_is=f"the reference cells labelled in "
-                                                     f"{name!r}")
-    min_probability = 0.5 if min_probability is None else val.check_real("min_probability",
-                                                                      min_probability)
+        val.check_int("k", k, 1, labelled, maximum_is=f"the reference cells labelled in {name!r}")
+    min_probability = (
+        0.5 if min_probability is None else val.check_real("min_probability", min_probability)
+    )
     if not 0 <= min_probability <= 1:
         raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
     return k, min_probability
@@ -507,7 +597,7 @@ def _named_cells(source: str):
         text = str(err)
         if not text.startswith("data_mat "):
             raise
-        raise ValueError(source + text[len("data_mat"):]) from err
+        raise ValueError(source + text[len("data_mat") :]) from err
 
 
 def _label_columns(label_names) -> list[str]:
@@ -529,8 +619,14 @@ def _mapping_outputs(record) -> set[str]:
     return own
 
 
-def _check_replaceable(adata: Any, obsm_keys: Sequence[str], obs_columns: Sequence[str], *,
-                       overwrite: bool, adjusted_basis: str | None = None) -> None:
+def _check_replaceable(
+    adata: Any,
+    obsm_keys: Sequence[str],
+    obs_columns: Sequence[str],
+    *,
+    overwrite: bool,
+    adjusted_basis: str | None = None,
+) -> None:
     """Refuse to write over ``obsm``/``obs`` entries that no earlier mapping wrote.
 
     As :func:`integrate` never writes over the embedding it reads, a mapping
@@ -543,23 +639,27 @@ def _check_replaceable(adata: Any, obsm_keys: Sequence[str], obs_columns: Sequen
         return
     own = _mapping_outputs(adata.uns.get(MAPPING_KEY))
     obs = {str(c) for c in adata.obs.columns}
-    taken = [f"obsm[{key!r}]" for key in obsm_keys if key in adata.obsm] + \
-        [f"obs[{column!r}]" for column in obs_columns if column in obs]
+    taken = [f"obsm[{key!r}]" for key in obsm_keys if key in adata.obsm] + [
+        f"obs[{column!r}]" for column in obs_columns if column in obs
+    ]
     taken = [entry for entry in taken if entry not in own]
     if not taken:
         return
     remedies = ["pass overwrite=True to replace them"]
     if f"obsm[{adjusted_basis!r}]" in taken:
-        remedies.insert(0, f"write the mapped query elsewhere with adjusted_basis=KEY (e.g. "
-                           f"adjusted_basis={adjusted_basis + '_mapped'!r})")
+        remedies.insert(
+            0,
+            f"write the mapped query elsewhere with adjusted_basis=KEY (e.g. "
+            f"adjusted_basis={adjusted_basis + '_mapped'!r})",
+        )
     raise ValueError(
         f"adata_query already has {', '.join(taken)}, which no earlier mapping wrote (e.g. "
         f"the query's own Harmony correction by hm.integrate, or your own entries): writing "
-        f"there would lose them; {', or '.join(remedies)}, or move them first")
+        f"there would lose them; {', or '.join(remedies)}, or move them first"
+    )
 
 
-def _write_transfer(adata: Any, record: dict, name, table, k: int,
-                    min_probability: float) -> None:
+def _write_transfer(adata: Any, record: dict, name, table, k: int, min_probability: float) -> None:
     """Labels of ``table`` into ``adata.obs`` and the record: ``labels``, ``k`` and
     ``min_probability`` are parallel lists, one entry per transferred label
     (a label transferred again replaces its entry)."""
@@ -573,12 +673,16 @@ def _write_transfer(adata: Any, record: dict, name, table, k: int,
     if str(name) in labels:
         i = labels.index(str(name))
         del labels[i], ks[i], probabilities[i]
-    record.update(labels=labels + [str(name)], k=ks + [int(k)],
-                  min_probability=probabilities + [float(min_probability)])
+    record.update(
+        labels=labels + [str(name)],
+        k=ks + [int(k)],
+        min_probability=probabilities + [float(min_probability)],
+    )
 
 
-def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, device,
-                     overwrite: bool = False):
+def transfer_anndata(
+    adata: Any, ref, label, *, k: int, min_probability: float, device, overwrite: bool = False
+):
     """``transfer_labels(adata_query, ref, label)``: labels for a query mapped by
     ``map_query(adata_query, ref)``, from its ``obsm[adjusted_basis]`` (as
     recorded in ``uns["harmony_mapping"]``), written into ``obs`` as
@@ -592,29 +696,37 @@ def transfer_anndata(adata: Any, ref, label, *, k: int, min_probability: float, 
         raise ValueError(
             f"adata_query has no uns[{MAPPING_KEY!r}]: it has not been mapped. Map it first "
             f"with map_query(adata_query, ref) (labels=... transfers labels in the same "
-            f"call), or pass its corrected embedding as an array")
+            f"call), or pass its corrected embedding as an array"
+        )
     adjusted = str(record["adjusted_basis"])
     if adjusted not in adata.obsm:
-        raise KeyError(f"adata_query.obsm has no {adjusted!r}, where uns[{MAPPING_KEY!r}] "
-                       f"says map_query wrote the corrected query; map it again with "
-                       f"map_query(adata_query, ref)")
+        raise KeyError(
+            f"adata_query.obsm has no {adjusted!r}, where uns[{MAPPING_KEY!r}] "
+            f"says map_query wrote the corrected query; map it again with "
+            f"map_query(adata_query, ref)"
+        )
     digest = record.get("reference_digest")
     if digest is not None and str(digest) != reference_digest(ref):
         raise ValueError(
             f"adata_query was mapped onto another reference (uns[{MAPPING_KEY!r}] records "
             f"reference_digest {str(digest)!r}, this reference's is {reference_digest(ref)!r}): "
             f"transfer labels from the reference it was mapped onto, or map it onto this "
-            f"one with map_query(adata_query, ref)")
-    _check_replaceable(adata, [], _label_columns([label]) if isinstance(label, str) else [],
-                       overwrite=overwrite)
+            f"one with map_query(adata_query, ref)"
+        )
+    _check_replaceable(
+        adata, [], _label_columns([label]) if isinstance(label, str) else [], overwrite=overwrite
+    )
     cells = np.asarray(adata.obsm[adjusted])
     if cells.ndim != 2 or cells.shape[1] != ref.d:
-        raise ValueError(f"adata_query.obsm[{adjusted!r}] has shape {cells.shape}, but the "
-                         f"reference has {ref.d} PCs: map it onto this reference with "
-                         f"map_query(adata_query, ref)")
+        raise ValueError(
+            f"adata_query.obsm[{adjusted!r}] has shape {cells.shape}, but the "
+            f"reference has {ref.d} PCs: map it onto this reference with "
+            f"map_query(adata_query, ref)"
+        )
     with _named_cells(f"adata_query.obsm[{adjusted!r}]"):
-        table = _transfer.transfer_labels(cells, ref, label, k=k,
-                                         min_probability=min_probability, device=device)
+        table = _transfer.transfer_labels(
+            cells, ref, label, k=k, min_probability=min_probability, device=device
+        )
     table.index = adata.obs_names if hasattr(adata, "obs_names") else adata.obs.index
     _write_transfer(adata, record, label, table, k, float(min_probability))
     adata.uns[MAPPING_KEY] = record

@@ -30,19 +30,30 @@ def is_anndata(source: Any) -> bool:
     return hasattr(source, "obsm") and hasattr(source, "obs")
 
 
-def _refuse_anndata_only(given: dict[str, Any], message: str, *,
-                         extra: Sequence[str] = ()) -> None:
+def _refuse_anndata_only(given: dict[str, Any], message: str, *, extra: Sequence[str] = ()) -> None:
     """TypeError naming the AnnData-only arguments given (not None), and ``extra`` names."""
     named = [name for name, value in given.items() if value is not None] + list(extra)
     if named:
         raise TypeError(f"{', '.join(named)}: {message}")
 
 
-def build_reference(source, meta_data=None, labels: str | Sequence[str] | None = None,
-                    keep_cells: bool = True, *, nclust: int | None = None, sigma=None,
-                    random_state=None, device=None, dtype=None, basis: str | None = None,
-                    adjusted_basis: str | None = None, loadings: str | None = "PCs",
-                    layer: str | None = None, **run_harmony_kwargs) -> Reference:
+def build_reference(
+    source,
+    meta_data=None,
+    labels: str | Sequence[str] | None = None,
+    keep_cells: bool = True,
+    *,
+    nclust: int | None = None,
+    sigma=None,
+    random_state=None,
+    device=None,
+    dtype=None,
+    basis: str | None = None,
+    adjusted_basis: str | None = None,
+    loadings: str | None = "PCs",
+    layer: str | None = None,
+    **run_harmony_kwargs,
+) -> Reference:
     """Build a :class:`Reference` to map query cells onto.
 
     Three sources: ``build_reference(ho, meta_data, labels)`` from a finished
@@ -143,28 +154,65 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
     """
     if is_anndata(source):
         return _anndata.reference_from_anndata(
-            source, meta_data, labels=labels, keep_cells=keep_cells,
+            source,
+            meta_data,
+            labels=labels,
+            keep_cells=keep_cells,
             keys=_anndata.ObsmKeys(basis, adjusted_basis, layer, loadings),
-            options={"nclust": nclust, "sigma": sigma, "random_state": random_state,
-                     "device": device, "dtype": dtype},
-            run_harmony_kwargs=run_harmony_kwargs)
+            options={
+                "nclust": nclust,
+                "sigma": sigma,
+                "random_state": random_state,
+                "device": device,
+                "dtype": dtype,
+            },
+            run_harmony_kwargs=run_harmony_kwargs,
+        )
     _refuse_anndata_only(
-        {"basis": basis, "adjusted_basis": adjusted_basis, "layer": layer,
-         "loadings": None if loadings == "PCs" else loadings},
+        {
+            "basis": basis,
+            "adjusted_basis": adjusted_basis,
+            "layer": layer,
+            "loadings": None if loadings == "PCs" else loadings,
+        },
         "only for build_reference(adata, key, ...) on an AnnData object; to build from your "
-        "own Harmony run, pass its result (run_harmony(...))", extra=list(run_harmony_kwargs))
-    return _reference.build_reference(source, meta_data, labels, keep_cells, nclust=nclust,
-                                      sigma=sigma, random_state=random_state, device=device,
-                                      dtype=dtype)
+        "own Harmony run, pass its result (run_harmony(...))",
+        extra=list(run_harmony_kwargs),
+    )
+    return _reference.build_reference(
+        source,
+        meta_data,
+        labels,
+        keep_cells,
+        nclust=nclust,
+        sigma=sigma,
+        random_state=random_state,
+        device=device,
+        dtype=dtype,
+    )
 
 
-def map_query(data_mat, meta_data=None, ref: Reference | None = None,
-              vars_use: str | Sequence[str] | None = None, sigma=None, lamb=None, device=None,
-              dtype=None, *, confidence: bool = True, iterations: int = 1, key=None,
-              basis: str | None = None, adjusted_basis: str | None = None,
-              layer: str | None = None, labels: str | Sequence[str] | None = None,
-              k: int | None = None, min_probability: float | None = None,
-              overwrite: bool = False) -> MappedQuery:
+def map_query(
+    data_mat,
+    meta_data=None,
+    ref: Reference | None = None,
+    vars_use: str | Sequence[str] | None = None,
+    sigma=None,
+    lamb=None,
+    device=None,
+    dtype=None,
+    *,
+    confidence: bool = True,
+    iterations: int = 1,
+    key=None,
+    basis: str | None = None,
+    adjusted_basis: str | None = None,
+    layer: str | None = None,
+    labels: str | Sequence[str] | None = None,
+    k: int | None = None,
+    min_probability: float | None = None,
+    overwrite: bool = False,
+) -> MappedQuery:
     """Map query cells onto a reference (Symphony's ``mapQuery``).
 
     ``map_query(pcs, meta_data, ref, vars_use)`` for cells already in the
@@ -266,26 +314,54 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     if is_anndata(data_mat):
         ref, key = _anndata_arguments(meta_data, ref, key, vars_use)
         return _anndata.map_anndata(
-            data_mat, ref, key, keys=_anndata.ObsmKeys(basis, adjusted_basis, layer),
-            transfer=_anndata.LabelRequest(labels, k, min_probability), overwrite=overwrite,
-            map_options={"sigma": sigma, "lamb": lamb, "device": device, "dtype": dtype,
-                         "confidence": confidence, "iterations": iterations})
+            data_mat,
+            ref,
+            key,
+            keys=_anndata.ObsmKeys(basis, adjusted_basis, layer),
+            transfer=_anndata.LabelRequest(labels, k, min_probability),
+            overwrite=overwrite,
+            map_options={
+                "sigma": sigma,
+                "lamb": lamb,
+                "device": device,
+                "dtype": dtype,
+                "confidence": confidence,
+                "iterations": iterations,
+            },
+        )
     _refuse_anndata_only(
-        {"key": key, "basis": basis, "adjusted_basis": adjusted_basis, "layer": layer,
-         "labels": labels, "k": k, "min_probability": min_probability,
-         "overwrite": overwrite or None},
+        {
+            "key": key,
+            "basis": basis,
+            "adjusted_basis": adjusted_basis,
+            "layer": layer,
+            "labels": labels,
+            "k": k,
+            "min_probability": min_probability,
+            "overwrite": overwrite or None,
+        },
         "only for an AnnData query (map_query(adata_query, ref, ...)); for an embedding use "
-        "vars_use and transfer_labels")
-    return _mapping.map_query(data_mat, meta_data, ref, vars_use, sigma, lamb, device, dtype,
-                              confidence=confidence, iterations=iterations)
+        "vars_use and transfer_labels",
+    )
+    return _mapping.map_query(
+        data_mat,
+        meta_data,
+        ref,
+        vars_use,
+        sigma,
+        lamb,
+        device,
+        dtype,
+        confidence=confidence,
+        iterations=iterations,
+    )
 
 
 def _anndata_arguments(second, third, key, vars_use):
     """``(ref, key)`` of ``map_query(adata_query, ref, key)``, however they were passed."""
     if vars_use is not None:
         if key is not None:
-            raise TypeError("key and vars_use are the same argument for an AnnData query; "
-                            "give one")
+            raise TypeError("key and vars_use are the same argument for an AnnData query; give one")
         key = vars_use
     if isinstance(second, Reference):
         if third is not None and not isinstance(third, Reference):
@@ -297,14 +373,23 @@ def _anndata_arguments(second, third, key, vars_use):
         return second, key
     if second is None:
         return third, key
-    raise TypeError(f"map_query(adata_query, ref, key=None, ...): the second argument must be "
-                    f"the Reference, not {type(second).__name__} (an AnnData query's batch "
-                    f"columns are adata_query.obs columns named by key)")
+    raise TypeError(
+        f"map_query(adata_query, ref, key=None, ...): the second argument must be "
+        f"the Reference, not {type(second).__name__} (an AnnData query's batch "
+        f"columns are adata_query.obs columns named by key)"
+    )
 
 
-def transfer_labels(query, ref: Reference, label: str, k: int = 5,
-                    min_probability: float = 0.5, *, device=None,
-                    overwrite: bool = False) -> pd.DataFrame:
+def transfer_labels(
+    query,
+    ref: Reference,
+    label: str,
+    k: int = 5,
+    min_probability: float = 0.5,
+    *,
+    device=None,
+    overwrite: bool = False,
+) -> pd.DataFrame:
     """Labels for query cells by a vote of their k nearest reference cells.
 
     Symphony's ``knnPredict`` (``class::knn``): Euclidean distances in the
@@ -353,10 +438,18 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference, not {type(ref).__name__}")
     if is_anndata(query):
-        return _anndata.transfer_anndata(query, ref, label, k=k,
-                                         min_probability=min_probability, device=device,
-                                         overwrite=overwrite)
+        return _anndata.transfer_anndata(
+            query,
+            ref,
+            label,
+            k=k,
+            min_probability=min_probability,
+            device=device,
+            overwrite=overwrite,
+        )
     if overwrite:
-        raise TypeError("overwrite: only for an AnnData query, whose obs columns label "
-                        "transfer writes; for an array the labels are only returned")
+        raise TypeError(
+            "overwrite: only for an AnnData query, whose obs columns label "
+            "transfer writes; for an array the labels are only returned"
+        )
     return _transfer.transfer_labels(query, ref, label, k, min_probability, device=device)

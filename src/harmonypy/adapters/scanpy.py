@@ -23,7 +23,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from harmonypy.adapters.anndata import _as_keys, _check_adata, _check_obs_columns, check_distinct_bases
+from harmonypy.adapters.anndata import (
+    _as_keys,
+    _check_adata,
+    _check_obs_columns,
+    check_distinct_bases,
+)
 from harmonypy.engine.run import run_harmony
 
 logger = logging.getLogger(__name__)
@@ -48,8 +53,11 @@ SCANPY_TO_RUN_HARMONY: dict[str, tuple[str, str]] = {
     "alpha": ("alpha", "harmony2 only"),
     "batch_prune_threshold": ("batch_prop_cutoff", "harmony2 only; None becomes 0 (no pruning)"),
     "block_proportion": ("block_size", "as is"),
-    "rng": ("random_state", "an int as is; a Generator, BitGenerator, SeedSequence or "
-                            "sequence of ints is drawn from once; None draws fresh entropy"),
+    "rng": (
+        "random_state",
+        "an int as is; a Generator, BitGenerator, SeedSequence or "
+        "sequence of ints is drawn from once; None draws fresh entropy",
+    ),
 }
 
 _FLAVORS = {"harmony1": "harmony1", "harmony2": "harmony2"}
@@ -88,7 +96,8 @@ def _seed_from_rng(rng: Any) -> Any:
     except (TypeError, ValueError) as err:
         raise TypeError(
             f"rng must be None, an int, a sequence of ints, a numpy SeedSequence, "
-            f"BitGenerator or Generator, got {type(rng).__name__}: {err}") from err
+            f"BitGenerator or Generator, got {type(rng).__name__}: {err}"
+        ) from err
 
 
 def _embedding(adata: Any, basis: str) -> np.ndarray:
@@ -98,7 +107,8 @@ def _embedding(adata: Any, basis: str) -> np.ndarray:
         raise ValueError(
             f"The specified basis {basis!r} is not available in `adata.obsm`. "
             f"Available bases: {obsm_keys}"
-            + (" (run scanpy.pp.pca first)" if basis == "X_pca" else ""))
+            + (" (run scanpy.pp.pca first)" if basis == "X_pca" else "")
+        )
     embedding = adata.obsm[basis]
     if hasattr(embedding, "toarray"):  # sparse obsm entries are refused downstream
         return embedding
@@ -109,8 +119,9 @@ def _dtype(dtype: Any) -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError as err:
-        raise TypeError(f"dtype must be a NumPy float dtype (np.float32 or np.float64), "
-                        f"got {dtype!r}") from err
+        raise TypeError(
+            f"dtype must be a NumPy float dtype (np.float32 or np.float64), got {dtype!r}"
+        ) from err
     if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be np.float32 or np.float64, got {resolved}")
     return resolved
@@ -241,16 +252,25 @@ def harmony_integrate(
     harmony2 = flavor == "harmony2"
     # scanpy's warnings for arguments the chosen flavor ignores, word for word in meaning.
     if harmony2 and ridge_lambda != 1.0:
-        warnings.warn("ridge_lambda is ignored when flavor='harmony2'; "
-                      "use alpha to control regularization strength.", UserWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "ridge_lambda is ignored when flavor='harmony2'; "
+            "use alpha to control regularization strength.",
+            UserWarning,
+            stacklevel=2,
+        )
     if not harmony2:
         if alpha != 0.2:
-            warnings.warn("alpha is ignored when flavor='harmony1'; use ridge_lambda instead.",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "alpha is ignored when flavor='harmony1'; use ridge_lambda instead.",
+                UserWarning,
+                stacklevel=2,
+            )
         if batch_prune_threshold != 1e-5:
-            warnings.warn("batch_prune_threshold is ignored when flavor='harmony1'.",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                "batch_prune_threshold is ignored when flavor='harmony1'.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     _check_adata(adata, caller="harmony_integrate()")
     check_distinct_bases(basis, adjusted_basis)
@@ -278,13 +298,16 @@ def harmony_integrate(
         callback=callback,
     )
     if harmony2:
-        kwargs.update(lamb=-1, alpha=alpha,
-                      batch_prop_cutoff=0.0 if batch_prune_threshold is None
-                      else batch_prune_threshold)
+        kwargs.update(
+            lamb=-1,
+            alpha=alpha,
+            batch_prop_cutoff=0.0 if batch_prune_threshold is None else batch_prune_threshold,
+        )
     else:
         kwargs.update(lamb=ridge_lambda)
 
     ho = run_harmony(embedding, adata.obs, keys, **kwargs)
     adata.obsm[adjusted_basis] = ho.result(dtype=out_dtype)  # no copy when it can be avoided
-    logger.info("stored the corrected embedding in obsm[%r] (%s, %s)", adjusted_basis,
-                flavor, out_dtype)
+    logger.info(
+        "stored the corrected embedding in obsm[%r] (%s, %s)", adjusted_basis, flavor, out_dtype
+    )

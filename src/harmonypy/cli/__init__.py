@@ -40,12 +40,25 @@ from harmonypy.cli.options import PROG, HelpFormatter, Parser
 __all__ = ["BAD_INPUT", "Terminated", "build_parser", "main"]
 
 # Errors that mean "the input or the options are wrong": exit status 2, one line.
-BAD_INPUT = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
-             ImportError, IsADirectoryError, NotADirectoryError, PermissionError,
-             MemoryError)
+BAD_INPUT = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    FileExistsError,
+    ImportError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    MemoryError,
+)
 # Per command, the library parameter names its messages may hold, as its options.
-_OPTION_NAMES = {"run": run.OPTION_NAMES, "reference": reference.OPTION_NAMES,
-                 "map": mapping.OPTION_NAMES, "evaluate": evaluate.OPTION_NAMES}
+_OPTION_NAMES = {
+    "run": run.OPTION_NAMES,
+    "reference": reference.OPTION_NAMES,
+    "map": mapping.OPTION_NAMES,
+    "evaluate": evaluate.OPTION_NAMES,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     from harmonypy import __version__
 
     parser = Parser(
-        prog=PROG, formatter_class=HelpFormatter,
+        prog=PROG,
+        formatter_class=HelpFormatter,
         description="Harmony integration of single-cell embeddings (PyTorch).",
-        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.")
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--debug", action="store_true", default=False,
-                        help="show the full traceback on errors")
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help="show the full traceback on errors"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.add_run(commands)
     reference.add_reference(commands)
@@ -122,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence of a CLI
         if args.debug:
             raise
-        print(f"{PROG}: error: {type(err).__name__}: {_message(err, args.command)} "
-              f"(run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"{PROG}: error: {type(err).__name__}: {_message(err, args.command)} "
+            f"(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -137,4 +156,3 @@ def _message(err: BaseException, command: str | None = None) -> str:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
         text = pattern.sub(lambda match: names[match.group(1)], text)
     return text
-

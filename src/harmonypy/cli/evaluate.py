@@ -14,11 +14,23 @@ from harmonypy.io.readers import read_h5ad
 from harmonypy.io.tables import Table
 from harmonypy.io.writers import write_table
 from harmonypy.cli.inputs import (
-    check_columns, note_position, read_tables, refuse_name_options,
+    check_columns,
+    note_position,
+    read_tables,
+    refuse_name_options,
 )
 from harmonypy.cli.options import (
-    EMBEDDING_HELP, PROG, TABLE_OUTPUTS, HelpFormatter, add_common, add_force,
-    add_name_options, meta_help, name_list, note, number,
+    EMBEDDING_HELP,
+    PROG,
+    TABLE_OUTPUTS,
+    HelpFormatter,
+    add_common,
+    add_force,
+    add_name_options,
+    meta_help,
+    name_list,
+    note,
+    number,
 )
 from harmonypy.cli.results import replaced
 
@@ -29,26 +41,46 @@ OPTION_NAMES = {"label_colnames": "--batch/--label"}
 def add_evaluate(commands) -> None:
     """Add ``evaluate`` to the subcommands: LISI of an embedding."""
     p = commands.add_parser(
-        "evaluate", formatter_class=HelpFormatter,
+        "evaluate",
+        formatter_class=HelpFormatter,
         help="score mixing (iLISI) and cell-type separation (cLISI)",
         description="Local Inverse Simpson Index of EMBEDDING over the --batch column "
-                    "(iLISI: 1 = not mixed, number of batches = fully mixed) and the "
-                    "--label column (cLISI: 1 = cell types kept apart).",
+        "(iLISI: 1 = not mixed, number of batches = fully mixed) and the "
+        "--label column (cLISI: 1 = cell types kept apart).",
         epilog=f"example: {PROG} evaluate pcs_harmony.tsv.gz meta.tsv.gz --batch donor "
-               f"--label cell_type")
+        f"--label cell_type",
+    )
     p.add_argument("embedding", metavar="EMBEDDING", help=EMBEDDING_HELP)
-    p.add_argument("meta", metavar="META", nargs="?",
-                   help=meta_help("EMBEDDING", "not for .h5ad"))
-    p.add_argument("--batch", type=name_list, required=True, metavar="COL[,COL...]",
-                   help="batch column(s) for iLISI")
-    p.add_argument("--label", type=name_list, metavar="COL[,COL...]",
-                   help="cell-type column(s) for cLISI (default: none)")
-    p.add_argument("--perplexity", type=number, default=30.0, metavar="P",
-                   help="effective number of neighbours")
-    p.add_argument("--basis", default="X_pca_harmony", metavar="KEY",
-                   help=".h5ad input: obsm key of the embedding to score")
-    p.add_argument("-o", "--output", metavar="OUT",
-                   help="also write the per-cell LISI values to this table")
+    p.add_argument("meta", metavar="META", nargs="?", help=meta_help("EMBEDDING", "not for .h5ad"))
+    p.add_argument(
+        "--batch",
+        type=name_list,
+        required=True,
+        metavar="COL[,COL...]",
+        help="batch column(s) for iLISI",
+    )
+    p.add_argument(
+        "--label",
+        type=name_list,
+        metavar="COL[,COL...]",
+        help="cell-type column(s) for cLISI (default: none)",
+    )
+    p.add_argument(
+        "--perplexity",
+        type=number,
+        default=30.0,
+        metavar="P",
+        help="effective number of neighbours",
+    )
+    p.add_argument(
+        "--basis",
+        default="X_pca_harmony",
+        metavar="KEY",
+        help=".h5ad input: obsm key of the embedding to score",
+    )
+    p.add_argument(
+        "-o", "--output", metavar="OUT", help="also write the per-cell LISI values to this table"
+    )
     add_force(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
     add_name_options(p)
@@ -60,8 +92,11 @@ def command_evaluate(args: argparse.Namespace) -> int:
     """``harmonypy evaluate``: LISI summary table on stdout."""
     from harmonypy import compute_lisi
 
-    check_outputs([OutputSpec("-o/--output", args.output, TABLE_OUTPUTS)],
-                  {"EMBEDDING": args.embedding, "META": args.meta}, force=args.force)
+    check_outputs(
+        [OutputSpec("-o/--output", args.output, TABLE_OUTPUTS)],
+        {"EMBEDDING": args.embedding, "META": args.meta},
+        force=args.force,
+    )
     embedding, meta, cells, source = _evaluation_input(args)
     check_columns(meta, args.batch, "--batch", source)
     check_columns(meta, args.label or [], "--label", source)
@@ -89,19 +124,28 @@ def _evaluation_input(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFram
         refuse_name_options(args)
         adata = read_h5ad(args.embedding, backed=True)  # X is not needed: not loaded
         try:
-            return (get_basis(adata, args.basis), adata.obs.reset_index(drop=True),
-                    adata.obs_names, f"adata.obs of {args.embedding}")
+            return (
+                get_basis(adata, args.basis),
+                adata.obs.reset_index(drop=True),
+                adata.obs_names,
+                f"adata.obs of {args.embedding}",
+            )
         finally:
             adata.file.close()
     if args.meta is None:
         raise ValueError("META (the metadata table) is required unless EMBEDDING is .h5ad")
     embedding, meta = read_tables(args)
-    return (embedding.frame.to_numpy(dtype=float), meta, embedding.names,
-            f"the metadata {args.meta}")
+    return (
+        embedding.frame.to_numpy(dtype=float),
+        meta,
+        embedding.names,
+        f"the metadata {args.meta}",
+    )
 
 
-def lisi_summary(lisi: np.ndarray, meta: pd.DataFrame, labels: Sequence[str],
-                 kinds: Sequence[str]) -> pd.DataFrame:
+def lisi_summary(
+    lisi: np.ndarray, meta: pd.DataFrame, labels: Sequence[str], kinds: Sequence[str]
+) -> pd.DataFrame:
     """One row per label: median, mean and quantiles of the per-cell LISI.
 
     ``scaled`` maps the median to [0, 1], higher = better, as
@@ -115,13 +159,17 @@ def lisi_summary(lisi: np.ndarray, meta: pd.DataFrame, labels: Sequence[str],
         n_levels = int(meta[label].nunique())
         median = float(np.median(values)) if values.size else float("nan")
         span = max(n_levels - 1, 1)
-        rows.append({
-            "score": kind, "column": label, "levels": n_levels,
-            "best": n_levels if kind == "iLISI" else 1,
-            "median": median,
-            "scaled": (median - 1) / span if kind == "iLISI" else (n_levels - median) / span,
-            "mean": float(values.mean()) if values.size else float("nan"),
-            "q05": float(np.quantile(values, 0.05)) if values.size else float("nan"),
-            "q95": float(np.quantile(values, 0.95)) if values.size else float("nan"),
-        })
+        rows.append(
+            {
+                "score": kind,
+                "column": label,
+                "levels": n_levels,
+                "best": n_levels if kind == "iLISI" else 1,
+                "median": median,
+                "scaled": (median - 1) / span if kind == "iLISI" else (n_levels - median) / span,
+                "mean": float(values.mean()) if values.size else float("nan"),
+                "q05": float(np.quantile(values, 0.05)) if values.size else float("nan"),
+                "q95": float(np.quantile(values, 0.95)) if values.size else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)

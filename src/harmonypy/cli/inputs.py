@@ -26,8 +26,9 @@ def read_tables(args: argparse.Namespace) -> tuple[Table, pd.DataFrame]:
     return paired(args, embedding, args.embedding, args.meta)
 
 
-def paired(args: argparse.Namespace, embedding: Table, embedding_path: str,
-            meta_path: str) -> tuple[Table, pd.DataFrame]:
+def paired(
+    args: argparse.Namespace, embedding: Table, embedding_path: str, meta_path: str
+) -> tuple[Table, pd.DataFrame]:
     """``(embedding, metadata in its cell order)``, paired as :func:`match_cells` says.
 
     Paired by position with an embedding that names no cells (``.npy``,
@@ -36,9 +37,14 @@ def paired(args: argparse.Namespace, embedding: Table, embedding_path: str,
     the outputs are written (:func:`note_position`), so that an error stays
     the only line.
     """
-    match = match_cells(embedding, read_meta(meta_path), embedding_path=embedding_path,
-                        meta_path=meta_path, meta_names=args.meta_names,
-                        by_name=not args.no_names)
+    match = match_cells(
+        embedding,
+        read_meta(meta_path),
+        embedding_path=embedding_path,
+        meta_path=meta_path,
+        meta_names=args.meta_names,
+        by_name=not args.no_names,
+    )
     if match.reordered:
         note(args, match.describe())
     args.position_note = None if match.by_name else match.describe()
@@ -57,12 +63,20 @@ def note_position(args: argparse.Namespace) -> None:
 
 def refuse_name_options(args: argparse.Namespace) -> None:
     """--names/--meta-names/--no-names mean nothing for .h5ad input: say so."""
-    given = [option for option, value in (("--names", args.names),
-                                          ("--meta-names", args.meta_names),
-                                          ("--no-names", args.no_names)) if value]
+    given = [
+        option
+        for option, value in (
+            ("--names", args.names),
+            ("--meta-names", args.meta_names),
+            ("--no-names", args.no_names),
+        )
+        if value
+    ]
     if given:
-        raise ValueError(f"{', '.join(given)}: not used with .h5ad input, whose cells are "
-                         f"named by obs_names and described by obs")
+        raise ValueError(
+            f"{', '.join(given)}: not used with .h5ad input, whose cells are "
+            f"named by obs_names and described by obs"
+        )
 
 
 def refuse_h5ad_options(args: argparse.Namespace, options) -> None:
@@ -72,8 +86,7 @@ def refuse_h5ad_options(args: argparse.Namespace, options) -> None:
         raise ValueError(f"{', '.join(given)}: only for .h5ad input")
 
 
-def check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str,
-                   source: str) -> None:
+def check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str, source: str) -> None:
     """Every name in ``columns`` (given with ``option``) is a column of ``meta``.
 
     Raises
@@ -92,14 +105,18 @@ def check_columns(meta: pd.DataFrame, columns: Sequence[str], option: str,
         if close:
             hints.append(f"{close!r} for {name!r}" if len(missing) > 1 else repr(close))
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-    shown = ", ".join(available[:30]) + (f", ... ({len(available) - 30} more)"
-                                         if len(available) > 30 else "")
-    raise ColumnNotFoundError(f"{option}: column(s) {', '.join(map(repr, missing))} not found "
-                              f"in {source}{hint}; available: {shown or 'none'}")
+    shown = ", ".join(available[:30]) + (
+        f", ... ({len(available) - 30} more)" if len(available) > 30 else ""
+    )
+    raise ColumnNotFoundError(
+        f"{option}: column(s) {', '.join(map(repr, missing))} not found "
+        f"in {source}{hint}; available: {shown or 'none'}"
+    )
 
 
-def subset_mask(frame: pd.DataFrame, spec: tuple[str, list[str]] | None,
-                 source: str) -> np.ndarray | None:
+def subset_mask(
+    frame: pd.DataFrame, spec: tuple[str, list[str]] | None, source: str
+) -> np.ndarray | None:
     """Rows of ``frame`` selected by ``--subset COL=VALUES``; None without --subset."""
     if spec is None:
         return None
@@ -111,22 +128,29 @@ def subset_mask(frame: pd.DataFrame, spec: tuple[str, list[str]] | None,
     if unknown:
         present = sorted(present)
         shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
-        raise ValueError(f"--subset {column}={','.join(values)}: no cell has {column} "
-                         f"{', '.join(map(repr, unknown))} in {source} (values: {shown})")
+        raise ValueError(
+            f"--subset {column}={','.join(values)}: no cell has {column} "
+            f"{', '.join(map(repr, unknown))} in {source} (values: {shown})"
+        )
     return text.isin(values).to_numpy()
 
 
-def take_rows(embedding: Table, meta: pd.DataFrame | None,
-               mask: np.ndarray | None) -> tuple[Table, pd.DataFrame | None]:
+def take_rows(
+    embedding: Table, meta: pd.DataFrame | None, mask: np.ndarray | None
+) -> tuple[Table, pd.DataFrame | None]:
     """The embedding and metadata rows selected by ``mask`` (all when None)."""
     if mask is None:
         return embedding, meta
-    return (Table(embedding.frame[mask], embedding.has_names, embedding.names_from),
-            None if meta is None else meta[mask].reset_index(drop=True))
+    return (
+        Table(embedding.frame[mask], embedding.has_names, embedding.names_from),
+        None if meta is None else meta[mask].reset_index(drop=True),
+    )
 
 
 def check_plot_pcs(args: argparse.Namespace, n_pcs: int) -> None:
     """Refuse ``--plot-pcs`` beyond the embedding's ``n_pcs`` PCs, before Harmony."""
     if args.plot and max(args.plot_pcs) > n_pcs:
-        raise ValueError(f"--plot-pcs {args.plot_pcs[0]},{args.plot_pcs[1]}: the embedding has "
-                         f"only {n_pcs} PC{'s' if n_pcs != 1 else ''}")
+        raise ValueError(
+            f"--plot-pcs {args.plot_pcs[0]},{args.plot_pcs[1]}: the embedding has "
+            f"only {n_pcs} PC{'s' if n_pcs != 1 else ''}"
+        )

@@ -24,8 +24,9 @@ def outcome(ho) -> str:
     return f"stopped after {ho.n_iter} iterations without converging"
 
 
-def embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
-                      pcs: tuple[int, int] = (1, 2)):
+def embedding_figure(
+    before, after, meta: pd.DataFrame, color: Sequence[str], pcs: tuple[int, int] = (1, 2)
+):
     """The before/after scatter plot as a matplotlib Figure (not yet saved)."""
     from harmonypy.plotting import require_pyplot, embedding_figsize, plot_embedding
 
@@ -35,6 +36,12 @@ def embedding_figure(before, after, meta: pd.DataFrame, color: Sequence[str],
     # A Figure outside pyplot renders to a file without choosing a GUI backend
     # or keeping the figure alive in pyplot's registry.
     fig = Figure(figsize=embedding_figsize(len(color)), layout="constrained")
-    plot_embedding(before, after, meta.reset_index(drop=True), list(color),
-                   dims=(pcs[0] - 1, pcs[1] - 1), fig=fig)
+    plot_embedding(
+        before,
+        after,
+        meta.reset_index(drop=True),
+        list(color),
+        dims=(pcs[0] - 1, pcs[1] - 1),
+        fig=fig,
+    )
     return fig

@@ -14,8 +14,9 @@ from harmonypy.engine.reduce import Reduction
 from harmonypy.engine.options import RunOptions, design_dependent_inputs, local_inputs
 
 
-def distributed_inputs(data_mat, meta_data, vars_use, options: RunOptions,
-                       reduction: Reduction) -> dict:
+def distributed_inputs(
+    data_mat, meta_data, vars_use, options: RunOptions, reduction: Reduction
+) -> dict:
     """:func:`~harmonypy.run_harmony`'s checks in a process group, in two rounds.
 
     Each process checks its own shard and encodes its batch columns; the
@@ -31,21 +32,26 @@ def distributed_inputs(data_mat, meta_data, vars_use, options: RunOptions,
     # Messages name cells as the caller counts them (rank order is the
     # gathered order): this process's first cell follows the lower ranks' cells.
     sizes = reduction.all_gather(_row_count(meta_data))
-    first_row = sum(n or 0 for n in sizes[:reduction.rank])
+    first_row = sum(n or 0 for n in sizes[: reduction.rank])
 
     def check_shard():
-        local = local_inputs(data_mat, meta_data, vars_use, options=options,
-                              first_row=first_row, min_cells=1)
+        local = local_inputs(
+            data_mat, meta_data, vars_use, options=options, first_row=first_row, min_cells=1
+        )
         if reduction.backend == "nccl" and local["device"].type != "cuda":
             raise ValueError(
                 f"the process group's backend is NCCL, which sums CUDA tensors, but "
                 f"device={str(local['device'])!r}: pass device='cuda:N' (this process's "
-                f"GPU, after torch.cuda.set_device(N)), or use a gloo group for the CPU")
+                f"GPU, after torch.cuda.set_device(N)), or use a gloo group for the CPU"
+            )
         levels, codes, counts = encode_local_levels(local["frame"], local["names"])
         settings = dict(
-            d=int(local["cells"].shape[1]), dtype=str(local["dtype"]),
-            device=local["device"].type, vars_use=list(map(str, local["names"])),
-            **options.shared_settings())
+            d=int(local["cells"].shape[1]),
+            dtype=str(local["dtype"]),
+            device=local["device"].type,
+            vars_use=list(map(str, local["names"])),
+            **options.shared_settings(),
+        )
         return (local, levels, codes), (settings, levels, counts)
 
     (local, levels, codes), shared = _checked_together(reduction, check_shard)
@@ -56,17 +62,27 @@ def distributed_inputs(data_mat, meta_data, vars_use, options: RunOptions,
             raise RuntimeError(
                 f"distributed Harmony stopped: rank {rank} of {reduction.world_size} differs "
                 f"from rank 0 in {', '.join(differing)} ("
-                + "; ".join(f"{k}: rank 0 {reference[k]}, rank {rank} {settings.get(k)}"
-                            for k in differing[:3])
-                + "): every process must pass the same arguments and features")
+                + "; ".join(
+                    f"{k}: rank 0 {reference[k]}, rank {rank} {settings.get(k)}"
+                    for k in differing[:3]
+                )
+                + "): every process must pass the same arguments and features"
+            )
     # Deterministic on every process: the same gathered levels give the same design.
-    design = merge_local_levels(local["names"], levels, codes, [lv for _, lv, _ in shared],
-                                [counts for _, _, counts in shared])
+    design = merge_local_levels(
+        local["names"],
+        levels,
+        codes,
+        [lv for _, lv, _ in shared],
+        [counts for _, _, counts in shared],
+    )
     if design.n_total < val.MIN_CELLS:  # the same verdict on every process
         raise ValueError(
             f"Harmony needs at least {val.MIN_CELLS} cells, the {reduction.world_size} "
             f"processes hold {design.n_total} in all ("
-            + ", ".join(f"rank {r}: {n}" for r, n in enumerate(sizes)) + ")")
+            + ", ".join(f"rank {r}: {n}" for r, n in enumerate(sizes))
+            + ")"
+        )
 
     def check_with_design():
         checked = design_dependent_inputs(local, design, depth=4)
@@ -107,10 +123,11 @@ def _raise_if_refused(verdicts: list, failure, reduction: Reduction) -> None:
     if not failed:
         return
     rank, (_, kind, message) = failed[0]
-    also = (f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})"
-            if failed[1:] else "")
-    text = (f"distributed Harmony stopped: rank {rank} of {reduction.world_size} refused "
-            f"its input{also}: {kind}: {message}")
+    also = f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})" if failed[1:] else ""
+    text = (
+        f"distributed Harmony stopped: rank {rank} of {reduction.world_size} refused "
+        f"its input{also}: {kind}: {message}"
+    )
     if failure is not None and rank == reduction.rank:
         try:  # the failing process keeps its error's type (ValueError, TypeError, ...)
             error = type(failure)(text)

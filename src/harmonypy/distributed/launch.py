@@ -75,10 +75,12 @@ _GRACE_SECONDS = 2.0
 # What each child runs: SIGTERM back to its default action (ends the process;
 # an ignored SIGTERM is inherited) and unblocked (the launcher blocks it, with
 # SIGINT, while it starts the child), then the launcher's sys.path, then this module.
-_BOOT = ("import json, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
-         "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); "
-         "sys.path[:] = json.loads(sys.argv[1]); "
-         "from harmonypy.distributed.launch import _child_main; sys.exit(_child_main(sys.argv[2:]))")
+_BOOT = (
+    "import json, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); "
+    "sys.path[:] = json.loads(sys.argv[1]); "
+    "from harmonypy.distributed.launch import _child_main; sys.exit(_child_main(sys.argv[2:]))"
+)
 
 
 @dataclass
@@ -168,8 +170,15 @@ def start_timeout_seconds(value=None) -> float:
     return seconds
 
 
-def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, nproc: int,
-                     *, start_timeout: float | None = None, **options) -> GatheredRun:
+def run_in_processes(
+    data_mat: np.ndarray,
+    meta_data: pd.DataFrame,
+    vars_use,
+    nproc: int,
+    *,
+    start_timeout: float | None = None,
+    **options,
+) -> GatheredRun:
     """``run_harmony`` over ``nproc`` local processes; returns the gathered run.
 
     Parameters
@@ -195,12 +204,16 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     if not torch.distributed.is_available():
         raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
     if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
-        raise RuntimeError("--nproc starts Python processes with inherited shared memory, "
-                           "which needs Linux or macOS and a Python interpreter (not a "
-                           "frozen executable)")
+        raise RuntimeError(
+            "--nproc starts Python processes with inherited shared memory, "
+            "which needs Linux or macOS and a Python interpreter (not a "
+            "frozen executable)"
+        )
     if options.get("callback") is not None:
-        raise ValueError("callback: not with nproc > 1 (the iterations run in other "
-                         "processes, which cannot call a function of this one)")
+        raise ValueError(
+            "callback: not with nproc > 1 (the iterations run in other "
+            "processes, which cannot call a function of this one)"
+        )
     seconds = start_timeout_seconds(start_timeout)
     data_mat = _checked_matrix(data_mat, meta_data, nproc)
     options, backend = _backend_options(nproc, options)
@@ -219,41 +232,66 @@ def run_in_processes(data_mat: np.ndarray, meta_data: pd.DataFrame, vars_use, np
     try:
         chunk = COPY_CHUNK_ROWS  # a memory-mapped input is read in chunks, never whole
         for start in range(0, data_mat.shape[0], chunk):
-            cells[start:start + chunk] = data_mat[start:start + chunk]
-        common = dict(world_size=nproc, port=_free_port(), backend=backend, bounds=bounds,
-                      shape=data_mat.shape, dtype=np.dtype(dtype).str, vars_use=vars_use,
-                      options=options, start_timeout=seconds)
-        payloads = [dict(common, rank=rank, meta=_meta_rows(meta_data, vars_use, *bounds[rank]))
-                    for rank in range(nproc)]
+            cells[start : start + chunk] = data_mat[start : start + chunk]
+        common = dict(
+            world_size=nproc,
+            port=_free_port(),
+            backend=backend,
+            bounds=bounds,
+            shape=data_mat.shape,
+            dtype=np.dtype(dtype).str,
+            vars_use=vars_use,
+            options=options,
+            start_timeout=seconds,
+        )
+        payloads = [
+            dict(common, rank=rank, meta=_meta_rows(meta_data, vars_use, *bounds[rank]))
+            for rank in range(nproc)
+        ]
         summary = _run_group(payloads, (cells_fd, out_fd))
     finally:
         os.close(cells_fd)
         os.close(out_fd)
     if summary["stop_reason"] == "max_iter_harmony":
-        warnings.warn(f"Harmony did not converge in {summary['n_iter']} iteration(s); raise "
-                      f"max_iter_harmony", ConvergenceWarning, stacklevel=2)
-    return GatheredRun(corrected=corrected, n_iter=summary["n_iter"],
-                       converged=summary["converged"],
-                       objective_harmony=summary["objective_harmony"],
-                       kmeans_rounds=summary["kmeans_rounds"], K=summary["K"],
-                       algorithm=summary["algorithm"], world_size=nproc, backend=backend,
-                       bytes_per_process=summary["bytes"], seconds=summary["seconds"],
-                       batch_levels=summary["batch_levels"])
+        warnings.warn(
+            f"Harmony did not converge in {summary['n_iter']} iteration(s); raise max_iter_harmony",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return GatheredRun(
+        corrected=corrected,
+        n_iter=summary["n_iter"],
+        converged=summary["converged"],
+        objective_harmony=summary["objective_harmony"],
+        kmeans_rounds=summary["kmeans_rounds"],
+        K=summary["K"],
+        algorithm=summary["algorithm"],
+        world_size=nproc,
+        backend=backend,
+        bytes_per_process=summary["bytes"],
+        seconds=summary["seconds"],
+        batch_levels=summary["batch_levels"],
+    )
 
 
 def _checked_matrix(data_mat, meta_data, nproc: int) -> np.ndarray:
     """``data_mat`` as a 2-D real array (a memmap stays one) matching ``meta_data``."""
     data_mat = np.asarray(data_mat)
     if data_mat.dtype.kind not in "fiu":
-        raise TypeError(f"data_mat must hold real numbers, got dtype {data_mat.dtype}; "
-                        f"expected a float or integer matrix (cells x PCs)")
+        raise TypeError(
+            f"data_mat must hold real numbers, got dtype {data_mat.dtype}; "
+            f"expected a float or integer matrix (cells x PCs)"
+        )
     if data_mat.ndim != 2 or data_mat.size == 0:
-        raise ValueError(f"data_mat must be a non-empty 2-D matrix (cells x PCs), got shape "
-                         f"{data_mat.shape}")
+        raise ValueError(
+            f"data_mat must be a non-empty 2-D matrix (cells x PCs), got shape {data_mat.shape}"
+        )
     n_cells = data_mat.shape[0]
     if len(meta_data) != n_cells:
-        raise ValueError(f"meta_data has {len(meta_data):,} rows but data_mat has {n_cells:,} "
-                         f"cells (rows); expected one metadata row per cell")
+        raise ValueError(
+            f"meta_data has {len(meta_data):,} rows but data_mat has {n_cells:,} "
+            f"cells (rows); expected one metadata row per cell"
+        )
     if nproc > n_cells:
         raise ValueError(f"nproc={nproc} is more processes than cells ({n_cells})")
     return data_mat
@@ -267,9 +305,11 @@ def _backend_options(nproc: int, options: dict) -> tuple[dict, str]:
     backend = "nccl" if on_gpu and gpus >= nproc else "gloo"
     if backend == "gloo" and on_gpu:
         if device is not None:
-            raise ValueError(f"device={device!r} with {nproc} processes needs a GPU per "
-                             f"process (NCCL); this machine has {gpus}: use nproc <= {gpus} "
-                             f"or device='cpu'")
+            raise ValueError(
+                f"device={device!r} with {nproc} processes needs a GPU per "
+                f"process (NCCL); this machine has {gpus}: use nproc <= {gpus} "
+                f"or device='cpu'"
+            )
         options = dict(options, device="cpu")  # more processes than GPUs: the CPUs
     return dict(options), backend
 
@@ -311,8 +351,9 @@ def _mapped(descriptor: int, shape: tuple, dtype, *, writable: bool = True) -> n
     count = int(np.prod(shape))
     nbytes = max(1, count * np.dtype(dtype).itemsize)
     access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-    return np.frombuffer(mmap.mmap(descriptor, nbytes, access=access), dtype=dtype,
-                         count=count).reshape(shape)
+    return np.frombuffer(
+        mmap.mmap(descriptor, nbytes, access=access), dtype=dtype, count=count
+    ).reshape(shape)
 
 
 # ----------------------------------------------------------- the parent side
@@ -350,8 +391,14 @@ def _spawn(payload: dict, shared_fds: tuple, procs: list, readers: list) -> None
         reader, writer = os.pipe()
         readers.append(reader)
         fds = (handoff.fileno(), writer, *shared_fds)
-        argv = [sys.executable, "-c", _BOOT, json.dumps([str(p) for p in sys.path]),
-                str(os.getpid()), *map(str, fds)]
+        argv = [
+            sys.executable,
+            "-c",
+            _BOOT,
+            json.dumps([str(p) for p in sys.path]),
+            str(os.getpid()),
+            *map(str, fds),
+        ]
         held = _block_signals()
         try:
             procs.append(subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL))
@@ -387,8 +434,11 @@ def _wait(procs: list, readers: list) -> dict:
                 if not chunk:
                     selector.unregister(key.fd)
             codes = [proc.poll() for proc in procs]
-            failed += [rank for rank, code in enumerate(codes)
-                       if code not in (None, 0) and rank not in failed]
+            failed += [
+                rank
+                for rank, code in enumerate(codes)
+                if code not in (None, 0) and rank not in failed
+            ]
             settled = all(code is not None for code in codes) and not selector.get_map()
             if failed and failed_at is None:
                 failed_at = time.monotonic()
@@ -455,14 +505,19 @@ def _group_error(failed: list, codes: list, messages: list) -> Exception:
             return error
     rank = (killed or failed)[0]
     code = codes[rank]
-    how = (f"was killed by signal {_signal_name(-code)}" if code is not None and code < 0
-           else f"exited with status {code}")
+    how = (
+        f"was killed by signal {_signal_name(-code)}"
+        if code is not None and code < 0
+        else f"exited with status {code}"
+    )
     joined = any(m[0] == "joined" for m in messages[rank])
     when = "during the run" if joined else "while starting (before it joined the group)"
-    hint = (" (the system may have run out of memory)" if code == -signal.SIGKILL else "")
-    return RuntimeError(f"rank {rank} of {world} {how} {when}{hint}, without reporting an "
-                        f"error; the other processes were stopped. Anything it printed is "
-                        f"above")
+    hint = " (the system may have run out of memory)" if code == -signal.SIGKILL else ""
+    return RuntimeError(
+        f"rank {rank} of {world} {how} {when}{hint}, without reporting an "
+        f"error; the other processes were stopped. Anything it printed is "
+        f"above"
+    )
 
 
 class _ChildTraceback(Exception):
@@ -570,29 +625,44 @@ def _run_rank(payload: dict, *, cells_fd: int, out_fd: int, report) -> dict | No
     shape, dtype = payload["shape"], np.dtype(payload["dtype"])
     cells = _mapped(cells_fd, shape, dtype, writable=False)
     corrected = _mapped(out_fd, shape, dtype)
-    join_group(rank=rank, world_size=payload["world_size"], port=payload["port"],
-               backend=payload["backend"], timeout=payload["start_timeout"])
+    join_group(
+        rank=rank,
+        world_size=payload["world_size"],
+        port=payload["port"],
+        backend=payload["backend"],
+        timeout=payload["start_timeout"],
+    )
     _send(report, ("joined",))
     try:
         start, stop = payload["bounds"][rank]
         began = time.perf_counter()
         with warnings.catch_warnings():  # the launcher warns once, in the caller's process
             warnings.simplefilter("ignore", ConvergenceWarning)
-            ho = run_harmony(cells[start:stop], payload["meta"], payload["vars_use"],
-                             distributed=True, **options)
+            ho = run_harmony(
+                cells[start:stop], payload["meta"], payload["vars_use"], distributed=True, **options
+            )
         ho.result(out=corrected[start:stop])
-        return None if rank else dict(
-            n_iter=ho.n_iter, converged=ho.converged, stop_reason=ho.stop_reason,
-            objective_harmony=list(ho.objective_harmony),
-            kmeans_rounds=list(ho.kmeans_rounds), K=ho.K, algorithm=ho.algorithm,
-            bytes=ho.bytes_reduced, batch_levels=list(ho.batch_levels),
-            seconds=time.perf_counter() - began)
+        return (
+            None
+            if rank
+            else dict(
+                n_iter=ho.n_iter,
+                converged=ho.converged,
+                stop_reason=ho.stop_reason,
+                objective_harmony=list(ho.objective_harmony),
+                kmeans_rounds=list(ho.kmeans_rounds),
+                K=ho.K,
+                algorithm=ho.algorithm,
+                bytes=ho.bytes_reduced,
+                batch_levels=list(ho.batch_levels),
+                seconds=time.perf_counter() - began,
+            )
+        )
     finally:
         dist.destroy_process_group()
 
 
-def join_group(*, rank: int, world_size: int, port: int, backend: str,
-               timeout: float) -> None:
+def join_group(*, rank: int, world_size: int, port: int, backend: str, timeout: float) -> None:
     """Join (rank 0: host) the group on ``127.0.0.1:port``, waiting at most
     ``timeout`` seconds for the others to arrive.
 
@@ -610,16 +680,19 @@ def join_group(*, rank: int, world_size: int, port: int, backend: str,
     import torch.distributed as dist
 
     try:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0,
-                              timeout=timedelta(seconds=timeout))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=30))
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout)
+        )
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(minutes=30)
+        )
     except RuntimeError as err:  # torch's DistStoreError and timeouts are RuntimeErrors
         raise RuntimeError(
             f"rank {rank} of {world_size} could not form the process group on "
             f"127.0.0.1:{port} within {timeout:g} s (another process did not start or "
             f"stopped, or the port was taken; HARMONYPY_START_TIMEOUT sets the wait): "
-            f"{' '.join(str(err).split())[:300]}") from err
+            f"{' '.join(str(err).split())[:300]}"
+        ) from err
 
 
 #: What importing PyTorch and starting a process costs each process (measured
@@ -640,11 +713,20 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
     counts = [int(meta_data[k].nunique()) for k in keys if k in meta_data.columns]
     n_clusters = options.get("nclust") or default_clusters(n_cells)
     word = np.dtype(dtype).itemsize
-    size = _memory.RunSize(n_cells, n_dims, int(n_clusters), counts or [2],
-                           n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)))
+    size = _memory.RunSize(
+        n_cells,
+        n_dims,
+        int(n_clusters),
+        counts or [2],
+        n_blocks=n_blocks_of(n_cells, options.get("block_size", 0.05)),
+    )
     estimate = _memory.estimate_memory(
-        size, dtype=torch.float64 if word == 8 else torch.float32,
-        algorithm=options.get("algorithm", "harmony1"), device="cpu", copies_input=False)
+        size,
+        dtype=torch.float64 if word == 8 else torch.float32,
+        algorithm=options.get("algorithm", "harmony1"),
+        device="cpu",
+        copies_input=False,
+    )
     engine = 0 if backend == "nccl" else estimate.peak("host")
     shared = 2 * n_cells * n_dims * word
     need = engine + shared + nproc * _PROCESS_OVERHEAD
@@ -657,4 +739,5 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
             f"{_memory.format_size(shared)}, {nproc} x {_memory.format_size(_PROCESS_OVERHEAD)} to start "
             f"the processes), {_memory.format_size(available)} is available: use fewer cells per "
             f"machine (torchrun over several machines), or check_memory=False "
-            f"(--no-memory-check) to try anyway")
+            f"(--no-memory-check) to try anyway"
+        )

@@ -17,9 +17,17 @@ from harmonypy.engine.kmeans import SAMPLE_SIZE, KMeansStart, kmeans_centroids
 from harmonypy.engine.reduce import Reduction
 
 
-def distributed_kmeans(cells: clu.CellRows, *, order: torch.Tensor, n_clusters: int,
-                       start: KMeansStart, generator: torch.Generator, seed: int,
-                       n_total: int, reduction: Reduction) -> torch.Tensor:
+def distributed_kmeans(
+    cells: clu.CellRows,
+    *,
+    order: torch.Tensor,
+    n_clusters: int,
+    start: KMeansStart,
+    generator: torch.Generator,
+    seed: int,
+    n_total: int,
+    reduction: Reduction,
+) -> torch.Tensor:
     """The initial centroids (K, d) of a distributed run, the same on every process.
 
     Each process draws its share of the sample (``SAMPLE_SIZE`` cells in
@@ -50,6 +58,11 @@ def distributed_kmeans(cells: clu.CellRows, *, order: torch.Tensor, n_clusters: 
         generator = torch.Generator(device="cpu").manual_seed(seed)
         if sampled:  # rank 0 drew its share of the sample first
             torch.randperm(gathered[0][0], generator=generator)
-    centers = kmeans_centroids(sample.to(cells.z.device), n_clusters, generator=generator,
-                               start=start, sample_size=sample.shape[0])
+    centers = kmeans_centroids(
+        sample.to(cells.z.device),
+        n_clusters,
+        generator=generator,
+        start=start,
+        sample_size=sample.shape[0],
+    )
     return reduction.broadcast_(centers.contiguous(), src=0)

@@ -23,8 +23,13 @@ COPY_CHUNK_ROWS = 65536
 def input_used_as_is(z, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :func:`input_tensor` wraps ``z`` instead of copying it."""
     np_dtype = np.dtype(np.float64 if dtype == torch.float64 else np.float32)
-    return (device.type == "cpu" and isinstance(z, np.ndarray) and z.dtype == np_dtype
-            and z.flags.c_contiguous and z.dtype.isnative)
+    return (
+        device.type == "cpu"
+        and isinstance(z, np.ndarray)
+        and z.dtype == np_dtype
+        and z.flags.c_contiguous
+        and z.dtype.isnative
+    )
 
 
 def input_tensor(z: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -55,7 +60,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
-
 def write_rows(out: np.ndarray, z: torch.Tensor) -> np.ndarray:
     """Copy ``z`` (N, d) into the caller's array ``out`` in chunks of rows, after
     checking it (a NumPy float array of the same shape, writable); returns ``out``.
@@ -65,11 +69,12 @@ def write_rows(out: np.ndarray, z: torch.Tensor) -> np.ndarray:
     """
     n, d = z.shape
     if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array (or np.memmap) of shape "
-                        f"({n}, {d}), got {type(out).__name__}")
+        raise TypeError(
+            f"out must be a NumPy array (or np.memmap) of shape "
+            f"({n}, {d}), got {type(out).__name__}"
+        )
     if out.shape != (n, d):
-        raise ValueError(f"out must have shape ({n}, {d}) (cells x features), "
-                         f"got {out.shape}")
+        raise ValueError(f"out must have shape ({n}, {d}) (cells x features), got {out.shape}")
     if out.dtype.kind != "f":
         raise ValueError(f"out must have a float dtype, got {out.dtype}")
     if not out.flags.writeable:

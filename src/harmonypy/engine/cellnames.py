@@ -39,18 +39,41 @@ _PROBE_VALUES = 1000
 #: Offending names shown in an error message.
 _SHOWN = 5
 
-_API_REMEDY = ("Give both the same cells (e.g. meta.loc[pcs.index]), make the names unique, "
-               "or drop one side's names to pair rows by position (e.g. "
-               "pcs.reset_index(drop=True) or pcs.to_numpy())")
+_API_REMEDY = (
+    "Give both the same cells (e.g. meta.loc[pcs.index]), make the names unique, "
+    "or drop one side's names to pair rows by position (e.g. "
+    "pcs.reset_index(drop=True) or pcs.to_numpy())"
+)
 
 #: Column headers that say "this column holds cell names" (compared lower-case,
 #: without ``_``, ``-``, ``.``, ``:`` and spaces, so ``cell_id``, ``Cell ID`` and
 #: ``cellID`` all count).
-_IDENTIFIER_HEADERS = frozenset({
-    "", "cell", "cells", "cellid", "cellids", "cellname", "cellnames", "cellbarcode",
-    "cellbarcodes", "barcode", "barcodes", "index", "obs", "obsname", "obsnames", "id", "ids",
-    "name", "names", "rowname", "rownames", "unnamed0",
-})
+_IDENTIFIER_HEADERS = frozenset(
+    {
+        "",
+        "cell",
+        "cells",
+        "cellid",
+        "cellids",
+        "cellname",
+        "cellnames",
+        "cellbarcode",
+        "cellbarcodes",
+        "barcode",
+        "barcodes",
+        "index",
+        "obs",
+        "obsname",
+        "obsnames",
+        "id",
+        "ids",
+        "name",
+        "names",
+        "rowname",
+        "rownames",
+        "unnamed0",
+    }
+)
 
 
 def carries_names(index: pd.Index) -> bool:
@@ -75,8 +98,9 @@ def identifier_header(name: Any) -> bool:
 
 def _text_like(values: pd.Index | pd.Series) -> bool:
     """Strings, objects or categories: not numbers, not booleans."""
-    return not (pd.api.types.is_numeric_dtype(values.dtype)
-                or pd.api.types.is_bool_dtype(values.dtype))
+    return not (
+        pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype)
+    )
 
 
 def text_names(names: pd.Index | pd.Series) -> bool:
@@ -126,8 +150,12 @@ def declared_names(meta: pd.DataFrame, *, index: bool) -> tuple[Any, pd.Index] |
         return None, meta.index
     for column in meta.columns:
         values = meta[column]
-        if (identifier_header(column) and _text_like(values) and values.is_unique
-                and text_names(values)):
+        if (
+            identifier_header(column)
+            and _text_like(values)
+            and values.is_unique
+            and text_names(values)
+        ):
             return column, pd.Index(values)
     return None
 
@@ -150,8 +178,9 @@ def describe_repeats(names: pd.Index) -> str:
     """``"2 name(s) occur more than once ('a' (2 times), ...)"``."""
     counts = names.value_counts()
     counts = counts[counts > 1]
-    shown = ", ".join(f"{str(name)!r} ({count} times)"
-                      for name, count in counts.iloc[:_SHOWN].items())
+    shown = ", ".join(
+        f"{str(name)!r} ({count} times)" for name, count in counts.iloc[:_SHOWN].items()
+    )
     more = ", ..." if len(counts) > _SHOWN else ""
     return f"{len(counts):,} name(s) occur more than once ({shown}{more})"
 
@@ -174,8 +203,14 @@ def name_column(meta: pd.DataFrame, cell_names: pd.Index) -> str | None:
     return None
 
 
-def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
-                meta_from: str, remedy: str = _API_REMEDY) -> np.ndarray | None:
+def match_order(
+    cell_names: pd.Index,
+    meta_names: pd.Index,
+    *,
+    cells_from: str,
+    meta_from: str,
+    remedy: str = _API_REMEDY,
+) -> np.ndarray | None:
     """Positions in the metadata of each embedding cell, or None if already aligned.
 
     The one place where two lists of cell names are compared, for the API
@@ -214,30 +249,37 @@ def match_order(cell_names: pd.Index, meta_names: pd.Index, *, cells_from: str,
         if not names.is_unique:
             raise ValueError(
                 f"{where} names cells, but {describe_repeats(names)}; cells cannot be paired "
-                f"with their metadata by name. {remedy}")
+                f"with their metadata by name. {remedy}"
+            )
     n_cells = len(cells_text)
     order = meta_text.get_indexer(cells_text)
     missing = cells_text[order < 0]
     extra = meta_text.difference(cells_text, sort=False)
     if missing.size or extra.size:
         shared = n_cells - missing.size
-        parts = [f"{shared:,} of the embedding's {n_cells:,} cells ({_percent(shared, n_cells)})"
-                 f" are in the metadata"]
+        parts = [
+            f"{shared:,} of the embedding's {n_cells:,} cells ({_percent(shared, n_cells)})"
+            f" are in the metadata"
+        ]
         if missing.size:
-            parts.append(f"{missing.size:,} embedding cell(s) are not in the metadata "
-                         f"({_examples(missing)})")
+            parts.append(
+                f"{missing.size:,} embedding cell(s) are not in the metadata ({_examples(missing)})"
+            )
         if extra.size:
-            parts.append(f"{extra.size:,} metadata name(s) are not in the embedding "
-                         f"({_examples(extra)})")
-        raise ValueError(f"{cells_from} and {meta_from} name different cells: "
-                         f"{'; '.join(parts)}. {remedy}")
+            parts.append(
+                f"{extra.size:,} metadata name(s) are not in the embedding ({_examples(extra)})"
+            )
+        raise ValueError(
+            f"{cells_from} and {meta_from} name different cells: {'; '.join(parts)}. {remedy}"
+        )
     if np.array_equal(order, np.arange(n_cells)):
         return None
     return order
 
 
-def metadata_names(meta_data, cell_names: pd.Index, *,
-                   meta_name: str = "meta_data") -> tuple[pd.Index, str] | None:
+def metadata_names(
+    meta_data, cell_names: pd.Index, *, meta_name: str = "meta_data"
+) -> tuple[pd.Index, str] | None:
     """The names ``meta_data`` gives its rows, to compare with ``cell_names``.
 
     Parameters
@@ -263,8 +305,9 @@ def metadata_names(meta_data, cell_names: pd.Index, *,
     """
     index_names = carries_names(meta_data.index)
     text = text_names(cell_names)
-    if index_names and (text_names(meta_data.index) or not text
-                        or not isinstance(meta_data, pd.DataFrame)):
+    if index_names and (
+        text_names(meta_data.index) or not text or not isinstance(meta_data, pd.DataFrame)
+    ):
         return meta_data.index, f"{meta_name}'s index"
     if isinstance(meta_data, pd.DataFrame):
         column = name_column(meta_data, cell_names)
@@ -278,8 +321,14 @@ def metadata_names(meta_data, cell_names: pd.Index, *,
     return None
 
 
-def align_to_names(cell_names: pd.Index, meta_data, *, cells_from: str,
-                   meta_name: str = "meta_data", remedy: str = _API_REMEDY):
+def align_to_names(
+    cell_names: pd.Index,
+    meta_data,
+    *,
+    cells_from: str,
+    meta_name: str = "meta_data",
+    remedy: str = _API_REMEDY,
+):
     """``meta_data`` in the order of ``cell_names``, when it names its rows.
 
     Parameters
@@ -310,17 +359,22 @@ def align_to_names(cell_names: pd.Index, meta_data, *, cells_from: str,
     if found is None:
         return meta_data, False
     meta_names, meta_from = found
-    order = match_order(cell_names, meta_names, cells_from=cells_from, meta_from=meta_from,
-                        remedy=remedy)
+    order = match_order(
+        cell_names, meta_names, cells_from=cells_from, meta_from=meta_from, remedy=remedy
+    )
     if order is not None:
-        logger.info("metadata rows reordered to match the embedding's cells by name (%s, %s)",
-                    cells_from, meta_from)
+        logger.info(
+            "metadata rows reordered to match the embedding's cells by name (%s, %s)",
+            cells_from,
+            meta_from,
+        )
         meta_data = meta_data.iloc[order]
     return meta_data, True
 
 
-def align_metadata(data_mat, meta_data, *, data_name: str = "data_mat",
-                   meta_name: str = "meta_data"):
+def align_metadata(
+    data_mat, meta_data, *, data_name: str = "data_mat", meta_name: str = "meta_data"
+):
     """``meta_data`` in the order of ``data_mat``'s cells, when both name their cells.
 
     ``data_mat``'s cell names are its index when it is a DataFrame with as
@@ -388,8 +442,11 @@ def run_cell_names(data_mat, meta_data) -> pd.Index | None:
         axis = data_mat.index if data_mat.shape[0] == n_cells else data_mat.columns
         if len(axis) == n_cells and carries_names(axis):
             names = axis
-    if names is None and isinstance(meta_data, (pd.DataFrame, pd.Series)) \
-            and carries_names(meta_data.index):
+    if (
+        names is None
+        and isinstance(meta_data, (pd.DataFrame, pd.Series))
+        and carries_names(meta_data.index)
+    ):
         names = meta_data.index
     if names is None and isinstance(meta_data, pd.DataFrame):
         declared = declared_names(meta_data, index=False)

@@ -50,8 +50,9 @@ class ClusterStats:
 
 
 # Diversity terms: (O, E) -> ratio whose power theta scales a cell's assignment.
-def diversity_harmony1(observed: torch.Tensor, expected: torch.Tensor,
-                       delta: float = 0.0) -> torch.Tensor:
+def diversity_harmony1(
+    observed: torch.Tensor, expected: torch.Tensor, delta: float = 0.0
+) -> torch.Tensor:
     """``E / (O + E)`` (R harmony 1.x).
 
     The running sums O and E of a cluster whose cells are all in the block being
@@ -93,8 +94,9 @@ def normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 NORM_CHUNK_ROWS = 65536
 
 
-def row_norms(x: torch.Tensor, out: torch.Tensor | None = None,
-              chunk: int = NORM_CHUNK_ROWS) -> torch.Tensor:
+def row_norms(
+    x: torch.Tensor, out: torch.Tensor | None = None, chunk: int = NORM_CHUNK_ROWS
+) -> torch.Tensor:
     """(N,) L2 norms of the rows of ``x``, at least the dtype's ``tiny``, into ``out``.
 
     Dividing a row by its entry gives the row of :func:`normalize_rows` exactly
@@ -105,14 +107,15 @@ def row_norms(x: torch.Tensor, out: torch.Tensor | None = None,
         out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     tiny = torch.finfo(x.dtype).tiny
     for start in range(0, x.shape[0], chunk):
-        part = out[start:start + chunk]
-        torch.linalg.vector_norm(x[start:start + chunk], dim=1, out=part)
+        part = out[start : start + chunk]
+        torch.linalg.vector_norm(x[start : start + chunk], dim=1, out=part)
         part.clamp_min_(tiny)
     return out
 
 
-def unit_rows(z: torch.Tensor, norms: torch.Tensor, cells=None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def unit_rows(
+    z: torch.Tensor, norms: torch.Tensor, cells=None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows ``cells`` (an index tensor or a slice; all by default) of ``z``
     divided by their ``norms``: those rows of the unit-length embedding."""
     if cells is None or isinstance(cells, slice):
@@ -125,10 +128,14 @@ def unit_rows(z: torch.Tensor, norms: torch.Tensor, cells=None,
     return torch.div(rows, scale[:, None], out=out)
 
 
-def compute_centroids(assignments: torch.Tensor, z: torch.Tensor,
-                      rows: torch.Tensor | None = None, chunk: int = 16384,
-                      norms: torch.Tensor | None = None,
-                      reduction: Reduction = LOCAL) -> torch.Tensor:
+def compute_centroids(
+    assignments: torch.Tensor,
+    z: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    chunk: int = 16384,
+    norms: torch.Tensor | None = None,
+    reduction: Reduction = LOCAL,
+) -> torch.Tensor:
     """``Y`` transposed (K x d): R-weighted means of the cells, unit length.
 
     ``z`` holds unit-length cells, or, with ``norms`` (N,), cells whose rows
@@ -156,8 +163,13 @@ def compute_centroids(assignments: torch.Tensor, z: torch.Tensor,
     return normalize_rows(sums)
 
 
-def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int,
-               acc_dtype: torch.dtype | None = None, chunk: int = 4096) -> torch.Tensor:
+def level_sums(
+    values: torch.Tensor,
+    codes: torch.Tensor,
+    n_levels: int,
+    acc_dtype: torch.dtype | None = None,
+    chunk: int = 4096,
+) -> torch.Tensor:
     """Sum the rows of ``values`` (n x K) per level; ``codes`` is (n, V).
 
     With ``acc_dtype`` (float64) each ``chunk`` of rows is summed in the
@@ -180,16 +192,21 @@ def level_sums(values: torch.Tensor, codes: torch.Tensor, n_levels: int,
     for start in range(0, values.shape[0], chunk):
         part.zero_()
         for v in range(codes.shape[1]):
-            index_sum_(part, codes[start:start + chunk, v], values[start:start + chunk])
+            index_sum_(part, codes[start : start + chunk, v], values[start : start + chunk])
         out += part
     return out
 
 
-def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tensor,
-                objective: bool = False, out: torch.Tensor | None = None,
-                chunk: int = 8192, norms: torch.Tensor | None = None,
-                reduction: Reduction = LOCAL
-                ) -> tuple[torch.Tensor, tuple[float, float] | None]:
+def soft_assign(
+    z_cos: torch.Tensor,
+    centroids: torch.Tensor,
+    sigma: torch.Tensor,
+    objective: bool = False,
+    out: torch.Tensor | None = None,
+    chunk: int = 8192,
+    norms: torch.Tensor | None = None,
+    reduction: Reduction = LOCAL,
+) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
 
     ``out`` (N, K), if given, receives the assignments: reusing the previous
@@ -206,24 +223,32 @@ def soft_assign(z_cos: torch.Tensor, centroids: torch.Tensor, sigma: torch.Tenso
         cells by ``reduction``.
     """
     if out is None:
-        out = torch.empty((z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype,
-                          device=z_cos.device)
+        out = torch.empty(
+            (z_cos.shape[0], centroids.shape[0]), dtype=z_cos.dtype, device=z_cos.device
+        )
     inv_sigma = 1.0 / sigma.to(z_cos.dtype)
     sums = _ObjectiveSums(sigma, sigma.dtype) if objective else None
     # -dist / sigma = (2 z.Y - 2) / sigma, into one reused chunk buffer.
     scaled_centroids_t = (centroids * (2 * inv_sigma)[:, None]).T
-    buffer = torch.empty((min(chunk, z_cos.shape[0]), centroids.shape[0]), dtype=z_cos.dtype,
-                         device=z_cos.device)
-    z_buffer = None if norms is None else torch.empty(
-        (min(chunk, z_cos.shape[0]), z_cos.shape[1]), dtype=z_cos.dtype, device=z_cos.device)
+    buffer = torch.empty(
+        (min(chunk, z_cos.shape[0]), centroids.shape[0]), dtype=z_cos.dtype, device=z_cos.device
+    )
+    z_buffer = (
+        None
+        if norms is None
+        else torch.empty(
+            (min(chunk, z_cos.shape[0]), z_cos.shape[1]), dtype=z_cos.dtype, device=z_cos.device
+        )
+    )
     for start in range(0, z_cos.shape[0], chunk):
-        z_part = z_cos[start:start + chunk]
+        z_part = z_cos[start : start + chunk]
         if norms is not None:
-            z_part = unit_rows(z_cos, norms, slice(start, start + chunk),
-                               out=z_buffer[:z_part.shape[0]])
-        logits = buffer[:z_part.shape[0]]
+            z_part = unit_rows(
+                z_cos, norms, slice(start, start + chunk), out=z_buffer[: z_part.shape[0]]
+            )
+        logits = buffer[: z_part.shape[0]]
         torch.addmm(-2 * inv_sigma, z_part, scaled_centroids_t, out=logits)
-        r = torch.softmax(logits, dim=1, out=out[start:start + chunk])
+        r = torch.softmax(logits, dim=1, out=out[start : start + chunk])
         if sums is not None:  # no penalty here: its sums stay 0
             sums.add_piece(r, logits)
     return out, None if sums is None else sums.terms(reduction)
@@ -243,8 +268,9 @@ def n_blocks_of(n_cells: int, block_size: float) -> int:
     return max(1, math.ceil(inverse - 1e-9))
 
 
-def block_bounds(n_cells: int, block_size: float,
-                 n_blocks: int | None = None) -> list[tuple[int, int]]:
+def block_bounds(
+    n_cells: int, block_size: float, n_blocks: int | None = None
+) -> list[tuple[int, int]]:
     """R's blocks: ceil(1 / block_size) blocks of floor(N * block_size) cells.
 
     The last block takes the remaining cells; with very small N a block holds at
@@ -259,8 +285,10 @@ def block_bounds(n_cells: int, block_size: float,
     """
     if n_blocks is not None:
         per_block = int(n_cells * block_size)
-        bounds = [(min(j * per_block, n_cells), min((j + 1) * per_block, n_cells))
-                  for j in range(n_blocks)]
+        bounds = [
+            (min(j * per_block, n_cells), min((j + 1) * per_block, n_cells))
+            for j in range(n_blocks)
+        ]
         bounds[-1] = (bounds[-1][0], n_cells)
         return bounds
     n_blocks = n_blocks_of(n_cells, block_size)
@@ -272,8 +300,7 @@ def block_bounds(n_cells: int, block_size: float,
     return bounds
 
 
-def cross_term(stats: ClusterStats, proportions, theta, sigma,
-               cross_fn: Callable) -> float:
+def cross_term(stats: ClusterStats, proportions, theta, sigma, cross_fn: Callable) -> float:
     """``sum_k sigma_k sum_b theta_b O_kb log(...)`` from the counts alone."""
     per_cell = cross_fn(stats.observed, stats.expected(proportions))
     return float((per_cell * theta[:, None] * sigma[None, :]).sum())
@@ -283,19 +310,22 @@ def _block_of_rows(order: torch.Tensor, bounds) -> torch.Tensor:
     """(N,) block index of each row of R, for an update in ``order``."""
     sizes = torch.tensor([end - start for start, end in bounds], device=order.device)
     block_of = torch.empty_like(order)
-    block_of[order[:int(sizes.sum())]] = torch.repeat_interleave(
-        torch.arange(len(bounds), device=order.device), sizes)
+    block_of[order[: int(sizes.sum())]] = torch.repeat_interleave(
+        torch.arange(len(bounds), device=order.device), sizes
+    )
     return block_of
 
 
-def _block_level_sums(assignments, codes, order, bounds, n_levels,
-                      acc_dtype: torch.dtype | None = None) -> torch.Tensor:
+def _block_level_sums(
+    assignments, codes, order, bounds, n_levels, acc_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Sum of R per (block, level) for the blocks of this update: (n_blocks, B, K)."""
     n_blocks = len(bounds)
     block_of = _block_of_rows(order, bounds)
     # A (block, level) pair is just a level of a finer design.
-    sums = level_sums(assignments, block_of[:, None] * n_levels + codes, n_blocks * n_levels,
-                      acc_dtype)
+    sums = level_sums(
+        assignments, block_of[:, None] * n_levels + codes, n_blocks * n_levels, acc_dtype
+    )
     return sums.view(n_blocks, n_levels, -1)
 
 
@@ -379,9 +409,16 @@ class OnlineResult(NamedTuple):
     next_removals: torch.Tensor | None
 
 
-def online_update(assignments: torch.Tensor, *, cells: CellRows, centroids: torch.Tensor,
-                  stats: ClusterStats, settings: OnlineSettings, plan: BlockPlan,
-                  centroid_sums_out: torch.Tensor | None = None) -> OnlineResult:
+def online_update(
+    assignments: torch.Tensor,
+    *,
+    cells: CellRows,
+    centroids: torch.Tensor,
+    stats: ClusterStats,
+    settings: OnlineSettings,
+    plan: BlockPlan,
+    centroid_sums_out: torch.Tensor | None = None,
+) -> OnlineResult:
     """Update R in place, block by block, as R harmony's ``update_R`` does.
 
     For each block of cells (in the shuffled ``plan.order``): take the block out
@@ -421,27 +458,42 @@ def online_update(assignments: torch.Tensor, *, cells: CellRows, centroids: torc
         # what each block takes out of O can be summed up front in one
         # sequential pass over R, instead of gathering the old rows block by block.
         row_codes = cells.codes if plan.rows is None else cells.codes.index_select(0, plan.rows)
-        removals = _block_level_sums(assignments, row_codes, plan.order, plan.bounds, n_levels,
-                                     stats.observed.dtype)
+        removals = _block_level_sums(
+            assignments, row_codes, plan.order, plan.bounds, n_levels, stats.observed.dtype
+        )
         reduction.sum_(removals)
     if plan.recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
-        stats.cluster_sizes = stats.observed[:settings.first_levels].sum(0)
+        stats.cluster_sizes = stats.observed[: settings.first_levels].sum(0)
     cells_in_order = plan.order if plan.rows is None else plan.rows.index_select(0, plan.order)
     next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
     next_removals = next_block_of = None
     if plan.next_order is not None:
         next_block_of = _block_of_rows(plan.next_order, next_bounds)
-        next_removals = torch.zeros((len(next_bounds) * n_levels, assignments.shape[1]),
-                                    dtype=stats.observed.dtype, device=assignments.device)
-    sums = _NewRowSums(assignments, n_levels=n_levels, acc_dtype=stats.observed.dtype,
-                       next_block_of=next_block_of, next_removals=next_removals,
-                       centroid_sums=centroid_sums_out)
+        next_removals = torch.zeros(
+            (len(next_bounds) * n_levels, assignments.shape[1]),
+            dtype=stats.observed.dtype,
+            device=assignments.device,
+        )
+    sums = _NewRowSums(
+        assignments,
+        n_levels=n_levels,
+        acc_dtype=stats.observed.dtype,
+        next_block_of=next_block_of,
+        next_removals=next_removals,
+        centroid_sums=centroid_sums_out,
+    )
     largest_block = max(end - start for start, end in plan.bounds) * assignments.shape[1]
     with serial_if_small(largest_block, assignments.device):
         dist_term, entropy_term = _update_blocks(
-            assignments, cells=cells, centroids=centroids, stats=stats, settings=settings,
-            plan=replace(plan, order=cells_in_order, rows=None, removals=removals), sums=sums)
+            assignments,
+            cells=cells,
+            centroids=centroids,
+            stats=stats,
+            settings=settings,
+            plan=replace(plan, order=cells_in_order, rows=None, removals=removals),
+            sums=sums,
+        )
     reduction.sum_(centroid_sums_out, next_removals)
     if next_removals is not None:
         next_removals = next_removals.view(len(next_bounds), n_levels, -1)
@@ -467,20 +519,31 @@ class _NewRowSums:
     Harmony 1's next centroid sums (``centroid_sums``) are added piece by piece.
     """
 
-    def __init__(self, like: torch.Tensor, *, n_levels: int, acc_dtype: torch.dtype,
-                 next_block_of: torch.Tensor | None, next_removals: torch.Tensor | None,
-                 centroid_sums: torch.Tensor | None):
+    def __init__(
+        self,
+        like: torch.Tensor,
+        *,
+        n_levels: int,
+        acc_dtype: torch.dtype,
+        next_block_of: torch.Tensor | None,
+        next_removals: torch.Tensor | None,
+        centroid_sums: torch.Tensor | None,
+    ):
         dtype, device, n_clusters = like.dtype, like.device, like.shape[1]
         self.n_levels, self.n_clusters = n_levels, n_clusters
         self.next_block_of, self.next_removals = next_block_of, next_removals
         self.centroid_sums = centroid_sums
         self.added = torch.zeros((n_levels, n_clusters), dtype=dtype, device=device)
-        self.next_block_sums = (None if next_removals is None else
-                                torch.zeros(next_removals.shape, dtype=dtype, device=device))
+        self.next_block_sums = (
+            None
+            if next_removals is None
+            else torch.zeros(next_removals.shape, dtype=dtype, device=device)
+        )
         # Many levels: flush less often, so adding the sums stays a small part
         # of the work (a flush touches every entry; a piece of n rows does n K work).
-        sum_entries = self.added.numel() + (0 if self.next_block_sums is None
-                                            else self.next_block_sums.numel())
+        sum_entries = self.added.numel() + (
+            0 if self.next_block_sums is None else self.next_block_sums.numel()
+        )
         self.flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
         # With the next update's removals summed here, a level's sums over the
         # new rows are those removals summed over the next blocks: one
@@ -490,16 +553,20 @@ class _NewRowSums:
         self.block_added = torch.zeros((n_levels, n_clusters), dtype=acc_dtype, device=device)
         self.unflushed = 0
 
-    def add_piece(self, new: torch.Tensor, piece_codes: torch.Tensor,
-                  unit_cells: torch.Tensor, span: slice) -> None:
+    def add_piece(
+        self, new: torch.Tensor, piece_codes: torch.Tensor, unit_cells: torch.Tensor, span: slice
+    ) -> None:
         """Add a piece's new rows ``new`` (n, K) at positions ``span``, with their
         level codes (n, V) and unit-length cells (n, d)."""
         for v in range(piece_codes.shape[1]):
             if not self.derived:
                 index_sum_(self.added, piece_codes[:, v], new)
             else:  # (next block, level) pairs
-                index_sum_(self.next_block_sums,
-                           self.next_block_of[span] * self.n_levels + piece_codes[:, v], new)
+                index_sum_(
+                    self.next_block_sums,
+                    self.next_block_of[span] * self.n_levels + piece_codes[:, v],
+                    new,
+                )
         if self.centroid_sums is not None:  # Harmony 1's next centroids, from the cache
             self.centroid_sums.addmm_(new.T, unit_cells)
         self.unflushed += new.shape[0]
@@ -510,8 +577,9 @@ class _NewRowSums:
     def flush(self) -> None:
         """Move the working-dtype sums into the float64 totals."""
         if self.derived:  # into the reused buffer: no fresh temporary per flush
-            torch.sum(self.next_block_sums.view(-1, self.n_levels, self.n_clusters), 0,
-                      out=self.added)
+            torch.sum(
+                self.next_block_sums.view(-1, self.n_levels, self.n_clusters), 0, out=self.added
+            )
             self.next_removals.add_(self.next_block_sums)
             self.next_block_sums.zero_()
         self.block_added += self.added
@@ -539,20 +607,37 @@ class _PieceScratch:
     unit_cells: torch.Tensor  # (rows, d)
 
     @classmethod
-    def for_update(cls, assignments: torch.Tensor, *, centroids: torch.Tensor,
-                   sigma: torch.Tensor, bounds: list) -> "_PieceScratch":
+    def for_update(
+        cls,
+        assignments: torch.Tensor,
+        *,
+        centroids: torch.Tensor,
+        sigma: torch.Tensor,
+        bounds: list,
+    ) -> "_PieceScratch":
         dtype, device, n_clusters = assignments.dtype, assignments.device, assignments.shape[1]
         two_over_sigma = (2.0 / sigma).to(dtype)
         piece = max(MIN_PIECE_ROWS, PIECE_ELEMENTS // n_clusters)
         largest = min(piece, max(end - start for start, end in bounds))
-        return cls(piece, two_over_sigma, (centroids * two_over_sigma[:, None]).T,
-                   torch.empty((largest, n_clusters), dtype=dtype, device=device),
-                   torch.empty((largest, centroids.shape[1]), dtype=dtype, device=device))
+        return cls(
+            piece,
+            two_over_sigma,
+            (centroids * two_over_sigma[:, None]).T,
+            torch.empty((largest, n_clusters), dtype=dtype, device=device),
+            torch.empty((largest, centroids.shape[1]), dtype=dtype, device=device),
+        )
 
 
-def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: torch.Tensor,
-                   stats: ClusterStats, settings: OnlineSettings, plan: BlockPlan,
-                   sums: _NewRowSums) -> tuple[float, float]:
+def _update_blocks(
+    assignments: torch.Tensor,
+    *,
+    cells: CellRows,
+    centroids: torch.Tensor,
+    stats: ClusterStats,
+    settings: OnlineSettings,
+    plan: BlockPlan,
+    sums: _NewRowSums,
+) -> tuple[float, float]:
     """The per-block loop of :func:`online_update`; returns the two objective terms.
     ``plan`` names the cells in its order (no ``rows``) and has its removals.
 
@@ -563,8 +648,9 @@ def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: tor
     acc_dtype = stats.observed.dtype
     first_levels = settings.first_levels
     removals = plan.removals.to(acc_dtype)
-    scratch = _PieceScratch.for_update(assignments, centroids=centroids, sigma=settings.sigma,
-                                       bounds=plan.bounds)
+    scratch = _PieceScratch.for_update(
+        assignments, centroids=centroids, sigma=settings.sigma, bounds=plan.bounds
+    )
     objective = _ObjectiveSums(settings.sigma, acc_dtype)
     for j, (start, end) in enumerate(plan.bounds):
         stats.observed -= removals[j]
@@ -573,9 +659,16 @@ def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: tor
         log_penalty = torch.xlogy(settings.theta[:, None], ratio).to(dtype)  # theta = 0 gives 0
         penalty = (log_penalty, log_penalty - scratch.two_over_sigma)
         for lo in range(start, end, scratch.rows):
-            _update_piece(assignments, slice(lo, min(end, lo + scratch.rows)), cells=cells,
-                          order=plan.order, penalty=penalty, scratch=scratch,
-                          sums=sums, objective=objective)
+            _update_piece(
+                assignments,
+                slice(lo, min(end, lo + scratch.rows)),
+                cells=cells,
+                order=plan.order,
+                penalty=penalty,
+                scratch=scratch,
+                sums=sums,
+                objective=objective,
+            )
         block_added = sums.end_block()
         if cells.codes.shape[1] == 1:  # this process's cells: the objective is summed at the end
             objective.add_level_penalty(block_added, log_penalty)
@@ -585,9 +678,17 @@ def _update_blocks(assignments: torch.Tensor, *, cells: CellRows, centroids: tor
     return objective.terms(settings.reduction)
 
 
-def _update_piece(assignments: torch.Tensor, span: slice, *, cells: CellRows,
-                  order: torch.Tensor, penalty: tuple, scratch: _PieceScratch,
-                  sums: _NewRowSums, objective: "_ObjectiveSums") -> None:
+def _update_piece(
+    assignments: torch.Tensor,
+    span: slice,
+    *,
+    cells: CellRows,
+    order: torch.Tensor,
+    penalty: tuple,
+    scratch: _PieceScratch,
+    sums: _NewRowSums,
+    objective: "_ObjectiveSums",
+) -> None:
     """New assignments of the cells at positions ``span`` of ``order``, written
     to those rows of ``assignments``; their sums go to ``sums`` and ``objective``.
     ``penalty``: the block's ``theta_b log(ratio_kb)`` (B, K), and the same less
@@ -598,18 +699,21 @@ def _update_piece(assignments: torch.Tensor, span: slice, *, cells: CellRows,
     n_variables = piece_codes.shape[1]
     # -dist / sigma = (2 Y^T z - 2) / sigma: one matrix product with the
     # scaled centroids, added in place to the penalty less 2 / sigma.
-    logits = scratch.logits[:rows.shape[0]]
+    logits = scratch.logits[: rows.shape[0]]
     several = None
     if n_variables == 1:
         torch.index_select(shifted_penalty, 0, piece_codes[:, 0], out=logits)
     else:
         # Several variables: R multiplies by (ratio^theta) Phi, a sum over
         # the cell's levels, so their logs combine with logsumexp.
-        several = torch.logsumexp(torch.stack(
-            [F.embedding(piece_codes[:, v], log_penalty) for v in range(n_variables)]), dim=0)
+        several = torch.logsumexp(
+            torch.stack([F.embedding(piece_codes[:, v], log_penalty) for v in range(n_variables)]),
+            dim=0,
+        )
         torch.sub(several, scratch.two_over_sigma, out=logits)
-    unit_cells = unit_rows(cells.z, cells.norms, rows,
-                           out=scratch.unit_cells[:rows.shape[0]])  # rows of Z_cos
+    unit_cells = unit_rows(
+        cells.z, cells.norms, rows, out=scratch.unit_cells[: rows.shape[0]]
+    )  # rows of Z_cos
     logits.addmm_(unit_cells, scratch.scaled_centroids_t)
     # The block's old rows are no longer needed (its removals are known).
     new = torch.softmax(logits, dim=1, out=assignments[span])
@@ -639,8 +743,9 @@ class _ObjectiveSums:
         self.r_lse = torch.zeros(shape, **zeros)
         self.r_penalty = torch.zeros(shape, **zeros)
 
-    def add_piece(self, r: torch.Tensor, logits: torch.Tensor,
-                  penalty: torch.Tensor | None = None) -> None:
+    def add_piece(
+        self, r: torch.Tensor, logits: torch.Tensor, penalty: torch.Tensor | None = None
+    ) -> None:
         """Add cells' assignments ``r`` (n, K), their ``logits`` and, unless it
         comes per level (:meth:`add_level_penalty`), their ``penalty``."""
         dtype = self.r_logits.dtype
@@ -668,10 +773,14 @@ class _ObjectiveSums:
         reduction.sum_(self.r_logits, self.r_lse, self.r_penalty)
         if self.uniform:
             sigma = self.sigma[0]
-            return (float(sigma * (self.r_penalty - self.r_logits)),
-                    float(sigma * (self.r_logits - self.r_lse)))
-        return (float((self.r_penalty - self.r_logits) @ self.sigma),
-                float((self.r_logits - self.r_lse) @ self.sigma))
+            return (
+                float(sigma * (self.r_penalty - self.r_logits)),
+                float(sigma * (self.r_logits - self.r_lse)),
+            )
+        return (
+            float((self.r_penalty - self.r_logits) @ self.sigma),
+            float((self.r_logits - self.r_lse) @ self.sigma),
+        )
 
 
 # Blocks below this many elements (cells x clusters) are updated on one thread.

@@ -102,8 +102,10 @@ class EmbeddingChange:
 def check_callback(callback) -> None:
     """Refuse a ``callback`` that cannot be called, before the run starts."""
     if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be a function of one argument (an IterationReport) or "
-                        f"None, got {type(callback).__name__}")
+        raise TypeError(
+            f"callback must be a function of one argument (an IterationReport) or "
+            f"None, got {type(callback).__name__}"
+        )
 
 
 def callback_stops(callback: Callback, report: IterationReport) -> bool:
@@ -111,22 +113,28 @@ def callback_stops(callback: Callback, report: IterationReport) -> bool:
     answer = callback(report)
     if answer is None or isinstance(answer, (bool, np.bool_)):
         return bool(answer)
-    raise TypeError(f"callback must return True (stop), False or None (continue), got "
-                    f"{answer!r} ({type(answer).__name__}) at iteration {report.iteration}")
+    raise TypeError(
+        f"callback must return True (stop), False or None (continue), got "
+        f"{answer!r} ({type(answer).__name__}) at iteration {report.iteration}"
+    )
 
 
 def warn_if_not_converged(ho, max_iter_harmony: int, stacklevel: int = 3) -> None:
     """R warns when the iterations run out before convergence; so does this package."""
     if ho.stop_reason != "max_iter_harmony":
         return
-    test = ("the corrected embedding's relative change"
-            f" {ho.embedding_change[-1]:.3g} >= epsilon_embedding={ho.epsilon_embedding:g}"
-            if ho.epsilon_embedding is not None and ho.embedding_change else
-            f"the objective's relative change >= epsilon_harmony={ho.epsilon_harmony:g}")
+    test = (
+        "the corrected embedding's relative change"
+        f" {ho.embedding_change[-1]:.3g} >= epsilon_embedding={ho.epsilon_embedding:g}"
+        if ho.epsilon_embedding is not None and ho.embedding_change
+        else f"the objective's relative change >= epsilon_harmony={ho.epsilon_harmony:g}"
+    )
     warnings.warn(
         f"Harmony did not converge in {max_iter_harmony} iteration(s) ({test} at the last "
         f"one); raise max_iter_harmony, or continue this run with ho.harmonize(n)",
-        ConvergenceWarning, stacklevel=stacklevel)
+        ConvergenceWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def relative_change_below(change: float, old: float, epsilon: float) -> bool:

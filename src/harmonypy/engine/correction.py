@@ -48,7 +48,7 @@ class LevelIndex:
         cells, variable = [], []
         for v in range(codes.shape[1]):
             counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
-            counts = counts[int(offsets[v]):int(offsets[v + 1])].tolist()
+            counts = counts[int(offsets[v]) : int(offsets[v + 1])].tolist()
             first = codes[:, v]
             if v == 0 and bool((first[1:] >= first[:-1]).all()):
                 starts = [0]
@@ -77,13 +77,19 @@ class _LevelReader:
     in the same order, are plain views.
     """
 
-    def __init__(self, assignments: torch.Tensor, z: torch.Tensor,
-                 position: torch.Tensor | None, chunk: int | None = None):
+    def __init__(
+        self,
+        assignments: torch.Tensor,
+        z: torch.Tensor,
+        position: torch.Tensor | None,
+        chunk: int | None = None,
+    ):
         chunk = LEVEL_CHUNK_ROWS if chunk is None else chunk
         self.assignments, self.z, self.position, self.chunk = assignments, z, position, chunk
         rows = min(chunk, assignments.shape[0])
-        self._r_buffer = torch.empty((rows, assignments.shape[1]), dtype=assignments.dtype,
-                                     device=assignments.device)
+        self._r_buffer = torch.empty(
+            (rows, assignments.shape[1]), dtype=assignments.dtype, device=assignments.device
+        )
         self._z_buffer = torch.empty((rows, z.shape[1]), dtype=z.dtype, device=z.device)
 
     def __call__(self, cells, z: bool = True):
@@ -96,21 +102,26 @@ class _LevelReader:
                 part = slice(cells.start + offset, cells.start + offset + size)
                 z_rows = self.z[part] if z else None
             else:
-                part = cells[offset:offset + size]
-                z_rows = (torch.index_select(self.z, 0, part, out=self._z_buffer[:size])
-                          if z else None)
+                part = cells[offset : offset + size]
+                z_rows = (
+                    torch.index_select(self.z, 0, part, out=self._z_buffer[:size]) if z else None
+                )
             if self.position is None and isinstance(part, slice):
                 r_rows = self.assignments[part]
             else:
                 where = part if self.position is None else self.position[part]
-                r_rows = torch.index_select(self.assignments, 0, where,
-                                            out=self._r_buffer[:size])
+                r_rows = torch.index_select(self.assignments, 0, where, out=self._r_buffer[:size])
             yield part, r_rows, z_rows
 
 
-def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.Tensor,
-                    rhs0: torch.Tensor, rhs: torch.Tensor,
-                    keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_arrowhead(
+    total: torch.Tensor,
+    observed: torch.Tensor,
+    penalty: torch.Tensor,
+    rhs0: torch.Tensor,
+    rhs: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge coefficients of the one-variable systems, in closed form.
 
     The system for cluster k is ``[[a, o^T], [o, diag(o + l)]] [w0; w] = [r0; r]``
@@ -144,8 +155,9 @@ def solve_arrowhead(total: torch.Tensor, observed: torch.Tensor, penalty: torch.
     return intercept, coef
 
 
-def solve_dense(cov: torch.Tensor, rhs0: torch.Tensor, rhs: torch.Tensor,
-                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_dense(
+    cov: torch.Tensor, rhs0: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched solve of the (B+1) x (B+1) systems ``cov [w0; w] = [r0; r]``.
 
     A level with ``keep == False`` has its row and column replaced by the
@@ -157,17 +169,22 @@ def solve_dense(cov: torch.Tensor, rhs0: torch.Tensor, rhs: torch.Tensor,
         drop = torch.cat([torch.zeros_like(keep[:, :1]), ~keep], dim=1)  # (K, B+1)
         cov = cov.masked_fill(drop[:, :, None] | drop[:, None, :], 0.0)
         idx = torch.arange(cov.shape[1], device=cov.device)
-        cov[:, idx, idx] = torch.where(drop, torch.ones_like(cov[:, idx, idx]),
-                                       cov[:, idx, idx])
+        cov[:, idx, idx] = torch.where(drop, torch.ones_like(cov[:, idx, idx]), cov[:, idx, idx])
         full_rhs = full_rhs.masked_fill(drop[:, :, None], 0.0)
     solution = torch.linalg.solve(cov, full_rhs)
     return solution[:, 0, :], solution[:, 1:, :]
 
 
-def solve_bordered(head: torch.Tensor, border: torch.Tensor, observed: torch.Tensor,
-                   penalty: torch.Tensor, rhs_head: torch.Tensor, rhs_diag: torch.Tensor,
-                   keep_head: torch.Tensor | None = None,
-                   keep_diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_bordered(
+    head: torch.Tensor,
+    border: torch.Tensor,
+    observed: torch.Tensor,
+    penalty: torch.Tensor,
+    rhs_head: torch.Tensor,
+    rhs_diag: torch.Tensor,
+    keep_head: torch.Tensor | None = None,
+    keep_diag: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched solve of ``[[H, C^T], [C, diag(o + l)]] [x_h; x_d] = [r_h; r_d]``.
 
     The several-variable ridge systems in this form: ``d`` indexes the n levels
@@ -205,8 +222,7 @@ def solve_bordered(head: torch.Tensor, border: torch.Tensor, observed: torch.Ten
     diag = (observed + penalty).clamp_min(tiny)
     scaled = border / diag[:, :, None]  # D^-1 C
     schur = torch.baddbmm(head, border.transpose(1, 2), scaled, alpha=-1.0)
-    first = (head[:, 0, :] - border.sum(1)
-             + torch.bmm((penalty / diag)[:, None, :], border)[:, 0, :])
+    first = head[:, 0, :] - border.sum(1) + torch.bmm((penalty / diag)[:, None, :], border)[:, 0, :]
     # An empty cluster (no cells) gets zero coefficients instead of 0 / 0.
     first[:, 0] = first[:, 0].clamp_min(tiny)
     schur[:, 0, :] = first
@@ -230,8 +246,9 @@ def above_cutoff(observed: torch.Tensor, counts: torch.Tensor, cutoff: float) ->
     return observed / counts[None, :] > cutoff
 
 
-def batch_filter(observed: torch.Tensor, counts: torch.Tensor, level_variable: torch.Tensor,
-                 cutoff: float) -> torch.Tensor:
+def batch_filter(
+    observed: torch.Tensor, counts: torch.Tensor, level_variable: torch.Tensor, cutoff: float
+) -> torch.Tensor:
     """Harmony2's choice of levels per cluster, (K, B) bool.
 
     Level b takes part in cluster k's regression when ``O[k, b] / N_b > cutoff``
@@ -240,8 +257,9 @@ def batch_filter(observed: torch.Tensor, counts: torch.Tensor, level_variable: t
     """
     keep = above_cutoff(observed, counts, cutoff)
     n_variables = int(level_variable.max()) + 1
-    per_variable = torch.zeros((observed.shape[0], n_variables), dtype=torch.int64,
-                               device=observed.device)
+    per_variable = torch.zeros(
+        (observed.shape[0], n_variables), dtype=torch.int64, device=observed.device
+    )
     per_variable.index_add_(1, level_variable, keep.to(torch.int64))
     return keep & (per_variable[:, level_variable] >= 2)
 
@@ -326,10 +344,17 @@ class RidgeSystem:
     keep: torch.Tensor | None = None
 
 
-def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: torch.Tensor,
-                  levels: LevelIndex, settings: RidgeSettings,
-                  rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  anchor: RidgeAnchor | None = None) -> Correction:
+def ridge_correct(
+    z_orig: torch.Tensor,
+    assignments: torch.Tensor,
+    *,
+    codes: torch.Tensor,
+    levels: LevelIndex,
+    settings: RidgeSettings,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    anchor: RidgeAnchor | None = None,
+) -> Correction:
     """Correct ``Z_orig`` (N x d) with the per-cluster ridge regressions on R.
 
     The fit's correction step, and with ``anchor`` the same kernel mapping
@@ -362,21 +387,33 @@ def ridge_correct(z_orig: torch.Tensor, assignments: torch.Tensor, *, codes: tor
     read = _LevelReader(assignments, z_orig, position)
     system = _normal_equations(read, levels=levels, settings=settings, anchor=anchor)
     if codes.shape[1] == 1:
-        intercept, coef = solve_arrowhead(system.total, system.observed, system.penalty,
-                                          system.rhs0, system.rhs, system.keep)
+        intercept, coef = solve_arrowhead(
+            system.total, system.observed, system.penalty, system.rhs0, system.rhs, system.keep
+        )
     else:
         row_codes = codes if rows is None else codes.index_select(0, rows)
-        intercept, coef = _solve_several(system, codes=row_codes, assignments=assignments,
-                                         levels=levels, reduction=settings.reduction)
+        intercept, coef = _solve_several(
+            system,
+            codes=row_codes,
+            assignments=assignments,
+            levels=levels,
+            reduction=settings.reduction,
+        )
     coef = coef.to(z_orig.device, z_orig.dtype)
     z_corr = torch.empty_like(z_orig) if out is None else out
     _subtract_batch_parts(read, coef, levels=levels, out=z_corr)
-    return Correction(z_corr, intercept.to(z_orig.device, z_orig.dtype), system.keep,
-                      system.penalty)
+    return Correction(
+        z_corr, intercept.to(z_orig.device, z_orig.dtype), system.keep, system.penalty
+    )
 
 
-def _normal_equations(read: "_LevelReader", *, levels: LevelIndex, settings: RidgeSettings,
-                      anchor: RidgeAnchor | None = None) -> RidgeSystem:
+def _normal_equations(
+    read: "_LevelReader",
+    *,
+    levels: LevelIndex,
+    settings: RidgeSettings,
+    anchor: RidgeAnchor | None = None,
+) -> RidgeSystem:
     """The level sums of R and of R-weighted cells, over every process's cells,
     and the penalties and kept levels they give (on the CPU for an MPS run);
     with ``anchor``, a reference's state added to the intercept's row."""
@@ -400,18 +437,26 @@ def _normal_equations(read: "_LevelReader", *, levels: LevelIndex, settings: Rid
         total = anchor.sizes.to(solve_device, stat_dtype) + total
         rhs0 = anchor.sums.to(solve_device, stat_dtype) + rhs0
     if settings.lamb is None:
-        penalty = (settings.alpha * total[:, None]
-                   * settings.proportions.to(solve_device, stat_dtype)[None, :])
+        penalty = (
+            settings.alpha
+            * total[:, None]
+            * settings.proportions.to(solve_device, stat_dtype)[None, :]
+        )
     else:
-        penalty = settings.lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters,
-                                                                              n_levels)
-    return RidgeSystem(total, observed, penalty, rhs0, rhs,
-                       _kept_levels(observed, levels=levels, settings=settings,
-                                    anchored=anchor is not None))
+        penalty = settings.lamb.to(solve_device, stat_dtype)[None, :].expand(n_clusters, n_levels)
+    return RidgeSystem(
+        total,
+        observed,
+        penalty,
+        rhs0,
+        rhs,
+        _kept_levels(observed, levels=levels, settings=settings, anchored=anchor is not None),
+    )
 
 
-def _kept_levels(observed: torch.Tensor, *, levels: LevelIndex, settings: RidgeSettings,
-                 anchored: bool) -> torch.Tensor | None:
+def _kept_levels(
+    observed: torch.Tensor, *, levels: LevelIndex, settings: RidgeSettings, anchored: bool
+) -> torch.Tensor | None:
     """Harmony2's levels per cluster (None: all); an anchored system keeps a
     level alone in its variable, its intercept being fixed by the anchor."""
     if settings.batch_prop_cutoff is None:
@@ -423,8 +468,9 @@ def _kept_levels(observed: torch.Tensor, *, levels: LevelIndex, settings: RidgeS
     return batch_filter(observed, counts, level_variable, settings.batch_prop_cutoff)
 
 
-def _subtract_batch_parts(read: "_LevelReader", coef: torch.Tensor, *, levels: LevelIndex,
-                          out: torch.Tensor) -> None:
+def _subtract_batch_parts(
+    read: "_LevelReader", coef: torch.Tensor, *, levels: LevelIndex, out: torch.Tensor
+) -> None:
     """Write ``Z_orig`` less each cell's ``sum_k R_ik W_k[b+1]`` into ``out``.
 
     The first variable's levels partition the cells: each of its chunks
@@ -434,8 +480,11 @@ def _subtract_batch_parts(read: "_LevelReader", coef: torch.Tensor, *, levels: L
     """
     z_orig, z_corr = read.z, out
     first = levels.variable.count(0)
-    corrected = torch.empty((min(read.chunk, z_orig.shape[0]), z_orig.shape[1]),
-                            dtype=z_orig.dtype, device=z_orig.device)
+    corrected = torch.empty(
+        (min(read.chunk, z_orig.shape[0]), z_orig.shape[1]),
+        dtype=z_orig.dtype,
+        device=z_orig.device,
+    )
     for b, cells in enumerate(levels.cells):
         for part, r_rows, z_rows in read(cells, z=b < first):
             if b >= first:
@@ -446,13 +495,20 @@ def _subtract_batch_parts(read: "_LevelReader", coef: torch.Tensor, *, levels: L
             elif isinstance(part, slice):
                 torch.addmm(z_rows, r_rows, coef[:, b, :], alpha=-1.0, out=z_corr[part])
             else:
-                rows = torch.addmm(z_rows, r_rows, coef[:, b, :], alpha=-1.0,
-                                   out=corrected[:r_rows.shape[0]])
+                rows = torch.addmm(
+                    z_rows, r_rows, coef[:, b, :], alpha=-1.0, out=corrected[: r_rows.shape[0]]
+                )
                 z_corr.index_copy_(0, part, rows)
 
 
-def _solve_several(system: RidgeSystem, *, codes: torch.Tensor, assignments: torch.Tensor,
-                   levels: LevelIndex, reduction: Reduction = LOCAL):
+def _solve_several(
+    system: RidgeSystem,
+    *,
+    codes: torch.Tensor,
+    assignments: torch.Tensor,
+    levels: LevelIndex,
+    reduction: Reduction = LOCAL,
+):
     """Ridge coefficients of the several-variable systems by :func:`solve_bordered`.
 
     The variable with the most levels is eliminated in closed form; the other
@@ -492,17 +548,25 @@ def _solve_several(system: RidgeSystem, *, codes: torch.Tensor, assignments: tor
             if big in (v, w):
                 other = w if v == big else v
                 block = block if v == big else block.transpose(1, 2)
-                border[:, :, at[other]:at[other] + sizes[other]] = block
+                border[:, :, at[other] : at[other] + sizes[other]] = block
             else:
-                head[:, at[v]:at[v] + sizes[v], at[w]:at[w] + sizes[w]] = block
-                head[:, at[w]:at[w] + sizes[w], at[v]:at[v] + sizes[v]] = block.transpose(1, 2)
+                head[:, at[v] : at[v] + sizes[v], at[w] : at[w] + sizes[w]] = block
+                head[:, at[w] : at[w] + sizes[w], at[v] : at[v] + sizes[v]] = block.transpose(1, 2)
             del block
     rhs_head = torch.cat([system.rhs0[:, None, :], rhs[:, rest]], dim=1)
     keep_head = keep_diag = None
     if keep is not None:
         keep_head, keep_diag = keep[:, rest], keep[:, g0:g1]
-    x_head, x_diag = solve_bordered(head, border, observed[:, g0:g1], penalty[:, g0:g1],
-                                    rhs_head, rhs[:, g0:g1], keep_head, keep_diag)
+    x_head, x_diag = solve_bordered(
+        head,
+        border,
+        observed[:, g0:g1],
+        penalty[:, g0:g1],
+        rhs_head,
+        rhs[:, g0:g1],
+        keep_head,
+        keep_diag,
+    )
     coef = torch.empty((n_clusters, n_levels, rhs.shape[2]), dtype=dtype, device=device)
     coef[:, g0:g1] = x_diag
     coef[:, rest] = x_head[:, 1:]
@@ -518,8 +582,9 @@ def _pair_sums(codes, assignments, bounds, v, w, device, dtype) -> torch.Tensor:
     (v0, v1), (w0, w1) = bounds[v], bounds[w]
     width = w1 - w0
     pair = (codes[:, v] - v0) * width + (codes[:, w] - w0)
-    sums = torch.zeros(((v1 - v0) * width, n_clusters), dtype=assignments.dtype,
-                       device=assignments.device)
+    sums = torch.zeros(
+        ((v1 - v0) * width, n_clusters), dtype=assignments.dtype, device=assignments.device
+    )
     index_sum_(sums, pair, assignments)
     return sums.to(device, dtype).T.reshape(n_clusters, v1 - v0, width)
 
@@ -544,8 +609,8 @@ def _dense_system(total, observed, penalty, codes, assignments, levels, device, 
         for w in range(v + 1, codes.shape[1]):
             (v0, v1), (w0, w1) = bounds[v], bounds[w]
             block = _pair_sums(codes, assignments, bounds, v, w, device, dtype)
-            cov[:, 1 + v0:1 + v1, 1 + w0:1 + w1] = block
-            cov[:, 1 + w0:1 + w1, 1 + v0:1 + v1] = block.transpose(1, 2)
+            cov[:, 1 + v0 : 1 + v1, 1 + w0 : 1 + w1] = block
+            cov[:, 1 + w0 : 1 + w1, 1 + v0 : 1 + v1] = block.transpose(1, 2)
     return cov
 
 

@@ -92,9 +92,11 @@ def _sort_key(value):
 def _sorted_levels(uniques: list) -> list[int]:
     """Positions of ``uniques`` in level order: ascending, by type first if mixed."""
     positions = range(len(uniques))
-    for key in (lambda i: uniques[i],
-                lambda i: _sort_key(uniques[i]),
-                lambda i: (type(uniques[i]).__name__, str(uniques[i]))):
+    for key in (
+        lambda i: uniques[i],
+        lambda i: _sort_key(uniques[i]),
+        lambda i: (type(uniques[i]).__name__, str(uniques[i])),
+    ):
         try:
             return sorted(positions, key=key)
         except TypeError:
@@ -136,8 +138,7 @@ def _check_not_identifier(name, n_levels: int, n_cells: int) -> None:
         )
 
 
-def encode_column(name, column: pd.Series, check_levels: bool = True
-                   ) -> tuple[list, np.ndarray]:
+def encode_column(name, column: pd.Series, check_levels: bool = True) -> tuple[list, np.ndarray]:
     """Level list (observed levels only) and integer codes for one column.
 
     Level order: a categorical column keeps its categories' order (unused
@@ -236,8 +237,7 @@ def build_design(meta_data: pd.DataFrame, vars_use: list[str]) -> BatchDesign:
 
 
 def _check_columns(meta_data: pd.DataFrame, vars_use: list) -> None:
-    check_columns(meta_data.columns, vars_use, what="vars_use names column(s)",
-                  where="meta_data")
+    check_columns(meta_data.columns, vars_use, what="vars_use names column(s)", where="meta_data")
 
 
 class ColumnNotFoundError(KeyError, ValueError):
@@ -270,8 +270,7 @@ def check_columns(available, names, *, what: str, where: str, as_list: bool = Tr
     hints = []
     for name in missing:
         same_text = [c for c in available if str(c) == str(name)]
-        close = same_text or difflib.get_close_matches(
-            str(name), [str(c) for c in available], n=1)
+        close = same_text or difflib.get_close_matches(str(name), [str(c) for c in available], n=1)
         if close:
             hints.append(f"{name!r} -> {close[0]!r}?")
     hint = f" (did you mean: {', '.join(hints)})" if hints else ""
@@ -280,8 +279,9 @@ def check_columns(available, names, *, what: str, where: str, as_list: bool = Tr
     else:
         named = ", ".join(map(repr, missing))
         shown = ", ".join(repr(str(c)) for c in available) or "none"
-    raise ColumnNotFoundError(f"{what} {named} not found in {where}{hint}; available "
-                              f"columns: {shown}")
+    raise ColumnNotFoundError(
+        f"{what} {named} not found in {where}{hint}; available columns: {shown}"
+    )
 
 
 def _column(meta_data: pd.DataFrame, name) -> pd.Series:
@@ -320,16 +320,22 @@ def encode_local_levels(meta_data: pd.DataFrame, vars_use: list) -> tuple[list, 
     for name in vars_use:
         column = _column(meta_data, name)
         local, local_codes = encode_column(name, column, check_levels=False)
-        categories = (list(column.cat.categories)
-                      if isinstance(column.dtype, pd.CategoricalDtype) else None)
+        categories = (
+            list(column.cat.categories) if isinstance(column.dtype, pd.CategoricalDtype) else None
+        )
         levels.append((local, categories))
         codes.append(local_codes)
         counts.append(np.bincount(local_codes, minlength=len(local)).astype(np.int64))
     return levels, codes, counts
 
 
-def merge_local_levels(vars_use: list, own_levels: list, local_codes: list,
-                       gathered_levels: list, gathered_counts: list) -> BatchDesign:
+def merge_local_levels(
+    vars_use: list,
+    own_levels: list,
+    local_codes: list,
+    gathered_levels: list,
+    gathered_counts: list,
+) -> BatchDesign:
     """The design of a distributed run, the same on every process.
 
     ``gathered_levels`` and ``gathered_counts`` hold every process's

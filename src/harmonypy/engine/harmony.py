@@ -72,8 +72,14 @@ class _UpdateCache:
 
     def plan(self, order: torch.Tensor, bounds: list) -> clu.BlockPlan:
         """The blocks of the next online update, in ``order``."""
-        return clu.BlockPlan(order, bounds, rows=self.rows, removals=self.next_removals,
-                             recount=self.stale_counts, next_order=self.next_order)
+        return clu.BlockPlan(
+            order,
+            bounds,
+            rows=self.rows,
+            removals=self.next_removals,
+            recount=self.stale_counts,
+            next_order=self.next_order,
+        )
 
     def updated(self, result: clu.OnlineResult) -> None:
         """After an online update: R's new row order, the next update's
@@ -223,8 +229,9 @@ class Harmony:
         # in the releases that stored the cells sorted this way (CHANGELOG),
         # and gives the same result up to rounding (sums run in the caller's
         # order): a seed's results stay reproducible.
-        self._shuffle_base = torch.from_numpy(
-            np.argsort(design.codes[:, 0], kind="stable")).to(device)
+        self._shuffle_base = torch.from_numpy(np.argsort(design.codes[:, 0], kind="stable")).to(
+            device
+        )
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
         self._proportions = torch.as_tensor(design.proportions, **stat)
         self._theta = torch.as_tensor(theta, **stat)
@@ -235,20 +242,27 @@ class Harmony:
         # distributed, its share of the k-means sample). Rank 0 of a group draws
         # exactly what a single process with this seed draws.
         self._generator = torch.Generator(device="cpu").manual_seed(
-            _process_seed(seed, reduction.rank))
+            _process_seed(seed, reduction.rank)
+        )
         self._bounds = clu.block_bounds(
-            self.N, block_size,
-            n_blocks=clu.n_blocks_of(self.N_total, block_size) if reduction.distributed
-            else None)
+            self.N,
+            block_size,
+            n_blocks=clu.n_blocks_of(self.N_total, block_size) if reduction.distributed else None,
+        )
         if algorithm == "harmony2":
             diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
         else:
             delta = 64 * torch.finfo(self._stat_dtype).eps * self.N_total
             diversity = functools.partial(clu.diversity_harmony1, delta=delta)
             self._cross = clu.cross_entropy_harmony1
-        self._online = clu.OnlineSettings(self._proportions, self._theta, self._sigma, diversity,
-                                          first_levels=int(design.offsets[1]),
-                                          reduction=reduction)
+        self._online = clu.OnlineSettings(
+            self._proportions,
+            self._theta,
+            self._sigma,
+            diversity,
+            first_levels=int(design.offsets[1]),
+            reduction=reduction,
+        )
 
         self._assignments: torch.Tensor | None = None
         self._cache = _UpdateCache()
@@ -267,8 +281,11 @@ class Harmony:
         self.stop_reason: str | None = None
         self.epsilon_embedding = epsilon_embedding
         self.embedding_change: list[float] = []
-        self._embedding_change = (None if epsilon_embedding is None else
-                                  EmbeddingChange(self.N, device=device, reduction=reduction))
+        self._embedding_change = (
+            None
+            if epsilon_embedding is None
+            else EmbeddingChange(self.N, device=device, reduction=reduction)
+        )
         self._iteration = 0  # for error messages
         self.cell_names = None  # set by run_harmony when the inputs name the cells
 
@@ -282,12 +299,24 @@ class Harmony:
             from harmonypy.distributed.start import distributed_kmeans
 
             centers = distributed_kmeans(
-                clu.CellRows(self._z_corr, self._norms, self._codes), order=self._shuffle_base,
-                n_clusters=self.K, start=start, generator=self._generator,
-                seed=self.random_state, n_total=self.N_total, reduction=self._reduction)
+                clu.CellRows(self._z_corr, self._norms, self._codes),
+                order=self._shuffle_base,
+                n_clusters=self.K,
+                start=start,
+                generator=self._generator,
+                seed=self.random_state,
+                n_total=self.N_total,
+                reduction=self._reduction,
+            )
         else:
-            centers = kmeans_centroids(self._z_corr, self.K, generator=self._generator, start=start,
-                                       norms=self._norms, order=self._shuffle_base)
+            centers = kmeans_centroids(
+                self._z_corr,
+                self.K,
+                generator=self._generator,
+                start=start,
+                norms=self._norms,
+                order=self._shuffle_base,
+            )
         self._centroids = clu.normalize_rows(centers)
         dist_term, entropy_term = self._reassign(objective=True)
         self.compute_objective(dist_term, entropy_term, step="initialisation")
@@ -339,17 +368,24 @@ class Harmony:
                 cache.centroid_sums = torch.empty_like(self._centroids)
             cache.centroid_sums.zero_()
         result = clu.online_update(
-            self._assignments, cells=clu.CellRows(self._z_corr, self._norms, self._codes),
-            centroids=self._centroids, stats=self._stats, settings=self._online,
-            plan=cache.plan(order, self._bounds), centroid_sums_out=cache.centroid_sums)
+            self._assignments,
+            cells=clu.CellRows(self._z_corr, self._norms, self._codes),
+            centroids=self._centroids,
+            stats=self._stats,
+            settings=self._online,
+            plan=cache.plan(order, self._bounds),
+            centroid_sums_out=cache.centroid_sums,
+        )
         cache.updated(result)
         return result.dist_term, result.entropy_term
 
-    def compute_objective(self, dist_term: float, entropy_term: float,
-                          step: str = "clustering") -> None:
+    def compute_objective(
+        self, dist_term: float, entropy_term: float, step: str = "clustering"
+    ) -> None:
         """Append the objective (scaled by 2000 / N) and its parts."""
-        cross = clu.cross_term(self._stats, self._proportions, self._theta, self._sigma,
-                               self._cross)
+        cross = clu.cross_term(
+            self._stats, self._proportions, self._theta, self._sigma, self._cross
+        )
         scale = 2000.0 / self.N_total
         parts = (dist_term * scale, entropy_term * scale, cross * scale)
         if not all(math.isfinite(p) for p in parts):
@@ -366,13 +402,23 @@ class Harmony:
         # the previous one, so only one copy is alive.
         self._cache.centroid_sums_current = False
         settings = RidgeSettings(
-            self._lamb, self.alpha, self._proportions, self._stat_dtype,
+            self._lamb,
+            self.alpha,
+            self._proportions,
+            self._stat_dtype,
             batch_prop_cutoff=self.batch_prop_cutoff if harmony2 else None,
-            counts=self._counts, reduction=self._reduction)
+            counts=self._counts,
+            reduction=self._reduction,
+        )
         result = ridge_correct(
-            self._z_orig, self._assignments, codes=self._codes, levels=self._levels,
-            settings=settings, rows=self._cache.rows,
-            out=None if self._z_corr is self._z_orig else self._z_corr)
+            self._z_orig,
+            self._assignments,
+            codes=self._codes,
+            levels=self._levels,
+            settings=settings,
+            rows=self._cache.rows,
+            out=None if self._z_corr is self._z_orig else self._z_corr,
+        )
         if self._reduction.any(not all_finite(result.z_corr)):
             self._numerical_failure("correction", "Z_corr")
         self._z_corr = result.z_corr
@@ -397,8 +443,9 @@ class Harmony:
         old, new = self.objective_harmony[-2], self.objective_harmony[-1]
         return relative_change_below(old - new, old, self.epsilon_harmony)
 
-    def harmonize(self, max_iter_harmony: int = 10, *, callback: Callback | None = None
-                  ) -> "Harmony":
+    def harmonize(
+        self, max_iter_harmony: int = 10, *, callback: Callback | None = None
+    ) -> "Harmony":
         """Run up to ``max_iter_harmony`` more Harmony iterations, from where the run stands.
 
         Continues a finished run: ``run_harmony(..., max_iter_harmony=3)``
@@ -455,11 +502,19 @@ class Harmony:
         return None
 
     def _report(self, rounds: int, reason: str | None) -> IterationReport:
-        parts = (self.objective_kmeans_dist[-1], self.objective_kmeans_entropy[-1],
-                 self.objective_kmeans_cross[-1])
-        return IterationReport(iteration=self.n_iter, objective=self.objective_harmony[-1],
-                               objective_parts=parts, kmeans_rounds=rounds,
-                               converged=reason is not None, Z_corr=read_only_view(self._z_corr))
+        parts = (
+            self.objective_kmeans_dist[-1],
+            self.objective_kmeans_entropy[-1],
+            self.objective_kmeans_cross[-1],
+        )
+        return IterationReport(
+            iteration=self.n_iter,
+            objective=self.objective_harmony[-1],
+            objective_parts=parts,
+            kmeans_rounds=rounds,
+            converged=reason is not None,
+            Z_corr=read_only_view(self._z_corr),
+        )
 
     # -------------------------------------------------------------- internals
     def _update_centroids(self) -> None:
@@ -471,19 +526,30 @@ class Harmony:
         if self._cache.centroid_sums_current:
             self._centroids = clu.normalize_rows(self._cache.centroid_sums)
         else:
-            self._centroids = clu.compute_centroids(self._assignments, self._z_corr,
-                                                    self._cache.rows, norms=self._norms,
-                                                    reduction=self._reduction)
+            self._centroids = clu.compute_centroids(
+                self._assignments,
+                self._z_corr,
+                self._cache.rows,
+                norms=self._norms,
+                reduction=self._reduction,
+            )
 
-    def _reassign(self, objective: bool = False, recount: bool = True
-                  ) -> tuple[float, float] | None:
+    def _reassign(
+        self, objective: bool = False, recount: bool = True
+    ) -> tuple[float, float] | None:
         """R as a plain softmax of -dist / sigma from the centroids, and O and E
         from it (or, without ``recount``, by the next online update). With
         ``objective``, returns the objective's distance and entropy terms."""
         # The new R overwrites the old one: one N x K matrix at a time.
         self._assignments, terms = clu.soft_assign(
-            self._z_corr, self._centroids, self._sigma, objective, out=self._assignments,
-            norms=self._norms, reduction=self._reduction)
+            self._z_corr,
+            self._centroids,
+            self._sigma,
+            objective,
+            out=self._assignments,
+            norms=self._norms,
+            reduction=self._reduction,
+        )
         self._cache.reassigned(counted=recount)
         if recount:
             self._recount()
@@ -491,14 +557,18 @@ class Harmony:
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
-        codes = self._codes if self._cache.rows is None else self._codes.index_select(0, self._cache.rows)
+        codes = (
+            self._codes
+            if self._cache.rows is None
+            else self._codes.index_select(0, self._cache.rows)
+        )
         observed = clu.level_sums(self._assignments, codes, self.B, self._stat_dtype)
         self._reduction.sum_(observed)
         # The first variable's levels partition the cells: their sums are the
         # cluster sizes.
         self._stats = clu.ClusterStats(
-            observed=observed,
-            cluster_sizes=observed[:int(self.design.offsets[1])].sum(0))
+            observed=observed, cluster_sizes=observed[: int(self.design.offsets[1])].sum(0)
+        )
 
     def _numerical_failure(self, step: str, what: str) -> None:
         raise FloatingPointError(
@@ -514,8 +584,7 @@ class Harmony:
     def _np(t: torch.Tensor | None) -> np.ndarray | None:
         return None if t is None else t.detach().cpu().numpy()
 
-    def _cells(self, t: torch.Tensor | None, rows: torch.Tensor | None = None
-               ) -> np.ndarray | None:
+    def _cells(self, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> np.ndarray | None:
         """A per-cell tensor (N, ...) as NumPy, rows in the caller's order.
 
         Without ``rows`` the rows already are the cells in order, and on the
@@ -674,10 +743,10 @@ class Harmony:
 
     def __repr__(self) -> str:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
-        return (f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
-                f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})")
-
-
+        return (
+            f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
+            f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})"
+        )
 
 
 def _process_seed(seed: int, rank: int) -> int:

@@ -74,11 +74,14 @@ def start_for(algorithm: str, kmeans_init: str, k: int) -> KMeansStart:
 def _sq_distances(x: torch.Tensor, sq_norms: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Squared distances (m, n) from each of m centres (m, d) to the rows of ``x``."""
     c_norms = (centers * centers).sum(-1)
-    return torch.addmm(sq_norms[None, :], centers, x.T, alpha=-2).add_(c_norms[:, None]).clamp_min_(0)
+    return (
+        torch.addmm(sq_norms[None, :], centers, x.T, alpha=-2).add_(c_norms[:, None]).clamp_min_(0)
+    )
 
 
-def _kmeans_plusplus(x: torch.Tensor, k: int, *, generator: torch.Generator, n_seedings: int,
-                     local_trials: int) -> torch.Tensor:
+def _kmeans_plusplus(
+    x: torch.Tensor, k: int, *, generator: torch.Generator, n_seedings: int, local_trials: int
+) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007) on rows of ``x`` (n x d).
 
     ``n_seedings`` independent seedings advance together, so each of the k
@@ -123,7 +126,9 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, *, generator: torch.Generator, n_s
     return centers
 
 
-def _lloyd(x: torch.Tensor, centers: torch.Tensor, *, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lloyd(
+    x: torch.Tensor, centers: torch.Tensor, *, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd iterations of several k-means runs side by side.
 
     Every step scores each cell against every centroid of every run still
@@ -255,8 +260,9 @@ def kmeans_centroids(
     if start.n_init > 1 and x.shape[0] > restart_size:
         restart_rows = torch.randperm(x.shape[0], generator=generator)[:restart_size].to(x.device)
     candidates = x if restart_rows is None else x.index_select(0, restart_rows)
-    seedings = _kmeans_plusplus(candidates, k, generator=generator, n_seedings=start.n_init,
-                                local_trials=start.local_trials)
+    seedings = _kmeans_plusplus(
+        candidates, k, generator=generator, n_seedings=start.n_init, local_trials=start.local_trials
+    )
     centers, inertia = _lloyd(candidates, seedings, max_iter=start.max_iter)
     best = centers[int(torch.argmin(inertia))]
     if restart_rows is None:

@@ -30,8 +30,12 @@ SLACK = 1.1
 
 #: The steps of a run; they do not overlap, so the peak is the largest of them
 #: plus what is alive throughout ("always").
-PHASES = ("initialisation", "clustering", "correction (building the systems)",
-          "correction (solving)")
+PHASES = (
+    "initialisation",
+    "clustering",
+    "correction (building the systems)",
+    "correction (solving)",
+)
 _BUILD, _SOLVE = PHASES[2], PHASES[3]
 
 
@@ -86,8 +90,10 @@ class MemoryEstimate:
 
     def table(self) -> str:
         """The terms, one per line, largest first."""
-        return "\n".join(f"{format_size(t.nbytes):>9}  {t.what}: {t.formula} ({t.phases}; {t.where})"
-                         for t in sorted(self.terms, key=lambda t: -t.nbytes))
+        return "\n".join(
+            f"{format_size(t.nbytes):>9}  {t.what}: {t.formula} ({t.phases}; {t.where})"
+            for t in sorted(self.terms, key=lambda t: -t.nbytes)
+        )
 
 
 def _kmeans_bytes(n: int, d: int, k: int, s: int) -> int:
@@ -134,13 +140,19 @@ class _Terms(list):
     def add(self, key, what, formula, sizes, where=None) -> None:
         if isinstance(sizes, (int, float)):
             sizes = {"always": sizes}
-        self.append(Term(key, what, formula, tuple((p, int(v)) for p, v in sizes.items()),
-                         where or self.on))
+        self.append(
+            Term(key, what, formula, tuple((p, int(v)) for p, v in sizes.items()), where or self.on)
+        )
 
 
-def estimate_memory(size: RunSize, *, dtype: torch.dtype = torch.float32,
-                    algorithm: str = "harmony1", device: torch.device | str = "cpu",
-                    copies_input: bool = True) -> MemoryEstimate:
+def estimate_memory(
+    size: RunSize,
+    *,
+    dtype: torch.dtype = torch.float32,
+    algorithm: str = "harmony1",
+    device: torch.device | str = "cpu",
+    copies_input: bool = True,
+) -> MemoryEstimate:
     """Peak memory of a run, by term, beyond the inputs the caller holds.
 
     With N cells, d dimensions, K clusters, V batch variables of B_1 .. B_V
@@ -200,8 +212,7 @@ def estimate_memory(size: RunSize, *, dtype: torch.dtype = torch.float32,
     return MemoryEstimate(tuple(terms), str(device))
 
 
-def _add_cell_terms(terms: _Terms, size: RunSize, *, s: int, a: int,
-                    copies_input: bool) -> None:
+def _add_cell_terms(terms: _Terms, size: RunSize, *, s: int, a: int, copies_input: bool) -> None:
     """The terms of :func:`estimate_memory` that hold cells, the clustering's
     sums and scratch, and the fixed costs (``s``, ``a``: bytes of the working
     and the statistics dtype)."""
@@ -210,32 +221,59 @@ def _add_cell_terms(terms: _Terms, size: RunSize, *, s: int, a: int,
     n_vars, b = len(counts), sum(counts)
     add, on = terms.add, terms.on
     if copies_input or on == "device":
-        add("embedding", "Z_corr, its row norms and the converted input (Z_orig)",
-            "N x (2d + 1)", n * (2 * d + 1) * s)
+        add(
+            "embedding",
+            "Z_corr, its row norms and the converted input (Z_orig)",
+            "N x (2d + 1)",
+            n * (2 * d + 1) * s,
+        )
     else:
-        add("embedding", "Z_corr and its row norms (the input is used as it is)",
-            "N x (d + 1)", n * (d + 1) * s)
+        add(
+            "embedding",
+            "Z_corr and its row norms (the input is used as it is)",
+            "N x (d + 1)",
+            n * (d + 1) * s,
+        )
     add("assignments", "soft assignments R", "N x K", n * k * s)
     if on == "device":
-        add("indices", "cell orders and level codes on the GPU", "N x (6 + 3V) int64",
-            8 * n * (6 + 3 * n_vars))
-        add("host", "level codes and orders kept on the host", "N x (2 + V) int64",
-            8 * n * (2 + n_vars), "host")
+        add(
+            "indices",
+            "cell orders and level codes on the GPU",
+            "N x (6 + 3V) int64",
+            8 * n * (6 + 3 * n_vars),
+        )
+        add(
+            "host",
+            "level codes and orders kept on the host",
+            "N x (2 + V) int64",
+            8 * n * (2 + n_vars),
+            "host",
+        )
     else:
-        add("indices", "cell orders and level codes", "N x (7 + 3V) int64",
-            8 * n * (7 + 3 * n_vars))
+        add(
+            "indices", "cell orders and level codes", "N x (7 + 3V) int64", 8 * n * (7 + 3 * n_vars)
+        )
     block_sums = int(size.n_blocks) * b * k
-    add("block sums", "per-block batch sums of the online update",
+    add(
+        "block sums",
+        "per-block batch sums of the online update",
         "n_blocks x B x K, 3 copies",
-        {"always": block_sums * s, PHASES[1]: block_sums * (s + a)})
-    add("statistics", "batch-by-cluster statistics (O, E, penalties)", "8 x B x K",
-        8 * b * k * a)
+        {"always": block_sums * s, PHASES[1]: block_sums * (s + a)},
+    )
+    add("statistics", "batch-by-cluster statistics (O, E, penalties)", "8 x B x K", 8 * b * k * a)
     add("overhead", "torch's kernels and caches", "fixed", _FIXED_OVERHEAD, "host")
-    add("k-means", "k-means initialisation",
+    add(
+        "k-means",
+        "k-means initialisation",
         "min(N, 50 K) x 10 runs x (K + 6 candidates) + min(N, 20000) x (K + d)",
-        {PHASES[0]: _kmeans_bytes(n, d, k, s)})
-    add("pieces", "scratch of the online update", "2 x 2^18 x (V + 1)",
-        {PHASES[1]: 2 * 2**18 * (n_vars + 1) * s})
+        {PHASES[0]: _kmeans_bytes(n, d, k, s)},
+    )
+    add(
+        "pieces",
+        "scratch of the online update",
+        "2 x 2^18 x (V + 1)",
+        {PHASES[1]: 2 * 2**18 * (n_vars + 1) * s},
+    )
 
 
 def _add_ridge_terms(terms: _Terms, size: RunSize, *, s: int, a: int, algorithm: str) -> None:
@@ -245,26 +283,38 @@ def _add_ridge_terms(terms: _Terms, size: RunSize, *, s: int, a: int, algorithm:
     n_vars, b = len(counts), sum(counts)
     add = terms.add
     scratch = _READ_CHUNK * (k + d) * 2 * s + 8 * n
-    add("ridge", "per-level right-hand sides and coefficients of the ridge regressions",
+    add(
+        "ridge",
+        "per-level right-hand sides and coefficients of the ridge regressions",
         "K x B x d, 4 copies",
-        {_BUILD: k * b * d * a + scratch, _SOLVE: k * b * d * (3 * a + s) + scratch})
+        {_BUILD: k * b * d * a + scratch, _SOLVE: k * b * d * (3 * a + s) + scratch},
+    )
     if algorithm == "harmony2":
         add("filter", "Harmony2's batch filter", "K x B", {_SOLVE: k * b * (a + 1)})
     if n_vars > 1:
         biggest = max(counts)
         head = 1 + b - biggest
-        widest = max(counts[v] * counts[w] for v in range(n_vars)
-                     for w in range(v + 1, n_vars))
-        add("pair sums", "cells shared by the levels of two variables",
-            "K x max(B_v x B_w)", {_BUILD: k * widest * (s + 2 * a)})
+        widest = max(counts[v] * counts[w] for v in range(n_vars) for w in range(v + 1, n_vars))
+        add(
+            "pair sums",
+            "cells shared by the levels of two variables",
+            "K x max(B_v x B_w)",
+            {_BUILD: k * widest * (s + 2 * a)},
+        )
         border = k * biggest * head * a
         copies = 3 if algorithm == "harmony2" else 2
-        add("border", "rows of the several-variable ridge systems for the largest variable",
+        add(
+            "border",
+            "rows of the several-variable ridge systems for the largest variable",
             f"K x B_max x (1 + B - B_max), {copies} copies",
-            {_BUILD: border, _SOLVE: copies * border})
-        add("systems", "per-cluster ridge systems over the intercept and the other variables",
+            {_BUILD: border, _SOLVE: copies * border},
+        )
+        add(
+            "systems",
+            "per-cluster ridge systems over the intercept and the other variables",
             "K x (1 + B - B_max)^2, 3 copies",
-            {_BUILD: k * head * head * a, _SOLVE: 3 * k * head * head * a})
+            {_BUILD: k * head * head * a, _SOLVE: 3 * k * head * head * a},
+        )
 
 
 # ------------------------------------------------------------ available memory
@@ -380,7 +430,7 @@ _HINTS = {
     "pair sums": "fewer batch levels or clusters (nclust)",
     "border": "fewer batch levels or clusters (nclust)",
     "systems": "fewer batch levels in the variables other than the largest, or fewer "
-               "clusters (nclust)",
+    "clusters (nclust)",
 }
 
 

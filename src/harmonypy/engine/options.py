@@ -72,10 +72,11 @@ class RunOptions:
 
     def shared_settings(self) -> dict:
         """``repr`` of each option every process must pass alike, by name."""
-        return {f.name: repr(getattr(self, f.name)) for f in fields(self)
-                if not f.metadata.get("per_process")}
-
-
+        return {
+            f.name: repr(getattr(self, f.name))
+            for f in fields(self)
+            if not f.metadata.get("per_process")
+        }
 
 
 def default_clusters(n_cells: int) -> int:
@@ -111,9 +112,15 @@ def _threads(ncores) -> int | None:
     return n
 
 
-
-def local_inputs(data_mat, meta_data, vars_use, *, options: RunOptions, first_row: int = 0,
-                 min_cells: int = val.MIN_CELLS) -> dict:
+def local_inputs(
+    data_mat,
+    meta_data,
+    vars_use,
+    *,
+    options: RunOptions,
+    first_row: int = 0,
+    min_cells: int = val.MIN_CELLS,
+) -> dict:
     """The checks of :func:`run_harmony` that need only this process's inputs.
 
     ``first_row``: the global number of this process's first cell (messages
@@ -123,7 +130,11 @@ def local_inputs(data_mat, meta_data, vars_use, *, options: RunOptions, first_ro
     # caller's Generator is drawn from last, so a refused call leaves it as it was.
     o = options
     checked = dict(
-        theta=o.theta, lamb=o.lamb, sigma=o.sigma, nclust=o.nclust, algorithm=o.algorithm,
+        theta=o.theta,
+        lamb=o.lamb,
+        sigma=o.sigma,
+        nclust=o.nclust,
+        algorithm=o.algorithm,
         check_memory=o.check_memory,
         block_size=val.check_block_size(o.block_size),
         max_iter_harmony=val.check_int("max_iter_harmony", o.max_iter_harmony, 1),
@@ -136,8 +147,12 @@ def local_inputs(data_mat, meta_data, vars_use, *, options: RunOptions, first_ro
         verbose=val.check_flag("verbose", o.verbose),
         plot_convergence=val.check_flag("plot_convergence", o.plot_convergence),
         kmeans_init=val.check_choice("kmeans_init", o.kmeans_init, KMEANS_INITS),
-        epsilon_embedding=(None if o.epsilon_embedding is None
-                           else val.check_positive("epsilon_embedding", o.epsilon_embedding)))
+        epsilon_embedding=(
+            None
+            if o.epsilon_embedding is None
+            else val.check_positive("epsilon_embedding", o.epsilon_embedding)
+        ),
+    )
     checked["device"] = torch_device = resolve_device(o.device)
     checked["dtype"] = resolve_dtype(o.dtype, torch_device)
     val.check_random_state(o.random_state)
@@ -146,10 +161,10 @@ def local_inputs(data_mat, meta_data, vars_use, *, options: RunOptions, first_ro
     # Cells are paired with their metadata by name when both sides name them.
     meta_data = align_metadata(data_mat, meta_data)
     checked["rows"] = rows = val.cell_rows_of(meta_data, first=first_row, min_cells=min_cells)
-    checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use,
-                                                                    rows=rows)
-    checked["cells"] = val.as_cells_by_features(data_mat, len(frame), meta_shape=frame.shape,
-                                                rows=rows)
+    checked["frame"], checked["names"] = frame, _ = val.as_metadata(meta_data, vars_use, rows=rows)
+    checked["cells"] = val.as_cells_by_features(
+        data_mat, len(frame), meta_shape=frame.shape, rows=rows
+    )
     checked["cell_names"] = run_cell_names(data_mat, meta_data)
     return checked
 
@@ -165,26 +180,44 @@ def design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) ->
     val.check_cell_lengths(cells, torch_dtype, rows=local.get("rows"))
     val.warn_if_not_reduced(cells, stacklevel=3 + depth)
     nclust = local["nclust"]
-    n_clusters = (default_clusters(n_cells) if nclust is None
-                  else val.check_int("nclust", nclust, 1, n_cells,
-                                     maximum_is="the number of cells"))
+    n_clusters = (
+        default_clusters(n_cells)
+        if nclust is None
+        else val.check_int("nclust", nclust, 1, n_cells, maximum_is="the number of cells")
+    )
     theta_levels = val.per_level("theta", local["theta"], design, 2.0, minimum=0.0)
     if local["tau"] > 0:
         with np.errstate(over="ignore"):  # huge ratios give exp(-inf) = 0: no shrinkage
             theta_levels = theta_levels * (
-                1 - np.exp(-(design.counts / (n_clusters * local["tau"])) ** 2))
-    lamb_levels = _resolve_lamb(local["lamb"], design,
-                                default_estimate=local["algorithm"] == "harmony2")
+                1 - np.exp(-((design.counts / (n_clusters * local["tau"])) ** 2))
+            )
+    lamb_levels = _resolve_lamb(
+        local["lamb"], design, default_estimate=local["algorithm"] == "harmony2"
+    )
     sigma_clusters = val.check_sigma(local["sigma"], n_clusters, dtype=torch_dtype)
     block_size = 0.2 if n_cells < 40 else local["block_size"]
     if local["check_memory"]:
-        size = RunSize(cells.shape[0], cells.shape[1], n_clusters,
-                       np.diff(design.offsets).tolist(),
-                       n_blocks=clu.n_blocks_of(cells.shape[0], block_size))
-        val.check_memory_fits(size, dtype=torch_dtype, algorithm=local["algorithm"],
-                              device=torch_device,
-                              copies_input=not input_used_as_is(cells, torch_dtype, torch_device))
-    return dict(local, design=design, n_clusters=n_clusters, theta=theta_levels,
-                lamb=lamb_levels, sigma=sigma_clusters, block_size=block_size,
-                seed=val.resolve_seed(local["random_state"]))
-
+        size = RunSize(
+            cells.shape[0],
+            cells.shape[1],
+            n_clusters,
+            np.diff(design.offsets).tolist(),
+            n_blocks=clu.n_blocks_of(cells.shape[0], block_size),
+        )
+        val.check_memory_fits(
+            size,
+            dtype=torch_dtype,
+            algorithm=local["algorithm"],
+            device=torch_device,
+            copies_input=not input_used_as_is(cells, torch_dtype, torch_device),
+        )
+    return dict(
+        local,
+        design=design,
+        n_clusters=n_clusters,
+        theta=theta_levels,
+        lamb=lamb_levels,
+        sigma=sigma_clusters,
+        block_size=block_size,
+        seed=val.resolve_seed(local["random_state"]),
+    )

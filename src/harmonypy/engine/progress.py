@@ -35,14 +35,16 @@ class Progress:
         # If logging already shows our INFO records, writing them again to
         # stderr would print everything twice.
         self._to_stderr = self.verbose and not (
-            logger.isEnabledFor(logging.INFO) and logger.hasHandlers())
+            logger.isEnabledFor(logging.INFO) and logger.hasHandlers()
+        )
         self._bar = None
         stream = sys.stderr
         if self._to_stderr and stream is not None and getattr(stream, "isatty", lambda: False)():
             tqdm = _tqdm()
             if tqdm is not None:
-                self._bar = tqdm(total=total, desc=description, unit="iter",
-                                 file=stream, leave=True)
+                self._bar = tqdm(
+                    total=total, desc=description, unit="iter", file=stream, leave=True
+                )
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start_time
@@ -54,8 +56,10 @@ class Progress:
             sys.stderr.flush()
 
     def iteration(self, number: int, objective: float, rounds: int) -> None:
-        text = (f"iteration {number}/{self.total}: objective {objective:.6g}, "
-                f"{rounds} clustering rounds, {self.elapsed():.1f} s")
+        text = (
+            f"iteration {number}/{self.total}: objective {objective:.6g}, "
+            f"{rounds} clustering rounds, {self.elapsed():.1f} s"
+        )
         logger.info(text)
         if self._bar is not None:
             self._bar.set_postfix(objective=f"{objective:.5g}", rounds=rounds, refresh=False)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 
-def index_sum_(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
-               alpha: float = 1.0) -> torch.Tensor:
+def index_sum_(
+    out: torch.Tensor, index: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """``out[index[i]] += alpha * values[i]``, reproducibly; returns ``out``.
 
     On the CPU this is ``index_add_`` (its order is fixed). On CUDA
@@ -102,7 +103,8 @@ class GroupReduction(Reduction):
             raise RuntimeError(
                 "distributed=True needs an initialised torch.distributed process group: "
                 "call torch.distributed.init_process_group(...) on every rank first "
-                "(or launch with `harmonypy run ... --nproc N`, or torchrun)")
+                "(or launch with `harmonypy run ... --nproc N`, or torchrun)"
+            )
         self._dist = dist
         self.group = group
         self.rank = dist.get_rank(group)
@@ -126,7 +128,7 @@ class GroupReduction(Reduction):
             self._all_reduce(flat)
             start = 0
             for t in group:
-                t.copy_(flat[start:start + t.numel()].view_as(t))
+                t.copy_(flat[start : start + t.numel()].view_as(t))
                 start += t.numel()
 
     def _all_reduce(self, tensor: torch.Tensor) -> None:
@@ -139,8 +141,11 @@ class GroupReduction(Reduction):
         return out
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._dist.broadcast(tensor, src=self._dist.get_global_rank(self.group, src)
-                             if self.group is not None else src, group=self.group)
+        self._dist.broadcast(
+            tensor,
+            src=self._dist.get_global_rank(self.group, src) if self.group is not None else src,
+            group=self.group,
+        )
         return tensor
 
     def any(self, flag: bool) -> bool:
@@ -150,10 +155,17 @@ class GroupReduction(Reduction):
         return self._bytes
 
 
-
-def communicated_bytes(*, algorithm: str, rounds: int, iterations: int, n_blocks: int,
-                       n_levels: int, n_clusters: int, n_features: int,
-                       word: int = 4) -> int:
+def communicated_bytes(
+    *,
+    algorithm: str,
+    rounds: int,
+    iterations: int,
+    n_blocks: int,
+    n_levels: int,
+    n_clusters: int,
+    n_features: int,
+    word: int = 4,
+) -> int:
     """Bytes each process hands to all-reduce in a distributed run (one batch variable).
 
     Per clustering round: every block's batch sums and the next round's

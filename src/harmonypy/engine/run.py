@@ -52,8 +52,10 @@ def _outcome(ho: Harmony) -> str:
     if ho.stop_reason == "objective":
         return f"converged after {ho.n_iter} iteration(s)"
     if ho.stop_reason == "embedding":
-        return (f"converged after {ho.n_iter} iteration(s) (the corrected embedding moved "
-                f"{ho.embedding_change[-1]:.2g} < epsilon_embedding)")
+        return (
+            f"converged after {ho.n_iter} iteration(s) (the corrected embedding moved "
+            f"{ho.embedding_change[-1]:.2g} < epsilon_embedding)"
+        )
     if ho.stop_reason == "callback":
         return f"stopped by the callback after {ho.n_iter} iteration(s)"
     return f"reached max_iter_harmony={ho.n_iter} without converging"
@@ -251,24 +253,43 @@ def run_harmony(
                 f"{n_cells} cells, {cells.shape[1]} dimensions, {design.n_levels} batch "
                 f"levels in {', '.join(map(str, checked['names']))}; K={n_clusters} clusters; "
                 f"{algorithm} on {torch_device} ({str(torch_dtype).replace('torch.', '')})"
-                + (f"; {reduction.world_size} process{'es' if reduction.world_size != 1 else ''} "
-                   f"({reduction.backend})" if reduction.distributed else ""))
+                + (
+                    f"; {reduction.world_size} process{'es' if reduction.world_size != 1 else ''} "
+                    f"({reduction.backend})"
+                    if reduction.distributed
+                    else ""
+                )
+            )
             ho = Harmony(
-                cells, design, theta=checked["theta"], lamb=checked["lamb"],
-                sigma=checked["sigma"], n_clusters=n_clusters, block_size=checked["block_size"],
+                cells,
+                design,
+                theta=checked["theta"],
+                lamb=checked["lamb"],
+                sigma=checked["sigma"],
+                n_clusters=n_clusters,
+                block_size=checked["block_size"],
                 max_iter_kmeans=checked["max_iter_kmeans"],
                 epsilon_cluster=checked["epsilon_cluster"],
-                epsilon_harmony=checked["epsilon_harmony"], alpha=checked["alpha"],
-                seed=checked["seed"], device=torch_device, dtype=torch_dtype,
-                algorithm=algorithm, batch_prop_cutoff=checked["batch_prop_cutoff"],
-                progress=progress, reduction=reduction, n_total=n_cells,
+                epsilon_harmony=checked["epsilon_harmony"],
+                alpha=checked["alpha"],
+                seed=checked["seed"],
+                device=torch_device,
+                dtype=torch_dtype,
+                algorithm=algorithm,
+                batch_prop_cutoff=checked["batch_prop_cutoff"],
+                progress=progress,
+                reduction=reduction,
+                n_total=n_cells,
                 kmeans_init=checked["kmeans_init"],
-                epsilon_embedding=checked["epsilon_embedding"])
+                epsilon_embedding=checked["epsilon_embedding"],
+            )
             sample = min(n_cells, _KMEANS_SAMPLE)
             progress.message(
                 f"initial centroids: k-means on {sample:,} sampled cells, then a first "
-                f"assignment of all {n_cells:,}" if sample < n_cells else
-                f"initial centroids: k-means on all {n_cells:,} cells")
+                f"assignment of all {n_cells:,}"
+                if sample < n_cells
+                else f"initial centroids: k-means on all {n_cells:,} cells"
+            )
             ho.init_cluster()
             progress.message(f"initialised in {progress.elapsed():.1f} s")
             ho._iterate(max_iter_harmony, callback)
@@ -281,4 +302,3 @@ def run_harmony(
     if checked["plot_convergence"]:
         ho.plot_convergence()
     return ho
-

@@ -67,8 +67,9 @@ CORE_TAKEN_AT = 0.25
 WINDOW_S = 0.1
 
 
-def choose_threads(cap: int, cpus: int, foreign: float | None, work: int,
-                   concurrent: int = 1) -> int:
+def choose_threads(
+    cap: int, cpus: int, foreign: float | None, work: int, concurrent: int = 1
+) -> int:
     """Threads for a run (the pure decision of the default policy).
 
     Parameters
@@ -117,8 +118,13 @@ class CpuLoad:
     exist for the tests.
     """
 
-    def __init__(self, cpus: set[int] | None = None, stat_path: str = "/proc/stat",
-                 clock=time.monotonic, own_cpu=time.process_time):
+    def __init__(
+        self,
+        cpus: set[int] | None = None,
+        stat_path: str = "/proc/stat",
+        clock=time.monotonic,
+        own_cpu=time.process_time,
+    ):
         if cpus is None:
             try:
                 cpus = os.sched_getaffinity(0)
@@ -180,9 +186,13 @@ class CpuLoad:
         return max(0.0, (now[2] * wall - idle - own) / wall)
 
 
-def runnable_others(samples: int = 10, gap: float = 0.001,
-                    loadavg_path: str = "/proc/loadavg", tasks_path: str = "/proc/self/task",
-                    sleep=time.sleep) -> float | None:
+def runnable_others(
+    samples: int = 10,
+    gap: float = 0.001,
+    loadavg_path: str = "/proc/loadavg",
+    tasks_path: str = "/proc/self/task",
+    sleep=time.sleep,
+) -> float | None:
     """Mean number of other processes' runnable threads, sampled ``samples``
     times ``gap`` seconds apart (Linux; None elsewhere).
 
@@ -204,7 +214,7 @@ def runnable_others(samples: int = 10, gap: float = 0.001,
                         stat = fh.read()
                 except OSError:  # the thread ended meanwhile
                     continue
-                own += stat[stat.rindex(")") + 2:][:1] == "R"
+                own += stat[stat.rindex(")") + 2 :][:1] == "R"
         except (OSError, ValueError, IndexError):
             return None
         values.append(max(0, running - max(1, own)))
@@ -243,8 +253,9 @@ def _set(n: int) -> None:
     if _original is not None and n != _original:
         # Only a thread whose own setting we do not care about can put the
         # process-wide value back: a short-lived one.
-        helper = threading.Thread(target=torch.set_num_threads, args=(_original,),
-                                  name="harmonypy-threads")
+        helper = threading.Thread(
+            target=torch.set_num_threads, args=(_original,), name="harmonypy-threads"
+        )
         try:
             helper.start()
         except RuntimeError:  # no thread to spare: only new threads would notice
@@ -322,9 +333,15 @@ class AutoThreads:
     start, threads, reason)`` for each decision.
     """
 
-    def __init__(self, ncores: int | None, work: int, device: torch.device,
-                 load: CpuLoad | None = None, runnable=runnable_others,
-                 cpus: int | None = None):
+    def __init__(
+        self,
+        ncores: int | None,
+        work: int,
+        device: torch.device,
+        load: CpuLoad | None = None,
+        runnable=runnable_others,
+        cpus: int | None = None,
+    ):
         self.auto = ncores is None and device.type == "cpu"
         self.fixed = ncores
         self.work = work
@@ -372,8 +389,11 @@ class AutoThreads:
 
     def _first_choice(self) -> tuple[int, str]:
         if choose_threads(self.cap, self.cpus, 0.0, self.work) == 1:
-            return 1, (f"small problem ({self.work:,} cells x clusters < {PARALLEL_MIN_WORK:,})"
-                       if self.cap > 1 else "torch's setting is 1 thread")
+            return 1, (
+                f"small problem ({self.work:,} cells x clusters < {PARALLEL_MIN_WORK:,})"
+                if self.cap > 1
+                else "torch's setting is 1 thread"
+            )
         if self.load is None:
             self.load = CpuLoad()
         if self.load.available():
@@ -397,21 +417,29 @@ class AutoThreads:
 
     def checkpoint(self) -> None:
         """Re-decide from the load measured since the last decision (cheap when too early)."""
-        if (self.load is None or self.work < PARALLEL_MIN_WORK or self.cap <= 1
-                or self.load.elapsed() < WINDOW_S):
+        if (
+            self.load is None
+            or self.work < PARALLEL_MIN_WORK
+            or self.cap <= 1
+            or self.load.elapsed() < WINDOW_S
+        ):
             return
         foreign = self.load.foreign()
         if foreign is None:
             return
         concurrent = max(1, _runs)
         n = choose_threads(self.cap, self.cpus, foreign, self.work, concurrent)
-        logger.debug("CPU load of other processes: %.2f of %d CPUs -> %d threads",
-                     foreign, self.cpus, n)
+        logger.debug(
+            "CPU load of other processes: %.2f of %d CPUs -> %d threads", foreign, self.cpus, n
+        )
         if n != self.threads:
             _change(n)
             self.threads = n
-            self._note(n, f"other processes used {foreign:.2f} of {self.cpus} CPUs"
-                       + (f", {concurrent} runs in this process" if concurrent > 1 else ""))
+            self._note(
+                n,
+                f"other processes used {foreign:.2f} of {self.cpus} CPUs"
+                + (f", {concurrent} runs in this process" if concurrent > 1 else ""),
+            )
 
 
 def checkpoint() -> None:

@@ -79,22 +79,28 @@ class CellRows:
         if n_cells >= self.min_cells:
             return None
         if self.min_cells < MIN_CELLS:
-            return (f"{what} has {n_cells} rows: every process of a distributed run needs at "
-                    f"least {self.min_cells} cell(s) (and all of them together at least "
-                    f"{MIN_CELLS})")
+            return (
+                f"{what} has {n_cells} rows: every process of a distributed run needs at "
+                f"least {self.min_cells} cell(s) (and all of them together at least "
+                f"{MIN_CELLS})"
+            )
         return f"Harmony needs at least {self.min_cells} cells, {what} has {n_cells}"
 
 
 def cell_rows_of(meta_data, *, first: int = 0, min_cells: int = MIN_CELLS) -> CellRows:
     """:class:`CellRows` whose names are ``meta_data``'s index unless it only numbers the rows."""
     index = getattr(meta_data, "index", None)
-    named = isinstance(index, pd.Index) and not isinstance(index, pd.RangeIndex) \
+    named = (
+        isinstance(index, pd.Index)
+        and not isinstance(index, pd.RangeIndex)
         and not pd.api.types.is_integer_dtype(index.dtype)
+    )
     return CellRows(first=first, names=index if named else None, min_cells=min_cells)
 
 
-def _describe_rows(mask: np.ndarray, limit: int = 5, what: str = "cell",
-                   rows: CellRows | None = None) -> str:
+def _describe_rows(
+    mask: np.ndarray, limit: int = 5, what: str = "cell", rows: CellRows | None = None
+) -> str:
     """``"cell(s) 3, 7, ... (12 in all)"`` for the True entries of ``mask``
     (numbered and named by ``rows`` when given)."""
     idx = np.flatnonzero(mask)
@@ -122,9 +128,12 @@ def to_array(data_mat) -> np.ndarray:
             f"data_mat.to_dense() (torch)"
         )
     if isinstance(data_mat, pd.DataFrame):
-        bad = [c for c in data_mat.columns
-               if not pd.api.types.is_numeric_dtype(data_mat[c])
-               or pd.api.types.is_bool_dtype(data_mat[c])]
+        bad = [
+            c
+            for c in data_mat.columns
+            if not pd.api.types.is_numeric_dtype(data_mat[c])
+            or pd.api.types.is_bool_dtype(data_mat[c])
+        ]
         if bad:
             kinds = sorted({str(data_mat[c].dtype) for c in bad})
             raise TypeError(
@@ -137,8 +146,7 @@ def to_array(data_mat) -> np.ndarray:
         return data_mat.to_numpy(dtype=np.float64, na_value=np.nan)
     if isinstance(data_mat, pd.Series):
         raise TypeError(
-            "data_mat is a pandas Series (1-D); expected a 2-D cells x PCs "
-            "array or DataFrame"
+            "data_mat is a pandas Series (1-D); expected a 2-D cells x PCs array or DataFrame"
         )
     if _is_tensor(data_mat):
         tensor = data_mat.detach()
@@ -160,8 +168,9 @@ def to_array(data_mat) -> np.ndarray:
     return array
 
 
-def as_cells_by_features(data_mat, n_cells: int, meta_shape: tuple | None = None, *,
-                         rows: CellRows | None = None) -> np.ndarray:
+def as_cells_by_features(
+    data_mat, n_cells: int, meta_shape: tuple | None = None, *, rows: CellRows | None = None
+) -> np.ndarray:
     """Return the embedding as a (cells x features) real array, checked.
 
     The orientation is taken from ``n_cells = len(meta_data)``: cells x PCs when
@@ -245,7 +254,10 @@ def warn_if_not_reduced(cells: np.ndarray, stacklevel: int = 3) -> None:
         warnings.warn(
             f"data_mat has {n_dims} dimensions per cell; Harmony expects a reduced "
             f"embedding such as 20-50 PCs, not genes. Run a PCA first (and pass "
-            f"cells x PCs)", UserWarning, stacklevel=stacklevel)
+            f"cells x PCs)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
         return
     sample = cells[:_COUNTS_SAMPLE_ROWS]
     if np.issubdtype(sample.dtype, np.integer):
@@ -256,7 +268,10 @@ def warn_if_not_reduced(cells: np.ndarray, stacklevel: int = 3) -> None:
         warnings.warn(
             f"data_mat holds only non-negative whole numbers (checked in the first "
             f"{sample.shape[0]} cells): it looks like counts, but Harmony expects a "
-            f"reduced embedding such as PCs. Run a PCA first", UserWarning, stacklevel=stacklevel)
+            f"reduced embedding such as PCs. Run a PCA first",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def check_finite(cells: np.ndarray, rows: CellRows) -> None:
@@ -264,12 +279,12 @@ def check_finite(cells: np.ndarray, rows: CellRows) -> None:
     bad_rows = np.zeros(cells.shape[0], dtype=bool)
     bad_cols = np.zeros(cells.shape[1], dtype=bool)
     for start in range(0, cells.shape[0], _CHUNK_ROWS):
-        chunk = cells[start:start + _CHUNK_ROWS]
+        chunk = cells[start : start + _CHUNK_ROWS]
         block = ~np.isfinite(chunk)
         if block.any():
             n_bad += int(block.sum())
             n_nan += int(np.isnan(chunk).sum())
-            bad_rows[start:start + chunk.shape[0]] = block.any(axis=1)
+            bad_rows[start : start + chunk.shape[0]] = block.any(axis=1)
             bad_cols |= block.any(axis=0)
     if n_bad:
         raise ValueError(
@@ -285,13 +300,13 @@ def _squared_norms(cells: np.ndarray) -> np.ndarray:
     out = np.empty(cells.shape[0], dtype=np.float64)
     with np.errstate(over="ignore", under="ignore"):
         for start in range(0, cells.shape[0], _CHUNK_ROWS):
-            _squared_norms_chunk(cells[start:start + _CHUNK_ROWS], out[start:])
+            _squared_norms_chunk(cells[start : start + _CHUNK_ROWS], out[start:])
     return out
 
 
 def _squared_norms_chunk(block: np.ndarray, out: np.ndarray) -> None:
     """``_squared_norms`` for one chunk, written to the start of ``out``."""
-    rows = out[:block.shape[0]]
+    rows = out[: block.shape[0]]
     rows[:] = np.einsum("ij,ij->i", block, block, dtype=np.float64)
     # Only where squaring could overflow or underflow float64 (entries far
     # beyond any embedding's scale) is the slower rescaled sum needed.
@@ -307,7 +322,7 @@ def _squared_norms_chunk(block: np.ndarray, out: np.ndarray) -> None:
 def check_nonzero_cells(cells: np.ndarray, rows: CellRows) -> None:
     zero = np.zeros(cells.shape[0], dtype=bool)
     for start in range(0, cells.shape[0], _CHUNK_ROWS):
-        zero[start:start + _CHUNK_ROWS] = ~cells[start:start + _CHUNK_ROWS].any(axis=1)
+        zero[start : start + _CHUNK_ROWS] = ~cells[start : start + _CHUNK_ROWS].any(axis=1)
     if zero.any():
         raise ValueError(
             f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero, rows=rows)}; a cell with "
@@ -354,8 +369,12 @@ def _labels_frame(meta_data, vars_use) -> pd.DataFrame:
     """A one-column DataFrame from a Series or 1-D array of labels."""
     if isinstance(vars_use, str):
         name = vars_use
-    elif vars_use is not None and not isinstance(vars_use, str) \
-            and isinstance(vars_use, (Sequence, np.ndarray, pd.Index)) and len(vars_use) == 1:
+    elif (
+        vars_use is not None
+        and not isinstance(vars_use, str)
+        and isinstance(vars_use, (Sequence, np.ndarray, pd.Index))
+        and len(vars_use) == 1
+    ):
         name = list(vars_use)[0]
     elif isinstance(meta_data, pd.Series) and meta_data.name is not None:
         name = meta_data.name
@@ -378,8 +397,7 @@ def _labels_frame(meta_data, vars_use) -> pd.DataFrame:
     return series.to_frame(name=name)
 
 
-def as_metadata(meta_data, vars_use, *, rows: CellRows | None = None
-                ) -> tuple[pd.DataFrame, list]:
+def as_metadata(meta_data, vars_use, *, rows: CellRows | None = None) -> tuple[pd.DataFrame, list]:
     """Normalise ``meta_data``/``vars_use`` to a DataFrame and a list of names.
 
     A Series, list, tuple, 1-D array, Index or Categorical of labels is accepted
@@ -397,8 +415,9 @@ def as_metadata(meta_data, vars_use, *, rows: CellRows | None = None
     """
     if isinstance(meta_data, pd.DataFrame):
         frame = meta_data
-    elif isinstance(meta_data, (pd.Series, pd.Index, pd.Categorical, list, tuple, np.ndarray)) \
-            or isinstance(meta_data, pd.api.extensions.ExtensionArray):
+    elif isinstance(
+        meta_data, (pd.Series, pd.Index, pd.Categorical, list, tuple, np.ndarray)
+    ) or isinstance(meta_data, pd.api.extensions.ExtensionArray):
         frame = _labels_frame(meta_data, vars_use)
     else:
         raise TypeError(
@@ -455,8 +474,9 @@ def check_real(name: str, value, *, allow_neg_inf: bool = False) -> float:
     return value
 
 
-def check_int(name: str, value, minimum: int, maximum: int | None = None,
-              *, maximum_is: str | None = None) -> int:
+def check_int(
+    name: str, value, minimum: int, maximum: int | None = None, *, maximum_is: str | None = None
+) -> int:
     """``value`` as an int in ``[minimum, maximum]``; integral floats are accepted.
 
     Parameters
@@ -465,8 +485,11 @@ def check_int(name: str, value, minimum: int, maximum: int | None = None,
         What the maximum stands for, for the message (e.g. "the number of cells").
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, (float, np.floating)) and math.isfinite(value) \
-                and float(value).is_integer():
+        if (
+            isinstance(value, (float, np.floating))
+            and math.isfinite(value)
+            and float(value).is_integer()
+        ):
             value = int(value)
         else:
             raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -541,15 +564,14 @@ def _values(name: str, value) -> np.ndarray | None:
     if np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0):
         return None
     if isinstance(value, dict) or not hasattr(value, "__len__"):
-        raise TypeError(
-            f"{name} must be a number or a list of numbers, got {type(value).__name__}"
-        )
+        raise TypeError(f"{name} must be a number or a list of numbers, got {type(value).__name__}")
     raw = np.asarray(value, dtype=object).ravel()
     return np.array([check_real(f"{name}[{i}]", v) for i, v in enumerate(raw)], dtype=np.float64)
 
 
-def per_level(name: str, value, design, default: float, *, minimum: float,
-              strict: bool = False) -> np.ndarray:
+def per_level(
+    name: str, value, design, default: float, *, minimum: float, strict: bool = False
+) -> np.ndarray:
     """Expand a scalar, per-variable or per-level parameter to one value per level.
 
     Parameters
@@ -621,8 +643,7 @@ def check_sigma(sigma, n_clusters: int, dtype=None) -> np.ndarray:
         values = floats
     else:
         raise ValueError(
-            f"sigma has {floats.size} values; expected 1 or one per cluster "
-            f"(nclust = {n_clusters})"
+            f"sigma has {floats.size} values; expected 1 or one per cluster (nclust = {n_clusters})"
         )
     if (values <= 0).any():
         raise ValueError(f"sigma must be > 0, got {values[values <= 0][:5].tolist()}")
@@ -641,8 +662,9 @@ def check_sigma(sigma, n_clusters: int, dtype=None) -> np.ndarray:
 
 def check_random_state(random_state) -> None:
     """Refuse a ``random_state`` that is not None, an int >= 0 or a NumPy generator."""
-    if random_state is None or isinstance(random_state,
-                                          (np.random.Generator, np.random.RandomState)):
+    if random_state is None or isinstance(
+        random_state, (np.random.Generator, np.random.RandomState)
+    ):
         return
     if isinstance(random_state, (bool, np.bool_)) or not isinstance(random_state, numbers.Integral):
         raise TypeError(
@@ -671,8 +693,7 @@ def resolve_seed(random_state) -> int:
 
 
 # ------------------------------------------------------------------ memory
-def check_memory_fits(size, *, dtype, algorithm: str, device,
-                      copies_input: bool = True) -> None:
+def check_memory_fits(size, *, dtype, algorithm: str, device, copies_input: bool = True) -> None:
     """Refuse a run whose estimated peak memory exceeds the available memory.
 
     ``size`` is a :class:`harmonypy.engine.memory.RunSize` (N, d, K, the levels of
@@ -681,12 +702,18 @@ def check_memory_fits(size, *, dtype, algorithm: str, device,
     :func:`harmonypy.engine.memory.estimate_memory` for the terms). Nothing is
     checked where the available memory is unknown.
     """
-    estimate = _memory.estimate_memory(size, dtype=dtype, algorithm=algorithm, device=device,
-                                       copies_input=copies_input)
+    estimate = _memory.estimate_memory(
+        size, dtype=dtype, algorithm=algorithm, device=device, copies_input=copies_input
+    )
     n_levels, n_variables = sum(size.level_counts), len(size.level_counts)
-    levels = (f"{n_levels:,} batch level(s) in {n_variables} variable(s)"
-              if n_variables > 1 else f"{n_levels:,} batch levels")
-    context = (f" (N={size.n_cells:,} cells, d={size.n_dims}, K={size.n_clusters} clusters, "
-               f"{levels}, {size.n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on "
-               f"{device})")
+    levels = (
+        f"{n_levels:,} batch level(s) in {n_variables} variable(s)"
+        if n_variables > 1
+        else f"{n_levels:,} batch levels"
+    )
+    context = (
+        f" (N={size.n_cells:,} cells, d={size.n_dims}, K={size.n_clusters} clusters, "
+        f"{levels}, {size.n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on "
+        f"{device})"
+    )
     _memory.check_memory(estimate, _memory.available_memory(device), context=context)

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["COMPRESSIONS", "FORMATS_HELP", "TABLE_FORMATS_HELP", "TABLE_SEPARATORS",
-           "file_format", "format_suffix", "in_zarr_store", "plot_formats"]
+__all__ = [
+    "COMPRESSIONS",
+    "FORMATS_HELP",
+    "TABLE_FORMATS_HELP",
+    "TABLE_SEPARATORS",
+    "file_format",
+    "format_suffix",
+    "in_zarr_store",
+    "plot_formats",
+]
 
 TABLE_SEPARATORS = {".tsv": "\t", ".txt": "\t", ".csv": ","}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 TABLE_FORMATS_HELP = "TSV/CSV (.tsv, .txt, .csv, optionally .gz), Parquet (.parquet)"
-FORMATS_HELP = (f"{TABLE_FORMATS_HELP}, NumPy (.npy), a Zarr array (.zarr, input only) "
-                f"or AnnData (.h5ad)")
+FORMATS_HELP = (
+    f"{TABLE_FORMATS_HELP}, NumPy (.npy), a Zarr array (.zarr, input only) or AnnData (.h5ad)"
+)
 
 
 def file_format(path: str | Path) -> str:
@@ -47,8 +56,9 @@ def file_format(path: str | Path) -> str:
         return "csv" if last == ".csv" else "tsv"
     if last in (".parquet", ".npy", ".h5ad", ".npz"):
         return last[1:]
-    raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; "
-                     f"use {FORMATS_HELP}")
+    raise ValueError(
+        f"cannot tell the format of {str(path)!r} from its extension; use {FORMATS_HELP}"
+    )
 
 
 def in_zarr_store(path: str | Path) -> bool:

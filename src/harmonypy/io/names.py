@@ -64,16 +64,21 @@ class CellMatch:
         if not self.by_name:
             text = f"metadata {meta} paired with the embedding's cells by position (row order)"
             if self.names is not None:
-                text += (f": the embedding {embedding} has no cell names, so its cells are "
-                         f"named by the metadata's {self.names_from}")
+                text += (
+                    f": the embedding {embedding} has no cell names, so its cells are "
+                    f"named by the metadata's {self.names_from}"
+                )
             return text
         how = "reordered to" if self.reordered else "in the same order as"
-        return (f"metadata matched by cell name ({self.names_from}): {len(self.meta):,} rows, "
-                f"{how} the embedding")
+        return (
+            f"metadata matched by cell name ({self.names_from}): {len(self.meta):,} rows, "
+            f"{how} the embedding"
+        )
 
 
-def _meta_name_candidates(meta: Table, cell_text: pd.Index,
-                          integer_names: bool) -> list[tuple[str, pd.Index]]:
+def _meta_name_candidates(
+    meta: Table, cell_text: pd.Index, integer_names: bool
+) -> list[tuple[str, pd.Index]]:
     """Metadata name sources that share at least one name with the embedding.
 
     The row names are always looked at; so are text and categorical columns.
@@ -90,7 +95,8 @@ def _meta_name_candidates(meta: Table, cell_text: pd.Index,
         text_like = not is_numeric(values) and not pd.api.types.is_bool_dtype(values)
         if integer_names:
             usable = identifier_header(column) and (
-                text_like or pd.api.types.is_integer_dtype(values.dtype))
+                text_like or pd.api.types.is_integer_dtype(values.dtype)
+            )
         else:
             usable = text_like
         if usable:
@@ -102,15 +108,23 @@ def _meta_name_candidates(meta: Table, cell_text: pd.Index,
         # A name column usually shares names within its first rows: try those
         # before looking up every value.
         head = pd.Index(names[:_PROBE_VALUES].astype(str))
-        return bool((lookup.get_indexer(head) >= 0).any()
-                    or (lookup.get_indexer(pd.Index(names.astype(str)).unique()) >= 0).any())
+        return bool(
+            (lookup.get_indexer(head) >= 0).any()
+            or (lookup.get_indexer(pd.Index(names.astype(str)).unique()) >= 0).any()
+        )
 
     return [(where, names) for where, names in sources if shares_a_name(names)]
 
 
-def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
-                meta_path: str | Path, meta_names: str | None = None,
-                by_name: bool = True) -> CellMatch:
+def match_cells(
+    embedding: Table,
+    meta: Table,
+    *,
+    embedding_path: str | Path,
+    meta_path: str | Path,
+    meta_names: str | None = None,
+    by_name: bool = True,
+) -> CellMatch:
     """Put the metadata rows in the order of the embedding's cells.
 
     Parameters
@@ -157,12 +171,16 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
     if meta_names is not None:
         columns = [str(c) for c in meta.frame.columns]
         if meta_names not in columns:
-            raise KeyError(f"--meta-names: column {meta_names!r} not found in the metadata "
-                           f"{meta_path}{did_you_mean(meta_names, columns)}; available: "
-                           f"{column_list(columns)}")
+            raise KeyError(
+                f"--meta-names: column {meta_names!r} not found in the metadata "
+                f"{meta_path}{did_you_mean(meta_names, columns)}; available: "
+                f"{column_list(columns)}"
+            )
         if cell_names is None:
-            raise ValueError(f"--meta-names {meta_names!r}: the embedding {embedding_path} has "
-                             f"no cell names to match (choose its name column with --names)")
+            raise ValueError(
+                f"--meta-names {meta_names!r}: the embedding {embedding_path} has "
+                f"no cell names to match (choose its name column with --names)"
+            )
     if cell_names is None:
         return _by_row_order(meta, n_cells, embedding_path, meta_path, adopt_names=True)
     if not by_name:
@@ -177,32 +195,40 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
         candidates = _meta_name_candidates(meta, cell_text, integer_names)
         if candidates:
             lookup = cell_text.unique()
-            where, names = max(candidates, key=lambda c: int(
-                (lookup.get_indexer(pd.Index(c[1].astype(str))) >= 0).sum()))
+            where, names = max(
+                candidates,
+                key=lambda c: int((lookup.get_indexer(pd.Index(c[1].astype(str))) >= 0).sum()),
+            )
             if row_numbers(cell_names) and row_numbers(names):
-                logger.info("both files number their rows (0..N-1 or 1..N); pairing by row "
-                            "order")
+                logger.info("both files number their rows (0..N-1 or 1..N); pairing by row order")
                 return _by_row_order(meta, n_cells, embedding_path, meta_path)
         else:
             # Nothing shared. Text names on both sides name other cells: refused
             # below (match_order), never paired by position (issue #11).
-            declared = (declared_names(meta.frame, index=meta.has_names)
-                        if text_names(cell_names) else None)
+            declared = (
+                declared_names(meta.frame, index=meta.has_names) if text_names(cell_names) else None
+            )
             if declared is None:
                 if meta.has_names and not row_numbers(meta.frame.index):
-                    logger.warning("the metadata %s has row names but shares none with the "
-                                   "embedding %s; taking integer labels for row numbers and "
-                                   "pairing rows by position", meta_path, embedding_path)
+                    logger.warning(
+                        "the metadata %s has row names but shares none with the "
+                        "embedding %s; taking integer labels for row numbers and "
+                        "pairing rows by position",
+                        meta_path,
+                        embedding_path,
+                    )
                 return _by_row_order(meta, n_cells, embedding_path, meta_path)
             column, names = declared
             where = "row names" if column is None else f"column {str(column)!r}"
 
     order = match_order(
-        cell_names, names,
+        cell_names,
+        names,
         cells_from=f"the embedding {embedding_path} ({embedding.names_from})",
         meta_from=f"the metadata {meta_path} ({where})",
         remedy="Give both files the same cells, make the names unique, choose the name "
-               "columns with --names/--meta-names, or pass --no-names to pair rows by position")
+        "columns with --names/--meta-names, or pass --no-names to pair rows by position",
+    )
     if order is None:
         order = np.arange(n_cells)
     reordered = not np.array_equal(order, np.arange(n_cells))
@@ -212,21 +238,33 @@ def match_cells(embedding: Table, meta: Table, *, embedding_path: str | Path,
     return match
 
 
-def _by_row_order(meta: Table, n_cells: int, embedding_path: str | Path,
-                  meta_path: str | Path, adopt_names: bool = False) -> CellMatch:
+def _by_row_order(
+    meta: Table,
+    n_cells: int,
+    embedding_path: str | Path,
+    meta_path: str | Path,
+    adopt_names: bool = False,
+) -> CellMatch:
     """Pair by position; with ``adopt_names`` (the embedding names no cells),
     the metadata's own distinct cell names, if any, name the cells."""
     if len(meta.frame) != n_cells:
-        raise ValueError(f"metadata {meta_path} has {len(meta.frame):,} rows but the embedding "
-                         f"{embedding_path} has {n_cells:,} cells (paired by row order: "
-                         f"the two files do not share cell names)")
+        raise ValueError(
+            f"metadata {meta_path} has {len(meta.frame):,} rows but the embedding "
+            f"{embedding_path} has {n_cells:,} cells (paired by row order: "
+            f"the two files do not share cell names)"
+        )
     names = names_from = None
     if adopt_names:
         found = _own_names(meta)
         if found is not None:
             names_from, names = found
-    match = CellMatch(meta.frame.reset_index(drop=True), False, names_from, names=names,
-                      paths=(str(embedding_path), str(meta_path)))
+    match = CellMatch(
+        meta.frame.reset_index(drop=True),
+        False,
+        names_from,
+        names=names,
+        paths=(str(embedding_path), str(meta_path)),
+    )
     logger.info("%s", match.describe())
     return match
 

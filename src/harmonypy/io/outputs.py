@@ -59,8 +59,9 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
     return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
 
 
-def check_outputs(outputs: Sequence[OutputSpec], inputs: dict[str, str | Path | None], *,
-                  force: bool) -> None:
+def check_outputs(
+    outputs: Sequence[OutputSpec], inputs: dict[str, str | Path | None], *, force: bool
+) -> None:
     """Check that every output can be written, before any computation.
 
     So that a refused command writes nothing and an accepted one does not
@@ -98,8 +99,10 @@ def check_outputs(outputs: Sequence[OutputSpec], inputs: dict[str, str | Path | 
         # First: writing over an input is the costliest mistake, say so whatever else is wrong.
         for what, source in inputs.items():
             if source is not None and _same_file(path, source):
-                raise ValueError(f"{spec.option} {path} is the input {what} ({source}); "
-                                 f"write the result to another file")
+                raise ValueError(
+                    f"{spec.option} {path} is the input {what} ({source}); "
+                    f"write the result to another file"
+                )
         for other in checked:
             if _same_file(path, other.path):
                 raise ValueError(f"{spec.option} and {other.option} name the same file: {path}")
@@ -108,14 +111,17 @@ def check_outputs(outputs: Sequence[OutputSpec], inputs: dict[str, str | Path | 
         else:
             fmt = file_format(path)
             if fmt not in spec.formats:
-                raise ValueError(f"{spec.option} {str(path)!r}: format {fmt!r} not possible here; "
-                                 f"use one of {', '.join(spec.formats)}")
+                raise ValueError(
+                    f"{spec.option} {str(path)!r}: format {fmt!r} not possible here; "
+                    f"use one of {', '.join(spec.formats)}"
+                )
         if path.is_dir():
             raise IsADirectoryError(f"{spec.option} {path} is a folder; give a file name")
         folder = Path(os.path.realpath(path)).parent
         if not folder.exists():
-            raise FileNotFoundError(f"output folder does not exist: {path.parent} "
-                                    f"({spec.option} {path})")
+            raise FileNotFoundError(
+                f"output folder does not exist: {path.parent} ({spec.option} {path})"
+            )
         if not folder.is_dir():
             raise NotADirectoryError(f"{spec.option} {path}: {path.parent} is not a folder")
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -124,8 +130,9 @@ def check_outputs(outputs: Sequence[OutputSpec], inputs: dict[str, str | Path | 
             if not stat.S_ISREG(path.stat().st_mode):
                 raise ValueError(f"{spec.option} {path} exists and is not a regular file")
             if not force:
-                raise FileExistsError(f"{spec.option} {path} already exists; pass --force to "
-                                      f"replace it")
+                raise FileExistsError(
+                    f"{spec.option} {path} already exists; pass --force to replace it"
+                )
         checked.append(spec)
 
 
@@ -133,10 +140,11 @@ def _check_plot_format(spec: OutputSpec) -> None:
     extension = Path(spec.path).suffix.lower().lstrip(".")
     supported = plot_formats()
     if extension not in supported:
-        raise ValueError(f"{spec.option} {str(spec.path)!r}: matplotlib cannot write "
-                         f"{'.' + extension if extension else 'a file without extension'}; "
-                         f"use one of {', '.join(sorted(supported))}")
-
+        raise ValueError(
+            f"{spec.option} {str(spec.path)!r}: matplotlib cannot write "
+            f"{'.' + extension if extension else 'a file without extension'}; "
+            f"use one of {', '.join(sorted(supported))}"
+        )
 
 
 @contextlib.contextmanager
@@ -153,8 +161,7 @@ def _interrupts_held() -> Iterator[None]:
         return
     received: list[int] = []
     held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in held}
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
@@ -238,17 +245,21 @@ class OutputFiles:
         """
         final = Path(os.path.realpath(path))
         if final.is_dir():
-            raise IsADirectoryError(f"cannot write {str(path)!r}: it is a folder; give a file's "
-                                    f"path, e.g. a file name inside it")
+            raise IsADirectoryError(
+                f"cannot write {str(path)!r}: it is a folder; give a file's "
+                f"path, e.g. a file name inside it"
+            )
         if not final.parent.is_dir():
-            raise FileNotFoundError(f"cannot write {str(path)!r}: its folder "
-                                    f"{str(final.parent)!r} does not exist")
+            raise FileNotFoundError(
+                f"cannot write {str(path)!r}: its folder {str(final.parent)!r} does not exist"
+            )
         suffix = format_suffix(final)
-        name = final.name[:len(final.name) - len(suffix)] if suffix else final.name
+        name = final.name[: len(final.name) - len(suffix)] if suffix else final.name
         name = name[:100]  # room for the random part within NAME_MAX
         with _interrupts_held():
             descriptor, temporary = tempfile.mkstemp(
-                prefix=f".{name}.", suffix=f".tmp{suffix}", dir=final.parent)
+                prefix=f".{name}.", suffix=f".tmp{suffix}", dir=final.parent
+            )
             self._staged.append((Path(temporary), final))
             os.close(descriptor)
         os.chmod(temporary, _new_file_mode(final))
@@ -277,9 +288,11 @@ class OutputFiles:
                         self.replaced.append(final)
             except OSError as err:
                 written = ", ".join(map(str, done)) or "nothing"
-                raise RuntimeError(f"could not move the finished output into place as "
-                                   f"{err.filename or final}: {err.strerror or err}; already "
-                                   f"written: {written}") from err
+                raise RuntimeError(
+                    f"could not move the finished output into place as "
+                    f"{err.filename or final}: {err.strerror or err}; already "
+                    f"written: {written}"
+                ) from err
             finally:
                 self._staged = [(t, f) for t, f in self._staged if f not in done]
                 self._remove_temporaries()
@@ -304,7 +317,6 @@ class OutputFiles:
     def __exit__(self, *exc_info) -> None:
         with _interrupts_held():
             self._remove_temporaries()
-
 
 
 def write_outputs(outputs: Sequence[tuple[str | None, Callable[[Path], None]]]) -> OutputFiles:

@@ -26,7 +26,12 @@ from harmonypy._optional import require_anndata, require_pyarrow, require_zarr
 from harmonypy.engine.cellnames import identifier_header
 from harmonypy.io.formats import TABLE_FORMATS_HELP, file_format, in_zarr_store
 from harmonypy.io.tables import (
-    SHOWN, Table, column_list, did_you_mean, is_numeric, row_numbers,
+    SHOWN,
+    Table,
+    column_list,
+    did_you_mean,
+    is_numeric,
+    row_numbers,
 )
 
 logger = logging.getLogger(__name__)
@@ -182,22 +187,27 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
     _check_exists(path, "embedding")
     if file_format(path) == "zarr":
         if names is not None:
-            raise ValueError(f"--names {names!r}: the embedding {path} is a Zarr array "
-                             f"without columns or cell names")
+            raise ValueError(
+                f"--names {names!r}: the embedding {path} is a Zarr array "
+                f"without columns or cell names"
+            )
         values = _read_zarr_array(path)
         columns = [f"PC{i + 1}" for i in range(values.shape[1])]
         return Table(pd.DataFrame(values, columns=columns, copy=False), False)
     if file_format(path) == "npy":
         if names is not None:
-            raise ValueError(f"--names {names!r}: the embedding {path} is a NumPy array "
-                             f"without columns or cell names")
+            raise ValueError(
+                f"--names {names!r}: the embedding {path} is a NumPy array "
+                f"without columns or cell names"
+            )
         with _reading(path, "embedding"):
             # Memory-mapped: the engine copies the cells into its own (sorted)
             # buffer in chunks, so the file is never held in memory twice.
             values = np.load(path, allow_pickle=False, mmap_mode="r")
         if values.ndim != 2:
-            raise ValueError(f"the embedding in {path} must be 2-D (cells x PCs), "
-                             f"got shape {values.shape}")
+            raise ValueError(
+                f"the embedding in {path} must be 2-D (cells x PCs), got shape {values.shape}"
+            )
         columns = [f"PC{i + 1}" for i in range(values.shape[1])]
         return Table(pd.DataFrame(values, columns=columns), False)
 
@@ -208,9 +218,11 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
     columns = [str(c) for c in frame.columns]
     if names is not None:
         if names not in columns:
-            raise KeyError(f"--names: column {names!r} not found in the embedding "
-                           f"{path}{did_you_mean(names, columns)}; available: "
-                           f"{column_list(columns)}")
+            raise KeyError(
+                f"--names: column {names!r} not found in the embedding "
+                f"{path}{did_you_mean(names, columns)}; available: "
+                f"{column_list(columns)}"
+            )
         column = frame.columns[columns.index(names)]
         table = Table(frame.set_index(column), True, f"column {names!r}")
     elif len(frame.columns) and _names_column(frame, frame.columns[0]):
@@ -218,14 +230,17 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
         if table.has_names and not row_numbers(frame.index):
             raise ValueError(
                 f"embedding {path}: has row names and its first column {str(first)!r} also "
-                f"looks like cell names; give --names {first} to use that column")
+                f"looks like cell names; give --names {first} to use that column"
+            )
         table = Table(frame.set_index(first), True, f"column {str(first)!r}")
     frame = table.frame
     not_numeric = [str(c) for c in frame.columns if not is_numeric(frame[c])]
     if not_numeric:
-        raise ValueError(f"embedding {path}: column(s) {', '.join(map(repr, not_numeric[:SHOWN]))}"
-                         f" are not numeric (only one column may hold cell names; choose it "
-                         f"with --names)")
+        raise ValueError(
+            f"embedding {path}: column(s) {', '.join(map(repr, not_numeric[:SHOWN]))}"
+            f" are not numeric (only one column may hold cell names; choose it "
+            f"with --names)"
+        )
     if frame.shape[1] == 0:
         raise ValueError(f"embedding {path} has no PC columns (only cell names)")
     if table.has_names:
@@ -247,14 +262,18 @@ def _read_zarr_array(path: str | Path) -> np.ndarray:
     if not hasattr(node, "shape"):  # a group: say which arrays it holds
         # 2-D arrays only (an embedding is cells x PCs); an AnnData store's
         # embeddings (obsm/...) before X, the layers and the rest.
-        names = sorted((not name.startswith("obsm/"), name)
-                       for name, ndim in _zarr_arrays(node) if ndim == 2)
+        names = sorted(
+            (not name.startswith("obsm/"), name) for name, ndim in _zarr_arrays(node) if ndim == 2
+        )
         shown = ", ".join(f"{path}/{name}" for _, name in names[:SHOWN])
-        raise ValueError(f"{path} is a Zarr group, not an array: give the path of the "
-                         f"embedding inside it" + (f", e.g. {shown}" if shown else ""))
+        raise ValueError(
+            f"{path} is a Zarr group, not an array: give the path of the "
+            f"embedding inside it" + (f", e.g. {shown}" if shown else "")
+        )
     if len(node.shape) != 2:
-        raise ValueError(f"the embedding in {path} must be 2-D (cells x PCs), got shape "
-                         f"{tuple(node.shape)}")
+        raise ValueError(
+            f"the embedding in {path} must be 2-D (cells x PCs), got shape {tuple(node.shape)}"
+        )
     with _reading(path, "embedding"):
         return node[...]
 
@@ -262,12 +281,20 @@ def _read_zarr_array(path: str | Path) -> np.ndarray:
 def _zarr_arrays(group) -> list[tuple[str, int]]:
     """``(path inside group, ndim)`` of every array below a Zarr group (zarr 3 or 2)."""
     if hasattr(group, "members"):
-        return [(name, len(item.shape)) for name, item in group.members(max_depth=None)
-                if hasattr(item, "shape")]
+        return [
+            (name, len(item.shape))
+            for name, item in group.members(max_depth=None)
+            if hasattr(item, "shape")
+        ]
     found: list[tuple[str, int]] = []
     prefix = f"{group.path}/" if group.path else ""
-    group.visitvalues(lambda item: found.append((item.path[len(prefix):], len(item.shape)))
-                      if hasattr(item, "shape") else None)
+    group.visitvalues(
+        lambda item: (
+            found.append((item.path[len(prefix) :], len(item.shape)))
+            if hasattr(item, "shape")
+            else None
+        )
+    )
     return found
 
 

@@ -14,8 +14,15 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["SHOWN", "Table", "close_match", "column_list", "did_you_mean", "is_numeric",
-           "row_numbers"]
+__all__ = [
+    "SHOWN",
+    "Table",
+    "close_match",
+    "column_list",
+    "did_you_mean",
+    "is_numeric",
+    "row_numbers",
+]
 
 #: Offending names or columns shown in a message.
 SHOWN = 5

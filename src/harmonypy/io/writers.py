@@ -39,8 +39,9 @@ def write_table(table: Table, path: str | Path) -> None:
         raise ValueError(f"cannot write a table to {str(path)!r}; use {TABLE_FORMATS_HELP}")
 
 
-def write_array(path: str | Path, shape: tuple[int, int], dtype,
-                fill: Callable[[np.ndarray], Any]) -> None:
+def write_array(
+    path: str | Path, shape: tuple[int, int], dtype, fill: Callable[[np.ndarray], Any]
+) -> None:
     """Write an ``.npy`` array of ``shape`` and ``dtype`` that ``fill(out)`` fills in place.
 
     The file is memory-mapped (``np.lib.format.open_memmap``), so an array as
@@ -62,8 +63,9 @@ def write_h5ad(adata: Any, path: str | Path) -> None:
     adata.write_h5ad(path)
 
 
-def write_h5ad_copy(source: str | Path, path: str | Path, *, obsm: dict | None = None,
-                    uns: dict | None = None) -> None:
+def write_h5ad_copy(
+    source: str | Path, path: str | Path, *, obsm: dict | None = None, uns: dict | None = None
+) -> None:
     """Write to ``path`` a copy of the ``.h5ad`` file ``source`` with entries of
     ``obsm`` and ``uns`` added or replaced.
 

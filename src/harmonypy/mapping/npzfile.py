@@ -39,8 +39,15 @@ _CHUNK = 1 << 18
 #: Largest ``.npy`` header read (numpy's own default bound).
 _MAX_HEADER = 10_000
 
-_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
-                NotImplementedError, RuntimeError)
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,10 @@ class NpzArchive:
         try:
             self._zip = zipfile.ZipFile(path)
         except _READ_ERRORS as err:
-            raise problem(f"cannot be read as a .npz archive ({_reason(err)}); it is "
-                          f"truncated, corrupt, or not an .npz file") from None
+            raise problem(
+                f"cannot be read as a .npz archive ({_reason(err)}); it is "
+                f"truncated, corrupt, or not an .npz file"
+            ) from None
         try:
             self._members = self._list_members(size)
         except BaseException:
@@ -115,12 +124,14 @@ class NpzArchive:
             if key in members:
                 raise self._problem(f"holds the array {key!r} twice; the file is corrupt")
             if info.flag_bits & 0x1:
-                raise self._problem(f"holds an encrypted member {key!r}; a reference file "
-                                    f"is never encrypted")
+                raise self._problem(
+                    f"holds an encrypted member {key!r}; a reference file is never encrypted"
+                )
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 raise self._problem(
                     f"compresses its member {key!r} with ZIP method {info.compress_type}; "
-                    f"numpy writes members stored or deflated (np.savez, np.savez_compressed)")
+                    f"numpy writes members stored or deflated (np.savez, np.savez_compressed)"
+                )
             if info.compress_type == zipfile.ZIP_STORED:
                 most = info.compress_size
             else:
@@ -129,7 +140,8 @@ class NpzArchive:
                 raise self._problem(
                     f"has a member {key!r} that declares {info.file_size:,} bytes from "
                     f"{info.compress_size:,} stored bytes (the file has {file_size:,}): more "
-                    f"than its data can hold; the file is corrupt")
+                    f"than its data can hold; the file is corrupt"
+                )
             members[key] = info
         return members
 
@@ -145,17 +157,22 @@ class NpzArchive:
             with self._zip.open(info) as stream:
                 dtype, shape, fortran, offset = _read_header(stream)
         except _READ_ERRORS as err:
-            raise self._problem(f"is truncated or corrupt: the .npy header of array {key!r} "
-                                f"cannot be read ({_reason(err)})") from None
+            raise self._problem(
+                f"is truncated or corrupt: the .npy header of array {key!r} "
+                f"cannot be read ({_reason(err)})"
+            ) from None
         if dtype.hasobject:
-            raise self._problem(f"has an array {key!r} of Python objects ({dtype}); a "
-                                f"reference file holds only numbers and text (no pickle)")
+            raise self._problem(
+                f"has an array {key!r} of Python objects ({dtype}); a "
+                f"reference file holds only numbers and text (no pickle)"
+            )
         header = ArrayHeader(key, dtype, tuple(int(n) for n in shape), bool(fortran))
         if offset + header.nbytes != info.file_size:
             raise self._problem(
                 f"has an array {key!r} whose header declares {dtype} {header.shape} "
                 f"({header.nbytes:,} bytes) in a member of {info.file_size - offset:,} bytes; "
-                f"the file is corrupt")
+                f"the file is corrupt"
+            )
         return header
 
     def read(self, header: ArrayHeader) -> np.ndarray:
@@ -174,13 +191,14 @@ class NpzArchive:
                     chunk = stream.read(min(_CHUNK, flat.size - done))
                     if not chunk:
                         raise EOFError(f"{flat.size - done:,} bytes missing")
-                    flat[done:done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                    flat[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                     done += len(chunk)
                 if stream.read(1):
                     raise ValueError("more data than its header declares")
         except _READ_ERRORS as err:
-            raise self._problem(f"is truncated or corrupt: array {key!r} cannot be read "
-                                f"({_reason(err)})") from None
+            raise self._problem(
+                f"is truncated or corrupt: array {key!r} cannot be read ({_reason(err)})"
+            ) from None
         return array
 
 
@@ -189,10 +207,12 @@ def _read_header(stream) -> tuple[np.dtype, tuple, bool, int]:
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(
-            stream, max_header_size=_MAX_HEADER)
+            stream, max_header_size=_MAX_HEADER
+        )
     elif version == (2, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(
-            stream, max_header_size=_MAX_HEADER)
+            stream, max_header_size=_MAX_HEADER
+        )
     else:
         raise ValueError(f".npy format version {version[0]}.{version[1]} is not read here")
     return dtype, shape, fortran, stream.tell()

@@ -47,8 +47,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["Expression", "GeneProjection", "GeneScaling", "fit_projection", "gene_scaling",
-           "kept_genes", "project"]
+__all__ = [
+    "Expression",
+    "GeneProjection",
+    "GeneScaling",
+    "fit_projection",
+    "gene_scaling",
+    "kept_genes",
+    "project",
+]
 
 #: Values of the expression matrix handled at once (cells x genes of a chunk).
 _BLOCK_ELEMENTS = 2**22
@@ -127,8 +134,9 @@ class Expression:
     cells: pd.Index
 
 
-def kept_genes(weights: np.ndarray, *, genes: pd.Index, d: int, basis: str,
-               loadings: str) -> np.ndarray:
+def kept_genes(
+    weights: np.ndarray, *, genes: pd.Index, d: int, basis: str, loadings: str
+) -> np.ndarray:
     """Rows of the loadings (G_all x d) that take part in the projection: not all zeros.
 
     Refuses loadings of the wrong shape, not finite or all zeros, and gene
@@ -137,9 +145,11 @@ def kept_genes(weights: np.ndarray, *, genes: pd.Index, d: int, basis: str,
     """
     n_vars = len(genes)
     if weights.ndim != 2 or weights.shape != (n_vars, d):
-        raise ValueError(f"adata.varm[{loadings!r}] has shape {weights.shape}; expected (n_vars, "
-                         f"PCs of obsm[{basis!r}]) = ({n_vars}, {d}): the loadings must belong "
-                         f"to the PCA that gave obsm[{basis!r}]")
+        raise ValueError(
+            f"adata.varm[{loadings!r}] has shape {weights.shape}; expected (n_vars, "
+            f"PCs of obsm[{basis!r}]) = ({n_vars}, {d}): the loadings must belong "
+            f"to the PCA that gave obsm[{basis!r}]"
+        )
     if not np.issubdtype(weights.dtype, np.number) or not np.isfinite(weights).all():
         raise ValueError(f"adata.varm[{loadings!r}] must hold finite numbers")
     kept = np.flatnonzero(np.any(weights != 0, axis=1))
@@ -147,9 +157,11 @@ def kept_genes(weights: np.ndarray, *, genes: pd.Index, d: int, basis: str,
         raise ValueError(f"adata.varm[{loadings!r}] is all zeros")
     if genes[kept].has_duplicates:
         repeated = genes[kept][genes[kept].duplicated()].unique()
-        raise ValueError(f"adata.var_names repeats gene names ({_shown(repeated)}"
-                         f"): query genes are matched by name; call adata.var_names_make_unique() "
-                         f"before the PCA")
+        raise ValueError(
+            f"adata.var_names repeats gene names ({_shown(repeated)}"
+            f"): query genes are matched by name; call adata.var_names_make_unique() "
+            f"before the PCA"
+        )
     return kept
 
 
@@ -165,9 +177,15 @@ class GeneScaling:
     scaling: str
 
 
-def fit_projection(expression: Expression, *, pcs: np.ndarray, weights: np.ndarray,
-                   kept: np.ndarray, scaling: GeneScaling,
-                   keys: tuple[str, str]) -> GeneProjection:
+def fit_projection(
+    expression: Expression,
+    *,
+    pcs: np.ndarray,
+    weights: np.ndarray,
+    kept: np.ndarray,
+    scaling: GeneScaling,
+    keys: tuple[str, str],
+) -> GeneProjection:
     """The :class:`GeneProjection` of a reference, checked on its own cells.
 
     Parameters
@@ -192,11 +210,13 @@ def fit_projection(expression: Expression, *, pcs: np.ndarray, weights: np.ndarr
     """
     mean, std, kind = scaling.mean, scaling.std, scaling.scaling
     source = expression.source
-    sample = np.unique(np.linspace(0, pcs.shape[0] - 1,
-                                   min(pcs.shape[0], _CHECK_CELLS)).astype(np.int64))
+    sample = np.unique(
+        np.linspace(0, pcs.shape[0] - 1, min(pcs.shape[0], _CHECK_CELLS)).astype(np.int64)
+    )
     kept_weights = weights[kept].astype(np.float64)
-    sums, low, high, projected = _reference_pass(expression, kept=kept, weights=kept_weights,
-                                                 sample=sample, n_obs=pcs.shape[0])
+    sums, low, high, projected = _reference_pass(
+        expression, kept=kept, weights=kept_weights, sample=sample, n_obs=pcs.shape[0]
+    )
     if kind == "none" and low < 0:
         raise ValueError(
             f"{source} has negative values, so the PCA was not run on expression as it is "
@@ -204,7 +224,8 @@ def fit_projection(expression: Expression, *, pcs: np.ndarray, weights: np.ndarr
             f"sc.pp.scale writes): how each gene was scaled cannot be recovered, and a query "
             f"could not be scaled the same way. Store each gene's mean and standard deviation "
             f"in adata.var['mean'] and adata.var['std'], or pass loadings=None to keep no "
-            f"gene projection")
+            f"gene projection"
+        )
     if kind == "scaled" and low >= 0:
         # sc.pp.scale(zero_center=False) records the mean but does not subtract it.
         mean, kind = np.zeros_like(mean), "scaled_uncentred"
@@ -220,15 +241,23 @@ def fit_projection(expression: Expression, *, pcs: np.ndarray, weights: np.ndarr
             f"adata.obsm[{basis!r}] (largest difference {difference:.2g} of the largest PC "
             f"value, on {sample.size} cells): the expression matrix must be the one the PCA "
             f"was computed from (after sc.pp.scale when it was scaled; pass layer=KEY if it "
-            f"is in a layer), and the loadings those of that PCA")
+            f"is in a layer), and the loadings those of that PCA"
+        )
     return GeneProjection(
-        genes=expression.genes[kept].to_numpy(dtype=str), loadings=kept_weights,
-        mean=mean, std=std, scaled_mean=scaled_mean, pc_mean=pc_mean,
-        clip=None if kind == "none" else (low, high), scaling=kind)
+        genes=expression.genes[kept].to_numpy(dtype=str),
+        loadings=kept_weights,
+        mean=mean,
+        std=std,
+        scaled_mean=scaled_mean,
+        pc_mean=pc_mean,
+        clip=None if kind == "none" else (low, high),
+        scaling=kind,
+    )
 
 
-def _reference_pass(expression: Expression, *, kept: np.ndarray, weights: np.ndarray,
-                    sample: np.ndarray, n_obs: int):
+def _reference_pass(
+    expression: Expression, *, kept: np.ndarray, weights: np.ndarray, sample: np.ndarray, n_obs: int
+):
     """One pass over the reference: the sums and range of its (scaled) values
     over the kept genes, and the ``sample`` cells' projection without centring.
 
@@ -255,8 +284,10 @@ def gene_scaling(var: pd.DataFrame, genes_kept: np.ndarray) -> GeneScaling:
     present = [name for name in ("mean", "std") if name in var.columns]
     if len(present) == 1:
         missing = ({"mean", "std"} - set(present)).pop()
-        raise ValueError(f"adata.var has a {present[0]!r} column but no {missing!r}: the "
-                         f"per-gene scaling needs both (sc.pp.scale writes both)")
+        raise ValueError(
+            f"adata.var has a {present[0]!r} column but no {missing!r}: the "
+            f"per-gene scaling needs both (sc.pp.scale writes both)"
+        )
     n = genes_kept.size
     if not present:
         return GeneScaling(np.zeros(n), np.ones(n), "none")
@@ -264,13 +295,16 @@ def gene_scaling(var: pd.DataFrame, genes_kept: np.ndarray) -> GeneScaling:
     for name in ("mean", "std"):
         column = pd.to_numeric(var[name].iloc[genes_kept], errors="coerce").to_numpy(np.float64)
         if not np.isfinite(column).all():
-            raise ValueError(f"adata.var[{name!r}] has missing or non-numeric values for genes "
-                             f"of the PCA")
+            raise ValueError(
+                f"adata.var[{name!r}] has missing or non-numeric values for genes of the PCA"
+            )
         values.append(column)
     mean, std = values
     if (std <= 0).any():
-        raise ValueError("adata.var['std'] has values <= 0 for genes of the PCA (sc.pp.scale "
-                         "stores 1 for a constant gene)")
+        raise ValueError(
+            "adata.var['std'] has values <= 0 for genes of the PCA (sc.pp.scale "
+            "stores 1 for a constant gene)"
+        )
     return GeneScaling(mean, std, "scaled")
 
 
@@ -282,20 +316,24 @@ def _blocks(matrix, columns: np.ndarray, n_rows: int, source: str):
     """
     rows = max(1, _BLOCK_ELEMENTS // max(1, columns.size))
     for start in range(0, n_rows, rows):
-        block = matrix[start:start + rows]
+        block = matrix[start : start + rows]
         if hasattr(block, "toarray"):  # sparse: select the columns before densifying
             block = block.tocsr()[:, columns].toarray()
         else:
             block = np.asarray(block)[:, columns]
-        if not (np.issubdtype(block.dtype, np.floating) or np.issubdtype(block.dtype, np.integer)
-                or block.dtype == bool):
+        if not (
+            np.issubdtype(block.dtype, np.floating)
+            or np.issubdtype(block.dtype, np.integer)
+            or block.dtype == bool
+        ):
             raise TypeError(f"{source} must hold numbers, got dtype {block.dtype}")
         yield start, block.astype(np.float64, copy=False)
 
 
 # ===================================================================== project
-def project(projection: GeneProjection, expression: Expression, *, device, dtype,
-            what: str = "adata_query") -> tuple[np.ndarray, int]:
+def project(
+    projection: GeneProjection, expression: Expression, *, device, dtype, what: str = "adata_query"
+) -> tuple[np.ndarray, int]:
     """The query's cells in the reference's PC space, (N_q, d), and the number of
     reference genes the query lacks.
 
@@ -312,14 +350,18 @@ def project(projection: GeneProjection, expression: Expression, *, device, dtype
         raise ValueError(
             f"none of the reference's {projection.n_genes:,} genes is in {what}.var_names "
             f"(reference genes: {_shown(projection.genes)}, ...; query: {_shown(names)}, ...): "
-            f"genes are matched by name")
+            f"genes are matched by name"
+        )
     if n_missing:
         missing = projection.genes[~shared]
         warnings.warn(
             f"{n_missing:,} of the reference's {projection.n_genes:,} genes are missing from "
             f"{what} (e.g. {_shown(missing)}); they are set to the "
             f"reference's mean and add nothing to the projection (Symphony fills them with 0 "
-            f"after scaling)", UserWarning, stacklevel=4)
+            f"after scaling)",
+            UserWarning,
+            stacklevel=4,
+        )
     columns = position[shared]
     np_dtype = np.float64 if dtype == torch.float64 else np.float32
 
@@ -341,13 +383,14 @@ def project(projection: GeneProjection, expression: Expression, *, device, dtype
                 continue  # only counted from here on: the call fails below
             values = torch.as_tensor(block, device=device).to(dtype)
             if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"{source} has values beyond the range of {dtype}; pass "
-                                 f"dtype='float64'")
+                raise ValueError(
+                    f"{source} has values beyond the range of {dtype}; pass dtype='float64'"
+                )
             values = (values - mean) / std
             if projection.clip is not None:
                 values = values.clamp_(*projection.clip)
             values = torch.addmm(pc_mean, values - centre, weights)
-            out[start:start + block.shape[0]] = values.cpu().numpy()
+            out[start : start + block.shape[0]] = values.cpu().numpy()
     bad.refuse()
     return out, n_missing
 
@@ -376,7 +419,8 @@ class _NonFinite:
             f"{self.source} has {self.count:,} non-finite value(s) (NaN or inf) in "
             f"{len(rows):,} cell(s) ({_shown(self.cells[rows])}) and {len(columns):,} of the "
             f"reference's genes ({_shown(self.genes[columns])}); expected finite expression: "
-            f"remove or impute those cells")
+            f"remove or impute those cells"
+        )
 
 
 def _gene_positions(names: pd.Index, genes: np.ndarray, what: str) -> np.ndarray:
@@ -385,9 +429,11 @@ def _gene_positions(names: pd.Index, genes: np.ndarray, what: str) -> np.ndarray
     if repeated.size:
         clash = repeated.intersection(pd.Index(genes))
         if clash.size:
-            raise ValueError(f"{what}.var_names repeats reference genes "
-                             f"({_shown(clash)}): genes are matched by "
-                             f"name; call {what}.var_names_make_unique() first")
+            raise ValueError(
+                f"{what}.var_names repeats reference genes "
+                f"({_shown(clash)}): genes are matched by "
+                f"name; call {what}.var_names_make_unique() first"
+            )
         unique = ~names.duplicated(keep=False)
         found = names[unique].get_indexer(genes)
         return np.where(found >= 0, np.flatnonzero(unique)[found], -1)
@@ -408,9 +454,14 @@ def _warn_if_not_expression(block: np.ndarray, source: str) -> None:
             f"{source} has negative values: it looks scaled already. map_query scales the "
             f"query with the reference's per-gene mean and standard deviation, so it expects "
             f"expression as the reference's was before scaling (e.g. log-normalised)",
-            UserWarning, stacklevel=5)
+            UserWarning,
+            stacklevel=5,
+        )
     elif block.max() > 20 and np.array_equal(block, np.round(block)):
         warnings.warn(
             f"{source} holds whole numbers up to {block.max():.0f}: it looks like raw counts. "
             f"map_query expects expression normalised as the reference's was (e.g. "
-            f"sc.pp.normalize_total and sc.pp.log1p)", UserWarning, stacklevel=5)
+            f"sc.pp.normalize_total and sc.pp.log1p)",
+            UserWarning,
+            stacklevel=5,
+        )

@@ -125,8 +125,19 @@ class MappedQuery:
         :func:`transfer_labels` refuses another reference's cells.
     """
 
-    def __init__(self, z_corr, assignments, confidence, design, variables, lamb, keep,
-                 sigma, cell_names, algorithm):
+    def __init__(
+        self,
+        z_corr,
+        assignments,
+        confidence,
+        design,
+        variables,
+        lamb,
+        keep,
+        sigma,
+        cell_names,
+        algorithm,
+    ):
         self._cells = z_corr  # (N, d)
         self._assignments = assignments  # (N, K)
         self.confidence = confidence
@@ -165,14 +176,26 @@ class MappedQuery:
         return self._cells
 
     def __repr__(self) -> str:
-        return (f"MappedQuery(N={self.N}, d={self.d}, K={self.K}, "
-                f"batch_levels={len(self.batch_levels)}, algorithm={self.algorithm!r})")
+        return (
+            f"MappedQuery(N={self.N}, d={self.d}, K={self.K}, "
+            f"batch_levels={len(self.batch_levels)}, algorithm={self.algorithm!r})"
+        )
 
 
 # ================================================================= map_query
-def map_query(data_mat, meta_data=None, ref: Reference | None = None,
-              vars_use: str | Sequence[str] | None = None, sigma=None, lamb=None, device=None,
-              dtype=None, *, confidence: bool = True, iterations: int = 1) -> MappedQuery:
+def map_query(
+    data_mat,
+    meta_data=None,
+    ref: Reference | None = None,
+    vars_use: str | Sequence[str] | None = None,
+    sigma=None,
+    lamb=None,
+    device=None,
+    dtype=None,
+    *,
+    confidence: bool = True,
+    iterations: int = 1,
+) -> MappedQuery:
     """Map query cells, already in the reference's PC space, onto a reference.
 
     The array layer of :func:`harmonypy.map_query`, which also takes an
@@ -202,8 +225,10 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     if isinstance(meta_data, Reference) and ref is None:  # map_query(pcs, ref): one batch
         meta_data, ref = None, meta_data
     if not isinstance(ref, Reference):
-        raise TypeError(f"ref must be a harmonypy Reference (build_reference or "
-                        f"load_reference), not {type(ref).__name__}")
+        raise TypeError(
+            f"ref must be a harmonypy Reference (build_reference or "
+            f"load_reference), not {type(ref).__name__}"
+        )
     confidence = val.check_flag("confidence", confidence)
     iterations = val.check_int("iterations", iterations, 1)
     torch_device = resolve_device(device)
@@ -217,20 +242,38 @@ def map_query(data_mat, meta_data=None, ref: Reference | None = None,
     cells = query_cells(data_mat, frame, ref.d)
     val.check_cell_lengths(cells, torch_dtype)
     design = _query_design(frame, names, cells.shape[0])
-    sigma_clusters = val.check_sigma(ref.sigma if sigma is None else sigma, ref.K,
-                                     dtype=torch_dtype)
+    sigma_clusters = val.check_sigma(
+        ref.sigma if sigma is None else sigma, ref.K, dtype=torch_dtype
+    )
     lamb_levels = None if _estimates_lamb(lamb, ref) else _query_lamb(lamb, design, names)
     cutoff = ref.parameters.get("batch_prop_cutoff") if ref.algorithm == "harmony2" else None
-    options = _MapOptions(sigma=sigma_clusters, lamb=lamb_levels,
-                          alpha=float(ref.parameters.get("alpha", 0.2)), cutoff=cutoff,
-                          device=torch_device, dtype=torch_dtype, confidence=confidence,
-                          iterations=iterations)
+    options = _MapOptions(
+        sigma=sigma_clusters,
+        lamb=lamb_levels,
+        alpha=float(ref.parameters.get("alpha", 0.2)),
+        cutoff=cutoff,
+        device=torch_device,
+        dtype=torch_dtype,
+        confidence=confidence,
+        iterations=iterations,
+    )
     with torch.no_grad():
-        z_corr, assignments, scores, penalty, keep = _map_cells(cells, design=design, ref=ref,
-                                                                options=options)
+        z_corr, assignments, scores, penalty, keep = _map_cells(
+            cells, design=design, ref=ref, options=options
+        )
     cell_names = _query_names(data_mat, frame, cells.shape[0])
-    mapped = MappedQuery(z_corr, assignments, scores, design, names, penalty, keep,
-                         sigma_clusters, cell_names, ref.algorithm)
+    mapped = MappedQuery(
+        z_corr,
+        assignments,
+        scores,
+        design,
+        names,
+        penalty,
+        keep,
+        sigma_clusters,
+        cell_names,
+        ref.algorithm,
+    )
     mapped.reference_digest = reference_digest(ref)
     return mapped
 
@@ -246,8 +289,10 @@ def _variable_names(vars_use) -> list:
         if duplicates:
             raise ValueError(f"vars_use names column(s) {duplicates} more than once ({names})")
         return names
-    raise TypeError(f"vars_use must be a column name or a list of column names, not "
-                    f"{type(vars_use).__name__} ({vars_use!r})")
+    raise TypeError(
+        f"vars_use must be a column name or a list of column names, not "
+        f"{type(vars_use).__name__} ({vars_use!r})"
+    )
 
 
 def _estimates_lamb(lamb, ref: Reference) -> bool:
@@ -255,8 +300,7 @@ def _estimates_lamb(lamb, ref: Reference) -> bool:
         return bool(ref.parameters.get("lamb_estimated", False))
     if isinstance(lamb, np.ndarray) and lamb.ndim == 0:
         lamb = lamb.item()
-    return (np.isscalar(lamb) and not isinstance(lamb, (str, bytes, bool, np.bool_))
-            and lamb == -1)
+    return np.isscalar(lamb) and not isinstance(lamb, (str, bytes, bool, np.bool_)) and lamb == -1
 
 
 def _query_lamb(lamb, design: BatchDesign, names) -> np.ndarray:
@@ -268,17 +312,23 @@ def _query_lamb(lamb, design: BatchDesign, names) -> np.ndarray:
     the caller named no level.
     """
     one_batch = "without vars_use the query is one batch, whose one batch term lamb penalises"
-    if not names and isinstance(lamb, (Sequence, np.ndarray, torch.Tensor)) \
-            and not isinstance(lamb, (str, bytes)) and len(lamb) != 1:
-        raise ValueError(f"lamb has {len(lamb)} values, but {one_batch}: give one value, or "
-                         f"name the query's batch columns with vars_use")
+    if (
+        not names
+        and isinstance(lamb, (Sequence, np.ndarray, torch.Tensor))
+        and not isinstance(lamb, (str, bytes))
+        and len(lamb) != 1
+    ):
+        raise ValueError(
+            f"lamb has {len(lamb)} values, but {one_batch}: give one value, or "
+            f"name the query's batch columns with vars_use"
+        )
     try:
-        return val.per_level("lamb", 1.0 if lamb is None else lamb, design, 1.0,
-                             minimum=0.0, strict=True)
+        return val.per_level(
+            "lamb", 1.0 if lamb is None else lamb, design, 1.0, minimum=0.0, strict=True
+        )
     except ValueError as err:
         context = f"{one_batch}; " if not names else ""
-        raise ValueError(f"{err} ({context}lamb=-1, a scalar, estimates it per cluster)") \
-            from None
+        raise ValueError(f"{err} ({context}lamb=-1, a scalar, estimates it per cluster)") from None
 
 
 def _query_frame(meta_data, names) -> pd.DataFrame | None:
@@ -286,16 +336,21 @@ def _query_frame(meta_data, names) -> pd.DataFrame | None:
     if meta_data is None or isinstance(meta_data, pd.DataFrame):
         return meta_data
     if isinstance(meta_data, pd.Series):
-        name = meta_data.name if meta_data.name is not None else (
-            names[0] if len(names) == 1 else "batch")
+        name = (
+            meta_data.name
+            if meta_data.name is not None
+            else (names[0] if len(names) == 1 else "batch")
+        )
         return meta_data.to_frame(name=name)
     if isinstance(meta_data, (list, tuple, np.ndarray, pd.Index, pd.Categorical)):
         labels = pd.Series(meta_data if hasattr(meta_data, "dtype") else list(meta_data))
         if labels.ndim != 1:
             raise TypeError("meta_data given as an array must be 1-D (one label per cell)")
         return labels.to_frame(name=names[0] if len(names) == 1 else "batch")
-    raise TypeError(f"meta_data must be a pandas DataFrame (or a Series of batch labels), "
-                    f"not {type(meta_data).__name__}")
+    raise TypeError(
+        f"meta_data must be a pandas DataFrame (or a Series of batch labels), "
+        f"not {type(meta_data).__name__}"
+    )
 
 
 def query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarray:
@@ -310,25 +365,32 @@ def query_cells(data_mat, frame: pd.DataFrame | None, n_dims: int) -> np.ndarray
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f"data_mat must hold real numbers, got dtype {array.dtype}")
     if array.ndim != 2:
-        raise ValueError(f"data_mat must be 2-D (cells x PCs), got an array with "
-                         f"{array.ndim} dimension(s) and shape {array.shape}")
+        raise ValueError(
+            f"data_mat must be 2-D (cells x PCs), got an array with "
+            f"{array.ndim} dimension(s) and shape {array.shape}"
+        )
     if array.size == 0:
-        raise ValueError(f"data_mat is empty (shape {array.shape}); expected at least one "
-                         f"cell with {n_dims} PCs")
+        raise ValueError(
+            f"data_mat is empty (shape {array.shape}); expected at least one cell with {n_dims} PCs"
+        )
     if n_cells is not None:
         if array.shape[0] == n_cells:
             cells = array
         elif array.shape[1] == n_cells:
             cells = array.T
         else:
-            raise ValueError(f"data_mat has shape {array.shape} but meta_data has {n_cells} "
-                             f"rows: one dimension of data_mat must equal the number of cells")
+            raise ValueError(
+                f"data_mat has shape {array.shape} but meta_data has {n_cells} "
+                f"rows: one dimension of data_mat must equal the number of cells"
+            )
     else:
         cells = array if array.shape[1] == n_dims or array.shape[0] != n_dims else array.T
     if cells.shape[1] != n_dims:
-        raise ValueError(f"data_mat has {cells.shape[1]} dimensions per cell but the "
-                         f"reference was built on {n_dims}: map cells in the reference's PC "
-                         f"space (project them with the reference's loadings first)")
+        raise ValueError(
+            f"data_mat has {cells.shape[1]} dimensions per cell but the "
+            f"reference was built on {n_dims}: map cells in the reference's PC "
+            f"space (project them with the reference's loadings first)"
+        )
     rows = val.CellRows(names=_query_names(data_mat, frame, cells.shape[0]), min_cells=1)
     if np.issubdtype(cells.dtype, np.floating):
         val.check_finite(cells, rows)
@@ -346,10 +408,13 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
     if not names:
         # One variable of one level, so that the design stays consistent
         # (offsets, level names) for the checks that name levels.
-        return BatchDesign(variables=[_ONE_BATCH], levels=[[_ALL_CELLS]],
-                           codes=np.zeros((n_cells, 1), dtype=np.int64),
-                           offsets=np.array([0, 1], dtype=np.int64),
-                           counts=np.array([n_cells], dtype=np.int64))
+        return BatchDesign(
+            variables=[_ONE_BATCH],
+            levels=[[_ALL_CELLS]],
+            codes=np.zeros((n_cells, 1), dtype=np.int64),
+            offsets=np.array([0, 1], dtype=np.int64),
+            counts=np.array([n_cells], dtype=np.int64),
+        )
     check_columns(frame.columns, names, what="vars_use names column(s)", where="meta_data")
     levels, codes, offsets = [], [], [0]
     for name in names:
@@ -364,8 +429,13 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
     counts = np.zeros(offsets[-1], dtype=np.int64)
     for v in range(codes.shape[1]):
         counts += np.bincount(codes[:, v], minlength=offsets[-1])
-    return BatchDesign(variables=list(names), levels=levels, codes=codes,
-                       offsets=np.asarray(offsets, dtype=np.int64), counts=counts)
+    return BatchDesign(
+        variables=list(names),
+        levels=levels,
+        codes=codes,
+        offsets=np.asarray(offsets, dtype=np.int64),
+        counts=counts,
+    )
 
 
 def _query_names(data_mat, frame, n_cells: int) -> pd.Index | None:
@@ -435,9 +505,10 @@ def _sort_query(cells: np.ndarray, design: BatchDesign, *, device, dtype) -> _So
     z = torch.empty((n_cells, d), dtype=dtype, device=device)
     step = COPY_CHUNK_ROWS
     for start in range(0, n_cells, step):
-        rows = slice(start, start + step) if sorted_already else order[start:start + step]
-        z[start:start + step] = torch.from_numpy(
-            np.ascontiguousarray(cells[rows], dtype=np_dtype)).to(device)
+        rows = slice(start, start + step) if sorted_already else order[start : start + step]
+        z[start : start + step] = torch.from_numpy(
+            np.ascontiguousarray(cells[rows], dtype=np_dtype)
+        ).to(device)
     codes = torch.from_numpy(design.codes[order]).to(device)
     caller = None
     if not sorted_already:
@@ -446,8 +517,7 @@ def _sort_query(cells: np.ndarray, design: BatchDesign, *, device, dtype) -> _So
     return _SortedQuery(z, codes, LevelIndex.from_codes(codes, design.offsets), caller)
 
 
-def _map_cells(cells: np.ndarray, *, design: BatchDesign, ref: Reference,
-               options: _MapOptions):
+def _map_cells(cells: np.ndarray, *, design: BatchDesign, ref: Reference, options: _MapOptions):
     """Soft assignment, per-cell score and anchored correction of the query.
 
     The correction is the engine's (:func:`~harmonypy.engine.correction.ridge_correct`)
@@ -465,28 +535,46 @@ def _map_cells(cells: np.ndarray, *, design: BatchDesign, ref: Reference,
     z, n_cells = query.z, cells.shape[0]
     settings, anchor = _ridge_inputs(design, ref, options=options, n_cells=n_cells)
     assignments = torch.empty((n_cells, ref.K), dtype=options.dtype, device=options.device)
-    scores = (torch.empty(n_cells, dtype=options.dtype, device=options.device)
-              if options.confidence else None)
+    scores = (
+        torch.empty(n_cells, dtype=options.dtype, device=options.device)
+        if options.confidence
+        else None
+    )
     z_corr = z if options.iterations == 1 else torch.empty_like(z)
     for round_ in range(options.iterations):
         # 1. Soft assignment; the score from the uncorrected cells' assignment.
-        _assign(z if round_ == 0 else z_corr, ref, options=options, out=assignments,
-                scores=scores if round_ == 0 else None, uncorrected=z)
+        _assign(
+            z if round_ == 0 else z_corr,
+            ref,
+            options=options,
+            out=assignments,
+            scores=scores if round_ == 0 else None,
+            uncorrected=z,
+        )
         # 2.-3. The anchored ridge systems from the uncorrected cells, and the
         # correction: a cell of level b moves by -sum_k R_ik beta_k[b].
-        result = ridge_correct(z, assignments, codes=query.codes, levels=query.levels,
-                               settings=settings, out=z_corr, anchor=anchor)
+        result = ridge_correct(
+            z,
+            assignments,
+            codes=query.codes,
+            levels=query.levels,
+            settings=settings,
+            out=z_corr,
+            anchor=anchor,
+        )
         if not math.isfinite(float(z_corr.sum())) and not bool(torch.isfinite(z_corr).all()):
             raise FloatingPointError(
                 "mapping produced non-finite corrected cells; check the query's scale "
-                "(it must be in the reference's PC space) or try dtype='float64'")
+                "(it must be in the reference's PC space) or try dtype='float64'"
+            )
     penalty = result.penalty.contiguous().cpu().numpy()
     keep = None if result.keep is None else result.keep.cpu().numpy()
     return (query.back(z_corr), query.back(assignments), query.back(scores), penalty, keep)
 
 
-def _ridge_inputs(design: BatchDesign, ref: Reference, *, options: _MapOptions,
-                  n_cells: int) -> tuple[RidgeSettings, RidgeAnchor]:
+def _ridge_inputs(
+    design: BatchDesign, ref: Reference, *, options: _MapOptions, n_cells: int
+) -> tuple[RidgeSettings, RidgeAnchor]:
     """The engine's ridge settings for the query, and the reference as its anchor.
 
     The estimated penalties are Harmony2's ``alpha * E``, with E counted over
@@ -497,17 +585,34 @@ def _ridge_inputs(design: BatchDesign, ref: Reference, *, options: _MapOptions,
     solve_device = torch.device("cpu") if options.device.type == "mps" else options.device
     sizes = torch.as_tensor(ref.Nr, dtype=stat_dtype, device=solve_device)
     counts = torch.as_tensor(design.counts, dtype=stat_dtype, device=solve_device)
-    lamb = (None if options.lamb is None
-            else torch.as_tensor(options.lamb, dtype=stat_dtype, device=solve_device))
-    settings = RidgeSettings(lamb, options.alpha, counts / (sizes.sum() + n_cells), stat_dtype,
-                             batch_prop_cutoff=options.cutoff, counts=counts)
-    anchor = RidgeAnchor(sizes=sizes,
-                         sums=torch.as_tensor(ref.C, dtype=stat_dtype, device=solve_device))
+    lamb = (
+        None
+        if options.lamb is None
+        else torch.as_tensor(options.lamb, dtype=stat_dtype, device=solve_device)
+    )
+    settings = RidgeSettings(
+        lamb,
+        options.alpha,
+        counts / (sizes.sum() + n_cells),
+        stat_dtype,
+        batch_prop_cutoff=options.cutoff,
+        counts=counts,
+    )
+    anchor = RidgeAnchor(
+        sizes=sizes, sums=torch.as_tensor(ref.C, dtype=stat_dtype, device=solve_device)
+    )
     return settings, anchor
 
 
-def _assign(source: torch.Tensor, ref: Reference, *, options: _MapOptions, out: torch.Tensor,
-            scores: torch.Tensor | None, uncorrected: torch.Tensor) -> None:
+def _assign(
+    source: torch.Tensor,
+    ref: Reference,
+    *,
+    options: _MapOptions,
+    out: torch.Tensor,
+    scores: torch.Tensor | None,
+    uncorrected: torch.Tensor,
+) -> None:
     """Soft-assign ``source`` to the reference's centroids into ``out``, in chunks;
     with ``scores``, the mapping score of the ``uncorrected`` cells too."""
     n_cells, d = source.shape
@@ -515,8 +620,7 @@ def _assign(source: torch.Tensor, ref: Reference, *, options: _MapOptions, out: 
     centroids = torch.as_tensor(ref.centroids, dtype=options.dtype, device=options.device)
     sigma = torch.as_tensor(options.sigma, dtype=stat_dtype, device=options.device)
     terms = _score_terms(ref, options.dtype, options.device) if scores is not None else None
-    chunk = (max(1, min(_CHUNK, _SCORE_ELEMENTS // (ref.K * d))) if scores is not None
-             else _CHUNK)
+    chunk = max(1, min(_CHUNK, _SCORE_ELEMENTS // (ref.K * d))) if scores is not None else _CHUNK
     for start in range(0, n_cells, chunk):
         part = slice(start, start + chunk)
         clu.soft_assign(clu.normalize_rows(source[part]), centroids, sigma, out=out[part])
@@ -550,10 +654,12 @@ def _score_terms(ref: Reference, dtype, device):
         failed = info > 0
         if ridge > 1:
             raise FloatingPointError("the reference's cluster covariances cannot be factorised")
-        logger.debug("%d cluster covariance(s) not positive definite: ridge %.0e", int(
-            failed.sum()), ridge)
+        logger.debug(
+            "%d cluster covariance(s) not positive definite: ridge %.0e", int(failed.sum()), ridge
+        )
         fixed, fixed_info = torch.linalg.cholesky_ex(
-            cov[failed] + (ridge * scale[failed])[:, None, None] * eye)
+            cov[failed] + (ridge * scale[failed])[:, None, None] * eye
+        )
         factor[failed] = fixed
         info = info.clone()
         info[failed] = fixed_info
@@ -570,8 +676,14 @@ def _score_terms(ref: Reference, dtype, device):
     def put(t):
         return t.to(device, dtype)
 
-    return (put(whiten.transpose(1, 2).contiguous()), put(centers), put(spectral),
-            put(offsets), put(mean), _SCORE_RTOL[dtype])
+    return (
+        put(whiten.transpose(1, 2).contiguous()),
+        put(centers),
+        put(spectral),
+        put(offsets),
+        put(mean),
+        _SCORE_RTOL[dtype],
+    )
 
 
 def _scores(z, assignments, whiten_t, centers, spectral, offsets, mean, rtol):
@@ -607,8 +719,9 @@ def _sort_rows(values):
     if values.device.type != "cpu":
         return torch.sort(values, dim=1)
     order = np.argsort(values.numpy(), axis=1)
-    return torch.from_numpy(np.take_along_axis(values.numpy(), order, axis=1)), \
-        torch.from_numpy(order)
+    return torch.from_numpy(np.take_along_axis(values.numpy(), order, axis=1)), torch.from_numpy(
+        order
+    )
 
 
 def _pair_distances(z, assignments, pairs, whiten_t, centers):
@@ -626,8 +739,15 @@ def _pair_distances(z, assignments, pairs, whiten_t, centers):
     cluster, cell = pairs.T.nonzero(as_tuple=True)  # ordered by cluster, then cell
     step = max(1, _SCORE_PAIR_ELEMENTS // d)
     for start in range(0, cell.numel(), step):
-        _add_pair_distances(out, z, assignments, cluster[start:start + step],
-                            cell[start:start + step], whiten_t, centers)
+        _add_pair_distances(
+            out,
+            z,
+            assignments,
+            cluster[start : start + step],
+            cell[start : start + step],
+            whiten_t,
+            centers,
+        )
     return out
 
 

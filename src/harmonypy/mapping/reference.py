@@ -187,12 +187,17 @@ class Reference:
         return [] if self.labels is None else list(self.labels.columns)
 
     def __repr__(self) -> str:
-        kept = (f"{self.n_cells} cells kept" if self.cells is not None
-                else f"{self.n_cells} cells, not kept")
+        kept = (
+            f"{self.n_cells} cells kept"
+            if self.cells is not None
+            else f"{self.n_cells} cells, not kept"
+        )
         labels = f", labels={self.label_columns}" if self.label_columns else ""
-        genes = (f", genes={self.projection.n_genes}" if self.projection is not None else "")
-        return (f"Reference(algorithm={self.algorithm!r}, K={self.K}, d={self.d}, {kept}, "
-                f"variables={self.variables}{labels}{genes})")
+        genes = f", genes={self.projection.n_genes}" if self.projection is not None else ""
+        return (
+            f"Reference(algorithm={self.algorithm!r}, K={self.K}, d={self.d}, {kept}, "
+            f"variables={self.variables}{labels}{genes})"
+        )
 
     # ---------------------------------------------------------------- file
     def save(self, path: str | Path) -> Path:
@@ -229,9 +234,18 @@ def _write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> None:
 
 
 # ====================================================================== build
-def build_reference(source, meta_data=None, labels: str | Sequence[str] | None = None,
-                    keep_cells: bool = True, *, nclust: int | None = None, sigma=None,
-                    random_state=None, device=None, dtype=None) -> Reference:
+def build_reference(
+    source,
+    meta_data=None,
+    labels: str | Sequence[str] | None = None,
+    keep_cells: bool = True,
+    *,
+    nclust: int | None = None,
+    sigma=None,
+    random_state=None,
+    device=None,
+    dtype=None,
+) -> Reference:
     """Build a :class:`Reference` from a finished Harmony run or a one-batch embedding.
 
     The array layer of :func:`harmonypy.build_reference`, which also takes
@@ -265,22 +279,39 @@ def build_reference(source, meta_data=None, labels: str | Sequence[str] | None =
     keep_cells = val.check_flag("keep_cells", keep_cells)
     names = label_names(labels)
     if names and not keep_cells:
-        raise ValueError(f"labels={names} needs keep_cells=True: labels are kept per "
-                         f"reference cell")
+        raise ValueError(
+            f"labels={names} needs keep_cells=True: labels are kept per reference cell"
+        )
     if names and meta_data is None:
-        raise ValueError(f"labels={names} names columns of meta_data, but meta_data "
-                         f"is None; pass the reference cells' metadata")
+        raise ValueError(
+            f"labels={names} names columns of meta_data, but meta_data "
+            f"is None; pass the reference cells' metadata"
+        )
     if isinstance(source, Harmony):
-        given = {name: value for name, value in [("nclust", nclust), ("sigma", sigma),
-                 ("random_state", random_state), ("device", device), ("dtype", dtype)]
-                 if value is not None}
+        given = {
+            name: value
+            for name, value in [
+                ("nclust", nclust),
+                ("sigma", sigma),
+                ("random_state", random_state),
+                ("device", device),
+                ("dtype", dtype),
+            ]
+            if value is not None
+        }
         if given:
-            raise TypeError(f"{', '.join(given)} only apply to a reference built from an "
-                            f"embedding; a Harmony run already has its clusters")
+            raise TypeError(
+                f"{', '.join(given)} only apply to a reference built from an "
+                f"embedding; a Harmony run already has its clusters"
+            )
         return _from_harmony(source, meta_data, names, keep_cells)
-    clustering = OneBatchClustering(nclust=nclust, sigma=0.1 if sigma is None else sigma,
-                                    random_state=0 if random_state is None else random_state,
-                                    device=device, dtype=dtype)
+    clustering = OneBatchClustering(
+        nclust=nclust,
+        sigma=0.1 if sigma is None else sigma,
+        random_state=0 if random_state is None else random_state,
+        device=device,
+        dtype=dtype,
+    )
     return _from_embedding(source, meta_data, names, keep_cells, clustering=clustering)
 
 
@@ -295,8 +326,9 @@ def label_names(labels) -> list:
         if len(set(map(str, names))) != len(names):
             raise ValueError(f"labels names a column more than once: {names}")
         return names
-    raise TypeError(f"labels must be a column name or a list of column names, not "
-                    f"{type(labels).__name__}")
+    raise TypeError(
+        f"labels must be a column name or a list of column names, not {type(labels).__name__}"
+    )
 
 
 def reference_digest(ref: Reference) -> str:
@@ -311,8 +343,10 @@ def reference_digest(ref: Reference) -> str:
 
 def _from_harmony(ho, meta_data, label_names, keep_cells) -> Reference:
     if ho.n_iter < 1:
-        raise ValueError("the Harmony object has not been run (no iteration): build the "
-                         "reference from the result of run_harmony")
+        raise ValueError(
+            "the Harmony object has not been run (no iteration): build the "
+            "reference from the result of run_harmony"
+        )
     frame = _run_metadata(ho, meta_data)
     assignments = ho.R.T  # (N, K), caller's order
     z_corr = ho.Z_corr.T
@@ -335,18 +369,26 @@ def _from_harmony(ho, meta_data, label_names, keep_cells) -> Reference:
     }
     dtype = "float64" if ho.dtype == torch.float64 else "float32"
     ref = Reference(
-        algorithm=ho.algorithm, sigma=np.asarray(ho.sigma, dtype=np.float64),
+        algorithm=ho.algorithm,
+        sigma=np.asarray(ho.sigma, dtype=np.float64),
         intercept=(np.asarray(ho.W_intercept.T, dtype=np.float64) if harmony2 else None),
-        parameters=parameters, variables=[str(v) for v in ho.design.variables],
-        levels=[list(lv) for lv in ho.design.levels], n_cells=int(ho.N), dtype=dtype,
-        **stats)
+        parameters=parameters,
+        variables=[str(v) for v in ho.design.variables],
+        levels=[list(lv) for lv in ho.design.levels],
+        n_cells=int(ho.N),
+        dtype=dtype,
+        **stats,
+    )
     if keep_cells:
         ref.cells = np.ascontiguousarray(z_corr, dtype=np.float32)
         ref.batch_codes = np.ascontiguousarray(ho.design.codes, dtype=np.int32)
         ref.labels = _label_frame(frame, label_names)
         names = getattr(ho, "cell_names", None)
-        ref.cell_names = (_cell_names(None, frame) if names is None
-                          else pd.Index(names).astype(str).to_numpy(dtype=str))
+        ref.cell_names = (
+            _cell_names(None, frame)
+            if names is None
+            else pd.Index(names).astype(str).to_numpy(dtype=str)
+        )
     return ref
 
 
@@ -363,8 +405,9 @@ class OneBatchClustering:
     dtype: Any
 
 
-def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
-                    clustering: OneBatchClustering) -> Reference:
+def _from_embedding(
+    data_mat, meta_data, label_names, keep_cells, *, clustering: OneBatchClustering
+) -> Reference:
     nclust, sigma, random_state = clustering.nclust, clustering.sigma, clustering.random_state
     torch_device = resolve_device(clustering.device)
     torch_dtype = resolve_dtype(clustering.dtype, torch_device)
@@ -372,21 +415,23 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
     if meta_data is not None:
         meta_data = align_metadata(data_mat, meta_data)
         if not isinstance(meta_data, pd.DataFrame):
-            raise TypeError(f"meta_data must be a pandas DataFrame, not "
-                            f"{type(meta_data).__name__}")
+            raise TypeError(f"meta_data must be a pandas DataFrame, not {type(meta_data).__name__}")
         n_cells = len(meta_data)
     else:
         shape = getattr(data_mat, "shape", None) or np.shape(data_mat)
         if len(shape) != 2:
             raise ValueError(f"data_mat must be 2-D (cells x PCs), got shape {tuple(shape)}")
         n_cells = int(shape[0])  # without metadata: cells in rows
-    cells = val.as_cells_by_features(data_mat, n_cells,
-                                     meta_shape=None if meta_data is None else meta_data.shape)
+    cells = val.as_cells_by_features(
+        data_mat, n_cells, meta_shape=None if meta_data is None else meta_data.shape
+    )
     val.check_cell_lengths(cells, torch_dtype)
     val.warn_if_not_reduced(cells)
-    n_clusters = (default_clusters(cells.shape[0]) if nclust is None
-                  else val.check_int("nclust", nclust, 1, cells.shape[0],
-                                     maximum_is="the number of cells"))
+    n_clusters = (
+        default_clusters(cells.shape[0])
+        if nclust is None
+        else val.check_int("nclust", nclust, 1, cells.shape[0], maximum_is="the number of cells")
+    )
     sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)
     seed = val.resolve_seed(random_state)
 
@@ -400,7 +445,8 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
         # Y, Y from R, 20 times.
         start = start_for("harmony1", "greedy", n_clusters)
         centroids = clu.normalize_rows(
-            kmeans_centroids(z_cos, n_clusters, generator=generator, start=start))
+            kmeans_centroids(z_cos, n_clusters, generator=generator, start=start)
+        )
         sigma_t = torch.as_tensor(sigma_clusters, device=torch_device)
         assignments = None
         for _ in range(ONE_BATCH_ROUNDS):
@@ -409,11 +455,19 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
         del z_cos
         assignments = assignments.cpu().numpy()
     stats = _cluster_statistics(assignments, cells, cells)
-    parameters = {"nclust": n_clusters, "random_state": int(seed),
-                  "soft_kmeans_rounds": ONE_BATCH_ROUNDS}
-    ref = Reference(algorithm=ONE_BATCH, sigma=np.asarray(sigma_clusters, dtype=np.float64),
-                    parameters=parameters, n_cells=int(cells.shape[0]),
-                    dtype="float64" if torch_dtype == torch.float64 else "float32", **stats)
+    parameters = {
+        "nclust": n_clusters,
+        "random_state": int(seed),
+        "soft_kmeans_rounds": ONE_BATCH_ROUNDS,
+    }
+    ref = Reference(
+        algorithm=ONE_BATCH,
+        sigma=np.asarray(sigma_clusters, dtype=np.float64),
+        parameters=parameters,
+        n_cells=int(cells.shape[0]),
+        dtype="float64" if torch_dtype == torch.float64 else "float32",
+        **stats,
+    )
     if keep_cells:
         frame = _metadata_rows(meta_data, cells.shape[0], "data_mat's cells")
         ref.cells = np.ascontiguousarray(cells, dtype=np.float32)
@@ -423,11 +477,13 @@ def _from_embedding(data_mat, meta_data, label_names, keep_cells, *,
 
 
 #: What to do when a Harmony run's cells and ``meta_data`` name different cells.
-_RUN_REMEDY = ("Pass the metadata of the run's cells (e.g. meta.loc[ho.cell_names]), make "
-               "the names unique, run Harmony on inputs named as this metadata is (e.g. "
-               "run_harmony(pcs.set_axis(meta.index), meta, ...)), or drop the metadata's "
-               "names to pair its rows with the run's cells by position "
-               "(meta.reset_index(drop=True))")
+_RUN_REMEDY = (
+    "Pass the metadata of the run's cells (e.g. meta.loc[ho.cell_names]), make "
+    "the names unique, run Harmony on inputs named as this metadata is (e.g. "
+    "run_harmony(pcs.set_axis(meta.index), meta, ...)), or drop the metadata's "
+    "names to pair its rows with the run's cells by position "
+    "(meta.reset_index(drop=True))"
+)
 
 
 def _run_metadata(ho, meta_data) -> pd.DataFrame | None:
@@ -448,14 +504,25 @@ def _run_metadata(ho, meta_data) -> pd.DataFrame | None:
     by_name = False
     if names is not None:
         meta_data, by_name = align_to_names(
-            pd.Index(names), meta_data, cells_from="the Harmony run's cell names (ho.cell_names)",
-            remedy=_RUN_REMEDY)
+            pd.Index(names),
+            meta_data,
+            cells_from="the Harmony run's cell names (ho.cell_names)",
+            remedy=_RUN_REMEDY,
+        )
     if not by_name:
-        unnamed = [what for what, named in [
-            ("the Harmony run's inputs", names is not None),
-            ("meta_data", carries_names(meta_data.index))] if not named]
-        logger.info("build_reference: meta_data's rows are paired with the Harmony run's cells "
-                    "by position (%s named no cells)", " and ".join(unnamed))
+        unnamed = [
+            what
+            for what, named in [
+                ("the Harmony run's inputs", names is not None),
+                ("meta_data", carries_names(meta_data.index)),
+            ]
+            if not named
+        ]
+        logger.info(
+            "build_reference: meta_data's rows are paired with the Harmony run's cells "
+            "by position (%s named no cells)",
+            " and ".join(unnamed),
+        )
     return _metadata_rows(meta_data, ho.N, "the Harmony run's cells")
 
 
@@ -465,8 +532,10 @@ def _metadata_rows(meta_data, n_cells: int, what: str) -> pd.DataFrame | None:
     if not isinstance(meta_data, pd.DataFrame):
         raise TypeError(f"meta_data must be a pandas DataFrame, not {type(meta_data).__name__}")
     if len(meta_data) != n_cells:
-        raise ValueError(f"meta_data has {len(meta_data)} rows but there are {n_cells} "
-                         f"reference cells ({what}); expected one row per cell, in their order")
+        raise ValueError(
+            f"meta_data has {len(meta_data)} rows but there are {n_cells} "
+            f"reference cells ({what}); expected one row per cell, in their order"
+        )
     return meta_data
 
 
@@ -490,8 +559,10 @@ def _label_frame(frame: pd.DataFrame | None, names: list) -> pd.DataFrame | None
         if categories.dtype == object:  # mixed or non-string objects: kept as text
             text = pd.Index([str(c) for c in categories])
             if text.has_duplicates:
-                raise ValueError(f"label column {name!r} has categories that are equal as "
-                                 f"text ({list(categories[:5])}); expected distinct labels")
+                raise ValueError(
+                    f"label column {name!r} has categories that are equal as "
+                    f"text ({list(categories[:5])}); expected distinct labels"
+                )
             column = column.cat.rename_categories(text)
         out[str(name)] = column.reset_index(drop=True)
     return pd.DataFrame(out)
@@ -505,8 +576,9 @@ def _cell_names(data_mat, frame: pd.DataFrame | None) -> np.ndarray | None:
     return None
 
 
-def _cluster_statistics(assignments: np.ndarray, z_corr: np.ndarray,
-                        z_orig: np.ndarray) -> dict[str, np.ndarray]:
+def _cluster_statistics(
+    assignments: np.ndarray, z_corr: np.ndarray, z_orig: np.ndarray
+) -> dict[str, np.ndarray]:
     """``Nr``, ``C``, ``Y`` and the per-cluster centre and covariance, float64.
 
     Sums run over chunks of cells in float64 (torch, CPU). The covariance is
@@ -527,7 +599,7 @@ def _cluster_statistics(assignments: np.ndarray, z_corr: np.ndarray,
     mean = torch.zeros(d, dtype=f64)
     chunk = max(1, min(65536, _STAT_ELEMENTS // max(1, d * d)))
     for start in range(0, n_cells, chunk):
-        mean += torch.as_tensor(np.asarray(z_orig[start:start + chunk]), dtype=f64).sum(0)
+        mean += torch.as_tensor(np.asarray(z_orig[start : start + chunk]), dtype=f64).sum(0)
     mean /= n_cells
     sizes = torch.zeros(n_clusters, dtype=f64)
     squares = torch.zeros(n_clusters, dtype=f64)
@@ -535,9 +607,9 @@ def _cluster_statistics(assignments: np.ndarray, z_corr: np.ndarray,
     sums_orig = torch.zeros((n_clusters, d), dtype=f64)
     moments = torch.zeros((n_clusters, d * d), dtype=f64)
     for start in range(0, n_cells, chunk):
-        r = torch.as_tensor(np.asarray(assignments[start:start + chunk]), dtype=f64)
-        zc = torch.as_tensor(np.asarray(z_corr[start:start + chunk]), dtype=f64)
-        zo = torch.as_tensor(np.asarray(z_orig[start:start + chunk]), dtype=f64) - mean
+        r = torch.as_tensor(np.asarray(assignments[start : start + chunk]), dtype=f64)
+        zc = torch.as_tensor(np.asarray(z_corr[start : start + chunk]), dtype=f64)
+        zo = torch.as_tensor(np.asarray(z_orig[start : start + chunk]), dtype=f64) - mean
         sizes += r.sum(0)
         squares += (r * r).sum(0)
         sums_corr.addmm_(r.T, zc)
@@ -547,7 +619,7 @@ def _cluster_statistics(assignments: np.ndarray, z_corr: np.ndarray,
     safe_sizes = sizes.clamp_min(tiny)
     offset = sums_orig / safe_sizes[:, None]  # c - m
     second = moments.view(n_clusters, d, d) / safe_sizes[:, None, None]
-    unbiased = (1 - squares / safe_sizes ** 2).clamp_min(tiny)
+    unbiased = (1 - squares / safe_sizes**2).clamp_min(tiny)
     cov = (second - offset[:, :, None] * offset[:, None, :]) / unbiased[:, None, None]
     cov = (cov + cov.transpose(1, 2)) / 2
     centers = offset + mean
@@ -627,8 +699,10 @@ def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
     # without a gene projection).
     if projection is not None:
         metadata["projection"] = {
-            "scaling": projection.scaling, "n_genes": projection.n_genes,
-            "clip": None if projection.clip is None else [float(v) for v in projection.clip]}
+            "scaling": projection.scaling,
+            "n_genes": projection.n_genes,
+            "clip": None if projection.clip is None else [float(v) for v in projection.clip],
+        }
     if ref.basis is not None:
         metadata["basis"] = str(ref.basis)
     if ref.adjusted_basis is not None:
@@ -640,6 +714,10 @@ def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
 
 def _projection_arrays(projection: GeneProjection) -> dict[str, np.ndarray]:
     """The float64 arrays of a gene projection, by their key in the file."""
-    return {"loadings": projection.loadings, "gene_mean": projection.mean,
-            "gene_std": projection.std, "gene_scaled_mean": projection.scaled_mean,
-            "pc_mean": projection.pc_mean}
+    return {
+        "loadings": projection.loadings,
+        "gene_mean": projection.mean,
+        "gene_std": projection.std,
+        "gene_scaled_mean": projection.scaled_mean,
+        "pc_mean": projection.pc_mean,
+    }

@@ -42,8 +42,9 @@ _KNN_GROUP_CHUNK = 2**18
 _KNN_FIRST_CELLS = 4096
 
 
-def transfer_labels(query, ref: Reference, label: str, k: int = 5,
-                    min_probability: float = 0.5, *, device=None) -> pd.DataFrame:
+def transfer_labels(
+    query, ref: Reference, label: str, k: int = 5, min_probability: float = 0.5, *, device=None
+) -> pd.DataFrame:
     """Labels for query cells by a vote of their k nearest reference cells.
 
     The array layer of :func:`harmonypy.transfer_labels`, which also takes an
@@ -74,21 +75,28 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference, not {type(ref).__name__}")
     if not isinstance(label, str):
-        raise TypeError(f"label must be one label column's name (a str), got {label!r}; "
-                        f"transfer several one at a time (map_query(adata_query, ref, "
-                        f"labels=[...]) takes a list)")
+        raise TypeError(
+            f"label must be one label column's name (a str), got {label!r}; "
+            f"transfer several one at a time (map_query(adata_query, ref, "
+            f"labels=[...]) takes a list)"
+        )
     mapped_onto = getattr(query, "reference_digest", None)  # None: pickled without one
     if isinstance(query, MappedQuery) and mapped_onto not in (None, reference_digest(ref)):
         raise ValueError(
             f"the query was mapped onto another reference (its reference_digest "
             f"{mapped_onto!r}, this reference's {reference_digest(ref)!r}): transfer labels "
-            f"from the reference it was mapped onto, or map it onto this one")
+            f"from the reference it was mapped onto, or map it onto this one"
+        )
     if ref.cells is None:
-        raise ValueError("the reference keeps no cells (built with keep_cells=False): label "
-                         "transfer needs them; rebuild it with keep_cells=True")
+        raise ValueError(
+            "the reference keeps no cells (built with keep_cells=False): label "
+            "transfer needs them; rebuild it with keep_cells=True"
+        )
     if label not in ref.label_columns:
-        raise ValueError(f"label {label!r} is not a label column of the reference; it has "
-                         f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))")
+        raise ValueError(
+            f"label {label!r} is not a label column of the reference; it has "
+            f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))"
+        )
     min_probability = val.check_real("min_probability", min_probability)
     if not 0 <= min_probability <= 1:
         raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
@@ -106,14 +114,21 @@ def transfer_labels(query, ref: Reference, label: str, k: int = 5,
         raise ValueError(f"no reference cell has a {label!r} label")
     k = val.check_int("k", k, 1, n_labelled, maximum_is="the labelled reference cells")
     torch_device = resolve_device(device)
-    dtype = torch.float64 if cells.dtype == np.float64 and torch_device.type != "mps" \
-        else torch.float32
+    dtype = (
+        torch.float64 if cells.dtype == np.float64 and torch_device.type != "mps" else torch.float32
+    )
     with torch.no_grad():
         reference = torch.as_tensor(ref.cells[labelled], device=torch_device).to(dtype)
         ref_codes = torch.as_tensor(codes[labelled].astype(np.int64), device=torch_device)
-        best, votes = _knn_vote(cells, reference, ref_codes=ref_codes,
-                                n_labels=len(column.cat.categories), k=k, dtype=dtype,
-                                device=torch_device)
+        best, votes = _knn_vote(
+            cells,
+            reference,
+            ref_codes=ref_codes,
+            n_labels=len(column.cat.categories),
+            k=k,
+            dtype=dtype,
+            device=torch_device,
+        )
     probability = votes / k
     categories = list(column.cat.categories)
     unknown = probability < min_probability
@@ -151,19 +166,25 @@ def _knn_vote(cells, reference, *, ref_codes, n_labels, k, dtype, device):
             return exact_topk(q - mean, centred, data_sq=ref_sq, k=k, chunk=ref_chunk)[1]
     else:
         query_chunk = _KNN_GROUP_CHUNK
-        index = PrunedIndex(reference, k=k, list_size=_KNN_LIST_SIZE, max_lists=_KNN_MAX_LISTS,
-                            first_cells=_KNN_FIRST_CELLS)
+        index = PrunedIndex(
+            reference,
+            k=k,
+            list_size=_KNN_LIST_SIZE,
+            max_lists=_KNN_MAX_LISTS,
+            first_cells=_KNN_FIRST_CELLS,
+        )
 
         def search(q):
             return index.search(q, elements=_KNN_ELEMENTS)
+
     for start in range(0, n_query, query_chunk):
-        q = torch.as_tensor(np.asarray(cells[start:start + query_chunk]), device=device).to(dtype)
+        q = torch.as_tensor(np.asarray(cells[start : start + query_chunk]), device=device).to(dtype)
         neighbour_codes = ref_codes[search(q)]  # (n, k), nearest first
         counts = torch.zeros((q.shape[0], n_labels), dtype=torch.int64, device=device)
         counts.scatter_add_(1, neighbour_codes, torch.ones_like(neighbour_codes))
         first = torch.full((q.shape[0], n_labels), k, dtype=torch.int64, device=device)
         first.scatter_reduce_(1, neighbour_codes, ranks.expand_as(neighbour_codes), "amin")
         winner = (counts * (k + 1) + (k - first)).argmax(1)
-        best[start:start + q.shape[0]] = winner.cpu().numpy()
-        votes[start:start + q.shape[0]] = counts.gather(1, winner[:, None])[:, 0].cpu().numpy()
+        best[start : start + q.shape[0]] = winner.cpu().numpy()
+        votes[start : start + q.shape[0]] = counts.gather(1, winner[:, None])[:, 0].cpu().numpy()
     return best, votes

@@ -180,8 +180,9 @@ def _compute_lisi(
         found = knn(X, n_neighbors, method=neighbors, n_jobs=n_jobs)
     else:
         cells = np.sort(np.random.default_rng(seed).choice(n_cells, n_query, replace=False))
-        logger.debug("compute_lisi: exact neighbours of %d sampled cells among %d",
-                     n_query, n_cells)
+        logger.debug(
+            "compute_lisi: exact neighbours of %d sampled cells among %d", n_query, n_cells
+        )
         found = knn_of_cells(X, cells, n_neighbors)
     return _lisi_from_knn(found.distances, found.indices, codes, float(perplexity)), n_cells
 
@@ -194,9 +195,7 @@ def _as_embedding(X: Any) -> np.ndarray:
     if isinstance(X, pd.DataFrame):
         non_numeric = [c for c, t in X.dtypes.items() if not pd.api.types.is_numeric_dtype(t)]
         if non_numeric:
-            raise TypeError(
-                f"X must be numeric; non-numeric column(s): {non_numeric[:10]}"
-            )
+            raise TypeError(f"X must be numeric; non-numeric column(s): {non_numeric[:10]}")
         arr = X.to_numpy(dtype=np.float64)
     elif isinstance(X, torch.Tensor):
         arr = X.detach().cpu().to(torch.float64).numpy()
@@ -208,16 +207,13 @@ def _as_embedding(X: Any) -> np.ndarray:
             raise TypeError(f"X must be a numeric array, got dtype {arr.dtype}")
         arr = arr.astype(np.float64, copy=False)
     if arr.ndim != 2:
-        raise ValueError(
-            f"X must be 2-dimensional (cells x dims), got shape {arr.shape}"
-        )
+        raise ValueError(f"X must be 2-dimensional (cells x dims), got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"X must have at least one cell and one dimension, got shape {arr.shape}")
     n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if n_bad:
         raise ValueError(
-            f"X contains {n_bad} non-finite value(s) (NaN or inf); "
-            "LISI needs finite coordinates"
+            f"X contains {n_bad} non-finite value(s) (NaN or inf); LISI needs finite coordinates"
         )
     return np.ascontiguousarray(arr)
 
@@ -227,11 +223,15 @@ def _check_n_jobs(n_jobs: Any) -> None:
     if n_jobs is None:
         return
     if isinstance(n_jobs, (bool, np.bool_)) or not isinstance(n_jobs, numbers.Integral):
-        raise TypeError(f"n_jobs must be None, -1 or a positive integer, got {n_jobs!r} "
-                        f"({type(n_jobs).__name__})")
+        raise TypeError(
+            f"n_jobs must be None, -1 or a positive integer, got {n_jobs!r} "
+            f"({type(n_jobs).__name__})"
+        )
     if n_jobs == 0 or n_jobs < -1:
-        raise ValueError(f"n_jobs must be None, -1 (all cores) or a positive integer (threads "
-                         f"for pynndescent), got {n_jobs}")
+        raise ValueError(
+            f"n_jobs must be None, -1 (all cores) or a positive integer (threads "
+            f"for pynndescent), got {n_jobs}"
+        )
 
 
 def _as_label_list(label_colnames: str | Sequence[str]) -> list[str]:
@@ -251,9 +251,7 @@ def _as_label_list(label_colnames: str | Sequence[str]) -> list[str]:
 
 def _check_metadata(metadata: Any, x_shape: tuple[int, int], labels: list) -> None:
     if not isinstance(metadata, pd.DataFrame):
-        raise TypeError(
-            f"metadata must be a pandas DataFrame, got {type(metadata).__name__}"
-        )
+        raise TypeError(f"metadata must be a pandas DataFrame, got {type(metadata).__name__}")
     if metadata.shape[0] != x_shape[0]:
         raise ValueError(
             "X and metadata must have one row per cell: X has shape "
@@ -262,8 +260,7 @@ def _check_metadata(metadata: Any, x_shape: tuple[int, int], labels: list) -> No
     missing = [name for name in labels if name not in metadata.columns]
     if missing:
         raise ValueError(
-            f"column(s) {missing} not in metadata; available columns: "
-            f"{list(metadata.columns)}"
+            f"column(s) {missing} not in metadata; available columns: {list(metadata.columns)}"
         )
 
 

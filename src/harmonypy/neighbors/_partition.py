@@ -39,8 +39,8 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     step = max(1, NEAREST_ELEMENTS // max(1, centroids.shape[0]))
     for start in range(0, x.shape[0], step):
-        dist = torch.addmm(c_sq[None, :], x[start:start + step], centroids.T, alpha=-2.0)
-        out[start:start + step] = dist.argmin(1)
+        dist = torch.addmm(c_sq[None, :], x[start : start + step], centroids.T, alpha=-2.0)
+        out[start : start + step] = dist.argmin(1)
     return out
 
 

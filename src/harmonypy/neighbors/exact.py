@@ -52,15 +52,17 @@ def exact_topk(
     """
     near_d = near_i = None
     for r0 in range(0, data.shape[0], chunk):
-        block = data[r0:r0 + chunk]
-        dist = torch.addmm(data_sq[None, r0:r0 + chunk], q, block.T, alpha=-2.0)
-        found_d, found_i = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False,
-                                      sorted=True)
+        block = data[r0 : r0 + chunk]
+        dist = torch.addmm(data_sq[None, r0 : r0 + chunk], q, block.T, alpha=-2.0)
+        found_d, found_i = torch.topk(
+            dist, min(k, dist.shape[1]), dim=1, largest=False, sorted=True
+        )
         found_i += r0
         if near_d is not None:  # merge with the best of the earlier blocks
             both = torch.cat([near_d, found_d], 1)
-            found_d, pos = torch.topk(both, min(k, both.shape[1]), dim=1, largest=False,
-                                      sorted=True)
+            found_d, pos = torch.topk(
+                both, min(k, both.shape[1]), dim=1, largest=False, sorted=True
+            )
             found_i = torch.cat([near_i, found_i], 1).gather(1, pos)
         near_d, near_i = found_d, found_i
     return near_d, near_i
@@ -152,9 +154,8 @@ def _knn_brute(
     dist = np.empty((cells.size, n_neighbors), dtype=np.float64)
     idx = np.empty((cells.size, n_neighbors), dtype=np.int64)
     for start in range(0, cells.size, rows):
-        sel = cells[start:start + rows]
-        _, cand = exact_topk(data[torch.from_numpy(sel)], data, data_sq=data_sq, k=n_sel,
-                             chunk=n)
+        sel = cells[start : start + rows]
+        _, cand = exact_topk(data[torch.from_numpy(sel)], data, data_sq=data_sq, k=n_sel, chunk=n)
         out = slice(start, start + sel.size)
         dist[out], idx[out] = refine(Xc, sel, cand.numpy(), n_neighbors)
     return dist, idx

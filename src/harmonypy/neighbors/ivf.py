@@ -134,8 +134,7 @@ def knn_ivf(
         sentinel[0, -1] = math.inf
         data = torch.cat([data, sentinel])
         probes = _probe_lists(cent, counts, n_probe or ivf_n_probe(n_lists), n_sel)
-        q_pos, q_row, q_lists = _query_layout(cells, order=order, assign=assign,
-                                              n_lists=n_lists)
+        q_pos, q_row, q_lists = _query_layout(cells, order=order, assign=assign, n_lists=n_lists)
         if cells is not None:
             queries = queries[q_pos]
         X64 = torch.from_numpy(Xc)[order]  # float64, list order, for the re-ranking
@@ -143,11 +142,18 @@ def knn_ivf(
         rows = int(max(1, CHUNK_BYTES // (8 * n_sel * X.shape[1])))
         dist_t, idx_t = torch.from_numpy(dist), torch.from_numpy(idx)
         for group in _group_lists(q_lists.counts, counts, probes, data.shape[1]):
-            sel, cand = _ivf_search_group(group, queries=queries, data=data, probes=probes,
-                                          n_sel=n_sel, q_lists=q_lists, lists=lists)
+            sel, cand = _ivf_search_group(
+                group,
+                queries=queries,
+                data=data,
+                probes=probes,
+                n_sel=n_sel,
+                q_lists=q_lists,
+                lists=lists,
+            )
             sel = q_pos[sel]  # positions of the query cells among all cells
             for r0 in range(0, sel.shape[0], rows):
-                s, c = sel[r0:r0 + rows], cand[r0:r0 + rows]
+                s, c = sel[r0 : r0 + rows], cand[r0 : r0 + rows]
                 d, i = refine_torch(X64, s, c, n_neighbors)
                 out = q_row[s]
                 dist_t[out] = d

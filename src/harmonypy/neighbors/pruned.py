@@ -57,8 +57,15 @@ class PrunedIndex:
         :data:`FIRST_CELLS`).
     """
 
-    def __init__(self, data: torch.Tensor, *, k: int, list_size: int = LIST_SIZE,
-                 max_lists: int = MAX_LISTS, first_cells: int = FIRST_CELLS) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        *,
+        k: int,
+        list_size: int = LIST_SIZE,
+        max_lists: int = MAX_LISTS,
+        first_cells: int = FIRST_CELLS,
+    ) -> None:
         self.k = k
         dtype, device = data.dtype, data.device
         n_ref, d = data.shape
@@ -87,10 +94,14 @@ class PrunedIndex:
         dtype = self.data.dtype
         c64 = self.centroids.to(torch.float64)
         spread = torch.linalg.vector_norm(
-            self.data.to(torch.float64) - c64.index_select(0, sorted_lists), dim=1)
-        self.radius = torch.zeros(c64.shape[0], dtype=torch.float64,
-                                  device=c64.device).scatter_reduce_(
-            0, sorted_lists, spread, "amax").mul_(1 + 1e-6).to(dtype)
+            self.data.to(torch.float64) - c64.index_select(0, sorted_lists), dim=1
+        )
+        self.radius = (
+            torch.zeros(c64.shape[0], dtype=torch.float64, device=c64.device)
+            .scatter_reduce_(0, sorted_lists, spread, "amax")
+            .mul_(1 + 1e-6)
+            .to(dtype)
+        )
         gaps = torch.cdist(c64, c64)
         self.gaps = gaps.to(dtype)
         # Lists in order of centroid distance from each list (itself first); the
@@ -126,14 +137,20 @@ class PrunedIndex:
         group_sizes = torch.bincount(lists, minlength=self.counts.numel())
         starts = (torch.cumsum(group_sizes, 0) - group_sizes).tolist()
         for a in torch.nonzero(group_sizes).flatten().tolist():
-            rows = order[starts[a]:starts[a] + int(group_sizes[a])]
-            first = self.near[a, :int(self.n_first[a])]
+            rows = order[starts[a] : starts[a] + int(group_sizes[a])]
+            first = self.near[a, : int(self.n_first[a])]
             cand = self._cells_of(first)
             step = max(1, elements // max(1, cand.numel()))
             for r0 in range(0, rows.numel(), step):
-                part = rows[r0:r0 + step]
-                out[part] = self._group(q.index_select(0, part), q_sq.index_select(0, part),
-                                        a=a, first=first, cand=cand, err=err)
+                part = rows[r0 : r0 + step]
+                out[part] = self._group(
+                    q.index_select(0, part),
+                    q_sq.index_select(0, part),
+                    a=a,
+                    first=first,
+                    cand=cand,
+                    err=err,
+                )
         return self.index[out]
 
     def _group(self, qg, qg_sq, *, a, first, cand, err):
@@ -143,7 +160,7 @@ class PrunedIndex:
         bound = (values[:, -1] + qg_sq + 2 * err).clamp_min(0).sqrt()
         dq2 = torch.addmm(self.centroid_sq + qg_sq[:, None], qg, self.centroids.T, alpha=-2.0)
         gaps = self.gaps[a]
-        plane = (dq2 - dq2[:, a:a + 1] - 4 * err) / (2 * gaps)
+        plane = (dq2 - dq2[:, a : a + 1] - 4 * err) / (2 * gaps)
         plane.masked_fill_(~(gaps > 0), -math.inf)  # the list itself, coincident centroids
         ball = (dq2 - err).clamp_min(0).sqrt() - self.radius
         need = (torch.maximum(plane, ball) <= bound[:, None]).any(0)
@@ -153,8 +170,9 @@ class PrunedIndex:
             more = self._cells_of(torch.nonzero(need).flatten())
             values2, found2 = self._within(qg, more, values[:, -1:])
             if values2.shape[1]:
-                values, pos = torch.topk(torch.cat([values, values2], 1), self.k, dim=1,
-                                         largest=False, sorted=True)
+                values, pos = torch.topk(
+                    torch.cat([values, values2], 1), self.k, dim=1, largest=False, sorted=True
+                )
                 found = torch.cat([found, found2], 1).gather(1, pos)
         return found
 
@@ -164,15 +182,20 @@ class PrunedIndex:
         Only cells at most as far as the current k-th can enter the top k, so
         a threshold replaces a top k over every column.
         """
-        block = torch.addmm(self.sq.index_select(0, more)[None, :], qg,
-                            self.data.index_select(0, more).T, alpha=-2.0)
+        block = torch.addmm(
+            self.sq.index_select(0, more)[None, :],
+            qg,
+            self.data.index_select(0, more).T,
+            alpha=-2.0,
+        )
         row, col = torch.nonzero(block <= threshold, as_tuple=True)
         m = qg.shape[0]
         if row.numel() == 0:
             return block.new_empty((m, 0)), more.new_empty((m, 0))
         per_row = torch.bincount(row, minlength=m)
-        slot = torch.arange(row.numel(), device=row.device) - \
-            (torch.cumsum(per_row, 0) - per_row).index_select(0, row)
+        slot = torch.arange(row.numel(), device=row.device) - (
+            torch.cumsum(per_row, 0) - per_row
+        ).index_select(0, row)
         width = int(per_row.max())
         values = torch.full((m, width), math.inf, dtype=block.dtype, device=block.device)
         values[row, slot] = block[row, col]
@@ -182,24 +205,32 @@ class PrunedIndex:
 
     def _best(self, qg, cand):
         """The k least ``|r|^2 - 2 q.r`` over sorted-data positions ``cand``, sorted."""
-        block = torch.addmm(self.sq.index_select(0, cand)[None, :], qg,
-                            self.data.index_select(0, cand).T, alpha=-2.0)
-        values, pos = torch.topk(block, min(self.k, cand.numel()), dim=1, largest=False,
-                                 sorted=True)
+        block = torch.addmm(
+            self.sq.index_select(0, cand)[None, :],
+            qg,
+            self.data.index_select(0, cand).T,
+            alpha=-2.0,
+        )
+        values, pos = torch.topk(
+            block, min(self.k, cand.numel()), dim=1, largest=False, sorted=True
+        )
         return values, cand[pos]
 
     def _cells_of(self, lists):
         """Sorted-data positions of the cells of ``lists``, list after list."""
         lengths = self.counts.index_select(0, lists)
         total = int(lengths.sum())
-        begin = torch.repeat_interleave(self.offsets.index_select(0, lists) -
-                                        (torch.cumsum(lengths, 0) - lengths), lengths,
-                                        output_size=total)
+        begin = torch.repeat_interleave(
+            self.offsets.index_select(0, lists) - (torch.cumsum(lengths, 0) - lengths),
+            lengths,
+            output_size=total,
+        )
         return torch.arange(total, device=lengths.device) + begin
 
 
-def knn_pruned(Xc: np.ndarray, n_neighbors: int, *, list_size: int = LIST_SIZE
-               ) -> tuple[np.ndarray, np.ndarray]:
+def knn_pruned(
+    Xc: np.ndarray, n_neighbors: int, *, list_size: int = LIST_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN of every cell (self excluded) with a :class:`PrunedIndex`.
 
     Candidates are ranked in float32 with :data:`SLACK` spares (the cell
@@ -227,9 +258,9 @@ def knn_pruned(Xc: np.ndarray, n_neighbors: int, *, list_size: int = LIST_SIZE
     idx = np.empty((n, n_neighbors), dtype=np.int64)
     rows = int(max(1, CHUNK_BYTES // (8 * n_sel * Xc.shape[1])))  # float64 re-ranking
     for start in range(0, n, QUERY_CHUNK):
-        cand = index.search(T[start:start + QUERY_CHUNK]).numpy()
+        cand = index.search(T[start : start + QUERY_CHUNK]).numpy()
         for r0 in range(0, cand.shape[0], rows):
             sel = np.arange(start + r0, start + min(cand.shape[0], r0 + rows))
             out = slice(sel[0], sel[-1] + 1)
-            dist[out], idx[out] = refine(Xc, sel, cand[r0:r0 + rows], n_neighbors)
+            dist[out], idx[out] = refine(Xc, sel, cand[r0 : r0 + rows], n_neighbors)
     return dist, idx

@@ -21,6 +21,7 @@ from harmonypy.engine import correction
 from harmonypy.engine.correction import LevelIndex, RidgeAnchor, RidgeSettings, ridge_correct
 from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
+from harmonypy.mapping import score as _score
 from harmonypy.mapping import transfer as _transfer
 
 from reference_mapping import (
@@ -1278,7 +1279,7 @@ def test_mapping_tutorial_runs(tmp_path, monkeypatch, capsys):
 def _dense_scores(z, assignments, ref, dtype):
     """The mapping score over every (cell, cluster) pair, as before the pruning."""
 
-    whiten_t, centers = _mapping._score_terms(ref, dtype, torch.device("cpu"))[:2]
+    whiten_t, centers = _score.score_terms(ref, dtype, torch.device("cpu"))[:2]
     z = torch.as_tensor(z, dtype=dtype)
     diff = z[None, :, :] - centers[:, None, :]
     distances = torch.linalg.vector_norm(torch.bmm(diff, whiten_t), dim=2)
@@ -1296,17 +1297,17 @@ def test_mapping_score_leaves_out_only_negligible_pairs(case, monkeypatch, dtype
     ho = _reference_run(case, "harmony1", "float64")
     ref = hm.build_reference(ho)
     torch_dtype = getattr(torch, dtype)
-    rtol = _mapping._SCORE_RTOL[torch_dtype]
+    rtol = _score._SCORE_RTOL[torch_dtype]
     computed = []
-    real = _mapping._pair_distances
+    real = _score._pair_distances
 
     def counting(z, assignments, pairs, *rest):
         computed.append(int(pairs.sum()))
         return real(z, assignments, pairs, *rest)
 
-    monkeypatch.setattr(_mapping, "_pair_distances", counting)
+    monkeypatch.setattr(_score, "_pair_distances", counting)
     for sigma, first in [(None, 1e-2), (None, 1.0), (2.0, 1e-2)]:
-        monkeypatch.setattr(_mapping, "_SCORE_FIRST", first)
+        monkeypatch.setattr(_score, "_SCORE_FIRST", first)
         computed.clear()
         q = hm.map_query(z_query, meta_query, ref, vars_use="batch", sigma=sigma, dtype=dtype)
         dense = _dense_scores(z_query, q.R.T, ref, torch.float64)

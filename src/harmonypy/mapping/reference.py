@@ -51,6 +51,7 @@ from harmonypy.engine.options import default_clusters
 from harmonypy.io.outputs import OutputFiles
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.mapping.projection import GeneProjection
+from harmonypy.mapping.statistics import cluster_statistics
 
 __all__ = ["Reference", "build_reference", "label_names", "reference_digest"]
 
@@ -66,10 +67,6 @@ ALGORITHMS = ("harmony1", "harmony2", ONE_BATCH)
 #: Soft k-means rounds of a one-batch reference: ``soft_kmeans(max_iter = 20)``
 #: in symphony's ``R/utils.R``.
 ONE_BATCH_ROUNDS = 20
-
-#: Cells handled at once by the reference statistics (the outer products of a
-#: chunk take rows x d^2 float64 values).
-_STAT_ELEMENTS = 2**22
 
 
 @dataclass(eq=False)
@@ -350,7 +347,7 @@ def _from_harmony(ho, meta_data, label_names, keep_cells) -> Reference:
     frame = _run_metadata(ho, meta_data)
     assignments = ho.R.T  # (N, K), caller's order
     z_corr = ho.Z_corr.T
-    stats = _cluster_statistics(assignments, z_corr, ho.Z_orig.T)
+    stats = cluster_statistics(assignments, z_corr, ho.Z_orig.T)
     harmony2 = ho.algorithm == "harmony2"
     parameters = {
         "theta": ho.theta.tolist(),
@@ -412,21 +409,7 @@ def _from_embedding(
     torch_device = resolve_device(clustering.device)
     torch_dtype = resolve_dtype(clustering.dtype, torch_device)
     val.check_random_state(random_state)
-    if meta_data is not None:
-        meta_data = align_metadata(data_mat, meta_data)
-        if not isinstance(meta_data, pd.DataFrame):
-            raise TypeError(f"meta_data must be a pandas DataFrame, not {type(meta_data).__name__}")
-        n_cells = len(meta_data)
-    else:
-        shape = getattr(data_mat, "shape", None) or np.shape(data_mat)
-        if len(shape) != 2:
-            raise ValueError(f"data_mat must be 2-D (cells x PCs), got shape {tuple(shape)}")
-        n_cells = int(shape[0])  # without metadata: cells in rows
-    cells = val.as_cells_by_features(
-        data_mat, n_cells, meta_shape=None if meta_data is None else meta_data.shape
-    )
-    val.check_cell_lengths(cells, torch_dtype)
-    val.warn_if_not_reduced(cells)
+    meta_data, cells = _one_batch_cells(data_mat, meta_data, torch_dtype)
     n_clusters = (
         default_clusters(cells.shape[0])
         if nclust is None
@@ -435,26 +418,10 @@ def _from_embedding(
     sigma_clusters = val.check_sigma(sigma, n_clusters, dtype=torch_dtype)
     seed = val.resolve_seed(random_state)
 
-    np_dtype = np.float64 if torch_dtype == torch.float64 else np.float32
-    with torch.no_grad():
-        z = torch.from_numpy(np.ascontiguousarray(cells, dtype=np_dtype)).to(torch_device)
-        z_cos = clu.normalize_rows(z)
-        del z
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        # As Harmony 1's default start, then symphony's soft_kmeans_cpp: R from
-        # Y, Y from R, 20 times.
-        start = start_for("harmony1", "greedy", n_clusters)
-        centroids = clu.normalize_rows(
-            kmeans_centroids(z_cos, n_clusters, generator=generator, start=start)
-        )
-        sigma_t = torch.as_tensor(sigma_clusters, device=torch_device)
-        assignments = None
-        for _ in range(ONE_BATCH_ROUNDS):
-            assignments, _ = clu.soft_assign(z_cos, centroids, sigma_t, out=assignments)
-            centroids = clu.compute_centroids(assignments, z_cos)
-        del z_cos
-        assignments = assignments.cpu().numpy()
-    stats = _cluster_statistics(assignments, cells, cells)
+    assignments = _soft_kmeans(
+        cells, n_clusters, sigma_clusters, seed=seed, device=torch_device, dtype=torch_dtype
+    )
+    stats = cluster_statistics(assignments, cells, cells)
     parameters = {
         "nclust": n_clusters,
         "random_state": int(seed),
@@ -474,6 +441,52 @@ def _from_embedding(
         ref.labels = _label_frame(frame, label_names)
         ref.cell_names = _cell_names(data_mat, frame)
     return ref
+
+
+def _one_batch_cells(data_mat, meta_data, torch_dtype) -> tuple[pd.DataFrame | None, np.ndarray]:
+    """``(meta_data, cells)`` of a one-batch reference: the metadata aligned to
+    ``data_mat``'s cells and the cells x PCs array, both checked."""
+    if meta_data is not None:
+        meta_data = align_metadata(data_mat, meta_data)
+        if not isinstance(meta_data, pd.DataFrame):
+            raise TypeError(f"meta_data must be a pandas DataFrame, not {type(meta_data).__name__}")
+        n_cells = len(meta_data)
+    else:
+        shape = getattr(data_mat, "shape", None) or np.shape(data_mat)
+        if len(shape) != 2:
+            raise ValueError(f"data_mat must be 2-D (cells x PCs), got shape {tuple(shape)}")
+        n_cells = int(shape[0])  # without metadata: cells in rows
+    cells = val.as_cells_by_features(
+        data_mat, n_cells, meta_shape=None if meta_data is None else meta_data.shape
+    )
+    val.check_cell_lengths(cells, torch_dtype)
+    val.warn_if_not_reduced(cells)
+    return meta_data, cells
+
+
+def _soft_kmeans(
+    cells: np.ndarray, n_clusters: int, sigma, *, seed: int, device, dtype
+) -> np.ndarray:
+    """Soft assignments (N x K) of ``cells`` (N x d) as symphony's one-batch reference
+    clusters them: Harmony 1's default k-means start, then ``soft_kmeans_cpp``'s
+    R from Y, Y from R, :data:`ONE_BATCH_ROUNDS` times."""
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    with torch.no_grad():
+        z = torch.from_numpy(np.ascontiguousarray(cells, dtype=np_dtype)).to(device)
+        z_cos = clu.normalize_rows(z)
+        del z
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        start = start_for("harmony1", "greedy", n_clusters)
+        centroids = clu.normalize_rows(
+            kmeans_centroids(z_cos, n_clusters, generator=generator, start=start)
+        )
+        sigma_t = torch.as_tensor(sigma, device=device)
+        assignments = None
+        for _ in range(ONE_BATCH_ROUNDS):
+            assignments, _ = clu.soft_assign(z_cos, centroids, sigma_t, out=assignments)
+            centroids = clu.compute_centroids(assignments, z_cos)
+        del z_cos
+        return assignments.cpu().numpy()
 
 
 #: What to do when a Harmony run's cells and ``meta_data`` name different cells.
@@ -574,62 +587,6 @@ def _cell_names(data_mat, frame: pd.DataFrame | None) -> np.ndarray | None:
     if isinstance(data_mat, pd.DataFrame) and carries_names(data_mat.index):
         return data_mat.index.astype(str).to_numpy(dtype=str)
     return None
-
-
-def _cluster_statistics(
-    assignments: np.ndarray, z_corr: np.ndarray, z_orig: np.ndarray
-) -> dict[str, np.ndarray]:
-    """``Nr``, ``C``, ``Y`` and the per-cluster centre and covariance, float64.
-
-    Sums run over chunks of cells in float64 (torch, CPU). The covariance is
-    ``cov.wt``'s: with ``w = R[k] / Nr[k]`` and centre ``c = sum_i w_i x_i``,
-    ``sum_i w_i (x_i - c)(x_i - c)^T / (1 - sum_i w_i^2)``. Its second moments
-    are summed about the mean of all cells ``m`` (not about 0), which keeps
-    the subtraction ``S / Nr - (c - m)(c - m)^T`` free of cancellation for
-    embeddings far from the origin.
-
-    Parameters
-    ----------
-    assignments : (N, K) array, R transposed.
-    z_corr, z_orig : (N, d) arrays, corrected and uncorrected cells.
-    """
-    n_cells, n_clusters = assignments.shape
-    d = z_corr.shape[1]
-    f64 = torch.float64
-    mean = torch.zeros(d, dtype=f64)
-    chunk = max(1, min(65536, _STAT_ELEMENTS // max(1, d * d)))
-    for start in range(0, n_cells, chunk):
-        mean += torch.as_tensor(np.asarray(z_orig[start : start + chunk]), dtype=f64).sum(0)
-    mean /= n_cells
-    sizes = torch.zeros(n_clusters, dtype=f64)
-    squares = torch.zeros(n_clusters, dtype=f64)
-    sums_corr = torch.zeros((n_clusters, d), dtype=f64)
-    sums_orig = torch.zeros((n_clusters, d), dtype=f64)
-    moments = torch.zeros((n_clusters, d * d), dtype=f64)
-    for start in range(0, n_cells, chunk):
-        r = torch.as_tensor(np.asarray(assignments[start : start + chunk]), dtype=f64)
-        zc = torch.as_tensor(np.asarray(z_corr[start : start + chunk]), dtype=f64)
-        zo = torch.as_tensor(np.asarray(z_orig[start : start + chunk]), dtype=f64) - mean
-        sizes += r.sum(0)
-        squares += (r * r).sum(0)
-        sums_corr.addmm_(r.T, zc)
-        sums_orig.addmm_(r.T, zo)
-        moments.addmm_(r.T, (zo[:, :, None] * zo[:, None, :]).reshape(zo.shape[0], d * d))
-    tiny = torch.finfo(f64).tiny
-    safe_sizes = sizes.clamp_min(tiny)
-    offset = sums_orig / safe_sizes[:, None]  # c - m
-    second = moments.view(n_clusters, d, d) / safe_sizes[:, None, None]
-    unbiased = (1 - squares / safe_sizes**2).clamp_min(tiny)
-    cov = (second - offset[:, :, None] * offset[:, None, :]) / unbiased[:, None, None]
-    cov = (cov + cov.transpose(1, 2)) / 2
-    centers = offset + mean
-    return {
-        "Nr": sizes.numpy(),
-        "C": sums_corr.numpy(),
-        "Y": clu.normalize_rows(sums_corr).T.contiguous().numpy(),
-        "cluster_center": centers.numpy(),
-        "cluster_cov": cov.numpy(),
-    }
 
 
 # ======================================================================= file

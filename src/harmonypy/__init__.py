@@ -10,8 +10,9 @@ reference mapping with :func:`build_reference`,
 
 from __future__ import annotations
 
-# Set before the imports below: submodules read it when they are imported.
-__version__ = "1.0.0.dev0"
+# The one source of the version (pyproject.toml reads it: [tool.hatch.version]). Set
+# before the imports below: submodules read it when they are imported.
+__version__ = "3.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
 from harmonypy.adapters.anndata import integrate  # noqa: E402

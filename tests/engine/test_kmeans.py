@@ -13,6 +13,7 @@ from harmonypy.engine.kmeans import (
     KMeansStart,
     _kmeans_plusplus,
     _lloyd,
+    _screened_lloyd,
     kmeans_centroids,
     start_for,
 )
@@ -113,8 +114,28 @@ def test_starts_of_each_algorithm():
     assert start_for("harmony1", "r", 100) == KMeansStart(n_init=10, max_iter=25)  # R 1.2.4
     assert start_for("harmony2", "r", 100) == KMeansStart(n_init=1, max_iter=10)  # R 2.0
     assert start_for("harmony2", "greedy", 100) == KMeansStart(
-        n_init=10, max_iter=25, local_trials=6
+        n_init=10, max_iter=25, local_trials=6, screen_steps=5, survivors=3
     )
+
+
+def test_screen_drops_the_worst_runs_and_finishes_the_best():
+    """A screened start keeps only the runs lowest after the screen: a run
+    seeded with every centre on one blob never wins, and the survivors end
+    where they would have ended run to completion."""
+    x, exact = blobs()
+    good = _kmeans_plusplus(
+        x, 12, generator=torch.Generator().manual_seed(1), n_seedings=3, local_trials=6
+    )
+    stuck = x[:12][None]  # all twelve centres inside the first blob
+    seedings = torch.cat([stuck, good])
+    screened = KMeansStart(n_init=4, max_iter=25, screen_steps=1, survivors=3)
+    centers, final_inertia = _screened_lloyd(x, seedings, screened)
+    complete, complete_inertia = _lloyd(x, good, max_iter=25)
+    _, stuck_inertia = _lloyd(x, stuck, max_iter=25)
+    assert stuck_inertia.item() > complete_inertia.max().item()
+    torch.testing.assert_close(centers, complete)
+    torch.testing.assert_close(final_inertia, complete_inertia)
+    assert matches(complete[int(torch.argmin(complete_inertia))], exact)
 
 
 def test_kmeans_init_is_checked_before_any_work():

@@ -30,6 +30,12 @@ RESTART_CELLS_PER_CLUSTER = 50
 RESTART_MIN_CELLS = 5_000
 #: Lloyd steps of the refinement, which starts from a converged run.
 REFINE_STEPS = 10
+#: The greedy start screens its ten runs after this many Lloyd steps and runs
+#: only the best few to convergence: on the bundled data and a simulation with
+#: overlapping types the seed-to-seed spread equals that of ten complete runs,
+#: for 110 run-steps instead of 250 (benchmarks/results/seed_spread.md).
+SCREEN_STEPS = 5
+SCREEN_SURVIVORS = 3
 #: The starts ``run_harmony(kmeans_init=...)`` offers.
 KMEANS_INITS = ("greedy", "r")
 
@@ -46,11 +52,19 @@ class KMeansStart:
         Lloyd steps per run at most (a run stops earlier when no cell moves).
     local_trials : int
         k-means++ candidates per centre (1: plain k-means++).
+    screen_steps : int
+        0: every run goes to convergence (or ``max_iter``), as R's
+        ``kmeans(nstart = 10)``. Otherwise all runs take this many Lloyd steps,
+        and only the ``survivors`` with the lowest inertia then continue.
+    survivors : int
+        Runs that continue after the screen.
     """
 
     n_init: int
     max_iter: int
     local_trials: int = 1
+    screen_steps: int = 0
+    survivors: int = 1
 
 
 def start_for(algorithm: str, kmeans_init: str, k: int) -> KMeansStart:
@@ -60,12 +74,19 @@ def start_for(algorithm: str, kmeans_init: str, k: int) -> KMeansStart:
     of at most 25 steps, the best kept (``kmeans(nstart = 10, iter.max = 25)``;
     R seeds each run with random cells, here with k-means++); Harmony2 (R 2.0)
     one k-means++ seeding and 10 Lloyd steps. ``"greedy"`` (the default) runs
-    ten complete k-means runs from greedy k-means++ seedings (2 + ln k
-    candidates per centre, as scikit-learn): measured on the bundled data it
-    moves the least with the seed (benchmarks/bench_seed_spread.py).
+    ten k-means runs from greedy k-means++ seedings (2 + ln k candidates per
+    centre, as scikit-learn), screened after ``SCREEN_STEPS`` Lloyd steps, the
+    best ``SCREEN_SURVIVORS`` run to convergence: measured on the bundled data
+    it moves the least with the seed (benchmarks/bench_seed_spread.py).
     """
     if kmeans_init == "greedy":
-        return KMeansStart(n_init=10, max_iter=25, local_trials=2 + int(math.log(k)))
+        return KMeansStart(
+            n_init=10,
+            max_iter=25,
+            local_trials=2 + int(math.log(k)),
+            screen_steps=SCREEN_STEPS,
+            survivors=SCREEN_SURVIVORS,
+        )
     if algorithm == "harmony2":
         return KMeansStart(n_init=1, max_iter=10)
     return KMeansStart(n_init=10, max_iter=25)
@@ -263,11 +284,29 @@ def kmeans_centroids(
     seedings = _kmeans_plusplus(
         candidates, k, generator=generator, n_seedings=start.n_init, local_trials=start.local_trials
     )
-    centers, inertia = _lloyd(candidates, seedings, max_iter=start.max_iter)
+    centers, inertia = _screened_lloyd(candidates, seedings, start)
     best = centers[int(torch.argmin(inertia))]
     if restart_rows is None:
         return best
     return _lloyd(x, best[None], max_iter=REFINE_STEPS)[0][0]
+
+
+def _screened_lloyd(
+    x: torch.Tensor, seedings: torch.Tensor, start: KMeansStart
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd runs from ``seedings``; with a screen, only the best few go on.
+
+    The screen ranks runs by their inertia after ``start.screen_steps`` steps
+    (ties: the earlier run); the survivors, in their original order, continue for the remaining steps.
+    A run that had already converged stops after one unchanged step.
+    """
+    n_runs = seedings.shape[0]
+    if not start.screen_steps or n_runs <= start.survivors:
+        return _lloyd(x, seedings, max_iter=start.max_iter)
+    centers, inertia = _lloyd(x, seedings, max_iter=start.screen_steps)
+    # Survivors keep their order, so a final tie still goes to the earlier run.
+    keep = torch.argsort(inertia, stable=True)[: start.survivors].sort().values.to(x.device)
+    return _lloyd(x, centers[keep], max_iter=start.max_iter - start.screen_steps)
 
 
 def restart_cells(k: int) -> int:

@@ -77,3 +77,48 @@ def test_readme_installs_this_package_not_the_index_one():
         # From the checkout (".", ".[extras]") or a built wheel, never by name from the index.
         assert re.search(r"pip install (-e )?\"?(\.|\S*\.whl)", command), command
     assert "docs/migrating.md" in body and NEWEST_PUBLISHED in body
+
+
+# Without an optional extra, its feature fails with a message that names the extra to
+# install. Each case: the extra, the modules hidden, and the call that needs them.
+def _plot(tmp_path):
+    hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", max_iter_harmony=1).plot_convergence()
+
+
+def _ann(tmp_path):
+    pcs, meta = hm.datasets.load_pbmcs_small()
+    hm.compute_lisi(pcs.to_numpy()[:, :5], meta, ["donor"], neighbors="pynndescent")
+
+
+def _cli(*words):
+    def call(tmp_path):
+        from harmonypy import cli
+
+        status = cli.main(["--debug", *[w.format(tmp=tmp_path) for w in words]])
+        raise AssertionError(f"harmonypy {' '.join(words)} exited with {status}, no error")
+
+    return call
+
+
+EXTRA_CASES = [
+    ("plot", ["matplotlib"], _plot),
+    ("ann", ["pynndescent"], _ann),
+    ("anndata", ["anndata"], _cli("run", "{tmp}/in.h5ad", "--vars", "donor", "-o", "{tmp}/o.tsv")),
+    (
+        "parquet",
+        ["pyarrow"],
+        _cli("run", "{tmp}/pcs.parquet", "{tmp}/meta.tsv", "--vars", "donor", "-o", "{tmp}/o.tsv"),
+    ),
+]
+
+
+@pytest.mark.parametrize("extra, hidden, call", EXTRA_CASES, ids=[c[0] for c in EXTRA_CASES])
+def test_feature_without_its_extra_names_the_extra(extra, hidden, call, tmp_path, monkeypatch):
+    for name in hidden:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    for name in ("in.h5ad", "pcs.parquet", "meta.tsv"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ImportError, match=re.escape(f"pip install harmonypy[{extra}]")):
+        call(tmp_path)

@@ -22,7 +22,7 @@ __all__ = [
 #: How to install anndata (reading and writing ``.h5ad`` files).
 ANNDATA_HINT = "pip install harmonypy[anndata]"
 #: How to install pyarrow (reading and writing ``.parquet`` tables).
-PYARROW_HINT = "pip install pyarrow"
+PYARROW_HINT = "pip install harmonypy[parquet]"
 #: How to install zarr (reading an embedding from a ``.zarr`` store).
 ZARR_HINT = "pip install zarr"
 

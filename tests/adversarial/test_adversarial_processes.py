@@ -503,7 +503,8 @@ def test_a_group_that_cannot_form_gives_up_after_the_start_timeout():
     """Rank 0 of 2 with no rank 1 (it died while importing): refused after the
     start timeout (here 1 s), not torch.distributed's 30 minutes."""
     probe = (
-        "import sys, time; from harmonypy.distributed.launch import join_group, _free_port\n"
+        "import sys, time; from harmonypy.distributed.child import join_group\n"
+        "from harmonypy.distributed.launch import _free_port\n"
         "began = time.monotonic()\n"
         "try:\n"
         "    join_group(rank=0, world_size=2, port=_free_port(), backend='gloo', timeout=1)\n"

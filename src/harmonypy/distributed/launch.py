@@ -35,7 +35,6 @@ import builtins
 import io
 import json
 import math
-import mmap
 import os
 import pickle
 import re
@@ -45,9 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -55,13 +52,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harmonypy.distributed.shared_memory import shared_array
 from harmonypy.engine.convergence import ConvergenceWarning
 from harmonypy.engine.design import ColumnNotFoundError
 from harmonypy.engine import memory as _memory
 from harmonypy.engine.clustering import n_blocks_of
 from harmonypy.engine.arrays import COPY_CHUNK_ROWS
 from harmonypy.engine.options import default_clusters
-from harmonypy.engine.run import run_harmony
 
 #: Seconds a process waits for the others to join the group (and the default
 #: of ``start_timeout``); ``HARMONYPY_START_TIMEOUT`` overrides it.
@@ -74,12 +71,13 @@ _GRACE_SECONDS = 2.0
 
 # What each child runs: SIGTERM back to its default action (ends the process;
 # an ignored SIGTERM is inherited) and unblocked (the launcher blocks it, with
-# SIGINT, while it starts the child), then the launcher's sys.path, then this module.
+# SIGINT, while it starts the child), then the launcher's sys.path, then the
+# child's side of the group (harmonypy.distributed.child).
 _BOOT = (
     "import json, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
     "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM]); "
     "sys.path[:] = json.loads(sys.argv[1]); "
-    "from harmonypy.distributed.launch import _child_main; sys.exit(_child_main(sys.argv[2:]))"
+    "from harmonypy.distributed.child import child_main; sys.exit(child_main(sys.argv[2:]))"
 )
 
 
@@ -201,19 +199,7 @@ def run_in_processes(
         processes are stopped first. On ``KeyboardInterrupt`` (or any other
         exception while waiting) every process is stopped before it propagates.
     """
-    if not torch.distributed.is_available():
-        raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
-    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
-        raise RuntimeError(
-            "--nproc starts Python processes with inherited shared memory, "
-            "which needs Linux or macOS and a Python interpreter (not a "
-            "frozen executable)"
-        )
-    if options.get("callback") is not None:
-        raise ValueError(
-            "callback: not with nproc > 1 (the iterations run in other "
-            "processes, which cannot call a function of this one)"
-        )
+    _check_launchable(options)
     seconds = start_timeout_seconds(start_timeout)
     data_mat = _checked_matrix(data_mat, meta_data, nproc)
     options, backend = _backend_options(nproc, options)
@@ -223,9 +209,9 @@ def run_in_processes(
     options["ncores"] = options.get("ncores") or max(1, (os.cpu_count() or 1) // nproc)
     options.setdefault("verbose", True)
     bounds = shard_bounds(data_mat.shape[0], nproc)
-    cells_fd, cells = _shared_array(data_mat.shape, dtype)
+    cells_fd, cells = shared_array(data_mat.shape, dtype)
     try:
-        out_fd, corrected = _shared_array(data_mat.shape, dtype)
+        out_fd, corrected = shared_array(data_mat.shape, dtype)
     except BaseException:
         os.close(cells_fd)
         raise
@@ -272,6 +258,23 @@ def run_in_processes(
         seconds=summary["seconds"],
         batch_levels=summary["batch_levels"],
     )
+
+
+def _check_launchable(options: dict) -> None:
+    """Refuse a launch this platform, this PyTorch or these options cannot do."""
+    if not torch.distributed.is_available():
+        raise RuntimeError("--nproc needs torch.distributed, which this PyTorch build lacks")
+    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
+        raise RuntimeError(
+            "--nproc starts Python processes with inherited shared memory, "
+            "which needs Linux or macOS and a Python interpreter (not a "
+            "frozen executable)"
+        )
+    if options.get("callback") is not None:
+        raise ValueError(
+            "callback: not with nproc > 1 (the iterations run in other "
+            "processes, which cannot call a function of this one)"
+        )
 
 
 def _checked_matrix(data_mat, meta_data, nproc: int) -> np.ndarray:
@@ -322,38 +325,6 @@ def _meta_rows(meta_data, vars_use, start: int, stop: int):
     if columns is not None and keys and all(k in columns for k in keys):
         meta_data = meta_data[keys]
     return meta_data.iloc[start:stop] if hasattr(meta_data, "iloc") else meta_data[start:stop]
-
-
-# ----------------------------------------------------------- shared memory
-def _anonymous_fd() -> int:
-    """A file descriptor of memory no file name points to (freed with its last user)."""
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create("harmonypy")
-    folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    with tempfile.TemporaryFile(dir=folder) as handle:  # unlinked at creation on POSIX
-        return os.dup(handle.fileno())
-
-
-def _shared_array(shape: tuple, dtype) -> tuple[int, np.ndarray]:
-    """``(fd, array)``: an array in shared memory, and the descriptor children map."""
-    descriptor = _anonymous_fd()
-    try:
-        nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        os.ftruncate(descriptor, nbytes)
-        return descriptor, _mapped(descriptor, shape, dtype)
-    except BaseException:
-        os.close(descriptor)
-        raise
-
-
-def _mapped(descriptor: int, shape: tuple, dtype, *, writable: bool = True) -> np.ndarray:
-    """The array of ``shape`` and ``dtype`` in the shared memory ``descriptor``."""
-    count = int(np.prod(shape))
-    nbytes = max(1, count * np.dtype(dtype).itemsize)
-    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-    return np.frombuffer(
-        mmap.mmap(descriptor, nbytes, access=access), dtype=dtype, count=count
-    ).reshape(shape)
 
 
 # ----------------------------------------------------------- the parent side
@@ -560,139 +531,6 @@ def _child_error(text: str) -> Exception:
         except Exception:  # noqa: BLE001 - a type that takes other arguments
             pass
     return RuntimeError(message)
-
-
-# ------------------------------------------------------------ the child side
-def _child_main(argv: list) -> int:
-    """One process of the group (run by :data:`_BOOT`); returns its exit status.
-
-    ``argv``: the launcher's pid and the descriptors of the payload, the
-    report pipe, the input and the output. Reports ``("joined",)`` once in
-    the group, then ``("done", summary)`` or ``("error", kind, message,
-    traceback)``.
-    """
-    parent, payload_fd, report_fd, cells_fd, out_fd = map(int, argv)
-    _die_with(parent)
-    with os.fdopen(report_fd, "wb") as report:
-        try:
-            with os.fdopen(payload_fd, "rb") as handoff:
-                payload = pickle.load(handoff)
-            summary = _run_rank(payload, cells_fd=cells_fd, out_fd=out_fd, report=report)
-        except BaseException as err:  # noqa: BLE001 - reported to the launcher
-            _send(report, ("error", type(err).__name__, str(err), traceback.format_exc()))
-            return 1
-        _send(report, ("done", summary))
-    return 0
-
-
-def _send(report, message: tuple) -> None:
-    pickle.dump(message, report, protocol=pickle.HIGHEST_PROTOCOL)
-    report.flush()
-
-
-def _die_with(parent: int) -> None:
-    """End this process when the launcher ``parent`` ends, however it ends."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL) == 0:
-                if os.getppid() != parent:  # it ended before the request took effect
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):  # pragma: no cover - no prctl
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="harmonypy-parent-watch", daemon=True).start()
-
-
-def _run_rank(payload: dict, *, cells_fd: int, out_fd: int, report) -> dict | None:
-    """Join the group, run this rank's shard, write its rows; rank 0's summary."""
-    import torch.distributed as dist
-
-    rank, options = payload["rank"], payload["options"]
-    torch.set_num_threads(options["ncores"])  # the process's share of the CPUs
-    if payload["backend"] == "nccl":
-        torch.cuda.set_device(rank)
-        options = dict(options, device=f"cuda:{rank}")
-    shape, dtype = payload["shape"], np.dtype(payload["dtype"])
-    cells = _mapped(cells_fd, shape, dtype, writable=False)
-    corrected = _mapped(out_fd, shape, dtype)
-    join_group(
-        rank=rank,
-        world_size=payload["world_size"],
-        port=payload["port"],
-        backend=payload["backend"],
-        timeout=payload["start_timeout"],
-    )
-    _send(report, ("joined",))
-    try:
-        start, stop = payload["bounds"][rank]
-        began = time.perf_counter()
-        with warnings.catch_warnings():  # the launcher warns once, in the caller's process
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            ho = run_harmony(
-                cells[start:stop], payload["meta"], payload["vars_use"], distributed=True, **options
-            )
-        ho.result(out=corrected[start:stop])
-        return (
-            None
-            if rank
-            else dict(
-                n_iter=ho.n_iter,
-                converged=ho.converged,
-                stop_reason=ho.stop_reason,
-                objective_harmony=list(ho.objective_harmony),
-                kmeans_rounds=list(ho.kmeans_rounds),
-                K=ho.K,
-                algorithm=ho.algorithm,
-                bytes=ho.bytes_reduced,
-                batch_levels=list(ho.batch_levels),
-                seconds=time.perf_counter() - began,
-            )
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def join_group(*, rank: int, world_size: int, port: int, backend: str, timeout: float) -> None:
-    """Join (rank 0: host) the group on ``127.0.0.1:port``, waiting at most
-    ``timeout`` seconds for the others to arrive.
-
-    The store's timeout bounds the forming; the collectives keep
-    ``torch.distributed``'s 30 minutes (a slow step on one rank is not a
-    failure).
-
-    Raises
-    ------
-    RuntimeError
-        The group did not form in time: names the rank, the port and the timeout.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    try:
-        store = dist.TCPStore(
-            "127.0.0.1", port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout)
-        )
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(minutes=30)
-        )
-    except RuntimeError as err:  # torch's DistStoreError and timeouts are RuntimeErrors
-        raise RuntimeError(
-            f"rank {rank} of {world_size} could not form the process group on "
-            f"127.0.0.1:{port} within {timeout:g} s (another process did not start or "
-            f"stopped, or the port was taken; HARMONYPY_START_TIMEOUT sets the wait): "
-            f"{' '.join(str(err).split())[:300]}"
-        ) from err
 
 
 #: What importing PyTorch and starting a process costs each process (measured

@@ -464,3 +464,29 @@ def check_memory(estimate: MemoryEstimate, available: dict, *, context: str = ""
             f"{top.what}: {top.formula} = {format_size(top.nbytes)}. Use {hint}, or pass "
             f"check_memory=False to run anyway"
         )
+
+
+def check_memory_fits(size, *, dtype, algorithm: str, device, copies_input: bool = True) -> None:
+    """Refuse a run whose estimated peak memory exceeds the available memory.
+
+    ``size`` is a :class:`RunSize` (N, d, K, the levels of
+    each batch variable, the blocks). Raises :class:`MemoryError` with the
+    estimate, the available memory and the term that dominates (see
+    :func:`estimate_memory` for the terms). Nothing is
+    checked where the available memory is unknown.
+    """
+    estimate = estimate_memory(
+        size, dtype=dtype, algorithm=algorithm, device=device, copies_input=copies_input
+    )
+    n_levels, n_variables = sum(size.level_counts), len(size.level_counts)
+    levels = (
+        f"{n_levels:,} batch level(s) in {n_variables} variable(s)"
+        if n_variables > 1
+        else f"{n_levels:,} batch levels"
+    )
+    context = (
+        f" (N={size.n_cells:,} cells, d={size.n_dims}, K={size.n_clusters} clusters, "
+        f"{levels}, {size.n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on "
+        f"{device})"
+    )
+    check_memory(estimate, available_memory(device), context=context)

@@ -24,7 +24,7 @@ from harmonypy.engine.cellnames import align_metadata, run_cell_names
 from harmonypy.engine.design import BatchDesign
 from harmonypy.engine.device import resolve_device, resolve_dtype
 from harmonypy.engine.kmeans import KMEANS_INITS
-from harmonypy.engine.memory import RunSize
+from harmonypy.engine.memory import RunSize, check_memory_fits
 
 #: Field metadata of a :class:`RunOptions` field that each process of a
 #: distributed run sets for itself (its device, threads, seed source, output).
@@ -204,7 +204,7 @@ def design_dependent_inputs(local: dict, design: BatchDesign, depth: int = 1) ->
             np.diff(design.offsets).tolist(),
             n_blocks=clu.n_blocks_of(cells.shape[0], block_size),
         )
-        val.check_memory_fits(
+        check_memory_fits(
             size,
             dtype=torch_dtype,
             algorithm=local["algorithm"],

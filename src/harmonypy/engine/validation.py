@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from harmonypy.engine import memory as _memory
 
 MIN_CELLS = 6
 
@@ -690,30 +689,3 @@ def resolve_seed(random_state) -> int:
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1))
     return int(random_state) % (2**63 - 1)
-
-
-# ------------------------------------------------------------------ memory
-def check_memory_fits(size, *, dtype, algorithm: str, device, copies_input: bool = True) -> None:
-    """Refuse a run whose estimated peak memory exceeds the available memory.
-
-    ``size`` is a :class:`harmonypy.engine.memory.RunSize` (N, d, K, the levels of
-    each batch variable, the blocks). Raises :class:`MemoryError` with the
-    estimate, the available memory and the term that dominates (see
-    :func:`harmonypy.engine.memory.estimate_memory` for the terms). Nothing is
-    checked where the available memory is unknown.
-    """
-    estimate = _memory.estimate_memory(
-        size, dtype=dtype, algorithm=algorithm, device=device, copies_input=copies_input
-    )
-    n_levels, n_variables = sum(size.level_counts), len(size.level_counts)
-    levels = (
-        f"{n_levels:,} batch level(s) in {n_variables} variable(s)"
-        if n_variables > 1
-        else f"{n_levels:,} batch levels"
-    )
-    context = (
-        f" (N={size.n_cells:,} cells, d={size.n_dims}, K={size.n_clusters} clusters, "
-        f"{levels}, {size.n_blocks:,} blocks, {str(dtype).replace('torch.', '')} on "
-        f"{device})"
-    )
-    _memory.check_memory(estimate, _memory.available_memory(device), context=context)

@@ -170,6 +170,7 @@ def simulate(
 
     Examples
     --------
+    >>> from harmonypy.datasets import simulate
     >>> X, meta = simulate(n_cells=2000, n_pcs=20, n_batches=3, seed=1)
     >>> X.shape, list(meta.columns)
     ((2000, 20), ['batch', 'cell_type'])

@@ -11,6 +11,7 @@ or a read-your-own-files workflow on.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -47,6 +48,13 @@ def load_pbmc_3500() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         Columns ``donor`` (A, B, C) and ``cell`` (barcode).
     reference : DataFrame, (3500, 30)
         The same PCs corrected by R harmony 1.2.4 with its defaults.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> pcs, meta, reference = hm.datasets.load_pbmc_3500()
+    >>> pcs.shape, sorted(meta["donor"].unique()), reference.shape
+    ((3500, 30), ['A', 'B', 'C'], (3500, 30))
     """
     return (
         _read("pbmc_3500_pcs.tsv.gz"),
@@ -56,7 +64,20 @@ def load_pbmc_3500() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 
 def load_pbmc_3500_harmony2_reference() -> pd.DataFrame:
-    """The PBMC example's PCs corrected by R harmony 2.0.4 with its defaults, (3500, 30)."""
+    """The PBMC example's PCs corrected by R harmony 2.0.4 with its defaults.
+
+    Returns
+    -------
+    DataFrame, (3500, 30)
+        The PCs of :func:`load_pbmc_3500` corrected by R harmony 2.0.4, cells
+        in the same order; compare ``run_harmony(..., algorithm="harmony2")``.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> hm.datasets.load_pbmc_3500_harmony2_reference().shape
+    (3500, 30)
+    """
     return _read("pbmc_3500_pcs_harmonized_harmony2.tsv.gz")
 
 
@@ -66,9 +87,18 @@ def load_pbmcs_small() -> tuple[pd.DataFrame, pd.DataFrame]:
     Returns
     -------
     pcs : DataFrame, (1200, 20)
+        The cells' first 20 PCs, ``PC1`` .. ``PC20``.
     meta : DataFrame, (1200, 7)
-        Columns include ``donor`` (the chemistry: 3pv1, 3pv2, 5p), ``cell_type``
-        (9 types) and ``cell_type_broad``.
+        Columns include ``cell_id`` (the cell names), ``donor`` (the
+        chemistry: 3pv1, 3pv2, 5p), ``cell_type`` (9 types) and
+        ``cell_type_broad``.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> pcs.shape, meta["donor"].value_counts().sort_index().to_dict()
+    ((1200, 20), {'3pv1': 290, '3pv2': 480, '5p': 430})
     """
     return _read("pbmcs_small_pcs.tsv.gz"), _read("pbmcs_small_meta.tsv.gz")
 
@@ -100,6 +130,13 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
         A file exists and ``overwrite`` is False.
     FileNotFoundError
         ``folder`` does not exist.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> paths = hm.datasets.save_example(".")
+    >>> sorted(path.name for path in paths.values())
+    ['meta.tsv.gz', 'pcs.tsv.gz']
     """
     folder = Path(folder)
     pcs, meta = load_pbmcs_small()
@@ -126,6 +163,8 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
     return paths
 
 
+# The simulator's own docstring and signature (``__wrapped__``), for help() and the API
+# reference; the function stays defined here, in the public module.
+@functools.wraps(_simulate.simulate, assigned=("__doc__",))
 def simulate(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
-    """Simulated PCA embedding with batch effects; see :func:`harmonypy._simulate.simulate`."""
     return _simulate.simulate(*args, **kwargs)

@@ -121,15 +121,6 @@ def integrate(
         and ``backend``; the per-cell clustering state (``R``, ``Z_cos``, ...)
         stays in the processes and is not returned.
 
-    Notes
-    -----
-    Writes ``adata.obsm[adjusted_basis]``: float32 array, (n_obs, n_pcs), and
-    ``adata.uns["harmony"]``: a dict with ``key``, ``basis``,
-    ``adjusted_basis``, ``params`` (the keyword arguments passed),
-    ``algorithm``, ``n_iter``, ``converged``, ``objective_harmony``,
-    ``kmeans_rounds``, ``n_clusters``, ``batch_levels`` and ``version``
-    (all storable in an ``.h5ad`` file).
-
     Raises
     ------
     TypeError
@@ -141,12 +132,28 @@ def integrate(
         If ``basis`` is not in ``adata.obsm`` or a ``key`` column is not in
         ``adata.obs`` (the message lists what is available).
 
+    Notes
+    -----
+    Writes ``adata.obsm[adjusted_basis]``: float32 array, (n_obs, n_pcs), and
+    ``adata.uns["harmony"]``: a dict with ``key``, ``basis``,
+    ``adjusted_basis``, ``params`` (the keyword arguments passed),
+    ``algorithm``, ``n_iter``, ``converged``, ``objective_harmony``,
+    ``kmeans_rounds``, ``n_clusters``, ``batch_levels`` and ``version``
+    (all storable in an ``.h5ad`` file).
+
     Examples
     --------
-    >>> import scanpy as sc, harmonypy as hm                    # doctest: +SKIP
-    >>> sc.pp.pca(adata)                                        # doctest: +SKIP
-    >>> hm.integrate(adata, "donor")                            # doctest: +SKIP
-    >>> sc.pp.neighbors(adata, use_rep="X_pca_harmony")         # doctest: +SKIP
+    The bundled PBMCs as AnnData (after ``sc.pp.pca(adata)`` the PCs are in
+    ``obsm["X_pca"]`` too); scanpy's neighbours then use the corrected PCs
+    with ``sc.pp.neighbors(adata, use_rep="X_pca_harmony")``:
+
+    >>> import anndata as ad
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> adata = ad.AnnData(obs=meta.set_index("cell_id"), obsm={"X_pca": pcs.to_numpy()})
+    >>> ho = hm.integrate(adata, "donor", verbose=False)
+    >>> adata.obsm["X_pca_harmony"].shape, adata.uns["harmony"]["converged"]
+    ((1200, 20), True)
     """
     _check_adata(adata)
     check_distinct_bases(basis, adjusted_basis)

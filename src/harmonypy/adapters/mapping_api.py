@@ -90,7 +90,7 @@ def build_reference(
     keep_cells : bool, default True
         Keep the corrected reference cells (float32), their batches and labels.
         ``False`` keeps only the O(K d^2) terms mapping needs.
-    nclust, sigma, random_state, device, dtype
+    nclust, sigma, random_state, device, dtype : optional
         For an embedding: number of clusters (default ``min(round(N / 30),
         100)``), bandwidth (default 0.1), seed of the k-means start (default
         0), and where and in which float type to cluster. For AnnData with a
@@ -117,6 +117,24 @@ def build_reference(
     Returns
     -------
     Reference
+        The compressed reference (and, with ``keep_cells``, its corrected
+        cells and labels); write it with :meth:`Reference.save`.
+
+    Raises
+    ------
+    TypeError
+        ``source`` is none of the three kinds, or an argument of the wrong type.
+    ValueError
+        ``labels`` without ``keep_cells``; cell names of ``meta_data`` that
+        disagree with the run's; a ``labels`` or ``key`` column that does not
+        exist (a ``ColumnNotFoundError``, also a ``KeyError``); for AnnData,
+        the refusals listed in Notes; for an embedding or a ``key``, what
+        :func:`run_harmony` refuses.
+
+    See Also
+    --------
+    map_query : Maps query cells onto the reference.
+    load_reference : Reads a reference that :meth:`Reference.save` wrote.
 
     Notes
     -----
@@ -151,6 +169,19 @@ def build_reference(
     values but no ``var["mean"]`` / ``var["std"]`` (scaled by a tool that
     did not record how), and a matrix that does not project onto
     ``obsm[basis]``.
+
+    Examples
+    --------
+    A reference from two of the bundled donors (the third is mapped onto it in
+    :func:`map_query`'s example):
+
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> is_ref = meta["donor"] != "5p"
+    >>> ho = hm.run_harmony(pcs[is_ref], meta[is_ref], "donor", verbose=False)
+    >>> ref = hm.build_reference(ho, meta[is_ref], labels="cell_type")
+    >>> ref  # doctest: +ELLIPSIS
+    Reference(algorithm='harmony1', K=26, d=20, 770 cells kept, variables=['donor'], labels=['cell_type'])
     """
     if is_anndata(source):
         return _anndata.reference_from_anndata(
@@ -250,7 +281,7 @@ def map_query(
         the query is one batch, as Symphony's ``vars = NULL`` (a batch row of
         ones beside the intercept): ``lamb`` is then one value, that term's
         penalty (the larger, the less the query is moved).
-    device, dtype
+    device, dtype : optional
         Where and in which float type to compute, as in :func:`run_harmony`.
     confidence : bool, default True
         Compute the per-cell mapping score (d^2 per (cell, cluster) pair whose R
@@ -292,6 +323,25 @@ def map_query(
     Returns
     -------
     MappedQuery
+        The corrected query cells (``Z_corr``, ``result()``), their cluster
+        assignments and mapping scores. For AnnData the same, after writing
+        into ``adata_query`` (see Notes).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind (a non-numeric ``data_mat``, no
+        :class:`Reference`, an AnnData-only argument for an embedding, ...).
+    ValueError
+        A query whose number of PCs differs from the reference's, NaN or
+        infinite values, a ``vars_use`` column that does not exist, a value
+        out of range; for AnnData, ``obsm``/``obs`` entries that would be
+        replaced without ``overwrite``, or a reference without a gene
+        projection and no ``basis``.
+
+    See Also
+    --------
+    transfer_labels : Labels for the mapped cells.
 
     Notes
     -----
@@ -310,6 +360,20 @@ def map_query(
     query), ``obs["mapping_score"]`` (with ``confidence``),
     ``obs["<label>_predicted"]`` and ``obs["<label>_probability"]`` per
     transferred label, and ``uns["harmony_mapping"]`` (what was done).
+
+    Examples
+    --------
+    The third donor of the bundled PBMCs mapped onto a reference of the other
+    two:
+
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> is_ref = meta["donor"] != "5p"
+    >>> ho = hm.run_harmony(pcs[is_ref], meta[is_ref], "donor", verbose=False)
+    >>> ref = hm.build_reference(ho, meta[is_ref], labels="cell_type")
+    >>> query = hm.map_query(pcs[~is_ref], ref=ref)
+    >>> query.result().shape, query.confidence.shape  # cells x PCs, one score per cell
+    ((430, 20), (430,))
     """
     if is_anndata(data_mat):
         ref, key = _anndata_arguments(meta_data, ref, key, vars_use)
@@ -390,7 +454,7 @@ def transfer_labels(
     device=None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Labels for query cells by a vote of their k nearest reference cells.
+    """Label query cells by a vote of their k nearest reference cells.
 
     Symphony's ``knnPredict`` (``class::knn``): Euclidean distances in the
     corrected space between the mapped query cells and the reference cells
@@ -431,9 +495,39 @@ def transfer_labels(
 
     Returns
     -------
-    DataFrame with columns ``label`` (categorical) and ``probability``, one row
-    per query cell (indexed by the query's cell names when it has them; for
-    AnnData, by ``obs_names``).
+    pandas.DataFrame
+        Columns ``label`` (categorical) and ``probability``, one row per query
+        cell (indexed by the query's cell names when it has them; for AnnData,
+        by ``obs_names``).
+
+    Raises
+    ------
+    TypeError
+        ``ref`` is not a :class:`Reference`, or ``label`` is not one name.
+    ValueError
+        A query mapped onto another reference; a reference that keeps no
+        cells (``keep_cells=False``) or has no ``label`` column; ``k`` out of
+        range (1 to the labelled reference cells) or ``min_probability``
+        outside [0, 1]; for AnnData, ``obs`` columns that would be replaced
+        without ``overwrite``.
+
+    Examples
+    --------
+    Cell types for the third donor of the bundled PBMCs from a reference of the
+    other two:
+
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> is_ref = meta["donor"] != "5p"
+    >>> ho = hm.run_harmony(pcs[is_ref], meta[is_ref], "donor", verbose=False)
+    >>> ref = hm.build_reference(ho, meta[is_ref], labels="cell_type")
+    >>> query = hm.map_query(pcs[~is_ref], ref=ref)
+    >>> predicted = hm.transfer_labels(query, ref, "cell_type")
+    >>> list(predicted.columns), len(predicted)
+    (['label', 'probability'], 430)
+    >>> agreement = (predicted["label"].astype(str) == meta.loc[~is_ref, "cell_type"]).mean()
+    >>> bool(agreement > 0.8)
+    True
     """
     if not isinstance(ref, Reference):
         raise TypeError(f"ref must be a harmonypy Reference, not {type(ref).__name__}")

@@ -240,10 +240,15 @@ def harmony_integrate(
 
     Examples
     --------
-    >>> import harmonypy as hm                                    # doctest: +SKIP
-    >>> hm.harmony_integrate(adata, "batch")                      # doctest: +SKIP
-    >>> adata.obsm["X_pca_harmony"].dtype                         # doctest: +SKIP
-    dtype('float64')
+    Where scanpy's code reads ``sc.pp.harmony_integrate(adata, "donor")``:
+
+    >>> import anndata as ad
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> adata = ad.AnnData(obs=meta.set_index("cell_id"), obsm={"X_pca": pcs.to_numpy()})
+    >>> hm.harmony_integrate(adata, "donor", rng=0, verbose=False)
+    >>> adata.obsm["X_pca_harmony"].shape, adata.obsm["X_pca_harmony"].dtype
+    ((1200, 20), dtype('float64'))
     """
     if flavor not in _FLAVORS:
         raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}.")

@@ -27,7 +27,27 @@ EMBEDDING_SAMPLE = 20_000
 
 
 class ConvergenceWarning(UserWarning):
-    """A Harmony run reached ``max_iter_harmony`` before its convergence test passed."""
+    """A Harmony run reached ``max_iter_harmony`` before its convergence test passed.
+
+    Issued by :func:`run_harmony` and :meth:`Harmony.harmonize` when the
+    iterations ran out (``stop_reason == 'max_iter_harmony'``): the result is
+    usable, but another iteration would still have moved it. Raise
+    ``max_iter_harmony`` or continue the run with ``ho.harmonize(n)``; silence
+    it with ``warnings.filterwarnings("ignore", category=hm.ConvergenceWarning)``.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always", hm.ConvergenceWarning)
+    ...     ho = hm.run_harmony(pcs, meta, "donor", max_iter_harmony=1, verbose=False)
+    >>> [w.category.__name__ for w in caught if issubclass(w.category, hm.ConvergenceWarning)]
+    ['ConvergenceWarning']
+    >>> ho.stop_reason
+    'max_iter_harmony'
+    """
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,23 @@ class IterationReport:
         orientation (``Z_corr.T`` is cells x features). A view of the run's
         own array on the CPU (valid until the next iteration changes it:
         copy it to keep it), a copy from other devices.
+
+    Examples
+    --------
+    A callback that records each iteration's objective and stops the run
+    after two iterations (returning True stops it):
+
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> reports = []
+    >>> def record(report):
+    ...     reports.append(report)
+    ...     return report.iteration == 2
+    >>> ho = hm.run_harmony(pcs, meta, "donor", callback=record, verbose=False)
+    >>> [r.iteration for r in reports], ho.stop_reason
+    ([1, 2], 'callback')
+    >>> reports[-1].Z_corr.shape  # (d, N)
+    (20, 1200)
     """
 
     iteration: int

@@ -160,6 +160,25 @@ class Harmony:
         (:func:`build_reference`, ``plot_embedding``) is paired with the
         cells by these names; None (nothing named the cells, or the names
         repeat): by row position.
+    batch_levels : list of str
+        Names of the B levels, ``variable=level``, in row order of ``Phi``.
+    lamb_estimated : ndarray (K, B + 1) or None
+        With ``lamb=-1``: the penalties ``alpha * E`` the last correction used.
+    W_intercept : ndarray (d, K) or None
+        Ridge intercepts of the last correction (Harmony2's centroids).
+    kept_levels : ndarray (K, B) of bool or None
+        Harmony2: the levels each cluster's last correction used.
+    numpy_dtype : numpy.dtype
+        Float type of the per-cell results (float32 or float64).
+    n_threads : int
+        CPU threads the run used (``ncores`` of :func:`run_harmony`).
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+    >>> ho.Z_corr.shape, ho.R.shape, ho.O.shape  # (d, N), (K, N), (K, B)
+    ((20, 1200), (40, 1200), (40, 3))
     """
 
     def __init__(
@@ -291,7 +310,20 @@ class Harmony:
 
     # ------------------------------------------------------------------ steps
     def init_cluster(self) -> None:
-        """Initial centroids by k-means, then R, O, E and the first objective."""
+        """Initial centroids by k-means, then R, O, E and the first objective.
+
+        The first step of a run; on a finished run it starts the clustering
+        over from the current ``Z_corr`` (with the generator's next draws).
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> before = len(ho.objective_harmony)
+        >>> ho.init_cluster()
+        >>> len(ho.objective_harmony) - before
+        1
+        """
         start = start_for(self.algorithm, self.kmeans_init, self.K)
         if self._reduction.distributed:
             # Imported here, not at the top: the engine sits below distributed/,
@@ -327,7 +359,21 @@ class Harmony:
     def cluster(self) -> int:
         """One clustering step: rounds of centroid and assignment updates.
 
-        Returns the number of rounds run (also appended to ``kmeans_rounds``).
+        Rounds of :meth:`update_R` until :meth:`check_convergence` (0) passes
+        or ``max_iter_kmeans`` rounds ran.
+
+        Returns
+        -------
+        int
+            The number of rounds run (also appended to ``kmeans_rounds``).
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> rounds = ho.cluster()
+        >>> 1 <= rounds <= ho.max_iter_kmeans, ho.kmeans_rounds[-1] == rounds
+        (True, True)
         """
         harmony2 = self.algorithm == "harmony2"
         if harmony2 and self._intercept is not None:
@@ -355,6 +401,21 @@ class Harmony:
         next update's blocks will take out of O, while its new rows are in
         cache. The orders are the same random permutations, in the same
         sequence, as drawing each one at the start of its own update.
+
+        Returns
+        -------
+        dist_term : float
+            The objective's distance part, unscaled.
+        entropy_term : float
+            Its entropy part, unscaled (both for :meth:`compute_objective`).
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> dist_term, entropy_term = ho.update_R()
+        >>> type(dist_term).__name__, ho.R.shape
+        ('float', (40, 1200))
         """
         cache = self._cache
         order = cache.next_order
@@ -382,7 +443,29 @@ class Harmony:
     def compute_objective(
         self, dist_term: float, entropy_term: float, step: str = "clustering"
     ) -> None:
-        """Append the objective (scaled by 2000 / N) and its parts."""
+        """Append the objective (scaled by 2000 / N) and its parts.
+
+        Parameters
+        ----------
+        dist_term, entropy_term : float
+            From :meth:`update_R`; the diversity part is computed here.
+        step : str, default "clustering"
+            The step that an error names.
+
+        Raises
+        ------
+        FloatingPointError
+            A part of the objective is not finite.
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> before = len(ho.objective_kmeans)
+        >>> ho.compute_objective(*ho.update_R())
+        >>> len(ho.objective_kmeans) - before
+        1
+        """
         cross = clu.cross_term(
             self._stats, self._proportions, self._theta, self._sigma, self._cross
         )
@@ -396,7 +479,24 @@ class Harmony:
         self.objective_kmeans.append(sum(parts))
 
     def moe_correct_ridge(self) -> None:
-        """Correction: subtract the batch part of per-cluster ridge regressions."""
+        """Correction: subtract the batch part of per-cluster ridge regressions.
+
+        Recomputes ``Z_corr`` from ``Z_orig`` and ``R``, over the previous
+        one (a view of ``Z_corr`` taken before changes too).
+
+        Raises
+        ------
+        FloatingPointError
+            The corrected embedding is not finite.
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> ho.moe_correct_ridge()
+        >>> ho.Z_corr.shape
+        (20, 1200)
+        """
         harmony2 = self.algorithm == "harmony2"
         # The correction starts again from Z_orig; the new Z_corr overwrites
         # the previous one, so only one copy is alive.
@@ -430,7 +530,27 @@ class Harmony:
             self._centroids = clu.normalize_rows(result.intercept)
 
     def check_convergence(self, kind: int) -> bool:
-        """0: clustering rounds (windows of 3 objectives); 1: Harmony iterations."""
+        """Whether R's relative convergence test passes now.
+
+        Parameters
+        ----------
+        kind : {0, 1}
+            0: the clustering rounds (windows of ``window_size`` objectives,
+            against ``epsilon_cluster``); 1: the Harmony iterations (the last
+            two ``objective_harmony`` values, against ``epsilon_harmony``).
+
+        Returns
+        -------
+        bool
+            Whether the relative change is below its epsilon.
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> ho.check_convergence(1) == ho.converged
+        True
+        """
         if kind == 0:
             objectives = self.objective_kmeans
             w = self.window_size
@@ -454,13 +574,46 @@ class Harmony:
         thread count the run ended with, as BLAS may round differently with
         another). The run's own stopping tests apply, and ``callback`` as in
         :func:`run_harmony`; ``converged`` and ``stop_reason`` describe this
-        call. Warns (:class:`ConvergenceWarning`) when the iterations run out
-        before a test passed.
+        call.
+
+        Parameters
+        ----------
+        max_iter_harmony : int, default 10
+            Most further iterations (at least 1).
+        callback : callable, optional
+            Called after every iteration with an :class:`IterationReport`;
+            returning True stops the run.
 
         Returns
         -------
         Harmony
             ``self``.
+
+        Raises
+        ------
+        ValueError
+            ``max_iter_harmony`` below 1.
+        TypeError
+            ``max_iter_harmony`` not an integer, or ``callback`` not callable.
+        RuntimeError
+            The object never ran (build it with :func:`run_harmony`).
+
+        Warns
+        -----
+        ConvergenceWarning
+            The iterations ran out before a convergence test passed.
+
+        Examples
+        --------
+        >>> import warnings
+        >>> import harmonypy as hm
+        >>> pcs, meta = hm.datasets.load_pbmcs_small()
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", hm.ConvergenceWarning)
+        ...     ho = hm.run_harmony(pcs, meta, "donor", max_iter_harmony=1, verbose=False)
+        ...     _ = ho.harmonize(2)
+        >>> ho.n_iter
+        3
         """
         max_iter_harmony = val.check_int("max_iter_harmony", max_iter_harmony, 1)
         check_callback(callback)
@@ -699,7 +852,33 @@ class Harmony:
         return self.design.level_names
 
     def plot_convergence(self, ax=None):
-        """Objective per clustering round, coloured by Harmony iteration (needs matplotlib)."""
+        """Objective per clustering round, coloured by Harmony iteration (needs matplotlib).
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            Where to draw; default a new figure.
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+            The axes drawn on.
+
+        Raises
+        ------
+        ImportError
+            matplotlib is not installed (the message names ``harmonypy[plot]``).
+
+        Examples
+        --------
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> ax = ho.plot_convergence()
+        >>> type(ax).__name__
+        'Axes'
+        """
         # Imported when called: plotting needs matplotlib, an optional dependency
         # that a run without plots never loads.
         from harmonypy.plotting import plot_convergence
@@ -730,6 +909,24 @@ class Harmony:
         Returns
         -------
         ndarray of shape (N, d)
+            The corrected cells, one row per cell in the run's order (``out``
+            when given).
+
+        Raises
+        ------
+        TypeError
+            Both ``out`` and ``dtype`` given.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import harmonypy as hm
+        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
+        >>> cells = ho.result()
+        >>> cells.shape, cells.dtype, np.shares_memory(cells, ho.Z_corr)
+        ((1200, 20), dtype('float32'), True)
+        >>> ho.result(dtype=np.float64).dtype
+        dtype('float64')
         """
         if out is None:
             if dtype is not None and np.dtype(dtype) != self.numpy_dtype:

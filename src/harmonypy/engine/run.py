@@ -101,6 +101,8 @@ def run_harmony(
         ``len(meta_data)``: cells x PCs when the first dimension equals the
         number of cells (also when both do), PCs x cells otherwise.
     meta_data : DataFrame with N rows, or a Series/array of N batch labels
+        The cells' batch variables (rows in the order of ``data_mat``'s cells,
+        or paired with them by name when both name the cells).
     vars_use : str or list of str, optional
         Batch columns of ``meta_data`` to integrate over (required when it has
         several columns).
@@ -137,6 +139,7 @@ def run_harmony(
     device : None, 'cpu', 'cuda', 'cuda:N', 'mps' or torch.device
         Where to compute; None picks CUDA, then Apple MPS, then the CPU.
     dtype : 'float32' (default) or 'float64'
+        Float type of the computation and of the results.
     algorithm : 'harmony1' (default) or 'harmony2'
         'harmony1' uses the formulas of R harmony 1.2.4; 'harmony2' those of R
         harmony 2.0 (see the documentation), with its defaults for any of
@@ -153,8 +156,6 @@ def run_harmony(
         the load average at the start). The choice is logged at INFO and kept
         as ``ho.n_threads``. The caller's torch setting is restored afterwards,
         also on errors and from several Python threads at once.
-    plot_convergence : bool, default False
-        Draw the objective after the run (needs matplotlib).
     check_memory : bool, default True
         Before any heavy work, estimate the run's peak memory from N, d, K, the
         batch levels, dtype, algorithm and device (see
@@ -162,6 +163,8 @@ def run_harmony(
         exceeds the available memory (Linux ``MemAvailable`` or the cgroup
         limit; free GPU memory on CUDA). ``False`` skips the check. Where the
         available memory is unknown there is no check.
+    plot_convergence : bool, default False
+        Draw the objective after the run (needs matplotlib).
     distributed : bool, default False
         Run as one process of a ``torch.distributed`` group (initialise it on
         every process first: gloo for CPUs, NCCL for GPUs with
@@ -179,6 +182,16 @@ def run_harmony(
         ``docs/distributed.md``.
     process_group : torch.distributed ProcessGroup, optional
         The group to run in (default: the default group).
+    kmeans_init : 'greedy' (default) or 'r'
+        How the initial centroids are found. 'r' does what the R package
+        does: for Harmony 1 ten k-means runs of at most 25 steps, the lowest
+        final within-cluster sum of squares kept (``kmeans(nstart = 10,
+        iter.max = 25)``), for Harmony2 one k-means++ seeding and 10 Lloyd
+        steps. 'greedy' runs ten complete k-means runs from greedy k-means++
+        seedings (2 + ln K candidates per centre): the result then moves the
+        least with ``random_state`` (measured on the bundled data, see
+        docs/convergence.md), as close to R's results.
+
     callback : callable, optional
         Called after every Harmony iteration with an :class:`IterationReport`
         (iteration, objective and its parts, clustering rounds, whether a
@@ -194,20 +207,46 @@ def run_harmony(
         change stays large while the cells no longer move. R's test still
         applies; whichever passes first stops the run. Default None (R's
         test only).
-    kmeans_init : 'greedy' (default) or 'r'
-        How the initial centroids are found. 'r' does what the R package
-        does: for Harmony 1 ten k-means runs of at most 25 steps, the lowest
-        final within-cluster sum of squares kept (``kmeans(nstart = 10,
-        iter.max = 25)``), for Harmony2 one k-means++ seeding and 10 Lloyd
-        steps. 'greedy' runs ten complete k-means runs from greedy k-means++
-        seedings (2 + ln K candidates per centre): the result then moves the
-        least with ``random_state`` (measured on the bundled data, see
-        docs/convergence.md), as close to R's results.
 
     Returns
     -------
     Harmony
         ``ho.Z_corr.T`` is the corrected (N, d) embedding.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong kind (e.g. a non-numeric embedding, a sparse
+        matrix); the message names the argument and what it got.
+    ValueError
+        A value out of range, a shape that does not match ``meta_data``, NaN or
+        infinite values, a batch column that does not exist (a
+        ``ColumnNotFoundError``, also a ``KeyError``), ...: every refused input
+        is listed in ``docs/input-validation.md``. All are raised before the
+        run starts.
+    MemoryError
+        With ``check_memory``: the run's estimated peak memory exceeds the
+        memory available.
+    FloatingPointError
+        The run produced non-finite values (the message names the step, the
+        iteration and a remedy).
+
+    Warns
+    -----
+    ConvergenceWarning
+        ``max_iter_harmony`` iterations ran before a convergence test passed.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> pcs.shape, meta["donor"].nunique()
+    ((1200, 20), 3)
+    >>> ho = hm.run_harmony(pcs, meta, "donor", random_state=0, verbose=False)
+    >>> ho.Z_corr.T.shape  # the corrected cells x PCs
+    (1200, 20)
+    >>> ho.converged, ho.stop_reason
+    (True, 'objective')
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")

@@ -113,6 +113,17 @@ class MappedQuery:
         Fingerprint of the reference mapped onto (16 hex digits of SHA-256
         over its ``Nr`` and ``C``, as ``uns["harmony_mapping"]`` records it):
         :func:`transfer_labels` refuses another reference's cells.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> ref = hm.build_reference(pcs, meta)  # the bundled cells as one batch
+    >>> query = hm.map_query(pcs.iloc[:100], ref=ref)
+    >>> query
+    MappedQuery(N=100, d=20, K=40, batch_levels=1, algorithm='none')
+    >>> query.Z_corr.shape, query.R.shape, query.batch_levels  # (d, N_q), (K, N_q)
+    ((20, 100), (40, 100), ['query'])
     """
 
     def __init__(
@@ -162,7 +173,21 @@ class MappedQuery:
         return int(self._assignments.shape[1])
 
     def result(self) -> np.ndarray:
-        """Corrected query cells as cells x PCs (``Z_corr.T``)."""
+        """Corrected query cells as cells x PCs (``Z_corr.T``).
+
+        Returns
+        -------
+        ndarray of shape (N_q, d)
+            One row per query cell, in the order the cells were given.
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> pcs, meta = hm.datasets.load_pbmcs_small()
+        >>> query = hm.map_query(pcs.iloc[:100], ref=hm.build_reference(pcs, meta))
+        >>> query.result().shape
+        (100, 20)
+        """
         return self._cells
 
     def __repr__(self) -> str:

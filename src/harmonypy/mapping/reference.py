@@ -123,6 +123,12 @@ class Reference:
     basis, adjusted_basis : str or None
         Built from AnnData: the ``obsm`` keys of the reference's PCs and of its
         corrected PCs (:func:`map_query` writes the query's under ``adjusted_basis``).
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> hm.build_reference(*hm.datasets.load_pbmcs_small()).cluster_cov.shape  # (K, d, d)
+    (40, 20, 20)
     """
 
     algorithm: str
@@ -200,10 +206,17 @@ class Reference:
     def save(self, path: str | Path) -> Path:
         """Write the reference to ``path`` (an ``.npz`` file; see ``docs/mapping.md``).
 
-        The file is written to a temporary file in the destination folder and
-        renamed into place, so an interrupted save leaves any previous file
-        intact (an existing file at ``path`` is replaced). Only arrays are
-        written (no pickle). Returns the path written.
+        Parameters
+        ----------
+        path : str or Path
+            The file, written as a temporary file in its folder renamed into
+            place: an interrupted save leaves an existing file intact, a
+            finished one replaces it. Only arrays are written (no pickle).
+
+        Returns
+        -------
+        Path
+            ``path``, for :func:`load_reference`.
 
         Raises
         ------
@@ -211,6 +224,13 @@ class Reference:
             ``path`` is a folder: a file name is needed (no name is guessed).
         FileNotFoundError
             The folder of ``path`` does not exist.
+
+        Examples
+        --------
+        >>> import harmonypy as hm
+        >>> ref = hm.build_reference(*hm.datasets.load_pbmcs_small())
+        >>> hm.load_reference(ref.save("pbmcs.npz")).K
+        40
         """
         arrays = _to_arrays(self)
         with OutputFiles() as files:

@@ -70,6 +70,16 @@ def load_reference(path: str | Path) -> Reference:
     The values are checked once read: finite, in range, counts consistent.
     Only arrays are read, never a pickle: loading a file cannot run code.
 
+    Parameters
+    ----------
+    path : str or Path
+        The ``.npz`` file.
+
+    Returns
+    -------
+    Reference
+        The reference as it was saved.
+
     Raises
     ------
     FileNotFoundError
@@ -85,6 +95,16 @@ def load_reference(path: str | Path) -> Reference:
     MemoryError
         The arrays the file declares (consistently) exceed the memory
         available; the message names the file.
+
+    Examples
+    --------
+    >>> import harmonypy as hm
+    >>> pcs, meta = hm.datasets.load_pbmcs_small()
+    >>> ho = hm.run_harmony(pcs, meta, "donor", verbose=False)
+    >>> path = hm.build_reference(ho, meta, labels="cell_type").save("reference.npz")
+    >>> ref = hm.load_reference(path)
+    >>> ref.n_cells, ref.label_columns
+    (1200, ['cell_type'])
     """
     path = Path(path)
     if not path.exists():

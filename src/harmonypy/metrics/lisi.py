@@ -119,6 +119,7 @@ def compute_lisi(
     Examples
     --------
     >>> import numpy as np, pandas as pd
+    >>> from harmonypy import compute_lisi
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(200, 5))
     >>> meta = pd.DataFrame({"batch": rng.choice(["a", "b"], 200)})

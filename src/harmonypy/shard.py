@@ -147,7 +147,6 @@ def _h5ad_rows(path, basis: str, world: int, rank: int):
 
 
 def main(argv=None) -> int:
-    import torch
     import torch.distributed as dist
 
     from harmonypy.engine.run import run_harmony
@@ -171,32 +170,7 @@ def main(argv=None) -> int:
             "harmonypy.shard: META is needed with an .npy embedding and not "
             "used with .h5ad (the batch columns come from obs)"
         )
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    # One backend for the whole group: NCCL only when every process of this
-    # machine has a GPU of its own (and, as torchrun runs the same command on
-    # every machine, on the others too); a mix of backends would hang.
-    wants_gpu = args.device is None or str(args.device).startswith("cuda")
-    if args.backend == "nccl" and local_world > gpus:
-        raise SystemExit(
-            f"harmonypy.shard: --backend nccl needs a GPU per process: "
-            f"{local_world} processes on this machine, {gpus} GPU(s)"
-        )
-    on_gpu = args.backend == "nccl" or (
-        args.backend == "auto" and wants_gpu and 0 < local_world <= gpus
-    )
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        args.device = f"cuda:{local_rank}"
-    elif args.device is None:
-        args.device = "cpu"
-    elif str(args.device).startswith("cuda"):
-        raise SystemExit(
-            f"harmonypy.shard: --device {args.device} with gloo: {local_world} "
-            f"processes on this machine but {gpus} GPU(s); run at most one "
-            f"process per GPU (--nproc-per-node), or --device cpu"
-        )
+    on_gpu = _place_process(args)
     dist.init_process_group("nccl" if on_gpu else "gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -220,6 +194,42 @@ def main(argv=None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _place_process(args: argparse.Namespace) -> bool:
+    """Whether this process runs on its machine's GPU ``LOCAL_RANK`` (NCCL) or on
+    the CPU (gloo); sets ``args.device`` to match.
+
+    One backend for the whole group: NCCL only when every process of this
+    machine has a GPU of its own (and, as torchrun runs the same command on
+    every machine, on the others too); a mix of backends would hang.
+    """
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wants_gpu = args.device is None or str(args.device).startswith("cuda")
+    if args.backend == "nccl" and local_world > gpus:
+        raise SystemExit(
+            f"harmonypy.shard: --backend nccl needs a GPU per process: "
+            f"{local_world} processes on this machine, {gpus} GPU(s)"
+        )
+    on_gpu = args.backend == "nccl" or (
+        args.backend == "auto" and wants_gpu and 0 < local_world <= gpus
+    )
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    elif args.device is None:
+        args.device = "cpu"
+    elif str(args.device).startswith("cuda"):
+        raise SystemExit(
+            f"harmonypy.shard: --device {args.device} with gloo: {local_world} "
+            f"processes on this machine but {gpus} GPU(s); run at most one "
+            f"process per GPU (--nproc-per-node), or --device cpu"
+        )
+    return on_gpu
 
 
 def _part_name(rank: int, world: int) -> str:

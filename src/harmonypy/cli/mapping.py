@@ -78,6 +78,19 @@ def add_map(commands) -> None:
         epilog=f"example: {PROG} map query_pcs.tsv.gz query_meta.tsv.gz --reference ref.npz "
         f"--labels cell_type -o mapped.tsv.gz",
     )
+    _add_map_files(p)
+    _add_map_h5ad_options(p)
+    _add_map_settings(p)
+    add_force(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_name_options(p)
+    add_common(p)
+    p.set_defaults(handler=command_map)
+
+
+def _add_map_files(p: argparse.ArgumentParser) -> None:
+    """``map``'s inputs, labels and output: the query, its metadata, the reference
+    file, the batch and label columns, the subset, the label vote and the output."""
     p.add_argument("query", metavar="QUERY", help=EMBEDDING_HELP)
     p.add_argument(
         "meta",
@@ -129,6 +142,10 @@ def add_map(commands) -> None:
         "(corrected PCs only) or, for .h5ad input, .h5ad. Written to a "
         "temporary file in the same folder and renamed into place",
     )
+
+
+def _add_map_h5ad_options(p: argparse.ArgumentParser) -> None:
+    """``map``'s options for an .h5ad query: where its PCs are read from and written to."""
     p.add_argument(
         "--basis",
         metavar="KEY",
@@ -145,6 +162,10 @@ def add_map(commands) -> None:
         "--force",
     )
     p.add_argument("--layer", metavar="KEY", help=".h5ad input: layer to project instead of X")
+
+
+def _add_map_settings(p: argparse.ArgumentParser) -> None:
+    """``map``'s mapping settings: the ridge penalty, the rounds, the device and precision."""
     p.add_argument(
         "--lamb",
         type=number_list,
@@ -170,11 +191,6 @@ def add_map(commands) -> None:
         default="float32",
         help="floating-point precision",
     )
-    add_force(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
-    add_name_options(p)
-    add_common(p)
-    p.set_defaults(handler=command_map)
 
 
 def command_map(args: argparse.Namespace) -> int:
@@ -309,7 +325,7 @@ def _map_table(args: argparse.Namespace, ref):
 def _map_h5ad(args: argparse.Namespace, ref):
     """Map an .h5ad query (genes projected, or obsm[--basis]): ``(MappedQuery, writer)``."""
     from harmonypy import map_query
-    from harmonypy.adapters.anndata import SCORE_COLUMN
+    from harmonypy.adapters.mapping_record import SCORE_COLUMN
 
     if args.meta is not None:
         raise ValueError("META is not used with .h5ad input: the batch columns come from adata.obs")

@@ -193,6 +193,13 @@ def add_harmony_options(parser: argparse.ArgumentParser) -> None:
         "list values are comma-separated (--theta 2,1); write --opt=VALUE for values "
         "that start with '-' (--lamb=-1, --epsilon-harmony=-inf)",
     )
+    _add_model_options(g)
+    _add_iteration_options(g)
+    _add_compute_options(g)
+
+
+def _add_model_options(g: Any) -> None:
+    """The options of Harmony's model: theta, lamb, sigma, nclust, tau, block size."""
     g.add_argument(
         "--theta",
         type=number_list,
@@ -228,6 +235,11 @@ def add_harmony_options(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="fraction of cells updated at once",
     )
+
+
+def _add_iteration_options(g: Any) -> None:
+    """The options of Harmony's iterations: their limits and tolerances, alpha, the
+    algorithm and Harmony2's cutoff."""
     g.add_argument(
         "--max-iter-harmony", type=int, default=10, metavar="N", help="maximum Harmony iterations"
     )
@@ -269,6 +281,10 @@ def add_harmony_options(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="harmony2 only: minimum share of a batch level in a cluster",
     )
+
+
+def _add_compute_options(g: Any) -> None:
+    """Where and how the run computes: device, precision, seed, threads, the memory check."""
     g.add_argument(
         "--device",
         metavar="DEVICE",

@@ -74,6 +74,19 @@ def add_reference(commands) -> None:
         epilog=f"example: {PROG} reference build pcs.tsv.gz meta.tsv.gz --vars donor "
         f"--labels cell_type -o ref.npz",
     )
+    _add_build_files(b)
+    _add_build_h5ad_options(b)
+    add_force(b)
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_name_options(b)
+    add_harmony_options(b)
+    add_common(b)
+    b.set_defaults(handler=command_reference_build)
+
+
+def _add_build_files(b: argparse.ArgumentParser) -> None:
+    """``reference build``'s inputs and output: the embedding, its metadata, the batch and
+    label columns, the subset, whether cells are kept, the output file."""
     b.add_argument("embedding", metavar="EMBEDDING", help=EMBEDDING_HELP)
     b.add_argument(
         "meta", metavar="META", nargs="?", help=meta_help("EMBEDDING", "not needed for .h5ad")
@@ -110,6 +123,11 @@ def add_reference(commands) -> None:
         help="reference file to write (.npz); written to a temporary file in the "
         "same folder and renamed into place when complete",
     )
+
+
+def _add_build_h5ad_options(b: argparse.ArgumentParser) -> None:
+    """``reference build``'s options for an .h5ad input: the obsm keys, the loadings and the
+    layer."""
     b.add_argument(
         "--basis", default="X_pca", metavar="KEY", help=".h5ad input: obsm key of the PCs"
     )
@@ -134,12 +152,6 @@ def add_reference(commands) -> None:
         metavar="KEY",
         help=".h5ad input: layer holding the matrix the PCA was computed from (default: X)",
     )
-    add_force(b)
-    b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
-    add_name_options(b)
-    add_harmony_options(b)
-    add_common(b)
-    b.set_defaults(handler=command_reference_build)
 
 
 def command_reference_build(args: argparse.Namespace) -> int:

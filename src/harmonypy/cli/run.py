@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -57,6 +57,30 @@ def add_run(commands) -> None:
         f"is obsm[--basis] and the batch columns come from obs.",
         epilog=f"example: {PROG} run pcs.tsv.gz meta.tsv.gz --vars donor -o pcs_harmony.tsv.gz",
     )
+    _add_run_files(p)
+    _add_run_plot_options(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run as N processes of one torch.distributed group on this machine, "
+        "each on a contiguous shard of the cells (gloo on CPUs, NCCL when "
+        "every process has a GPU); --threads is then per process (default: "
+        "the CPUs divided among them). For several machines see "
+        "docs/distributed.md (default: 1)",
+    )
+    add_force(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_name_options(p)
+    add_harmony_options(p)
+    add_common(p)
+    p.set_defaults(handler=command_run)
+
+
+def _add_run_files(p: argparse.ArgumentParser) -> None:
+    """``run``'s inputs and output: the embedding, its metadata, the batch columns, the
+    output file and, for .h5ad, the obsm keys."""
     p.add_argument("embedding", metavar="EMBEDDING", help=EMBEDDING_HELP)
     p.add_argument(
         "meta", metavar="META", nargs="?", help=meta_help("EMBEDDING", "not needed for .h5ad")
@@ -87,6 +111,10 @@ def add_run(commands) -> None:
         metavar="KEY",
         help=".h5ad input: obsm key for the corrected embedding (must differ from --basis)",
     )
+
+
+def _add_run_plot_options(p: argparse.ArgumentParser) -> None:
+    """``run``'s before/after plot: its file, colours and PCs."""
     p.add_argument(
         "--plot",
         metavar="FILE.png",
@@ -107,23 +135,6 @@ def add_run(commands) -> None:
         help="PCs on the axes of --plot (1-based; batch effects often show "
         "in later PCs, e.g. 1,4) (default: 1,2)",
     )
-    p.add_argument(
-        "--nproc",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run as N processes of one torch.distributed group on this machine, "
-        "each on a contiguous shard of the cells (gloo on CPUs, NCCL when "
-        "every process has a GPU); --threads is then per process (default: "
-        "the CPUs divided among them). For several machines see "
-        "docs/distributed.md (default: 1)",
-    )
-    add_force(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
-    add_name_options(p)
-    add_harmony_options(p)
-    add_common(p)
-    p.set_defaults(handler=command_run)
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -147,36 +158,27 @@ def command_run(args: argparse.Namespace) -> int:
     check_columns(meta, args.vars_use, "--vars", source)
     check_columns(meta, args.color or [], "--color", source)
     check_plot_pcs(args, embedding.frame.shape[1])
-    from harmonypy.engine.run import run_harmony
-
     start = time.perf_counter()
-    if args.nproc > 1:
-        from harmonypy.distributed.launch import run_in_processes
-
-        with convergence_noted(args):
-            ho = run_in_processes(
-                embedding.frame.to_numpy(),
-                meta,
-                args.vars_use,
-                args.nproc,
-                verbose=not args.quiet,
-                **harmony_kwargs(args),
-            )
-        note(
-            args,
-            f"{args.nproc} processes ({ho.backend}), {ho.bytes_per_process:,} bytes "
-            f"all-reduced by each",
-        )
-    else:
-        with convergence_noted(args):
-            ho = run_harmony(
-                embedding.frame.to_numpy(),
-                meta,
-                args.vars_use,
-                verbose=not args.quiet,
-                **harmony_kwargs(args),
-            )
+    ho = _integrate(args, embedding.frame.to_numpy(), meta)
     elapsed = time.perf_counter() - start
+    write_output, figure = _result_writer(args, ho, embedding, meta)
+    files = write_outputs(
+        [(args.output, write_output), (args.plot, lambda path: save_figure(figure, path))]
+    )
+    note(
+        args,
+        f"wrote {args.output}{replaced(files, args.output)}: {ho.N:,} cells x "
+        f"{ho.d} PCs; {outcome(ho)} in {elapsed:.1f} s",
+    )
+    if args.plot:
+        note(args, f"wrote {args.plot}{replaced(files, args.plot)}")
+    note_position(args)
+    return 0
+
+
+def _result_writer(args: argparse.Namespace, ho: Any, embedding: Table, meta: pd.DataFrame):
+    """``(write_output, figure)``: what writes ``run``'s result to a path, and the
+    before/after figure (None without ``--plot``)."""
     if file_format(args.output) == "npy" and not args.plot:
         # Numbers only: written straight from the engine into the memory-mapped
         # file, chunk by chunk, without a full copy of the result in memory.
@@ -204,18 +206,41 @@ def command_run(args: argparse.Namespace) -> int:
             if args.plot
             else None
         )
-    files = write_outputs(
-        [(args.output, write_output), (args.plot, lambda path: save_figure(figure, path))]
-    )
-    note(
-        args,
-        f"wrote {args.output}{replaced(files, args.output)}: {ho.N:,} cells x "
-        f"{ho.d} PCs; {outcome(ho)} in {elapsed:.1f} s",
-    )
-    if args.plot:
-        note(args, f"wrote {args.plot}{replaced(files, args.plot)}")
-    note_position(args)
-    return 0
+    return write_output, figure
+
+
+def _integrate(args: argparse.Namespace, cells, meta: pd.DataFrame) -> Any:
+    """Harmony over ``cells`` (cells x PCs) in this process, or in ``--nproc``
+    processes; returns the run (a ``Harmony`` or the launcher's gathered run)."""
+    from harmonypy.engine.run import run_harmony
+
+    if args.nproc > 1:
+        from harmonypy.distributed.launch import run_in_processes
+
+        with convergence_noted(args):
+            ho = run_in_processes(
+                cells,
+                meta,
+                args.vars_use,
+                args.nproc,
+                verbose=not args.quiet,
+                **harmony_kwargs(args),
+            )
+        note(
+            args,
+            f"{args.nproc} processes ({ho.backend}), {ho.bytes_per_process:,} bytes "
+            f"all-reduced by each",
+        )
+    else:
+        with convergence_noted(args):
+            ho = run_harmony(
+                cells,
+                meta,
+                args.vars_use,
+                verbose=not args.quiet,
+                **harmony_kwargs(args),
+            )
+    return ho
 
 
 def _run_h5ad(args: argparse.Namespace) -> int:

@@ -169,18 +169,7 @@ def match_cells(
     n_cells = len(embedding.frame)
     cell_names = embedding.names
     if meta_names is not None:
-        columns = [str(c) for c in meta.frame.columns]
-        if meta_names not in columns:
-            raise KeyError(
-                f"--meta-names: column {meta_names!r} not found in the metadata "
-                f"{meta_path}{did_you_mean(meta_names, columns)}; available: "
-                f"{column_list(columns)}"
-            )
-        if cell_names is None:
-            raise ValueError(
-                f"--meta-names {meta_names!r}: the embedding {embedding_path} has "
-                f"no cell names to match (choose its name column with --names)"
-            )
+        _check_meta_names(meta_names, meta, embedding, paths=(embedding_path, meta_path))
     if cell_names is None:
         return _by_row_order(meta, n_cells, embedding_path, meta_path, adopt_names=True)
     if not by_name:
@@ -236,6 +225,24 @@ def match_cells(
     match = CellMatch(frame.reset_index(drop=True), True, where, reordered)
     logger.info("%s", match.describe())
     return match
+
+
+def _check_meta_names(meta_names: str, meta: Table, embedding: Table, *, paths: tuple) -> None:
+    """Refuse ``--meta-names`` naming no metadata column, or given with an
+    embedding that names no cells (``paths``: the embedding's and the metadata's)."""
+    embedding_path, meta_path = paths
+    columns = [str(c) for c in meta.frame.columns]
+    if meta_names not in columns:
+        raise KeyError(
+            f"--meta-names: column {meta_names!r} not found in the metadata "
+            f"{meta_path}{did_you_mean(meta_names, columns)}; available: "
+            f"{column_list(columns)}"
+        )
+    if embedding.names is None:
+        raise ValueError(
+            f"--meta-names {meta_names!r}: the embedding {embedding_path} has "
+            f"no cell names to match (choose its name column with --names)"
+        )
 
 
 def _by_row_order(

@@ -185,32 +185,8 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
         column, an ``.npy`` that is not 2-D, ``names`` not a column.
     """
     _check_exists(path, "embedding")
-    if file_format(path) == "zarr":
-        if names is not None:
-            raise ValueError(
-                f"--names {names!r}: the embedding {path} is a Zarr array "
-                f"without columns or cell names"
-            )
-        values = _read_zarr_array(path)
-        columns = [f"PC{i + 1}" for i in range(values.shape[1])]
-        return Table(pd.DataFrame(values, columns=columns, copy=False), False)
-    if file_format(path) == "npy":
-        if names is not None:
-            raise ValueError(
-                f"--names {names!r}: the embedding {path} is a NumPy array "
-                f"without columns or cell names"
-            )
-        with _reading(path, "embedding"):
-            # Memory-mapped: the engine copies the cells into its own (sorted)
-            # buffer in chunks, so the file is never held in memory twice.
-            values = np.load(path, allow_pickle=False, mmap_mode="r")
-        if values.ndim != 2:
-            raise ValueError(
-                f"the embedding in {path} must be 2-D (cells x PCs), got shape {values.shape}"
-            )
-        columns = [f"PC{i + 1}" for i in range(values.shape[1])]
-        return Table(pd.DataFrame(values, columns=columns), False)
-
+    if file_format(path) in ("zarr", "npy"):
+        return _read_array_embedding(path, names)
     table = _read_frame(path, "embedding")
     frame = table.frame
     if len(frame) == 0:  # its columns would all look like text
@@ -246,6 +222,34 @@ def read_embedding(path: str | Path, names: str | None = None) -> Table:
     if table.has_names:
         logger.info("embedding %s: cell names from its %s", path, table.names_from)
     return table
+
+
+def _read_array_embedding(path: str | Path, names: str | None) -> Table:
+    """The embedding in a Zarr or ``.npy`` array (no columns, no cell names)."""
+    if file_format(path) == "zarr":
+        if names is not None:
+            raise ValueError(
+                f"--names {names!r}: the embedding {path} is a Zarr array "
+                f"without columns or cell names"
+            )
+        values = _read_zarr_array(path)
+        columns = [f"PC{i + 1}" for i in range(values.shape[1])]
+        return Table(pd.DataFrame(values, columns=columns, copy=False), False)
+    if names is not None:
+        raise ValueError(
+            f"--names {names!r}: the embedding {path} is a NumPy array "
+            f"without columns or cell names"
+        )
+    with _reading(path, "embedding"):
+        # Memory-mapped: the engine copies the cells into its own (sorted)
+        # buffer in chunks, so the file is never held in memory twice.
+        values = np.load(path, allow_pickle=False, mmap_mode="r")
+    if values.ndim != 2:
+        raise ValueError(
+            f"the embedding in {path} must be 2-D (cells x PCs), got shape {values.shape}"
+        )
+    columns = [f"PC{i + 1}" for i in range(values.shape[1])]
+    return Table(pd.DataFrame(values, columns=columns), False)
 
 
 def _read_zarr_array(path: str | Path) -> np.ndarray:

@@ -88,10 +88,11 @@ def main(argv=None) -> int:
 
         threadpool_limits(args.threads)
 
+    from importlib.metadata import version
+
     import pandas as pd
     import symphonypy as sp
     import symphonypy._utils as sp_utils
-    from importlib.metadata import version
 
     inputs, out = Path(args.inputs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

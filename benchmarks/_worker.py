@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         Z, info = RUNNERS[args.tool](X, meta, args)
     except NotImplementedError as exc:
         result.update(status="not implemented", error=str(exc))
-    except Exception as exc:  # report any tool failure as data, not a crash
+    except Exception as exc:  # noqa: BLE001 - report any tool failure as data, not a crash
         result.update(
             status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
         )

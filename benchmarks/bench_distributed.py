@@ -18,15 +18,13 @@ import os
 import sys
 import time
 
-import numpy as np
+from device_check import per_pc_r  # noqa: E402 - beside this script
 
 import harmonypy as hm
-from harmonypy.engine.clustering import n_blocks_of
-from harmonypy.distributed.launch import run_in_processes
-from harmonypy.engine.reduce import communicated_bytes
 from harmonypy._simulate import simulate
-
-from device_check import per_pc_r  # noqa: E402 - beside this script
+from harmonypy.distributed.launch import run_in_processes
+from harmonypy.engine.clustering import n_blocks_of
+from harmonypy.engine.reduce import communicated_bytes
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ its 20,000-cell sample), the whole run's seconds and the start's share of it,
 iLISI/cLISI (medians over one random subsample of cells), and the per-PC r of
 each start's result against the 'r' start's.
 
-    python benchmarks/bench_kmeans_start.py --cells 100000,1000000 --out benchmarks/results/kmeans_start.md
+    python benchmarks/bench_kmeans_start.py --cells 100000,1000000 \
+        --out benchmarks/results/kmeans_start.md
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from device_check import per_pc_r  # noqa: E402 - beside this script (minimum over PCs)
+
 import harmonypy as hm  # noqa: E402
 import harmonypy.engine.harmony as core  # noqa: E402
-from harmonypy.engine.kmeans import SAMPLE_SIZE  # noqa: E402
 from harmonypy._simulate import simulate  # noqa: E402
-
-from device_check import per_pc_r  # noqa: E402 - beside this script (minimum over PCs)
+from harmonypy.engine.kmeans import SAMPLE_SIZE  # noqa: E402
 
 
 def run(X, meta, algorithm: str, kmeans_init: str) -> tuple[np.ndarray, float, float]:
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{SAMPLE_SIZE:,} sampled cells. iLISI/cLISI: medians over the same random "
         f"{args.lisi_cells:,} cells; min per-PC r against the 'r' start's result.",
         "",
-        "| cells | algorithm | kmeans_init | start s | run s | start share | iLISI | cLISI | min per-PC r vs 'r' |",
+        "| cells | algorithm | kmeans_init | start s | run s | start share | iLISI | cLISI "
+        "| min per-PC r vs 'r' |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from harmonypy import neighbors
+from harmonypy import neighbors  # noqa: E402 - after the sys.path insertion above
 from harmonypy.metrics import lisi as _lisi  # noqa: E402
 
 OLD_VERSION = "0.2.0"

@@ -290,7 +290,8 @@ def write_report(args, runs: dict, *, raw: bool) -> None:
             f"{worst('map', n, 'rss_map_gb'):.2f} | {worst('map+score', n, 'rss_map_gb'):.2f} | "
             f"{worst('map+score', n, 'rss_transfer_gb'):.2f} | "
             f"{'-' if sym_s is None else f'{sym_s:.2f}'} | "
-            f"{'-' if sym_s is None else f'{sym_s / map_s:.1f}x ({sym_s / score_s:.1f}x with score)'} | "
+            f"{'-' if sym_s is None else f'{sym_s / map_s:.1f}x'}"
+            f"{'' if sym_s is None else f' ({sym_s / score_s:.1f}x with score)'} | "
             f"{worst('map+score', n, 'accuracy'):.4f} |"
         )
 

@@ -24,8 +24,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import harmonypy as hm  # noqa: E402
 from device_check import per_pc_r as min_per_pc_r  # noqa: E402 - beside this script
+
+import harmonypy as hm  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -89,7 +90,8 @@ def table(rows: list[dict], seeds: int) -> str:
         return "–" if v is None else f"{v:.4f}"
 
     lines = [
-        f"| data | algorithm | kmeans_init | median pair | worst pair | median to R | worst to R | s per run |",
+        "| data | algorithm | kmeans_init | median pair | worst pair | median to R "
+        "| worst to R | s per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

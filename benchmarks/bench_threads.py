@@ -101,6 +101,7 @@ def worker(n_cells: int, algorithm: str, config: str) -> None:
     X, meta, var = load_input(n_cells)
     ncores = None if config == "default" else int(config)
     import logging
+
     from harmonypy.engine.threads import CpuLoad
 
     class Choices(logging.Handler):  # the policy's decisions, logged at INFO

@@ -229,7 +229,8 @@ def main(argv=None) -> int:
         for dtype in ("float32", "float64"):
             m = row[dtype]
             lines.append(
-                f"| {row['design']} ({dtype}) | 1 - {1 - m['r_min']:.1e} | 1 - {1 - m['r_median']:.1e} | "
+                f"| {row['design']} ({dtype}) | 1 - {1 - m['r_min']:.1e} "
+                f"| 1 - {1 - m['r_median']:.1e} | "
                 f"{m['max_abs_diff']:.2e} | {m['max_abs_R_diff']:.2e} | "
                 f"{row['float32']['seconds']:.3f} | {row['float64']['seconds']:.3f} | "
                 f"{row['symphonypy_s']:.3f} | "

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from device_check import per_pc_r  # noqa: E402 - beside this script
 
 import harmonypy as hm
-from harmonypy.distributed.launch import run_in_processes
 from harmonypy._simulate import simulate
-
-from device_check import per_pc_r  # noqa: E402 - beside this script
+from harmonypy.distributed.launch import run_in_processes
 
 
 def main(argv=None):

@@ -29,8 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -655,11 +656,11 @@ def plot_times(rows: list[dict]) -> Path | None:
         return None
     # One colour per tool, solid for defaults and dashed for fixed mode.
     names = sorted({tool for tool, _ in series})
-    colours = dict(zip(names, plt.get_cmap("tab10").colors))
+    colours = dict(zip(names, plt.get_cmap("tab10").colors, strict=False))  # <= 10 tools
     for (tool, mode), pts in sorted(series.items()):
         pts.sort()
         ax.plot(
-            *zip(*pts),
+            *zip(*pts, strict=True),
             marker="o",
             linestyle="-" if mode == "defaults" else "--",
             color=colours[tool],
@@ -775,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = make_inputs(n_cells, args)
         size_rows = [input_row(inputs, n_cells, args, lisi)]
         for mode in args.modes:
-            for tool, res in zip(tools, run_tools(tools, inputs, mode, n_cells, args)):
+            for tool, res in zip(tools, run_tools(tools, inputs, mode, n_cells, args), strict=True):
                 res.update(tool=tool.name, algorithm=tool.algorithm, mode=mode, n_cells=n_cells)
                 size_rows.append(res)
         add_quality(size_rows[1:], inputs, n_cells, args, lisi)

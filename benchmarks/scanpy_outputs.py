@@ -65,7 +65,7 @@ def signature_from_source(function) -> list[dict]:
     params = []
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
-    for arg, default in zip(positional, defaults):
+    for arg, default in zip(positional, defaults, strict=True):
         params.append(
             dict(
                 name=arg.arg,
@@ -73,7 +73,7 @@ def signature_from_source(function) -> list[dict]:
                 default=None if default is None else ast.unparse(default),
             )
         )
-    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
         params.append(
             dict(
                 name=arg.arg,
@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
+    from importlib.metadata import version
+
     import anndata as ad
     import scanpy as sc
-    from importlib.metadata import version
 
     arrays: dict[str, np.ndarray] = {}
     runs = []

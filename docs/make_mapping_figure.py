@@ -37,7 +37,7 @@ def tutorial_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", TUTORIAL.read_text(encoding="utf-8"), re.S)
 
 
-def draw() -> "matplotlib.figure.Figure":
+def draw() -> matplotlib.figure.Figure:
     """Run the tutorial up to its figure and return the figure."""
     namespace: dict = {"__name__": "__tutorial__"}
     here = os.getcwd()

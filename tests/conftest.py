@@ -9,7 +9,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-
 # tests/ mirrors the package's layers in subfolders; the helpers shared by them
 # (stored_outputs, reference_harmony, reference_mapping, ...) live here, and a few
 # test modules borrow small builders from another layer's tests (test basenames

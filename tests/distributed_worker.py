@@ -43,7 +43,7 @@ def main(shard, out, rank, world_size, port, options="{}"):
         vars_use = options.pop("vars_use", "batch")
         try:
             ho = hm.run_harmony(z, meta, vars_use, verbose=False, distributed=True, **options)
-        except Exception as err:  # reported to the test
+        except Exception as err:  # noqa: BLE001 - reported to the test
             np.savez(out, error=f"{type(err).__name__}: {err}")
             return
         np.savez(

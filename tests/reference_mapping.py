@@ -139,7 +139,7 @@ def mapping_metric(centers, covariances, Zq_pca, Rq):
     per cluster (``inv()`` of each covariance, as R's ``mahalanobis``),
     averaged with the query's R."""
     distances = np.zeros((Zq_pca.shape[1], len(centers)))
-    for k, (center, cov) in enumerate(zip(centers, covariances)):
+    for k, (center, cov) in enumerate(zip(centers, covariances, strict=True)):
         diff = Zq_pca - center[:, None]
         distances[:, k] = np.sqrt(np.sum(diff * (np.linalg.inv(cov) @ diff), axis=0))
     return np.sum(distances * Rq.T, axis=1)

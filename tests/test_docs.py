@@ -8,8 +8,9 @@ example writes them itself) and
 each ```bash block the lines that run this package (``harmonypy ...`` through
 ``python -m harmonypy``, ``torchrun ... -m harmonypy.shard`` through
 ``python -m torch.distributed.run``, one-line ``python -c``) run in order in
-such a folder; other shell lines (installs, benchmarks) are not run. A block opts out with ``<!-- readme-test: skip -->``
-on the line before its fence (counted below, so that it stays rare).
+such a folder; other shell lines (installs, benchmarks) are not run. A block opts out
+with ``<!-- readme-test: skip -->`` on the line before its fence (counted below, so
+that it stays rare).
 
 Pages with a test of their own are not run twice: migrating.md
 (tests/test_migrating.py), mapping-tutorial.md (tests/mapping/test_mapping.py and
@@ -76,6 +77,7 @@ def _example_folder(folder: Path, code: str) -> None:
     """The example files a page may use, as ``harmonypy example-data`` writes them,
     unless the example writes them itself."""
     import anndata as ad
+
     import harmonypy as hm
 
     if "example-data" not in code and "save_example(" not in code:
@@ -90,6 +92,7 @@ def _adata_pages(namespace: dict) -> None:
     the AnnData block of mapping-tutorial.md."""
     import numpy as np
     import pandas as pd
+
     import harmonypy as hm
 
     blocks = _blocks("mapping-tutorial.md", "python")

@@ -88,8 +88,9 @@ def test_first_example_converges(tmp_path, monkeypatch, capsys):
     assert "converged" in last and "without converging" not in last, last
     objective = ho.objective_harmony
     assert 1e-4 < (objective[9] - objective[10]) / objective[9] < 5e-4  # "about 0.02 %"
-    import harmonypy as hm
     import numpy as np
+
+    import harmonypy as hm
 
     capped = hm.run_harmony(*hm.datasets.load_pbmc_3500()[:2], ["donor"], verbose=False)
     assert not capped.converged

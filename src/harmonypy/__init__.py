@@ -16,16 +16,16 @@ __version__ = "3.0.0.dev0"
 
 from harmonypy import datasets  # noqa: E402
 from harmonypy.adapters.anndata import integrate  # noqa: E402
+from harmonypy.adapters.mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
+from harmonypy.adapters.scanpy import harmony_integrate  # noqa: E402
 from harmonypy.engine.convergence import ConvergenceWarning, IterationReport  # noqa: E402
-from harmonypy.metrics.evaluate import IntegrationScores, evaluate  # noqa: E402
 from harmonypy.engine.harmony import Harmony  # noqa: E402
 from harmonypy.engine.run import run_harmony  # noqa: E402
-from harmonypy.metrics.lisi import compute_lisi  # noqa: E402
 from harmonypy.mapping.query import MappedQuery  # noqa: E402
-from harmonypy.adapters.mapping_api import build_reference, map_query, transfer_labels  # noqa: E402
 from harmonypy.mapping.reference import Reference  # noqa: E402
 from harmonypy.mapping.reference_file import load_reference  # noqa: E402
-from harmonypy.adapters.scanpy import harmony_integrate  # noqa: E402
+from harmonypy.metrics.evaluate import IntegrationScores, evaluate  # noqa: E402
+from harmonypy.metrics.lisi import compute_lisi  # noqa: E402
 
 __all__ = [
     "ConvergenceWarning",

@@ -9,7 +9,8 @@ per-artist arguments, and figures are returned for the caller to show or save.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -332,7 +333,7 @@ def _legend(ax, values: np.ndarray, handle, column: str, fig, plt) -> None:
         return
     categories = np.unique(values.astype(str))
     colors = _palette(len(categories), plt)
-    shown = list(zip(categories, colors))[:_MAX_LEGEND]
+    shown = list(zip(categories, colors, strict=True))[:_MAX_LEGEND]
     handles = [plt.Line2D([], [], ls="", marker="o", ms=5, color=c) for _, c in shown]
     labels = [str(cat) for cat, _ in shown]
     if len(categories) > _MAX_LEGEND:

@@ -108,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
 def _npy_rows(path, meta_path, world: int, rank: int):
     """The row ranges of every rank, and this rank's rows of an ``.npy``
     (memory-mapped) and of the metadata table."""
-    from harmonypy.io.readers import read_meta
     from harmonypy.distributed.launch import shard_bounds
+    from harmonypy.io.readers import read_meta
 
     cells = np.load(path, mmap_mode="r", allow_pickle=False)
     bounds = shard_bounds(cells.shape[0], world)
@@ -149,9 +149,9 @@ def _h5ad_rows(path, basis: str, world: int, rank: int):
 def main(argv=None) -> int:
     import torch.distributed as dist
 
+    from harmonypy.cli.options import harmony_kwargs
     from harmonypy.engine.run import run_harmony
     from harmonypy.io.formats import file_format
-    from harmonypy.cli.options import harmony_kwargs
 
     args = _parser().parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
+from conftest import read_tsv
+from harmonypy._optional import require_anndata
 from harmonypy.adapters.anndata import integrate
 from harmonypy.engine.design import ColumnNotFoundError
-from harmonypy._optional import require_anndata
-
-from conftest import read_tsv
 
 # A short run is enough to compare two code paths with the same seed.
 FAST = dict(max_iter_harmony=3, verbose=False)
@@ -134,7 +133,7 @@ def test_real_anndata_and_h5ad_roundtrip(pbmcs_small, tmp_path):
 def test_scanpy_wrapper_matches_integrate(pbmcs_small):
     try:
         import scanpy.external as sce
-    except Exception as err:  # scanpy missing, or broken against this numpy/pandas
+    except Exception as err:  # noqa: BLE001 - scanpy missing, or broken against this numpy/pandas
         pytest.skip(f"scanpy cannot be imported: {err}")
     pcs, meta = pbmcs_small
     ours = _adata(pcs, meta)
@@ -151,7 +150,7 @@ def test_scanpy_wrapper_defaults(pbmcs_small):
     """scanpy's call with no extra kwargs (verbose=True by default) works too."""
     try:
         import scanpy.external as sce
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - as above
         pytest.skip(f"scanpy cannot be imported: {err}")
     pcs, meta = pbmcs_small
     adata = _adata(pcs, meta)

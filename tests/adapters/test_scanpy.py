@@ -20,9 +20,8 @@ import pandas as pd
 import pytest
 
 import harmonypy as hm
-from harmonypy.adapters.scanpy import SCANPY_TO_RUN_HARMONY, scanpy_default_clusters
-
 from conftest import read_tsv
+from harmonypy.adapters.scanpy import SCANPY_TO_RUN_HARMONY, scanpy_default_clusters
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 BUNDLED = Path(hm.__file__).resolve().parent / "data"
@@ -84,7 +83,7 @@ def _scanpy_signature() -> tuple[list[dict], str]:
             from scanpy.preprocessing import _harmony  # scanpy >= 1.13
 
             path = _harmony.__file__
-        except Exception:  # not installed, older, or broken: use the stored copy
+        except Exception:  # noqa: BLE001 - not installed, older, or broken: use the stored copy
             path = None
     if path:
         tree = ast.parse(Path(path).read_text())
@@ -100,11 +99,11 @@ def _scanpy_signature() -> tuple[list[dict], str]:
                 kind="POSITIONAL_OR_KEYWORD",
                 default=None if d is None else ast.unparse(d),
             )
-            for x, d in zip(positional, defaults)
+            for x, d in zip(positional, defaults, strict=True)
         ]
         params += [
             dict(name=x.arg, kind="KEYWORD_ONLY", default=None if d is None else ast.unparse(d))
-            for x, d in zip(a.kwonlyargs, a.kw_defaults)
+            for x, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)
         ]
         return params, str(path)
     record = json.loads((DATA / "scanpy_native.json").read_text())

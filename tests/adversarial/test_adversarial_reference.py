@@ -14,10 +14,10 @@ counts, a few names of each side and the remedy.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
-import io
 import struct
 import tracemalloc
 import zipfile
@@ -749,7 +749,9 @@ def test_plot_embedding_pairs_by_name(run):
 
     expected = colours(pcs, meta)
     shuffled = meta.sample(frac=1.0, random_state=4)
-    for got, want in zip(colours(pcs.sample(frac=1.0, random_state=5), shuffled), expected):
+    for got, want in zip(
+        colours(pcs.sample(frac=1.0, random_state=5), shuffled), expected, strict=True
+    ):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(
         ValueError,

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from harmonypy import cli
-
 from conftest import read_tsv
+from harmonypy import cli
 
 PCS = "pbmcs_small_pcs.tsv.gz"
 META = "pbmcs_small_meta.tsv.gz"

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+from cli_support import harmonypy
 
 from harmonypy import cli
-
-from cli_support import harmonypy
 
 
 def test_demo():

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from cli_support import (
+    run_main,
+    small,  # noqa: F401 - fixtures
+)
 
 import harmonypy as hm
-
-from cli_support import harmonypy, run_main
-from cli_support import small  # noqa: F401 - fixtures
 
 
 def test_evaluate(small, tmp_path, capsys):

@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_support import (  # noqa: F401 - fixtures
+    FAST,
+    HAS_ANNDATA,
+    assert_one_line_error,
+    copies,
+    harmonypy,
+    no_harmony,
+    run_main,
+    small,
+    snapshot,
+)
 
 import harmonypy as hm
 from harmonypy import cli
 from harmonypy.cli import run as cli_run
-
-from cli_support import (
-    FAST,
-    HAS_ANNDATA,
-    assert_one_line_error,
-    harmonypy,
-    no_harmony,
-    run_main,
-    snapshot,
-)
-from cli_support import copies, small  # noqa: F401 - fixtures
 
 
 def test_missing_column(small, tmp_path):

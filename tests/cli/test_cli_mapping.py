@@ -10,19 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-import harmonypy as hm
-
 from cli_support import (
     CLOSE,
     FAST,
     FAST_KW,
     HAS_ANNDATA,
-    harmonypy,
     no_harmony,
     run_main,
     snapshot,
 )
+
+import harmonypy as hm
 
 
 @pytest.fixture(scope="module")

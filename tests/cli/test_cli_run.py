@@ -11,11 +11,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
-import harmonypy as hm
-from harmonypy import cli
-from harmonypy.cli.options import harmony_kwargs
-
 from cli_support import (
     CLOSE,
     FAST,
@@ -25,8 +20,12 @@ from cli_support import (
     harmonypy,
     no_harmony,
     run_main,
+    small,  # noqa: F401 - fixtures
 )
-from cli_support import small  # noqa: F401 - fixtures
+
+import harmonypy as hm
+from harmonypy import cli
+from harmonypy.cli.options import harmony_kwargs
 
 
 def test_run_tsv_matches_library_and_plots(small, tmp_path):

@@ -16,15 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from test_harmony import per_pc_correlation
 
 import harmonypy as hm
 from harmonypy._simulate import simulate
 from harmonypy.shard import read_parts
-
-from test_harmony import per_pc_correlation
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -81,14 +79,14 @@ def run_group(tmp_path, z, meta, shards, **options):
         for p in procs:
             p.kill()
         pytest.fail(f"distributed group of {len(shards)} did not finish in {GROUP_TIMEOUT} s")
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log
     return [dict(np.load(out)) for out in outs]
 
 
 def gathered(z, shards, results, key="z_corr"):
     full = np.empty((z.shape[0], results[0][key].shape[1]), dtype=results[0][key].dtype)
-    for cells, res in zip(shards, results):
+    for cells, res in zip(shards, results, strict=True):
         full[cells] = res[key]
     return full
 
@@ -232,7 +230,7 @@ def test_rerun_is_bit_identical(tmp_path, data):
     shards = uneven_shards(meta, 2, seed=2)
     first = run_group(tmp_path, z, meta, shards, algorithm="harmony2", random_state=7)
     second = run_group(tmp_path, z, meta, shards, algorithm="harmony2", random_state=7)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a["z_corr"], b["z_corr"])
         np.testing.assert_array_equal(a["objective"], b["objective"])
 
@@ -243,7 +241,7 @@ def test_a_bad_shard_stops_every_rank_naming_it(tmp_path, data):
     shards = uneven_shards(meta, 3, seed=4)
     z[shards[1][5], 2] = np.nan  # one bad value, on rank 1's shard
     results = run_group(tmp_path, z, meta, shards)
-    for rank, res in enumerate(results):
+    for res in results:
         message = str(res["error"])
         assert "rank 1 of 3" in message, message
         assert "NaN" in message or "finite" in message, message
@@ -449,8 +447,8 @@ def test_integrate_with_nproc_writes_what_a_single_run_writes(data):
 
 
 def test_launcher_refuses_a_group_that_would_not_fit(monkeypatch, data):
-    from harmonypy.engine import memory as _memory
     from harmonypy.distributed.launch import run_in_processes
+    from harmonypy.engine import memory as _memory
 
     z, meta = data
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": {"host": 2**20})

@@ -8,14 +8,12 @@ run by hand on a GPU machine (``benchmarks/device_check.sh``).
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from test_harmony import per_pc_correlation, simulated
 
 import harmonypy as hm
-
 from conftest import read_tsv
-from test_harmony import per_pc_correlation, simulated
 
 
 def _accelerators():

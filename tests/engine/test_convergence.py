@@ -1,7 +1,9 @@
-"""Convergence users can steer: stop reasons, the warning, callbacks, continuing, the embedding test."""
+"""Convergence users can steer: stop reasons, the warning, callbacks, continuing, and the
+embedding test."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -114,7 +116,9 @@ def test_embedding_change_is_the_relative_change_of_the_corrected_cells(pbmc):
             epsilon_harmony=-np.inf,
             callback=lambda r: seen.append(r.Z_corr.copy()),
         )
-    for before, after, change in zip(seen, seen[1:], ho.embedding_change[1:]):
+    for (before, after), change in zip(
+        itertools.pairwise(seen), ho.embedding_change[1:], strict=True
+    ):
         assert change == pytest.approx(
             np.linalg.norm(after - before) / np.linalg.norm(before), rel=1e-5
         )
@@ -136,7 +140,7 @@ def test_callback_reaches_the_engine_from_the_anndata_front_ends(pbmc):
         front_end(
             adata,
             "donor",
-            callback=lambda r: seen.append(r.iteration) or r.iteration == 2,
+            callback=lambda r, seen=seen: seen.append(r.iteration) or r.iteration == 2,
             verbose=False,
         )
         assert seen == [1, 2]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import harmonypy as hm
-
 from conftest import read_tsv
 
 

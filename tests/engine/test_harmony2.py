@@ -6,16 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_engine_reference import _data, replayed_blocks
+from test_harmony import per_pc_correlation, simulated
 
 import harmonypy as hm
+from conftest import read_tsv
 from harmonypy.engine.correction import batch_filter, solve_arrowhead, solve_dense
 from harmonypy.engine.design import build_design
 from harmonypy.engine.harmony import Harmony
-
-from conftest import read_tsv
 from reference_harmony import ReferenceHarmony
-from test_engine_reference import _data, replayed_blocks
-from test_harmony import per_pc_correlation, simulated
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ def blobs(
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 1, (n_blobs, d))
     sizes = per_blob // 2 + rng.integers(0, per_blob, n_blobs)
-    x = np.concatenate([m + spread * rng.normal(size=(s, d)) for m, s in zip(means, sizes)])
+    x = np.concatenate(
+        [m + spread * rng.normal(size=(s, d)) for m, s in zip(means, sizes, strict=True)]
+    )
     exact = np.stack([x[sum(sizes[:i]) : sum(sizes[: i + 1])].mean(0) for i in range(n_blobs)])
     return torch.from_numpy(x).float(), exact
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from test_harmony import simulated
 
 import harmonypy as hm
-
-from test_harmony import simulated
 
 
 def _run(**kwargs):

@@ -237,7 +237,7 @@ def test_closed_form_solves_equal_the_dense_solve(sizes, cutoff):
         got = _solve_several(
             system, codes=sys_["codes"], assignments=sys_["r"], levels=sys_["levels"]
         )
-    for ours, dense in zip(got, expected):
+    for ours, dense in zip(got, expected, strict=True):
         scale = float(dense.abs().max())
         np.testing.assert_allclose(ours, dense, rtol=0, atol=1e-9 * scale)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import harmonypy as hm
-from harmonypy.engine import threads as _threads
 from harmonypy._simulate import simulate
+from harmonypy.engine import threads as _threads
 from harmonypy.engine.threads import PARALLEL_MIN_WORK, AutoThreads, CpuLoad, choose_threads
 
 BIG = PARALLEL_MIN_WORK * 4
@@ -97,14 +97,14 @@ class FakeMachine:
         self.write()
 
     def write(self):
-        lines = ["cpu  1 2 3 %d 0 0 0 0 0 0" % sum(self.idle)]
+        lines = [f"cpu  1 2 3 {sum(self.idle)} 0 0 0 0 0 0"]
         lines += [f"cpu{i} 1 2 3 {idle} 0 0 0 0 0 0" for i, idle in enumerate(self.idle)]
         self.path.write_text("\n".join(lines + ["intr 5", "ctxt 7"]) + "\n")
 
     def advance(self, seconds, idle_per_cpu, own):
         self.now += seconds
         self.own += own
-        self.idle = [i + round(100 * s) for i, s in zip(self.idle, idle_per_cpu)]
+        self.idle = [i + round(100 * s) for i, s in zip(self.idle, idle_per_cpu, strict=True)]
         self.write()
 
     def load(self, cpus=None):
@@ -266,7 +266,7 @@ def test_concurrent_runs_restore_the_setting(small, threads_3):
                 barrier.wait(timeout=30)
                 hm.run_harmony(X, meta, "batch", max_iter_harmony=1, verbose=False, ncores=1)
             seen.append(torch.get_num_threads())
-        except BaseException as err:  # reported below
+        except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
     for _ in range(8):

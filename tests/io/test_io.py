@@ -139,7 +139,7 @@ def test_text_column_r_and_pandas_row_names(tmp_path):
     assert list(table.names) == names and table.frame.index.name == "cell"
     # R's write.table: a header one field shorter than the rows.
     lines = ["\t".join(frame.columns)] + [
-        "\t".join([n, *map(str, row)]) for n, row in zip(names, frame.to_numpy())
+        "\t".join([n, *map(str, row)]) for n, row in zip(names, frame.to_numpy(), strict=True)
     ]
     (tmp_path / "r.tsv").write_text("\n".join(lines) + "\n")
     r_table = read_embedding(tmp_path / "r.tsv")

@@ -23,7 +23,6 @@ from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
 from harmonypy.mapping import score as _score
 from harmonypy.mapping import transfer as _transfer
-
 from reference_mapping import (
     compute_ref_cache,
     cosine_normalize_columns,

@@ -26,30 +26,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from harmonypy import __version__
-from harmonypy.mapping import query as _mapping
-from harmonypy.mapping import transfer as _transfer
-from harmonypy.mapping import reference as _reference
-from harmonypy.engine import validation as val
-from harmonypy.engine.design import check_columns
-from harmonypy.engine.device import resolve_device, resolve_dtype
-from harmonypy.engine.run import run_harmony
-from harmonypy.distributed.launch import run_in_processes
-from harmonypy.mapping.projection import (
-    Expression,
-    GeneProjection,
-    fit_projection,
-    gene_scaling,
-    kept_genes,
-    project,
-)
-from harmonypy.mapping.reference import Reference, reference_digest
 from harmonypy.adapters.mapping_record import (
     MAPPING_KEY,
     PROJECTED_BASIS,
@@ -59,6 +43,23 @@ from harmonypy.adapters.mapping_record import (
     mapping_record,
     write_transfer,
 )
+from harmonypy.distributed.launch import run_in_processes
+from harmonypy.engine import validation as val
+from harmonypy.engine.design import check_columns
+from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.run import run_harmony
+from harmonypy.mapping import query as _mapping
+from harmonypy.mapping import reference as _reference
+from harmonypy.mapping import transfer as _transfer
+from harmonypy.mapping.projection import (
+    Expression,
+    GeneProjection,
+    fit_projection,
+    gene_scaling,
+    kept_genes,
+    project,
+)
+from harmonypy.mapping.reference import Reference, reference_digest
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,15 @@ other in one direction only.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 
 from harmonypy.adapters import anndata as _anndata
 from harmonypy.mapping import query as _mapping
-from harmonypy.mapping import transfer as _transfer
 from harmonypy.mapping import reference as _reference
+from harmonypy.mapping import transfer as _transfer
 from harmonypy.mapping.query import MappedQuery
 from harmonypy.mapping.reference import Reference
 
@@ -181,7 +182,7 @@ def build_reference(
     >>> ho = hm.run_harmony(pcs[is_ref], meta[is_ref], "donor", verbose=False)
     >>> ref = hm.build_reference(ho, meta[is_ref], labels="cell_type")
     >>> ref  # doctest: +ELLIPSIS
-    Reference(algorithm='harmony1', K=26, d=20, 770 cells kept, variables=['donor'], labels=['cell_type'])
+    Reference(algorithm='harmony1', K=26, d=20, 770 cells kept, ...)
     """
     if is_anndata(source):
         return _anndata.reference_from_anndata(

@@ -32,7 +32,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from harmonypy.cli import demo, evaluate, mapping, reference, run
 from harmonypy.cli.options import PROG, HelpFormatter, Parser

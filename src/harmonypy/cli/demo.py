@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.writers import save_figure
 from harmonypy.cli.options import PROG, HelpFormatter, add_common, add_force
 from harmonypy.cli.results import embedding_figure, outcome, replaced
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.writers import save_figure
 
 
 def add_demo(commands) -> None:

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from harmonypy.io.formats import file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_h5ad
-from harmonypy.io.tables import Table
-from harmonypy.io.writers import write_table
 from harmonypy.cli.inputs import (
     check_columns,
     note_position,
@@ -33,6 +29,11 @@ from harmonypy.cli.options import (
     number,
 )
 from harmonypy.cli.results import replaced
+from harmonypy.io.formats import file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_h5ad
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import write_table
 
 #: Library parameter names in messages, as the options of evaluate that set them.
 OPTION_NAMES = {"label_colnames": "--batch/--label"}
@@ -106,7 +107,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     summary = lisi_summary(lisi, meta, labels, kinds)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.output:
-        columns = [f"{kind}_{label}" for kind, label in zip(kinds, labels)]
+        columns = [f"{kind}_{label}" for kind, label in zip(kinds, labels, strict=True)]
         table = Table(pd.DataFrame(lisi, index=cells, columns=columns), cells is not None)
         files = write_outputs([(args.output, lambda path: write_table(table, path))])
         note(args, f"wrote {args.output}{replaced(files, args.output)}")
@@ -153,7 +154,7 @@ def lisi_summary(
     cLISI ``(levels - median) / (levels - 1)``.
     """
     rows = []
-    for j, (label, kind) in enumerate(zip(labels, kinds)):
+    for j, (label, kind) in enumerate(zip(labels, kinds, strict=True)):
         values = lisi[:, j]
         values = values[values > 0]  # -1 marks a cell whose LISI is undefined (as in R)
         n_levels = int(meta[label].nunique())

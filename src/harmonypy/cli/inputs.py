@@ -8,16 +8,16 @@ name the option at fault.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
+from harmonypy.cli.options import note
 from harmonypy.engine.design import ColumnNotFoundError
 from harmonypy.io.names import match_cells
 from harmonypy.io.readers import read_embedding, read_meta
 from harmonypy.io.tables import Table, close_match
-from harmonypy.cli.options import note
 
 
 def read_tables(args: argparse.Namespace) -> tuple[Table, pd.DataFrame]:

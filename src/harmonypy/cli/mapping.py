@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
-from harmonypy.io.formats import file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_embedding, read_h5ad
-from harmonypy.io.tables import Table, close_match
-from harmonypy.io.writers import write_h5ad, write_table
 from harmonypy.cli.inputs import (
     check_columns,
     note_position,
@@ -44,6 +39,11 @@ from harmonypy.cli.options import (
 )
 from harmonypy.cli.reference import describe_reference
 from harmonypy.cli.results import replaced
+from harmonypy.io.formats import file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_embedding, read_h5ad
+from harmonypy.io.tables import Table, close_match
+from harmonypy.io.writers import write_h5ad, write_table
 
 #: Library parameter names in messages, as the options of map that set them.
 OPTION_NAMES = {

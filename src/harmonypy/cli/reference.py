@@ -7,9 +7,6 @@ import time
 from typing import Any
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.formats import FORMATS_HELP, file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_embedding, read_h5ad
 from harmonypy.cli.inputs import (
     check_columns,
     note_position,
@@ -36,6 +33,9 @@ from harmonypy.cli.options import (
     note,
 )
 from harmonypy.cli.results import outcome, replaced
+from harmonypy.io.formats import FORMATS_HELP, file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_embedding, read_h5ad
 
 #: Library parameter names in messages, as the options of reference build that set them.
 OPTION_NAMES = {

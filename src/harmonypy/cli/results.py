@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -28,7 +28,7 @@ def embedding_figure(
     before, after, meta: pd.DataFrame, color: Sequence[str], pcs: tuple[int, int] = (1, 2)
 ):
     """The before/after scatter plot as a matplotlib Figure (not yet saved)."""
-    from harmonypy.plotting import require_pyplot, embedding_figsize, plot_embedding
+    from harmonypy.plotting import embedding_figsize, plot_embedding, require_pyplot
 
     require_pyplot()  # the install hint when matplotlib is missing
     from matplotlib.figure import Figure

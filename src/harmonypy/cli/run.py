@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
 from harmonypy.adapters.anndata import check_distinct_bases
-from harmonypy.io.formats import FORMATS_HELP, file_format
-from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
-from harmonypy.io.readers import read_h5ad
-from harmonypy.io.tables import Table
-from harmonypy.io.writers import save_figure, write_array, write_h5ad_copy, write_table
 from harmonypy.cli.inputs import (
     check_columns,
     check_plot_pcs,
@@ -40,6 +36,11 @@ from harmonypy.cli.options import (
     pc_pair,
 )
 from harmonypy.cli.results import embedding_figure, outcome, replaced
+from harmonypy.io.formats import FORMATS_HELP, file_format
+from harmonypy.io.outputs import OutputSpec, check_outputs, write_outputs
+from harmonypy.io.readers import read_h5ad
+from harmonypy.io.tables import Table
+from harmonypy.io.writers import save_figure, write_array, write_h5ad_copy, write_table
 
 #: Library parameter names in messages, as the options of run that set them.
 OPTION_NAMES = HARMONY_OPTION_NAMES

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from harmonypy.engine import validation as val
 from harmonypy.engine.design import encode_local_levels, merge_local_levels
-from harmonypy.engine.reduce import Reduction
 from harmonypy.engine.options import RunOptions, design_dependent_inputs, local_inputs
+from harmonypy.engine.reduce import Reduction
 
 
 def distributed_inputs(

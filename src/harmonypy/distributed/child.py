@@ -31,7 +31,7 @@ __all__ = ["child_main", "join_group"]
 
 
 def child_main(argv: list) -> int:
-    """One process of the group (run by the launcher's ``python -c`` boot line); returns its exit status.
+    """One process of the group (the launcher's ``python -c`` line runs it); its exit status.
 
     ``argv``: the launcher's pid and the descriptors of the payload, the
     report pipe, the input and the output. Reports ``("joined",)`` once in

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import itertools
 import json
 import math
 import os
@@ -53,11 +54,11 @@ import pandas as pd
 import torch
 
 from harmonypy.distributed.shared_memory import shared_array
+from harmonypy.engine import memory as _memory
+from harmonypy.engine.arrays import COPY_CHUNK_ROWS
+from harmonypy.engine.clustering import n_blocks_of
 from harmonypy.engine.convergence import ConvergenceWarning
 from harmonypy.engine.design import ColumnNotFoundError
-from harmonypy.engine import memory as _memory
-from harmonypy.engine.clustering import n_blocks_of
-from harmonypy.engine.arrays import COPY_CHUNK_ROWS
 from harmonypy.engine.options import default_clusters
 
 #: Seconds a process waits for the others to join the group (and the default
@@ -136,7 +137,7 @@ class GatheredRun:
 def shard_bounds(n_cells: int, n_shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of nearly equal size, in order."""
     edges = np.linspace(0, n_cells, n_shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def _free_port() -> int:
@@ -574,8 +575,9 @@ def _check_group_memory(shape, meta_data, vars_use, nproc, dtype, backend, optio
             f"{nproc} processes over {n_cells:,} cells x {n_dims} PCs need about "
             f"{_memory.format_size(need)} of memory on this machine (the engine "
             f"{_memory.format_size(engine)}, input and output in shared memory "
-            f"{_memory.format_size(shared)}, {nproc} x {_memory.format_size(_PROCESS_OVERHEAD)} to start "
-            f"the processes), {_memory.format_size(available)} is available: use fewer cells per "
+            f"{_memory.format_size(shared)}, {nproc} x "
+            f"{_memory.format_size(_PROCESS_OVERHEAD)} to start the processes), "
+            f"{_memory.format_size(available)} is available: use fewer cells per "
             f"machine (torchrun over several machines), or check_memory=False "
             f"(--no-memory-check) to try anyway"
         )

@@ -20,6 +20,7 @@ Here every quantity is grouped by batch level instead:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class LevelIndex:
     variable: list
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, offsets) -> "LevelIndex":
+    def from_codes(cls, codes: torch.Tensor, offsets) -> LevelIndex:
         cells, variable = [], []
         for v in range(codes.shape[1]):
             counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
@@ -54,7 +55,7 @@ class LevelIndex:
                 starts = [0]
                 for c in counts:
                     starts.append(starts[-1] + c)
-                pieces = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+                pieces = [slice(a, b) for a, b in itertools.pairwise(starts)]
             else:
                 pieces = torch.split(torch.argsort(first, stable=True), counts)
             for piece in pieces:
@@ -408,7 +409,7 @@ def ridge_correct(
 
 
 def _normal_equations(
-    read: "_LevelReader",
+    read: _LevelReader,
     *,
     levels: LevelIndex,
     settings: RidgeSettings,
@@ -469,7 +470,7 @@ def _kept_levels(
 
 
 def _subtract_batch_parts(
-    read: "_LevelReader", coef: torch.Tensor, *, levels: LevelIndex, out: torch.Tensor
+    read: _LevelReader, coef: torch.Tensor, *, levels: LevelIndex, out: torch.Tensor
 ) -> None:
     """Write ``Z_orig`` less each cell's ``sum_k R_ik W_k[b+1]`` into ``out``.
 

@@ -68,7 +68,9 @@ class BatchDesign:
     @property
     def level_names(self) -> list[str]:
         """Readable ``variable=level`` names of the B levels."""
-        return [f"{v}={lv}" for v, lvls in zip(self.variables, self.levels) for lv in lvls]
+        return [
+            f"{v}={lv}" for v, lvls in zip(self.variables, self.levels, strict=True) for lv in lvls
+        ]
 
     @property
     def proportions(self) -> np.ndarray:
@@ -364,7 +366,9 @@ def merge_local_levels(
         _check_several_levels(name, levels, n_total)
         index = pd.Index(levels)
         counts = np.zeros(len(levels), dtype=np.int64)
-        for (rank_levels, _), rank_counts in zip(parts, (c[v] for c in gathered_counts)):
+        for (rank_levels, _), rank_counts in zip(
+            parts, (c[v] for c in gathered_counts), strict=True
+        ):
             counts[index.get_indexer(rank_levels)] += rank_counts
         own = index.get_indexer(own_levels[v][0]).astype(np.int64)
         all_codes.append(own[local_codes[v]] + offsets[-1])

@@ -297,7 +297,8 @@ def _screened_lloyd(
     """Lloyd runs from ``seedings``; with a screen, only the best few go on.
 
     The screen ranks runs by their inertia after ``start.screen_steps`` steps
-    (ties: the earlier run); the survivors, in their original order, continue for the remaining steps.
+    (ties: the earlier run); the survivors, in their original order, continue for the
+    remaining steps.
     A run that had already converged stops after one unchanged step.
     """
     n_runs = seedings.shape[0]

@@ -66,7 +66,7 @@ class RunOptions:
     epsilon_embedding: Any
 
     @classmethod
-    def from_arguments(cls, arguments: dict) -> "RunOptions":
+    def from_arguments(cls, arguments: dict) -> RunOptions:
         """The options among ``arguments`` (``run_harmony``'s ``locals()``)."""
         return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 

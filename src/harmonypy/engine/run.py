@@ -12,10 +12,11 @@ warning.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from harmonypy.engine import validation as val
 from harmonypy.engine.convergence import Callback, check_callback, warn_if_not_converged
 from harmonypy.engine.design import build_design
 from harmonypy.engine.harmony import Harmony
@@ -24,7 +25,6 @@ from harmonypy.engine.options import RunOptions, design_dependent_inputs, local_
 from harmonypy.engine.progress import Progress
 from harmonypy.engine.reduce import LOCAL, GroupReduction
 from harmonypy.engine.threads import AutoThreads
-from harmonypy.engine import validation as val
 
 logger = logging.getLogger(__name__)
 

@@ -355,7 +355,7 @@ class AutoThreads:
 
     # entry / exit -----------------------------------------------------------
 
-    def __enter__(self) -> "AutoThreads":
+    def __enter__(self) -> AutoThreads:
         global _runs
         if not self.auto:
             self._mine = _enter(self.fixed)

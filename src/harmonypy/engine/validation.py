@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-
 MIN_CELLS = 6
 
 #: Rows examined at once by the O(N d) checks, to bound temporary memory.
@@ -324,8 +323,8 @@ def check_nonzero_cells(cells: np.ndarray, rows: CellRows) -> None:
         zero[start : start + _CHUNK_ROWS] = ~cells[start : start + _CHUNK_ROWS].any(axis=1)
     if zero.any():
         raise ValueError(
-            f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero, rows=rows)}; a cell with "
-            f"zero length cannot be cosine-normalised. Expected every cell to have a "
+            f"data_mat has {int(zero.sum())} all-zero {_describe_rows(zero, rows=rows)}; "
+            f"a cell with zero length cannot be cosine-normalised. Expected every cell to have a "
             f"non-zero vector: remove those cells"
         )
 

@@ -18,9 +18,9 @@ import signal
 import stat
 import tempfile
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from harmonypy.io.formats import file_format, format_suffix, plot_formats
 
@@ -311,7 +311,7 @@ class OutputFiles:
                 logger.warning("could not remove the temporary file %s: %s", temporary, err)
         self._staged = []
 
-    def __enter__(self) -> "OutputFiles":
+    def __enter__(self) -> OutputFiles:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -16,8 +16,9 @@ import logging
 import signal
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -1,1 +1,2 @@
-"""Reference mapping (Symphony): the reference and its file format, gene projection, query mapping and label transfer, on the engine's kernels."""
+"""Reference mapping (Symphony): the reference and its file format, gene projection,
+query mapping, the mapping score and label transfer, on the engine's kernels."""

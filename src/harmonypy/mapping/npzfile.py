@@ -19,9 +19,9 @@ turns a message into the exception to raise (naming the file).
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class NpzArchive:
             self._zip.close()
             raise
 
-    def __enter__(self) -> "NpzArchive":
+    def __enter__(self) -> NpzArchive:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,11 +52,11 @@ import torch
 
 from harmonypy.engine import clustering as clu
 from harmonypy.engine import validation as val
+from harmonypy.engine.arrays import COPY_CHUNK_ROWS
 from harmonypy.engine.cellnames import align_metadata, carries_names
 from harmonypy.engine.correction import LevelIndex, RidgeAnchor, RidgeSettings, ridge_correct
-from harmonypy.engine.design import BatchDesign, encode_column, check_columns
+from harmonypy.engine.design import BatchDesign, check_columns, encode_column
 from harmonypy.engine.device import resolve_device, resolve_dtype
-from harmonypy.engine.arrays import COPY_CHUNK_ROWS
 from harmonypy.mapping.reference import Reference, reference_digest
 from harmonypy.mapping.score import mapping_scores, score_terms
 

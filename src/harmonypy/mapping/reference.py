@@ -32,9 +32,10 @@ import json
 import logging
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,9 +47,9 @@ from harmonypy.engine import validation as val
 from harmonypy.engine.cellnames import align_metadata
 from harmonypy.engine.device import resolve_device, resolve_dtype
 from harmonypy.engine.harmony import Harmony
+from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.options import default_clusters
 from harmonypy.io.outputs import OutputFiles
-from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.mapping.projection import GeneProjection
 from harmonypy.mapping.reference_cells import (
     kept_cell_names,
@@ -188,7 +189,9 @@ class Reference:
     @property
     def batch_levels(self) -> list[str]:
         """Names of the reference's batch levels, ``variable=level``."""
-        return [f"{v}={lv}" for v, lvls in zip(self.variables, self.levels) for lv in lvls]
+        return [
+            f"{v}={lv}" for v, lvls in zip(self.variables, self.levels, strict=True) for lv in lvls
+        ]
 
     @property
     def label_columns(self) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import numbers
 from pathlib import Path
 
 import numpy as np
@@ -444,7 +443,7 @@ def _checked_headers(archive, metadata: dict, problem) -> dict:
             else header.dtype.kind in dtype and header.dtype.isnative
         )
         shape_ok = len(header.shape) == len(shape) and all(
-            e is None or e == a for e, a in zip(shape, header.shape)
+            e is None or e == a for e, a in zip(shape, header.shape, strict=True)
         )
         if not (kind_ok and shape_ok):
             want = (
@@ -501,7 +500,9 @@ def _check_values(arrays: dict, metadata: dict, problem) -> None:
     _check_covariances(arrays["cluster_cov"], problem)
     if "batch_codes" in arrays:
         codes = arrays["batch_codes"]
-        for v, (name, levels) in enumerate(zip(metadata["variables"], metadata["levels"])):
+        for v, (name, levels) in enumerate(
+            zip(metadata["variables"], metadata["levels"], strict=True)
+        ):
             column = codes[:, v]
             if column.size and (column.min() < 0 or column.max() >= len(levels)):
                 raise _array(

@@ -53,7 +53,7 @@ class IntegrationScores:
     >>> pcs, meta = hm.datasets.load_pbmcs_small()
     >>> scores = hm.evaluate(pcs, meta, "donor", "cell_type")
     >>> scores  # doctest: +ELLIPSIS
-    IntegrationScores(n_cells=1200, iLISI=... (scaled ..., 3 batches), cLISI=... (scaled ..., 9 labels), perplexity=30)
+    IntegrationScores(n_cells=1200, iLISI=... (scaled ..., 3 batches), cLISI=...)
     >>> scores.n_batches, scores.n_labels
     (3, 9)
     """

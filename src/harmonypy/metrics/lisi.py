@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -332,7 +333,7 @@ def _lisi_from_knn(
         P, failed = _neighbour_weights(dist[start:stop], perplexity)
         n_failed += int(np.count_nonzero(failed))
         nbr = idx[start:stop]
-        for j, (c, m) in enumerate(zip(codes, n_cats)):
+        for j, (c, m) in enumerate(zip(codes, n_cats, strict=True)):
             simpson = _simpson(P, c[nbr], m)
             simpson[failed] = -1.0  # R's sentinel for a degenerate bisection
             out[start:stop, j] = 1.0 / simpson

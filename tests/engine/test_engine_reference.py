@@ -90,10 +90,10 @@ def test_engine_replays_reference(dtype, tol, n_vars, lamb):
 @pytest.mark.parametrize("n_vars", [1, 2])
 def test_engine_replays_reference_per_cluster_sigma_in_pieces(monkeypatch, dtype, tol, n_vars):
     """A bandwidth per cluster, and blocks (24 cells) split into pieces of 7."""
-    from harmonypy.engine import clustering as clu
+    from harmonypy.engine import online
 
-    monkeypatch.setattr(clu, "PIECE_ELEMENTS", 7 * 6)
-    monkeypatch.setattr(clu, "MIN_PIECE_ROWS", 1)
+    monkeypatch.setattr(online, "PIECE_ELEMENTS", 7 * 6)
+    monkeypatch.setattr(online, "MIN_PIECE_ROWS", 1)
     _replay(dtype, tol, n_vars, None, sigma=np.linspace(0.05, 0.3, 6))
 
 

@@ -362,9 +362,9 @@ def test_keyboard_interrupt_restores_state_and_next_call_works(threads_three, mo
 
 # -------------------------------------------------------- numerical guards
 def test_non_finite_assignments_stop_with_an_error(monkeypatch):
-    from harmonypy.engine import clustering as clu
+    from harmonypy.engine import online
 
-    original = clu.online_update
+    original = online.online_update
 
     def poisoned(assignments, *, centroids, **kwargs):
         # A non-finite centroid makes non-finite assignments, as overflow would.
@@ -372,7 +372,7 @@ def test_non_finite_assignments_stop_with_an_error(monkeypatch):
         centroids[0, 0] = float("nan")
         return original(assignments, centroids=centroids, **kwargs)
 
-    monkeypatch.setattr(clu, "online_update", poisoned)
+    monkeypatch.setattr(online, "online_update", poisoned)
     z, meta = small_problem()
     with pytest.raises(FloatingPointError) as info:
         hm.run_harmony(z, meta, "batch", **FAST)

@@ -14,11 +14,12 @@ import torch
 
 from harmonypy.engine import clustering as clu
 from harmonypy.engine.kmeans import SAMPLE_SIZE, KMeansStart, kmeans_centroids
+from harmonypy.engine.online import CellRows
 from harmonypy.engine.reduce import Reduction
 
 
 def distributed_kmeans(
-    cells: clu.CellRows,
+    cells: CellRows,
     *,
     order: torch.Tensor,
     n_clusters: int,

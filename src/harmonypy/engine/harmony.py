@@ -14,16 +14,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from harmonypy.engine import clustering as clu
+from harmonypy.engine import online
 from harmonypy.engine import validation as val
 from harmonypy.engine.arrays import all_finite, input_tensor, write_rows
 from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
 from harmonypy.engine.design import BatchDesign
+from harmonypy.engine.fused import use_fused
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.convergence import (
     Callback,
@@ -42,59 +43,6 @@ from harmonypy.engine.threads import AutoThreads
 logger = logging.getLogger(__name__)
 
 WINDOW_SIZE = 3  # clustering rounds compared by the convergence check
-
-
-@dataclass
-class _UpdateCache:
-    """What one online update leaves for the next, and what replacing R or
-    correcting Z_corr invalidates.
-
-    rows : (N,) int64 tensor or None
-        The online update leaves R's rows in its last block order: row p holds
-        cell ``rows[p]`` (None: row i is cell i).
-    next_order, next_removals : tensor or None
-        The next online update's cell order, drawn by the previous update, and
-        its blocks' removals from the current R (None once R is replaced).
-    stale_counts : bool
-        R reassigned, O and E not yet counted: the next online update counts them.
-    centroid_sums : (K, d) tensor or None
-        Harmony 1 only: ``sum_i R_ki z_i`` summed by the online update for its
-        new R, reused as the next centroids while ``centroid_sums_current``
-        (neither Z_cos nor R has changed since).
-    """
-
-    rows: torch.Tensor | None = None
-    next_order: torch.Tensor | None = None
-    next_removals: torch.Tensor | None = None
-    stale_counts: bool = False
-    centroid_sums: torch.Tensor | None = None
-    centroid_sums_current: bool = False
-
-    def plan(self, order: torch.Tensor, bounds: list) -> clu.BlockPlan:
-        """The blocks of the next online update, in ``order``."""
-        return clu.BlockPlan(
-            order,
-            bounds,
-            rows=self.rows,
-            removals=self.next_removals,
-            recount=self.stale_counts,
-            next_order=self.next_order,
-        )
-
-    def updated(self, result: clu.OnlineResult) -> None:
-        """After an online update: R's new row order, the next update's
-        removals, and the centroid sums of the new R."""
-        self.rows, self.next_removals = result.rows, result.next_removals
-        self.stale_counts = False
-        self.centroid_sums_current = self.centroid_sums is not None
-
-    def reassigned(self, *, counted: bool) -> None:
-        """After R was replaced by a fresh assignment, rows in cell order
-        (``counted``: O and E were recounted from it)."""
-        self.rows = None
-        self.next_removals = None  # summed from the previous R
-        self.stale_counts = not counted
-        self.centroid_sums_current = False
 
 
 class Harmony:
@@ -274,17 +222,18 @@ class Harmony:
             delta = 64 * torch.finfo(self._stat_dtype).eps * self.N_total
             diversity = functools.partial(clu.diversity_harmony1, delta=delta)
             self._cross = clu.cross_entropy_harmony1
-        self._online = clu.OnlineSettings(
+        self._online = online.OnlineSettings(
             self._proportions,
             self._theta,
             self._sigma,
             diversity,
             first_levels=int(design.offsets[1]),
             reduction=reduction,
+            fused=use_fused(self.device),
         )
 
         self._assignments: torch.Tensor | None = None
-        self._cache = _UpdateCache()
+        self._cache = online.UpdateCache()
         self._centroids: torch.Tensor | None = None
         self._stats: clu.ClusterStats | None = None
         self._intercept: torch.Tensor | None = None
@@ -331,7 +280,7 @@ class Harmony:
             from harmonypy.distributed.start import distributed_kmeans
 
             centers = distributed_kmeans(
-                clu.CellRows(self._z_corr, self._norms, self._codes),
+                online.CellRows(self._z_corr, self._norms, self._codes),
                 order=self._shuffle_base,
                 n_clusters=self.K,
                 start=start,
@@ -428,9 +377,9 @@ class Harmony:
             if cache.centroid_sums is None:
                 cache.centroid_sums = torch.empty_like(self._centroids)
             cache.centroid_sums.zero_()
-        result = clu.online_update(
+        result = online.online_update(
             self._assignments,
-            cells=clu.CellRows(self._z_corr, self._norms, self._codes),
+            cells=online.CellRows(self._z_corr, self._norms, self._codes),
             centroids=self._centroids,
             stats=self._stats,
             settings=self._online,

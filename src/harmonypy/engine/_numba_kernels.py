@@ -1,0 +1,261 @@
+"""numba kernels of the fused clustering round (imported only when numba is).
+
+One piece of cells is worked on in three steps: :func:`gather_unit_rows`
+(the piece's rows of Z_cos), a BLAS matrix product done by the caller (the
+distances stay in BLAS: hand-written loops were slower), and
+:func:`finish_piece`, which adds the diversity penalty, takes the softmax,
+writes R and adds the new rows to the batch and objective sums in one pass
+over the piece while it is in cache.
+
+Why the sums give the same bits on every run, whatever the thread count:
+the second parallel loop of :func:`finish_piece` splits the *clusters*
+between threads, and each thread adds the rows of its clusters in row order,
+so every sum is taken in one fixed order and no thread-local partial sums
+need combining.
+
+There is no SVML on a stock numba install, so ``math.exp`` stays a scalar call
+in a loop; :func:`_exp_nonpositive` is a polynomial the compiler can
+vectorise (Cody-Waite reduction, a degree 13 Taylor polynomial, the power of
+two built from its exponent bits): relative error below 2 ulp in float32 and
+float64 for the arguments a softmax gives it (at most 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import config, get_num_threads, njit, prange, set_num_threads, types
+from numba.extending import intrinsic
+
+
+def max_threads() -> int:
+    """The most threads numba's kernels may use (``NUMBA_NUM_THREADS``)."""
+    return config.NUMBA_NUM_THREADS
+
+
+def get_threads() -> int:
+    """numba's thread setting for the calling thread."""
+    return get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` threads (at most :func:`max_threads`) in the calling thread."""
+    set_num_threads(n)
+
+
+#: Reassociation lets the row maxima and sums vectorise; no ``nnan``/``ninf``:
+#: a non-finite value must still reach the engine's checks.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """``2 ** n`` for a whole-number float ``n`` inside the normal range,
+    built from the exponent bits (one integer add and shift: vectorises)."""
+    if not isinstance(n, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        if n.bitwidth == 32:
+            int_type, bias, shift, float_type = ir.IntType(32), 127, 23, ir.FloatType()
+        else:
+            int_type, bias, shift, float_type = ir.IntType(64), 1023, 52, ir.DoubleType()
+        bits = builder.add(builder.fptosi(args[0], int_type), ir.Constant(int_type, bias))
+        return builder.bitcast(builder.shl(bits, ir.Constant(int_type, shift)), float_type)
+
+    return n(n), codegen
+
+
+def exp_constants(dtype) -> np.ndarray:
+    """The constants of :func:`_exp_nonpositive` in ``dtype`` (float32 or
+    float64), so that no literal turns a float32 computation into float64:
+    log2(e), ln 2 split in two, the underflow cut-off, 0.5, 1, 0, 1/k! for
+    k = 2..13, and the smallest softmax sum :func:`_softmax_row` accepts
+    before it redoes a row with its maximum."""
+    if np.dtype(dtype) == np.float32:
+        head = [1.4426950408889634, 0.693359375, -2.12194440e-4, -87.0]
+    else:
+        head = [1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10, -708.0]
+    factorials = [1.0 / float(np.prod(np.arange(1, k + 1), dtype=np.float64)) for k in range(2, 14)]
+    smallest_sum = 1e-20 if np.dtype(dtype) == np.float32 else 1e-150
+    return np.array(head + [0.5, 1.0, 0.0] + factorials + [smallest_sum], dtype=dtype)
+
+
+# No reassociation here: it would undo the two-step reduction by ln 2 (an
+# error of |x| ulp); compiled on its own, the compiler still inlines it.
+@njit(fastmath={"contract", "nsz", "arcp"}, cache=True)
+def _exp_nonpositive(x, c):
+    """``exp(x)`` for ``x <= 0`` (0 below the cut-off ``c[3]``, NaN for NaN);
+    ``c`` from :func:`exp_constants` in x's dtype."""
+    small = x < c[3]
+    t = np.floor(x * c[0] + c[4])
+    t = c[6] if small else t  # keeps the exponent bits in range
+    r = (x - t * c[1]) - t * c[2]
+    p = c[18]
+    p = p * r + c[17]
+    p = p * r + c[16]
+    p = p * r + c[15]
+    p = p * r + c[14]
+    p = p * r + c[13]
+    p = p * r + c[12]
+    p = p * r + c[11]
+    p = p * r + c[10]
+    p = p * r + c[9]
+    p = p * r + c[8]
+    p = p * r + c[7]
+    value = ((p * r) * r + r + c[5]) * _pow2(t)
+    return c[6] if small else value
+
+
+@njit(parallel=True, cache=True)
+def gather_unit_rows(z, norms, rows, out):
+    """``out[i] = z[rows[i]] / norms[rows[i]]``: rows of Z_cos."""
+    for i in prange(rows.shape[0]):
+        cell = rows[i]
+        scale = norms[cell]
+        for j in range(z.shape[1]):
+            out[i, j] = z[cell, j] / scale
+
+
+@njit(inline="always", cache=True)
+def _scalars(c):
+    """The constants as a tuple of scalars: read once, they stay in
+    registers (an array the loop also writes to might alias them)."""
+    return (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12],
+            c[13], c[14], c[15], c[16], c[17], c[18], c[19])  # fmt: skip
+
+
+@njit(fastmath=_FAST, cache=True)
+def _softmax_row(logits, penalty, shift, bound, out, terms, c):
+    """Softmax of ``logits + penalty - shift`` (one row) into ``out``;
+    ``logits`` becomes the penalised logits; returns their log-sum-exp.
+    ``terms`` (3,) receives the row's ``sum_k R_k logits_k``, ``lse sum_k R_k``
+    and ``sum_k R_k penalty_k`` (the objective's sums when sigma is the same
+    for every cluster).
+
+    ``bound`` is at least the row's largest logit (see :func:`finish_piece`):
+    shifting by it instead of the maximum saves a pass that does not
+    vectorise (a max reduction needs ``nnan``). Should the bound be so far
+    above that the sum falls below ``c[19]`` (where the smallest terms would
+    be lost), the row is done again with its maximum."""
+    n_clusters = logits.shape[0]
+    total = c[6]
+    for k in range(n_clusters):
+        value = logits[k] + penalty[k] - shift[k]
+        logits[k] = value
+        e = _exp_nonpositive(value - bound, c)
+        out[k] = e
+        total += e
+    if total < c[19]:
+        bound = logits[0]
+        for k in range(n_clusters):
+            bound = max(bound, logits[k])
+        total = c[6]
+        for k in range(n_clusters):
+            e = _exp_nonpositive(logits[k] - bound, c)
+            out[k] = e
+            total += e
+    inverse = c[5] / total
+    r_sum, r_logits, r_penalty = c[6], c[6], c[6]
+    for k in range(n_clusters):
+        r = out[k] * inverse
+        out[k] = r
+        r_sum += r
+        r_logits += r * logits[k]
+        r_penalty += r * penalty[k]
+    lse = bound + np.log(total)
+    terms[0], terms[1], terms[2] = r_logits, lse * r_sum, r_penalty
+    return lse
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def finish_piece(logits, penalty, shift, bound, new, lse, terms, consts):
+    """Penalty, softmax and R for one piece, rows in parallel.
+
+    logits : (n, K) ``2 z.Y / sigma`` in, the penalised logits out.
+    penalty : (n, K) each row's ``sum_b theta_b log(ratio_kb) Phi_bi`` term.
+    shift : (K,) ``2 / sigma``.
+    bound : (1,) at least every penalised logit: ``z.Y <= 1`` for unit
+        vectors, so ``max(penalty)`` is one.
+    new : (n, K) receives R. lse : (n,) receives each row's log-sum-exp.
+    terms : (n, 3) receives each row's objective terms (:func:`_softmax_row`).
+    consts : :func:`exp_constants` of the dtype.
+    """
+    c = _scalars(consts)
+    top = bound[0]
+    for i in prange(logits.shape[0]):
+        lse[i] = _softmax_row(logits[i], penalty[i], shift, top, new[i], terms[i], c)
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def finish_piece_by_level(logits, log_penalty, level, shift, bound, new, lse, terms, consts):
+    """:func:`finish_piece` for one batch variable: row i's penalty is row
+    ``level[i]`` of ``log_penalty`` (B, K)."""
+    c = _scalars(consts)
+    top = bound[0]
+    for i in prange(logits.shape[0]):
+        lse[i] = _softmax_row(logits[i], log_penalty[level[i]], shift, top, new[i], terms[i], c)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _add_row(total, row):
+    """``total += row`` into float64."""
+    for k in range(row.shape[0]):
+        total[k] += row[k]
+
+
+@njit(fastmath=_FAST, cache=True)
+def _add_products(total, row, other):
+    """``total += row * other`` into float64."""
+    for k in range(row.shape[0]):
+        total[k] += np.float64(row[k]) * other[k]
+
+
+@njit(fastmath=_FAST, cache=True)
+def _add_scaled(total, row, scale):
+    """``total += row * scale`` into float64 (``scale`` a float64)."""
+    for k in range(row.shape[0]):
+        total[k] += row[k] * scale
+
+
+@njit(parallel=True, fastmath=_FAST, cache=True)
+def add_piece_sums(new, logits, lse, penalty, terms, targets, sums, objective, n_parts):
+    """Add a piece's new rows to the batch and objective sums, in float64.
+
+    new, logits : (n, K) the new R and its penalised logits; lse : (n,).
+    penalty : (n, K) the rows' penalty, added to ``objective[2]``; or (0, K)
+        when it is summed per level instead.
+    terms : (n, 3) the rows' objective terms (:func:`_softmax_row`).
+    targets : (n, T) int64, for each row the rows of ``sums`` it joins.
+    sums : (S, K) float64, updated in place.
+    objective : (3, K) float64, updated in place: ``sum_i R_ik logits_ik``,
+        ``sum_i lse_i R_ik`` and ``sum_i R_ik penalty_ik`` per cluster; or
+        (3, 1) when sigma is the same for every cluster: then only their sums
+        over the clusters, from ``terms``.
+    n_parts : the number of threads.
+
+    The clusters are split into ``n_parts`` ranges, one per thread, and each
+    thread adds the rows to its range in row order: the same order whatever
+    the number of threads, and no partial sums to combine.
+    """
+    n, n_clusters = new.shape
+    with_penalty = penalty.shape[0] == n
+    per_cluster = objective.shape[1] == n_clusters and n_clusters > 1
+    if not per_cluster:
+        for i in range(n):
+            objective[0, 0] += terms[i, 0]
+            objective[1, 0] += terms[i, 1]
+            if with_penalty:
+                objective[2, 0] += terms[i, 2]
+    for part in prange(n_parts):
+        k0 = part * n_clusters // n_parts
+        k1 = (part + 1) * n_clusters // n_parts
+        for i in range(n):
+            row = new[i, k0:k1]
+            if per_cluster:
+                _add_products(objective[0, k0:k1], row, logits[i, k0:k1])
+                _add_scaled(objective[1, k0:k1], row, np.float64(lse[i]))
+                if with_penalty:
+                    _add_products(objective[2, k0:k1], row, penalty[i, k0:k1])
+            for t in range(targets.shape[1]):
+                _add_row(sums[targets[i, t], k0:k1], row)

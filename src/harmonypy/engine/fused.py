@@ -1,0 +1,201 @@
+"""Fused CPU work for a clustering round (numba), and the choice of path.
+
+The online update (:mod:`harmonypy.engine.online`) handles each piece of a
+block in about fifteen short torch operations (gather, penalty, product,
+softmax, scatter-adds, objective sums), each a pass over the piece with its
+own overhead. Here a piece takes three steps: the rows of Z_cos are gathered
+(one numba loop), the distances come from BLAS (``torch.mm``: hand-written
+loops were slower), and one numba kernel adds the penalty, takes the
+softmax, writes R and adds the new rows to the batch sums, the next
+update's removals and the objective's sums (float64).
+
+Results equal the torch path's up to rounding: the sums are taken in float64
+and in another order, and the exponential is a polynomial
+(:mod:`harmonypy.engine._numba_kernels`). A seed still gives the same bits on
+every run, whatever the number of threads: each sum is taken in one fixed
+order (the kernels split the clusters, not the cells, between threads).
+
+Which path runs: the environment variable ``HARMONYPY_FUSED`` — ``1`` uses
+the fused kernels on the CPU when numba imports (``pip install
+harmonypy[fast]``), ``0`` or unset the torch path. CUDA and MPS always take
+the torch path. :func:`use_fused` logs the choice and why at INFO.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import threading
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that turns the fused CPU kernels on (``1``) or off (``0``).
+ENV_VARIABLE = "HARMONYPY_FUSED"
+
+# numba's workqueue threading layer (its fallback without OpenMP or TBB)
+# aborts the process when two Python threads launch kernels at once; runs in
+# several threads take turns piece by piece instead.
+_KERNEL_LOCK = threading.Lock()
+
+
+def fused_choice(device: torch.device) -> tuple[bool, str]:
+    """Whether a run on ``device`` uses the fused kernels, and why (one phrase)."""
+    setting = os.environ.get(ENV_VARIABLE, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"{ENV_VARIABLE} must be 0 or 1 (or unset), got {setting!r}")
+    if setting != "1":
+        reason = f"{ENV_VARIABLE}=0" if setting == "0" else f"{ENV_VARIABLE}=1 turns them on"
+        return False, reason
+    if device.type != "cpu":
+        return False, f"{device.type} device: the torch path runs there"
+    try:
+        _kernels()
+    except ImportError as error:
+        return False, f"numba is not available ({error}); pip install 'harmonypy[fast]'"
+    return True, f"{ENV_VARIABLE}=1"
+
+
+def _kernels():
+    """The numba kernels' module; ImportError without numba (imported on
+    first use: importing numba takes about a second)."""
+    return importlib.import_module("harmonypy.engine._numba_kernels")
+
+
+def use_fused(device: torch.device) -> bool:
+    """:func:`fused_choice`, logged at INFO (once per run)."""
+    fused, reason = fused_choice(device)
+    path = "fused numba kernels" if fused else "torch operations"
+    logger.info("clustering rounds: %s (%s)", path, reason)
+    return fused
+
+
+class FusedPieces:
+    """One online update's pieces through the fused kernels.
+
+    Stands in for the torch path's per-piece work and its batch sums
+    (``online._NewRowSums``): :meth:`update_piece` for each piece,
+    :meth:`end_block` after each block, :meth:`finish` once at the end.
+
+    Parameters
+    ----------
+    assignments : (N, K) CPU tensor, R transposed, written piece by piece.
+    cells : the run's ``CellRows`` (z, norms, codes).
+    order : (N,) int64, the cell of each position of the update.
+    sigma : (K,) the clusters' bandwidths.
+    n_levels : int, B.
+    next_update : None, or ``(next_block_of, next_removals)``: the next
+        update's block of each position ((N,) int64) and its removals
+        ((n_next_blocks * B, K) float64), to which each piece's rows are added.
+    centroid_sums : (K, d) or None, Harmony 1's next centroid sums.
+    """
+
+    def __init__(self, assignments, *, cells, order, sigma, n_levels, next_update, centroid_sums):
+        self._kernels = kernels = _kernels()
+        n_clusters, dtype = assignments.shape[1], assignments.dtype
+        self.n_levels = n_levels
+        next_block_of, next_removals = next_update or (None, None)
+        self.next_removals, self.centroid_sums = next_removals, centroid_sums
+        extra = 0 if next_removals is None else next_removals.shape[0]
+        self.sums = torch.zeros((n_levels + extra, n_clusters), dtype=torch.float64)
+        # Per cluster only when sigma differs between clusters (see add_piece_sums).
+        uniform = bool((sigma == sigma[0]).all())
+        self.objective = torch.zeros((3, 1 if uniform else n_clusters), dtype=torch.float64)
+        self._np = {
+            "r": assignments.numpy(),
+            "z": cells.z.numpy(),
+            "norms": cells.norms.numpy(),
+            "codes": cells.codes.numpy(),
+            "order": order.numpy(),
+            "next": None if next_block_of is None else next_block_of.numpy(),
+            "sums": self.sums.numpy(),
+            "objective": self.objective.numpy(),
+        }
+        self._consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
+        self._lse = np.empty(0, dtype=self._consts.dtype)
+        self._bound_of = self._bound_value = None  # the block's bound, see _bound
+        self._caller_threads = kernels.get_threads()
+
+    def update_piece(self, assignments, span, *, cells, order, penalty, scratch, objective):
+        """New rows of R for the positions ``span`` of ``order`` (as
+        ``online._update_piece``, whose arguments it takes)."""
+        arrays = self._np
+        rows = arrays["order"][span]
+        n = rows.shape[0]
+        unit_cells = scratch.unit_cells[:n]
+        logits = scratch.logits[:n]
+        if self._lse.shape[0] < n:
+            self._lse = np.empty(scratch.logits.shape[0], dtype=self._consts.dtype)
+            self._terms = np.empty((scratch.logits.shape[0], 3), dtype=self._consts.dtype)
+        codes = arrays["codes"][rows]
+        with _KERNEL_LOCK:
+            self._run_piece(span, rows, codes, unit_cells, logits, penalty, scratch)
+        if self.centroid_sums is not None:  # a matrix product: BLAS
+            self.centroid_sums.addmm_(assignments[span].T, unit_cells)
+
+    def _run_piece(self, span, rows, codes, unit_cells, logits, penalty, scratch):
+        kernels, arrays, n = self._kernels, self._np, rows.shape[0]
+        threads = max(1, min(torch.get_num_threads(), kernels.max_threads()))
+        kernels.set_threads(threads)  # the engine's choice (one thread for tiny blocks)
+        unit = unit_cells.numpy()
+        kernels.gather_unit_rows(arrays["z"], arrays["norms"], rows, unit)
+        torch.mm(unit_cells, scratch.scaled_centroids_t, out=logits)
+        new, lse, terms = arrays["r"][span], self._lse[:n], self._terms[:n]
+        shift = scratch.two_over_sigma.numpy()
+        log_penalty, bound = penalty[0], self._bound(penalty[0], codes.shape[1])
+        if codes.shape[1] == 1:
+            kernels.finish_piece_by_level(
+                logits.numpy(), log_penalty.numpy(), codes[:, 0], shift, bound, new, lse,
+                terms, self._consts,
+            )  # fmt: skip
+            row_penalty = np.empty((0, new.shape[1]), dtype=new.dtype)
+        else:  # several variables: the logsumexp over the cell's levels, as on the torch path
+            stacked = torch.stack([log_penalty[torch.from_numpy(c)] for c in codes.T])
+            row_penalty = torch.logsumexp(stacked, dim=0).numpy()
+            kernels.finish_piece(
+                logits.numpy(), row_penalty, shift, bound, new, lse, terms, self._consts
+            )
+        targets = codes
+        if arrays["next"] is not None:  # (next block, level) pairs, after the B levels
+            pairs = self.n_levels * (1 + arrays["next"][span][:, None]) + codes
+            targets = np.concatenate([codes, pairs], axis=1)
+        kernels.add_piece_sums(
+            new,
+            logits.numpy(),
+            lse,
+            row_penalty,
+            terms,
+            targets,
+            arrays["sums"],
+            arrays["objective"],
+            threads,
+        )
+
+    def _bound(self, log_penalty: torch.Tensor, n_variables: int) -> np.ndarray:
+        """(1,) an upper bound of every penalised logit of the block: the
+        distance part ``2 (z.Y - 1) / sigma`` is at most 0 and a row's
+        penalty at most ``max(log_penalty) + log(V)`` (a logsumexp of V)."""
+        if self._bound_of is not log_penalty:
+            top = float(log_penalty.max()) + math.log(n_variables) + 1e-3
+            self._bound_of, self._bound_value = log_penalty, np.array([top], self._consts.dtype)
+        return self._bound_value
+
+    def end_block(self) -> torch.Tensor:
+        """The block's new rows summed by level, (B, K) float64; the next block starts from 0."""
+        block = self.sums[: self.n_levels]
+        done = block.clone()
+        block.zero_()
+        return done
+
+    def finish(self, objective) -> None:
+        """Hand the objective's sums to ``objective`` (``ObjectiveSums``) and
+        the next update's removals to ``next_removals``; numba's thread
+        setting is the caller's again."""
+        self._kernels.set_threads(self._caller_threads)
+        objective.add_cluster_sums(*self.objective)
+        if self.next_removals is not None:
+            self.next_removals.copy_(self.sums[self.n_levels :])

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Stopping on the embedding ({args.cells:,} cells x 50 PCs, {args.batches} batches)",
         "",
-        f"`python benchmarks/bench_stopping.py --cells {args.cells}`; min per-PC r against "
+        f"`python benchmarks/bench_stopping.py --cells {args.cells}"
+        f"{' --one-run' if args.one_run else ''}`; min per-PC r against "
         f"the default run (R's objective test only) of the same algorithm"
         + (" (every tolerance read off one default run: `--one-run`)." if args.one_run else "."),
         "",

@@ -35,7 +35,9 @@ def test_console_script_prints_the_package_version():
     script = Path(sys.executable).with_name("harmonypy")
     if not script.exists():
         pytest.skip(f"no console script beside {sys.executable} (package not installed)")
-    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(script), "--version"], check=False, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"harmonypy {hm.__version__}"
 
@@ -57,18 +59,20 @@ def test_pyproject_reads_the_version_from_the_package():
 
 def test_changelog_names_the_version():
     text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
-    top = re.search(r"^## .*$", text, re.M)
+    top = re.search(r"^## .*$", text, re.MULTILINE)
     assert top is not None and "Unreleased" in top[0] and hm.__version__ in top[0], top
 
 
 def test_readme_installs_this_package_not_the_index_one():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = re.search(r"^Installation\n-+\n(?P<body>.*?)^\S[^\n]*\n-+\n", text, re.M | re.S)
+    section = re.search(
+        r"^Installation\n-+\n(?P<body>.*?)^\S[^\n]*\n-+\n", text, re.MULTILINE | re.DOTALL
+    )
     assert section is not None, "README.md has no Installation section"
     body = section["body"]
     commands = [
         line.split("#")[0].strip()
-        for block in re.findall(r"```bash\n(.*?)```", body, re.S)
+        for block in re.findall(r"```bash\n(.*?)```", body, re.DOTALL)
         for line in block.splitlines()
     ]
     installs = [c for c in commands if re.search(r"pip install\b.*harmonypy|pip install \.", c)]
@@ -122,3 +126,14 @@ def test_feature_without_its_extra_names_the_extra(extra, hidden, call, tmp_path
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ImportError, match=re.escape(f"pip install harmonypy[{extra}]")):
         call(tmp_path)
+
+
+def test_ci_runs_the_readme_test_command_then_checks_the_wheel():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"The test suite itself is `([^`]+)`", readme)
+    assert command is not None, "README.md no longer names the test command"
+    lines = [line.split("#")[0].strip() for line in ci.splitlines()]
+    tests = next(i for i, line in enumerate(lines) if line.endswith(command[1]))
+    wheel = next(i for i, line in enumerate(lines) if "scripts/check_wheel.sh" in line)
+    assert tests < wheel, "the wheel check runs before the README's test command"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Test the wheel as users get it: build the sdist and the wheel (python -m build),
+# install the wheel into a fresh virtual environment with only its declared
+# dependencies (CPU torch first), and run scripts/wheel_smoke.py from a folder
+# outside the checkout: the seed example, the demo, a mapping round trip, the
+# command line, `python -m harmonypy.shard --help`, every public name. Then each
+# optional extra: its feature must fail naming the extra, then work once installed.
+#   bash scripts/check_wheel.sh
+# Environment: PYTHON (default python3), TORCH (default torch==2.13.0, the pin of
+# scripts/setup.sh), KEEP_WHEEL_CHECK=1 keeps the work folder.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-python3}"
+torch="${TORCH:-torch==2.13.0}"
+work="$(mktemp -d "${TMPDIR:-/tmp}/harmonypy-wheel.XXXXXX")"
+if [ "${KEEP_WHEEL_CHECK:-}" = 1 ]; then
+  echo "check_wheel: work folder $work (kept)"
+else
+  trap 'rm -rf "$work"' EXIT
+fi
+start=$(date +%s)
+step() { echo "check_wheel: $* ($(($(date +%s) - start)) s)"; }
+
+step "building the sdist and the wheel"
+"$python" -m venv "$work/build-env"
+"$work/build-env/bin/python" -m pip install -q build
+"$work/build-env/bin/python" -m build -q --outdir "$work/dist" "$root" >/dev/null
+wheel=$(ls "$work"/dist/harmonypy-*.whl)
+sdist=$(ls "$work"/dist/harmonypy-*.tar.gz)
+version=$(basename "$wheel" | cut -d- -f2)
+# A copy, so that nothing of the checkout is on the path of the checks.
+cp "$root/scripts/wheel_smoke.py" "$work/smoke.py"
+"$work/build-env/bin/python" "$work/smoke.py" contents "$wheel" "$sdist" "$root"
+
+step "installing $(basename "$wheel") into a fresh virtual environment"
+"$python" -m venv "$work/env"
+py="$work/env/bin/python"
+"$py" -m pip install -q --no-compile "$torch"
+"$py" -m pip install -q --no-compile "$wheel"
+"$py" -m pip check
+export MPLBACKEND=Agg  # no display
+mkdir "$work/run"
+cd "$work/run"
+step "smoke checks"
+"$py" "$work/smoke.py" core "$version"
+
+step "optional extras"
+extras="progress plot parquet anndata ann"
+# shellcheck disable=SC2086 # a list of words
+"$py" "$work/smoke.py" missing $extras
+for extra in $extras; do
+  "$py" -m pip install -q --no-compile "$wheel[$extra]"
+  "$py" "$work/smoke.py" extra "$extra"
+done
+"$py" -m pip check
+step "the wheel of harmonypy $version passed"

@@ -29,7 +29,7 @@ def data():
 
 
 def run(monkeypatch, path, z, meta, **options):
-    monkeypatch.setenv(fused.ENV_VARIABLE, "1" if path == "fused" else "0")
+    monkeypatch.setenv(fused.ENV_VARIABLE, "always" if path == "fused" else "0")
     options.setdefault("random_state", 0)
     return hm.run_harmony(z, meta, options.pop("vars_use", "batch"), verbose=False, **options)
 
@@ -113,27 +113,36 @@ def test_the_choice_is_logged(monkeypatch, data, caplog):
         run(monkeypatch, "eager", z, meta, max_iter_harmony=1)
     messages = [r.getMessage() for r in caplog.records if r.name == "harmonypy.engine.fused"]
     assert messages == [
-        "clustering rounds: fused numba kernels (HARMONYPY_FUSED=1)",
+        "clustering rounds: fused numba kernels (HARMONYPY_FUSED=always)",
         "clustering rounds: torch operations (HARMONYPY_FUSED=0)",
     ]
 
 
+def test_one_uses_them_from_a_size(monkeypatch):
+    monkeypatch.setenv(fused.ENV_VARIABLE, "1")
+    cpu = torch.device("cpu")
+    assert fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS) == (True, "HARMONYPY_FUSED=1")
+    chosen, reason = fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS - 1)
+    assert not chosen and "below the 33,554,432" in reason and "HARMONYPY_FUSED=always" in reason
+
+
 def test_unset_means_the_torch_path(monkeypatch):
     monkeypatch.delenv(fused.ENV_VARIABLE, raising=False)
-    assert fused.fused_choice(torch.device("cpu")) == (False, "HARMONYPY_FUSED=1 turns them on")
+    chosen = fused.fused_choice(torch.device("cpu"), n_elements=fused.MIN_ELEMENTS)
+    assert chosen == (False, "HARMONYPY_FUSED=1 turns them on")
 
 
 def test_other_devices_keep_the_torch_path(monkeypatch):
-    monkeypatch.setenv(fused.ENV_VARIABLE, "1")
+    monkeypatch.setenv(fused.ENV_VARIABLE, "always")
     for device in ("cuda", "mps"):
-        chosen, reason = fused.fused_choice(torch.device(device))
+        chosen, reason = fused.fused_choice(torch.device(device), n_elements=fused.MIN_ELEMENTS)
         assert not chosen and device in reason
 
 
 def test_without_numba_the_torch_path_runs(monkeypatch, data):
-    monkeypatch.setenv(fused.ENV_VARIABLE, "1")
+    monkeypatch.setenv(fused.ENV_VARIABLE, "always")
     monkeypatch.setitem(sys.modules, "harmonypy.engine._numba_kernels", None)
-    chosen, reason = fused.fused_choice(torch.device("cpu"))
+    chosen, reason = fused.fused_choice(torch.device("cpu"), n_elements=fused.MIN_ELEMENTS)
     assert not chosen and "numba is not available" in reason and "harmonypy[fast]" in reason
     z, meta = data
     ho = hm.run_harmony(z, meta, "batch", verbose=False, random_state=0, max_iter_harmony=1)
@@ -143,8 +152,8 @@ def test_without_numba_the_torch_path_runs(monkeypatch, data):
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
 def test_a_bad_setting_is_refused(monkeypatch, value):
     monkeypatch.setenv(fused.ENV_VARIABLE, value)
-    with pytest.raises(ValueError, match=rf"HARMONYPY_FUSED must be 0 or 1 .*got '{value}'"):
-        fused.fused_choice(torch.device("cpu"))
+    with pytest.raises(ValueError, match=rf"HARMONYPY_FUSED must be 0, 1 or always .*'{value}'"):
+        fused.fused_choice(torch.device("cpu"), n_elements=1)
 
 
 @pytest.mark.parametrize("dtype,lowest", [(np.float32, -87.0), (np.float64, -708.0)])
@@ -178,7 +187,7 @@ def test_distributed_group_with_the_fused_path(monkeypatch, tmp_path):
     shards = [np.arange(0, 2000, 2), np.arange(1, 2000, 2)]
     results = {}
     for path in ("eager", "fused"):
-        monkeypatch.setenv(fused.ENV_VARIABLE, "1" if path == "fused" else "0")
+        monkeypatch.setenv(fused.ENV_VARIABLE, "always" if path == "fused" else "0")
         out = run_group(tmp_path, z, meta, shards, algorithm="harmony2", ncores=1)
         results[path] = (gathered(z, shards, out), out[0]["objective"])
     (eager, eager_objective), (fast, fast_objective) = results["eager"], results["fused"]

@@ -17,8 +17,13 @@ order (the kernels split the clusters, not the cells, between threads).
 
 Which path runs: the environment variable ``HARMONYPY_FUSED`` — ``1`` uses
 the fused kernels on the CPU when numba imports (``pip install
-harmonypy[fast]``), ``0`` or unset the torch path. CUDA and MPS always take
-the torch path. :func:`use_fused` logs the choice and why at INFO.
+harmonypy[fast]``) and the run has at least :data:`MIN_ELEMENTS` cells x
+clusters; ``always`` at any size (tests, benchmarks); ``0`` or unset the
+torch path. Below that size the kernels would not pay for themselves: a
+fresh process spends seconds importing numba and loading the compiled
+kernels from numba's cache (the first use ever compiles them: about 10 s per
+dtype), more than they save in a run of a few thousand cells. CUDA and MPS
+always take the torch path. :func:`use_fused` logs the choice and why at INFO.
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: The environment variable that turns the fused CPU kernels on (``1``) or off (``0``).
+#: The environment variable that turns the fused CPU kernels on (``1``: above
+#: :data:`MIN_ELEMENTS`; ``always``) or off (``0``).
 ENV_VARIABLE = "HARMONYPY_FUSED"
+
+#: Cells x clusters (of the whole run) from which ``HARMONYPY_FUSED=1`` takes the
+#: fused kernels: about 335,000 cells at K = 100, where a run's rounds save more
+#: than loading numba costs (docs/performance.md).
+MIN_ELEMENTS = 2**25
 
 # numba's workqueue threading layer (its fallback without OpenMP or TBB)
 # aborts the process when two Python threads launch kernels at once; runs in
@@ -43,21 +54,27 @@ ENV_VARIABLE = "HARMONYPY_FUSED"
 _KERNEL_LOCK = threading.Lock()
 
 
-def fused_choice(device: torch.device) -> tuple[bool, str]:
-    """Whether a run on ``device`` uses the fused kernels, and why (one phrase)."""
+def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
+    """Whether a run of ``n_elements`` cells x clusters on ``device`` uses the
+    fused kernels, and why (one phrase)."""
     setting = os.environ.get(ENV_VARIABLE, "").strip()
-    if setting not in ("", "0", "1"):
-        raise ValueError(f"{ENV_VARIABLE} must be 0 or 1 (or unset), got {setting!r}")
-    if setting != "1":
+    if setting not in ("", "0", "1", "always"):
+        raise ValueError(f"{ENV_VARIABLE} must be 0, 1 or always (or unset), got {setting!r}")
+    if setting in ("", "0"):
         reason = f"{ENV_VARIABLE}=0" if setting == "0" else f"{ENV_VARIABLE}=1 turns them on"
         return False, reason
     if device.type != "cpu":
         return False, f"{device.type} device: the torch path runs there"
+    if setting == "1" and n_elements < MIN_ELEMENTS:
+        return False, (
+            f"{n_elements:,} cells x clusters, below the {MIN_ELEMENTS:,} where loading "
+            f"numba pays off; {ENV_VARIABLE}=always uses them at any size"
+        )
     try:
         _kernels()
     except ImportError as error:
         return False, f"numba is not available ({error}); pip install 'harmonypy[fast]'"
-    return True, f"{ENV_VARIABLE}=1"
+    return True, f"{ENV_VARIABLE}={setting}"
 
 
 def _kernels():
@@ -66,9 +83,9 @@ def _kernels():
     return importlib.import_module("harmonypy.engine._numba_kernels")
 
 
-def use_fused(device: torch.device) -> bool:
+def use_fused(device: torch.device, *, n_elements: int) -> bool:
     """:func:`fused_choice`, logged at INFO (once per run)."""
-    fused, reason = fused_choice(device)
+    fused, reason = fused_choice(device, n_elements=n_elements)
     path = "fused numba kernels" if fused else "torch operations"
     logger.info("clustering rounds: %s (%s)", path, reason)
     return fused

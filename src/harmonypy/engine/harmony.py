@@ -229,7 +229,7 @@ class Harmony:
             diversity,
             first_levels=int(design.offsets[1]),
             reduction=reduction,
-            fused=use_fused(self.device),
+            fused=use_fused(self.device, n_elements=self.N_total * self.K),
         )
 
         self._assignments: torch.Tensor | None = None

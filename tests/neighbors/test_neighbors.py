@@ -59,9 +59,10 @@ def test_every_method_returns_the_result_type(method):
     assert found.indices.shape == (120, 7)
 
 
-def test_unknown_method_is_named():
+def test_unknown_method_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"neighbors must be one of.*'kdtree'"):
         neighbors.knn(np.zeros((10, 2)), 3, method="kdtree")
+    monkeypatch.setattr(neighbors, "faiss_available", lambda: False)  # faiss: test_faiss_backend
     assert neighbors.resolve_method("auto", neighbors.EXACT_MAX_CELLS) == "exact"
     assert neighbors.resolve_method("auto", neighbors.EXACT_MAX_CELLS + 1) == "ivf"
 

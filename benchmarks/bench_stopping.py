@@ -25,8 +25,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import harmonypy as hm  # noqa: E402
 from device_check import per_pc_r  # noqa: E402 - beside this script (minimum over PCs)
+
+import harmonypy as hm  # noqa: E402
 from harmonypy._simulate import simulate  # noqa: E402
 
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"the default run (R's objective test only) of the same algorithm"
         + (" (every tolerance read off one default run: `--one-run`)." if args.one_run else "."),
         "",
-        "| algorithm | epsilon_embedding | iterations | stop reason | seconds | last objective | min per-PC r |",
+        "| algorithm | epsilon_embedding | iterations | stop reason | seconds | last objective "
+        "| min per-PC r |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

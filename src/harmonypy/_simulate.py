@@ -231,8 +231,10 @@ def simulate(
 
     meta = pd.DataFrame(
         {
+            # pandas-stubs type codes as Sequence[int]; pandas takes the int array as is.
             "batch": pd.Categorical.from_codes(
-                batch_idx, categories=[f"b{b}" for b in range(n_batches)]
+                batch_idx,  # type: ignore[arg-type]
+                categories=pd.Index([f"b{b}" for b in range(n_batches)]),
             ),
             "cell_type": np.array([f"t{t}" for t in range(n_cell_types)], dtype=object)[type_idx],
         }
@@ -247,7 +249,7 @@ def simulate(
         b2_shift = rng.normal(size=(second_batch, n_pcs)) * (scales["batch2_shift"] * profile)
         X += b2_shift.astype(dtype)[batch2_idx]
         meta["batch2"] = pd.Categorical.from_codes(
-            batch2_idx, categories=[f"tech{k}" for k in range(second_batch)]
+            batch2_idx, categories=pd.Index([f"tech{k}" for k in range(second_batch)])
         )
 
     X -= X.mean(axis=0, dtype=np.float64).astype(dtype)

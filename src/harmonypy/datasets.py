@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ __all__ = [
 
 
 def _read(name: str) -> pd.DataFrame:
-    with resources.files("harmonypy").joinpath("data", name).open("rb") as handle:
+    with resources.files("harmonypy").joinpath("data").joinpath(name).open("rb") as handle:
         return pd.read_csv(handle, sep="\t", compression="gzip")
 
 
@@ -166,5 +167,5 @@ def save_example(folder: str | Path = ".", *, overwrite: bool = False) -> dict[s
 # The simulator's own docstring and signature (``__wrapped__``), for help() and the API
 # reference; the function stays defined here, in the public module.
 @functools.wraps(_simulate.simulate, assigned=("__doc__",))
-def simulate(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
+def simulate(*args: Any, **kwargs: Any) -> tuple[np.ndarray, pd.DataFrame]:
     return _simulate.simulate(*args, **kwargs)

@@ -230,11 +230,13 @@ def _coordinates(
             f"got shape {data.shape}"
         )
     if basis == "pcs":
-        dims = tuple(int(d) for d in dims)
-        if len(dims) != 2 or not all(0 <= d < data.shape[1] for d in dims):
-            raise ValueError(f"dims must be two column indices below {data.shape[1]}, got {dims}")
-        names = [columns[d] if columns else f"PC{d + 1}" for d in dims]
-        return data[:, list(dims)], names
+        picked = [int(d) for d in dims]
+        if len(picked) != 2 or not all(0 <= d < data.shape[1] for d in picked):
+            raise ValueError(
+                f"dims must be two column indices below {data.shape[1]}, got {tuple(picked)}"
+            )
+        names = [columns[d] if columns else f"PC{d + 1}" for d in picked]
+        return data[:, picked], names
     if basis == "umap":
         return _umap(data, random_state), ["UMAP1", "UMAP2"]
     raise ValueError(f"basis must be 'pcs' or 'umap', got {basis!r}")
@@ -256,10 +258,12 @@ def _paired(before: Any, after: Any, meta: Any) -> tuple[Any, Any, Any]:
     (after_names, after_from), (before_names, before_from) = _names_of(after), _names_of(before)
     if after_names is None and before_names is None:
         return before, after, meta
+    names: pd.Index
     if after_names is not None:
         names, cells_from = after_names, after_from.format("after")
         other, other_names, other_from = before, before_names, before_from.format("before")
     else:
+        assert before_names is not None  # both None returned above
         names, cells_from = before_names, before_from.format("before")
         other, other_names, other_from = after, None, ""
     if other_names is not None:

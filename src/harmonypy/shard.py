@@ -39,6 +39,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -259,7 +260,7 @@ def _all_ok(verdict, *, rank: int, world: int) -> list:
     every rank when any failed (naming it), else return the values in rank order."""
     import torch.distributed as dist
 
-    verdicts = [None] * world
+    verdicts: list[Any] = [None] * world
     dist.all_gather_object(verdicts, verdict)
     failed = [(r, v[1]) for r, v in enumerate(verdicts) if v[0] == "error"]
     if failed:
@@ -283,7 +284,7 @@ def _prepare_outdir(outdir: Path, *, force: bool, rank: int, world: int) -> None
             )
         for name in earlier:
             (outdir / name).unlink(missing_ok=True)  # another rank may share the folder
-        verdict = ("ok", None)
+        verdict: tuple[str, Any] = ("ok", None)
     except Exception as err:  # noqa: BLE001 - every rank raises it below
         verdict = ("error", str(err))
     _all_ok(verdict, rank=rank, world=world)
@@ -308,7 +309,7 @@ def _write_parts(outdir: Path, ho, *, rank: int, world: int, bounds: list, backe
                 sha256=_sha256(staged),
             )
             files.commit()
-        verdict = ("ok", entry)
+        verdict: tuple[str, Any] = ("ok", entry)
     except Exception as err:  # noqa: BLE001 - every rank raises it below
         verdict = ("error", f"could not write {part}: {type(err).__name__}: {err}")
     entries = _all_ok(verdict, rank=rank, world=world)

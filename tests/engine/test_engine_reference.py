@@ -13,7 +13,6 @@ import torch
 
 from harmonypy.engine.design import build_design
 from harmonypy.engine.harmony import Harmony
-
 from reference_harmony import ReferenceHarmony
 
 

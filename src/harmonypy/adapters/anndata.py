@@ -43,10 +43,11 @@ from harmonypy.adapters.mapping_record import (
     mapping_record,
     write_transfer,
 )
-from harmonypy.distributed.launch import run_in_processes
+from harmonypy.distributed.launch import GatheredRun, run_in_processes
 from harmonypy.engine import validation as val
 from harmonypy.engine.design import check_columns
 from harmonypy.engine.device import resolve_device, resolve_dtype
+from harmonypy.engine.harmony import Harmony
 from harmonypy.engine.run import run_harmony
 from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
@@ -85,7 +86,7 @@ def integrate(
     *,
     nproc: int = 1,
     **run_harmony_kwargs: Any,
-):
+) -> Harmony | GatheredRun:
     """Run Harmony on an embedding stored in an AnnData object.
 
     Parameters
@@ -165,6 +166,7 @@ def integrate(
     _check_obs_columns(adata, keys)
 
     nproc = _check_nproc(nproc, len(adata.obs))
+    ho: Harmony | GatheredRun
     if nproc > 1:
         ho = run_in_processes(np.asarray(embedding), adata.obs, keys, nproc, **run_harmony_kwargs)
     else:

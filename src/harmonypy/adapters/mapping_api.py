@@ -15,8 +15,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+from numpy.typing import ArrayLike
 
+from harmonypy._typing import (
+    AnnDataLike,
+    DeviceLike,
+    DtypeLike,
+    MatrixLike,
+    MetadataLike,
+    RandomStateLike,
+)
 from harmonypy.adapters import anndata as _anndata
+from harmonypy.engine.harmony import Harmony
 from harmonypy.mapping import query as _mapping
 from harmonypy.mapping import reference as _reference
 from harmonypy.mapping import transfer as _transfer
@@ -39,21 +49,21 @@ def _refuse_anndata_only(given: dict[str, Any], message: str, *, extra: Sequence
 
 
 def build_reference(
-    source,
-    meta_data=None,
+    source: Harmony | MatrixLike | AnnDataLike,
+    meta_data: MetadataLike | str | Sequence[str] | None = None,
     labels: str | Sequence[str] | None = None,
     keep_cells: bool = True,
     *,
     nclust: int | None = None,
-    sigma=None,
-    random_state=None,
-    device=None,
-    dtype=None,
+    sigma: float | ArrayLike | None = None,
+    random_state: RandomStateLike = None,
+    device: DeviceLike = None,
+    dtype: DtypeLike = None,
     basis: str | None = None,
     adjusted_basis: str | None = None,
     loadings: str | None = "PCs",
     layer: str | None = None,
-    **run_harmony_kwargs,
+    **run_harmony_kwargs: Any,
 ) -> Reference:
     """Build a :class:`Reference` to map query cells onto.
 
@@ -225,18 +235,18 @@ def build_reference(
 
 
 def map_query(
-    data_mat,
-    meta_data=None,
-    ref: Reference | None = None,
+    data_mat: MatrixLike | AnnDataLike,
+    meta_data: MetadataLike | Reference | None = None,
+    ref: Reference | str | Sequence[str] | None = None,
     vars_use: str | Sequence[str] | None = None,
-    sigma=None,
-    lamb=None,
-    device=None,
-    dtype=None,
+    sigma: float | ArrayLike | None = None,
+    lamb: float | ArrayLike | None = None,
+    device: DeviceLike = None,
+    dtype: DtypeLike = None,
     *,
     confidence: bool = True,
     iterations: int = 1,
-    key=None,
+    key: str | Sequence[str] | None = None,
     basis: str | None = None,
     adjusted_basis: str | None = None,
     layer: str | None = None,
@@ -422,7 +432,7 @@ def map_query(
     )
 
 
-def _anndata_arguments(second, third, key, vars_use):
+def _anndata_arguments(second: Any, third: Any, key: Any, vars_use: Any) -> tuple[Any, Any]:
     """``(ref, key)`` of ``map_query(adata_query, ref, key)``, however they were passed."""
     if vars_use is not None:
         if key is not None:
@@ -446,13 +456,13 @@ def _anndata_arguments(second, third, key, vars_use):
 
 
 def transfer_labels(
-    query,
+    query: MappedQuery | MatrixLike | AnnDataLike,
     ref: Reference,
     label: str,
     k: int = 5,
     min_probability: float = 0.5,
     *,
-    device=None,
+    device: DeviceLike = None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
     """Label query cells by a vote of their k nearest reference cells.

@@ -103,7 +103,7 @@ def check_replaceable(
     if not taken:
         return
     remedies = ["pass overwrite=True to replace them"]
-    if f"obsm[{adjusted_basis!r}]" in taken:
+    if adjusted_basis is not None and f"obsm[{adjusted_basis!r}]" in taken:
         remedies.insert(
             0,
             f"write the mapped query elsewhere with adjusted_basis=KEY (e.g. "

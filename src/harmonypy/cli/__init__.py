@@ -151,7 +151,7 @@ def _message(err: BaseException, command: str | None = None) -> str:
     # str(KeyError) adds quotes around the message; take it as written.
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(text.split()) or type(err).__name__
-    names = _OPTION_NAMES.get(command, {})
+    names = {} if command is None else _OPTION_NAMES.get(command, {})
     if names:
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
         text = pattern.sub(lambda match: names[match.group(1)], text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -126,8 +127,8 @@ def subset_mask(
     present = set(text)
     unknown = [v for v in values if v not in present]
     if unknown:
-        present = sorted(present)
-        shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
+        listed = sorted(present)
+        shown = ", ".join(listed[:20]) + (", ..." if len(listed) > 20 else "")
         raise ValueError(
             f"--subset {column}={','.join(values)}: no cell has {column} "
             f"{', '.join(map(repr, unknown))} in {source} (values: {shown})"
@@ -135,9 +136,11 @@ def subset_mask(
     return text.isin(values).to_numpy()
 
 
-def take_rows(
-    embedding: Table, meta: pd.DataFrame | None, mask: np.ndarray | None
-) -> tuple[Table, pd.DataFrame | None]:
+#: The metadata of a command: a table, or None where the command has none.
+_Meta = TypeVar("_Meta", pd.DataFrame, None)
+
+
+def take_rows(embedding: Table, meta: _Meta, mask: np.ndarray | None) -> tuple[Table, _Meta]:
     """The embedding and metadata rows selected by ``mask`` (all when None)."""
     if mask is None:
         return embedding, meta

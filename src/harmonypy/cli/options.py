@@ -117,7 +117,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             or action.default == argparse.SUPPRESS
         ):
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -215,6 +215,7 @@ def _integrate(args: argparse.Namespace, cells, meta: pd.DataFrame) -> Any:
     processes; returns the run (a ``Harmony`` or the launcher's gathered run)."""
     from harmonypy.engine.run import run_harmony
 
+    ho: Any  # a Harmony, or the launcher's GatheredRun (the same attributes here)
     if args.nproc > 1:
         from harmonypy.distributed.launch import run_in_processes
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from harmonypy.engine import validation as val
 from harmonypy.engine.design import encode_local_levels, merge_local_levels
 from harmonypy.engine.options import RunOptions, design_dependent_inputs, local_inputs
-from harmonypy.engine.reduce import Reduction
+from harmonypy.engine.reduce import GroupReduction, Reduction
 
 
 def distributed_inputs(
-    data_mat, meta_data, vars_use, options: RunOptions, reduction: Reduction
+    data_mat, meta_data, vars_use, options: RunOptions, reduction: GroupReduction
 ) -> dict:
     """:func:`~harmonypy.run_harmony`'s checks in a process group, in two rounds.
 
@@ -107,6 +107,7 @@ def _checked_together(reduction: Reduction, check):
     any process, every process raises, naming the rank(s)
     (:func:`_raise_if_refused`), instead of the others waiting in the next
     collective call."""
+    verdict: tuple
     try:
         result, shared = check()
         verdict, failure = ("ok", shared), None

@@ -395,7 +395,7 @@ def _wait(procs: list, readers: list) -> dict:
     failed and the others stopped too (or had ``_GRACE_SECONDS``)."""
     reports = [bytearray() for _ in procs]
     failed: list[int] = []  # ranks, in the order their failure was seen
-    failed_at = None
+    failed_at: float | None = None
     with selectors.DefaultSelector() as selector:
         for rank, reader in enumerate(readers):
             selector.register(reader, selectors.EVENT_READ, rank)
@@ -414,7 +414,7 @@ def _wait(procs: list, readers: list) -> dict:
             settled = all(code is not None for code in codes) and not selector.get_map()
             if failed and failed_at is None:
                 failed_at = time.monotonic()
-            if settled or failed and time.monotonic() - failed_at > _GRACE_SECONDS:
+            if settled or failed_at is not None and time.monotonic() - failed_at > _GRACE_SECONDS:
                 break
     messages = [_messages(report) for report in reports]
     if failed:
@@ -425,7 +425,7 @@ def _wait(procs: list, readers: list) -> dict:
     return done[0]
 
 
-def _messages(report: bytes) -> list[tuple]:
+def _messages(report: bytes | bytearray) -> list[tuple]:
     """The messages a process sent, in order (a cut-off last one is dropped)."""
     handle, out = io.BytesIO(bytes(report)), []
     while handle.tell() < len(report):

@@ -14,6 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +137,7 @@ class EmbeddingChange:
         return float(sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-300))
 
 
-def check_callback(callback) -> None:
+def check_callback(callback: object) -> None:
     """Refuse a ``callback`` that cannot be called, before the run starts."""
     if callback is not None and not callable(callback):
         raise TypeError(
@@ -156,7 +157,7 @@ def callback_stops(callback: Callback, report: IterationReport) -> bool:
     )
 
 
-def warn_if_not_converged(ho, max_iter_harmony: int, stacklevel: int = 3) -> None:
+def warn_if_not_converged(ho: Any, max_iter_harmony: int, stacklevel: int = 3) -> None:
     """R warns when the iterations run out before convergence; so does this package."""
     if ho.stop_reason != "max_iter_harmony":
         return

@@ -48,16 +48,16 @@ class LevelIndex:
     def from_codes(cls, codes: torch.Tensor, offsets) -> LevelIndex:
         cells, variable = [], []
         for v in range(codes.shape[1]):
-            counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
-            counts = counts[int(offsets[v]) : int(offsets[v + 1])].tolist()
+            all_counts = torch.bincount(codes[:, v], minlength=int(offsets[-1]))
+            counts = all_counts[int(offsets[v]) : int(offsets[v + 1])].tolist()
             first = codes[:, v]
             if v == 0 and bool((first[1:] >= first[:-1]).all()):
                 starts = [0]
                 for c in counts:
                     starts.append(starts[-1] + c)
-                pieces = [slice(a, b) for a, b in itertools.pairwise(starts)]
+                pieces: list = [slice(a, b) for a, b in itertools.pairwise(starts)]
             else:
-                pieces = torch.split(torch.argsort(first, stable=True), counts)
+                pieces = list(torch.split(torch.argsort(first, stable=True), counts))
             for piece in pieces:
                 cells.append(piece)
                 variable.append(v)
@@ -272,12 +272,13 @@ class Correction:
     z_corr : (N, d) corrected embedding.
     intercept : (K, d) ridge intercepts ``W[0]`` (Harmony2 takes centroids from them).
     keep : (K, B) bool levels used per cluster, or None when all were used.
+    penalty : (K, B) the ridge penalty each level got (``lambda``).
     """
 
     z_corr: torch.Tensor
     intercept: torch.Tensor
     keep: torch.Tensor | None
-    penalty: torch.Tensor | None = None
+    penalty: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -462,6 +463,8 @@ def _kept_levels(
     level alone in its variable, its intercept being fixed by the anchor."""
     if settings.batch_prop_cutoff is None:
         return None
+    if settings.counts is None:
+        raise ValueError("RidgeSettings: batch_prop_cutoff needs the level sizes (counts)")
     counts = settings.counts.to(observed.device, observed.dtype)
     if anchored:
         return above_cutoff(observed, counts, settings.batch_prop_cutoff)

@@ -187,11 +187,11 @@ def encode_column(name, column: pd.Series, check_levels: bool = True) -> tuple[l
         ) from None
     if check_levels:
         _check_not_identifier(name, len(uniques), len(column))
-    uniques = list(uniques)
-    order = _sorted_levels(uniques)
-    rank = np.empty(len(uniques), dtype=np.int64)
-    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(uniques), dtype=np.int64)
-    levels = [uniques[i] for i in order]
+    found = list(uniques)
+    order = _sorted_levels(found)
+    rank = np.empty(len(found), dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(found), dtype=np.int64)
+    levels = [found[i] for i in order]
     codes = rank[np.asarray(raw_codes, dtype=np.int64)]
     return levels, codes
 

@@ -14,18 +14,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 from harmonypy.engine import clustering as clu
 from harmonypy.engine import online
 from harmonypy.engine import validation as val
 from harmonypy.engine.arrays import all_finite, input_tensor, write_rows
-from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
-from harmonypy.engine.design import BatchDesign
-from harmonypy.engine.fused import use_fused
-from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.convergence import (
     Callback,
     EmbeddingChange,
@@ -36,6 +34,10 @@ from harmonypy.engine.convergence import (
     relative_change_below,
     warn_if_not_converged,
 )
+from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
+from harmonypy.engine.design import BatchDesign
+from harmonypy.engine.fused import use_fused
+from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.progress import Progress
 from harmonypy.engine.reduce import LOCAL, Reduction
 from harmonypy.engine.threads import AutoThreads
@@ -82,7 +84,8 @@ class Harmony:
         values used are in ``lamb_estimated``.
     objective_harmony : list of float
         Objective after initialisation and after each Harmony iteration.
-    objective_kmeans, objective_kmeans_dist, objective_kmeans_entropy, objective_kmeans_cross : list of float
+    objective_kmeans, objective_kmeans_dist : list of float
+    objective_kmeans_entropy, objective_kmeans_cross : list of float
         Objective and its three parts after every clustering round (scaled by 2000 / N).
     kmeans_rounds : list of int
         Clustering rounds run in each Harmony iteration.
@@ -129,6 +132,11 @@ class Harmony:
     ((20, 1200), (40, 1200), (40, 3))
     """
 
+    # Set by run_harmony after the run (the threads it used; the bytes this process
+    # all-reduced, 0 in one process).
+    n_threads: int | None
+    bytes_reduced: int
+
     def __init__(
         self,
         z: np.ndarray,
@@ -153,7 +161,7 @@ class Harmony:
         n_total: int | None = None,
         kmeans_init: str = "greedy",
         epsilon_embedding: float | None = None,
-    ):
+    ) -> None:
         self.algorithm = algorithm
         self.kmeans_init = kmeans_init
         # Every sum over cells goes through this: a no-op in one process, an
@@ -512,9 +520,7 @@ class Harmony:
         old, new = self.objective_harmony[-2], self.objective_harmony[-1]
         return relative_change_below(old - new, old, self.epsilon_harmony)
 
-    def harmonize(
-        self, max_iter_harmony: int = 10, *, callback: Callback | None = None
-    ) -> "Harmony":
+    def harmonize(self, max_iter_harmony: int = 10, *, callback: Callback | None = None) -> Harmony:
         """Run up to ``max_iter_harmony`` more Harmony iterations, from where the run stands.
 
         Continues a finished run: ``run_harmony(..., max_iter_harmony=3)``
@@ -787,7 +793,8 @@ class Harmony:
 
     @property
     def W_intercept(self) -> np.ndarray | None:
-        """Ridge intercepts of the last correction, (d, K) (Harmony2's centroids before normalising)."""
+        """Ridge intercepts of the last correction, (d, K) (Harmony2's centroids before
+        normalising)."""
         return None if self._intercept is None else self._np(self._intercept).T
 
     @property
@@ -800,7 +807,7 @@ class Harmony:
         """Names of the B levels, ``variable=level``, in row order of ``Phi``."""
         return self.design.level_names
 
-    def plot_convergence(self, ax=None):
+    def plot_convergence(self, ax: Any = None) -> Any:
         """Objective per clustering round, coloured by Harmony iteration (needs matplotlib).
 
         Parameters
@@ -839,7 +846,7 @@ class Harmony:
         """NumPy dtype of the per-cell results (float32 or float64)."""
         return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
 
-    def result(self, out: np.ndarray | None = None, dtype=None) -> np.ndarray:
+    def result(self, out: np.ndarray | None = None, dtype: DTypeLike = None) -> np.ndarray:
         """Corrected embedding as cells x features (same as ``Z_corr.T``).
 
         Parameters

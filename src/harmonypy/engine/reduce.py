@@ -54,13 +54,16 @@ class Reduction:
     rank, world_size : int
         This process's place in the group (0 and 1 here).
     distributed : bool
+    backend : str
+        The process group's backend (``"gloo"``, ``"nccl"``); ``"none"`` here.
     """
 
     rank = 0
     world_size = 1
     distributed = False
+    backend = "none"
 
-    def sum_(self, *tensors: torch.Tensor) -> None:
+    def sum_(self, *tensors: torch.Tensor | None) -> None:
         """Make each tensor (in place) the sum of its values over all processes."""
 
     def all_gather(self, obj: Any) -> list:
@@ -112,16 +115,16 @@ class GroupReduction(Reduction):
         self.backend = str(dist.get_backend(group))
         self._bytes = 0
 
-    def sum_(self, *tensors: torch.Tensor) -> None:
+    def sum_(self, *tensors: torch.Tensor | None) -> None:
         # Several small tensors go as one message: one round trip instead of many.
-        tensors = [t for t in tensors if t is not None]
-        if not tensors:
+        present = [t for t in tensors if t is not None]
+        if not present:
             return
-        if len(tensors) == 1 and tensors[0].is_contiguous():
-            self._all_reduce(tensors[0])
+        if len(present) == 1 and present[0].is_contiguous():
+            self._all_reduce(present[0])
             return
         by_kind: dict = {}
-        for t in tensors:
+        for t in present:
             by_kind.setdefault((t.dtype, t.device), []).append(t)
         for group in by_kind.values():
             flat = torch.cat([t.reshape(-1) for t in group])

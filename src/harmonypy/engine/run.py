@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from numpy.typing import ArrayLike
 
+from harmonypy._typing import DeviceLike, DtypeLike, MatrixLike, MetadataLike, RandomStateLike
 from harmonypy.engine import validation as val
 from harmonypy.engine.convergence import Callback, check_callback, warn_if_not_converged
 from harmonypy.engine.design import build_design
@@ -23,7 +26,7 @@ from harmonypy.engine.harmony import Harmony
 from harmonypy.engine.kmeans import SAMPLE_SIZE as _KMEANS_SAMPLE
 from harmonypy.engine.options import RunOptions, design_dependent_inputs, local_inputs
 from harmonypy.engine.progress import Progress
-from harmonypy.engine.reduce import LOCAL, GroupReduction
+from harmonypy.engine.reduce import LOCAL, GroupReduction, Reduction
 from harmonypy.engine.threads import AutoThreads
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ class _DefaultFloat(float):
 
 
 # Defaults that Harmony2 replaces with its own when the caller leaves them.
-_HARMONY2_DEFAULTS = {
+_HARMONY2_DEFAULTS: dict[str, Any] = {
     "max_iter_kmeans": 4,
     "epsilon_cluster": 1e-3,
     "epsilon_harmony": 1e-2,
@@ -62,12 +65,12 @@ def _outcome(ho: Harmony) -> str:
 
 
 def run_harmony(
-    data_mat,
-    meta_data,
+    data_mat: MatrixLike,
+    meta_data: MetadataLike,
     vars_use: str | Sequence[str] | None = None,
-    theta=None,
-    lamb=None,
-    sigma=0.1,
+    theta: float | ArrayLike | None = None,
+    lamb: float | ArrayLike | None = None,
+    sigma: float | ArrayLike = 0.1,
     nclust: int | None = None,
     tau: float = 0,
     block_size: float = 0.05,
@@ -77,17 +80,17 @@ def run_harmony(
     epsilon_harmony: float = _DefaultFloat(1e-4),
     alpha: float = 0.2,
     verbose: bool = True,
-    random_state=0,
-    device=None,
+    random_state: RandomStateLike = 0,
+    device: DeviceLike = None,
     *,
-    dtype=None,
+    dtype: DtypeLike = None,
     algorithm: str = "harmony1",
     batch_prop_cutoff: float = 1e-5,
     ncores: int | None = None,
     check_memory: bool = True,
     plot_convergence: bool = False,
     distributed: bool = False,
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
     kmeans_init: str = "greedy",
     callback: Callback | None = None,
     epsilon_embedding: float | None = None,
@@ -272,8 +275,9 @@ def run_harmony(
         # calls this module's checks), and a single-process run needs none of it.
         from harmonypy.distributed.checks import distributed_inputs
 
-        reduction = GroupReduction(process_group)
-        checked = distributed_inputs(data_mat, meta_data, vars_use, options, reduction)
+        group = GroupReduction(process_group)
+        reduction: Reduction = group
+        checked = distributed_inputs(data_mat, meta_data, vars_use, options, group)
     else:
         reduction = LOCAL
         local = local_inputs(data_mat, meta_data, vars_use, options=options)

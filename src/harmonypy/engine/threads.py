@@ -272,7 +272,9 @@ def _enter(n: int | None) -> int:
         if _active == 0:
             _original = current
             mine = current
-        elif depth == 0 and current != _original and current in _values_set:
+        elif (
+            depth == 0 and _original is not None and current != _original and current in _values_set
+        ):
             # Most likely adopted from another thread's entry when this thread
             # first used torch: its own setting is the original one.
             mine = _original
@@ -296,8 +298,9 @@ def _leave(mine: int, n: int | None) -> None:
     with _lock:
         _active -= 1
         _local.depth = getattr(_local, "depth", 1) - 1
-        with contextlib.suppress(ValueError):
-            _values_set.remove(n)
+        if n is not None:
+            with contextlib.suppress(ValueError):
+                _values_set.remove(n)
         if torch.get_num_threads() != mine:
             _set(mine)
         if _active == 0:
@@ -348,7 +351,7 @@ class AutoThreads:
         self.device = device
         self.load = load
         self.runnable = runnable
-        self.cpus = cpus
+        self._cpus = cpus
         self.threads: int | None = ncores
         self.changes: list[tuple[float, int, str]] = []
         self._start = time.monotonic()
@@ -364,8 +367,6 @@ class AutoThreads:
         else:
             self._mine = self.cap = _enter(None)  # the caller's setting: the cap
             try:
-                if self.cpus is None:
-                    self.cpus = usable_cpus()
                 first, reason = self._first_choice()
                 _change(first)
             except BaseException:
@@ -412,6 +413,14 @@ class AutoThreads:
     def _note(self, n: int, reason: str) -> None:
         self.changes.append((round(time.monotonic() - self._start, 3), n, reason))
         logger.info("CPU threads: %d (%s)", n, reason)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs the run may use: as given, else :func:`usable_cpus` (looked up once,
+        at the first decision)."""
+        if self._cpus is None:
+            self._cpus = usable_cpus()
+        return self._cpus
 
     # during the run ---------------------------------------------------------
 

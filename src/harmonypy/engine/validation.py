@@ -365,6 +365,7 @@ def check_cell_lengths(cells: np.ndarray, dtype, *, rows: CellRows | None = None
 # ------------------------------------------------------ meta_data, vars_use
 def _labels_frame(meta_data, vars_use) -> pd.DataFrame:
     """A one-column DataFrame from a Series or 1-D array of labels."""
+    name: Hashable
     if isinstance(vars_use, str):
         name = vars_use
     elif (

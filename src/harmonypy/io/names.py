@@ -103,7 +103,7 @@ def _meta_name_candidates(
             sources.append((f"column {str(column)!r}", pd.Index(values)))
 
     def shares_a_name(names: pd.Index) -> bool:
-        if isinstance(names.dtype, pd.CategoricalDtype):  # the categories say it all
+        if isinstance(names, pd.CategoricalIndex):  # the categories say it all
             names = pd.Index(names.categories)
         # A name column usually shares names within its first rows: try those
         # before looking up every value.

@@ -168,7 +168,7 @@ def _interrupts_held() -> Iterator[None]:
         for s in held:
             signal.signal(s, previous[s])
         for signum in received[:1]:
-            handler = previous[signum]
+            handler = previous[signal.Signals(signum)]
             if callable(handler):
                 handler(signum, None)
             elif handler == signal.SIG_DFL and signum == signal.SIGINT:

@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -180,7 +181,7 @@ class NpzArchive:
         the caller): exactly its bytes, read in bounded chunks; the member's
         CRC is checked at its end."""
         key = header.key
-        order = "F" if header.fortran_order else "C"
+        order: Literal["C", "F"] = "F" if header.fortran_order else "C"
         array = np.empty(header.shape, dtype=header.dtype, order=order)
         flat = array.reshape(-1, order="A").view(np.uint8)
         try:

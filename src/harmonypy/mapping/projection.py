@@ -401,7 +401,9 @@ class _NonFinite:
 
     def __init__(self, source: str, cells: pd.Index, genes: pd.Index):
         self.source, self.cells, self.genes = source, cells, genes
-        self.count, self.rows, self.columns = 0, set(), set()
+        self.count = 0
+        self.rows: set[int] = set()
+        self.columns: set[int] = set()
 
     def found(self, start: int, block: np.ndarray) -> bool:
         """Note the block's non-finite values; True when it has any (or an earlier one did)."""
@@ -435,9 +437,9 @@ def _gene_positions(names: pd.Index, genes: np.ndarray, what: str) -> np.ndarray
                 f"name; call {what}.var_names_make_unique() first"
             )
         unique = ~names.duplicated(keep=False)
-        found = names[unique].get_indexer(genes)
+        found = names[unique].get_indexer(pd.Index(genes))
         return np.where(found >= 0, np.flatnonzero(unique)[found], -1)
-    return names.get_indexer(genes)
+    return names.get_indexer(pd.Index(genes))
 
 
 def _shown(names) -> str:

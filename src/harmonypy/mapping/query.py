@@ -128,17 +128,17 @@ class MappedQuery:
 
     def __init__(
         self,
-        z_corr,
-        assignments,
-        confidence,
-        design,
-        variables,
-        lamb,
-        keep,
-        sigma,
-        cell_names,
-        algorithm,
-    ):
+        z_corr: np.ndarray,
+        assignments: np.ndarray,
+        confidence: np.ndarray | None,
+        design: BatchDesign,
+        variables: list[str],
+        lamb: np.ndarray,
+        keep: np.ndarray | None,
+        sigma: np.ndarray,
+        cell_names: pd.Index | None,
+        algorithm: str,
+    ) -> None:
         self._cells = z_corr  # (N, d)
         self._assignments = assignments  # (N, K)
         self.confidence = confidence
@@ -149,6 +149,7 @@ class MappedQuery:
         self.sigma = sigma
         self.cell_names = cell_names
         self.algorithm = algorithm
+        self.reference_digest: str | None = None  # set by map_query
 
     @property
     def Z_corr(self) -> np.ndarray:
@@ -201,7 +202,7 @@ class MappedQuery:
 def map_query(
     data_mat,
     meta_data=None,
-    ref: Reference | None = None,
+    ref: object = None,  # a Reference; anything else is refused below
     vars_use: str | Sequence[str] | None = None,
     sigma=None,
     lamb=None,
@@ -440,14 +441,14 @@ def _query_design(frame, names, n_cells: int) -> BatchDesign:
         levels.append(lv)
         codes.append(cd + offsets[-1])
         offsets.append(offsets[-1] + len(lv))
-    codes = np.stack(codes, axis=1)
+    stacked = np.stack(codes, axis=1)
     counts = np.zeros(offsets[-1], dtype=np.int64)
-    for v in range(codes.shape[1]):
-        counts += np.bincount(codes[:, v], minlength=offsets[-1])
+    for v in range(stacked.shape[1]):
+        counts += np.bincount(stacked[:, v], minlength=offsets[-1])
     return BatchDesign(
         variables=list(names),
         levels=levels,
-        codes=codes,
+        codes=stacked,
         offsets=np.asarray(offsets, dtype=np.int64),
         counts=counts,
     )
@@ -639,5 +640,5 @@ def _assign(
     for start in range(0, n_cells, chunk):
         part = slice(start, start + chunk)
         clu.soft_assign(clu.normalize_rows(source[part]), centroids, sigma, out=out[part])
-        if scores is not None:
+        if scores is not None and terms is not None:  # both or neither
             scores[part] = mapping_scores(uncorrected[part], out[part], *terms)

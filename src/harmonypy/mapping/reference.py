@@ -183,6 +183,8 @@ class Reference:
         centroids Harmony2 itself assigns cells to (see ``docs/mapping.md``).
         """
         source = self.intercept if self.algorithm == "harmony2" else self.Y.T
+        if source is None:  # every Harmony2 reference keeps its intercepts
+            raise ValueError("this harmony2 reference has no ridge intercepts")
         norms = np.linalg.norm(source, axis=1, keepdims=True)
         return source / np.maximum(norms, np.finfo(np.float64).tiny)
 
@@ -255,7 +257,8 @@ class Reference:
 def _write_arrays(arrays: dict[str, np.ndarray], path: str | Path) -> None:
     # A file object: np.savez would append ".npz" to a name without it.
     with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+        # numpy's stub reads **arrays as possibly naming savez's allow_pickle flag.
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
 
 
 # ====================================================================== build
@@ -509,11 +512,12 @@ def _soft_kmeans(
             kmeans_centroids(z_cos, n_clusters, generator=generator, start=start)
         )
         sigma_t = torch.as_tensor(sigma, device=device)
-        assignments = None
+        assignments: torch.Tensor | None = None
         for _ in range(ONE_BATCH_ROUNDS):
             assignments, _ = clu.soft_assign(z_cos, centroids, sigma_t, out=assignments)
             centroids = clu.compute_centroids(assignments, z_cos)
         del z_cos
+        assert assignments is not None  # ONE_BATCH_ROUNDS >= 1
         return assignments.cpu().numpy()
 
 
@@ -552,8 +556,7 @@ def _to_arrays(ref: Reference) -> dict[str, np.ndarray]:
     if ref.cell_names is not None:
         arrays["cell_names"] = np.asarray(ref.cell_names, dtype=str)
     label_columns = []
-    for i, name in enumerate(ref.label_columns):
-        column = ref.labels[name]
+    for i, (name, column) in enumerate(() if ref.labels is None else ref.labels.items()):
         categories = np.asarray(column.cat.categories)
         if categories.dtype == object:
             categories = categories.astype(str)

@@ -91,6 +91,8 @@ def label_frame(frame: pd.DataFrame | None, names: list) -> pd.DataFrame | None:
     own for a categorical, else sorted), with a default index."""
     if not names:
         return None
+    if frame is None:  # build_reference refuses labels without meta_data first
+        raise ValueError(f"labels={names} names columns of meta_data, but there is no meta_data")
     check_columns(frame.columns, names, what="labels names column(s)", where="meta_data")
     out = {}
     for name in names:

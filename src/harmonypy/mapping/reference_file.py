@@ -17,6 +17,7 @@ import functools
 import json
 import math
 from pathlib import Path
+from typing import Any, TypeGuard
 
 import numpy as np
 import pandas as pd
@@ -199,11 +200,11 @@ def _read_metadata(archive, problem) -> dict:
 
 
 # ------------------------------------------------------------ metadata checks
-def _is_int(value) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     """A finite JSON number (not a boolean)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -389,7 +390,7 @@ def _array_specs(metadata: dict) -> tuple[dict, dict]:
     dtype allowed) and its shape (None: any length), as the metadata implies."""
     k, d, n = metadata["n_clusters"], metadata["n_dims"], metadata["n_cells"]
     f64, i32 = np.dtype(np.float64), np.dtype(np.int32)
-    required = {
+    required: dict[str, tuple[Any, tuple]] = {
         "Nr": (f64, (k,)),
         "C": (f64, (k, d)),
         "Y": (f64, (d, k)),
@@ -415,7 +416,7 @@ def _array_specs(metadata: dict) -> tuple[dict, dict]:
                 "pc_mean": (f64, (d,)),
             }
         )
-    optional = {
+    optional: dict[str, tuple[Any, tuple]] = {
         "cells": (np.dtype(np.float32), (n, d)),
         "batch_codes": (i32, (n, len(metadata["variables"]))),
         "cell_names": ("U", (n,)),
@@ -621,7 +622,7 @@ def _from_arrays(arrays: dict, metadata: dict) -> Reference:
             std=arrays["gene_std"],
             scaled_mean=arrays["gene_scaled_mean"],
             pc_mean=arrays["pc_mean"],
-            clip=None if clip is None else tuple(map(float, clip)),
+            clip=None if clip is None else (float(clip[0]), float(clip[1])),
             scaling=info["scaling"],
         )
     return Reference(

@@ -10,12 +10,26 @@ memory stays at K x d^2 whatever N.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 
 from harmonypy.engine import clustering as clu
 
-__all__ = ["cluster_statistics"]
+__all__ = ["ClusterStatistics", "cluster_statistics"]
+
+
+class ClusterStatistics(TypedDict):
+    """The float64 arrays :func:`cluster_statistics` returns, named as
+    :class:`~harmonypy.Reference`'s fields."""
+
+    Nr: np.ndarray  # (K,)
+    C: np.ndarray  # (K, d)
+    Y: np.ndarray  # (d, K)
+    cluster_center: np.ndarray  # (K, d)
+    cluster_cov: np.ndarray  # (K, d, d)
+
 
 #: Cells handled at once by the reference statistics (the outer products of a
 #: chunk take rows x d^2 float64 values).
@@ -24,7 +38,7 @@ _STAT_ELEMENTS = 2**22
 
 def cluster_statistics(
     assignments: np.ndarray, z_corr: np.ndarray, z_orig: np.ndarray
-) -> dict[str, np.ndarray]:
+) -> ClusterStatistics:
     """``Nr``, ``C``, ``Y`` and the per-cluster centre and covariance, float64.
 
     Sums run over chunks of cells in float64 (torch, CPU). The covariance is
@@ -69,10 +83,10 @@ def cluster_statistics(
     cov = (second - offset[:, :, None] * offset[:, None, :]) / unbiased[:, None, None]
     cov = (cov + cov.transpose(1, 2)) / 2
     centers = offset + mean
-    return {
-        "Nr": sizes.numpy(),
-        "C": sums_corr.numpy(),
-        "Y": clu.normalize_rows(sums_corr).T.contiguous().numpy(),
-        "cluster_center": centers.numpy(),
-        "cluster_cov": cov.numpy(),
-    }
+    return ClusterStatistics(
+        Nr=sizes.numpy(),
+        C=sums_corr.numpy(),
+        Y=clu.normalize_rows(sums_corr).T.contiguous().numpy(),
+        cluster_center=centers.numpy(),
+        cluster_cov=cov.numpy(),
+    )

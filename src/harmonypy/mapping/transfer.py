@@ -92,7 +92,7 @@ def transfer_labels(
             "the reference keeps no cells (built with keep_cells=False): label "
             "transfer needs them; rebuild it with keep_cells=True"
         )
-    if label not in ref.label_columns:
+    if ref.labels is None or label not in ref.label_columns:
         raise ValueError(
             f"label {label!r} is not a label column of the reference; it has "
             f"{ref.label_columns or 'none'} (build_reference(..., labels=[...]))"
@@ -135,7 +135,8 @@ def transfer_labels(
     if unknown.any() and UNKNOWN not in categories:
         categories.append(UNKNOWN)
     out_codes = np.where(unknown, categories.index(UNKNOWN) if unknown.any() else 0, best)
-    labels = pd.Categorical.from_codes(out_codes, categories=categories)
+    # pandas-stubs type codes as Sequence[int]; pandas takes the int array as is.
+    labels = pd.Categorical.from_codes(out_codes, categories=pd.Index(categories))  # type: ignore[arg-type]
     index = names if names is not None else pd.RangeIndex(len(cells))
     return pd.DataFrame({"label": labels, "probability": probability}, index=index)
 

@@ -222,7 +222,7 @@ def evaluate(
         "perplexity": float(perplexity),
         "n_cells_total": int(n_total),
     }
-    if label_key is not None:
+    if n_labels is not None:  # a label_key was given
         clisi = _median(lisi[:, 1])
         scores.update(
             n_labels=n_labels,

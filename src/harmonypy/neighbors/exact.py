@@ -50,7 +50,8 @@ def exact_topk(
     indices : torch.Tensor of int64, shape (m, k)
         Rows of ``data``.
     """
-    near_d = near_i = None
+    near_d: torch.Tensor | None = None
+    near_i: torch.Tensor | None = None
     for r0 in range(0, data.shape[0], chunk):
         block = data[r0 : r0 + chunk]
         dist = torch.addmm(data_sq[None, r0 : r0 + chunk], q, block.T, alpha=-2.0)
@@ -58,13 +59,15 @@ def exact_topk(
             dist, min(k, dist.shape[1]), dim=1, largest=False, sorted=True
         )
         found_i += r0
-        if near_d is not None:  # merge with the best of the earlier blocks
+        if near_d is not None and near_i is not None:  # merge with the earlier blocks' best
             both = torch.cat([near_d, found_d], 1)
             found_d, pos = torch.topk(
                 both, min(k, both.shape[1]), dim=1, largest=False, sorted=True
             )
             found_i = torch.cat([near_i, found_i], 1).gather(1, pos)
         near_d, near_i = found_d, found_i
+    if near_d is None or near_i is None:
+        raise ValueError("exact search over no reference rows (data has 0 rows)")
     return near_d, near_i
 
 

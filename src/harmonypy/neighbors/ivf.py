@@ -243,7 +243,9 @@ def _group_lists(
     """
     n_cand = counts[probes].sum(dim=1).tolist()
     sizes = q_counts.tolist()
-    groups, current, max_q, max_c = [], [], 0, 0
+    groups: list[torch.Tensor] = []
+    current: list[int] = []
+    max_q, max_c = 0, 0
     for a in torch.argsort(q_counts, descending=True, stable=True).tolist():
         if sizes[a] == 0:
             break

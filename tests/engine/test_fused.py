@@ -164,10 +164,11 @@ def test_the_kernel_exponential_is_accurate(dtype, lowest):
     x = np.concatenate([np.linspace(lowest, 0, 100_001), [-1e-30, 2 * lowest]]).astype(dtype)
     logits = np.stack([np.zeros_like(x), x], axis=1)
     n = logits.shape[0]
-    new, lse, terms = np.empty_like(logits), np.empty(n, dtype), np.empty((n, 3), dtype)
+    new, terms = np.empty_like(logits), np.empty((n, 4), dtype)
     zero = np.zeros(2, dtype)
-    kernels.finish_piece(logits.copy(), np.zeros_like(logits), zero, zero[:1], new, lse,
-                         terms, kernels.exp_constants(dtype))  # fmt: skip
+    kernels.finish_piece(logits.copy(), np.zeros_like(logits), zero, zero[:1], (new, terms),
+                         kernels.exp_constants(dtype))  # fmt: skip
+    lse = terms[:, 3]
     exact = np.exp(x.astype(np.float64))
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(new[:-1, 1] / new[:-1, 0], exact[:-1], rtol=6 * eps, atol=0)

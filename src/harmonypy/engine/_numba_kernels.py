@@ -128,10 +128,10 @@ def _scalars(c):
 @njit(fastmath=_FAST, cache=True)
 def _softmax_row(logits, penalty, shift, bound, out, terms, c):
     """Softmax of ``logits + penalty - shift`` (one row) into ``out``;
-    ``logits`` becomes the penalised logits; returns their log-sum-exp.
-    ``terms`` (3,) receives the row's ``sum_k R_k logits_k``, ``lse sum_k R_k``
-    and ``sum_k R_k penalty_k`` (the objective's sums when sigma is the same
-    for every cluster).
+    ``logits`` becomes the penalised logits. ``terms`` (4,) receives the
+    row's ``sum_k R_k logits_k``, ``lse sum_k R_k`` and ``sum_k R_k
+    penalty_k`` (the objective's sums when sigma is the same for every
+    cluster) and ``lse``, the log-sum-exp of the penalised logits.
 
     ``bound`` is at least the row's largest logit (see :func:`finish_piece`):
     shifting by it instead of the maximum saves a pass that does not
@@ -164,12 +164,11 @@ def _softmax_row(logits, penalty, shift, bound, out, terms, c):
         r_logits += r * logits[k]
         r_penalty += r * penalty[k]
     lse = bound + np.log(total)
-    terms[0], terms[1], terms[2] = r_logits, lse * r_sum, r_penalty
-    return lse
+    terms[0], terms[1], terms[2], terms[3] = r_logits, lse * r_sum, r_penalty, lse
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def finish_piece(logits, penalty, shift, bound, new, lse, terms, consts):
+def finish_piece(logits, penalty, shift, bound, outputs, consts):
     """Penalty, softmax and R for one piece, rows in parallel.
 
     logits : (n, K) ``2 z.Y / sigma`` in, the penalised logits out.
@@ -177,24 +176,28 @@ def finish_piece(logits, penalty, shift, bound, new, lse, terms, consts):
     shift : (K,) ``2 / sigma``.
     bound : (1,) at least every penalised logit: ``z.Y <= 1`` for unit
         vectors, so ``max(penalty)`` is one.
-    new : (n, K) receives R. lse : (n,) receives each row's log-sum-exp.
-    terms : (n, 3) receives each row's objective terms (:func:`_softmax_row`).
+    outputs : ``(new, terms)``: (n, K) receives R, (n, 4) each row's
+        objective terms and log-sum-exp (:func:`_softmax_row`).
     consts : :func:`exp_constants` of the dtype.
     """
+    new, terms = outputs
     c = _scalars(consts)
     top = bound[0]
     for i in prange(logits.shape[0]):
-        lse[i] = _softmax_row(logits[i], penalty[i], shift, top, new[i], terms[i], c)
+        _softmax_row(logits[i], penalty[i], shift, top, new[i], terms[i], c)
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def finish_piece_by_level(logits, log_penalty, level, shift, bound, new, lse, terms, consts):
-    """:func:`finish_piece` for one batch variable: row i's penalty is row
-    ``level[i]`` of ``log_penalty`` (B, K)."""
+def finish_piece_by_level(logits, by_level, shift, bound, outputs, consts):
+    """:func:`finish_piece` for one batch variable: ``by_level`` is
+    ``(log_penalty, level)``, and row i's penalty is row ``level[i]`` of
+    ``log_penalty`` (B, K)."""
+    log_penalty, level = by_level
+    new, terms = outputs
     c = _scalars(consts)
     top = bound[0]
     for i in prange(logits.shape[0]):
-        lse[i] = _softmax_row(logits[i], log_penalty[level[i]], shift, top, new[i], terms[i], c)
+        _softmax_row(logits[i], log_penalty[level[i]], shift, top, new[i], terms[i], c)
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -219,13 +222,13 @@ def _add_scaled(total, row, scale):
 
 
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def add_piece_sums(new, logits, lse, penalty, terms, targets, sums, objective, n_parts):
+def add_piece_sums(piece, targets, sums, objective, n_parts):
     """Add a piece's new rows to the batch and objective sums, in float64.
 
-    new, logits : (n, K) the new R and its penalised logits; lse : (n,).
-    penalty : (n, K) the rows' penalty, added to ``objective[2]``; or (0, K)
-        when it is summed per level instead.
-    terms : (n, 3) the rows' objective terms (:func:`_softmax_row`).
+    piece : ``(new, logits, penalty, terms)``: the new R and its penalised
+        logits (n, K); the rows' penalty (n, K), added to ``objective[2]``, or
+        (0, K) when it is summed per level instead; the rows' objective terms
+        and log-sum-exp (n, 4, see :func:`_softmax_row`).
     targets : (n, T) int64, for each row the rows of ``sums`` it joins.
     sums : (S, K) float64, updated in place.
     objective : (3, K) float64, updated in place: ``sum_i R_ik logits_ik``,
@@ -238,6 +241,7 @@ def add_piece_sums(new, logits, lse, penalty, terms, targets, sums, objective, n
     thread adds the rows to its range in row order: the same order whatever
     the number of threads, and no partial sums to combine.
     """
+    new, logits, penalty, terms = piece
     n, n_clusters = new.shape
     with_penalty = penalty.shape[0] == n
     per_cluster = objective.shape[1] == n_clusters and n_clusters > 1
@@ -254,7 +258,7 @@ def add_piece_sums(new, logits, lse, penalty, terms, targets, sums, objective, n
             row = new[i, k0:k1]
             if per_cluster:
                 _add_products(objective[0, k0:k1], row, logits[i, k0:k1])
-                _add_scaled(objective[1, k0:k1], row, np.float64(lse[i]))
+                _add_scaled(objective[1, k0:k1], row, np.float64(terms[i, 3]))
                 if with_penalty:
                     _add_products(objective[2, k0:k1], row, penalty[i, k0:k1])
             for t in range(targets.shape[1]):

@@ -133,7 +133,7 @@ class FusedPieces:
             "objective": self.objective.numpy(),
         }
         self._consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
-        self._lse = np.empty(0, dtype=self._consts.dtype)
+        self._terms = np.empty((0, 4), dtype=self._consts.dtype)  # per row, see _run_piece
         self._bound_of = self._bound_value = None  # the block's bound, see _bound
         self._caller_threads = kernels.get_threads()
 
@@ -145,9 +145,8 @@ class FusedPieces:
         n = rows.shape[0]
         unit_cells = scratch.unit_cells[:n]
         logits = scratch.logits[:n]
-        if self._lse.shape[0] < n:
-            self._lse = np.empty(scratch.logits.shape[0], dtype=self._consts.dtype)
-            self._terms = np.empty((scratch.logits.shape[0], 3), dtype=self._consts.dtype)
+        if self._terms.shape[0] < n:
+            self._terms = np.empty((scratch.logits.shape[0], 4), dtype=self._consts.dtype)
         codes = arrays["codes"][rows]
         with _KERNEL_LOCK:
             self._run_piece(span, rows, codes, unit_cells, logits, penalty, scratch)
@@ -161,36 +160,24 @@ class FusedPieces:
         unit = unit_cells.numpy()
         kernels.gather_unit_rows(arrays["z"], arrays["norms"], rows, unit)
         torch.mm(unit_cells, scratch.scaled_centroids_t, out=logits)
-        new, lse, terms = arrays["r"][span], self._lse[:n], self._terms[:n]
+        new, terms = arrays["r"][span], self._terms[:n]
         shift = scratch.two_over_sigma.numpy()
         log_penalty, bound = penalty[0], self._bound(penalty[0], codes.shape[1])
+        outputs, logits = (new, terms), logits.numpy()
         if codes.shape[1] == 1:
-            kernels.finish_piece_by_level(
-                logits.numpy(), log_penalty.numpy(), codes[:, 0], shift, bound, new, lse,
-                terms, self._consts,
-            )  # fmt: skip
+            by_level = (log_penalty.numpy(), np.ascontiguousarray(codes[:, 0]))
+            kernels.finish_piece_by_level(logits, by_level, shift, bound, outputs, self._consts)
             row_penalty = np.empty((0, new.shape[1]), dtype=new.dtype)
         else:  # several variables: the logsumexp over the cell's levels, as on the torch path
             stacked = torch.stack([log_penalty[torch.from_numpy(c)] for c in codes.T])
             row_penalty = torch.logsumexp(stacked, dim=0).numpy()
-            kernels.finish_piece(
-                logits.numpy(), row_penalty, shift, bound, new, lse, terms, self._consts
-            )
+            kernels.finish_piece(logits, row_penalty, shift, bound, outputs, self._consts)
         targets = codes
         if arrays["next"] is not None:  # (next block, level) pairs, after the B levels
             pairs = self.n_levels * (1 + arrays["next"][span][:, None]) + codes
             targets = np.concatenate([codes, pairs], axis=1)
-        kernels.add_piece_sums(
-            new,
-            logits.numpy(),
-            lse,
-            row_penalty,
-            terms,
-            targets,
-            arrays["sums"],
-            arrays["objective"],
-            threads,
-        )
+        piece = (new, logits, row_penalty, terms)
+        kernels.add_piece_sums(piece, targets, arrays["sums"], arrays["objective"], threads)
 
     def _bound(self, log_penalty: torch.Tensor, n_variables: int) -> np.ndarray:
         """(1,) an upper bound of every penalised logit of the block: the

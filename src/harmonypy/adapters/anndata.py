@@ -457,8 +457,8 @@ def map_anndata(
 
     Everything is computed before ``adata`` is modified, so an error leaves it
     as it was. Entries that no earlier mapping wrote are not replaced unless
-    ``overwrite`` (:func:`_check_replaceable`). ``map_options`` are
-    :func:`harmonypy.mapping.query.map_query`'s keyword arguments.
+    ``overwrite`` (:func:`~harmonypy.adapters.mapping_record.check_replaceable`).
+    ``map_options`` are :func:`harmonypy.mapping.query.map_query`'s keyword arguments.
     """
     batch_keys, adjusted = _check_map_target(adata, ref, key, keys)
     basis = keys.basis

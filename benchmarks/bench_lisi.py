@@ -1,15 +1,17 @@
-"""Benchmark harmonypy's LISI (exact and IVF neighbour search) against harmonypy 0.2.0.
+"""Benchmark harmonypy's LISI (exact, faiss and IVF neighbour search) against harmonypy 0.2.0.
 
 Usage::
 
     python benchmarks/bench_lisi.py [--cells 100000] [--dims 30] [--million]
                                     [--pynndescent] [--ten-million]
                                     [--data mixture|simulate] [--probes 16,32,64,96]
+                                    [--compare-cells 5000,20000] [--repeats 3]
                                     [--old-cells N] [--old-timeout S] [--skip-old]
 
 Generates an embedding with two label columns (``batch``, ``cell_type``),
-times the neighbour search and the scores separately for the exact search and
-the inverted-file (IVF) search, measures the IVF recall of the exact
+times the neighbour search and the scores separately for the exact search
+(PyTorch), the exact search by faiss's flat index (when faiss is installed)
+and the inverted-file (IVF) search, measures the IVF recall of the exact
 neighbours (also for other ``n_probe`` values), runs ``harmonypy==0.2.0``'s
 ``compute_lisi`` on the same input in its own virtualenv
 (``benchmarks/.venvs/harmonypy-0.2.0``, created on first use) and writes a
@@ -17,7 +19,10 @@ table to ``benchmarks/results/lisi.md``.  ``--million`` also scores 1,000,000
 cells with the IVF search (the default share of probed lists, and the fixed
 64 probes used before) and measures recall against exact neighbours of 2,000
 sampled cells among all cells; it also times the exact search of 10,000
-sampled cells that ``evaluate(n_query=10_000)`` uses.  ``--pynndescent`` adds
+sampled cells that ``evaluate(n_query=10_000)`` uses.  ``--compare-cells``
+times the neighbour searches side by side at those sizes (each ``--repeats``
+times, interleaved, medians and ratios reported), checking that faiss finds
+the same neighbours and LISI as the PyTorch exact search.  ``--pynndescent`` adds
 pynndescent at 1,000,000 cells.  ``--ten-million`` measures the default IVF
 search's recall at 10,000,000 cells on 1,000 sampled cells (their rows are
 those of a full search, which would take hours on 2 cores: its cost grows as
@@ -180,6 +185,12 @@ def main(argv=None) -> int:
         default=None,
         help="cells for harmonypy 0.2.0 (default: same as --cells)",
     )
+    ap.add_argument(
+        "--compare-cells",
+        default="",
+        help="comma-separated cell counts at which to time the searches side by side",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="runs per search for --compare-cells")
     ap.add_argument("--old-timeout", type=float, default=3600.0)
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument(
@@ -212,6 +223,21 @@ def main(argv=None) -> int:
     rows.append((args.cells, "harmonypy, exact", t_knn, t_sc, t_knn + t_sc, "matches R to ~1e-15"))
     print(rows[-1], flush=True)
 
+    if neighbors.faiss_available():
+        lisi_f, idx_f, f_knn, f_sc = time_ours(X, meta, "faiss")
+        rows.append(
+            (
+                args.cells,
+                "harmonypy, exact by faiss (IndexFlatL2)",
+                f_knn,
+                f_sc,
+                f_knn + f_sc,
+                f"{_agreement(idx_f, idx_exact, lisi_f, lisi_exact)}; neighbours "
+                f"{t_knn / f_knn:.2f}x the PyTorch exact search's speed",
+            )
+        )
+        print(rows[-1], flush=True)
+
     lisi_ivf, idx_ivf, a_knn, a_sc = time_ours(X, meta, "ivf")
     err = np.abs(lisi_ivf - lisi_exact)
     rows.append(
@@ -236,7 +262,8 @@ def main(argv=None) -> int:
     if not args.skip_old:
         n_old = args.old_cells or args.cells
         if n_old == args.cells:
-            Xo, mo, ours = X, meta, {"exact": rows[0][4], "IVF": rows[1][4]}
+            ours = {name: rows[i][4] for i, name in enumerate(_our_names())}
+            Xo, mo = X, meta
             ours_lisi = lisi_exact
         else:
             Xo, mo = make_input(args.data, n_old, args.dims)
@@ -263,6 +290,8 @@ def main(argv=None) -> int:
             old_line = (n_old, old_t, ours)
         print(rows[-1], flush=True)
 
+    compare = [compare_backends(args, int(c)) for c in args.compare_cells.split(",") if c.strip()]
+
     if args.million:
         rows += million(args)
 
@@ -270,8 +299,48 @@ def main(argv=None) -> int:
         rows.append(ten_million(args))
         print(rows[-1], flush=True)
 
-    write_report(rows, sweep, old_line, env, args)
+    write_report(rows, sweep, old_line, env, args, compare)
     return 0
+
+
+def _our_names() -> list[str]:
+    """Names of the searches timed at ``--cells``, in the order of their rows."""
+    return ["exact"] + (["faiss"] if neighbors.faiss_available() else []) + ["IVF"]
+
+
+def _agreement(idx, idx_exact, lisi, lisi_exact) -> str:
+    """How far a search's neighbours and LISI are from the PyTorch exact search's."""
+    same = np.mean(np.sort(idx, axis=1) == np.sort(idx_exact, axis=1))
+    return (
+        f"same neighbours as exact: {same:.6f}; max |LISI - exact| "
+        f"{np.abs(lisi - lisi_exact).max():.1e}"
+    )
+
+
+def compare_backends(args, n: int):
+    """The searches side by side at ``n`` cells: medians of interleaved runs.
+
+    Returns (n, {name: [seconds...]}, agreement of faiss with the PyTorch exact search).
+    """
+    X, meta = make_input(args.data, n, args.dims, seed=n)
+    methods = {"exact (PyTorch)": "exact", "ivf": "ivf", "auto": "auto"}
+    if neighbors.faiss_available():
+        methods["faiss"] = "faiss"
+    if neighbors.resolve_method("auto", n) == "ivf":
+        del methods["auto"]  # the IVF search again
+    times, results = {}, {}
+    for _ in range(max(1, args.repeats)):
+        for name, method in methods.items():
+            lisi, idx, t_knn, _ = time_ours(X, meta, method)
+            times.setdefault(name, []).append(t_knn)
+            results[name] = (lisi, idx)
+    agree = ""
+    if "faiss" in results:
+        (lisi_f, idx_f), (lisi_e, idx_e) = results["faiss"], results["exact (PyTorch)"]
+        agree = _agreement(idx_f, idx_e, lisi_f, lisi_e)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print("compare", n, {k: np.median(v) for k, v in times.items()}, agree, flush=True)
+    return n, times, agree, load
 
 
 def million(args, n: int = 1_000_000):
@@ -418,7 +487,7 @@ def _fmt(x):
     return "" if x is None else f"{x:.2f}"
 
 
-def write_report(rows, sweep, old_line, env, args):
+def write_report(rows, sweep, old_line, env, args, compare=()):
     data = (
         "Gaussian mixture (20 cell types, 4 batches, PC-like decreasing scales)"
         if args.data == "mixture"
@@ -430,6 +499,9 @@ def write_report(rows, sweep, old_line, env, args):
         + (["--million"] if args.million else [])
         + (["--pynndescent"] if args.pynndescent else [])
         + (["--ten-million"] if args.ten_million else [])
+        + ([f"--probes {args.probes!r}"] if args.probes != "16,32,64,96" else [])
+        + ([f"--compare-cells {args.compare_cells}"] if args.compare_cells else [])
+        + ([f"--repeats {args.repeats}"] if args.compare_cells else [])
         + ([f"--old-cells {args.old_cells}"] if args.old_cells else [])
         + (["--skip-old"] if args.skip_old else [])
     )
@@ -464,11 +536,37 @@ def write_report(rows, sweep, old_line, env, args):
             "| ---: | ---: | ---: |",
         ]
         lines += [f"| {p} | {t:.2f} | {r:.4f} |" for p, t, r in sweep]
+    lines += _compare_lines(compare)
     text = "\n".join(lines) + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     out = RESULTS if args.data == "mixture" else RESULTS.with_name(f"lisi-{args.data}.md")
     out.write_text(text)
     print(text)
+
+
+def _compare_lines(compare) -> list[str]:
+    """The side-by-side table of ``--compare-cells``: median seconds and ratios."""
+    if not compare:
+        return []
+    names = list(dict.fromkeys(k for _, times, _, _ in compare for k in times))
+    lines = [
+        "",
+        "Neighbour searches side by side (median seconds of interleaved runs; ratio: "
+        "PyTorch exact / this search; load: 1-minute load average at the end):",
+        "",
+        "| cells | " + " | ".join(names) + " | ratios to PyTorch exact | load | faiss vs exact |",
+        "| ---: | " + " | ".join("---:" for _ in names) + " | --- | ---: | --- |",
+    ]
+    for n, times, agree, load in compare:
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        base = med["exact (PyTorch)"]
+        ratios = ", ".join(f"{k} {base / t:.2f}x" for k, t in med.items() if k != "exact (PyTorch)")
+        runs = " | ".join(
+            f"{med[k]:.2f} ({', '.join(f'{x:.1f}' for x in times[k])})" if k in med else ""
+            for k in names
+        )
+        lines.append(f"| {n:,} | {runs} | {ratios} | {load:.1f} | {agree} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ of the algorithm (``init_cluster``, ``cluster``, ``update_R``,
 ``compute_objective``, ``moe_correct_ridge``, ``check_convergence``,
 ``harmonize``), and the numerical kernels they call live in
 ``engine/clustering.py`` (soft k-means with the diversity penalty) and
-``engine/correction.py`` (mixture of ridge regressions). :func:`run_harmony`,
+``engine/correction.py`` (mixture of ridge regressions). What it shows the
+caller (the attributes in R's orientation, ``result``, ``plot_convergence``)
+is read from this state by :class:`HarmonyResults`
+(``engine/harmony_results.py``), which it inherits. :func:`run_harmony`,
 which checks the inputs and builds this object, is in ``engine/run.py``.
 """
 
@@ -14,29 +17,26 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any
 
 import numpy as np
 import torch
-from numpy.typing import DTypeLike
 
 from harmonypy.engine import clustering as clu
 from harmonypy.engine import online
 from harmonypy.engine import validation as val
-from harmonypy.engine.arrays import all_finite, input_tensor, write_rows
+from harmonypy.engine.arrays import all_finite, input_tensor
 from harmonypy.engine.convergence import (
     Callback,
     EmbeddingChange,
-    IterationReport,
     callback_stops,
     check_callback,
-    read_only_view,
     relative_change_below,
     warn_if_not_converged,
 )
 from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
 from harmonypy.engine.design import BatchDesign
 from harmonypy.engine.fused import use_fused
+from harmonypy.engine.harmony_results import HarmonyResults
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.progress import Progress
 from harmonypy.engine.reduce import LOCAL, Reduction
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 WINDOW_SIZE = 3  # clustering rounds compared by the convergence check
 
 
-class Harmony:
+class Harmony(HarmonyResults):
     """State and steps of one Harmony run.
 
     Build it with :func:`run_harmony`. After the run, the attributes below are
@@ -131,11 +131,6 @@ class Harmony:
     >>> ho.Z_corr.shape, ho.R.shape, ho.O.shape  # (d, N), (K, N), (K, B)
     ((20, 1200), (40, 1200), (40, 3))
     """
-
-    # Set by run_harmony after the run (the threads it used; the bytes this process
-    # all-reduced, 0 in one process).
-    n_threads: int | None
-    bytes_reduced: int
 
     def __init__(
         self,
@@ -609,21 +604,6 @@ class Harmony:
             return "objective"
         return None
 
-    def _report(self, rounds: int, reason: str | None) -> IterationReport:
-        parts = (
-            self.objective_kmeans_dist[-1],
-            self.objective_kmeans_entropy[-1],
-            self.objective_kmeans_cross[-1],
-        )
-        return IterationReport(
-            iteration=self.n_iter,
-            objective=self.objective_harmony[-1],
-            objective_parts=parts,
-            kmeans_rounds=rounds,
-            converged=reason is not None,
-            Z_corr=read_only_view(self._z_corr),
-        )
-
     # -------------------------------------------------------------- internals
     def _update_centroids(self) -> None:
         """Harmony 1's centroid step: the R-weighted sums of the unit-length cells.
@@ -685,220 +665,6 @@ class Harmony:
             f"duplicated or near-identical cells dominating a cluster, sigma far too "
             f"small, or theta/lamb values far outside the usual range (theta ~ 0-4, "
             f"lamb ~ 0.1-10). Try dtype='float64' or check the input embedding."
-        )
-
-    # ------------------------------------------------------------ attributes
-    @staticmethod
-    def _np(t: torch.Tensor | None) -> np.ndarray | None:
-        return None if t is None else t.detach().cpu().numpy()
-
-    def _cells(self, t: torch.Tensor | None, rows: torch.Tensor | None = None) -> np.ndarray | None:
-        """A per-cell tensor (N, ...) as NumPy, rows in the caller's order.
-
-        Without ``rows`` the rows already are the cells in order, and on the
-        CPU the result is a view of ``t`` (no copy). ``rows`` (N,) names the
-        cell in each row of ``t`` when they are not (R after an online
-        update); the result is then a gathered copy.
-        """
-        if t is None:
-            return None
-        if rows is not None:
-            position = torch.empty_like(rows)
-            position[rows] = torch.arange(rows.numel(), device=rows.device)
-            t = t.index_select(0, position)
-        return t.detach().cpu().numpy()
-
-    @property
-    def Z_corr(self) -> np.ndarray:
-        """Corrected embedding, (d, N).
-
-        On the CPU a view of the engine's own array, not a copy (as the
-        attribute of harmonypy 0.2): reading it costs no memory, and a further
-        correction step (``moe_correct_ridge``) overwrites it in place. Copy it
-        to keep a step's result.
-        """
-        return self._cells(self._z_corr).T
-
-    @property
-    def Z_orig(self) -> np.ndarray:
-        """Input embedding, (d, N): on the CPU a view of the caller's array
-        when it was float32 (float64 runs: float64) and C-contiguous, else of
-        the engine's converted copy."""
-        return self._cells(self._z_orig).T
-
-    @property
-    def Z_cos(self) -> np.ndarray:
-        """Unit-length corrected cells, (d, N); computed when read (a new array)."""
-        return self._np(self._z_corr / self._norms[:, None]).T
-
-    @property
-    def R(self) -> np.ndarray:
-        """Soft cluster assignments, (K, N); columns sum to 1."""
-        return self._cells(self._assignments, self._cache.rows).T
-
-    @property
-    def Y(self) -> np.ndarray:
-        """Cluster centroids, (d, K)."""
-        return self._np(self._centroids).T
-
-    @property
-    def O(self) -> np.ndarray:  # noqa: E743 - the R package's name
-        """Observed batch-by-cluster counts, (K, B)."""
-        return self._np(self._stats.observed).T
-
-    @property
-    def E(self) -> np.ndarray:
-        """Expected batch-by-cluster counts, (K, B)."""
-        return self._np(self._stats.expected(self._proportions)).T
-
-    @property
-    def Phi(self) -> np.ndarray:
-        """One-hot batch membership, (B, N); built on request."""
-        return self.design.one_hot(dtype=np.float64 if self.dtype == torch.float64 else np.float32)
-
-    @property
-    def Phi_moe(self) -> np.ndarray:
-        """``Phi`` with a leading row of ones, (B + 1, N)."""
-        phi = self.Phi
-        return np.vstack([np.ones((1, self.N), dtype=phi.dtype), phi])
-
-    @property
-    def Pr_b(self) -> np.ndarray:
-        """Batch-level proportions, (B,)."""
-        return self._np(self._proportions)
-
-    @property
-    def theta(self) -> np.ndarray:
-        """Diversity penalty per level, (B,)."""
-        return self._np(self._theta)
-
-    @property
-    def sigma(self) -> np.ndarray:
-        """Bandwidth per cluster, (K,)."""
-        return self._np(self._sigma)
-
-    @property
-    def lamb(self) -> np.ndarray:
-        """Ridge penalty, (B + 1,); batch entries are -1 when estimated."""
-        batch = np.full(self.B, -1.0) if self._lamb is None else self._np(self._lamb)
-        return np.concatenate([[0.0], batch])
-
-    @property
-    def lamb_estimated(self) -> np.ndarray | None:
-        """Per-cluster penalties ``alpha * E`` used with ``lamb=-1``, (K, B + 1)."""
-        if self._lamb is not None or self._stats is None:
-            return None
-        expected = self.E
-        return np.hstack([np.zeros((self.K, 1)), self.alpha * expected])
-
-    @property
-    def W_intercept(self) -> np.ndarray | None:
-        """Ridge intercepts of the last correction, (d, K) (Harmony2's centroids before
-        normalising)."""
-        return None if self._intercept is None else self._np(self._intercept).T
-
-    @property
-    def kept_levels(self) -> np.ndarray | None:
-        """Harmony2: levels used in each cluster's last correction, (K, B) bool."""
-        return self._np(self._kept_levels)
-
-    @property
-    def batch_levels(self) -> list[str]:
-        """Names of the B levels, ``variable=level``, in row order of ``Phi``."""
-        return self.design.level_names
-
-    def plot_convergence(self, ax: Any = None) -> Any:
-        """Objective per clustering round, coloured by Harmony iteration (needs matplotlib).
-
-        Parameters
-        ----------
-        ax : matplotlib.axes.Axes, optional
-            Where to draw; default a new figure.
-
-        Returns
-        -------
-        matplotlib.axes.Axes
-            The axes drawn on.
-
-        Raises
-        ------
-        ImportError
-            matplotlib is not installed (the message names ``harmonypy[plot]``).
-
-        Examples
-        --------
-        >>> import matplotlib
-        >>> matplotlib.use("Agg")
-        >>> import harmonypy as hm
-        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
-        >>> ax = ho.plot_convergence()
-        >>> type(ax).__name__
-        'Axes'
-        """
-        # Imported when called: plotting needs matplotlib, an optional dependency
-        # that a run without plots never loads.
-        from harmonypy.plotting import plot_convergence
-
-        return plot_convergence(self, ax=ax)
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        """NumPy dtype of the per-cell results (float32 or float64)."""
-        return np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
-
-    def result(self, out: np.ndarray | None = None, dtype: DTypeLike = None) -> np.ndarray:
-        """Corrected embedding as cells x features (same as ``Z_corr.T``).
-
-        Parameters
-        ----------
-        out : array of shape (N, d), optional
-            Written in place, in chunks of 65,536 cells, and returned: a
-            preallocated array, a ``np.memmap`` or ``np.lib.format.open_memmap``
-            on disk, a slot of ``adata.obsm``. Its float dtype may differ from
-            the run's (each chunk is cast). Without ``out`` the engine's own
-            array is returned on the CPU (a view, no copy: it is ``Z_corr.T``),
-            and a copy from other devices.
-        dtype : NumPy float dtype, optional (not with ``out``)
-            The dtype wanted: the engine's own array when it already has it,
-            else a new array of that dtype filled chunk by chunk.
-
-        Returns
-        -------
-        ndarray of shape (N, d)
-            The corrected cells, one row per cell in the run's order (``out``
-            when given).
-
-        Raises
-        ------
-        TypeError
-            Both ``out`` and ``dtype`` given.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> import harmonypy as hm
-        >>> ho = hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", verbose=False)
-        >>> cells = ho.result()
-        >>> cells.shape, cells.dtype, np.shares_memory(cells, ho.Z_corr)
-        ((1200, 20), dtype('float32'), True)
-        >>> ho.result(dtype=np.float64).dtype
-        dtype('float64')
-        """
-        if out is None:
-            if dtype is not None and np.dtype(dtype) != self.numpy_dtype:
-                return self.result(out=np.empty((self.N, self.d), dtype=dtype))
-            if self._z_corr is self._z_orig:  # never corrected: not the caller's array
-                return self._cells(self._z_orig).copy()
-            return self._cells(self._z_corr)
-        if dtype is not None:
-            raise TypeError("pass either out or dtype, not both")
-        return write_rows(out, self._z_corr)
-
-    def __repr__(self) -> str:
-        state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
-        return (
-            f"Harmony(algorithm={self.algorithm!r}, N={self.N}, d={self.d}, K={self.K}, "
-            f"B={self.B}, iterations={self.n_iter}, {state}, device={str(self.device)!r})"
         )
 
 

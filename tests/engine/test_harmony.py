@@ -465,3 +465,52 @@ def test_run_options_are_run_harmonys_keyword_options():
         "ncores",
         "check_memory",
     }
+
+
+def _not_clustered():
+    """A Harmony built by hand whose init_cluster has not run yet."""
+    from harmonypy.engine.design import build_design
+    from harmonypy.engine.harmony import Harmony
+
+    z, meta = simulated(n_cells=60, n_dims=4)
+    return Harmony(
+        z,
+        build_design(meta, ["batch"]),
+        theta=np.full(3, 2.0),
+        lamb=np.full(3, 1.0),
+        sigma=np.full(5, 0.1),
+        n_clusters=5,
+        block_size=0.1,
+        max_iter_kmeans=2,
+        epsilon_cluster=1e-5,
+        epsilon_harmony=1e-4,
+        alpha=0.2,
+        seed=0,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize(
+    "step, what",
+    [
+        (lambda ho: ho.R, "assignments"),
+        (lambda ho: ho.Y, "centroids"),
+        (lambda ho: ho.O, "counts"),
+        (lambda ho: ho.E, "counts"),
+        (lambda ho: ho.update_R(), "assignments"),
+        (lambda ho: ho.compute_objective(0.0, 0.0), "counts"),
+        (lambda ho: ho.moe_correct_ridge(), "assignments"),
+        (lambda ho: ho.cluster(), "assignments"),
+    ],
+)
+def test_reading_or_stepping_before_init_cluster_says_so(step, what):
+    """The clustering state exists from init_cluster on: before it, an error names
+    what is missing and the step that makes it, instead of a failure on None."""
+    ho = _not_clustered()
+    with pytest.raises(RuntimeError, match=rf"no {what} yet: call init_cluster\(\) first"):
+        step(ho)
+    # What does not need the clustering reads as before.
+    assert ho.Z_corr.shape == (4, 60) and ho.lamb_estimated is None and ho.kept_levels is None
+    ho.init_cluster()
+    assert ho.R.shape == (5, 60) and np.allclose(ho.R.sum(0), 1)

@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 def max_threads() -> int:
     """The most threads numba's kernels may use (``NUMBA_NUM_THREADS``)."""
-    return config.NUMBA_NUM_THREADS
+    return config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import by numba
 
 
 def get_threads() -> int:
@@ -103,7 +103,8 @@ def _exp_nonpositive(x, c):
     p = p * r + c[9]
     p = p * r + c[8]
     p = p * r + c[7]
-    value = ((p * r) * r + r + c[5]) * _pow2(t)
+    # numba passes the typing context to an intrinsic; its stubs want it from the caller.
+    value = ((p * r) * r + r + c[5]) * _pow2(t)  # type: ignore[call-arg]
     return c[6] if small else value
 
 

@@ -152,6 +152,7 @@ def compute_centroids(
         n = assignments[part].shape[0]
         cells = part if rows is None else rows[part]
         if norms is None:
+            assert isinstance(cells, torch.Tensor)  # rows given: both None returned above
             block = torch.index_select(z, 0, cells, out=buffer[:n])
         else:
             block = unit_rows(z, norms, cells, out=buffer[:n])
@@ -239,7 +240,7 @@ def soft_assign(
     )
     for start in range(0, z_cos.shape[0], chunk):
         z_part = z_cos[start : start + chunk]
-        if norms is not None:
+        if norms is not None and z_buffer is not None:  # z_buffer: allocated with norms
             z_part = unit_rows(
                 z_cos, norms, slice(start, start + chunk), out=z_buffer[: z_part.shape[0]]
             )

@@ -134,7 +134,9 @@ class FusedPieces:
         }
         self._consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
         self._terms = np.empty((0, 4), dtype=self._consts.dtype)  # per row, see _run_piece
-        self._bound_of = self._bound_value = None  # the block's bound, see _bound
+        # The block's bound (see _bound) and the penalty it was computed from.
+        self._bound_of: torch.Tensor | None = None
+        self._bound_value = np.empty(1, dtype=self._consts.dtype)
         self._caller_threads = kernels.get_threads()
 
     def update_piece(self, assignments, span, *, cells, order, penalty, scratch, objective):

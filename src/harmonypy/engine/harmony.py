@@ -183,7 +183,7 @@ class Harmony(HarmonyResults):
 
         # Counts and small per-level vectors stay in float64 (MPS has none).
         self._stat_dtype = torch.float32 if device.type == "mps" else torch.float64
-        stat = dict(dtype=self._stat_dtype, device=device)
+        stat = functools.partial(torch.as_tensor, dtype=self._stat_dtype, device=device)
         # Cells stay in the caller's order. The input is used as it is when it
         # already has the run's dtype and layout on the CPU (no copy: it is only
         # read), else converted once. Z_corr is the one embedding the engine
@@ -203,11 +203,11 @@ class Harmony(HarmonyResults):
             device
         )
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
-        self._proportions = torch.as_tensor(design.proportions, **stat)
-        self._theta = torch.as_tensor(theta, **stat)
-        self._sigma = torch.as_tensor(sigma, **stat)
-        self._lamb = None if lamb is None else torch.as_tensor(lamb, **stat)
-        self._counts = torch.as_tensor(design.counts, **stat)
+        self._proportions = stat(design.proportions)
+        self._theta = stat(theta)
+        self._sigma = stat(sigma)
+        self._lamb = None if lamb is None else stat(lamb)
+        self._counts = stat(design.counts)
         # One generator per process: the shuffles of this process's cells (and,
         # distributed, its share of the k-means sample). Rank 0 of a group draws
         # exactly what a single process with this seed draws.
@@ -302,7 +302,9 @@ class Harmony(HarmonyResults):
                 order=self._shuffle_base,
             )
         self._centroids = clu.normalize_rows(centers)
-        dist_term, entropy_term = self._reassign(objective=True)
+        terms = self._reassign(objective=True)
+        assert terms is not None  # soft_assign returns them with objective=True
+        dist_term, entropy_term = terms
         self.compute_objective(dist_term, entropy_term, step="initialisation")
         self.objective_harmony.append(self.objective_kmeans[-1])
         if self._embedding_change is not None:
@@ -369,6 +371,9 @@ class Harmony(HarmonyResults):
         >>> type(dist_term).__name__, ho.R.shape
         ('float', (40, 1200))
         """
+        assignments = self._started(self._assignments, "assignments")
+        centroids = self._started(self._centroids, "centroids")
+        stats = self._started(self._stats, "counts")
         cache = self._cache
         order = cache.next_order
         if order is None:
@@ -378,13 +383,13 @@ class Harmony(HarmonyResults):
             order = self._shuffle_base.index_select(0, order)
         if self.algorithm == "harmony1":
             if cache.centroid_sums is None:
-                cache.centroid_sums = torch.empty_like(self._centroids)
+                cache.centroid_sums = torch.empty_like(centroids)
             cache.centroid_sums.zero_()
         result = online.online_update(
-            self._assignments,
+            assignments,
             cells=online.CellRows(self._z_corr, self._norms, self._codes),
-            centroids=self._centroids,
-            stats=self._stats,
+            centroids=centroids,
+            stats=stats,
             settings=self._online,
             plan=cache.plan(order, self._bounds),
             centroid_sums_out=cache.centroid_sums,
@@ -419,7 +424,11 @@ class Harmony(HarmonyResults):
         1
         """
         cross = clu.cross_term(
-            self._stats, self._proportions, self._theta, self._sigma, self._cross
+            self._started(self._stats, "counts"),
+            self._proportions,
+            self._theta,
+            self._sigma,
+            self._cross,
         )
         scale = 2000.0 / self.N_total
         parts = (dist_term * scale, entropy_term * scale, cross * scale)
@@ -464,7 +473,7 @@ class Harmony(HarmonyResults):
         )
         result = ridge_correct(
             self._z_orig,
-            self._assignments,
+            self._started(self._assignments, "assignments"),
             codes=self._codes,
             levels=self._levels,
             settings=settings,
@@ -596,7 +605,7 @@ class Harmony(HarmonyResults):
 
     def _stop_test(self) -> str | None:
         """'objective' (R's test) or 'embedding' (``epsilon_embedding``) when one passes."""
-        if self._embedding_change is not None:
+        if self._embedding_change is not None and self.epsilon_embedding is not None:
             self.embedding_change.append(self._embedding_change.update(self._z_corr))
             if self.embedding_change[-1] < self.epsilon_embedding:
                 return "embedding"
@@ -611,11 +620,12 @@ class Harmony(HarmonyResults):
         The last online update summed them for its new R; after a correction
         (new Z_cos) or a reassignment they are recomputed from R and Z_cos.
         """
-        if self._cache.centroid_sums_current:
-            self._centroids = clu.normalize_rows(self._cache.centroid_sums)
+        sums = self._cache.centroid_sums
+        if self._cache.centroid_sums_current and sums is not None:
+            self._centroids = clu.normalize_rows(sums)
         else:
             self._centroids = clu.compute_centroids(
-                self._assignments,
+                self._started(self._assignments, "assignments"),
                 self._z_corr,
                 self._cache.rows,
                 norms=self._norms,
@@ -631,7 +641,7 @@ class Harmony(HarmonyResults):
         # The new R overwrites the old one: one N x K matrix at a time.
         self._assignments, terms = clu.soft_assign(
             self._z_corr,
-            self._centroids,
+            self._started(self._centroids, "centroids"),
             self._sigma,
             objective,
             out=self._assignments,
@@ -650,7 +660,9 @@ class Harmony(HarmonyResults):
             if self._cache.rows is None
             else self._codes.index_select(0, self._cache.rows)
         )
-        observed = clu.level_sums(self._assignments, codes, self.B, self._stat_dtype)
+        observed = clu.level_sums(
+            self._started(self._assignments, "assignments"), codes, self.B, self._stat_dtype
+        )
         self._reduction.sum_(observed)
         # The first variable's levels partition the cells: their sums are the
         # cluster sizes.

@@ -30,10 +30,9 @@ class ObjectiveSums:
         self.sigma = sigma.to(acc_dtype)
         self.uniform = bool((sigma == sigma[0]).all())
         shape = () if self.uniform else sigma.shape
-        zeros = {"dtype": acc_dtype, "device": sigma.device}
-        self.r_logits = torch.zeros(shape, **zeros)
-        self.r_lse = torch.zeros(shape, **zeros)
-        self.r_penalty = torch.zeros(shape, **zeros)
+        self.r_logits = torch.zeros(shape, dtype=acc_dtype, device=sigma.device)
+        self.r_lse = torch.zeros_like(self.r_logits)
+        self.r_penalty = torch.zeros_like(self.r_logits)
 
     def add_piece(
         self, r: torch.Tensor, logits: torch.Tensor, penalty: torch.Tensor | None = None

@@ -255,6 +255,7 @@ def online_update(
             dtype=stats.observed.dtype,
             device=assignments.device,
         )
+    sums: FusedPieces | _NewRowSums
     if settings.fused:
         sums = FusedPieces(
             assignments,
@@ -322,24 +323,21 @@ class _NewRowSums:
     ):
         dtype, device, n_clusters = like.dtype, like.device, like.shape[1]
         self.n_levels, self.n_clusters = n_levels, n_clusters
-        self.next_block_of, self.next_removals = next_block_of, next_removals
         self.centroid_sums = centroid_sums
         self.added = torch.zeros((n_levels, n_clusters), dtype=dtype, device=device)
-        self.next_block_sums = (
-            None
-            if next_removals is None
-            else torch.zeros(next_removals.shape, dtype=dtype, device=device)
-        )
-        # Many levels: flush less often, so adding the sums stays a small part
-        # of the work (a flush touches every entry; a piece of n rows does n K work).
-        sum_entries = self.added.numel() + (
-            0 if self.next_block_sums is None else self.next_block_sums.numel()
-        )
-        self.flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
         # With the next update's removals summed here, a level's sums over the
         # new rows are those removals summed over the next blocks: one
         # scatter-add per piece instead of two (the second cost 8% of a run at 1M cells).
-        self.derived = self.next_block_sums is not None
+        # Then ``next``: the next block of each position, the removals' float64
+        # totals, and their working-dtype sums since the last flush.
+        self.next: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if next_block_of is not None and next_removals is not None:
+            working = torch.zeros(next_removals.shape, dtype=dtype, device=device)
+            self.next = (next_block_of, next_removals, working)
+        # Many levels: flush less often, so adding the sums stays a small part
+        # of the work (a flush touches every entry; a piece of n rows does n K work).
+        sum_entries = self.added.numel() + (0 if self.next is None else self.next[2].numel())
+        self.flush_rows = max(FLUSH_ROWS, 16 * sum_entries // n_clusters)
         # The current block's totals by level, in float64 (``acc_dtype``).
         self.block_added = torch.zeros((n_levels, n_clusters), dtype=acc_dtype, device=device)
         self.unflushed = 0
@@ -350,14 +348,11 @@ class _NewRowSums:
         """Add a piece's new rows ``new`` (n, K) at positions ``span``, with their
         level codes (n, V) and unit-length cells (n, d)."""
         for v in range(piece_codes.shape[1]):
-            if not self.derived:
+            if self.next is None:
                 index_sum_(self.added, piece_codes[:, v], new)
             else:  # (next block, level) pairs
-                index_sum_(
-                    self.next_block_sums,
-                    self.next_block_of[span] * self.n_levels + piece_codes[:, v],
-                    new,
-                )
+                next_block_of, _, working = self.next
+                index_sum_(working, next_block_of[span] * self.n_levels + piece_codes[:, v], new)
         if self.centroid_sums is not None:  # Harmony 1's next centroids, from the cache
             self.centroid_sums.addmm_(new.T, unit_cells)
         self.unflushed += new.shape[0]
@@ -375,12 +370,11 @@ class _NewRowSums:
 
     def flush(self) -> None:
         """Move the working-dtype sums into the float64 totals."""
-        if self.derived:  # into the reused buffer: no fresh temporary per flush
-            torch.sum(
-                self.next_block_sums.view(-1, self.n_levels, self.n_clusters), 0, out=self.added
-            )
-            self.next_removals.add_(self.next_block_sums)
-            self.next_block_sums.zero_()
+        if self.next is not None:  # into the reused buffer: no fresh temporary per flush
+            _, next_removals, working = self.next
+            torch.sum(working.view(-1, self.n_levels, self.n_clusters), 0, out=self.added)
+            next_removals.add_(working)
+            working.zero_()
         self.block_added += self.added
         self.added.zero_()
 
@@ -446,6 +440,7 @@ def _update_blocks(
     dtype = assignments.dtype
     acc_dtype = stats.observed.dtype
     first_levels = settings.first_levels
+    assert plan.removals is not None  # online_update sums them before this loop
     removals = plan.removals.to(acc_dtype)
     scratch = _PieceScratch.for_update(
         assignments, centroids=centroids, sigma=settings.sigma, bounds=plan.bounds

@@ -77,10 +77,11 @@ EXACT_MAX_CELLS = 20_000
 #: From this many cells up to :data:`EXACT_MAX_CELLS`, ``method="auto"``
 #: runs the exact search with faiss (:func:`knn_faiss`) when faiss is
 #: installed: there its float32 flat search (certified, re-ranked in float64)
-#: measured 1.2x (5,000 cells) to 2x (20,000 cells) faster than the PyTorch
-#: float64 brute force, with the same neighbours and distances; below, the
-#: two tie.  Above 20,000 cells it only tied the pruned exact search and was
-#: 2.5x slower than the IVF search (``docs/lisi.md``), so it is not chosen.
+#: measured 1.1-1.5x (5,000 cells) and 1.7x (20,000 cells) faster than the
+#: PyTorch float64 brute force, with the same neighbours and distances; below,
+#: the two tie.  Above 20,000 cells the pruned PyTorch search skips most pairs
+#: and was 2.6x faster than faiss's brute force at 100,000 cells on a quiet
+#: machine (``docs/lisi.md``), so faiss is not chosen there.
 FAISS_MIN_CELLS = 5_000
 
 #: The names :func:`knn` accepts (``"approx"`` is ``"ivf"``).

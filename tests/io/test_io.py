@@ -32,6 +32,16 @@ def pcs_frame(n: int = 60, d: int = 3, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(values, columns=[f"PC{i + 1}" for i in range(d)])
 
 
+@pytest.fixture
+def sigint_is_keyboard_interrupt():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: a shell starts a
+    background job (``pytest &``) with SIGINT ignored, and Python then keeps it
+    ignored, which would make the Ctrl-C tests below meaningless."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def leftovers(folder) -> list[str]:
     """Temporary files left in ``folder``."""
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
@@ -478,7 +488,9 @@ def test_failure_while_writing_keeps_previous_files(tmp_path, failure):
     assert leftovers(tmp_path) == []
 
 
-def test_ctrl_c_during_the_renames_is_held_back(tmp_path, monkeypatch):
+def test_ctrl_c_during_the_renames_is_held_back(
+    tmp_path, monkeypatch, sigint_is_keyboard_interrupt
+):
     # A SIGINT that lands between the two renames must not leave one new and
     # one old output: it is delivered after both are in place.
     real_replace = os.replace
@@ -563,7 +575,9 @@ def test_save_figure_uses_the_real_extension(tmp_path):
     assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(tmp_path):
+def test_interrupt_inside_a_reader_is_an_interrupt_not_a_bad_file(
+    tmp_path, sigint_is_keyboard_interrupt
+):
     """pandas' C reader reports a Ctrl-C in its read() callback as a ParserError."""
     import signal as signal_module
 

@@ -56,7 +56,8 @@ step "smoke checks"
 "$py" "$work/smoke.py" core "$version"
 
 step "optional extras"
-extras="progress plot parquet anndata ann"
+# [fast] before [ann]: pynndescent brings numba, which [fast] needs.
+extras="progress plot parquet anndata faiss fast ann"
 # shellcheck disable=SC2086 # a list of words
 "$py" "$work/smoke.py" missing $extras
 for extra in $extras; do

@@ -24,7 +24,7 @@ import zipfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-EXTRAS = ("anndata", "plot", "progress", "ann", "parquet")
+EXTRAS = ("anndata", "plot", "progress", "ann", "parquet", "faiss", "fast")
 FAST = ["--max-iter-harmony", "3", "--seed", "0", "--quiet"]
 START = time.perf_counter()
 
@@ -192,6 +192,33 @@ def progress_output() -> str:
     return stream.getvalue()
 
 
+def fused_path_message() -> str:
+    """The engine's INFO line on its CPU path, for a run with HARMONYPY_FUSED=always."""
+    import logging
+    import os
+
+    import harmonypy as hm
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("harmonypy.engine.fused")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    os.environ["HARMONYPY_FUSED"] = "always"
+    try:
+        hm.run_harmony(*hm.datasets.load_pbmcs_small(), "donor", max_iter_harmony=2, verbose=False)
+    finally:
+        del os.environ["HARMONYPY_FUSED"]
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return " | ".join(records)
+
+
 def feature(extra: str) -> str:
     """Use the feature of ``extra``; returns what it shows of itself."""
     import harmonypy as hm
@@ -216,6 +243,15 @@ def feature(extra: str) -> str:
         lisi = hm.compute_lisi(pcs.to_numpy(), meta, ["donor"], neighbors="pynndescent")
         assert lisi.shape == (len(meta), 1) and (lisi >= 1 - 1e-9).all(), lisi
         return "compute_lisi(neighbors='pynndescent')"
+    if extra == "faiss":
+        lisi = hm.compute_lisi(pcs.to_numpy(), meta, ["donor"], neighbors="faiss")
+        exact = hm.compute_lisi(pcs.to_numpy(), meta, ["donor"], neighbors="exact")
+        assert abs(lisi - exact).max() < 1e-6, abs(lisi - exact).max()
+        return "compute_lisi(neighbors='faiss') equals the exact torch search"
+    if extra == "fast":
+        path = fused_path_message()
+        assert "fused numba kernels" in path, path
+        return f"HARMONYPY_FUSED=always: {path}"
     if extra == "parquet":
         hm.datasets.save_example(".", overwrite=True)
         cli("run", "pcs.tsv.gz", "meta.tsv.gz", "--vars", "donor", "-o", "o.parquet", *FAST)
@@ -242,6 +278,8 @@ def without(extra: str) -> str:
     try:
         if extra == "plot":
             hm.run_harmony(pcs, meta, "donor", max_iter_harmony=1, verbose=False).plot_convergence()
+        elif extra == "faiss":
+            hm.compute_lisi(pcs.to_numpy(), meta, ["donor"], neighbors="faiss")
         else:
             hm.compute_lisi(pcs.to_numpy(), meta, ["donor"], neighbors="pynndescent")
     except ImportError as err:
@@ -251,6 +289,13 @@ def without(extra: str) -> str:
 
 def check_missing(extra: str) -> None:
     """Before ``extra`` is installed its feature says how to install it."""
+    if extra == "fast":
+        # The fused kernels are a speed-up, not a feature: without numba the torch
+        # path runs, and the INFO line says how to get them.
+        message = fused_path_message()
+        assert "torch operations" in message and "harmonypy[fast]" in message, message
+        ok("without [fast]: the torch path runs; the INFO line names harmonypy[fast]")
+        return
     if extra == "progress":
         # Progress bars are a nicety, not a failure: one line per iteration instead.
         text = progress_output()

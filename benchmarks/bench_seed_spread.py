@@ -8,13 +8,24 @@ against the R package's output where one is bundled (pbmc_3500: R harmony
 real sets and one simulation with overlapping cell types (``hard5000``).
 
     python benchmarks/bench_seed_spread.py --out benchmarks/results/seed_spread.md
+
+``--peer scanpy-native`` computes the same rows for scanpy's native Harmony
+(``sc.pp.harmony_integrate(adata, key, rng=seed)``, scanpy's defaults, in the
+virtualenv ``benchmarks/.venvs/scanpy-native`` that ``run.py`` builds; see
+README.md, "scanpy native"), run by ``_scanpy_seed_worker.py`` in a subprocess:
+
+    python benchmarks/bench_seed_spread.py --peer scanpy-native
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +40,7 @@ from device_check import per_pc_r as min_per_pc_r  # noqa: E402 - beside this sc
 import harmonypy as hm  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
+SCANPY_PYTHON = REPO / "benchmarks" / ".venvs" / "scanpy-native" / "bin" / "python"
 
 
 def load(name: str):
@@ -85,6 +97,43 @@ def spread(name: str, algorithm: str, kmeans_init: str, seeds: int) -> dict:
     )
 
 
+def peer_spread(name: str, algorithm: str, seeds: int) -> dict:
+    """The same row for scanpy's native Harmony, run in its own virtualenv."""
+    if not SCANPY_PYTHON.exists():
+        raise SystemExit(
+            f"--peer scanpy-native needs {SCANPY_PYTHON}; build it as benchmarks/README.md, "
+            '"scanpy native", describes'
+        )
+    X, meta, key, references = load(name)
+    with tempfile.TemporaryDirectory() as folder:
+        np.save(Path(folder) / "pcs.npy", np.ascontiguousarray(X, dtype=np.float64))
+        meta[[key]].astype(str).to_csv(Path(folder) / "meta.csv", index=False)
+        # No PYTHONPATH: our src/ must not shadow anything in the peer's venv.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONNOUSERSITE"] = "1"
+        worker = REPO / "benchmarks" / "_scanpy_seed_worker.py"
+        command = [str(SCANPY_PYTHON), str(worker), "--folder", folder, "--key", key]
+        command += ["--algorithm", algorithm, "--seeds", str(seeds)]
+        subprocess.run(command, check=True, env=env)
+        outputs = [np.load(Path(folder) / f"{algorithm}_{s}.npy") for s in range(seeds)]
+        info = json.loads((Path(folder) / "info.json").read_text())
+    pairs = [min_per_pc_r(a, b) for a, b in itertools.combinations(outputs, 2)]
+    to_r = (
+        [min_per_pc_r(o, references[algorithm]) for o in outputs] if algorithm in references else []
+    )
+    return dict(
+        data=name,
+        algorithm=algorithm,
+        kmeans_init="scanpy-native",
+        median_pair=float(np.median(pairs)),
+        worst_pair=min(pairs),
+        median_to_R=float(np.median(to_r)) if to_r else None,
+        worst_to_R=min(to_r) if to_r else None,
+        seconds=float(np.mean(info["seconds"])),
+        scanpy=info["version"],
+    )
+
+
 def table(rows: list[dict], seeds: int) -> str:
     def f(v):
         return "–" if v is None else f"{v:.4f}"
@@ -113,7 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inits", default="r,greedy")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--peer", choices=("scanpy-native",), help="rows for this peer instead of ours"
+    )
     args = parser.parse_args(argv)
+    if args.peer:
+        rows = []
+        for name, algorithm in itertools.product(args.data.split(","), args.algorithms.split(",")):
+            rows.append(peer_spread(name, algorithm, args.seeds))
+            print(rows[-1], file=sys.stderr, flush=True)
+        print(table(rows, args.seeds))
+        return 0
     rows = []
     for name, algorithm, init in itertools.product(
         args.data.split(","), args.algorithms.split(","), args.inits.split(",")

@@ -11,9 +11,13 @@ import importlib
 from types import ModuleType
 
 __all__ = [
+    "ANN_HINT",
     "ANNDATA_HINT",
+    "FAISS_HINT",
+    "PLOT_HINT",
     "PYARROW_HINT",
     "ZARR_HINT",
+    "import_optional",
     "require_anndata",
     "require_pyarrow",
     "require_zarr",
@@ -25,9 +29,15 @@ ANNDATA_HINT = "pip install harmonypy[anndata]"
 PYARROW_HINT = "pip install harmonypy[parquet]"
 #: How to install zarr (reading an embedding from a ``.zarr`` store).
 ZARR_HINT = "pip install zarr"
+#: How to install matplotlib (plots, figure files).
+PLOT_HINT = "pip install harmonypy[plot]"
+#: How to install pynndescent (approximate neighbour search).
+ANN_HINT = "pip install harmonypy[ann]"
+#: How to install faiss (its exact neighbour search).
+FAISS_HINT = "pip install harmonypy[faiss]"
 
 
-def _import_optional(name: str, message: str) -> ModuleType:
+def import_optional(name: str, message: str) -> ModuleType:
     """Import ``name`` on call (it is optional: ``import harmonypy`` works without it),
     or raise ImportError with ``message``."""
     try:
@@ -44,7 +54,7 @@ def require_anndata() -> ModuleType:
     ImportError
         When anndata is not installed; the message gives :data:`ANNDATA_HINT`.
     """
-    return _import_optional(
+    return import_optional(
         "anndata", f"reading or writing .h5ad files needs the anndata package: {ANNDATA_HINT}"
     )
 
@@ -57,7 +67,7 @@ def require_pyarrow() -> None:
     ImportError
         When pyarrow is not installed; the message gives :data:`PYARROW_HINT`.
     """
-    _import_optional("pyarrow", f"Parquet files need pyarrow: {PYARROW_HINT}")
+    import_optional("pyarrow", f"Parquet files need pyarrow: {PYARROW_HINT}")
 
 
 def require_zarr(purpose: str) -> ModuleType:
@@ -73,4 +83,4 @@ def require_zarr(purpose: str) -> ModuleType:
     ImportError
         When zarr is not installed; the message gives :data:`ZARR_HINT`.
     """
-    return _import_optional("zarr", f"{purpose} needs zarr: {ZARR_HINT}")
+    return import_optional("zarr", f"{purpose} needs zarr: {ZARR_HINT}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harmonypy._optional import PLOT_HINT, import_optional
 from harmonypy.engine.cellnames import align_to_names, carries_names, match_order
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,7 @@ _MAX_LEGEND = 20
 
 
 def require_pyplot():
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("plotting needs matplotlib: pip install harmonypy[plot]") from err
-    return plt
+    return import_optional("matplotlib.pyplot", f"plotting needs matplotlib: {PLOT_HINT}")
 
 
 # ------------------------------------------------------------- convergence

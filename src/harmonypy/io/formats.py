@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harmonypy._optional import PLOT_HINT, import_optional
+
 __all__ = [
     "COMPRESSIONS",
     "FORMATS_HELP",
@@ -74,11 +76,9 @@ def plot_formats() -> dict[str, str]:
     ImportError
         With the install hint, when matplotlib is missing.
     """
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError as err:
-        raise ImportError("plotting needs matplotlib: pip install harmonypy[plot]") from err
-    return dict(FigureCanvasBase.get_supported_filetypes())
+    message = f"plotting needs matplotlib: {PLOT_HINT}"
+    backends = import_optional("matplotlib.backend_bases", message)
+    return dict(backends.FigureCanvasBase.get_supported_filetypes())
 
 
 def format_suffix(path: Path) -> str:

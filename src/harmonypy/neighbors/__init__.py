@@ -26,6 +26,7 @@ import logging
 
 import numpy as np
 
+from harmonypy._optional import ANN_HINT
 from harmonypy.neighbors._partition import nearest_centroid, sample_kmeans
 from harmonypy.neighbors._result import Neighbors
 from harmonypy.neighbors.exact import FLOAT64_MAX_CELLS, exact_topk, knn_exact, knn_of_cells
@@ -116,8 +117,8 @@ def resolve_method(method: str, n_cells: int) -> str:
         return method
     if method == "pynndescent" and importlib.util.find_spec("pynndescent") is None:
         raise ImportError(
-            "neighbors='pynndescent' needs the optional package pynndescent: "
-            "pip install harmonypy[ann] (or use neighbors='ivf', which needs nothing extra)"
+            f"neighbors='pynndescent' needs the optional package pynndescent: {ANN_HINT} "
+            "(or use neighbors='ivf', which needs nothing extra)"
         )
     return method
 

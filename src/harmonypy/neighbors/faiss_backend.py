@@ -31,14 +31,13 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from harmonypy._optional import FAISS_HINT, import_optional
 from harmonypy.neighbors._common import CHUNK_BYTES, SLACK, refine
 from harmonypy.neighbors._result import Neighbors
 from harmonypy.neighbors.exact import exact_topk
 
 logger = logging.getLogger(__name__)
 
-#: How to install faiss.
-FAISS_HINT = "pip install harmonypy[faiss]"
 #: Query cells per faiss search call (bounds the candidate arrays).
 QUERY_CHUNK = 2**14
 
@@ -50,13 +49,11 @@ def faiss_available() -> bool:
 
 def require_faiss() -> ModuleType:
     """Import and return faiss, or raise ImportError naming the install command."""
-    try:
-        return importlib.import_module("faiss")
-    except ImportError as err:
-        raise ImportError(
-            f"neighbors='faiss' needs the optional package faiss-cpu: {FAISS_HINT} "
-            "(or use neighbors='exact', which needs nothing extra)"
-        ) from err
+    return import_optional(
+        "faiss",
+        f"neighbors='faiss' needs the optional package faiss-cpu: {FAISS_HINT} "
+        "(or use neighbors='exact', which needs nothing extra)",
+    )
 
 
 @contextlib.contextmanager

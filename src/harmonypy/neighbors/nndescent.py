@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from harmonypy._optional import ANN_HINT, import_optional
 from harmonypy.neighbors._common import CHUNK_BYTES
 from harmonypy.neighbors._result import Neighbors
 
@@ -29,16 +30,13 @@ def knn_pynndescent(X: np.ndarray, n_neighbors: int, *, n_jobs: int | None = Non
     ImportError
         If pynndescent is not installed.
     """
-    try:
-        from pynndescent import NNDescent
-    except ImportError as err:
-        raise ImportError(
-            "approximate neighbour search needs pynndescent: pip install harmonypy[ann]"
-        ) from err
+    pynndescent = import_optional(
+        "pynndescent", f"approximate neighbour search needs pynndescent: {ANN_HINT}"
+    )
     n = X.shape[0]
     k = min(n, n_neighbors + 1)  # the graph includes each cell itself
     # A fixed seed keeps results reproducible without touching numpy's global RNG.
-    index = NNDescent(
+    index = pynndescent.NNDescent(
         X.astype(np.float32),
         n_neighbors=k,
         metric="euclidean",

@@ -57,37 +57,23 @@ def one_run(X, meta, algorithm: str, epsilons: list[float]) -> list[dict]:
     ho = hm.run_harmony(X, meta, "batch", algorithm=algorithm, verbose=False, callback=follow)
     total = time.perf_counter() - t0
     final = ho.result()
-    rows = [
-        dict(
-            algorithm=algorithm,
-            eps=None,
-            n_iter=ho.n_iter,
-            seconds=total,
-            reason=ho.stop_reason,
-            r=1.0,
-            objective=ho.objective_harmony[-1],
-        )
-    ]
+    full = dict(
+        algorithm=algorithm,
+        n_iter=ho.n_iter,
+        seconds=total,
+        r=1.0,
+        objective=ho.objective_harmony[-1],
+    )
+    rows = [dict(full, eps=None, reason=ho.stop_reason)]
     for eps in epsilons:
         stop = stops.get(eps)
-        if stop is None:
-            rows.append(
-                dict(
-                    algorithm=algorithm,
-                    eps=eps,
-                    n_iter=ho.n_iter,
-                    seconds=total,
-                    reason=f"{ho.stop_reason} (test not passed)",
-                    r=1.0,
-                    objective=ho.objective_harmony[-1],
-                )
-            )
+        if stop is None:  # the test never passed: that run is the full run
+            rows.append(dict(full, eps=eps, reason=f"{ho.stop_reason} (test not passed)"))
             continue
         Z = stop.pop("Z")
         rows.append(
             dict(algorithm=algorithm, eps=eps, reason="embedding", r=per_pc_r(Z, final), **stop)
         )
-        del Z
     return rows
 
 

@@ -23,6 +23,7 @@ from harmonypy.cli.options import (
     add_common,
     add_force,
     add_name_options,
+    add_quiet,
     meta_help,
     name_list,
     note,
@@ -83,7 +84,7 @@ def add_evaluate(commands) -> None:
         "-o", "--output", metavar="OUT", help="also write the per-cell LISI values to this table"
     )
     add_force(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_quiet(p)
     add_name_options(p)
     add_common(p)
     p.set_defaults(handler=command_evaluate)

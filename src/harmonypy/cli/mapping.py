@@ -29,6 +29,7 @@ from harmonypy.cli.options import (
     add_common,
     add_force,
     add_name_options,
+    add_quiet,
     add_subset_option,
     meta_help,
     name_list,
@@ -82,7 +83,7 @@ def add_map(commands) -> None:
     _add_map_h5ad_options(p)
     _add_map_settings(p)
     add_force(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_quiet(p)
     add_name_options(p)
     add_common(p)
     p.set_defaults(handler=command_map)

@@ -143,6 +143,11 @@ def add_force(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """Add ``--quiet`` (``-q``): no progress messages."""
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+
+
 def add_name_options(parser: argparse.ArgumentParser) -> None:
     """Add the "cell names" group: ``--names``, ``--meta-names``, ``--no-names``."""
     g = parser.add_argument_group(

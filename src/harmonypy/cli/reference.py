@@ -25,6 +25,7 @@ from harmonypy.cli.options import (
     add_force,
     add_harmony_options,
     add_name_options,
+    add_quiet,
     add_subset_option,
     convergence_noted,
     harmony_kwargs,
@@ -77,7 +78,7 @@ def add_reference(commands) -> None:
     _add_build_files(b)
     _add_build_h5ad_options(b)
     add_force(b)
-    b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_quiet(b)
     add_name_options(b)
     add_harmony_options(b)
     add_common(b)

@@ -28,6 +28,7 @@ from harmonypy.cli.options import (
     add_force,
     add_harmony_options,
     add_name_options,
+    add_quiet,
     convergence_noted,
     harmony_kwargs,
     meta_help,
@@ -72,7 +73,7 @@ def add_run(commands) -> None:
         "docs/distributed.md (default: 1)",
     )
     add_force(p)
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_quiet(p)
     add_name_options(p)
     add_harmony_options(p)
     add_common(p)

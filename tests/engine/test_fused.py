@@ -158,22 +158,31 @@ def test_a_bad_setting_is_refused(monkeypatch, value):
 
 @pytest.mark.parametrize("dtype,lowest", [(np.float32, -87.0), (np.float64, -708.0)])
 def test_the_kernel_exponential_is_accurate(dtype, lowest):
-    """Rows of two clusters with logits (0, x): R_1 / R_0 = exp(x)."""
+    """Rows of two clusters with logits (0, x): R_1 / R_0 = exp(x), and the
+    objective's sum of log-sum-exps is sum log(1 + exp(x))."""
     from harmonypy.engine import _numba_kernels as kernels
 
     x = np.concatenate([np.linspace(lowest, 0, 100_001), [-1e-30, 2 * lowest]]).astype(dtype)
     logits = np.stack([np.zeros_like(x), x], axis=1)
     n = logits.shape[0]
-    new, terms = np.empty_like(logits), np.empty((n, 4), dtype)
-    zero = np.zeros(2, dtype)
-    kernels.finish_piece(logits.copy(), np.zeros_like(logits), zero, zero[:1], (new, terms),
-                         kernels.exp_constants(dtype))  # fmt: skip
-    lse = terms[:, 3]
+    new, zero = np.empty_like(logits), np.zeros(2, dtype)
+    lane_sums, lane_objective = np.zeros((3, 1, 2)), np.zeros((3, 3, 1))
+    codes = np.zeros((n, 1), np.int64)
+    kernels.update_piece(
+        logits.copy(),
+        (np.zeros((1, 2), dtype), np.empty((0, 2), dtype), zero, zero[:1]),
+        (new, codes, np.empty(0, np.int64)),
+        (lane_sums, lane_objective),
+        kernels.exp_constants(dtype),
+    )
     exact = np.exp(x.astype(np.float64))
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(new[:-1, 1] / new[:-1, 0], exact[:-1], rtol=6 * eps, atol=0)
-    np.testing.assert_allclose(lse[:-1], np.log1p(exact[:-1]), rtol=0, atol=4 * eps)
     assert new[-1, 1] == 0 and new[-1, 0] == 1  # below the cut-off: 0, as exp underflows
+    lse_sum = lane_objective[:, 1, 0].sum()
+    np.testing.assert_allclose(lse_sum, np.log1p(exact).sum(), rtol=10 * eps)
+    # The lanes' level sums are the column sums of R.
+    np.testing.assert_allclose(lane_sums.sum(0)[0], new.astype(np.float64).sum(0), rtol=1e-12)
 
 
 @pytest.mark.skipif(

@@ -1,7 +1,7 @@
 """numba kernels of the fused clustering round (imported only when numba is).
 
-One piece of cells is worked on in three steps: :func:`gather_unit_rows`
-(the piece's rows of Z_cos), a BLAS matrix product done by the caller (the
+One piece of cells is worked on in three steps: :func:`gather_rows`
+(the piece's rows of Z_cos and their levels), a BLAS matrix product done by the caller (the
 distances stay in BLAS: hand-written loops were slower), and
 :func:`finish_piece`, which adds the diversity penalty, takes the softmax,
 writes R and adds the new rows to the batch and objective sums in one pass
@@ -109,13 +109,19 @@ def _exp_nonpositive(x, c):
 
 
 @njit(parallel=True, cache=True)
-def gather_unit_rows(z, norms, rows, out):
-    """``out[i] = z[rows[i]] / norms[rows[i]]``: rows of Z_cos."""
+def gather_rows(cells, rows, out):
+    """Rows of the cells ``rows`` of ``cells = (z, norms, codes)``: ``out =
+    (unit, row_codes)`` receives ``z[rows[i]] / norms[rows[i]]`` (rows of
+    Z_cos) and ``codes[rows[i]]``."""
+    z, norms, codes = cells
+    unit, row_codes = out
     for i in prange(rows.shape[0]):
         cell = rows[i]
         scale = norms[cell]
         for j in range(z.shape[1]):
-            out[i, j] = z[cell, j] / scale
+            unit[i, j] = z[cell, j] / scale
+        for v in range(codes.shape[1]):
+            row_codes[i, v] = codes[cell, v]
 
 
 @njit(inline="always", cache=True)
@@ -127,14 +133,14 @@ def _scalars(c):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_row(logits, penalty, shift, bound, out, terms, c):
+def _softmax_row(logits, penalty, shift, bound, out, c):
     """Softmax of ``logits + penalty - shift`` (one row) into ``out``;
-    ``logits`` becomes the penalised logits. ``terms`` (4,) receives the
-    row's ``sum_k R_k logits_k``, ``lse sum_k R_k`` and ``sum_k R_k
-    penalty_k`` (the objective's sums when sigma is the same for every
-    cluster) and ``lse``, the log-sum-exp of the penalised logits.
+    ``logits`` becomes the penalised logits. Returns the row's ``sum_k R_k
+    logits_k``, ``sum_k R_k penalty_k``, ``sum_k R_k`` and ``lse``, the
+    log-sum-exp of the penalised logits (the objective's terms: see
+    :class:`harmonypy.engine.objective.ObjectiveSums`).
 
-    ``bound`` is at least the row's largest logit (see :func:`finish_piece`):
+    ``bound`` is at least the row's largest logit (see :func:`update_piece`):
     shifting by it instead of the maximum saves a pass that does not
     vectorise (a max reduction needs ``nnan``). Should the bound be so far
     above that the sum falls below ``c[19]`` (where the smallest terms would
@@ -164,103 +170,95 @@ def _softmax_row(logits, penalty, shift, bound, out, terms, c):
         r_sum += r
         r_logits += r * logits[k]
         r_penalty += r * penalty[k]
-    lse = bound + np.log(total)
-    terms[0], terms[1], terms[2], terms[3] = r_logits, lse * r_sum, r_penalty, lse
-
-
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def finish_piece(logits, penalty, shift, bound, outputs, consts):
-    """Penalty, softmax and R for one piece, rows in parallel.
-
-    logits : (n, K) ``2 z.Y / sigma`` in, the penalised logits out.
-    penalty : (n, K) each row's ``sum_b theta_b log(ratio_kb) Phi_bi`` term.
-    shift : (K,) ``2 / sigma``.
-    bound : (1,) at least every penalised logit: ``z.Y <= 1`` for unit
-        vectors, so ``max(penalty)`` is one.
-    outputs : ``(new, terms)``: (n, K) receives R, (n, 4) each row's
-        objective terms and log-sum-exp (:func:`_softmax_row`).
-    consts : :func:`exp_constants` of the dtype.
-    """
-    new, terms = outputs
-    c = _scalars(consts)
-    top = bound[0]
-    for i in prange(logits.shape[0]):
-        _softmax_row(logits[i], penalty[i], shift, top, new[i], terms[i], c)
-
-
-@njit(parallel=True, fastmath=_FAST, cache=True)
-def finish_piece_by_level(logits, by_level, shift, bound, outputs, consts):
-    """:func:`finish_piece` for one batch variable: ``by_level`` is
-    ``(log_penalty, level)``, and row i's penalty is row ``level[i]`` of
-    ``log_penalty`` (B, K)."""
-    log_penalty, level = by_level
-    new, terms = outputs
-    c = _scalars(consts)
-    top = bound[0]
-    for i in prange(logits.shape[0]):
-        _softmax_row(logits[i], log_penalty[level[i]], shift, top, new[i], terms[i], c)
+    return r_logits, r_penalty, r_sum, bound + np.log(total)
 
 
 @njit(fastmath=_FAST, cache=True)
 def _add_row(total, row):
-    """``total += row`` into float64."""
+    """``total += row``, into float64."""
     for k in range(row.shape[0]):
         total[k] += row[k]
 
 
 @njit(fastmath=_FAST, cache=True)
 def _add_products(total, row, other):
-    """``total += row * other`` into float64."""
+    """``total += row * other``, into float64."""
     for k in range(row.shape[0]):
         total[k] += np.float64(row[k]) * other[k]
 
 
 @njit(fastmath=_FAST, cache=True)
-def _add_scaled(total, row, scale):
-    """``total += row * scale`` into float64 (``scale`` a float64)."""
+def _add_row_scaled(total, row, scale):
+    """``total += row * scale``, into float64 (``scale`` a float64)."""
     for k in range(row.shape[0]):
         total[k] += row[k] * scale
 
 
+@njit(inline="always", cache=True)
+def _lane_bounds(lane, n_lanes, n):
+    """The rows ``[start, stop)`` of lane ``lane`` of ``n_lanes`` in a piece of ``n``."""
+    return lane * n // n_lanes, (lane + 1) * n // n_lanes
+
+
 @njit(parallel=True, fastmath=_FAST, cache=True)
-def add_piece_sums(piece, targets, sums, objective, n_parts):
-    """Add a piece's new rows to the batch and objective sums, in float64.
+def update_piece(logits, penalty, rows, outputs, consts):
+    """Penalty, softmax, R and every sum over the new rows, for one piece.
 
-    piece : ``(new, logits, penalty, terms)``: the new R and its penalised
-        logits (n, K); the rows' penalty (n, K), added to ``objective[2]``, or
-        (0, K) when it is summed per level instead; the rows' objective terms
-        and log-sum-exp (n, 4, see :func:`_softmax_row`).
-    targets : (n, T) int64, for each row the rows of ``sums`` it joins.
-    sums : (S, K) float64, updated in place.
-    objective : (3, K) float64, updated in place: ``sum_i R_ik logits_ik``,
-        ``sum_i lse_i R_ik`` and ``sum_i R_ik penalty_ik`` per cluster; or
-        (3, 1) when sigma is the same for every cluster: then only their sums
-        over the clusters, from ``terms``.
-    n_parts : the number of threads.
+    logits : (n, K) ``2 z.Y / sigma`` in, the penalised logits out.
+    penalty : ``(log_penalty, row_penalty, shift, bound)``. One batch
+        variable: ``log_penalty`` (B, K) is the block's ``theta_b
+        log(ratio_kb)``, and row i's penalty is its row ``codes[i, 0]``;
+        ``row_penalty`` is then (0, K). Several: ``row_penalty`` (n, K) holds
+        each row's penalty. ``shift`` (K,) is ``2 / sigma``; ``bound`` (1,) at
+        least every penalised logit (``z.Y <= 1`` for unit vectors, so
+        ``max(log_penalty) + log(V)`` is one).
+    rows : ``(new, codes, next_block)``: (n, K) receives R; (n, V) int64 the
+        rows' global levels; (n,) int64 each row's block in the next update,
+        or (0,) when the next update's removals are not summed here.
+    outputs : ``(lane_sums, lane_objective)``, float64, added to in place.
+        ``lane_sums`` (L, S, K): row i joins rows ``codes[i, v]`` of its
+        lane's sums and, with ``next_block``, rows ``B (1 + next_block[i]) +
+        codes[i, v]`` (B = ``n_levels``, the first B rows being the block's
+        level sums). ``lane_objective`` (L, 3, K): per cluster ``sum R
+        logits``, ``sum lse R``, ``sum R penalty`` (the last only with
+        ``row_penalty``), or (L, 3, 1) their sums over the clusters when
+        sigma is the same for every cluster.
+    consts : :func:`exp_constants` of the dtype.
 
-    The clusters are split into ``n_parts`` ranges, one per thread, and each
-    thread adds the rows to its range in row order: the same order whatever
-    the number of threads, and no partial sums to combine.
+    The rows are split into L lanes (a number that does not depend on the
+    thread count), each adding to its own sums in row order; the caller adds
+    the lanes in lane order. So every sum is taken in one fixed order: a
+    seed gives the same bits whatever the number of threads.
     """
-    new, logits, penalty, terms = piece
+    log_penalty, row_penalty, shift, bound = penalty
+    new, codes, next_block = rows
+    lane_sums, lane_objective = outputs
     n, n_clusters = new.shape
-    with_penalty = penalty.shape[0] == n
-    per_cluster = objective.shape[1] == n_clusters and n_clusters > 1
-    if not per_cluster:
-        for i in range(n):
-            objective[0, 0] += terms[i, 0]
-            objective[1, 0] += terms[i, 1]
-            if with_penalty:
-                objective[2, 0] += terms[i, 2]
-    for part in prange(n_parts):
-        k0 = part * n_clusters // n_parts
-        k1 = (part + 1) * n_clusters // n_parts
-        for i in range(n):
-            row = new[i, k0:k1]
+    n_lanes, n_levels = lane_sums.shape[0], log_penalty.shape[0]
+    by_level = row_penalty.shape[0] != n
+    with_next = next_block.shape[0] == n
+    per_cluster = lane_objective.shape[2] == n_clusters and n_clusters > 1
+    c = _scalars(consts)
+    top = bound[0]
+    for lane in prange(n_lanes):
+        start, stop = _lane_bounds(lane, n_lanes, n)
+        sums, objective = lane_sums[lane], lane_objective[lane]
+        for i in range(start, stop):
+            own = log_penalty[codes[i, 0]] if by_level else row_penalty[i]
+            r_logits, r_penalty, r_sum, lse = _softmax_row(logits[i], own, shift, top, new[i], c)
             if per_cluster:
-                _add_products(objective[0, k0:k1], row, logits[i, k0:k1])
-                _add_scaled(objective[1, k0:k1], row, np.float64(terms[i, 3]))
-                if with_penalty:
-                    _add_products(objective[2, k0:k1], row, penalty[i, k0:k1])
-            for t in range(targets.shape[1]):
-                _add_row(sums[targets[i, t], k0:k1], row)
+                _add_products(objective[0], new[i], logits[i])
+                _add_row_scaled(objective[1], new[i], np.float64(lse))
+                if not by_level:
+                    _add_products(objective[2], new[i], row_penalty[i])
+            else:
+                objective[0, 0] += r_logits
+                objective[1, 0] += lse * r_sum
+                if not by_level:
+                    objective[2, 0] += r_penalty
+            for v in range(codes.shape[1]):
+                level = codes[i, v]
+                _add_row(sums[level], new[i])
+                if with_next:
+                    _add_row(sums[n_levels * (1 + next_block[i]) + level], new[i])
+

@@ -91,6 +91,14 @@ def use_fused(device: torch.device, *, n_elements: int) -> bool:
     return fused
 
 
+#: Lanes a piece's rows are split into (see ``_numba_kernels.update_piece``):
+#: a fixed number, so that the sums do not depend on the thread count.
+LANES = 16
+#: The most memory the lanes' float64 sums may take together; with many
+#: levels there are fewer lanes.
+LANE_BYTES = 64 * 2**20
+
+
 class FusedPieces:
     """One online update's pieces through the fused kernels.
 
@@ -118,68 +126,74 @@ class FusedPieces:
         next_block_of, next_removals = next_update or (None, None)
         self.next_removals, self.centroid_sums = next_removals, centroid_sums
         extra = 0 if next_removals is None else next_removals.shape[0]
-        self.sums = torch.zeros((n_levels + extra, n_clusters), dtype=torch.float64)
-        # Per cluster only when sigma differs between clusters (see add_piece_sums).
+        n_sums = n_levels + extra
+        lanes = max(1, min(LANES, LANE_BYTES // (8 * n_sums * n_clusters)))
+        self.lane_sums = np.zeros((lanes, n_sums, n_clusters))
+        # Per cluster only when sigma differs between clusters (see update_piece).
         uniform = bool((sigma == sigma[0]).all())
-        self.objective = torch.zeros((3, 1 if uniform else n_clusters), dtype=torch.float64)
+        self.lane_objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
         self._np = {
             "r": assignments.numpy(),
             "z": cells.z.numpy(),
             "norms": cells.norms.numpy(),
             "codes": cells.codes.numpy(),
             "order": order.numpy(),
-            "next": None if next_block_of is None else next_block_of.numpy(),
-            "sums": self.sums.numpy(),
-            "objective": self.objective.numpy(),
+            "next": np.empty(0, np.int64) if next_block_of is None else next_block_of.numpy(),
         }
         self._consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
-        self._terms = np.empty((0, 4), dtype=self._consts.dtype)  # per row, see _run_piece
+        self._no_row_penalty = np.empty((0, n_clusters), dtype=self._consts.dtype)
         # The block's bound (see _bound) and the penalty it was computed from.
         self._bound_of: torch.Tensor | None = None
         self._bound_value = np.empty(1, dtype=self._consts.dtype)
         self._caller_threads = kernels.get_threads()
+        self._scratch_arrays: tuple | None = None
 
     def update_piece(self, assignments, span, *, cells, order, penalty, scratch, objective):
         """New rows of R for the positions ``span`` of ``order`` (as
         ``online._update_piece``, whose arguments it takes)."""
         arrays = self._np
         rows = arrays["order"][span]
-        n = rows.shape[0]
-        unit_cells = scratch.unit_cells[:n]
-        logits = scratch.logits[:n]
-        if self._terms.shape[0] < n:
-            self._terms = np.empty((scratch.logits.shape[0], 4), dtype=self._consts.dtype)
-        codes = arrays["codes"][rows]
+        unit_cells = scratch.unit_cells[: rows.shape[0]]
         with _KERNEL_LOCK:
-            self._run_piece(span, rows, codes, unit_cells, logits, penalty, scratch)
+            self._run_piece(span, rows, unit_cells, penalty, scratch)
         if self.centroid_sums is not None:  # a matrix product: BLAS
             self.centroid_sums.addmm_(assignments[span].T, unit_cells)
 
-    def _run_piece(self, span, rows, codes, unit_cells, logits, penalty, scratch):
+    def _run_piece(self, span, rows, unit_cells, penalty, scratch):
         kernels, arrays, n = self._kernels, self._np, rows.shape[0]
         threads = max(1, min(torch.get_num_threads(), kernels.max_threads()))
         kernels.set_threads(threads)  # the engine's choice (one thread for tiny blocks)
-        unit = unit_cells.numpy()
-        kernels.gather_unit_rows(arrays["z"], arrays["norms"], rows, unit)
-        torch.mm(unit_cells, scratch.scaled_centroids_t, out=logits)
-        new, terms = arrays["r"][span], self._terms[:n]
-        shift = scratch.two_over_sigma.numpy()
-        log_penalty, bound = penalty[0], self._bound(penalty[0], codes.shape[1])
-        outputs, logits = (new, terms), logits.numpy()
-        if codes.shape[1] == 1:
-            by_level = (log_penalty.numpy(), np.ascontiguousarray(codes[:, 0]))
-            kernels.finish_piece_by_level(logits, by_level, shift, bound, outputs, self._consts)
-            row_penalty = np.empty((0, new.shape[1]), dtype=new.dtype)
-        else:  # several variables: the logsumexp over the cell's levels, as on the torch path
-            stacked = torch.stack([log_penalty[torch.from_numpy(c)] for c in codes.T])
+        unit, logits, shift = self._scratch(scratch)
+        codes = self._codes[:n]
+        kernels.gather_rows((arrays["z"], arrays["norms"], arrays["codes"]), rows, (unit[:n], codes))
+        torch.mm(unit_cells, scratch.scaled_centroids_t, out=scratch.logits[:n])
+        log_penalty = penalty[0]
+        row_penalty = self._no_row_penalty
+        n_variables = arrays["codes"].shape[1]
+        if n_variables > 1:  # the logsumexp over the cell's levels, as on the torch path
+            by_variable = torch.from_numpy(codes)
+            stacked = torch.stack([log_penalty[by_variable[:, v]] for v in range(n_variables)])
             row_penalty = torch.logsumexp(stacked, dim=0).numpy()
-            kernels.finish_piece(logits, row_penalty, shift, bound, outputs, self._consts)
-        targets = codes
-        if arrays["next"] is not None:  # (next block, level) pairs, after the B levels
-            pairs = self.n_levels * (1 + arrays["next"][span][:, None]) + codes
-            targets = np.concatenate([codes, pairs], axis=1)
-        piece = (new, logits, row_penalty, terms)
-        kernels.add_piece_sums(piece, targets, arrays["sums"], arrays["objective"], threads)
+        next_block = arrays["next"][span] if arrays["next"].shape[0] else arrays["next"]
+        kernels.update_piece(
+            logits[:n],
+            (log_penalty.numpy(), row_penalty, shift, self._bound(log_penalty, n_variables)),
+            (arrays["r"][span], codes, next_block),
+            (self.lane_sums, self.lane_objective),
+            self._consts,
+        )
+
+    def _scratch(self, scratch):
+        """The update's scratch buffers as numpy arrays (made once)."""
+        if self._scratch_arrays is None:
+            self._scratch_arrays = (
+                scratch.unit_cells.numpy(),
+                scratch.logits.numpy(),
+                scratch.two_over_sigma.numpy(),
+            )
+            shape = (scratch.logits.shape[0], self._np["codes"].shape[1])
+            self._codes = np.empty(shape, dtype=np.int64)
+        return self._scratch_arrays
 
     def _bound(self, log_penalty: torch.Tensor, n_variables: int) -> np.ndarray:
         """(1,) an upper bound of every penalised logit of the block: the
@@ -191,17 +205,27 @@ class FusedPieces:
         return self._bound_value
 
     def end_block(self) -> torch.Tensor:
-        """The block's new rows summed by level, (B, K) float64; the next block starts from 0."""
-        block = self.sums[: self.n_levels]
-        done = block.clone()
-        block.zero_()
-        return done
+        """The block's new rows summed by level, (B, K) float64 (the lanes
+        added in lane order); the next block starts from 0."""
+        block = self.lane_sums[:, : self.n_levels]
+        done = _sum_lanes(block)
+        block[...] = 0
+        return torch.from_numpy(done)
 
     def finish(self, objective) -> None:
         """Hand the objective's sums to ``objective`` (``ObjectiveSums``) and
         the next update's removals to ``next_removals``; numba's thread
         setting is the caller's again."""
         self._kernels.set_threads(self._caller_threads)
-        objective.add_cluster_sums(*self.objective)
+        objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(self.lane_objective)))
         if self.next_removals is not None:
-            self.next_removals.copy_(self.sums[self.n_levels :])
+            removals = _sum_lanes(self.lane_sums[:, self.n_levels :])
+            self.next_removals.copy_(torch.from_numpy(removals))
+
+
+def _sum_lanes(lanes: np.ndarray) -> np.ndarray:
+    """``lanes`` (L, ...) added lane by lane, in lane order."""
+    total = lanes[0].copy()
+    for lane in lanes[1:]:
+        total += lane
+    return total

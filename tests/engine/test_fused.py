@@ -1,4 +1,4 @@
-"""The fused CPU kernels of the clustering round (numba, ``HARMONYPY_FUSED=1``)
+"""The fused CPU kernels of the clustering round (numba, ``HARMONYPY_FUSED``)
 against the torch path: the same results up to rounding (per-PC r >= 0.99999,
 objective trace to 1e-5 relative), and the same bits on every run."""
 
@@ -92,6 +92,49 @@ def test_fused_gives_the_same_bits_on_every_run(monkeypatch, data, algorithm):
     assert first.objective_kmeans == again.objective_kmeans
 
 
+@pytest.mark.parametrize("n_variables", [1, 2])
+def test_kernel_sums_do_not_depend_on_the_thread_count(n_variables):
+    """The lanes, not the threads, fix the order of every sum: one piece on
+    1 and on 2 threads gives the same bits (R, batch sums, objective)."""
+    from harmonypy.engine import _numba_kernels as kernels
+
+    rng = np.random.default_rng(0)
+    n, n_clusters, n_levels, n_next = 997, 12, 5, 3
+    logits = rng.normal(size=(n, n_clusters)).astype(np.float32)
+    log_penalty = rng.normal(size=(n_levels, n_clusters)).astype(np.float32)
+    codes = rng.integers(0, n_levels, size=(n, n_variables))
+    row_penalty = (
+        np.empty((0, n_clusters), np.float32)
+        if n_variables == 1
+        else rng.normal(size=(n, n_clusters)).astype(np.float32)
+    )
+    shift = np.full(n_clusters, 2.0, np.float32)
+    bound = np.array([log_penalty.max() + np.log(n_variables) + 3], np.float32)
+    next_block = rng.integers(0, n_next, size=n)
+    results = []
+    before = kernels.get_threads()
+    try:
+        for threads in (1, min(2, kernels.max_threads())):
+            kernels.set_threads(threads)
+            new = np.empty((n, n_clusters), np.float32)
+            sums = np.zeros((7, n_levels * (1 + n_next), n_clusters))
+            objective = np.zeros((7, 3, n_clusters))
+            kernels.update_piece(
+                logits.copy(),
+                (log_penalty, row_penalty, shift, bound),
+                (new, codes, next_block),
+                (sums, objective),
+                kernels.exp_constants(np.float32),
+            )
+            results.append((new, sums, objective))
+    finally:
+        kernels.set_threads(before)
+    for first, second in zip(*results, strict=True):
+        np.testing.assert_array_equal(first, second)
+    new, sums, _ = results[0]
+    np.testing.assert_allclose(sums.sum(0)[:n_levels].sum(0), n_variables * new.sum(0), rtol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:Harmony did not converge")
 def test_mapping_on_a_reference_built_with_the_fused_path(monkeypatch, data):
     z, meta = data
@@ -118,18 +161,23 @@ def test_the_choice_is_logged(monkeypatch, data, caplog):
     ]
 
 
-def test_one_uses_them_from_a_size(monkeypatch):
-    monkeypatch.setenv(fused.ENV_VARIABLE, "1")
+@pytest.mark.parametrize("setting", [None, "auto", "1"])
+def test_by_default_they_run_from_a_size(monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv(fused.ENV_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(fused.ENV_VARIABLE, setting)
+    named = "HARMONYPY_FUSED unset" if setting is None else f"HARMONYPY_FUSED={setting}"
     cpu = torch.device("cpu")
-    assert fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS) == (True, "HARMONYPY_FUSED=1")
+    assert fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS) == (True, named)
     chosen, reason = fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS - 1)
-    assert not chosen and "below the 33,554,432" in reason and "HARMONYPY_FUSED=always" in reason
+    assert not chosen and "below the 67,108,864" in reason and "HARMONYPY_FUSED=always" in reason
 
 
-def test_unset_means_the_torch_path(monkeypatch):
-    monkeypatch.delenv(fused.ENV_VARIABLE, raising=False)
+def test_zero_means_the_torch_path(monkeypatch):
+    monkeypatch.setenv(fused.ENV_VARIABLE, "0")
     chosen = fused.fused_choice(torch.device("cpu"), n_elements=fused.MIN_ELEMENTS)
-    assert chosen == (False, "HARMONYPY_FUSED=1 turns them on")
+    assert chosen == (False, "HARMONYPY_FUSED=0")
 
 
 def test_other_devices_keep_the_torch_path(monkeypatch):
@@ -152,7 +200,7 @@ def test_without_numba_the_torch_path_runs(monkeypatch, data):
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
 def test_a_bad_setting_is_refused(monkeypatch, value):
     monkeypatch.setenv(fused.ENV_VARIABLE, value)
-    with pytest.raises(ValueError, match=rf"HARMONYPY_FUSED must be 0, 1 or always .*'{value}'"):
+    with pytest.raises(ValueError, match=rf"HARMONYPY_FUSED must be auto, 1, always or 0 .*'{value}'"):
         fused.fused_choice(torch.device("cpu"), n_elements=1)
 
 

@@ -12,18 +12,20 @@ update's removals and the objective's sums (float64).
 Results equal the torch path's up to rounding: the sums are taken in float64
 and in another order, and the exponential is a polynomial
 (:mod:`harmonypy.engine._numba_kernels`). A seed still gives the same bits on
-every run, whatever the number of threads: each sum is taken in one fixed
-order (the kernels split the clusters, not the cells, between threads).
+every run, whatever the number of threads: the rows of a piece are split
+into a fixed number of lanes (:data:`LANES`), each adding to its own sums in
+row order, and the lanes are added in lane order.
 
-Which path runs: the environment variable ``HARMONYPY_FUSED`` — ``1`` uses
-the fused kernels on the CPU when numba imports (``pip install
-harmonypy[fast]``) and the run has at least :data:`MIN_ELEMENTS` cells x
-clusters; ``always`` at any size (tests, benchmarks); ``0`` or unset the
-torch path. Below that size the kernels would not pay for themselves: a
-fresh process spends seconds importing numba and loading the compiled
-kernels from numba's cache (the first use ever compiles them: about 10 s per
-dtype), more than they save in a run of a few thousand cells. CUDA and MPS
-always take the torch path. :func:`use_fused` logs the choice and why at INFO.
+Which path runs, by the environment variable ``HARMONYPY_FUSED``: unset (or
+``auto``, or ``1``), the fused kernels on the CPU when numba imports (``pip
+install harmonypy[fast]``) and the run has at least :data:`MIN_ELEMENTS`
+cells x clusters, the torch path otherwise; ``always``, the fused kernels at
+any size (tests, benchmarks); ``0``, the torch path. Below that size the
+kernels would not pay for themselves: a fresh process spends about 0.6 s
+importing numba and loading the compiled kernels from numba's cache (the
+first use ever compiles them: several seconds per dtype), more than they save
+in a run of a few hundred thousand cells. CUDA and MPS always take the torch
+path. :func:`use_fused` logs the choice and why at INFO.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: The environment variable that turns the fused CPU kernels on (``1``: above
-#: :data:`MIN_ELEMENTS`; ``always``) or off (``0``).
+#: The environment variable that chooses the path: unset, ``auto`` or ``1``
+#: (fused from :data:`MIN_ELEMENTS`, when numba imports), ``always`` or ``0``.
 ENV_VARIABLE = "HARMONYPY_FUSED"
 
-#: Cells x clusters (of the whole run) from which ``HARMONYPY_FUSED=1`` takes the
-#: fused kernels: about 335,000 cells at K = 100, where a run's rounds save more
+#: Cells x clusters (of the whole run) from which the fused kernels run by
+#: default: about 671,000 cells at K = 100, where a run's rounds save more
 #: than loading numba costs (docs/performance.md).
-MIN_ELEMENTS = 2**25
+MIN_ELEMENTS = 2**26
 
 # numba's workqueue threading layer (its fallback without OpenMP or TBB)
 # aborts the process when two Python threads launch kernels at once; runs in
@@ -58,14 +60,16 @@ def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
     """Whether a run of ``n_elements`` cells x clusters on ``device`` uses the
     fused kernels, and why (one phrase)."""
     setting = os.environ.get(ENV_VARIABLE, "").strip()
-    if setting not in ("", "0", "1", "always"):
-        raise ValueError(f"{ENV_VARIABLE} must be 0, 1 or always (or unset), got {setting!r}")
-    if setting in ("", "0"):
-        reason = f"{ENV_VARIABLE}=0" if setting == "0" else f"{ENV_VARIABLE}=1 turns them on"
-        return False, reason
+    if setting not in ("", "auto", "0", "1", "always"):
+        raise ValueError(
+            f"{ENV_VARIABLE} must be auto, 1, always or 0 (or unset), got {setting!r}"
+        )
+    named = f"{ENV_VARIABLE}={setting}" if setting else f"{ENV_VARIABLE} unset"
+    if setting == "0":
+        return False, named
     if device.type != "cpu":
         return False, f"{device.type} device: the torch path runs there"
-    if setting == "1" and n_elements < MIN_ELEMENTS:
+    if setting != "always" and n_elements < MIN_ELEMENTS:
         return False, (
             f"{n_elements:,} cells x clusters, below the {MIN_ELEMENTS:,} where loading "
             f"numba pays off; {ENV_VARIABLE}=always uses them at any size"
@@ -74,7 +78,7 @@ def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
         _kernels()
     except ImportError as error:
         return False, f"numba is not available ({error}); pip install 'harmonypy[fast]'"
-    return True, f"{ENV_VARIABLE}={setting}"
+    return True, named
 
 
 def _kernels():

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create .venv beside the checkout and install harmonypy into it.
-#   bash scripts/setup.sh            # the package with progress bars and plots
+#   bash scripts/setup.sh            # the package with progress bars, plots and numba
 #   bash scripts/setup.sh test       # ... plus everything the test suite needs
 # torch is installed first and pinned to the CPU build this project is tested
 # with; an unpinned torch would pull a multi-GB CUDA build. On a GPU machine,
 # install the torch build you want into .venv first: a present torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="progress,plot"
+extras="progress,plot,fast"
 if [ "${1:-}" = "test" ]; then extras="test"; fi
 python3 -m venv .venv
 py=.venv/bin/python

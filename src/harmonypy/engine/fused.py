@@ -233,3 +233,55 @@ def _sum_lanes(lanes: np.ndarray) -> np.ndarray:
     for lane in lanes[1:]:
         total += lane
     return total
+
+
+def soft_assign_pieces(z, norms, *, centroids, sigma, out, objective, chunk: int) -> None:
+    """R as a plain softmax of ``-dist / sigma`` (``clustering.soft_assign``)
+    through the fused kernel: each chunk of cells is scaled to unit length,
+    its distances come from BLAS, and :func:`update_piece` takes the softmax
+    with no penalty (one level, all zeros) and the objective's sums.
+
+    z : (N, d) CPU tensor, the cells; ``z[i] / norms[i]`` is cell i of Z_cos
+        (``norms`` None: z is already unit-length).
+    centroids : (K, d); sigma : (K,).
+    out : (N, K), receives R.
+    objective : ``ObjectiveSums`` or None, receives the sums.
+    """
+    kernels = _kernels()
+    n_cells, n_clusters, dtype = z.shape[0], centroids.shape[0], z.dtype
+    consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
+    two_over_sigma = (2.0 / sigma).to(dtype)
+    scaled_centroids_t = (centroids * two_over_sigma[:, None]).T.contiguous()
+    rows = min(chunk, n_cells)
+    logits = torch.empty((rows, n_clusters), dtype=dtype)
+    unit = torch.empty((rows, z.shape[1]), dtype=dtype)
+    no_penalty = np.zeros((1, n_clusters), dtype=consts.dtype)
+    no_row_penalty = np.empty((0, n_clusters), dtype=consts.dtype)
+    bound = np.array([1e-3], dtype=consts.dtype)  # logits are at most 0 here
+    codes = np.zeros((rows, 1), dtype=np.int64)
+    no_next = np.empty(0, dtype=np.int64)
+    uniform = bool((sigma == sigma[0]).all())
+    lane_sums = np.zeros((LANES, 1, n_clusters))
+    lane_objective = np.zeros((LANES, 3, 1 if uniform else n_clusters))
+    r = out.numpy()
+    caller_threads = kernels.get_threads()
+    try:
+        with _KERNEL_LOCK:
+            kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
+            for start in range(0, n_cells, rows):
+                n = min(rows, n_cells - start)
+                part = z[start : start + n]
+                if norms is not None:
+                    part = torch.div(part, norms[start : start + n, None], out=unit[:n])
+                torch.mm(part, scaled_centroids_t, out=logits[:n])
+                kernels.update_piece(
+                    logits[:n].numpy(),
+                    (no_penalty, no_row_penalty, two_over_sigma.numpy(), bound),
+                    (r[start : start + n], codes[:n], no_next),
+                    (lane_sums, lane_objective),
+                    consts,
+                )
+    finally:
+        kernels.set_threads(caller_threads)
+    if objective is not None:
+        objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(lane_objective)))

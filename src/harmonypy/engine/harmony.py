@@ -647,6 +647,7 @@ class Harmony(HarmonyResults):
             out=self._assignments,
             norms=self._norms,
             reduction=self._reduction,
+            fused=self._online.fused,
         )
         self._cache.reassigned(counted=recount)
         if recount:

@@ -151,12 +151,11 @@ def _scalars(c):
 
 
 @njit(fastmath=_FAST, cache=True)
-def _softmax_row(logits, penalty, shift, bound, out, c):
-    """Softmax of ``logits + penalty - shift`` (one row) into ``out``;
-    ``logits`` becomes the penalised logits. Returns the row's ``sum_k R_k
-    logits_k``, ``sum_k R_k penalty_k``, ``sum_k R_k`` and ``lse``, the
-    log-sum-exp of the penalised logits (the objective's terms: see
-    :class:`harmonypy.engine.objective.ObjectiveSums`).
+def _exp_row(logits, penalty, shift, bound, out, c):
+    """The softmax's numerators for one row: ``logits`` becomes ``logits +
+    penalty - shift`` (the penalised logits) and ``out`` their exponentials
+    less the row's shift; returns ``(total, shift)``, so that ``out / total``
+    is the softmax and ``shift + log(total)`` the log-sum-exp.
 
     ``bound`` is at least the row's largest logit (see :func:`update_piece`):
     shifting by it instead of the maximum saves a pass that does not
@@ -180,15 +179,73 @@ def _softmax_row(logits, penalty, shift, bound, out, c):
             e = _exp_nonpositive(logits[k] - bound, c)
             out[k] = e
             total += e
+    return total, bound
+
+
+@njit(fastmath=_FAST, cache=True)
+def _softmax_row(logits, penalty, shift, bound, out, c):
+    """Softmax of ``logits + penalty - shift`` (one row) into ``out``
+    (:func:`_exp_row`, then normalised). Returns the row's ``sum_k R_k
+    logits_k``, ``sum_k R_k penalty_k``, ``sum_k R_k`` and ``lse``, the
+    log-sum-exp of the penalised logits (the objective's terms: see
+    :class:`harmonypy.engine.objective.ObjectiveSums`)."""
+    total, bound = _exp_row(logits, penalty, shift, bound, out, c)
     inverse = c[5] / total
     r_sum, r_logits, r_penalty = c[6], c[6], c[6]
-    for k in range(n_clusters):
+    for k in range(logits.shape[0]):
         r = out[k] * inverse
         out[k] = r
         r_sum += r
         r_logits += r * logits[k]
         r_penalty += r * penalty[k]
     return r_logits, r_penalty, r_sum, bound + np.log(total)
+
+
+@njit(inline="always", fastmath=_FAST, cache=True)
+def _softmax_row_into_sums(logits, i, penalty, level, shift, bound, out, sums, pair, c):
+    """:func:`_softmax_row` for the common case (one batch variable, one
+    sigma) on row ``i`` of ``logits`` and ``out``, with the penalty row
+    ``penalty[level]``; the new row is added to rows ``level`` and ``pair``
+    (-1: none) of ``sums`` (float64) in the same pass. Returns the row's
+    ``sum_k R_k logits_k`` and ``lse sum_k R_k``.
+
+    Rows are indexed in place, not taken as views: a view per row costs two
+    reference-count updates, more than the row's arithmetic."""
+    n_clusters = out.shape[1]
+    total = c[6]
+    for k in range(n_clusters):
+        value = logits[i, k] + penalty[level, k] - shift[k]
+        logits[i, k] = value
+        e = _exp_nonpositive(value - bound, c)
+        out[i, k] = e
+        total += e
+    if total < c[19]:  # see _exp_row
+        bound = logits[i, 0]
+        for k in range(n_clusters):
+            bound = max(bound, logits[i, k])
+        total = c[6]
+        for k in range(n_clusters):
+            e = _exp_nonpositive(logits[i, k] - bound, c)
+            out[i, k] = e
+            total += e
+    inverse = c[5] / total
+    r_sum, r_logits = c[6], c[6]
+    if pair >= 0:
+        for k in range(n_clusters):
+            r = out[i, k] * inverse
+            out[i, k] = r
+            r_sum += r
+            r_logits += r * logits[i, k]
+            sums[level, k] += r
+            sums[pair, k] += r
+    else:
+        for k in range(n_clusters):
+            r = out[i, k] * inverse
+            out[i, k] = r
+            r_sum += r
+            r_logits += r * logits[i, k]
+            sums[level, k] += r
+    return r_logits, (bound + np.log(total)) * r_sum
 
 
 @njit(fastmath=_FAST, cache=True)
@@ -258,9 +315,20 @@ def update_piece(logits, penalty, rows, outputs, consts):
     per_cluster = lane_objective.shape[2] == n_clusters and n_clusters > 1
     c = _scalars(consts)
     top = bound[0]
+    common = by_level and not per_cluster and codes.shape[1] == 1
     for lane in prange(n_lanes):
         start, stop = _lane_bounds(lane, n_lanes, n)
         sums, objective = lane_sums[lane], lane_objective[lane]
+        if common:  # one pass per row: softmax, R, both sums
+            for i in range(start, stop):
+                level = codes[i, 0]
+                pair = n_levels * (1 + next_block[i]) + level if with_next else -1
+                r_logits, r_lse = _softmax_row_into_sums(
+                    logits, i, log_penalty, level, shift, top, new, sums, pair, c
+                )
+                objective[0, 0] += r_logits
+                objective[1, 0] += r_lse
+            continue
         for i in range(start, stop):
             own = log_penalty[codes[i, 0]] if by_level else row_penalty[i]
             r_logits, r_penalty, r_sum, lse = _softmax_row(logits[i], own, shift, top, new[i], c)
@@ -279,4 +347,3 @@ def update_piece(logits, penalty, rows, outputs, consts):
                 _add_row(sums[level], new[i])
                 if with_next:
                     _add_row(sums[n_levels * (1 + next_block[i]) + level], new[i])
-

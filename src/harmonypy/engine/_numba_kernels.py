@@ -142,6 +142,19 @@ def gather_rows(cells, rows, out):
             row_codes[i, v] = codes[cell, v]
 
 
+@njit(cache=True)
+def blocks_of_cells(base, order, starts, out):
+    """``out[base[order[p]]]`` = the block of position ``p``, whose blocks
+    start at ``starts`` (increasing, one more than the blocks: the last is
+    the end): each cell's block in an update that visits the cells
+    ``base[order]`` (no N-sized temporary for ``base[order]``)."""
+    block = 0
+    for p in range(order.shape[0]):
+        while p >= starts[block + 1]:
+            block += 1
+        out[base[order[p]]] = block
+
+
 @njit(inline="always", cache=True)
 def _scalars(c):
     """The constants as a tuple of scalars: read once, they stay in

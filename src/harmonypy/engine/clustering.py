@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from harmonypy.engine.fused import soft_assign_pieces
 from harmonypy.engine.objective import ObjectiveSums
 from harmonypy.engine.reduce import LOCAL, Reduction, index_sum_
 
@@ -196,25 +195,27 @@ def level_sums(
     return out
 
 
+#: Cells per chunk of a fresh soft assignment.
+SOFT_ASSIGN_CHUNK = 8192
+
+
 def soft_assign(
     z_cos: torch.Tensor,
     centroids: torch.Tensor,
     sigma: torch.Tensor,
     objective: bool = False,
     out: torch.Tensor | None = None,
-    chunk: int = 8192,
+    chunk: int = SOFT_ASSIGN_CHUNK,
     norms: torch.Tensor | None = None,
     reduction: Reduction = LOCAL,
-    fused: bool = False,
 ) -> tuple[torch.Tensor, tuple[float, float] | None]:
     """R transposed (N x K) as a softmax over clusters of ``-dist / sigma``.
 
     ``out`` (N, K), if given, receives the assignments: reusing the previous
     R's memory spares the page faults of a fresh allocation. ``z_cos`` holds
     unit-length cells, or, with ``norms`` (N,), cells divided by ``norms``
-    chunk by chunk as they are read. ``fused`` (CPU tensors, numba): the
-    softmax and the objective's sums by the fused kernel
-    (:func:`harmonypy.engine.fused.soft_assign_pieces`), equal up to rounding.
+    chunk by chunk as they are read. (The fused CPU path has its own:
+    :func:`harmonypy.engine.fused.soft_assign_pieces`.)
 
     Returns
     -------
@@ -230,11 +231,6 @@ def soft_assign(
         )
     inv_sigma = 1.0 / sigma.to(z_cos.dtype)
     sums = ObjectiveSums(sigma, sigma.dtype) if objective else None
-    if fused:
-        soft_assign_pieces(
-            z_cos, norms, centroids=centroids, sigma=sigma, out=out, objective=sums, chunk=chunk
-        )
-        return out, None if sums is None else sums.terms(reduction)
     # -dist / sigma = (2 z.Y - 2) / sigma, into one reused chunk buffer.
     scaled_centroids_t = (centroids * (2 * inv_sigma)[:, None]).T
     buffer = torch.empty(

@@ -235,17 +235,35 @@ def _sum_lanes(lanes: np.ndarray) -> np.ndarray:
     return total
 
 
-def soft_assign_pieces(z, norms, *, centroids, sigma, out, objective, chunk: int) -> None:
+def blocks_of_cells(base: torch.Tensor, order: torch.Tensor, bounds) -> torch.Tensor:
+    """(N,) int64, each cell's block in an update that visits the cells
+    ``base[order]`` in the blocks ``bounds`` (as ``online.block_of_rows(
+    base[order], bounds)``, without the N-sized ``base[order]``)."""
+    starts = np.array([start for start, _ in bounds] + [bounds[-1][1]], dtype=np.int64)
+    out = np.empty(order.shape[0], dtype=np.int64)
+    _kernels().blocks_of_cells(base.numpy(), order.numpy(), starts, out)
+    return torch.from_numpy(out)
+
+
+def soft_assign_pieces(
+    z, norms, *, centroids, sigma, out, objective, chunk: int, counts=None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """R as a plain softmax of ``-dist / sigma`` (``clustering.soft_assign``)
     through the fused kernel: each chunk of cells is scaled to unit length,
     its distances come from BLAS, and :func:`update_piece` takes the softmax
-    with no penalty (one level, all zeros) and the objective's sums.
+    with no penalty and the sums.
 
     z : (N, d) CPU tensor, the cells; ``z[i] / norms[i]`` is cell i of Z_cos
         (``norms`` None: z is already unit-length).
     centroids : (K, d); sigma : (K,).
     out : (N, K), receives R.
     objective : ``ObjectiveSums`` or None, receives the sums.
+    counts : optional ``(codes, block_of, n_levels, n_blocks)``: the cells'
+        global levels ((N, V) int64), each cell's block in the next online
+        update ((N,) int64), B and the number of blocks. Then R's level sums ((B, K) float64: O) and the
+        next update's removals ((n_blocks * B, K) float64, rows ``B * block
+        + level``) are taken in the same pass and returned (this process's
+        cells only); else None.
     """
     kernels = _kernels()
     n_cells, n_clusters, dtype = z.shape[0], centroids.shape[0], z.dtype
@@ -255,14 +273,21 @@ def soft_assign_pieces(z, norms, *, centroids, sigma, out, objective, chunk: int
     rows = min(chunk, n_cells)
     logits = torch.empty((rows, n_clusters), dtype=dtype)
     unit = torch.empty((rows, z.shape[1]), dtype=dtype)
-    no_penalty = np.zeros((1, n_clusters), dtype=consts.dtype)
+    if counts is None:
+        codes, block_of, n_levels = np.zeros((rows, 1), dtype=np.int64), None, 1
+        n_sums = 1
+    else:
+        codes, block_of, n_levels = counts[0].numpy(), counts[1].numpy(), counts[2]
+        n_sums = n_levels * (1 + counts[3])
+    # No penalty: a zero row for every level (the kernel reads row codes[i, 0]).
+    no_penalty = np.zeros((n_levels, n_clusters), dtype=consts.dtype)
     no_row_penalty = np.empty((0, n_clusters), dtype=consts.dtype)
     bound = np.array([1e-3], dtype=consts.dtype)  # logits are at most 0 here
-    codes = np.zeros((rows, 1), dtype=np.int64)
     no_next = np.empty(0, dtype=np.int64)
     uniform = bool((sigma == sigma[0]).all())
-    lane_sums = np.zeros((LANES, 1, n_clusters))
-    lane_objective = np.zeros((LANES, 3, 1 if uniform else n_clusters))
+    lanes = max(1, min(LANES, LANE_BYTES // (8 * n_sums * n_clusters)))
+    lane_sums = np.zeros((lanes, n_sums, n_clusters))
+    lane_objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
     r = out.numpy()
     caller_threads = kernels.get_threads()
     try:
@@ -277,7 +302,11 @@ def soft_assign_pieces(z, norms, *, centroids, sigma, out, objective, chunk: int
                 kernels.update_piece(
                     logits[:n].numpy(),
                     (no_penalty, no_row_penalty, two_over_sigma.numpy(), bound),
-                    (r[start : start + n], codes[:n], no_next),
+                    (
+                        r[start : start + n],
+                        codes[:n] if block_of is None else codes[start : start + n],
+                        no_next if block_of is None else block_of[start : start + n],
+                    ),
                     (lane_sums, lane_objective),
                     consts,
                 )
@@ -285,3 +314,7 @@ def soft_assign_pieces(z, norms, *, centroids, sigma, out, objective, chunk: int
         kernels.set_threads(caller_threads)
     if objective is not None:
         objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(lane_objective)))
+    if counts is None:
+        return None
+    sums = torch.from_numpy(_sum_lanes(lane_sums))
+    return sums[:n_levels], sums[n_levels:]

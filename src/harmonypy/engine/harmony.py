@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from harmonypy.engine import clustering as clu
+from harmonypy.engine import fused
 from harmonypy.engine import online
 from harmonypy.engine import validation as val
 from harmonypy.engine.arrays import all_finite, input_tensor
@@ -35,9 +36,9 @@ from harmonypy.engine.convergence import (
 )
 from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
 from harmonypy.engine.design import BatchDesign
-from harmonypy.engine.fused import use_fused
 from harmonypy.engine.harmony_results import HarmonyResults
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
+from harmonypy.engine.objective import ObjectiveSums
 from harmonypy.engine.progress import Progress
 from harmonypy.engine.reduce import LOCAL, Reduction
 from harmonypy.engine.threads import AutoThreads
@@ -232,7 +233,7 @@ class Harmony(HarmonyResults):
             diversity,
             first_levels=int(design.offsets[1]),
             reduction=reduction,
-            fused=use_fused(self.device, n_elements=self.N_total * self.K),
+            fused=fused.use_fused(self.device, n_elements=self.N_total * self.K),
         )
 
         self._assignments: torch.Tensor | None = None
@@ -638,7 +639,11 @@ class Harmony(HarmonyResults):
         """R as a plain softmax of -dist / sigma from the centroids, and O and E
         from it (or, without ``recount``, by the next online update). With
         ``objective``, returns the objective's distance and entropy terms."""
-        # The new R overwrites the old one: one N x K matrix at a time.
+        if self._online.fused:
+            return self._reassign_fused(objective)
+        # The old R's row order goes first (N int64), and the new R overwrites
+        # the old one: one N x K matrix at a time.
+        self._cache.reassigned(counted=recount)
         self._assignments, terms = clu.soft_assign(
             self._z_corr,
             self._started(self._centroids, "centroids"),
@@ -647,12 +652,47 @@ class Harmony(HarmonyResults):
             out=self._assignments,
             norms=self._norms,
             reduction=self._reduction,
-            fused=self._online.fused,
         )
-        self._cache.reassigned(counted=recount)
         if recount:
             self._recount()
         return terms
+
+    def _reassign_fused(self, objective: bool) -> tuple[float, float] | None:
+        """:meth:`_reassign` through the fused kernels, which also count O and
+        the cluster sizes and sum the next online update's removals in the
+        same pass over R (the torch path takes a pass for each). The next
+        update's order is drawn here if the previous update did not draw it:
+        the same draw, in the same sequence, as :meth:`update_R` would make."""
+        cache = self._cache
+        next_order = cache.next_order
+        if next_order is None:
+            next_order = torch.randperm(self.N, generator=self._generator)
+        # The old R's row order and removals go before the new R is made.
+        cache.reassigned(counted=True)
+        cache.next_order = next_order
+        # R's rows will be the cells (see update_R and _shuffle_base).
+        block_of = fused.blocks_of_cells(self._shuffle_base, next_order, self._bounds)
+        sums = ObjectiveSums(self._sigma, self._sigma.dtype) if objective else None
+        if self._assignments is None:
+            self._assignments = torch.empty((self.N, self.K), dtype=self._z_corr.dtype)
+        counts = (self._codes, block_of, self.B, len(self._bounds))
+        level_sums, removals = fused.soft_assign_pieces(
+            self._z_corr,
+            self._norms,
+            centroids=self._started(self._centroids, "centroids"),
+            sigma=self._sigma,
+            out=self._assignments,
+            objective=sums,
+            chunk=clu.SOFT_ASSIGN_CHUNK,
+            counts=counts,
+        )
+        self._reduction.sum_(level_sums, removals)
+        observed = level_sums.to(self._stat_dtype)
+        self._stats = clu.ClusterStats(
+            observed=observed, cluster_sizes=observed[: int(self.design.offsets[1])].sum(0)
+        )
+        cache.next_removals = removals.to(self._stat_dtype).view(len(self._bounds), self.B, -1)
+        return None if sums is None else sums.terms(self._reduction)
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""

@@ -29,8 +29,9 @@ from harmonypy.engine.objective import ObjectiveSums
 from harmonypy.engine.reduce import LOCAL, Reduction, index_sum_
 
 
-def _block_of_rows(order: torch.Tensor, bounds) -> torch.Tensor:
-    """(N,) block index of each row of R, for an update in ``order``."""
+def block_of_rows(order: torch.Tensor, bounds) -> torch.Tensor:
+    """(N,) block index of each row of R (of each element of ``order``), for
+    an update in ``order``."""
     sizes = torch.tensor([end - start for start, end in bounds], device=order.device)
     block_of = torch.empty_like(order)
     block_of[order[: int(sizes.sum())]] = torch.repeat_interleave(
@@ -44,7 +45,7 @@ def _block_level_sums(
 ) -> torch.Tensor:
     """Sum of R per (block, level) for the blocks of this update: (n_blocks, B, K)."""
     n_blocks = len(bounds)
-    block_of = _block_of_rows(order, bounds)
+    block_of = block_of_rows(order, bounds)
     # A (block, level) pair is just a level of a finer design.
     sums = level_sums(
         assignments, block_of[:, None] * n_levels + codes, n_blocks * n_levels, acc_dtype
@@ -249,7 +250,7 @@ def online_update(
     next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
     next_removals = next_block_of = None
     if plan.next_order is not None:
-        next_block_of = _block_of_rows(plan.next_order, next_bounds)
+        next_block_of = block_of_rows(plan.next_order, next_bounds)
         next_removals = torch.zeros(
             (len(next_bounds) * n_levels, assignments.shape[1]),
             dtype=stats.observed.dtype,

@@ -200,7 +200,9 @@ def test_without_numba_the_torch_path_runs(monkeypatch, data):
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
 def test_a_bad_setting_is_refused(monkeypatch, value):
     monkeypatch.setenv(fused.ENV_VARIABLE, value)
-    with pytest.raises(ValueError, match=rf"HARMONYPY_FUSED must be auto, 1, always or 0 .*'{value}'"):
+    with pytest.raises(
+        ValueError, match=rf"HARMONYPY_FUSED must be auto, 1, always or 0 .*'{value}'"
+    ):
         fused.fused_choice(torch.device("cpu"), n_elements=1)
 
 

@@ -16,8 +16,9 @@ need combining.
 There is no SVML on a stock numba install, so ``math.exp`` stays a scalar call
 in a loop; :func:`_exp_nonpositive` is a polynomial the compiler can
 vectorise (Cody-Waite reduction, a Taylor polynomial of degree 7 in float32
-and 13 in float64, the power of two built from its exponent bits): relative error below 2 ulp in float32 and
-float64 for the arguments a softmax gives it (at most 0).
+and 13 in float64, the power of two built from its exponent bits): relative
+error below 2 ulp in float32 and float64 for the arguments a softmax gives it
+(at most 0).
 """
 
 from __future__ import annotations
@@ -215,15 +216,18 @@ def _softmax_row(logits, penalty, shift, bound, out, c):
 
 
 @njit(inline="always", fastmath=_FAST, cache=True)
-def _softmax_row_into_sums(logits, i, penalty, level, shift, bound, out, sums, pair, c):
+def _softmax_row_into_sums(arrays, row, bound, c):
     """:func:`_softmax_row` for the common case (one batch variable, one
-    sigma) on row ``i`` of ``logits`` and ``out``, with the penalty row
+    sigma). ``arrays = (logits, penalty, shift, out, sums)`` and ``row = (i,
+    level, pair)``: row ``i`` of ``logits`` and ``out``, with the penalty row
     ``penalty[level]``; the new row is added to rows ``level`` and ``pair``
     (-1: none) of ``sums`` (float64) in the same pass. Returns the row's
     ``sum_k R_k logits_k`` and ``lse sum_k R_k``.
 
     Rows are indexed in place, not taken as views: a view per row costs two
     reference-count updates, more than the row's arithmetic."""
+    logits, penalty, shift, out, sums = arrays
+    i, level, pair = row
     n_clusters = out.shape[1]
     total = c[6]
     for k in range(n_clusters):
@@ -337,7 +341,7 @@ def update_piece(logits, penalty, rows, outputs, consts):
                 level = codes[i, 0]
                 pair = n_levels * (1 + next_block[i]) + level if with_next else -1
                 r_logits, r_lse = _softmax_row_into_sums(
-                    logits, i, log_penalty, level, shift, top, new, sums, pair, c
+                    (logits, log_penalty, shift, new, sums), (i, level, pair), top, c
                 )
                 objective[0, 0] += r_logits
                 objective[1, 0] += r_lse

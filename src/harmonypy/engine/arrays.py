@@ -83,3 +83,14 @@ def write_rows(out: np.ndarray, z: torch.Tensor) -> np.ndarray:
         stop = min(n, start + COPY_CHUNK_ROWS)
         out[start:stop] = z[start:stop].detach().cpu().numpy()
     return out
+
+
+def numerical_failure(*, step: str, what: str, iteration: int) -> FloatingPointError:
+    """The error for non-finite values in ``what`` during ``step``."""
+    return FloatingPointError(
+        f"Harmony produced non-finite values in {what} during the {step} step "
+        f"(iteration {iteration}). Usual causes: PCs on an extreme scale, "
+        f"duplicated or near-identical cells dominating a cluster, sigma far too "
+        f"small, or theta/lamb values far outside the usual range (theta ~ 0-4, "
+        f"lamb ~ 0.1-10). Try dtype='float64' or check the input embedding."
+    )

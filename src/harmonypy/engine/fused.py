@@ -39,6 +39,8 @@ import threading
 import numpy as np
 import torch
 
+from harmonypy.engine.clustering import SOFT_ASSIGN_CHUNK
+
 logger = logging.getLogger(__name__)
 
 #: The environment variable that chooses the path: unset, ``auto`` or ``1``
@@ -61,9 +63,7 @@ def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
     fused kernels, and why (one phrase)."""
     setting = os.environ.get(ENV_VARIABLE, "").strip()
     if setting not in ("", "auto", "0", "1", "always"):
-        raise ValueError(
-            f"{ENV_VARIABLE} must be auto, 1, always or 0 (or unset), got {setting!r}"
-        )
+        raise ValueError(f"{ENV_VARIABLE} must be auto, 1, always or 0 (or unset), got {setting!r}")
     named = f"{ENV_VARIABLE}={setting}" if setting else f"{ENV_VARIABLE} unset"
     if setting == "0":
         return False, named
@@ -169,7 +169,9 @@ class FusedPieces:
         kernels.set_threads(threads)  # the engine's choice (one thread for tiny blocks)
         unit, logits, shift = self._scratch(scratch)
         codes = self._codes[:n]
-        kernels.gather_rows((arrays["z"], arrays["norms"], arrays["codes"]), rows, (unit[:n], codes))
+        kernels.gather_rows(
+            (arrays["z"], arrays["norms"], arrays["codes"]), rows, (unit[:n], codes)
+        )
         torch.mm(unit_cells, scratch.scaled_centroids_t, out=scratch.logits[:n])
         log_penalty = penalty[0]
         row_penalty = self._no_row_penalty
@@ -245,6 +247,28 @@ def blocks_of_cells(base: torch.Tensor, order: torch.Tensor, bounds) -> torch.Te
     return torch.from_numpy(out)
 
 
+def reassign(cells, *, centroids, sigma, out, objective, next_update):
+    """A fresh soft assignment with the counts the next online update needs:
+    :func:`soft_assign_pieces` with R's level sums and the next update's
+    removals, returned as ``(level_sums, removals)`` (this process's cells).
+
+    cells : ``(z, norms, codes)``, the cells (``z / norms`` their unit rows)
+        and their global levels ((N, V) int64); R's rows are the cells.
+    next_update : ``(base, order, bounds, n_levels)``: the update visits the
+        cells ``base[order]`` in the blocks ``bounds``; B levels.
+    """
+    z, norms, codes = cells
+    base, order, bounds, n_levels = next_update
+    block_of = blocks_of_cells(base, order, bounds)
+    counts = (codes, block_of, n_levels, len(bounds))
+    sums = soft_assign_pieces(
+        z, norms, centroids=centroids, sigma=sigma, out=out, objective=objective,
+        chunk=SOFT_ASSIGN_CHUNK, counts=counts,
+    )  # fmt: skip
+    assert sums is not None  # with counts
+    return sums
+
+
 def soft_assign_pieces(
     z, norms, *, centroids, sigma, out, objective, chunk: int, counts=None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -260,10 +284,10 @@ def soft_assign_pieces(
     objective : ``ObjectiveSums`` or None, receives the sums.
     counts : optional ``(codes, block_of, n_levels, n_blocks)``: the cells'
         global levels ((N, V) int64), each cell's block in the next online
-        update ((N,) int64), B and the number of blocks. Then R's level sums ((B, K) float64: O) and the
-        next update's removals ((n_blocks * B, K) float64, rows ``B * block
-        + level``) are taken in the same pass and returned (this process's
-        cells only); else None.
+        update ((N,) int64), B and the number of blocks. Then R's level sums
+        ((B, K) float64: O) and the next update's removals ((n_blocks * B, K)
+        float64, rows ``B * block + level``) are taken in the same pass and
+        returned (this process's cells only); else None.
     """
     kernels = _kernels()
     n_cells, n_clusters, dtype = z.shape[0], centroids.shape[0], z.dtype

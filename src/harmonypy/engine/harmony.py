@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from harmonypy.engine import clustering as clu
-from harmonypy.engine import fused
-from harmonypy.engine import online
+from harmonypy.engine import fused, online
 from harmonypy.engine import validation as val
-from harmonypy.engine.arrays import all_finite, input_tensor
+from harmonypy.engine.arrays import all_finite, input_tensor, numerical_failure
 from harmonypy.engine.convergence import (
     Callback,
     EmbeddingChange,
@@ -40,7 +39,7 @@ from harmonypy.engine.harmony_results import HarmonyResults
 from harmonypy.engine.kmeans import kmeans_centroids, start_for
 from harmonypy.engine.objective import ObjectiveSums
 from harmonypy.engine.progress import Progress
-from harmonypy.engine.reduce import LOCAL, Reduction
+from harmonypy.engine.reduce import LOCAL, Reduction, process_seed
 from harmonypy.engine.threads import AutoThreads
 
 logger = logging.getLogger(__name__)
@@ -213,7 +212,7 @@ class Harmony(HarmonyResults):
         # distributed, its share of the k-means sample). Rank 0 of a group draws
         # exactly what a single process with this seed draws.
         self._generator = torch.Generator(device="cpu").manual_seed(
-            _process_seed(seed, reduction.rank)
+            process_seed(seed, reduction.rank)
         )
         self._bounds = clu.block_bounds(
             self.N,
@@ -424,17 +423,12 @@ class Harmony(HarmonyResults):
         >>> len(ho.objective_kmeans) - before
         1
         """
-        cross = clu.cross_term(
-            self._started(self._stats, "counts"),
-            self._proportions,
-            self._theta,
-            self._sigma,
-            self._cross,
-        )
+        stats = self._started(self._stats, "counts")
+        cross = clu.cross_term(stats, self._proportions, self._theta, self._sigma, self._cross)
         scale = 2000.0 / self.N_total
         parts = (dist_term * scale, entropy_term * scale, cross * scale)
         if not all(math.isfinite(p) for p in parts):
-            self._numerical_failure(step, "the objective")
+            raise numerical_failure(step=step, what="the objective", iteration=self._iteration)
         self.objective_kmeans_dist.append(parts[0])
         self.objective_kmeans_entropy.append(parts[1])
         self.objective_kmeans_cross.append(parts[2])
@@ -482,7 +476,7 @@ class Harmony(HarmonyResults):
             out=None if self._z_corr is self._z_orig else self._z_corr,
         )
         if self._reduction.any(not all_finite(result.z_corr)):
-            self._numerical_failure("correction", "Z_corr")
+            raise numerical_failure(step="correction", what="Z_corr", iteration=self._iteration)
         self._z_corr = result.z_corr
         self._norms = clu.row_norms(self._z_corr, out=self._norms)
         self._intercept = result.intercept
@@ -659,72 +653,43 @@ class Harmony(HarmonyResults):
 
     def _reassign_fused(self, objective: bool) -> tuple[float, float] | None:
         """:meth:`_reassign` through the fused kernels, which also count O and
-        the cluster sizes and sum the next online update's removals in the
-        same pass over R (the torch path takes a pass for each). The next
-        update's order is drawn here if the previous update did not draw it:
-        the same draw, in the same sequence, as :meth:`update_R` would make."""
+        sum the next online update's removals in the same pass over R (the
+        torch path takes a pass for each). The next update's order is drawn
+        here if no update drew it: the draw :meth:`update_R` would make."""
         cache = self._cache
         next_order = cache.next_order
         if next_order is None:
             next_order = torch.randperm(self.N, generator=self._generator)
-        # The old R's row order and removals go before the new R is made.
-        cache.reassigned(counted=True)
+        cache.reassigned(counted=True)  # the old row order goes before the new R comes
         cache.next_order = next_order
-        # R's rows will be the cells (see update_R and _shuffle_base).
-        block_of = fused.blocks_of_cells(self._shuffle_base, next_order, self._bounds)
         sums = ObjectiveSums(self._sigma, self._sigma.dtype) if objective else None
         if self._assignments is None:
             self._assignments = torch.empty((self.N, self.K), dtype=self._z_corr.dtype)
-        counts = (self._codes, block_of, self.B, len(self._bounds))
-        level_sums, removals = fused.soft_assign_pieces(
-            self._z_corr,
-            self._norms,
+        level_sums, removals = fused.reassign(
+            (self._z_corr, self._norms, self._codes),
             centroids=self._started(self._centroids, "centroids"),
             sigma=self._sigma,
             out=self._assignments,
             objective=sums,
-            chunk=clu.SOFT_ASSIGN_CHUNK,
-            counts=counts,
+            next_update=(self._shuffle_base, next_order, self._bounds, self.B),
         )
         self._reduction.sum_(level_sums, removals)
-        observed = level_sums.to(self._stat_dtype)
-        self._stats = clu.ClusterStats(
-            observed=observed, cluster_sizes=observed[: int(self.design.offsets[1])].sum(0)
-        )
+        self._set_counts(level_sums)
         cache.next_removals = removals.to(self._stat_dtype).view(len(self._bounds), self.B, -1)
         return None if sums is None else sums.terms(self._reduction)
 
     def _recount(self) -> None:
         """O and the cluster sizes recomputed from R (no running-sum drift)."""
-        codes = (
-            self._codes
-            if self._cache.rows is None
-            else self._codes.index_select(0, self._cache.rows)
-        )
-        observed = clu.level_sums(
-            self._started(self._assignments, "assignments"), codes, self.B, self._stat_dtype
-        )
+        rows = self._cache.rows
+        codes = self._codes if rows is None else self._codes.index_select(0, rows)
+        assignments = self._started(self._assignments, "assignments")
+        observed = clu.level_sums(assignments, codes, self.B, self._stat_dtype)
         self._reduction.sum_(observed)
-        # The first variable's levels partition the cells: their sums are the
-        # cluster sizes.
-        self._stats = clu.ClusterStats(
-            observed=observed, cluster_sizes=observed[: int(self.design.offsets[1])].sum(0)
-        )
+        self._set_counts(observed)
 
-    def _numerical_failure(self, step: str, what: str) -> None:
-        raise FloatingPointError(
-            f"Harmony produced non-finite values in {what} during the {step} step "
-            f"(iteration {self._iteration}). Usual causes: PCs on an extreme scale, "
-            f"duplicated or near-identical cells dominating a cluster, sigma far too "
-            f"small, or theta/lamb values far outside the usual range (theta ~ 0-4, "
-            f"lamb ~ 0.1-10). Try dtype='float64' or check the input embedding."
-        )
-
-
-def _process_seed(seed: int, rank: int) -> int:
-    """Seed of a process's generator: ``seed`` itself on rank 0 (a single
-    process), a distinct well-mixed one on each other rank."""
-    if rank == 0:
-        return seed
-    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9) % (1 << 64)
-    return mixed >> 1  # manual_seed takes up to 2**63 - 1 on every platform
+    def _set_counts(self, observed: torch.Tensor) -> None:
+        """O (B, K), summed over every process; the first variable's levels
+        partition the cells: their sums are the cluster sizes."""
+        observed = observed.to(self._stat_dtype)
+        first = int(self.design.offsets[1])
+        self._stats = clu.ClusterStats(observed=observed, cluster_sizes=observed[:first].sum(0))

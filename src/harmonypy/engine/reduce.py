@@ -192,3 +192,12 @@ def communicated_bytes(
     if algorithm == "harmony1":
         return total + iterations * word * n_clusters * n_features
     return total + (iterations - 1) * blocks
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Seed of a process's generator: ``seed`` itself on rank 0 (a single
+    process), a distinct well-mixed one on each other rank."""
+    if rank == 0:
+        return seed
+    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9) % (1 << 64)
+    return mixed >> 1  # manual_seed takes up to 2**63 - 1 on every platform

@@ -148,12 +148,21 @@ def blocks_of_cells(base, order, starts, out):
     """``out[base[order[p]]]`` = the block of position ``p``, whose blocks
     start at ``starts`` (increasing, one more than the blocks: the last is
     the end): each cell's block in an update that visits the cells
-    ``base[order]`` (no N-sized temporary for ``base[order]``)."""
+    ``base[order]`` (no N-sized temporary for ``base[order]``). An empty
+    ``base`` stands for the identity: ``out[order[p]]``."""
     block = 0
+    identity = base.shape[0] == 0
     for p in range(order.shape[0]):
         while p >= starts[block + 1]:
             block += 1
-        out[base[order[p]]] = block
+        out[order[p] if identity else base[order[p]]] = block
+
+
+@njit(parallel=True, cache=True)
+def take(values, index, out):
+    """``out[i] = values[index[i]]`` (int64), on the threads."""
+    for i in prange(index.shape[0]):
+        out[i] = values[index[i]]
 
 
 @njit(inline="always", cache=True)

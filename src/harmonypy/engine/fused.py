@@ -165,8 +165,6 @@ class FusedPieces:
 
     def _run_piece(self, span, rows, unit_cells, penalty, scratch):
         kernels, arrays, n = self._kernels, self._np, rows.shape[0]
-        threads = max(1, min(torch.get_num_threads(), kernels.max_threads()))
-        kernels.set_threads(threads)  # the engine's choice (one thread for tiny blocks)
         unit, logits, shift = self._scratch(scratch)
         codes = self._codes[:n]
         kernels.gather_rows(
@@ -190,8 +188,12 @@ class FusedPieces:
         )
 
     def _scratch(self, scratch):
-        """The update's scratch buffers as numpy arrays (made once)."""
+        """The update's scratch buffers as numpy arrays (made at the first
+        piece, when numba's thread count is set to the engine's: its choice
+        for the update, one thread for tiny blocks)."""
         if self._scratch_arrays is None:
+            kernels = self._kernels
+            kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
             self._scratch_arrays = (
                 scratch.unit_cells.numpy(),
                 scratch.logits.numpy(),
@@ -237,13 +239,24 @@ def _sum_lanes(lanes: np.ndarray) -> np.ndarray:
     return total
 
 
-def blocks_of_cells(base: torch.Tensor, order: torch.Tensor, bounds) -> torch.Tensor:
+def blocks_of_cells(base: torch.Tensor | None, order: torch.Tensor, bounds) -> torch.Tensor:
     """(N,) int64, each cell's block in an update that visits the cells
-    ``base[order]`` in the blocks ``bounds`` (as ``online.block_of_rows(
-    base[order], bounds)``, without the N-sized ``base[order]``)."""
+    ``base[order]`` (``order`` itself with ``base`` None) in the blocks
+    ``bounds``: ``online.block_of_rows(base[order], bounds)`` in one numba
+    loop, without the N-sized ``base[order]``."""
     starts = np.array([start for start, _ in bounds] + [bounds[-1][1]], dtype=np.int64)
     out = np.empty(order.shape[0], dtype=np.int64)
-    _kernels().blocks_of_cells(base.numpy(), order.numpy(), starts, out)
+    no_base = np.empty(0, dtype=np.int64)
+    base_np = no_base if base is None else base.numpy()
+    _kernels().blocks_of_cells(base_np, order.numpy(), starts, out)
+    return torch.from_numpy(out)
+
+
+def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for int64 CPU tensors, on numba's threads (a 1-D
+    int64 ``index_select`` runs on one)."""
+    out = np.empty(index.shape[0], dtype=np.int64)
+    _kernels().take(values.numpy(), index.numpy(), out)
     return torch.from_numpy(out)
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from harmonypy.engine import threads as _threads
 from harmonypy.engine.clustering import ClusterStats, level_sums, unit_rows
-from harmonypy.engine.fused import FusedPieces
+from harmonypy.engine.fused import FusedPieces, blocks_of_cells
+from harmonypy.engine.fused import take as fused_take
 from harmonypy.engine.objective import ObjectiveSums
 from harmonypy.engine.reduce import LOCAL, Reduction, index_sum_
 
@@ -246,18 +247,27 @@ def online_update(
     if plan.recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
         stats.cluster_sizes = stats.observed[: settings.first_levels].sum(0)
-    cells_in_order = plan.order if plan.rows is None else plan.rows.index_select(0, plan.order)
+    fused = settings.fused
+    if plan.rows is None:
+        cells_in_order = plan.order
+    elif fused:  # numba's threads; the same values
+        cells_in_order = fused_take(plan.rows, plan.order)
+    else:
+        cells_in_order = plan.rows.index_select(0, plan.order)
     next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
     next_removals = next_block_of = None
     if plan.next_order is not None:
-        next_block_of = block_of_rows(plan.next_order, next_bounds)
+        if fused:
+            next_block_of = blocks_of_cells(None, plan.next_order, next_bounds)
+        else:
+            next_block_of = block_of_rows(plan.next_order, next_bounds)
         next_removals = torch.zeros(
             (len(next_bounds) * n_levels, assignments.shape[1]),
             dtype=stats.observed.dtype,
             device=assignments.device,
         )
     sums: FusedPieces | _NewRowSums
-    if settings.fused:
+    if fused:
         sums = FusedPieces(
             assignments,
             cells=cells,

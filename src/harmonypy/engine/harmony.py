@@ -385,13 +385,15 @@ class Harmony(HarmonyResults):
             if cache.centroid_sums is None:
                 cache.centroid_sums = torch.empty_like(centroids)
             cache.centroid_sums.zero_()
+        plan = cache.plan(order, self._bounds, take=fused.take if self._online.fused else None)
+        del order  # the plan holds what the update needs
         result = online.online_update(
             assignments,
             cells=online.CellRows(self._z_corr, self._norms, self._codes),
             centroids=centroids,
             stats=stats,
             settings=self._online,
-            plan=cache.plan(order, self._bounds),
+            plan=plan,
             centroid_sums_out=cache.centroid_sums,
         )
         cache.updated(result)

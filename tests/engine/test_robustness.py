@@ -360,6 +360,47 @@ def test_keyboard_interrupt_restores_state_and_next_call_works(threads_three, mo
     np.testing.assert_array_equal(again.Z_corr, clean.Z_corr)
 
 
+@pytest.mark.parametrize("path", ["0", "always"])
+def test_a_round_stopped_part_way_drops_r_instead_of_misnaming_cells(monkeypatch, path):
+    """Ctrl-C inside update_R, after some blocks: R's rows are then in two
+    orders, so ho.R must refuse (not return cells under wrong names), and
+    init_cluster() gives a working object again."""
+    if path == "always":
+        pytest.importorskip("numba")
+    from harmonypy.engine import fused, online
+
+    monkeypatch.setenv(fused.ENV_VARIABLE, path)
+    z, meta = small_problem()
+    ho = hm.run_harmony(z, meta, "batch", ncores=1, **FAST)
+    original = online._update_blocks
+    blocks_done = []
+
+    def stopped_after_a_block(assignments, *, sums, plan, **kwargs):
+        update_piece = sums.update_piece
+
+        def piece(*args, **piece_kwargs):
+            if blocks_done:
+                raise KeyboardInterrupt
+            update_piece(*args, **piece_kwargs)
+            blocks_done.append(1)
+
+        sums.update_piece = piece
+        return original(assignments, sums=sums, plan=plan, **kwargs)
+
+    monkeypatch.setattr(online, "_update_blocks", stopped_after_a_block)
+    with pytest.raises(KeyboardInterrupt):
+        ho.update_R()
+    assert blocks_done  # R was part-way through
+    monkeypatch.setattr(online, "_update_blocks", original)
+    for read in (lambda: ho.R, lambda: ho.O, ho.update_R):
+        with pytest.raises(RuntimeError, match="init_cluster"):
+            read()
+    ho.init_cluster()
+    ho.harmonize(1)
+    assert np.isfinite(ho.Z_corr).all()
+    np.testing.assert_allclose(ho.R.sum(0), 1, rtol=1e-5)
+
+
 # -------------------------------------------------------- numerical guards
 def test_non_finite_assignments_stop_with_an_error(monkeypatch):
     from harmonypy.engine import online

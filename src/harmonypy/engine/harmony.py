@@ -199,9 +199,8 @@ class Harmony(HarmonyResults):
         # in the releases that stored the cells sorted this way (CHANGELOG),
         # and gives the same result up to rounding (sums run in the caller's
         # order): a seed's results stay reproducible.
-        self._shuffle_base = torch.from_numpy(np.argsort(design.codes[:, 0], kind="stable")).to(
-            device
-        )
+        base = np.argsort(design.codes[:, 0], kind="stable")
+        self._shuffle_base = torch.from_numpy(base).to(device)
         self._levels = LevelIndex.from_codes(self._codes, design.offsets)
         self._proportions = stat(design.proportions)
         self._theta = stat(theta)
@@ -211,9 +210,8 @@ class Harmony(HarmonyResults):
         # One generator per process: the shuffles of this process's cells (and,
         # distributed, its share of the k-means sample). Rank 0 of a group draws
         # exactly what a single process with this seed draws.
-        self._generator = torch.Generator(device="cpu").manual_seed(
-            process_seed(seed, reduction.rank)
-        )
+        own_seed = process_seed(seed, reduction.rank)
+        self._generator = torch.Generator(device="cpu").manual_seed(own_seed)
         self._bounds = clu.block_bounds(
             self.N,
             block_size,
@@ -252,11 +250,9 @@ class Harmony(HarmonyResults):
         self.stop_reason: str | None = None
         self.epsilon_embedding = epsilon_embedding
         self.embedding_change: list[float] = []
-        self._embedding_change = (
-            None
-            if epsilon_embedding is None
-            else EmbeddingChange(self.N, device=device, reduction=reduction)
-        )
+        self._embedding_change = None
+        if epsilon_embedding is not None:
+            self._embedding_change = EmbeddingChange(self.N, device=device, reduction=reduction)
         self._iteration = 0  # for error messages
         self.cell_names = None  # set by run_harmony when the inputs name the cells
 
@@ -354,7 +350,9 @@ class Harmony(HarmonyResults):
         Each update also draws the next update's cell order and sums what the
         next update's blocks will take out of O, while its new rows are in
         cache. The orders are the same random permutations, in the same
-        sequence, as drawing each one at the start of its own update.
+        sequence, as drawing each one at the start of its own update. An update
+        stopped part-way (Ctrl-C, an error) drops R, O and E, whose rows it left
+        half updated: ``init_cluster()`` starts the clustering again.
 
         Returns
         -------
@@ -387,15 +385,19 @@ class Harmony(HarmonyResults):
             cache.centroid_sums.zero_()
         plan = cache.plan(order, self._bounds, take=fused.take if self._online.fused else None)
         del order  # the plan holds what the update needs
-        result = online.online_update(
-            assignments,
-            cells=online.CellRows(self._z_corr, self._norms, self._codes),
-            centroids=centroids,
-            stats=stats,
-            settings=self._online,
-            plan=plan,
-            centroid_sums_out=cache.centroid_sums,
-        )
+        try:
+            result = online.online_update(
+                assignments,
+                cells=online.CellRows(self._z_corr, self._norms, self._codes),
+                centroids=centroids,
+                stats=stats,
+                settings=self._online,
+                plan=plan,
+                centroid_sums_out=cache.centroid_sums,
+            )
+        except BaseException:  # R's rows in two orders, O half updated: dropped
+            self._assignments, self._stats, self._cache = None, None, online.UpdateCache()
+            raise
         cache.updated(result)
         return result.dist_term, result.entropy_term
 

@@ -258,22 +258,13 @@ def online_update(
     if plan.recount:
         stats.observed = removals.sum(0).to(stats.observed.dtype)
         stats.cluster_sizes = stats.observed[: settings.first_levels].sum(0)
-    fused = settings.fused
     cells_in_order = plan.order if plan.rows is None else plan.rows.index_select(0, plan.order)
     next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
-    next_removals = next_block_of = None
-    if plan.next_order is not None:
-        if fused:
-            next_block_of = blocks_of_cells(None, plan.next_order, next_bounds)
-        else:
-            next_block_of = block_of_rows(plan.next_order, next_bounds)
-        next_removals = torch.zeros(
-            (len(next_bounds) * n_levels, assignments.shape[1]),
-            dtype=stats.observed.dtype,
-            device=assignments.device,
-        )
+    next_block_of, next_removals = _next_update(
+        plan.next_order, next_bounds, like=assignments, stats=stats, fused=settings.fused
+    )
     sums: FusedPieces | _NewRowSums
-    if fused:
+    if settings.fused:
         sums = FusedPieces(
             assignments,
             cells=cells,
@@ -307,6 +298,21 @@ def online_update(
     if next_removals is not None:
         next_removals = next_removals.view(len(next_bounds), n_levels, -1)
     return OnlineResult(dist_term, entropy_term, cells_in_order, next_removals)
+
+
+def _next_update(next_order, next_bounds, *, like, stats, fused):
+    """``(next_block_of, next_removals)`` for an update that sums the next
+    one's removals: each row's block in the next update ((N,) int64; a numba
+    loop on the fused path) and zeroed removals ((n_blocks * B, K), the
+    statistics' dtype); ``(None, None)`` without a next order."""
+    if next_order is None:
+        return None, None
+    if fused:
+        next_block_of = blocks_of_cells(None, next_order, next_bounds)
+    else:
+        next_block_of = block_of_rows(next_order, next_bounds)
+    shape = (len(next_bounds) * stats.observed.shape[0], like.shape[1])
+    return next_block_of, torch.zeros(shape, dtype=stats.observed.dtype, device=like.device)
 
 
 # Cells x clusters handled at once inside a block: about 1 MB of float32, so the

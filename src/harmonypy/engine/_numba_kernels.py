@@ -1,17 +1,16 @@
 """numba kernels of the fused clustering round (imported only when numba is).
 
-One piece of cells is worked on in three steps: :func:`gather_rows`
-(the piece's rows of Z_cos and their levels), a BLAS matrix product done by the caller (the
-distances stay in BLAS: hand-written loops were slower), and
-:func:`finish_piece`, which adds the diversity penalty, takes the softmax,
+One piece of cells is worked on in three steps: :func:`gather_rows` (the
+piece's rows of Z_cos and their levels), a BLAS matrix product done by the
+caller (the distances stay in BLAS: hand-written loops were slower), and
+:func:`update_piece`, which adds the diversity penalty, takes the softmax,
 writes R and adds the new rows to the batch and objective sums in one pass
 over the piece while it is in cache.
 
 Why the sums give the same bits on every run, whatever the thread count:
-the second parallel loop of :func:`finish_piece` splits the *clusters*
-between threads, and each thread adds the rows of its clusters in row order,
-so every sum is taken in one fixed order and no thread-local partial sums
-need combining.
+:func:`update_piece` splits a piece's rows into a fixed number of lanes, each
+adding to its own sums in row order, and the caller adds the lanes in lane
+order, so every sum is taken in one fixed order.
 
 There is no SVML on a stock numba install, so ``math.exp`` stays a scalar call
 in a loop; :func:`_exp_nonpositive` is a polynomial the compiler can
@@ -173,79 +172,34 @@ def _scalars(c):
             c[13], c[14], c[15], c[16], c[17], c[18], c[19])  # fmt: skip
 
 
-@njit(fastmath=_FAST, cache=True)
-def _exp_row(logits, penalty, shift, bound, out, c):
-    """The softmax's numerators for one row: ``logits`` becomes ``logits +
-    penalty - shift`` (the penalised logits) and ``out`` their exponentials
-    less the row's shift; returns ``(total, shift)``, so that ``out / total``
-    is the softmax and ``shift + log(total)`` the log-sum-exp.
+@njit(inline="always", fastmath=_FAST, cache=True)
+def _exp_row(arrays, row, bound, c):
+    """The softmax's numerators for one row. ``arrays = (logits, penalty,
+    shift, out)``, ``row = (i, p)``: row ``i`` of ``logits`` becomes ``logits
+    + penalty[p] - shift`` (the penalised logits) and row ``i`` of ``out``
+    their exponentials less a shift; returns ``(total, shift)``, so that
+    ``out[i] / total`` is the softmax and ``shift + log(total)`` the
+    log-sum-exp.
+
+    Rows are indexed in place, not taken as views: a view per row costs two
+    reference-count updates, more than the row's arithmetic.
 
     ``bound`` is at least the row's largest logit (see :func:`update_piece`):
     shifting by it instead of the maximum saves a pass that does not
     vectorise (a max reduction needs ``nnan``). Should the bound be so far
     above that the sum falls below ``c[19]`` (where the smallest terms would
     be lost), the row is done again with its maximum."""
-    n_clusters = logits.shape[0]
-    total = c[6]
-    for k in range(n_clusters):
-        value = logits[k] + penalty[k] - shift[k]
-        logits[k] = value
-        e = _exp_nonpositive(value - bound, c)
-        out[k] = e
-        total += e
-    if total < c[19]:
-        bound = logits[0]
-        for k in range(n_clusters):
-            bound = max(bound, logits[k])
-        total = c[6]
-        for k in range(n_clusters):
-            e = _exp_nonpositive(logits[k] - bound, c)
-            out[k] = e
-            total += e
-    return total, bound
-
-
-@njit(fastmath=_FAST, cache=True)
-def _softmax_row(logits, penalty, shift, bound, out, c):
-    """Softmax of ``logits + penalty - shift`` (one row) into ``out``
-    (:func:`_exp_row`, then normalised). Returns the row's ``sum_k R_k
-    logits_k``, ``sum_k R_k penalty_k``, ``sum_k R_k`` and ``lse``, the
-    log-sum-exp of the penalised logits (the objective's terms: see
-    :class:`harmonypy.engine.objective.ObjectiveSums`)."""
-    total, bound = _exp_row(logits, penalty, shift, bound, out, c)
-    inverse = c[5] / total
-    r_sum, r_logits, r_penalty = c[6], c[6], c[6]
-    for k in range(logits.shape[0]):
-        r = out[k] * inverse
-        out[k] = r
-        r_sum += r
-        r_logits += r * logits[k]
-        r_penalty += r * penalty[k]
-    return r_logits, r_penalty, r_sum, bound + np.log(total)
-
-
-@njit(inline="always", fastmath=_FAST, cache=True)
-def _softmax_row_into_sums(arrays, row, bound, c):
-    """:func:`_softmax_row` for the common case (one batch variable, one
-    sigma). ``arrays = (logits, penalty, shift, out, sums)`` and ``row = (i,
-    level, pair)``: row ``i`` of ``logits`` and ``out``, with the penalty row
-    ``penalty[level]``; the new row is added to rows ``level`` and ``pair``
-    (-1: none) of ``sums`` (float64) in the same pass. Returns the row's
-    ``sum_k R_k logits_k`` and ``lse sum_k R_k``.
-
-    Rows are indexed in place, not taken as views: a view per row costs two
-    reference-count updates, more than the row's arithmetic."""
-    logits, penalty, shift, out, sums = arrays
-    i, level, pair = row
+    logits, penalty, shift, out = arrays
+    i, p = row
     n_clusters = out.shape[1]
     total = c[6]
     for k in range(n_clusters):
-        value = logits[i, k] + penalty[level, k] - shift[k]
+        value = logits[i, k] + penalty[p, k] - shift[k]
         logits[i, k] = value
         e = _exp_nonpositive(value - bound, c)
         out[i, k] = e
         total += e
-    if total < c[19]:  # see _exp_row
+    if total < c[19]:
         bound = logits[i, 0]
         for k in range(n_clusters):
             bound = max(bound, logits[i, k])
@@ -254,23 +208,51 @@ def _softmax_row_into_sums(arrays, row, bound, c):
             e = _exp_nonpositive(logits[i, k] - bound, c)
             out[i, k] = e
             total += e
+    return total, bound
+
+
+@njit(inline="always", fastmath=_FAST, cache=True)
+def _softmax_row(arrays, row, bound, c):
+    """Softmax of one row (:func:`_exp_row`'s ``arrays`` and ``row``, then
+    normalised). Returns the row's ``sum_k R_k logits_k``, ``sum_k R_k
+    penalty_k``, ``sum_k R_k`` and ``lse``, the log-sum-exp of the penalised
+    logits (the objective's terms: see
+    :class:`harmonypy.engine.objective.ObjectiveSums`)."""
+    logits, penalty, _, out = arrays
+    i, p = row
+    total, bound = _exp_row(arrays, row, bound, c)
+    inverse = c[5] / total
+    r_sum, r_logits, r_penalty = c[6], c[6], c[6]
+    for k in range(out.shape[1]):
+        r = out[i, k] * inverse
+        out[i, k] = r
+        r_sum += r
+        r_logits += r * logits[i, k]
+        r_penalty += r * penalty[p, k]
+    return r_logits, r_penalty, r_sum, bound + np.log(total)
+
+
+@njit(inline="always", fastmath=_FAST, cache=True)
+def _softmax_row_into_sums(arrays, row, bound, c):
+    """:func:`_softmax_row` for the common case (one batch variable, one
+    sigma). ``arrays = (logits, penalty, shift, out, sums)`` and ``row = (i,
+    level, pair)``: row ``i``, with the penalty row ``penalty[level]``; the
+    new row is added to rows ``level`` and ``pair`` (-1: none) of ``sums``
+    (float64) in the same pass. Returns the row's ``sum_k R_k logits_k`` and
+    ``lse sum_k R_k``."""
+    logits, penalty, shift, out, sums = arrays
+    i, level, pair = row
+    total, bound = _exp_row((logits, penalty, shift, out), (i, level), bound, c)
     inverse = c[5] / total
     r_sum, r_logits = c[6], c[6]
-    if pair >= 0:
-        for k in range(n_clusters):
-            r = out[i, k] * inverse
-            out[i, k] = r
-            r_sum += r
-            r_logits += r * logits[i, k]
-            sums[level, k] += r
+    for k in range(out.shape[1]):
+        r = out[i, k] * inverse
+        out[i, k] = r
+        r_sum += r
+        r_logits += r * logits[i, k]
+        sums[level, k] += r
+        if pair >= 0:  # the same every k: the compiler takes it out of the loop
             sums[pair, k] += r
-    else:
-        for k in range(n_clusters):
-            r = out[i, k] * inverse
-            out[i, k] = r
-            r_sum += r
-            r_logits += r * logits[i, k]
-            sums[level, k] += r
     return r_logits, (bound + np.log(total)) * r_sum
 
 
@@ -355,9 +337,12 @@ def update_piece(logits, penalty, rows, outputs, consts):
                 objective[0, 0] += r_logits
                 objective[1, 0] += r_lse
             continue
+        penalties = log_penalty if by_level else row_penalty
         for i in range(start, stop):
-            own = log_penalty[codes[i, 0]] if by_level else row_penalty[i]
-            r_logits, r_penalty, r_sum, lse = _softmax_row(logits[i], own, shift, top, new[i], c)
+            own = codes[i, 0] if by_level else i
+            r_logits, r_penalty, r_sum, lse = _softmax_row(
+                (logits, penalties, shift, new), (i, own), top, c
+            )
             if per_cluster:
                 _add_products(objective[0], new[i], logits[i])
                 _add_row_scaled(objective[1], new[i], np.float64(lse))

@@ -215,7 +215,7 @@ def soft_assign(
     R's memory spares the page faults of a fresh allocation. ``z_cos`` holds
     unit-length cells, or, with ``norms`` (N,), cells divided by ``norms``
     chunk by chunk as they are read. (The fused CPU path has its own:
-    :func:`harmonypy.engine.fused.soft_assign_pieces`.)
+    :func:`harmonypy.engine.fused.reassign`.)
 
     Returns
     -------

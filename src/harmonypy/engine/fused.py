@@ -103,6 +103,27 @@ LANES = 16
 LANE_BYTES = 64 * 2**20
 
 
+def _lane_buffers(n_sums: int, sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed float64 ``(lane_sums, lane_objective)`` for ``update_piece``:
+    (L, n_sums, K) and (L, 3, K), or (L, 3, 1) when sigma is the same for
+    every cluster; L lanes, fewer than :data:`LANES` when the sums are large."""
+    n_clusters = sigma.shape[0]
+    lanes = max(1, min(LANES, LANE_BYTES // (8 * n_sums * n_clusters)))
+    uniform = bool((sigma == sigma[0]).all())
+    objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
+    return np.zeros((lanes, n_sums, n_clusters)), objective
+
+
+def _use_engine_threads(kernels) -> None:
+    """numba's thread count for this Python thread: the engine's (torch's)."""
+    kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
+
+
+def _constants(kernels, dtype: torch.dtype) -> np.ndarray:
+    """The kernels' exponential constants in ``dtype``."""
+    return kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
+
+
 class FusedPieces:
     """One online update's pieces through the fused kernels.
 
@@ -130,12 +151,7 @@ class FusedPieces:
         next_block_of, next_removals = next_update or (None, None)
         self.next_removals, self.centroid_sums = next_removals, centroid_sums
         extra = 0 if next_removals is None else next_removals.shape[0]
-        n_sums = n_levels + extra
-        lanes = max(1, min(LANES, LANE_BYTES // (8 * n_sums * n_clusters)))
-        self.lane_sums = np.zeros((lanes, n_sums, n_clusters))
-        # Per cluster only when sigma differs between clusters (see update_piece).
-        uniform = bool((sigma == sigma[0]).all())
-        self.lane_objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
+        self.lane_sums, self.lane_objective = _lane_buffers(n_levels + extra, sigma)
         self._np = {
             "r": assignments.numpy(),
             "z": cells.z.numpy(),
@@ -144,7 +160,7 @@ class FusedPieces:
             "order": order.numpy(),
             "next": np.empty(0, np.int64) if next_block_of is None else next_block_of.numpy(),
         }
-        self._consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
+        self._consts = _constants(kernels, dtype)
         self._no_row_penalty = np.empty((0, n_clusters), dtype=self._consts.dtype)
         # The block's bound (see _bound) and the penalty it was computed from.
         self._bound_of: torch.Tensor | None = None
@@ -192,8 +208,7 @@ class FusedPieces:
         piece, when numba's thread count is set to the engine's: its choice
         for the update, one thread for tiny blocks)."""
         if self._scratch_arrays is None:
-            kernels = self._kernels
-            kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
+            _use_engine_threads(self._kernels)
             self._scratch_arrays = (
                 scratch.unit_cells.numpy(),
                 scratch.logits.numpy(),
@@ -261,89 +276,58 @@ def take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def reassign(cells, *, centroids, sigma, out, objective, next_update):
-    """A fresh soft assignment with the counts the next online update needs:
-    :func:`soft_assign_pieces` with R's level sums and the next update's
-    removals, returned as ``(level_sums, removals)`` (this process's cells).
-
-    cells : ``(z, norms, codes)``, the cells (``z / norms`` their unit rows)
-        and their global levels ((N, V) int64); R's rows are the cells.
-    next_update : ``(base, order, bounds, n_levels)``: the update visits the
-        cells ``base[order]`` in the blocks ``bounds``; B levels.
-    """
-    z, norms, codes = cells
-    base, order, bounds, n_levels = next_update
-    block_of = blocks_of_cells(base, order, bounds)
-    counts = (codes, block_of, n_levels, len(bounds))
-    sums = soft_assign_pieces(
-        z, norms, centroids=centroids, sigma=sigma, out=out, objective=objective,
-        chunk=SOFT_ASSIGN_CHUNK, counts=counts,
-    )  # fmt: skip
-    assert sums is not None  # with counts
-    return sums
-
-
-def soft_assign_pieces(
-    z, norms, *, centroids, sigma, out, objective, chunk: int, counts=None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
     """R as a plain softmax of ``-dist / sigma`` (``clustering.soft_assign``)
-    through the fused kernel: each chunk of cells is scaled to unit length,
-    its distances come from BLAS, and :func:`update_piece` takes the softmax
-    with no penalty and the sums.
+    through the fused kernel, with the counts the next online update needs,
+    taken in the same pass: returns ``(level_sums, removals)``, R's level
+    sums ((B, K) float64: O) and the next update's removals ((n_blocks * B,
+    K) float64, rows ``B * block + level``), over this process's cells.
 
-    z : (N, d) CPU tensor, the cells; ``z[i] / norms[i]`` is cell i of Z_cos
-        (``norms`` None: z is already unit-length).
+    Each chunk of cells is scaled to unit length, its distances come from
+    BLAS, and :func:`update_piece` takes the softmax with no penalty and the
+    sums.
+
+    cells : ``(z, norms, codes)``: (N, d) CPU tensor, ``z[i] / norms[i]`` is
+        cell i of Z_cos; their global levels ((N, V) int64). R's rows are the
+        cells.
     centroids : (K, d); sigma : (K,).
     out : (N, K), receives R.
     objective : ``ObjectiveSums`` or None, receives the sums.
-    counts : optional ``(codes, block_of, n_levels, n_blocks)``: the cells'
-        global levels ((N, V) int64), each cell's block in the next online
-        update ((N,) int64), B and the number of blocks. Then R's level sums
-        ((B, K) float64: O) and the next update's removals ((n_blocks * B, K)
-        float64, rows ``B * block + level``) are taken in the same pass and
-        returned (this process's cells only); else None.
+    next_update : ``(base, order, bounds, n_levels)``: the update visits the
+        cells ``base[order]`` in the blocks ``bounds``; B levels.
     """
     kernels = _kernels()
+    z, norms, codes_t = cells
+    base, order, bounds, n_levels = next_update
+    block_of = blocks_of_cells(base, order, bounds).numpy()
+    codes = codes_t.numpy()
     n_cells, n_clusters, dtype = z.shape[0], centroids.shape[0], z.dtype
-    consts = kernels.exp_constants(torch.empty((), dtype=dtype).numpy().dtype)
+    consts = _constants(kernels, dtype)
     two_over_sigma = (2.0 / sigma).to(dtype)
     scaled_centroids_t = (centroids * two_over_sigma[:, None]).T.contiguous()
-    rows = min(chunk, n_cells)
+    rows = min(SOFT_ASSIGN_CHUNK, n_cells)
     logits = torch.empty((rows, n_clusters), dtype=dtype)
     unit = torch.empty((rows, z.shape[1]), dtype=dtype)
-    if counts is None:
-        codes, block_of, n_levels = np.zeros((rows, 1), dtype=np.int64), None, 1
-        n_sums = 1
-    else:
-        codes, block_of, n_levels = counts[0].numpy(), counts[1].numpy(), counts[2]
-        n_sums = n_levels * (1 + counts[3])
     # No penalty: a zero row for every level (the kernel reads row codes[i, 0]).
     no_penalty = np.zeros((n_levels, n_clusters), dtype=consts.dtype)
     no_row_penalty = np.empty((0, n_clusters), dtype=consts.dtype)
     bound = np.array([1e-3], dtype=consts.dtype)  # logits are at most 0 here
-    no_next = np.empty(0, dtype=np.int64)
-    uniform = bool((sigma == sigma[0]).all())
-    lanes = max(1, min(LANES, LANE_BYTES // (8 * n_sums * n_clusters)))
-    lane_sums = np.zeros((lanes, n_sums, n_clusters))
-    lane_objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
+    lane_sums, lane_objective = _lane_buffers(n_levels * (1 + len(bounds)), sigma)
     r = out.numpy()
     caller_threads = kernels.get_threads()
     try:
         with _KERNEL_LOCK:
-            kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
+            _use_engine_threads(kernels)
             for start in range(0, n_cells, rows):
-                n = min(rows, n_cells - start)
-                part = z[start : start + n]
+                part = slice(start, min(n_cells, start + rows))
+                n = part.stop - start
+                cells_part = z[part]
                 if norms is not None:
-                    part = torch.div(part, norms[start : start + n, None], out=unit[:n])
-                torch.mm(part, scaled_centroids_t, out=logits[:n])
+                    cells_part = torch.div(cells_part, norms[part, None], out=unit[:n])
+                torch.mm(cells_part, scaled_centroids_t, out=logits[:n])
                 kernels.update_piece(
                     logits[:n].numpy(),
                     (no_penalty, no_row_penalty, two_over_sigma.numpy(), bound),
-                    (
-                        r[start : start + n],
-                        codes[:n] if block_of is None else codes[start : start + n],
-                        no_next if block_of is None else block_of[start : start + n],
-                    ),
+                    (r[part], codes[part], block_of[part]),
                     (lane_sums, lane_objective),
                     consts,
                 )
@@ -351,7 +335,5 @@ def soft_assign_pieces(
         kernels.set_threads(caller_threads)
     if objective is not None:
         objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(lane_objective)))
-    if counts is None:
-        return None
     sums = torch.from_numpy(_sum_lanes(lane_sums))
     return sums[:n_levels], sums[n_levels:]

@@ -84,7 +84,11 @@ def run_child(setup: str, call: str, timeout: float = 120) -> dict:
     # One malloc arena: glibc otherwise gives threads arenas of their own, and
     # whether one is touched moved the measured peak by up to 64 MB between
     # identical runs (0.66-1.39x the estimate at 3,000 cells; 0.87-0.96x with one).
-    env = dict(os.environ, MALLOC_ARENA_MAX="1")
+    # A fixed mmap threshold: glibc's own rises after a large block is freed,
+    # and whether later blocks then came from the heap (not given back) moved
+    # the peak of identical runs between 0.70x and 1.33x the estimate of the
+    # 1,000-level test (1 run in 7 over its 1.2x); fixed, 0.69-0.70x.
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
     )

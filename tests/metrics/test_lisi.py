@@ -55,7 +55,16 @@ def _blobs(n_per, n_clusters, dims=5, sep=100.0, seed=0):
 # --------------------------------------------------------------------------- #
 # Agreement with the R package
 # --------------------------------------------------------------------------- #
-def test_matches_r_lisi(r_lisi):
+@pytest.fixture(params=["numpy", "numba"])
+def score_path(request, monkeypatch):
+    """The scores by numpy, or by the numba kernel (at any size)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("HARMONYPY_FUSED", "always" if request.param == "numba" else "0")
+    return request.param
+
+
+def test_matches_r_lisi(r_lisi, score_path):
     X, meta, expected = r_lisi
     got = hm.compute_lisi(X, meta, ["label1", "label2"])
     assert got.shape == expected.shape
@@ -146,7 +155,7 @@ def test_lisi_bounds_and_label_invariance(seed, n_cells, n_categories, perplexit
     np.testing.assert_allclose(got_perm[:, 0], got[order, 1], rtol=0, atol=1e-9)
 
 
-def test_degenerate_weights_give_minus_one_like_r(caplog):
+def test_degenerate_weights_give_minus_one_like_r(caplog, score_path):
     # distances so large that exp(-beta * d) underflows even after 50 halvings
     X, lab = _blobs(20, 2, dims=2, sep=1.0)
     X = X * 1e30

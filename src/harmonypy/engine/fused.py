@@ -30,27 +30,29 @@ path. :func:`use_fused` logs the choice and why at INFO.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import os
 import threading
 
 import numpy as np
 import torch
 
+from harmonypy import _numba
 from harmonypy.engine.clustering import SOFT_ASSIGN_CHUNK
 
 logger = logging.getLogger(__name__)
 
-#: The environment variable that chooses the path: unset, ``auto`` or ``1``
-#: (fused from :data:`MIN_ELEMENTS`, when numba imports), ``always`` or ``0``.
-ENV_VARIABLE = "HARMONYPY_FUSED"
+#: The environment variable that chooses the path (shared with the other
+#: numba kernels): unset, ``auto`` or ``1`` (fused from :data:`MIN_ELEMENTS`,
+#: when numba imports), ``always`` or ``0``.
+ENV_VARIABLE = _numba.ENV_VARIABLE
 
 #: Cells x clusters (of the whole run) from which the fused kernels run by
 #: default: about 671,000 cells at K = 100, where a run's rounds save more
 #: than loading numba costs (docs/performance.md).
 MIN_ELEMENTS = 2**26
+
+_KERNELS = "harmonypy.engine._numba_kernels"
 
 # numba's workqueue threading layer (its fallback without OpenMP or TBB)
 # aborts the process when two Python threads launch kernels at once; runs in
@@ -61,30 +63,18 @@ _KERNEL_LOCK = threading.Lock()
 def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
     """Whether a run of ``n_elements`` cells x clusters on ``device`` uses the
     fused kernels, and why (one phrase)."""
-    setting = os.environ.get(ENV_VARIABLE, "").strip()
-    if setting not in ("", "auto", "0", "1", "always"):
-        raise ValueError(f"{ENV_VARIABLE} must be auto, 1, always or 0 (or unset), got {setting!r}")
-    named = f"{ENV_VARIABLE}={setting}" if setting else f"{ENV_VARIABLE} unset"
-    if setting == "0":
-        return False, named
-    if device.type != "cpu":
+    if _numba.setting() != "0" and device.type != "cpu":
         return False, f"{device.type} device: the torch path runs there"
-    if setting != "always" and n_elements < MIN_ELEMENTS:
-        return False, (
-            f"{n_elements:,} cells x clusters, below the {MIN_ELEMENTS:,} where loading "
-            f"numba pays off; {ENV_VARIABLE}=always uses them at any size"
-        )
-    try:
-        _kernels()
-    except ImportError as error:
-        return False, f"numba is not available ({error}); pip install 'harmonypy[fast]'"
-    return True, named
+    kernels, why = _numba.choose(
+        _KERNELS, work=n_elements, min_work=MIN_ELEMENTS, unit="cells x clusters"
+    )
+    return kernels is not None, why
 
 
 def _kernels():
     """The numba kernels' module; ImportError without numba (imported on
     first use: importing numba takes about a second)."""
-    return importlib.import_module("harmonypy.engine._numba_kernels")
+    return _numba.load(_KERNELS)
 
 
 def use_fused(device: torch.device, *, n_elements: int) -> bool:

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harmonypy._numba import choose, engine_threads
 from harmonypy.engine.cellnames import align_metadata
 from harmonypy.neighbors import knn, knn_of_cells
 
@@ -52,6 +53,11 @@ _TOL = 1e-5
 
 # Memory budget (bytes) for the per-chunk temporaries of the bisection.
 _CHUNK_BYTES = 64 * 2**20
+
+#: The numba kernel of the scores (``harmonypy[fast]``), and the cells from
+#: which it runs by default (below, numpy's path costs less than loading numba).
+KERNELS = "harmonypy.metrics._lisi_kernels"
+KERNELS_MIN_CELLS = 50_000
 
 
 # --------------------------------------------------------------------------- #
@@ -334,6 +340,34 @@ def _lisi_from_knn(
     """
     n, k = dist.shape
     n_cats = [int(c.max()) + 1 if c.size else 0 for c in codes]
+    kernels, why = choose(KERNELS, work=n, min_work=KERNELS_MIN_CELLS, unit="cells")
+    logger.debug("LISI scores: %s (%s)", "numba kernel" if kernels else "numpy", why)
+    if kernels is None:
+        simpson, n_failed = _simpson_numpy(dist, idx, codes, n_cats, perplexity)
+    else:
+        simpson = np.empty((n, len(codes)), dtype=np.float64)
+        with engine_threads():
+            n_failed = kernels.simpson_indices(
+                np.ascontiguousarray(dist, dtype=np.float64),
+                np.ascontiguousarray(idx, dtype=np.int64),
+                np.stack(codes) if codes else np.empty((0, n), dtype=np.int64),
+                np.array(n_cats, dtype=np.int64),
+                (math.log(perplexity), _TOL, _MAX_ITER),
+                simpson,
+            )
+    if n_failed:
+        logger.warning(
+            "compute_lisi: the weight calibration failed for %d cell(s) (zero "
+            "entropy, e.g. extremely large distances); their LISI is -1 as in R",
+            n_failed,
+        )
+    return 1.0 / simpson
+
+
+def _simpson_numpy(dist, idx, codes, n_cats, perplexity) -> tuple[np.ndarray, int]:
+    """The Simpson index of each cell for each label (-1 where the bisection
+    failed, R's sentinel) and the number of failed cells, with numpy."""
+    n, k = dist.shape
     out = np.empty((n, len(codes)), dtype=np.float64)
     rows = int(max(1, min(n, _CHUNK_BYTES // (8 * 4 * max(k, 1)))))
     n_failed = 0
@@ -345,14 +379,8 @@ def _lisi_from_knn(
         for j, (c, m) in enumerate(zip(codes, n_cats, strict=True)):
             simpson = _simpson(P, c[nbr], m)
             simpson[failed] = -1.0  # R's sentinel for a degenerate bisection
-            out[start:stop, j] = 1.0 / simpson
-    if n_failed:
-        logger.warning(
-            "compute_lisi: the weight calibration failed for %d cell(s) (zero "
-            "entropy, e.g. extremely large distances); their LISI is -1 as in R",
-            n_failed,
-        )
-    return out
+            out[start:stop, j] = simpson
+    return out, n_failed
 
 
 def _neighbour_weights(

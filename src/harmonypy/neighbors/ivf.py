@@ -14,15 +14,24 @@ the exact neighbours >= 0.99 on simulated cells x 30 dims from 20,000 to
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from harmonypy._numba import choose, engine_threads
 from harmonypy.neighbors._common import CHUNK_BYTES, SLACK, augment, refine_torch
 from harmonypy.neighbors._partition import nearest_centroid, sample_kmeans
 from harmonypy.neighbors._result import Neighbors
+
+logger = logging.getLogger(__name__)
+
+#: The numba kernel that selects and re-ranks each query's candidates
+#: (``harmonypy[fast]``), and the cells from which it runs by default.
+KERNELS = "harmonypy.neighbors._ivf_kernels"
+KERNELS_MIN_CELLS = 50_000
 
 # Lists per sqrt(n_cells).
 _IVF_LISTS_PER_SQRT = 4
@@ -114,6 +123,8 @@ def knn_ivf(
         One row per cell of ``X`` (or of ``cells``, in its order).
     """
     n = X.shape[0]
+    kernels, why = choose(KERNELS, work=n, min_work=KERNELS_MIN_CELLS, unit="cells")
+    logger.info("IVF search: %s (%s)", "numba kernel" if kernels else "torch operations", why)
     Xc = X - X.mean(axis=0)  # centring keeps the float32 norms small
     n_lists = max(1, min(n, n_lists or ivf_n_lists(n)))
     n_sel = min(n, n_neighbors + 1 + SLACK)  # + self + spare candidates
@@ -138,26 +149,25 @@ def knn_ivf(
         if cells is not None:
             queries = queries[q_pos]
         X64 = torch.from_numpy(Xc)[order]  # float64, list order, for the re-ranking
-        # the float64 re-ranking gathers rows x n_sel x n_dims values
-        rows = int(max(1, CHUNK_BYTES // (8 * n_sel * X.shape[1])))
-        dist_t, idx_t = torch.from_numpy(dist), torch.from_numpy(idx)
-        for group in _group_lists(q_lists.counts, counts, probes, data.shape[1]):
-            sel, cand = _ivf_search_group(
-                group,
-                queries=queries,
-                data=data,
-                probes=probes,
-                n_sel=n_sel,
-                q_lists=q_lists,
-                lists=lists,
-            )
-            sel = q_pos[sel]  # positions of the query cells among all cells
-            for r0 in range(0, sel.shape[0], rows):
-                s, c = sel[r0 : r0 + rows], cand[r0 : r0 + rows]
-                d, i = refine_torch(X64, s, c, n_neighbors)
-                out = q_row[s]
-                dist_t[out] = d
-                idx_t[out] = order[i]
+        search = _GroupSearch(
+            queries=queries, data=data, probes=probes, n_sel=n_sel, q_lists=q_lists, lists=lists
+        )
+        groups = _group_lists(q_lists.counts, counts, probes, data.shape[1])
+        if kernels is None:
+            _refine_groups(groups, search, X64=X64, layout=(q_pos, q_row, order), out=(dist, idx))
+        else:
+            cells_np = (X64.numpy(), order.numpy(), q_row.numpy())
+            with engine_threads():
+                for group in groups:
+                    for scores, cpos, rows, valid in search.blocks(group):
+                        kernels.select_and_refine(
+                            scores.numpy(),
+                            cpos.numpy(),
+                            (q_pos[rows].numpy(), valid.numpy()),
+                            cells_np,
+                            (n_sel, n_neighbors),
+                            (dist, idx),
+                        )
     return Neighbors(indices=idx, distances=dist)
 
 
@@ -298,22 +308,36 @@ def _ragged_positions(
     return pos, valid
 
 
-def _ivf_search_group(
-    group: torch.Tensor,
-    *,
-    queries: torch.Tensor,
-    data: torch.Tensor,
-    probes: torch.Tensor,
-    n_sel: int,
-    q_lists: _Lists,
-    lists: _Lists,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates of the query cells of a batch of lists.
+def _refine_groups(groups, search: _GroupSearch, *, X64, layout, out) -> None:
+    """The PyTorch path: each group's candidates by ``torch.topk``, then
+    re-ranked in float64 (:func:`refine_torch`) into ``out = (dist, idx)``.
+
+    ``layout = (q_pos, q_row, order)``: the position of each query row, the
+    output row of each position, the cell of each position."""
+    q_pos, q_row, order = layout
+    dist_t, idx_t = (torch.from_numpy(a) for a in out)
+    # the float64 re-ranking gathers rows x n_sel x n_dims values
+    rows = int(max(1, CHUNK_BYTES // (8 * search.n_sel * X64.shape[1])))
+    for group in groups:
+        found = [search.top_candidates(*block) for block in search.blocks(group)]
+        sel = torch.cat([f[0] for f in found])
+        # candidates in position order: ties are ranked as on the numba path
+        cand = torch.cat([f[1] for f in found]).sort(dim=1).values
+        sel = q_pos[sel]  # positions of the query cells among all cells
+        for r0 in range(0, sel.shape[0], rows):
+            s, c = sel[r0 : r0 + rows], cand[r0 : r0 + rows]
+            d, i = refine_torch(X64, s, c, out[0].shape[1])
+            target = q_row[s]
+            dist_t[target] = d
+            idx_t[target] = order[i]
+
+
+class _GroupSearch:
+    """The float32 scores of a batch of lists' query cells against their
+    candidates.
 
     Parameters
     ----------
-    group : torch.Tensor of int64, shape (n_group,)
-        Lists whose query cells are searched.
     queries : torch.Tensor of float32, shape (n_query, n_dims + 1)
         :func:`augment` queries, grouped by list (``q_lists.counts`` per list).
     data : torch.Tensor of float32, shape (n_cells + 1, n_dims + 1)
@@ -326,28 +350,37 @@ def _ivf_search_group(
         Query cells of each list and where they start in ``queries``.
     lists : _Lists
         The same for the cells in ``data``.
-
-    Returns
-    -------
-    sel : torch.Tensor of int64, shape (n_found,)
-        Rows of ``queries`` searched.
-    cand : torch.Tensor of int64, shape (n_found, n_sel)
-        Positions (rows of ``data``) of their ``n_sel`` nearest candidates
-        (float32 ranking).
     """
-    n = data.shape[0] - 1
-    qpos, qvalid = _ragged_positions(q_lists.offsets[group, None], q_lists.counts[group, None], 0)
-    p = probes[group]
-    cpos, _ = _ragged_positions(lists.offsets[p], lists.counts[p], n)  # padding -> the +inf row
-    cdata = data[cpos].transpose(1, 2)
-    # Query rows per product: the whole group, unless a single list's block
-    # is over the budget (many probes of large lists, e.g. 10**7 cells).
-    step = int(max(1, CHUNK_BYTES // (4 * cpos.shape[0] * cpos.shape[1])))
-    cand = torch.empty(qpos.shape + (n_sel,), dtype=torch.int64)
-    for r0 in range(0, qpos.shape[1], step):
-        block = torch.bmm(queries[qpos[:, r0 : r0 + step]], cdata)
-        pos = torch.topk(block, n_sel, dim=2, largest=False, sorted=False).indices
-        cand[:, r0 : r0 + step] = torch.gather(
-            cpos.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos
+
+    def __init__(self, *, queries, data, probes, n_sel: int, q_lists: _Lists, lists: _Lists):
+        self.queries, self.data, self.probes = queries, data, probes
+        self.n_sel, self.q_lists, self.lists = n_sel, q_lists, lists
+
+    def blocks(self, group: torch.Tensor):
+        """Yield ``(scores, cpos, rows, valid)`` for slices of the query cells
+        of the lists ``group``: scores (n_group, n_rows, n_cand) float32 of
+        the query rows ``rows`` ((n_group, n_rows) rows of ``queries``; padding
+        where ``valid`` is False) against the candidates at positions ``cpos``
+        ((n_group, n_cand) rows of ``data``; padding: its last row)."""
+        n = self.data.shape[0] - 1
+        q_lists, lists = self.q_lists, self.lists
+        qpos, qvalid = _ragged_positions(
+            q_lists.offsets[group, None], q_lists.counts[group, None], 0
         )
-    return qpos[qvalid], cand[qvalid]
+        p = self.probes[group]
+        cpos, _ = _ragged_positions(lists.offsets[p], lists.counts[p], n)  # padding -> +inf row
+        cdata = self.data[cpos].transpose(1, 2)
+        # Query rows per product: the whole group, unless a single list's block
+        # is over the budget (many probes of large lists, e.g. 10**7 cells).
+        step = int(max(1, CHUNK_BYTES // (4 * cpos.shape[0] * cpos.shape[1])))
+        for r0 in range(0, qpos.shape[1], step):
+            rows = qpos[:, r0 : r0 + step]
+            yield torch.bmm(self.queries[rows], cdata), cpos, rows, qvalid[:, r0 : r0 + step]
+
+    def top_candidates(self, scores, cpos, rows, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sel, cand)``: the valid query rows of a block ((n_found,) rows
+        of ``queries``) and the positions of their ``n_sel`` best-scored
+        candidates ((n_found, n_sel), rows of ``data``, in no order)."""
+        pos = torch.topk(scores, self.n_sel, dim=2, largest=False, sorted=False).indices
+        cand = torch.gather(cpos.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos)
+        return rows[valid], cand[valid]

@@ -158,6 +158,42 @@ def time_old(X, meta, timeout: float):
         return np.load(rp), seconds
 
 
+OUR_DRIVER = r"""
+import sys, time, json
+import numpy as np, pandas as pd
+import harmonypy as hm
+X = np.load(sys.argv[1]); meta = pd.read_pickle(sys.argv[2])
+t0 = time.perf_counter()
+res = hm.compute_lisi(X, meta, ["batch", "cell_type"], perplexity=30)
+t = time.perf_counter() - t0
+np.save(sys.argv[3], res)
+print(json.dumps({"seconds": t}))
+"""
+
+
+def time_fresh(X, meta, fused: str | None):
+    """``hm.compute_lisi`` with its defaults in a fresh process, timed like
+    harmonypy 0.2.0 (the call only, which loads numba's kernels when they
+    run); ``fused`` sets HARMONYPY_FUSED (None: unset). Returns (lisi, s)."""
+    env = {k: v for k, v in os.environ.items() if k != "HARMONYPY_FUSED"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    if fused is not None:
+        env["HARMONYPY_FUSED"] = fused
+    with tempfile.TemporaryDirectory() as tmp:
+        xp, mp, rp = (os.path.join(tmp, n) for n in ("x.npy", "meta.pkl", "res.npy"))
+        np.save(xp, X)
+        meta.to_pickle(mp)
+        out = subprocess.run(
+            [sys.executable, "-c", OUR_DRIVER, xp, mp, rp],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        return np.load(rp), seconds
+
+
 def recall(idx_approx: np.ndarray, idx_exact: np.ndarray) -> float:
     """Fraction of the exact neighbours that the approximate search found."""
     hits = 0
@@ -258,11 +294,20 @@ def main(argv=None) -> int:
         sweep.append((n_probe, p_knn, recall(idx_p, idx_exact)))
         print("sweep", sweep[-1], flush=True)
 
+    fresh = {}
+    for label, fused in (("defaults, fresh process", None), ("HARMONYPY_FUSED=0", "0")):
+        lisi_fresh, seconds = time_fresh(X, meta, fused)
+        fresh[label] = seconds
+        note = "|LISI - IVF above| max %.1e" % np.abs(lisi_fresh - lisi_ivf).max()
+        rows.append((args.cells, f"harmonypy compute_lisi, {label}", None, None, seconds, note))
+        print(rows[-1], flush=True)
+
     old_line = None
     if not args.skip_old:
         n_old = args.old_cells or args.cells
         if n_old == args.cells:
             ours = {name: rows[i][4] for i, name in enumerate(_our_names())}
+            ours.update(fresh)
             Xo, mo = X, meta
             ours_lisi = lisi_exact
         else:

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     for label, fused in (("defaults, fresh process", None), ("HARMONYPY_FUSED=0", "0")):
         lisi_fresh, seconds = time_fresh(X, meta, fused)
         fresh[label] = seconds
-        note = "|LISI - IVF above| max %.1e" % np.abs(lisi_fresh - lisi_ivf).max()
+        note = f"|LISI - IVF above| max {np.abs(lisi_fresh - lisi_ivf).max():.1e}"
         rows.append((args.cells, f"harmonypy compute_lisi, {label}", None, None, seconds, note))
         print(rows[-1], flush=True)
 

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_VARIABLE", "FAST_HINT", "choose", "engine_threads", "load", "setting"]
+__all__ = [
+    "ENV_VARIABLE",
+    "FAST_HINT",
+    "KERNEL_LOCK",
+    "choose",
+    "engine_threads",
+    "load",
+    "setting",
+]
 
 #: The environment variable that chooses: unset, ``auto`` or ``1`` (numba's
 #: kernels where the work is large enough to repay loading them, when numba
@@ -28,6 +37,11 @@ ENV_VARIABLE = "HARMONYPY_FUSED"
 #: How to install numba.
 FAST_HINT = "pip install 'harmonypy[fast]'"
 _SETTINGS = ("", "auto", "0", "1", "always")
+
+#: Held while a numba kernel runs: numba's workqueue threading layer (its
+#: fallback without OpenMP or TBB) aborts the process when two Python threads
+#: launch parallel kernels at once, so callers in several threads take turns.
+KERNEL_LOCK = threading.Lock()
 
 
 def setting() -> str:
@@ -87,7 +101,8 @@ def engine_threads() -> Iterator[None]:
     import numba
 
     caller = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set by numba at import
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
     try:
         yield
     finally:

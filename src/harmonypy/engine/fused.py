@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 
 import numpy as np
 import torch
@@ -54,10 +53,8 @@ MIN_ELEMENTS = 2**26
 
 _KERNELS = "harmonypy.engine._numba_kernels"
 
-# numba's workqueue threading layer (its fallback without OpenMP or TBB)
-# aborts the process when two Python threads launch kernels at once; runs in
-# several threads take turns piece by piece instead.
-_KERNEL_LOCK = threading.Lock()
+# Runs in several Python threads take turns piece by piece (see _numba.KERNEL_LOCK).
+_KERNEL_LOCK = _numba.KERNEL_LOCK
 
 
 def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harmonypy._numba import choose, engine_threads
+from harmonypy._numba import KERNEL_LOCK, choose, engine_threads
 from harmonypy.engine.cellnames import align_metadata
 from harmonypy.neighbors import knn, knn_of_cells
 
@@ -346,7 +346,7 @@ def _lisi_from_knn(
         simpson, n_failed = _simpson_numpy(dist, idx, codes, n_cats, perplexity)
     else:
         simpson = np.empty((n, len(codes)), dtype=np.float64)
-        with engine_threads():
+        with KERNEL_LOCK, engine_threads():
             n_failed = kernels.simpson_indices(
                 np.ascontiguousarray(dist, dtype=np.float64),
                 np.ascontiguousarray(idx, dtype=np.int64),
@@ -364,7 +364,13 @@ def _lisi_from_knn(
     return 1.0 / simpson
 
 
-def _simpson_numpy(dist, idx, codes, n_cats, perplexity) -> tuple[np.ndarray, int]:
+def _simpson_numpy(
+    dist: np.ndarray,
+    idx: np.ndarray,
+    codes: Sequence[np.ndarray],
+    n_cats: list[int],
+    perplexity: float,
+) -> tuple[np.ndarray, int]:
     """The Simpson index of each cell for each label (-1 where the bisection
     failed, R's sentinel) and the number of failed cells, with numpy."""
     n, k = dist.shape

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from harmonypy._numba import choose, engine_threads
+from harmonypy._numba import KERNEL_LOCK, choose, engine_threads
 from harmonypy.neighbors._common import CHUNK_BYTES, SLACK, augment, refine_torch
 from harmonypy.neighbors._partition import nearest_centroid, sample_kmeans
 from harmonypy.neighbors._result import Neighbors
@@ -153,21 +153,11 @@ def knn_ivf(
             queries=queries, data=data, probes=probes, n_sel=n_sel, q_lists=q_lists, lists=lists
         )
         groups = _group_lists(q_lists.counts, counts, probes, data.shape[1])
+        layout = (q_pos, q_row, order)
         if kernels is None:
-            _refine_groups(groups, search, X64=X64, layout=(q_pos, q_row, order), out=(dist, idx))
+            _refine_groups(groups, search, X64=X64, layout=layout, out=(dist, idx))
         else:
-            cells_np = (X64.numpy(), order.numpy(), q_row.numpy())
-            with engine_threads():
-                for group in groups:
-                    for scores, cpos, rows, valid in search.blocks(group):
-                        kernels.select_and_refine(
-                            scores.numpy(),
-                            cpos.numpy(),
-                            (q_pos[rows].numpy(), valid.numpy()),
-                            cells_np,
-                            (n_sel, n_neighbors),
-                            (dist, idx),
-                        )
+            _select_groups(kernels, groups, search, X64=X64, layout=layout, out=(dist, idx))
     return Neighbors(indices=idx, distances=dist)
 
 
@@ -330,6 +320,24 @@ def _refine_groups(groups, search: _GroupSearch, *, X64, layout, out) -> None:
             target = q_row[s]
             dist_t[target] = d
             idx_t[target] = order[i]
+
+
+def _select_groups(kernels, groups, search: _GroupSearch, *, X64, layout, out) -> None:
+    """The numba path: after each block's BLAS scores, one kernel keeps each
+    query row's best candidates, re-ranks them in float64 and writes its
+    neighbours into ``out = (dist, idx)`` (``layout`` as for
+    :func:`_refine_groups`)."""
+    q_pos, q_row, order = layout
+    cells = (X64.numpy(), order.numpy(), q_row.numpy())
+    counts = (search.n_sel, out[0].shape[1])
+    with engine_threads():
+        for group in groups:
+            for scores, cpos, rows, valid in search.blocks(group):
+                queries = (q_pos[rows].numpy(), valid.numpy())
+                with KERNEL_LOCK:
+                    kernels.select_and_refine(
+                        scores.numpy(), cpos.numpy(), queries, cells, counts, out
+                    )
 
 
 class _GroupSearch:

@@ -497,3 +497,47 @@ def test_degenerate_valid_problems_finish_with_finite_output(make):
     assert np.isfinite(ho.Z_corr).all()
     np.testing.assert_allclose(ho.R.sum(0), 1.0, atol=1e-4)
     assert all(np.isfinite(ho.objective_harmony))
+
+
+def test_a_correction_stopped_part_way_is_not_read_as_a_result(monkeypatch):
+    """Ctrl-C inside moe_correct_ridge, after some levels' cells were
+    corrected in place: Z_corr is then half written, so reading it (or
+    clustering on it) must refuse, and a completed correction recovers."""
+    from harmonypy.engine import correction
+
+    z, meta = small_problem()
+    ho = hm.run_harmony(z, meta, "batch", ncores=1, **FAST)
+    expected = ho.Z_corr.copy()
+    ho.moe_correct_ridge()  # the same R: the same Z_corr again
+    np.testing.assert_allclose(ho.Z_corr, expected, rtol=1e-5, atol=1e-5)
+    before = ho.Z_corr.copy()
+    original = correction._subtract_batch_parts
+    levels_read = []
+
+    def stopped_after_a_level(read, coef, *, levels, out):
+        class Stopping:  # the correcting pass's reader, stopped at its second level
+            z, chunk = read.z, read.chunk
+
+            def __call__(self, cells, z=True):
+                if levels_read:
+                    raise KeyboardInterrupt
+                levels_read.append(1)
+                yield from read(cells, z=z)
+
+        original(Stopping(), coef, levels=levels, out=out)
+
+    monkeypatch.setattr(correction, "_subtract_batch_parts", stopped_after_a_level)
+    # Another R (random soft assignments): another correction.
+    logits = torch.randn(ho._assignments.shape, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ho, "_assignments", logits.softmax(1).to(ho._assignments.dtype))
+    with pytest.raises(KeyboardInterrupt):
+        ho.moe_correct_ridge()
+    assert levels_read
+    for read in (lambda: ho.Z_corr, lambda: ho.Z_cos, ho.result, ho.update_R, ho.cluster):
+        with pytest.raises(RuntimeError, match=r"stopped part-way.*moe_correct_ridge\(\) again"):
+            read()
+    monkeypatch.setattr(correction, "_subtract_batch_parts", original)
+    ho.moe_correct_ridge()
+    assert np.isfinite(ho.Z_corr).all() and not np.allclose(ho.Z_corr, before)
+    ho.harmonize(1)
+    assert np.isfinite(ho.Z_corr).all()

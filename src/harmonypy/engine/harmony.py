@@ -191,6 +191,7 @@ class Harmony(HarmonyResults):
         # divides the rows it reads by their norms (N numbers).
         self._z_orig = input_tensor(z, dtype, device)
         self._z_corr = self._z_orig  # until the first correction: no copy needed
+        self._z_corr_partial = False
         self._norms = clu.row_norms(self._z_orig)
         self._codes = torch.from_numpy(np.ascontiguousarray(design.codes)).to(device)
         # The cells sorted by their level of the first variable. An online
@@ -279,7 +280,7 @@ class Harmony(HarmonyResults):
             from harmonypy.distributed.start import distributed_kmeans
 
             centers = distributed_kmeans(
-                online.CellRows(self._z_corr, self._norms, self._codes),
+                online.CellRows(self._corrected(), self._norms, self._codes),
                 order=self._shuffle_base,
                 n_clusters=self.K,
                 start=start,
@@ -290,7 +291,7 @@ class Harmony(HarmonyResults):
             )
         else:
             centers = kmeans_centroids(
-                self._z_corr,
+                self._corrected(),
                 self.K,
                 generator=self._generator,
                 start=start,
@@ -304,7 +305,7 @@ class Harmony(HarmonyResults):
         self.compute_objective(dist_term, entropy_term, step="initialisation")
         self.objective_harmony.append(self.objective_kmeans[-1])
         if self._embedding_change is not None:
-            self._embedding_change.update(self._z_corr)
+            self._embedding_change.update(self._corrected())
 
     def cluster(self) -> int:
         """One clustering step: rounds of centroid and assignment updates.
@@ -372,6 +373,7 @@ class Harmony(HarmonyResults):
         assignments = self._started(self._assignments, "assignments")
         centroids = self._started(self._centroids, "centroids")
         stats = self._started(self._stats, "counts")
+        cells = online.CellRows(self._corrected(), self._norms, self._codes)
         cache = self._cache
         order = cache.next_order
         if order is None:
@@ -388,7 +390,7 @@ class Harmony(HarmonyResults):
         try:
             result = online.online_update(
                 assignments,
-                cells=online.CellRows(self._z_corr, self._norms, self._codes),
+                cells=cells,
                 centroids=centroids,
                 stats=stats,
                 settings=self._online,
@@ -442,7 +444,9 @@ class Harmony(HarmonyResults):
         """Correction: subtract the batch part of per-cluster ridge regressions.
 
         Recomputes ``Z_corr`` from ``Z_orig`` and ``R``, over the previous
-        one (a view of ``Z_corr`` taken before changes too).
+        one (a view of ``Z_corr`` taken before changes too). A correction
+        stopped part-way (Ctrl-C, an error) leaves it half written: reading
+        ``Z_corr`` or clustering then raises until a correction completes.
 
         Raises
         ------
@@ -461,6 +465,9 @@ class Harmony(HarmonyResults):
         # The correction starts again from Z_orig; the new Z_corr overwrites
         # the previous one, so only one copy is alive.
         self._cache.centroid_sums_current = False
+        # Z_corr and its norms are written in place: until both are done, a
+        # stop leaves them half written (see _corrected).
+        self._z_corr_partial = True
         settings = RidgeSettings(
             self._lamb,
             self.alpha,
@@ -483,6 +490,7 @@ class Harmony(HarmonyResults):
             raise numerical_failure(step="correction", what="Z_corr", iteration=self._iteration)
         self._z_corr = result.z_corr
         self._norms = clu.row_norms(self._z_corr, out=self._norms)
+        self._z_corr_partial = False
         self._intercept = result.intercept
         self._kept_levels = result.keep
         if harmony2:
@@ -605,7 +613,7 @@ class Harmony(HarmonyResults):
     def _stop_test(self) -> str | None:
         """'objective' (R's test) or 'embedding' (``epsilon_embedding``) when one passes."""
         if self._embedding_change is not None and self.epsilon_embedding is not None:
-            self.embedding_change.append(self._embedding_change.update(self._z_corr))
+            self.embedding_change.append(self._embedding_change.update(self._corrected()))
             if self.embedding_change[-1] < self.epsilon_embedding:
                 return "embedding"
         if self.check_convergence(1):
@@ -625,7 +633,7 @@ class Harmony(HarmonyResults):
         else:
             self._centroids = clu.compute_centroids(
                 self._started(self._assignments, "assignments"),
-                self._z_corr,
+                self._corrected(),
                 self._cache.rows,
                 norms=self._norms,
                 reduction=self._reduction,
@@ -643,7 +651,7 @@ class Harmony(HarmonyResults):
         # the old one: one N x K matrix at a time.
         self._cache.reassigned(counted=recount)
         self._assignments, terms = clu.soft_assign(
-            self._z_corr,
+            self._corrected(),
             self._started(self._centroids, "centroids"),
             self._sigma,
             objective,
@@ -668,9 +676,9 @@ class Harmony(HarmonyResults):
         cache.next_order = next_order
         sums = ObjectiveSums(self._sigma, self._sigma.dtype) if objective else None
         if self._assignments is None:
-            self._assignments = torch.empty((self.N, self.K), dtype=self._z_corr.dtype)
+            self._assignments = torch.empty((self.N, self.K), dtype=self._corrected().dtype)
         level_sums, removals = fused.reassign(
-            (self._z_corr, self._norms, self._codes),
+            (self._corrected(), self._norms, self._codes),
             centroids=self._started(self._centroids, "centroids"),
             sigma=self._sigma,
             out=self._assignments,

@@ -70,6 +70,23 @@ class HarmonyResults:
     # None until the first correction.
     _intercept: torch.Tensor | None  # (K, d)
     _kept_levels: torch.Tensor | None  # (K, B) bool, Harmony2
+    # True while a correction runs: one stopped part-way leaves it set.
+    _z_corr_partial: bool
+
+    def _corrected(self) -> torch.Tensor:
+        """``_z_corr``, unless the last correction stopped part-way.
+
+        The correction writes Z_corr (and its row norms) in place, so one
+        stopped part-way (Ctrl-C, an error) leaves some rows corrected and
+        others not: reading them, or clustering on them, gets this error.
+        """
+        if self._z_corr_partial:
+            raise RuntimeError(
+                "the last correction (moe_correct_ridge) stopped part-way, so Z_corr "
+                "may be half written: call moe_correct_ridge() again (it recomputes "
+                "Z_corr from Z_orig and R)"
+            )
+        return self._z_corr
 
     @staticmethod
     def _started(value: T | None, what: str) -> T:
@@ -114,7 +131,7 @@ class HarmonyResults:
         correction step (``moe_correct_ridge``) overwrites it in place. Copy it
         to keep a step's result.
         """
-        return self._cells(self._z_corr).T
+        return self._cells(self._corrected()).T
 
     @property
     def Z_orig(self) -> np.ndarray:
@@ -126,7 +143,7 @@ class HarmonyResults:
     @property
     def Z_cos(self) -> np.ndarray:
         """Unit-length corrected cells, (d, N); computed when read (a new array)."""
-        return self._np(self._z_corr / self._norms[:, None]).T
+        return self._np(self._corrected() / self._norms[:, None]).T
 
     @property
     def R(self) -> np.ndarray:
@@ -284,12 +301,12 @@ class HarmonyResults:
         if out is None:
             if dtype is not None and np.dtype(dtype) != self.numpy_dtype:
                 return self.result(out=np.empty((self.N, self.d), dtype=dtype))
-            if self._z_corr is self._z_orig:  # never corrected: not the caller's array
+            if self._corrected() is self._z_orig:  # never corrected: not the caller's array
                 return self._cells(self._z_orig).copy()
             return self._cells(self._z_corr)
         if dtype is not None:
             raise TypeError("pass either out or dtype, not both")
-        return write_rows(out, self._z_corr)
+        return write_rows(out, self._corrected())
 
     def __repr__(self) -> str:
         state = ("converged" if self.converged else "not converged") if self.n_iter else "not run"
@@ -312,5 +329,5 @@ class HarmonyResults:
             objective_parts=parts,
             kmeans_rounds=rounds,
             converged=reason is not None,
-            Z_corr=read_only_view(self._z_corr),
+            Z_corr=read_only_view(self._corrected()),
         )

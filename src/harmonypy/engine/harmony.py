@@ -462,12 +462,10 @@ class Harmony(HarmonyResults):
         (20, 1200)
         """
         harmony2 = self.algorithm == "harmony2"
+        assignments = self._started(self._assignments, "assignments")
         # The correction starts again from Z_orig; the new Z_corr overwrites
         # the previous one, so only one copy is alive.
         self._cache.centroid_sums_current = False
-        # Z_corr and its norms are written in place: until both are done, a
-        # stop leaves them half written (see _corrected).
-        self._z_corr_partial = True
         settings = RidgeSettings(
             self._lamb,
             self.alpha,
@@ -477,17 +475,23 @@ class Harmony(HarmonyResults):
             counts=self._counts,
             reduction=self._reduction,
         )
+        # Z_corr and its norms are written in place: until both are done, a
+        # stop leaves them half written (see _corrected). The first correction
+        # writes a new array: a stop in it leaves Z_corr (Z_orig) whole.
+        in_place = self._z_corr is not self._z_orig
+        self._z_corr_partial = in_place
         result = ridge_correct(
             self._z_orig,
-            self._started(self._assignments, "assignments"),
+            assignments,
             codes=self._codes,
             levels=self._levels,
             settings=settings,
             rows=self._cache.rows,
-            out=None if self._z_corr is self._z_orig else self._z_corr,
+            out=self._z_corr if in_place else None,
         )
         if self._reduction.any(not all_finite(result.z_corr)):
             raise numerical_failure(step="correction", what="Z_corr", iteration=self._iteration)
+        self._z_corr_partial = True
         self._z_corr = result.z_corr
         self._norms = clu.row_norms(self._z_corr, out=self._norms)
         self._z_corr_partial = False

@@ -172,6 +172,14 @@ def test_by_default_they_run_from_a_size(monkeypatch, setting):
     assert fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS) == (True, named)
     chosen, reason = fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS - 1)
     assert not chosen and "below the 67,108,864" in reason and "HARMONYPY_FUSED=always" in reason
+    # float64 rounds cost the torch path more: the kernels pay from fewer cells
+    f64 = torch.float64
+    assert fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS_FLOAT64, dtype=f64) == (
+        True,
+        named,
+    )
+    chosen, reason = fused.fused_choice(cpu, n_elements=fused.MIN_ELEMENTS_FLOAT64 - 1, dtype=f64)
+    assert not chosen and "in float64, below the 8,388,608" in reason
 
 
 def test_zero_means_the_torch_path(monkeypatch):

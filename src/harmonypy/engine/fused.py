@@ -19,12 +19,14 @@ row order, and the lanes are added in lane order.
 Which path runs, by the environment variable ``HARMONYPY_FUSED``: unset (or
 ``auto``, or ``1``), the fused kernels on the CPU when numba imports (``pip
 install harmonypy[fast]``) and the run has at least :data:`MIN_ELEMENTS`
-cells x clusters, the torch path otherwise; ``always``, the fused kernels at
+cells x clusters (:data:`MIN_ELEMENTS_FLOAT64` in float64), the torch path
+otherwise; ``always``, the fused kernels at
 any size (tests, benchmarks); ``0``, the torch path. Below that size the
 kernels would not pay for themselves: a fresh process spends about 0.6 s
 importing numba and loading the compiled kernels from numba's cache (the
 first use ever compiles them: several seconds per dtype), more than they save
-in a run of a few hundred thousand cells. CUDA and MPS always take the torch
+in a float32 run of a few hundred thousand cells (float64 rounds cost the
+torch path more, so they pay from fewer cells). CUDA and MPS always take the torch
 path. :func:`use_fused` logs the choice and why at INFO.
 """
 
@@ -47,9 +49,15 @@ logger = logging.getLogger(__name__)
 ENV_VARIABLE = _numba.ENV_VARIABLE
 
 #: Cells x clusters (of the whole run) from which the fused kernels run by
-#: default: about 671,000 cells at K = 100, where a run's rounds save more
-#: than loading numba costs (docs/performance.md).
+#: default in float32: about 671,000 cells at K = 100, where a run's rounds
+#: save more than loading numba costs (docs/performance.md).
 MIN_ELEMENTS = 2**26
+#: The same in float64 (``harmony_integrate``'s default dtype): about 84,000
+#: cells at K = 100. A float64 round costs the torch path about twice what
+#: it costs the kernels (fresh processes, ``harmony_integrate`` defaults:
+#: 50,000 cells even, 100,000 cells 2.24-2.44 s fused vs 2.57-2.81 s,
+#: 300,000 cells 6.0 s vs 8.8-9.2 s).
+MIN_ELEMENTS_FLOAT64 = 2**23
 
 _KERNELS = "harmonypy.engine._numba_kernels"
 
@@ -57,13 +65,19 @@ _KERNELS = "harmonypy.engine._numba_kernels"
 _KERNEL_LOCK = _numba.KERNEL_LOCK
 
 
-def fused_choice(device: torch.device, *, n_elements: int) -> tuple[bool, str]:
-    """Whether a run of ``n_elements`` cells x clusters on ``device`` uses the
-    fused kernels, and why (one phrase)."""
+def fused_choice(
+    device: torch.device, *, n_elements: int, dtype: torch.dtype = torch.float32
+) -> tuple[bool, str]:
+    """Whether a run of ``n_elements`` cells x clusters in ``dtype`` on
+    ``device`` uses the fused kernels, and why (one phrase)."""
     if _numba.setting() != "0" and device.type != "cpu":
         return False, f"{device.type} device: the torch path runs there"
+    float64 = dtype == torch.float64
     kernels, why = _numba.choose(
-        _KERNELS, work=n_elements, min_work=MIN_ELEMENTS, unit="cells x clusters"
+        _KERNELS,
+        work=n_elements,
+        min_work=MIN_ELEMENTS_FLOAT64 if float64 else MIN_ELEMENTS,
+        unit="cells x clusters in float64" if float64 else "cells x clusters",
     )
     return kernels is not None, why
 
@@ -74,9 +88,9 @@ def _kernels():
     return _numba.load(_KERNELS)
 
 
-def use_fused(device: torch.device, *, n_elements: int) -> bool:
+def use_fused(device: torch.device, *, n_elements: int, dtype: torch.dtype) -> bool:
     """:func:`fused_choice`, logged at INFO (once per run)."""
-    fused, reason = fused_choice(device, n_elements=n_elements)
+    fused, reason = fused_choice(device, n_elements=n_elements, dtype=dtype)
     path = "fused numba kernels" if fused else "torch operations"
     logger.info("clustering rounds: %s (%s)", path, reason)
     return fused

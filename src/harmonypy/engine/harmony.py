@@ -231,7 +231,7 @@ class Harmony(HarmonyResults):
             diversity,
             first_levels=int(design.offsets[1]),
             reduction=reduction,
-            fused=fused.use_fused(self.device, n_elements=self.N_total * self.K),
+            fused=fused.use_fused(self.device, n_elements=self.N_total * self.K, dtype=self.dtype),
         )
 
         self._assignments: torch.Tensor | None = None

@@ -156,3 +156,17 @@ def test_the_convergence_page_runs_as_written(capsys):
     for block in blocks:
         exec(compile(block, str(page), "exec"), {"__name__": "__page__"})
     assert capsys.readouterr().out.splitlines() == ["callback 4 4", "True"]
+
+
+def test_objective_converged_compares_windows_as_r_does():
+    from harmonypy.engine.convergence import objective_converged
+
+    # windows of 3: old = 10 + 9 + 8 = 27, new = 9 + 8 + 7.99 = 24.99: a 7 % drop
+    trace = [10.0, 9.0, 8.0, 7.99]
+    assert not objective_converged(trace, window=3, epsilon=0.05)
+    assert objective_converged(trace, window=3, epsilon=0.08)
+    # a rise passes R's one-sided test at once, Harmony2's two-sided one only when small
+    rising = [1.0, 2.0]
+    assert objective_converged(rising, window=1, epsilon=1e-5)
+    assert not objective_converged(rising, window=1, epsilon=1e-5, two_sided=True)
+    assert objective_converged([1.0, 1.0000001], window=1, epsilon=1e-5, two_sided=True)

@@ -20,6 +20,7 @@ the level sums, the plain soft assignment and R's blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,12 @@ class ClusterStats:
 
     observed: torch.Tensor
     cluster_sizes: torch.Tensor
+
+    @classmethod
+    def from_observed(cls, observed: torch.Tensor, first_levels: int) -> ClusterStats:
+        """From O (B, K) alone: the first ``first_levels`` levels (the first
+        variable's) partition the cells, so their sums are the cluster sizes."""
+        return cls(observed=observed, cluster_sizes=observed[:first_levels].sum(0))
 
     def expected(self, proportions: torch.Tensor) -> torch.Tensor:
         """``E`` transposed, (B, K)."""
@@ -78,6 +85,19 @@ def cross_entropy_harmony1(observed, expected):
 
 def cross_entropy_harmony2(observed, expected):
     return torch.xlogy(observed, (observed + expected + 1) / (2 * expected + 1))
+
+
+def penalty_terms(
+    algorithm: str, n_total: int, stat_dtype: torch.dtype
+) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """The algorithm's ``(diversity, cross_entropy)`` functions of (O, E).
+
+    Harmony 1's ratio gets the guard ``delta`` (64 ulp of the run's N cells,
+    see :func:`diversity_harmony1`)."""
+    if algorithm == "harmony2":
+        return diversity_harmony2, cross_entropy_harmony2
+    delta = 64 * torch.finfo(stat_dtype).eps * n_total
+    return functools.partial(diversity_harmony1, delta=delta), cross_entropy_harmony1
 
 
 def normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -175,6 +175,22 @@ def warn_if_not_converged(ho: Any, max_iter_harmony: int, stacklevel: int = 3) -
     )
 
 
+def objective_converged(
+    objectives: list[float], *, window: int, epsilon: float, two_sided: bool = False
+) -> bool:
+    """R's convergence test on an objective trace: the sum of the last
+    ``window`` values against the sum of the ``window`` values one step
+    earlier, relative to the earlier sum (:func:`relative_change_below`).
+
+    ``two_sided``: any change counts (Harmony2's clustering), not only a
+    decrease.
+    """
+    old = sum(objectives[-2 - i] for i in range(window))
+    new = sum(objectives[-1 - i] for i in range(window))
+    change = abs(old - new) if two_sided else old - new
+    return relative_change_below(change, old, epsilon)
+
+
 def relative_change_below(change: float, old: float, epsilon: float) -> bool:
     """``change / |old| < epsilon``, where an objective of exactly 0 (identical
     cells, one cluster, theta = 0) counts as converged unless it rose."""

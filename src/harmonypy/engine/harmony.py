@@ -30,7 +30,7 @@ from harmonypy.engine.convergence import (
     EmbeddingChange,
     callback_stops,
     check_callback,
-    relative_change_below,
+    objective_converged,
     warn_if_not_converged,
 )
 from harmonypy.engine.correction import LevelIndex, RidgeSettings, ridge_correct
@@ -218,12 +218,7 @@ class Harmony(HarmonyResults):
             block_size,
             n_blocks=clu.n_blocks_of(self.N_total, block_size) if reduction.distributed else None,
         )
-        if algorithm == "harmony2":
-            diversity, self._cross = clu.diversity_harmony2, clu.cross_entropy_harmony2
-        else:
-            delta = 64 * torch.finfo(self._stat_dtype).eps * self.N_total
-            diversity = functools.partial(clu.diversity_harmony1, delta=delta)
-            self._cross = clu.cross_entropy_harmony1
+        diversity, self._cross = clu.penalty_terms(algorithm, self.N_total, self._stat_dtype)
         self._online = online.OnlineSettings(
             self._proportions,
             self._theta,
@@ -444,9 +439,9 @@ class Harmony(HarmonyResults):
         """Correction: subtract the batch part of per-cluster ridge regressions.
 
         Recomputes ``Z_corr`` from ``Z_orig`` and ``R``, over the previous
-        one (a view of ``Z_corr`` taken before changes too). A correction
-        stopped part-way (Ctrl-C, an error) leaves it half written: reading
-        ``Z_corr`` or clustering then raises until a correction completes.
+        one (a view of ``Z_corr`` taken before changes too). Stopped part-way
+        (Ctrl-C, an error), it leaves Z_corr half written: reading it or
+        clustering raises until a correction completes.
 
         Raises
         ------
@@ -475,9 +470,8 @@ class Harmony(HarmonyResults):
             counts=self._counts,
             reduction=self._reduction,
         )
-        # Z_corr and its norms are written in place: until both are done, a
-        # stop leaves them half written (see _corrected). The first correction
-        # writes a new array: a stop in it leaves Z_corr (Z_orig) whole.
+        # Z_corr and its norms are written in place: a stop before both are done
+        # leaves them half written (_corrected). The first one writes a new array.
         in_place = self._z_corr is not self._z_orig
         self._z_corr_partial = in_place
         result = ridge_correct(
@@ -523,17 +517,14 @@ class Harmony(HarmonyResults):
         >>> ho.check_convergence(1) == ho.converged
         True
         """
-        if kind == 0:
-            objectives = self.objective_kmeans
-            w = self.window_size
-            old = sum(objectives[-2 - i] for i in range(w))
-            new = sum(objectives[-1 - i] for i in range(w))
-            change = old - new
-            if self.algorithm == "harmony2":  # Harmony2 stops on any small change
-                change = abs(change)
-            return relative_change_below(change, old, self.epsilon_cluster)
-        old, new = self.objective_harmony[-2], self.objective_harmony[-1]
-        return relative_change_below(old - new, old, self.epsilon_harmony)
+        if kind == 0:  # Harmony2 stops on any small change, up or down
+            return objective_converged(
+                self.objective_kmeans,
+                window=self.window_size,
+                epsilon=self.epsilon_cluster,
+                two_sided=self.algorithm == "harmony2",
+            )
+        return objective_converged(self.objective_harmony, window=1, epsilon=self.epsilon_harmony)
 
     def harmonize(self, max_iter_harmony: int = 10, *, callback: Callback | None = None) -> Harmony:
         """Run up to ``max_iter_harmony`` more Harmony iterations, from where the run stands.
@@ -704,8 +695,6 @@ class Harmony(HarmonyResults):
         self._set_counts(observed)
 
     def _set_counts(self, observed: torch.Tensor) -> None:
-        """O (B, K), summed over every process; the first variable's levels
-        partition the cells: their sums are the cluster sizes."""
-        observed = observed.to(self._stat_dtype)
-        first = int(self.design.offsets[1])
-        self._stats = clu.ClusterStats(observed=observed, cluster_sizes=observed[:first].sum(0))
+        """O (B, K), summed over every process, and the cluster sizes from it."""
+        first = self._online.first_levels
+        self._stats = clu.ClusterStats.from_observed(observed.to(self._stat_dtype), first)

@@ -25,6 +25,7 @@ __all__ = [
     "FAST_HINT",
     "KERNEL_LOCK",
     "choose",
+    "engine_thread_count",
     "engine_threads",
     "load",
     "setting",
@@ -94,15 +95,23 @@ def choose(module: str, *, work: int, min_work: int, unit: str) -> tuple[ModuleT
         return None, f"numba is not available ({error}); {FAST_HINT}"
 
 
+def engine_thread_count() -> int:
+    """The threads numba's kernels run on: as many as PyTorch's, at most
+    numba's own limit (``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set by numba at import
+    return max(1, min(torch.get_num_threads(), most))
+
+
 @contextmanager
 def engine_threads() -> Iterator[None]:
-    """numba's kernels on as many threads as PyTorch's (at most numba's own
-    limit) in this block; the caller's numba setting is restored after."""
+    """numba's kernels on :func:`engine_thread_count` threads in this block;
+    the caller's numba setting is restored after."""
     import numba
 
     caller = numba.get_num_threads()
-    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set by numba at import
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+    numba.set_num_threads(engine_thread_count())
     try:
         yield
     finally:

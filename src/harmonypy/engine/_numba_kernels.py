@@ -24,13 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import config, get_num_threads, njit, prange, set_num_threads, types
+from numba import get_num_threads, njit, prange, set_num_threads, types
 from numba.extending import intrinsic
-
-
-def max_threads() -> int:
-    """The most threads numba's kernels may use (``NUMBA_NUM_THREADS``)."""
-    return config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import by numba
 
 
 def get_threads() -> int:
@@ -39,7 +34,7 @@ def get_threads() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Use ``n`` threads (at most :func:`max_threads`) in the calling thread."""
+    """Use ``n`` threads (at most ``NUMBA_NUM_THREADS``) in the calling thread."""
     set_num_threads(n)
 
 

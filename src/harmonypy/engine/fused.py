@@ -61,9 +61,6 @@ MIN_ELEMENTS_FLOAT64 = 2**23
 
 _KERNELS = "harmonypy.engine._numba_kernels"
 
-# Runs in several Python threads take turns piece by piece (see _numba.KERNEL_LOCK).
-_KERNEL_LOCK = _numba.KERNEL_LOCK
-
 
 def fused_choice(
     device: torch.device, *, n_elements: int, dtype: torch.dtype = torch.float32
@@ -113,11 +110,6 @@ def _lane_buffers(n_sums: int, sigma: torch.Tensor) -> tuple[np.ndarray, np.ndar
     uniform = bool((sigma == sigma[0]).all())
     objective = np.zeros((lanes, 3, 1 if uniform else n_clusters))
     return np.zeros((lanes, n_sums, n_clusters)), objective
-
-
-def _use_engine_threads(kernels) -> None:
-    """numba's thread count for this Python thread: the engine's (torch's)."""
-    kernels.set_threads(max(1, min(torch.get_num_threads(), kernels.max_threads())))
 
 
 def _constants(kernels, dtype: torch.dtype) -> np.ndarray:
@@ -175,7 +167,7 @@ class FusedPieces:
         arrays = self._np
         rows = arrays["order"][span]
         unit_cells = scratch.unit_cells[: rows.shape[0]]
-        with _KERNEL_LOCK:
+        with _numba.KERNEL_LOCK:  # runs in several Python threads take turns piece by piece
             self._run_piece(span, rows, unit_cells, penalty, scratch)
         if self.centroid_sums is not None:  # a matrix product: BLAS
             self.centroid_sums.addmm_(assignments[span].T, unit_cells)
@@ -209,7 +201,7 @@ class FusedPieces:
         piece, when numba's thread count is set to the engine's: its choice
         for the update, one thread for tiny blocks)."""
         if self._scratch_arrays is None:
-            _use_engine_threads(self._kernels)
+            self._kernels.set_threads(_numba.engine_thread_count())
             self._scratch_arrays = (
                 scratch.unit_cells.numpy(),
                 scratch.logits.numpy(),
@@ -314,26 +306,21 @@ def reassign(cells, *, centroids, sigma, out, objective, next_update):
     bound = np.array([1e-3], dtype=consts.dtype)  # logits are at most 0 here
     lane_sums, lane_objective = _lane_buffers(n_levels * (1 + len(bounds)), sigma)
     r = out.numpy()
-    caller_threads = kernels.get_threads()
-    try:
-        with _KERNEL_LOCK:
-            _use_engine_threads(kernels)
-            for start in range(0, n_cells, rows):
-                part = slice(start, min(n_cells, start + rows))
-                n = part.stop - start
-                cells_part = z[part]
-                if norms is not None:
-                    cells_part = torch.div(cells_part, norms[part, None], out=unit[:n])
-                torch.mm(cells_part, scaled_centroids_t, out=logits[:n])
-                kernels.update_piece(
-                    logits[:n].numpy(),
-                    (no_penalty, no_row_penalty, two_over_sigma.numpy(), bound),
-                    (r[part], codes[part], block_of[part]),
-                    (lane_sums, lane_objective),
-                    consts,
-                )
-    finally:
-        kernels.set_threads(caller_threads)
+    with _numba.KERNEL_LOCK, _numba.engine_threads():
+        for start in range(0, n_cells, rows):
+            part = slice(start, min(n_cells, start + rows))
+            n = part.stop - start
+            cells_part = z[part]
+            if norms is not None:
+                cells_part = torch.div(cells_part, norms[part, None], out=unit[:n])
+            torch.mm(cells_part, scaled_centroids_t, out=logits[:n])
+            kernels.update_piece(
+                logits[:n].numpy(),
+                (no_penalty, no_row_penalty, two_over_sigma.numpy(), bound),
+                (r[part], codes[part], block_of[part]),
+                (lane_sums, lane_objective),
+                consts,
+            )
     if objective is not None:
         objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(lane_objective)))
     sums = torch.from_numpy(_sum_lanes(lane_sums))

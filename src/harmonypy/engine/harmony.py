@@ -671,7 +671,7 @@ class Harmony(HarmonyResults):
         cache.next_order = next_order
         sums = ObjectiveSums(self._sigma, self._sigma.dtype) if objective else None
         if self._assignments is None:
-            self._assignments = torch.empty((self.N, self.K), dtype=self._corrected().dtype)
+            self._assignments = torch.empty((self.N, self.K), dtype=self.dtype)
         level_sums, removals = fused.reassign(
             (self._corrected(), self._norms, self._codes),
             centroids=self._started(self._centroids, "centroids"),

@@ -89,38 +89,50 @@ def select_and_refine(scores, candidates, queries, cells, counts, outputs):
     points, cell_of, out_row = cells
     distances, indices = outputs
     n_lists, n_rows, n_candidates = scores.shape
-    n_cells, n_dims = points.shape
+    n_cells = points.shape[0]
     n_sel, n_neighbors = counts
     n_sel = min(n_sel, n_candidates)
     n_keep = min(n_neighbors, n_sel)
-    for flat in prange(n_lists * n_rows):
-        a = flat // n_rows
-        r = flat - a * n_rows
-        if not valid[a, r]:
-            continue
+    n_flat = n_lists * n_rows
+    n_chunks = min(n_flat, 256)
+    for chunk in prange(n_chunks):
         keys = np.empty(n_sel, dtype=scores.dtype)
         slots = np.empty(n_sel, dtype=np.int64)
-        _select(scores[a, r], keys, slots)
-        query = positions[a, r]
         exact = np.empty(n_sel)
         where = np.empty(n_sel, dtype=np.int64)
-        for s in range(n_sel):
-            p = candidates[a, slots[s]]
-            value = math.inf
-            if p < n_cells and p != query:
-                value = 0.0
-                for t in range(n_dims):
-                    diff = points[p, t] - points[query, t]
-                    value += diff * diff
-            # insertion by (distance, position): the same order on any thread count
-            i = s
-            while i > 0 and (exact[i - 1] > value or (exact[i - 1] == value and where[i - 1] > p)):
-                exact[i] = exact[i - 1]
-                where[i] = where[i - 1]
-                i -= 1
-            exact[i] = value
-            where[i] = p
-        row = out_row[query]
-        for s in range(n_keep):
-            distances[row, s] = math.sqrt(exact[s])
-            indices[row, s] = cell_of[where[s]] if where[s] < n_cells else -1
+        for flat in range(chunk * n_flat // n_chunks, (chunk + 1) * n_flat // n_chunks):
+            a = flat // n_rows
+            r = flat - a * n_rows
+            if valid[a, r]:
+                query = positions[a, r]
+                _select(scores[a, r], keys, slots)
+                _refine_row(candidates[a], slots, (points, query), exact, where)
+                row = out_row[query]
+                for s in range(n_keep):
+                    distances[row, s] = math.sqrt(exact[s])
+                    indices[row, s] = cell_of[where[s]] if where[s] < n_cells else -1
+
+
+@njit(cache=True, inline="always")
+def _refine_row(candidates, slots, query_point, exact, where):
+    """The kept candidates' float64 squared distances to the query (inf for
+    the query itself and for padding), ascending, ties by position, into
+    ``exact`` and their positions into ``where``."""
+    points, query = query_point
+    n_cells, n_dims = points.shape
+    for s in range(slots.shape[0]):
+        p = candidates[slots[s]]
+        value = math.inf
+        if p < n_cells and p != query:
+            value = 0.0
+            for t in range(n_dims):
+                diff = points[p, t] - points[query, t]
+                value += diff * diff
+        # insertion by (distance, position): the same order on any thread count
+        i = s
+        while i > 0 and (exact[i - 1] > value or (exact[i - 1] == value and where[i - 1] > p)):
+            exact[i] = exact[i - 1]
+            where[i] = where[i - 1]
+            i -= 1
+        exact[i] = value
+        where[i] = p

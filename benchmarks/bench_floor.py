@@ -22,7 +22,16 @@ Measures, in one process:
   ``../shared/tools/floor.py`` does) keeps the run-to-run noise of a shared
   machine out of the difference;
 * the fused path's first-call cost: a 3,000-cell run in a fresh process with
-  each path (kernels compiled and cached beforehand), median of 3.
+  each path (kernels compiled and cached beforehand), median of 3;
+* where the time goes (``--no-phases`` skips it): each phase of a fused round
+  and of a correction timed alone over N cells, with the engine's shapes and
+  access patterns: rows of Z (d wide) and of R (K wide) read in a random
+  order (a round visits the cells in shuffled blocks; the correction reads R,
+  stored in the last round's order, and Z by batch level), the products in
+  the engine's pieces, the softmax kernel on a piece in cache, Z_corr's rows
+  written back by level. Their sum is what the round and the correction
+  cost at this machine's rates for the accesses they make: the floor above
+  counts every byte as a sequential one and leaves out the exponentials.
 
 The default size runs in about 3 minutes on 2 idle cores;
 ``--cells 1000000`` is the full measurement (about 15 minutes). The load
@@ -56,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--paths", default="eager,fused")
     parser.add_argument("--threads", type=int, default=2, help="the engine's ncores")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-phases", action="store_true", help="skip the phase table")
     parser.add_argument("--out", help="also write the report (markdown) here")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = parser.parse_args(argv)
@@ -107,6 +117,112 @@ def floors(n: int, dtype: str, bandwidth: float, gemm: float) -> dict:
         "corr_flops": corr_flops,
         "corr_floor": max(corr_bytes / bandwidth, corr_flops / gemm),
     }
+
+
+#: Rows of a round's piece (``online.PIECE_ELEMENTS // K``) and of a
+#: correction's level chunk (``correction.LEVEL_CHUNK_ROWS``).
+PIECE_ROWS, LEVEL_ROWS = 2**18 // K, 16384
+
+
+def phase_times(n: int, batches: int, dtype: str, threads: int) -> dict:
+    """Seconds of each phase of a fused round and of a correction over ``n``
+    cells, each timed alone (best of 3) with the engine's shapes and access
+    patterns; the softmax kernel's is None without numba."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _phase_times(n, batches, getattr(torch, dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pieces(n: int, rows: int):
+    return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+def _phase_times(n: int, batches: int, tdt: torch.dtype) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn((n, D), dtype=tdt, generator=generator)
+    r = torch.rand((n, K), dtype=tdt, generator=generator)
+    order = torch.randperm(n, generator=generator)
+    y = torch.randn((D, K), dtype=tdt, generator=generator)
+    w = torch.randn((K, D), dtype=tdt, generator=generator)
+    z_rows, r_rows = (
+        torch.empty((LEVEL_ROWS, D), dtype=tdt),
+        torch.empty((LEVEL_ROWS, K), dtype=tdt),
+    )
+    logits = torch.empty((PIECE_ROWS, K), dtype=tdt)
+    pieces, chunks = _pieces(n, PIECE_ROWS), _pieces(n, LEVEL_ROWS)
+
+    def gather(source, buffer, parts):
+        for part in parts:
+            torch.index_select(source, 0, order[part], out=buffer[: part.stop - part.start])
+
+    def products(rows, parts, fn):
+        for part in parts:
+            fn(rows[: part.stop - part.start])
+
+    sums = torch.empty((K, D), dtype=tdt)
+    times = {
+        "round: Z rows, random": best_time(lambda: gather(z, z_rows, pieces), 3),
+        "round: distances (BLAS)": best_time(
+            lambda: products(
+                z_rows, pieces, lambda a: torch.mm(a[:PIECE_ROWS], y, out=logits[: a.shape[0]])
+            ),
+            3,
+        ),
+        "round: softmax kernel (a piece in cache)": _kernel_seconds(n, batches, tdt),
+        "correction: R rows, random (x2)": 2 * best_time(lambda: gather(r, r_rows, chunks), 3),
+        "correction: Z rows, random (x2)": 2 * best_time(lambda: gather(z, z_rows, chunks), 3),
+        "correction: level sums R^T Z (BLAS)": best_time(
+            lambda: products(
+                r_rows, chunks, lambda a: torch.mm(a.T, z_rows[: a.shape[0]], out=sums)
+            ),
+            3,
+        ),
+        "correction: R W (BLAS)": best_time(
+            lambda: products(
+                r_rows, chunks, lambda a: torch.addmm(z_rows[: a.shape[0]], a, w, alpha=-1.0)
+            ),
+            3,
+        ),
+        "correction: Z_corr rows written, random": best_time(
+            lambda: [
+                z.index_copy_(0, order[part], z_rows[: part.stop - part.start]) for part in chunks
+            ],
+            3,
+        ),
+    }
+    return times
+
+
+def _kernel_seconds(n: int, batches: int, tdt: torch.dtype) -> float | None:
+    """The fused softmax kernel (``_numba_kernels.update_piece``) on one
+    piece in cache, scaled to ``n`` cells; None without numba."""
+    try:
+        from harmonypy.engine import _numba_kernels as kernels
+    except ImportError:
+        return None
+    dt = torch.empty((), dtype=tdt).numpy().dtype
+    rng = np.random.default_rng(0)
+    logits0 = (rng.standard_normal((PIECE_ROWS, K)) - 4).astype(dt)
+    logits, new = logits0.copy(), np.empty_like(logits0)
+    penalty = ((rng.standard_normal((batches, K)) * 0.1).astype(dt), np.empty((0, K), dt),
+               np.full(K, 2.0, dt), np.array([1.0], dt))  # fmt: skip
+    rows = (new, rng.integers(0, batches, (PIECE_ROWS, 1)), rng.integers(0, 20, PIECE_ROWS))
+    outputs = (np.zeros((16, batches * 21, K)), np.zeros((16, 3, 1)))
+    consts = kernels.exp_constants(dt)
+    kernels.set_threads(torch.get_num_threads())
+
+    def pieces(kernel: bool):
+        for _ in range(20):
+            logits[...] = logits0
+            if kernel:
+                kernels.update_piece(logits, penalty, rows, outputs, consts)
+
+    pieces(True)
+    seconds = best_time(lambda: pieces(True), 3) - best_time(lambda: pieces(False), 3)
+    return seconds / (20 * PIECE_ROWS) * n
 
 
 def simulated(n: int, batches: int) -> tuple[np.ndarray, pd.DataFrame]:
@@ -186,7 +302,38 @@ def first_call_seconds(path: str, repeats: int = 3) -> float:
     return statistics.median(runs)
 
 
-def report(args, rates, engine, first) -> str:
+def phase_report(args, phases: dict, engine: dict) -> list[str]:
+    """The phase table: each phase's time alone, their sums, and the
+    engine's fused round and correction against those sums."""
+    if not phases:
+        return []
+    dtypes = list(phases)
+    lines = [
+        "", f"## Where the time goes: each phase alone over {args.cells:,} cells", "",
+        "| phase | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes),
+    ]  # fmt: skip
+    for phase in phases[dtypes[0]]:
+        cells = [phases[dt][phase] for dt in dtypes]
+        shown = ["n/a (no numba)" if c is None else f"{c * 1e3:.0f} ms" for c in cells]
+        lines.append(f"| {phase} | " + " | ".join(shown) + " |")
+    for step, key in (("round", "round"), ("correction", "correction")):
+        row_sum, row_engine = [], []
+        for dt in dtypes:
+            total = sum(v or 0.0 for p, v in phases[dt].items() if p.startswith(step))
+            engine_step = engine.get(("fused", dt), engine.get(("eager", dt), {})).get(key)
+            row_sum.append(f"{total * 1e3:.0f} ms")
+            shown = "n/a" if engine_step is None else f"{engine_step * 1e3:.0f} ms"
+            if engine_step is not None:
+                shown += f" (**{engine_step / total:.2f}x**)"
+            row_engine.append(shown)
+        lines.append(f"| **{step}: sum of its phases** | " + " | ".join(row_sum) + " |")
+        lines.append(
+            f"| {step}: engine (fused path; its sum's multiple) | " + " | ".join(row_engine) + " |"
+        )
+    return lines
+
+
+def report(args, rates, engine, first, phases=None) -> str:
     n = args.cells
     lines = [
         f"# Engine against the floor: {n:,} cells x {D} PCs, K = {K}, {args.batches} batches, "
@@ -211,6 +358,7 @@ def report(args, rates, engine, first) -> str:
     lines += ["", "| path | fresh process: import and 3,000 cells (median of 3) |", "|---|---|"]
     for path, seconds in first.items():
         lines.append(f"| {path} | {seconds:.2f} s |")
+    lines += phase_report(args, phases or {}, engine)
     return "\n".join(lines) + "\n"
 
 
@@ -233,8 +381,11 @@ def main(argv=None) -> None:
     cases = [(path, dtype) for dtype in dtypes for path in paths]
     engine = engine_times(args, cells, meta, cases)
     first = {path: first_call_seconds(path) for path in paths}
+    phases = {} if args.no_phases else {
+        dtype: phase_times(args.cells, args.batches, dtype, args.threads) for dtype in dtypes
+    }  # fmt: skip
     rates["load"] = (load_start, os.getloadavg()[0])
-    text = report(args, rates, engine, first)
+    text = report(args, rates, engine, first, phases)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:

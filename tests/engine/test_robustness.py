@@ -541,3 +541,41 @@ def test_a_correction_stopped_part_way_is_not_read_as_a_result(monkeypatch):
     assert np.isfinite(ho.Z_corr).all() and not np.allclose(ho.Z_corr, before)
     ho.harmonize(1)
     assert np.isfinite(ho.Z_corr).all()
+
+
+def test_a_fused_round_stopped_part_way_leaves_numbas_threads_as_found(monkeypatch):
+    """Ctrl-C inside a fused update_R: the kernels ran on the engine's one
+    thread, and the caller's numba thread setting is restored all the same."""
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs numba to allow two threads")
+    from harmonypy.engine import fused, online
+
+    monkeypatch.setenv(fused.ENV_VARIABLE, "always")
+    z, meta = small_problem()
+    ho = hm.run_harmony(z, meta, "batch", ncores=1, **FAST)
+    original = online._update_blocks
+    threads_seen = []
+
+    def stopped_after_a_piece(assignments, *, sums, plan, **kwargs):
+        update_piece = sums.update_piece
+
+        def piece(*args, **piece_kwargs):
+            if threads_seen:
+                raise KeyboardInterrupt
+            update_piece(*args, **piece_kwargs)
+            threads_seen.append(numba.get_num_threads())
+
+        sums.update_piece = piece
+        return original(assignments, sums=sums, plan=plan, **kwargs)
+
+    monkeypatch.setattr(online, "_update_blocks", stopped_after_a_piece)
+    caller = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ho.update_R()
+        assert threads_seen == [1]  # the engine's count (ncores=1)
+        assert numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(caller)

@@ -158,7 +158,6 @@ class FusedPieces:
         # The block's bound (see _bound) and the penalty it was computed from.
         self._bound_of: torch.Tensor | None = None
         self._bound_value = np.empty(1, dtype=self._consts.dtype)
-        self._caller_threads = kernels.get_threads()
         self._scratch_arrays: tuple | None = None
 
     def update_piece(self, assignments, span, *, cells, order, penalty, scratch, objective):
@@ -197,11 +196,8 @@ class FusedPieces:
         )
 
     def _scratch(self, scratch):
-        """The update's scratch buffers as numpy arrays (made at the first
-        piece, when numba's thread count is set to the engine's: its choice
-        for the update, one thread for tiny blocks)."""
+        """The update's scratch buffers as numpy arrays (made at the first piece)."""
         if self._scratch_arrays is None:
-            self._kernels.set_threads(_numba.engine_thread_count())
             self._scratch_arrays = (
                 scratch.unit_cells.numpy(),
                 scratch.logits.numpy(),
@@ -230,9 +226,7 @@ class FusedPieces:
 
     def finish(self, objective) -> None:
         """Hand the objective's sums to ``objective`` (``ObjectiveSums``) and
-        the next update's removals to ``next_removals``; numba's thread
-        setting is the caller's again."""
-        self._kernels.set_threads(self._caller_threads)
+        the next update's removals to ``next_removals``."""
         objective.add_cluster_sums(*torch.from_numpy(_sum_lanes(self.lane_objective)))
         if self.next_removals is not None:
             removals = _sum_lanes(self.lane_sums[:, self.n_levels :])

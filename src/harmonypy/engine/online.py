@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from harmonypy import _numba
 from harmonypy.engine import threads as _threads
 from harmonypy.engine.clustering import ClusterStats, level_sums, unit_rows
 from harmonypy.engine.fused import FusedPieces, blocks_of_cells
@@ -256,8 +257,10 @@ def online_update(
         )
         reduction.sum_(removals)
     if plan.recount:
-        stats.observed = removals.sum(0).to(stats.observed.dtype)
-        stats.cluster_sizes = stats.observed[: settings.first_levels].sum(0)
+        counted = ClusterStats.from_observed(
+            removals.sum(0).to(stats.observed.dtype), settings.first_levels
+        )
+        stats.observed, stats.cluster_sizes = counted.observed, counted.cluster_sizes
     cells_in_order = plan.order if plan.rows is None else plan.rows.index_select(0, plan.order)
     next_bounds = plan.bounds if plan.next_bounds is None else plan.next_bounds
     next_block_of, next_removals = _next_update(
@@ -284,7 +287,10 @@ def online_update(
             centroid_sums=centroid_sums_out,
         )
     largest_block = max(end - start for start, end in plan.bounds) * assignments.shape[1]
-    with serial_if_small(largest_block, assignments.device):
+    # The fused kernels run on the engine's threads (one for tiny blocks), and
+    # numba's setting is the caller's again after, also when the update stops.
+    kernel_threads = _numba.engine_threads() if settings.fused else contextlib.nullcontext()
+    with serial_if_small(largest_block, assignments.device), kernel_threads:
         dist_term, entropy_term = _update_blocks(
             assignments,
             cells=cells,
